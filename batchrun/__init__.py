@@ -1,0 +1,7 @@
+"""batchrun: run one LLM chat request per table row, resumably, within limits and budget."""
+
+from batchrun.errors import BatchrunError
+from batchrun.job import JobSpec, load_job
+from batchrun.runner import RunOptions, RunResult, run_job
+
+__all__ = ["BatchrunError", "JobSpec", "RunOptions", "RunResult", "load_job", "run_job"]

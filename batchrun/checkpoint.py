@@ -1,0 +1,135 @@
+"""The durable record of finished rows: SQLite in WAL mode, one transaction per batch of results.
+
+WAL with synchronous=NORMAL survives the process being killed at any instant (a committed
+transaction is in the WAL file before commit returns); only a power loss can take back the
+last few commits. Rows are keyed by their 0-based position in the input, which is stable
+because the input's content hash is part of the job fingerprint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+from collections.abc import Iterable, Iterator
+from dataclasses import astuple, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from batchrun.errors import CheckpointError
+
+
+@dataclass(frozen=True, slots=True)
+class RowResult:
+    """What one row came to; the columns of the checkpoint and of the output."""
+
+    row: int
+    id: str
+    status: str  # ok | failed
+    content: str | None
+    finish_reason: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    total_tokens: int | None
+    error_kind: str | None
+    error: str | None
+    attempts: int
+    latency_ms: float | None
+    model: str | None
+    response_id: str | None
+
+
+COLUMNS = tuple(f.name for f in fields(RowResult))
+_SQL_TYPES = {"row": "INTEGER PRIMARY KEY", "attempts": "INTEGER", "latency_ms": "REAL"}
+_SQL_TYPES |= {c: "INTEGER" for c in ("prompt_tokens", "completion_tokens", "total_tokens")}
+
+
+@dataclass(frozen=True)
+class Totals:
+    ok: int
+    failed: int
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Checkpoint:
+    """One job's finished rows and the fingerprint of the job that produced them."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            columns = ", ".join(f"{c} {_SQL_TYPES.get(c, 'TEXT')}" for c in COLUMNS)
+            self._db.execute(f"CREATE TABLE IF NOT EXISTS results ({columns})")
+            self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+        except sqlite3.Error as exc:
+            raise CheckpointError(f"cannot open checkpoint {path}: {exc}") from None
+        placeholders = ", ".join("?" for _ in COLUMNS)
+        self._insert = (
+            f"INSERT OR REPLACE INTO results ({', '.join(COLUMNS)}) VALUES ({placeholders})"
+        )
+
+    def close(self) -> None:
+        self._db.close()
+
+    def fingerprint(self) -> dict[str, Any] | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'fingerprint'").fetchone()
+        return json.loads(row[0]) if row else None
+
+    def start(self, fingerprint: dict[str, Any], fresh: bool) -> None:
+        """Bind the checkpoint to this job version, or refuse if it belongs to another."""
+        old = self.fingerprint()
+        if old is not None and old != fingerprint and not fresh:
+            changed = [k for k in fingerprint if old.get(k) != fingerprint[k]]
+            raise CheckpointError(
+                f"the job's {', '.join(changed)} changed since checkpoint {self.path.name} was "
+                "made; rerun with --fresh to start over (its results will be discarded), "
+                "or restore the job as it was to resume"
+            )
+        with self._transaction():
+            if fresh:
+                self._db.execute("DELETE FROM results")
+            self._db.execute(
+                "INSERT OR REPLACE INTO meta VALUES ('fingerprint', ?)",
+                (json.dumps(fingerprint, sort_keys=True),),
+            )
+
+    def record(self, results: Iterable[RowResult]) -> None:
+        """Commit a batch of finished rows in one transaction."""
+        with self._transaction():
+            self._db.executemany(self._insert, (astuple(r) for r in results))
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """A write that lands whole or not at all; a failed write stops the job, never passes."""
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            yield
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise CheckpointError(f"cannot write checkpoint {self.path}: {exc}") from None
+
+    def rows_with_status(self, *statuses: str) -> set[int]:
+        marks = ", ".join("?" for _ in statuses)
+        query = f"SELECT row FROM results WHERE status IN ({marks})"
+        return {r for (r,) in self._db.execute(query, statuses)}
+
+    def totals(self) -> Totals:
+        ok, failed, prompt, completion = self._db.execute(
+            "SELECT COUNT(*) FILTER (WHERE status = 'ok'), COUNT(*) FILTER (WHERE status = 'failed'),"
+            " COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0) FROM results"
+        ).fetchone()
+        return Totals(ok, failed, prompt, completion)
+
+    def failures_by_kind(self) -> dict[str, int]:
+        query = "SELECT error_kind, COUNT(*) FROM results WHERE status = 'failed' GROUP BY 1 ORDER BY 2 DESC"
+        return {kind or "unknown": n for kind, n in self._db.execute(query)}
+
+    def results(self) -> list[tuple[Any, ...]]:
+        """Every recorded row as a tuple in COLUMNS order."""
+        return self._db.execute(f"SELECT {', '.join(COLUMNS)} FROM results ORDER BY row").fetchall()

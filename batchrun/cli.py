@@ -1,0 +1,214 @@
+"""The `batchrun` command: parse flags, call the library, turn the outcome into an exit code."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from click_default_group import DefaultGroup
+
+from batchrun.checkpoint import Checkpoint
+from batchrun.errors import BatchrunError
+from batchrun.job import load_job
+from batchrun.runner import RunOptions, RunResult, prepare, run_job
+from batchrun.simulator import SimulatorConfig, serve_forever
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_CODES = """\b
+Exit codes:
+  0    every row ok
+  1    finished, some rows failed (see the output's `status` and `error`)
+  2    bad job, input or usage, or a job-wide error such as a rejected key
+  130  interrupted (checkpoint kept: rerun to resume)"""
+
+
+def friendly_errors(command: F) -> F:
+    """One `Error: ...` line and the error's exit code; --debug or BATCHRUN_DEBUG=1 re-raise."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, debug: bool, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except BatchrunError as exc:
+            if debug or os.environ.get("BATCHRUN_DEBUG") == "1":
+                raise
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+
+    return click.option(
+        "--debug", is_flag=True, help="Show full tracebacks instead of one-line errors."
+    )(wrapper)  # type: ignore[return-value]
+
+
+job_argument = click.argument(
+    "job_file", metavar="JOB", type=click.Path(dir_okay=False, path_type=Path)
+)
+
+
+@click.group(cls=DefaultGroup, default="run", default_if_no_args=False)
+@click.version_option(package_name="batchrun")
+def main() -> None:
+    """Run one LLM chat request per row of a table, resumably.
+
+    \b
+    batchrun jobs/summarize.yaml              run a job (same as `batchrun run ...`)
+    batchrun jobs/summarize.yaml --simulate   run it offline against the built-in simulator
+    batchrun validate jobs/summarize.yaml     check the job and show the first request
+    batchrun status jobs/summarize.yaml       rows done / failed / pending so far
+    """
+
+
+@main.command(epilog=EXIT_CODES)
+@job_argument
+@click.option(
+    "--simulate", is_flag=True, help="Send to a built-in simulated endpoint (no key, no network)."
+)
+@click.option("--fresh", is_flag=True, help="Discard the checkpoint and start over.")
+@click.option("--retry-failed", is_flag=True, help="Send only the rows recorded as failed again.")
+@click.option("--limit", type=click.IntRange(min=1), help="Only the first N rows (a pilot).")
+@click.option(
+    "--concurrency", type=click.IntRange(1, 4096), help="Requests in flight (overrides the job)."
+)
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Output table path (overrides the job).",
+)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary; errors only.")
+@friendly_errors
+def run(
+    job_file: Path,
+    simulate: bool,
+    fresh: bool,
+    retry_failed: bool,
+    limit: int | None,
+    concurrency: int | None,
+    output: Path | None,
+    quiet: bool,
+) -> None:
+    """Run JOB, resuming from its checkpoint if it was interrupted.
+
+    Every finished row is checkpointed beside the output (OUTPUT.checkpoint.sqlite); rerunning
+    the same command sends only the rows not yet done. Changing the prompt, model, params,
+    endpoint or input makes the checkpoint refuse to resume until --fresh is given.
+
+    \b
+    Examples:
+      batchrun jobs/summarize.yaml --simulate
+      batchrun run jobs/summarize.yaml --limit 20     # pilot on the first 20 rows
+      batchrun jobs/summarize.yaml --retry-failed     # resend only failed rows
+    """
+    spec = load_job(job_file)
+    options = RunOptions(
+        simulate=simulate,
+        fresh=fresh,
+        retry_failed=retry_failed,
+        limit=limit,
+        concurrency=concurrency,
+        output=output,
+        quiet=quiet,
+    )
+    result = run_job(spec, options)
+    if not quiet:
+        click.echo(summary(result, job_file), err=True)
+    sys.exit(result.exit_code)
+
+
+def summary(result: RunResult, job_file: Path) -> str:
+    failures = ", ".join(f"{kind}: {n}" for kind, n in result.failures_by_kind.items())
+    lines = [
+        f"rows: {result.ok} ok, {result.failed} failed"
+        + (f" ({failures})" if failures else "")
+        + (f", {result.pending} pending" if result.pending else "")
+        + f" of {result.total}",
+        f"tokens: {result.prompt_tokens:,} prompt + {result.completion_tokens:,} completion",
+        f"time: {result.wall_s:.1f} s"
+        + (f"; retries: {sum(result.retries.values())}" if result.retries else ""),
+        f"output: {result.output_path}",
+    ]
+    if result.interrupted:
+        lines.append(f"interrupted: rerun `batchrun {job_file}` to resume")
+    elif result.failed:
+        lines.append(f"to resend the failed rows: batchrun {job_file} --retry-failed")
+    return "\n".join(lines)
+
+
+@main.command()
+@job_argument
+@friendly_errors
+def validate(job_file: Path) -> None:
+    """Check JOB and its input, and print the first request it would send; send nothing."""
+    job = prepare(load_job(job_file))
+    click.echo(
+        f"ok: {job_file}: {job.source.row_count} rows from {job.source.path.name}, "
+        f"model {job.spec.model}, output {job.output_path}",
+        err=True,
+    )
+    click.echo(json.dumps(job.first_request(), indent=2, ensure_ascii=False))
+
+
+@main.command()
+@job_argument
+@friendly_errors
+def status(job_file: Path) -> None:
+    """Show rows done / failed / pending and tokens so far, from JOB's checkpoint."""
+    job = prepare(load_job(job_file))
+    if not job.checkpoint_path.exists():
+        click.echo(f"not started: 0 of {job.source.row_count} rows done")
+        return
+    checkpoint = Checkpoint(job.checkpoint_path)
+    try:
+        totals = checkpoint.totals()
+        kinds = checkpoint.failures_by_kind()
+    finally:
+        checkpoint.close()
+    pending = job.source.row_count - totals.ok - totals.failed
+    failures = ", ".join(f"{k}: {n}" for k, n in kinds.items())
+    click.echo(f"ok: {totals.ok}\nfailed: {totals.failed}" + (f" ({failures})" if failures else ""))
+    click.echo(f"pending: {pending}\nof: {job.source.row_count}")
+    click.echo(f"tokens: {totals.prompt_tokens:,} prompt + {totals.completion_tokens:,} completion")
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8787, show_default=True, type=int, help="0 picks a free port.")
+@click.option("--latency-ms", default=0.0, show_default=True, type=click.FloatRange(min=0))
+@click.option(
+    "--error-rate",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="Fraction of requests answered 5xx.",
+)
+@click.option(
+    "--rpm", type=click.IntRange(min=1), help="Requests per minute before 429s (paced per second)."
+)
+@click.option("--seed", default=0, show_default=True, type=int)
+@friendly_errors
+def simulate(
+    host: str, port: int, latency_ms: float, error_rate: float, rpm: int | None, seed: int
+) -> None:
+    """Serve a simulated OpenAI-compatible endpoint until Ctrl-C.
+
+    Deterministic answers (the lead sentences of the last user message, cut to max_tokens),
+    token usage, latency, injected 5xx and 429s with Retry-After. Point a job at it with
+    `endpoint: {base_url: http://127.0.0.1:8787/v1}`.
+    """
+    config = SimulatorConfig(latency_ms=latency_ms, error_rate=error_rate, rpm=rpm, seed=seed)
+    ready = functools.partial(click.echo, err=True)
+    try:
+        asyncio.run(
+            serve_forever(config, host, port, lambda url: ready(f"simulator listening on {url}"))
+        )
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        raise BatchrunError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None

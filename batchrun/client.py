@@ -1,0 +1,167 @@
+"""All HTTP to the chat endpoint: one keep-alive client, response parsing, failure classification.
+
+The transport is httpx's API over aiohttp's connection pool (`httpx-aiohttp`): measured here at
+64 connections it costs ~0.36 ms CPU per request against ~1.6 ms for httpx's own pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import orjson
+from httpx_aiohttp import AiohttpTransport
+
+from batchrun.errors import JobAborted, PermanentError, RetryableError
+
+RETRYABLE_STATUS = frozenset({408, 409, 429})
+# Error codes (OpenAI's and common gateways') that mean the account cannot pay for any request.
+NO_CREDIT_CODES = frozenset(
+    {"insufficient_quota", "insufficient_balance", "billing_hard_limit_reached", "quota_exceeded"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ChatResult:
+    content: str | None
+    finish_reason: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    total_tokens: int | None
+    model: str | None
+    response_id: str | None
+
+
+class ChatClient:
+    """A shared connection pool to one OpenAI-compatible endpoint."""
+
+    def __init__(self, base_url: str, api_key: str, timeout_s: float, max_connections: int):
+        self._url = base_url.rstrip("/") + "/chat/completions"
+        self._timeout_s = timeout_s
+        limits = httpx.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_connections
+        )
+        self._http = httpx.AsyncClient(
+            base_url=base_url.rstrip("/") + "/",
+            headers={"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"},
+            timeout=httpx.Timeout(timeout_s),
+            transport=AiohttpTransport(limits=limits, trust_env=False),
+        )
+
+    async def __aenter__(self) -> ChatClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._http.aclose()
+
+    async def complete(self, body: dict[str, Any]) -> ChatResult:
+        """Send one request; raise RetryableError, PermanentError or JobAborted on failure."""
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                response = await self._http.post(self._url, content=orjson.dumps(body))
+        except (TimeoutError, httpx.TimeoutException):
+            raise RetryableError("timeout", f"no answer within {self._timeout_s:g} s") from None
+        except httpx.TransportError as exc:
+            raise RetryableError("connection", _describe(exc)) from None
+        if response.status_code != 200:
+            raise classify_status(response)
+        return parse_completion(response.content)
+
+    async def models(self) -> list[str]:
+        """The model ids the endpoint offers to this key."""
+        try:
+            response = await self._http.get("models")
+        except httpx.HTTPError as exc:
+            raise RetryableError("connection", _describe(exc)) from None
+        if response.status_code != 200:
+            raise classify_status(response)
+        try:
+            return [m["id"] for m in orjson.loads(response.content)["data"]]
+        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+            raise RetryableError("invalid_response", f"unexpected /models body ({exc})") from None
+
+
+def _describe(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def parse_completion(raw: bytes) -> ChatResult:
+    """Read a chat.completion body; a body we cannot read is worth another attempt."""
+    try:
+        data = orjson.loads(raw)
+        choice = data["choices"][0]
+        message = choice["message"]
+        usage = data.get("usage") or {}
+        return ChatResult(
+            content=message.get("content"),
+            finish_reason=choice.get("finish_reason"),
+            prompt_tokens=usage.get("prompt_tokens"),
+            completion_tokens=usage.get("completion_tokens"),
+            total_tokens=usage.get("total_tokens"),
+            model=data.get("model"),
+            response_id=data.get("id"),
+        )
+    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError):
+        snippet = raw[:80].decode("utf-8", "replace")
+        raise RetryableError(
+            "invalid_response", f"unreadable completion body: {snippet!r}"
+        ) from None
+
+
+def classify_status(response: httpx.Response) -> Exception:
+    """Map a non-200 answer to the error type that decides what happens next."""
+    status = response.status_code
+    code, message = _error_fields(response)
+    detail = f"HTTP {status}" + (f": {message}" if message else "")
+    if status in (401, 403):
+        return JobAborted(
+            f"the endpoint rejected the API key ({detail}); check the key and that it may use "
+            "this model"
+        )
+    if status == 402 or code in NO_CREDIT_CODES:
+        return JobAborted(f"the account has no credit or quota left ({detail}); top up and rerun")
+    if status == 404:
+        return JobAborted(
+            f"the endpoint answered 404 ({detail}); check the model name and endpoint.base_url"
+        )
+    if status in RETRYABLE_STATUS or status >= 500:
+        kind = "rate_limited" if status == 429 else f"http_{status}"
+        return RetryableError(kind, detail, status, retry_after(response.headers))
+    return PermanentError(f"http_{status}", detail, status)
+
+
+def _error_fields(response: httpx.Response) -> tuple[str | None, str | None]:
+    """The OpenAI-style `error.code` and `error.message`, when the body has them."""
+    try:
+        error = orjson.loads(response.content).get("error")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None, None
+    if not isinstance(error, dict):
+        return None, str(error) if error else None
+    code = error.get("code") or error.get("type")
+    message = error.get("message")
+    return (str(code) if code else None), (str(message)[:200] if message else None)
+
+
+def retry_after(headers: httpx.Headers) -> float | None:
+    """Seconds the server asks us to wait: `retry-after-ms`, else `Retry-After` (secs or date)."""
+    if ms := headers.get("retry-after-ms"):
+        try:
+            return max(0.0, float(ms) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None

@@ -1,0 +1,71 @@
+"""The one exception tree of batchrun.
+
+    BatchrunError                 anything the CLI turns into one line and an exit code
+    ├── JobError                  the job file is wrong (path, key, line)
+    ├── InputError                the input table is missing, unreadable or does not fit the job
+    ├── CheckpointError           the checkpoint cannot be used or written
+    ├── JobAborted                an answer that dooms every row (bad key, no credit, unknown model)
+    └── RequestFailed             one request failed; the runner records it on the row
+        ├── RetryableError        worth another attempt (429, 408, 409, 5xx, timeouts, resets, bad bodies)
+        └── PermanentError        the same request would fail again (400, 422, ...)
+
+Retry decisions look at these types, never at message text.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class BatchrunError(Exception):
+    """Root of every error batchrun raises on purpose."""
+
+    exit_code = 2
+
+
+class JobError(BatchrunError):
+    """The job file is malformed or asks for something impossible."""
+
+    def __init__(self, message: str, path: Path | str | None = None, line: int | None = None):
+        where = ""
+        if path is not None:
+            where = f"{path}:{line}: " if line is not None else f"{path}: "
+        super().__init__(where + message)
+        self.path = path
+        self.line = line
+
+
+class InputError(BatchrunError):
+    """The input table is missing, unreadable or does not fit the job."""
+
+
+class CheckpointError(BatchrunError):
+    """The checkpoint belongs to another job version or cannot be written."""
+
+
+class JobAborted(BatchrunError):
+    """The endpoint answered in a way that would fail every remaining row."""
+
+
+class RequestFailed(BatchrunError):
+    """One chat request failed; `kind` is a short label used to group failures."""
+
+    def __init__(
+        self,
+        kind: str,
+        message: str,
+        status: int | None = None,
+        retry_after_s: float | None = None,
+    ):
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+        self.status = status
+        self.retry_after_s = retry_after_s
+
+
+class RetryableError(RequestFailed):
+    """A failure that another attempt may cure."""
+
+
+class PermanentError(RequestFailed):
+    """A failure that the same request would meet again."""

@@ -1,0 +1,92 @@
+"""The output table: every input row once, in input order, written whole or not at all."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from batchrun.checkpoint import COLUMNS
+from batchrun.errors import BatchrunError
+from batchrun.sources import ROW, Source
+
+RESULT_SCHEMA: dict[str, Any] = {
+    "row": pl.Int64,
+    "id": pl.String,
+    "status": pl.String,
+    "content": pl.String,
+    "finish_reason": pl.String,
+    "prompt_tokens": pl.Int64,
+    "completion_tokens": pl.Int64,
+    "total_tokens": pl.Int64,
+    "error_kind": pl.String,
+    "error": pl.String,
+    "attempts": pl.Int64,
+    "latency_ms": pl.Float64,
+    "model": pl.String,
+    "response_id": pl.String,
+}
+assert tuple(RESULT_SCHEMA) == COLUMNS
+# The order a reader scans an output row in: the answer first, bookkeeping last.
+OUTPUT_RESULT_COLUMNS = (
+    "content", "finish_reason", "prompt_tokens", "completion_tokens", "total_tokens", "status",
+    "error_kind", "error", "attempts", "latency_ms", "model", "response_id",
+)  # fmt: skip
+
+
+def build_table(
+    source: Source,
+    include_columns: tuple[str, ...],
+    results: list[tuple[Any, ...]],
+    limit: int | None,
+) -> pl.DataFrame:
+    """Join results onto the input's rows; rows without a result are `pending`."""
+    done = pl.DataFrame(results, schema=RESULT_SCHEMA, orient="row").drop("id")
+    id_expr = pl.col(source.id_column) if source.id_column else pl.col(ROW)
+    extra = [c for c in include_columns if c != "id"]
+    rows = source.lazy().select(pl.col(ROW), id_expr.alias("id"), *extra)
+    if limit is not None:
+        rows = rows.head(limit)
+    table = (
+        rows.join(
+            done.lazy().rename({"row": ROW}).with_columns(pl.col(ROW).cast(pl.UInt32)),
+            on=ROW,
+            how="left",
+        )
+        .with_columns(pl.col("status").fill_null("pending"), pl.col("attempts").fill_null(0))
+        .sort(ROW)
+        .select("id", *extra, *OUTPUT_RESULT_COLUMNS)
+        .collect()
+    )
+    return table
+
+
+def write_table(table: pl.DataFrame, path: Path) -> None:
+    """Write through a temp file in the same folder and an atomic rename."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise BatchrunError(f"cannot write output {path}: {exc.strerror or exc}") from None
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        suffix = path.suffix.lower()
+        if suffix == ".parquet":
+            table.write_parquet(tmp)
+        elif suffix == ".csv":
+            table.write_csv(tmp)
+        else:
+            table.write_ndjson(tmp)
+        with tmp.open("rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise BatchrunError(f"cannot write output {path}: {exc.strerror or exc}") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()

@@ -1,0 +1,385 @@
+"""The pipeline of one job: input rows → bounded queue → N workers → checkpoint → output table.
+
+`prepare` does every check that can be done without the network; `run_job` runs the job and is
+the one entry point for the CLI and for Python callers alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
+from tenacity.wait import wait_base, wait_random_exponential
+
+from batchrun.checkpoint import Checkpoint, RowResult
+from batchrun.client import ChatClient
+from batchrun.errors import BatchrunError, JobAborted, JobError, RequestFailed, RetryableError
+from batchrun.job import JobSpec
+from batchrun.output import build_table, write_table
+from batchrun.progress import Progress
+from batchrun.prompts import PromptTemplates, compile_prompts
+from batchrun.simulator import SimulatorConfig, serve_in_thread
+from batchrun.sources import ROW, Source, open_source
+
+SIMULATED_ENDPOINT = "simulator"  # what the fingerprint records for --simulate's changing port
+RESULT_COLUMNS = (
+    "id", "status", "content", "finish_reason", "prompt_tokens", "completion_tokens",
+    "total_tokens", "error_kind", "error", "attempts", "latency_ms", "model", "response_id",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How to run a job; each field mirrors a CLI flag of `batchrun run`."""
+
+    simulate: bool = False
+    fresh: bool = False
+    retry_failed: bool = False
+    limit: int | None = None
+    concurrency: int | None = None
+    output: Path | None = None
+    quiet: bool = False
+    grace_s: float = 10.0  # after a stop request, how long in-flight requests may finish
+
+
+@dataclass(frozen=True)
+class RunResult:
+    total: int
+    ok: int
+    failed: int
+    pending: int
+    prompt_tokens: int
+    completion_tokens: int
+    failures_by_kind: dict[str, int]
+    retries: dict[str, int]
+    wall_s: float
+    output_path: Path
+    interrupted: bool
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return 130
+        return 1 if self.failed or self.pending else 0
+
+
+@dataclass(frozen=True)
+class PreparedJob:
+    """A job whose spec, templates and input were all checked; nothing sent yet."""
+
+    spec: JobSpec
+    prompts: PromptTemplates
+    source: Source
+    output_path: Path
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.output_path.with_name(self.output_path.name + ".checkpoint.sqlite")
+
+    def first_request(self) -> dict[str, Any]:
+        row = next(self.source.batches(self.prompts.columns, limit=1))[0]
+        return self.request_body(row)
+
+    def request_body(self, row: dict[str, Any]) -> dict[str, Any]:
+        return {"model": self.spec.model, "messages": self.prompts.messages(row)}
+
+    def fingerprint(self, simulate: bool) -> dict[str, Any]:
+        """What decides a row's answer; a checkpoint is reused only while all of it holds."""
+        prompt = self.spec.prompt
+        return {
+            "prompt": {"system": prompt.system, "user": prompt.user},
+            "model": self.spec.model,
+            "params": self.spec.params.body(),
+            "endpoint.base_url": SIMULATED_ENDPOINT if simulate else self.spec.endpoint.base_url,
+            "input": {"sha256": self.source.fingerprint(), "id_column": self.source.id_column},
+        }
+
+
+def prepare(spec: JobSpec, output: Path | None = None) -> PreparedJob:
+    """Check everything that can fail before a request is sent."""
+    prompts = compile_prompts(spec.prompt.system, spec.prompt.user)
+    output_path = (output or spec.output.path).resolve()
+    if output_path == spec.input.path.resolve():
+        raise JobError("output.path is the input file; choose another path", spec.job_path)
+    clash = [c for c in spec.output.include_columns if c in RESULT_COLUMNS and c != "id"]
+    if clash:
+        raise JobError(
+            f"output.include_columns: '{clash[0]}' is also a result column; rename it in the input",
+            spec.job_path,
+        )
+    needed = {"output.include_columns": spec.output.include_columns}
+    if spec.prompt.system is not None and prompts.system is not None:
+        needed["prompt.system"] = prompts.system.columns
+    needed["prompt.user"] = prompts.user.columns
+    source = open_source(spec.input.path, spec.input.id_column, needed)
+    job = PreparedJob(spec, prompts, source, output_path)
+    job.first_request()
+    return job
+
+
+def run_job(spec: JobSpec, options: RunOptions = RunOptions()) -> RunResult:
+    """Run (or resume) a job to the end, or until interrupted; write the output table."""
+    job = prepare(spec, options.output)
+    started = time.monotonic()
+    api_key = "simulated" if options.simulate else _api_key(spec)
+    checkpoint = Checkpoint(job.checkpoint_path)
+    try:
+        checkpoint.start(job.fingerprint(options.simulate), fresh=options.fresh)
+        in_scope = min(options.limit or job.source.row_count, job.source.row_count)
+        finished = {r for r in checkpoint.rows_with_status("ok", "failed") if r < in_scope}
+        if options.retry_failed:  # only the failed rows go out again
+            only: set[int] | None = {
+                r for r in checkpoint.rows_with_status("failed") if r < in_scope
+            }
+            to_send = len(only)
+        else:
+            only, to_send = None, in_scope - len(finished)
+        progress = Progress(in_scope, in_scope - to_send, options.quiet)
+        if finished and not options.fresh:
+            progress.say(f"resuming: {len(finished)} of {in_scope} rows already done")
+        with _endpoint(spec, options.simulate) as base_url:
+            client = ChatClient(
+                base_url, api_key, spec.endpoint.timeout_s, options.concurrency or spec.concurrency
+            )
+            pipeline = _Pipeline(job, client, checkpoint, progress, options, finished, only)
+            try:
+                asyncio.run(pipeline.run())
+            finally:
+                progress.close()
+        table = build_table(
+            job.source, spec.output.include_columns, checkpoint.results(), options.limit
+        )
+        write_table(table, job.output_path)
+        if pipeline.aborted is not None:
+            raise pipeline.aborted
+        totals = checkpoint.totals()
+        counts = table["status"].value_counts()
+        by_status = dict(zip(counts["status"].to_list(), counts["count"].to_list(), strict=True))
+        return RunResult(
+            total=in_scope,
+            ok=by_status.get("ok", 0),
+            failed=by_status.get("failed", 0),
+            pending=by_status.get("pending", 0),
+            prompt_tokens=totals.prompt_tokens,
+            completion_tokens=totals.completion_tokens,
+            failures_by_kind=checkpoint.failures_by_kind(),
+            retries=dict(pipeline.retries),
+            wall_s=time.monotonic() - started,
+            output_path=job.output_path,
+            interrupted=pipeline.interrupted,
+        )
+    finally:
+        checkpoint.close()
+
+
+def _api_key(spec: JobSpec) -> str:
+    name = spec.endpoint.api_key_env
+    key = os.environ.get(name, "").strip()
+    if not key:
+        raise BatchrunError(
+            f"{name} is not set: export your API key as {name}, or try the job offline with --simulate"
+        )
+    return key
+
+
+@contextlib.contextmanager
+def _endpoint(spec: JobSpec, simulate: bool) -> Iterator[str]:
+    """The base URL to send to: the job's, or an in-process simulator's on a free port."""
+    if not simulate:
+        yield spec.endpoint.base_url
+        return
+    with serve_in_thread(SimulatorConfig()) as sim:
+        yield sim.base_url
+
+
+class _WaitRetryAfter(wait_base):
+    """Wait what the server asked for (Retry-After), else exponential backoff with full jitter."""
+
+    def __init__(self, initial_s: float, max_s: float):
+        self._max_s = max_s
+        self._backoff = wait_random_exponential(multiplier=initial_s, max=max_s)
+
+    def __call__(self, retry_state: RetryCallState) -> float:
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        if isinstance(exc, RetryableError) and exc.retry_after_s is not None:
+            return min(exc.retry_after_s, self._max_s)
+        return float(self._backoff(retry_state))
+
+
+@dataclass
+class _Request:
+    row: int
+    id: str
+    body: dict[str, Any]
+
+
+@dataclass
+class _Pipeline:
+    job: PreparedJob
+    client: ChatClient
+    checkpoint: Checkpoint
+    progress: Progress
+    options: RunOptions
+    skip: set[int]  # rows already finished
+    only: set[int] | None  # with --retry-failed: the rows to send again
+    interrupted: bool = False
+    aborted: BatchrunError | None = None
+    retries: Counter[str] = field(default_factory=Counter)
+
+    async def run(self) -> None:
+        spec = self.job.spec
+        self._stop = asyncio.Event()
+        self._queue: asyncio.Queue[_Request | None] = asyncio.Queue(maxsize=self._width * 2)
+        self._results: asyncio.Queue[RowResult | None] = asyncio.Queue()
+        self._retrying = AsyncRetrying(
+            stop=stop_after_attempt(spec.retry.max_attempts),
+            wait=_WaitRetryAfter(spec.retry.initial_backoff_s, spec.retry.max_backoff_s),
+            retry=retry_if_exception_type(RetryableError),
+            before_sleep=self._count_retry,
+            reraise=True,
+        )
+        self._install_signal_handlers()
+        async with self.client:
+            producer = asyncio.create_task(self._produce())
+            workers = [asyncio.create_task(self._work()) for _ in range(self._width)]
+            writer = asyncio.create_task(self._write())
+            all_work = asyncio.gather(*workers)
+            stop_requested = asyncio.create_task(self._stop.wait())
+            await asyncio.wait(
+                {all_work, stop_requested, writer}, return_when=asyncio.FIRST_COMPLETED
+            )
+            if not all_work.done():
+                await self._wind_down(producer, workers, all_work, at_once=writer.done())
+            stop_requested.cancel()
+            self._results.put_nowait(None)
+            await writer
+            all_work.result()  # a bug in a worker surfaces here, after the checkpoint is flushed
+
+    @property
+    def _width(self) -> int:
+        return self.options.concurrency or self.job.spec.concurrency
+
+    async def _produce(self) -> None:
+        """Feed rows still to do; the bounded queue keeps memory flat however long the input."""
+        columns = self.job.prompts.columns
+        if self.job.source.id_column and self.job.source.id_column not in columns:
+            columns += (self.job.source.id_column,)
+        batches = self.job.source.batches(columns, self.options.limit)
+        id_column = self.job.source.id_column
+        while (batch := await asyncio.to_thread(next, batches, None)) is not None:
+            for row in batch:
+                index = row[ROW]
+                if index in self.skip if self.only is None else index not in self.only:
+                    continue
+                row_id = str(row[id_column]) if id_column else str(index)
+                await self._queue.put(_Request(index, row_id, self.job.request_body(row)))
+        for _ in range(self._width):
+            await self._queue.put(None)
+
+    async def _work(self) -> None:
+        while (request := await self._queue.get()) is not None:
+            try:
+                result = await self._send(request)
+            except JobAborted as exc:
+                self.aborted = exc
+                self._stop.set()
+                return
+            self._results.put_nowait(result)
+
+    async def _send(self, request: _Request) -> RowResult:
+        """One row through retries to an ok or failed result; JobAborted passes through."""
+        attempts = 0
+        latency_ms = 0.0
+        try:
+            async for attempt in self._retrying.copy():
+                with attempt:
+                    attempts += 1
+                    sent = time.perf_counter()
+                    try:
+                        answer = await self.client.complete(request.body)
+                    finally:
+                        latency_ms = (time.perf_counter() - sent) * 1000
+        except RequestFailed as exc:
+            return RowResult(
+                request.row, request.id, "failed", None, None, None, None, None,
+                exc.kind, str(exc), attempts, round(latency_ms, 1), None, None,
+            )  # fmt: skip
+        return RowResult(
+            request.row, request.id, "ok", answer.content, answer.finish_reason,
+            answer.prompt_tokens, answer.completion_tokens, answer.total_tokens, None, None,
+            attempts, round(latency_ms, 1), answer.model or self.job.spec.model, answer.response_id,
+        )  # fmt: skip
+
+    def _count_retry(self, retry_state: RetryCallState) -> None:
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        self.retries[exc.kind if isinstance(exc, RequestFailed) else "other"] += 1
+
+    async def _write(self) -> None:
+        """Group commit: everything finished since the last commit goes in one transaction."""
+        while True:
+            batch = [await self._results.get()]
+            while not self._results.empty():
+                batch.append(self._results.get_nowait())
+            finished = [r for r in batch if r is not None]
+            if finished:
+                self.checkpoint.record(finished)
+                for result in finished:
+                    self.progress.row_finished(result)
+            if len(finished) < len(batch):
+                return
+
+    async def _wind_down(
+        self,
+        producer: asyncio.Task[None],
+        workers: list[asyncio.Task[None]],
+        all_work: asyncio.Future[list[None]],
+        at_once: bool,
+    ) -> None:
+        """Stop sending; let in-flight rows finish within the grace period, then cancel them."""
+        producer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await producer
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        for _ in workers:
+            self._queue.put_nowait(None)
+        grace = 0.0 if at_once or self.aborted is not None else self.options.grace_s
+        try:
+            await asyncio.wait_for(asyncio.shield(all_work), timeout=grace)
+        except TimeoutError:
+            for task in workers:
+                task.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+
+    def _install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, self._on_signal, sig)
+        except (RuntimeError, ValueError):  # not the main thread: the caller handles signals
+            pass
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if self.interrupted:
+            print(
+                "batchrun: stopped at once; the checkpoint is consistent, rerun to resume",
+                file=sys.stderr,
+                flush=True,
+            )
+            os._exit(130)
+        self.interrupted = True
+        self.progress.say(
+            f"batchrun: {sig.name} received: finishing in-flight requests "
+            f"(up to {self.options.grace_s:g} s; press Ctrl-C again to stop at once)"
+        )
+        self._stop.set()

@@ -1,0 +1,100 @@
+"""Input tables (CSV, Parquet, JSONL): opened lazily, checked against the job, read in batches."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from batchrun.errors import InputError
+
+ROW = "__batchrun_row"  # the 0-based row number, carried through every stage
+BATCH_ROWS = 8192
+
+
+def scan_table(path: Path) -> pl.LazyFrame:
+    """A lazy scan of `path`, its format chosen by extension."""
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return pl.scan_csv(path, infer_schema_length=10_000)
+    if suffix == ".parquet":
+        return pl.scan_parquet(path)
+    return pl.scan_ndjson(path, infer_schema_length=10_000)
+
+
+@dataclass(frozen=True)
+class Source:
+    """An input table checked against the columns the job needs."""
+
+    path: Path
+    id_column: str | None
+    columns: tuple[str, ...]  # every column of the table
+    row_count: int
+
+    def lazy(self) -> pl.LazyFrame:
+        return scan_table(self.path).with_row_index(ROW)
+
+    def batches(
+        self, columns: tuple[str, ...], limit: int | None
+    ) -> Iterator[list[dict[str, Any]]]:
+        """Rows as dicts holding `columns` and ROW, in input order, a batch at a time."""
+        frame = self.lazy().select(ROW, *columns)
+        if limit is not None:
+            frame = frame.head(limit)
+        for batch in frame.collect_batches(chunk_size=BATCH_ROWS):
+            yield batch.to_dicts()
+
+    def fingerprint(self) -> str:
+        """A hash of the file's bytes: results are only reused for the very same input."""
+        with self.path.open("rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def open_source(path: Path, id_column: str | None, needed: dict[str, tuple[str, ...]]) -> Source:
+    """Open and check the input; `needed` maps a job key (e.g. 'prompt.user') to its columns."""
+    if not path.exists():
+        raise InputError(f"input file not found: {path}")
+    if not path.is_file():
+        raise InputError(f"input path is not a file: {path}")
+    try:
+        schema = scan_table(path).collect_schema()
+        row_count = scan_table(path).select(pl.len()).collect().item()
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"cannot read input {path}: {first_line}") from None
+    columns = tuple(schema.names())
+    for key, cols in needed.items():
+        for col in cols:
+            if col not in columns:
+                raise InputError(
+                    f"{key} names column '{col}', which {path.name} does not have; "
+                    f"its columns are: {', '.join(columns)}"
+                )
+    if id_column is not None:
+        if id_column not in columns:
+            raise InputError(
+                f"input.id_column '{id_column}' is not a column of {path.name}; "
+                f"its columns are: {', '.join(columns)}"
+            )
+        _check_ids(path, id_column)
+    if row_count == 0:
+        raise InputError(f"input {path} has no rows")
+    return Source(path, id_column, columns, row_count)
+
+
+def _check_ids(path: Path, id_column: str) -> None:
+    ids = scan_table(path).select(pl.col(id_column)).with_row_index(ROW)
+    nulls = ids.filter(pl.col(id_column).is_null()).select(ROW).head(5).collect()[ROW].to_list()
+    if nulls:
+        rows = ", ".join(str(r + 1) for r in nulls)
+        raise InputError(f"input.id_column '{id_column}' is empty in row(s) {rows} of {path.name}")
+    dupes = (
+        ids.group_by(id_column).agg(pl.len().alias("n")).filter(pl.col("n") > 1).head(3).collect()
+    )
+    if dupes.height:
+        shown = ", ".join(repr(v) for v in dupes[id_column].to_list())
+        raise InputError(f"input.id_column '{id_column}' has duplicate ids in {path.name}: {shown}")
