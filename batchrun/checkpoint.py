@@ -127,7 +127,7 @@ class Checkpoint:
         return Totals(ok, failed, prompt, completion)
 
     def failures_by_kind(self) -> dict[str, int]:
-        query = "SELECT error_kind, COUNT(*) FROM results WHERE status = 'failed' GROUP BY 1 ORDER BY 2 DESC"
+        query = "SELECT error_kind, COUNT(*) FROM results WHERE status = 'failed' GROUP BY 1 ORDER BY 2 DESC, 1"
         return {kind or "unknown": n for kind, n in self._db.execute(query)}
 
     def results(self) -> list[tuple[Any, ...]]:

@@ -17,27 +17,27 @@ POSTFIX_INTERVAL_S = 0.5
 class Progress:
     """Counts finished rows; resumed rows start out counted as done."""
 
-    def __init__(self, total: int, done_before: int, quiet: bool, stream: TextIO = sys.stderr):
+    def __init__(self, total: int, done_before: int, quiet: bool, stream: TextIO | None = None):
         self.total = total
         self.done = done_before
         self.ok = 0
         self.failed = 0
         self.tokens = 0
         self._quiet = quiet
-        self._stream = stream
+        self._stream = stream or sys.stderr
         self._started = time.monotonic()
         self._done_at_start = done_before
-        self._next_update = self._started + (0 if self._bar else PLAIN_INTERVAL_S)
         self._bar: tqdm[None] | None = None
-        if not quiet and stream.isatty():
+        if not quiet and self._stream.isatty():
             self._bar = tqdm(
                 total=total,
                 initial=done_before,
                 unit="row",
-                file=stream,
+                file=self._stream,
                 dynamic_ncols=True,
                 smoothing=0.1,
             )
+        self._next_update = self._started + (0 if self._bar else PLAIN_INTERVAL_S)
 
     def row_finished(self, result: RowResult) -> None:
         self.done += 1

@@ -263,7 +263,9 @@ class _Pipeline:
             stop_requested.cancel()
             self._results.put_nowait(None)
             await writer
-            all_work.result()  # a bug in a worker surfaces here, after the checkpoint is flushed
+            for task in workers:  # a bug in a worker surfaces here, after the checkpoint is flushed
+                if not task.cancelled() and (error := task.exception()) is not None:
+                    raise error
 
     @property
     def _width(self) -> int:

@@ -1,0 +1,426 @@
+"""An OpenAI-compatible chat-completions server for offline runs, tests and benchmarks.
+
+Answers are deterministic (the lead sentences of the last user message), so a run against the
+simulator is reproducible and costs nothing. Faults are injected either by configuration
+(latency, random 5xx, a requests-per-minute limit, an API key) or by markers written into the
+last user message, so a test can aim one fault at one input row:
+
+* ``[[fail:CODE]]`` / ``[[fail:CODExN]]`` - answer HTTP CODE (always / the first N times this
+  exact body is seen);
+* ``[[fail:badjson]]`` / ``[[fail:badjsonxN]]`` - status 200 with a body that is not JSON;
+* ``[[fail:reset]]`` / ``[[fail:resetxN]]`` - drop the connection without answering;
+* ``[[sleep:MS]]`` - wait MS milliseconds before answering.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import hashlib
+import itertools
+import math
+import random
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+TOKEN_RE = re.compile(r"\w+|[^\w\s]")
+_SENTENCE_END_RE = re.compile(r"[.!?]+[\"'\u201d\u2019)\]]*(?=\s|$)")
+_MARKER_RE = re.compile(r"\[\[(?:fail:([1-5]\d\d|badjson|reset)(?:x(\d+))?|sleep:(\d+))\]\]")
+_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
+_STREAM_PIECE_TOKENS = 4
+_SHUTDOWN_GRACE_S = 0.1  # in-flight requests (e.g. a long [[sleep]]) must not delay stopping
+_MODELS_CREATED = 1_735_689_600
+
+
+@dataclass(frozen=True)
+class SimulatorConfig:
+    """How the simulated provider behaves; every random choice derives from ``seed``."""
+
+    latency_ms: float = 0.0
+    error_rate: float = 0.0
+    rpm: int | None = None
+    retry_after_s: float = 1.0
+    seed: int = 0
+    api_key: str | None = None
+    models: tuple[str, ...] = ("grok-4.3", "grok-4.3-mini", "grok-3")
+
+
+@dataclass
+class SimulatorStats:
+    """What the server actually did, for tests in the same process (e.g. a row paid twice)."""
+
+    requests: int = 0
+    by_status: collections.Counter[int] = field(default_factory=collections.Counter)
+    ok_by_user_message: collections.Counter[str] = field(default_factory=collections.Counter)
+
+
+@dataclass(frozen=True)
+class RunningSimulator:
+    """A simulator serving in a background thread."""
+
+    base_url: str
+    stats: SimulatorStats
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class _Chat:
+    """The parts of a validated request body that shape the answer."""
+
+    model: str
+    texts: list[str]
+    last_user: str
+    max_tokens: int | None
+    stop: list[str]
+    stream: bool
+    include_usage: bool
+
+
+class _BadRequest(Exception):
+    def __init__(self, message: str, param: str | None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def count_tokens(text: str) -> int:
+    """The simulator's token count: words and single punctuation marks."""
+    return len(TOKEN_RE.findall(text))
+
+
+def _content_text(content: Any, param: str) -> str:
+    """Message content as text: a string, None, or the text parts of a multimodal list."""
+    if isinstance(content, str):
+        return content
+    if content is None:
+        return ""
+    if isinstance(content, list) and all(isinstance(part, dict) for part in content):
+        return " ".join(p["text"] for p in content if isinstance(p.get("text"), str))
+    raise _BadRequest("content must be a string or a list of content parts", param)
+
+
+def _parse(body: bytes) -> _Chat:
+    """Validate a request body the way the real API does, enough to catch client bugs."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise _BadRequest("We could not parse the JSON body of your request.", None) from None
+    if not isinstance(data, dict):
+        raise _BadRequest("The request body must be a JSON object.", None)
+    model, messages = data.get("model"), data.get("messages")
+    if not isinstance(model, str):
+        raise _BadRequest("you must provide a model parameter", "model")
+    if not isinstance(messages, list) or not messages:
+        raise _BadRequest("messages must be a non-empty list", "messages")
+    texts: list[str] = []
+    last_user = ""
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise _BadRequest("each message must be an object with a role", f"messages[{i}]")
+        texts.append(_content_text(message.get("content"), f"messages[{i}].content"))
+        if message["role"] == "user":
+            last_user = texts[-1]
+    max_tokens = data.get("max_completion_tokens", data.get("max_tokens"))
+    if max_tokens is not None and (type(max_tokens) is not int or max_tokens < 1):
+        raise _BadRequest("max_tokens must be a positive integer", "max_tokens")
+    stop = data.get("stop")
+    if stop is None or isinstance(stop, str):
+        stop = [] if stop is None else [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise _BadRequest("stop must be a string or a list of strings", "stop")
+    stream_options = data.get("stream_options")
+    include_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
+    return _Chat(
+        model=model,
+        texts=texts,
+        last_user=last_user,
+        max_tokens=max_tokens,
+        stop=stop,
+        stream=data.get("stream") is True,
+        include_usage=include_usage,
+    )
+
+
+def compose_answer(text: str, max_tokens: int | None, stop: list[str]) -> tuple[str, str]:
+    """The deterministic reply: the first two sentences of ``text``; returns (content, finish)."""
+    text = " ".join(_MARKER_RE.sub(" ", text).split())
+    ends = [m.end() for m in itertools.islice(_SENTENCE_END_RE.finditer(text), 2)]
+    answer = text[: ends[-1]] if len(ends) == 2 else text
+    cuts = [i for s in stop if s and (i := answer.find(s)) >= 0]
+    if cuts:
+        answer = answer[: min(cuts)]
+    if max_tokens is not None:
+        token_ends = [m.end() for m in TOKEN_RE.finditer(answer)]
+        if len(token_ends) > max_tokens:
+            return answer[: token_ends[max_tokens - 1]], "length"
+    return answer, "stop"
+
+
+class _Simulator:
+    """Request handlers plus the mutable state they share (attempt counts, rate window, RNG)."""
+
+    def __init__(self, config: SimulatorConfig, stats: SimulatorStats) -> None:
+        self.config = config
+        self.stats = stats
+        self._rng = random.Random(config.seed)
+        self._attempts: dict[str, int] = {}
+        self._auth = None if config.api_key is None else f"Bearer {config.api_key}"
+        self._per_window = max(1, config.rpm // 60) if config.rpm else 0
+        self._window_start = -math.inf
+        self._window_used = 0
+        self._retry_headers = {
+            "Retry-After": str(math.ceil(config.retry_after_s)),
+            "retry-after-ms": str(round(config.retry_after_s * 1000)),
+        }
+        models = [
+            {"id": m, "object": "model", "created": _MODELS_CREATED, "owned_by": "xai"} for m in config.models
+        ]
+        self._models_body = orjson.dumps({"object": "list", "data": models})
+
+    def _error(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> web.Response:
+        default_kind = "server_error" if status >= 500 else "invalid_request_error"
+        kind = _ERROR_TYPES.get(status, default_kind)
+        headers = dict(headers or {})
+        if status in (429, 503):
+            headers.update(self._retry_headers)
+        payload = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+        return web.Response(
+            status=status,
+            body=orjson.dumps(payload),
+            content_type="application/json",
+            headers=headers,
+        )
+
+    def _unauthorized(self, request: web.Request) -> web.Response | None:
+        if self._auth is None or request.headers.get("Authorization") == self._auth:
+            return None
+        return self._error(401, "Incorrect API key provided.", code="invalid_api_key")
+
+    def _rate_limit(self) -> tuple[bool, dict[str, str]]:
+        """Count this request in the current 1-second window; (allowed, x-ratelimit headers)."""
+        if not self._per_window:
+            return True, {}
+        now = time.monotonic()
+        if now - self._window_start >= 1.0:
+            self._window_start, self._window_used = now, 0
+        allowed = self._window_used < self._per_window
+        self._window_used += allowed
+        return allowed, {
+            "x-ratelimit-limit-requests": str(self.config.rpm),
+            "x-ratelimit-remaining-requests": str(self._per_window - self._window_used),
+            "x-ratelimit-reset-requests": f"{self._window_start + 1.0 - now:.3f}s",
+        }
+
+    async def models(self, request: web.Request) -> web.Response:
+        return self._unauthorized(request) or web.Response(
+            body=self._models_body, content_type="application/json"
+        )
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        self.stats.requests += 1
+        response = await self._chat(request)
+        if response is None:  # the connection was aborted; aiohttp drops this placeholder
+            return web.Response()
+        self.stats.by_status[response.status] += 1
+        return response
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse | None:
+        """Answer one chat request; None means the connection was dropped on purpose."""
+        if denied := self._unauthorized(request):
+            return denied
+        body = await request.read()
+        try:
+            chat = _parse(body)
+        except _BadRequest as exc:
+            return self._error(400, str(exc), param=exc.param)
+        if chat.model not in self.config.models:
+            message = f"The model `{chat.model}` does not exist or you do not have access to it."
+            return self._error(404, message, param="model", code="model_not_found")
+        allowed, headers = self._rate_limit()
+        if not allowed:
+            message = f"Rate limit reached: {self.config.rpm} requests per minute."
+            return self._error(429, message, code="rate_limit_exceeded", headers=headers)
+
+        fault, times, sleep_ms = None, None, 0
+        for m in _MARKER_RE.finditer(chat.last_user):
+            if m[3] is not None:
+                sleep_ms += int(m[3])
+            elif fault is None:
+                fault, times = m[1], m[2]
+        delay_s = (self.config.latency_ms + sleep_ms) / 1000
+        if delay_s > 0:
+            await asyncio.sleep(delay_s)
+
+        digest = hashlib.blake2b(body, digest_size=8).hexdigest()
+        if fault is not None and times is not None:
+            seen = self._attempts[digest] = self._attempts.get(digest, 0) + 1
+            if seen > int(times):
+                fault = None
+        if fault is None and self._rng.random() < self.config.error_rate:
+            fault = str(self._rng.choice((500, 502, 503)))
+        if fault == "reset":
+            if request.transport is not None:
+                request.transport.abort()
+            return None
+        if fault is not None and fault != "badjson":
+            return self._error(int(fault), f"Simulated HTTP {fault} error.", headers=headers)
+
+        content, finish = compose_answer(chat.last_user, chat.max_tokens, chat.stop)
+        prompt_tokens = sum(count_tokens(t) + 4 for t in chat.texts)
+        completion_tokens = count_tokens(content)
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+        head = {
+            "id": f"chatcmpl-{digest}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": chat.model,
+        }
+        if fault is None:
+            self.stats.ok_by_user_message[chat.last_user] += 1
+        if chat.stream:
+            return await self._stream(request, chat, head, content, finish, usage, fault, headers)
+        reply = {"role": "assistant", "content": content}
+        choice = {"index": 0, "message": reply, "finish_reason": finish}
+        body = orjson.dumps({**head, "choices": [choice], "usage": usage})
+        if fault == "badjson":
+            body = body[: len(body) // 2]
+        return web.Response(body=body, content_type="application/json", headers=headers)
+
+    async def _stream(
+        self,
+        request: web.Request,
+        chat: _Chat,
+        head: dict[str, Any],
+        content: str,
+        finish: str,
+        usage: dict[str, int],
+        fault: str | None,
+        headers: dict[str, str],
+    ) -> web.StreamResponse:
+        """Send the answer as server-sent events, cut into pieces of a few tokens each."""
+        head = {**head, "object": "chat.completion.chunk"}
+
+        def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
+            return b"data: " + orjson.dumps({**head, "choices": choices, **extra}) + b"\n\n"
+
+        def delta(d: dict[str, str], finish_reason: str | None = None) -> bytes:
+            return event([{"index": 0, "delta": d, "finish_reason": finish_reason}])
+
+        ends = [m.end() for m in TOKEN_RE.finditer(content)]
+        cuts = [0, *ends[_STREAM_PIECE_TOKENS - 1 : -1 : _STREAM_PIECE_TOKENS], len(content)]
+        pieces = [content[a:b] for a, b in itertools.pairwise(cuts) if b > a]
+        events = [delta({"role": "assistant", "content": ""})]
+        events += [delta({"content": piece}) for piece in pieces]
+        events.append(delta({}, finish))
+        if chat.include_usage:
+            events.append(event([], usage=usage))
+        events.append(b"data: [DONE]\n\n")
+        if fault == "badjson":
+            events = [events[1][: len(events[1]) // 2] + b"\n\n"]
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers}
+        )
+        await response.prepare(request)
+        with contextlib.suppress(ConnectionError):  # the client hung up; nothing to report
+            for chunk in events:
+                await response.write(chunk)
+        return response
+
+
+def make_app(config: SimulatorConfig, stats: SimulatorStats | None = None) -> web.Application:
+    """The simulator as an aiohttp application (mount it, or use one of the serve helpers)."""
+    simulator = _Simulator(config, stats if stats is not None else SimulatorStats())
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_get("/v1/models", simulator.models)
+    app.router.add_post("/v1/chat/completions", simulator.chat)
+    return app
+
+
+def _base_url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}/v1" if ":" in host else f"http://{host}:{port}/v1"
+
+
+async def _start(
+    config: SimulatorConfig, stats: SimulatorStats, host: str, port: int
+) -> tuple[web.AppRunner, int]:
+    """Start listening; returns the runner and the bound port (``port`` 0 picks a free one)."""
+    runner = web.AppRunner(make_app(config, stats), access_log=None, shutdown_timeout=_SHUTDOWN_GRACE_S)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner, runner.addresses[0][1]
+
+
+async def serve_forever(
+    config: SimulatorConfig, host: str, port: int, ready: Callable[[str], None] | None = None
+) -> None:
+    """Serve until cancelled (the ``batchrun simulate`` command); ``ready`` gets the base URL."""
+    runner, bound = await _start(config, SimulatorStats(), host, port)
+    try:
+        if ready is not None:
+            ready(_base_url(host, bound))
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+
+
+@contextlib.contextmanager
+def serve_in_thread(
+    config: SimulatorConfig = SimulatorConfig(),  # frozen, so a shared default is safe
+    host: str = "127.0.0.1",
+    port: int = 0,
+) -> Iterator[RunningSimulator]:
+    """Run a simulator on its own event loop in a daemon thread, for synchronous callers."""
+    stats = SimulatorStats()
+    started = threading.Event()
+    state: dict[str, Any] = {}
+
+    async def main() -> None:
+        try:
+            runner, state["port"] = await _start(config, stats, host, port)
+        except Exception as exc:
+            state["error"] = exc
+            started.set()
+            return
+        stop, loop = asyncio.Event(), asyncio.get_running_loop()
+        state["stop"] = lambda: loop.call_soon_threadsafe(stop.set)
+        started.set()
+        try:
+            await stop.wait()
+        finally:
+            await runner.cleanup()
+
+    thread = threading.Thread(target=asyncio.run, args=(main(),), name="simulator", daemon=True)
+    thread.start()
+    started.wait()
+    if "error" in state:
+        thread.join()
+        raise state["error"]
+    try:
+        yield RunningSimulator(_base_url(host, state["port"]), stats, host, state["port"])
+    finally:
+        state["stop"]()
+        thread.join()

@@ -1,0 +1,90 @@
+"""Shared fixtures: a clean environment, a real simulator on loopback, jobs written to tmp_path."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+import yaml
+
+from batchrun.simulator import RunningSimulator, SimulatorConfig, serve_in_thread
+
+TEST_KEY_ENV = "BATCHRUN_TEST_KEY"
+TEST_KEY = "sk-test-0123456789abcdef"
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings from the developer's shell must not leak into a test."""
+    for name in list(os.environ):
+        if name.startswith(("BATCHRUN_", "RELAYDANCE_", "OPENAI_")):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv(TEST_KEY_ENV, TEST_KEY)
+
+
+@pytest.fixture
+def simulator() -> Iterator[RunningSimulator]:
+    with serve_in_thread(SimulatorConfig(api_key=TEST_KEY)) as sim:
+        yield sim
+
+
+def article_rows(n: int) -> list[dict[str, Any]]:
+    return [
+        {
+            "id": 1000 + i,
+            "title": f"Story {i}",
+            "text": f"Lead sentence of story {i}. A second sentence follows. A third is dropped.",
+        }
+        for i in range(n)
+    ]
+
+
+def write_job(
+    tmp_path: Path,
+    rows: list[dict[str, Any]],
+    base_url: str,
+    **overrides: Any,
+) -> Path:
+    """Write rows as input.csv and a job over them; `overrides` replace top-level job keys."""
+    pl.DataFrame(rows).write_csv(tmp_path / "input.csv")
+    job: dict[str, Any] = {
+        "input": {"path": "input.csv", "id_column": "id"},
+        "output": {"path": "out/result.parquet", "include_columns": ["title"]},
+        "model": "grok-4.3",
+        "prompt": {"system": "Summarize.", "user": "{title}\n\n{text}"},
+        "params": {"temperature": 0.2, "max_tokens": 40},
+        "endpoint": {"base_url": base_url, "api_key_env": TEST_KEY_ENV, "timeout_s": 10},
+        "concurrency": 8,
+        "retry": {"max_attempts": 4, "initial_backoff_s": 0.01, "max_backoff_s": 0.05},
+    }
+    job.update(overrides)
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job, sort_keys=False))
+    return path
+
+
+def read_output(job_path: Path) -> pl.DataFrame:
+    return pl.read_parquet(job_path.parent / "out" / "result.parquet")
+
+
+def batchrun_process(*args: str, **kwargs: Any) -> subprocess.Popen[str]:
+    """The real CLI in its own process (signals and kill -9 need one)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "batchrun", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+def run_batchrun(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "batchrun", *args], capture_output=True, text=True, timeout=timeout
+    )

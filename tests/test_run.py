@@ -1,0 +1,278 @@
+"""End-to-end runs of the real CLI against the simulator on loopback."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+import yaml
+from click.testing import CliRunner, Result
+
+from batchrun.cli import main
+from batchrun.simulator import RunningSimulator, SimulatorConfig, serve_in_thread
+from tests.conftest import (
+    TEST_KEY,
+    article_rows,
+    batchrun_process,
+    read_output,
+    run_batchrun,
+    write_job,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def invoke(*args: str) -> Result:
+    return CliRunner().invoke(main, list(args))
+
+
+def test_every_row_once_in_input_order(tmp_path: Path, simulator: RunningSimulator) -> None:
+    rows = article_rows(120)
+    random.Random(1).shuffle(rows)  # input order differs from id order
+    job = write_job(tmp_path, rows, simulator.base_url)
+
+    result = invoke("run", str(job))
+
+    assert result.exit_code == 0, result.output
+    out = read_output(job)
+    assert out["id"].to_list() == [r["id"] for r in rows]
+    assert out["title"].to_list() == [r["title"] for r in rows]
+    assert set(out["status"]) == {"ok"}
+    story = rows[0]["title"].split()[1]
+    assert f"Lead sentence of story {story}." in out["content"][0]
+    assert (out["prompt_tokens"] + out["completion_tokens"] == out["total_tokens"]).all()
+    assert out["prompt_tokens"].min() > 0
+    assert simulator.stats.requests == 120
+    assert "rows: 120 ok, 0 failed of 120" in result.stderr
+
+
+def test_retries_recover_injected_5xx_and_429(tmp_path: Path) -> None:
+    config = SimulatorConfig(api_key=TEST_KEY, error_rate=0.3, retry_after_s=0.01, seed=7)
+    rows = article_rows(80)
+    rows[0]["text"] += " [[fail:429x2]]"
+    with serve_in_thread(config) as sim:
+        job = write_job(
+            tmp_path,
+            rows,
+            sim.base_url,
+            retry={"max_attempts": 12, "initial_backoff_s": 0.001, "max_backoff_s": 0.01},
+        )
+        result = invoke("run", str(job))
+
+    assert result.exit_code == 0, result.output
+    out = read_output(job)
+    assert set(out["status"]) == {"ok"}
+    assert out["attempts"][0] >= 3  # two 429s, plus any random 5xx
+    injected = sum(n for status, n in sim.stats.by_status.items() if status >= 500)
+    assert injected > 5
+    assert sim.stats.by_status[429] >= 2
+    assert out["attempts"].sum() == sim.stats.requests
+
+
+def test_permanent_errors_become_failed_rows_and_exit_1(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    rows = article_rows(30)
+    rows[3]["text"] += " [[fail:400]]"
+    rows[7]["text"] += " [[fail:422]]"
+    job = write_job(tmp_path, rows, simulator.base_url)
+
+    result = invoke("run", str(job))
+
+    assert result.exit_code == 1
+    out = read_output(job)
+    assert out.height == 30
+    failed = out.filter(pl.col("status") == "failed")
+    assert failed["id"].to_list() == [rows[3]["id"], rows[7]["id"]]
+    assert failed["error_kind"].to_list() == ["http_400", "http_422"]
+    assert failed["attempts"].to_list() == [1, 1]
+    assert "2 failed (http_400: 1, http_422: 1)" in result.stderr
+    assert "--retry-failed" in result.stderr
+
+
+def test_retry_failed_sends_only_the_failed_rows(tmp_path: Path, simulator: RunningSimulator) -> None:
+    rows = article_rows(20)
+    rows[5]["text"] += " [[fail:500x5]]"
+    job = write_job(
+        tmp_path,
+        rows,
+        simulator.base_url,
+        retry={"max_attempts": 4, "initial_backoff_s": 0.001, "max_backoff_s": 0.01},
+    )
+    assert invoke("run", str(job)).exit_code == 1
+    assert simulator.stats.requests == 19 + 4
+
+    result = invoke("run", str(job), "--retry-failed")
+
+    assert result.exit_code == 0, result.output
+    assert simulator.stats.requests == 19 + 4 + 2  # attempts 5 (fails) and 6 (ok)
+    out = read_output(job)
+    assert set(out["status"]) == {"ok"}
+    assert out.height == 20
+
+
+def test_rejected_key_stops_the_whole_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    wrong_key = "sk-wrong-key-must-not-leak"
+    monkeypatch.setenv("BATCHRUN_TEST_KEY", wrong_key)
+    with serve_in_thread(SimulatorConfig(api_key=TEST_KEY, latency_ms=5)) as sim:
+        job = write_job(tmp_path, article_rows(500), sim.base_url)
+        result = invoke("run", str(job))
+
+    assert result.exit_code == 2
+    assert result.stderr.startswith("Error: the endpoint rejected the API key (HTTP 401")
+    assert sim.stats.requests <= 8  # at most one wave of the 8 workers, not 500 rows of errors
+    assert wrong_key not in result.stderr
+    out = read_output(job)
+    assert set(out["status"]) == {"pending"}
+
+
+def test_unknown_model_stops_the_job(tmp_path: Path, simulator: RunningSimulator) -> None:
+    job = write_job(tmp_path, article_rows(50), simulator.base_url, model="grok-9")
+
+    result = invoke("run", str(job))
+
+    assert result.exit_code == 2
+    assert "404" in result.stderr and "model" in result.stderr
+    assert simulator.stats.requests <= 8
+
+
+def test_resume_sends_only_unfinished_rows(tmp_path: Path, simulator: RunningSimulator) -> None:
+    job = write_job(tmp_path, article_rows(100), simulator.base_url)
+    assert invoke("run", str(job), "--limit", "30").exit_code == 0
+    assert read_output(job).height == 30
+
+    result = invoke("run", str(job))
+
+    assert result.exit_code == 0
+    assert "resuming: 30 of 100 rows already done" in result.stderr
+    assert simulator.stats.requests == 100
+    assert read_output(job)["id"].to_list() == [r["id"] for r in article_rows(100)]
+
+
+def test_changed_prompt_refuses_to_resume_without_fresh(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    job = write_job(tmp_path, article_rows(20), simulator.base_url)
+    assert invoke("run", str(job), "--limit", "5").exit_code == 0
+    spec = yaml.safe_load(job.read_text())
+    spec["prompt"]["user"] = "Headline only: {title}"
+    spec["model"] = "grok-3"
+    job.write_text(yaml.safe_dump(spec))
+
+    refused = invoke("run", str(job))
+
+    assert refused.exit_code == 2
+    assert "Error: the job's prompt, model changed since checkpoint" in refused.stderr
+    assert "--fresh" in refused.stderr
+    assert simulator.stats.requests == 5
+
+    fresh = invoke("run", str(job), "--fresh")
+
+    assert fresh.exit_code == 0
+    assert simulator.stats.requests == 25
+    assert set(read_output(job)["model"]) == {"grok-3"}
+
+
+def test_status_and_validate(tmp_path: Path, simulator: RunningSimulator) -> None:
+    rows = article_rows(10)
+    rows[2]["text"] += " [[fail:400]]"
+    job = write_job(tmp_path, rows, simulator.base_url)
+    assert "not started: 0 of 10 rows done" in invoke("status", str(job)).output
+
+    validated = invoke("validate", str(job))
+    assert validated.exit_code == 0
+    assert '"content": "Story 0\\n\\nLead sentence' in validated.stdout
+    assert simulator.stats.requests == 0
+
+    invoke("run", str(job), "--limit", "4")
+    status = invoke("status", str(job))
+    assert status.exit_code == 0
+    assert status.stdout.splitlines()[:3] == ["ok: 3", "failed: 1 (http_400: 1)", "pending: 6"]
+
+
+def checkpoint_rows(job: Path) -> int:
+    path = job.parent / "out" / "result.parquet.checkpoint.sqlite"
+    if not path.exists():
+        return 0
+    try:
+        with sqlite3.connect(path, timeout=5) as db:
+            return int(db.execute("SELECT COUNT(*) FROM results").fetchone()[0])
+    except sqlite3.OperationalError:  # the table is not created yet
+        return 0
+
+
+def wait_for_rows(job: Path, at_least: int, deadline_s: float = 30) -> None:
+    """Poll the checkpoint (a reader beside the WAL writer) until it holds enough rows."""
+    deadline = time.monotonic() + deadline_s
+    while checkpoint_rows(job) < at_least:
+        assert time.monotonic() < deadline, f"checkpoint never reached {at_least} rows"
+        time.sleep(0.01)
+
+
+def test_kill_9_at_random_moments_loses_and_repeats_nothing(tmp_path: Path) -> None:
+    rows = article_rows(400)
+    concurrency = 8
+    kills = 4
+    with serve_in_thread(SimulatorConfig(api_key=TEST_KEY, latency_ms=15)) as sim:
+        job = write_job(tmp_path, rows, sim.base_url, concurrency=concurrency)
+        rng = random.Random(42)
+        for k in range(kills):
+            proc = batchrun_process(str(job), "-q")
+            wait_for_rows(job, at_least=(k + 1) * 60 + rng.randrange(40))
+            proc.kill()
+            proc.communicate(timeout=10)
+            assert proc.returncode == -9
+        final = run_batchrun(str(job), "-q")
+
+        assert final.returncode == 0, final.stderr
+        out = read_output(job)
+        assert out["id"].to_list() == [r["id"] for r in rows]
+        assert set(out["status"]) == {"ok"}
+        answered = sum(sim.stats.ok_by_user_message.values())
+        assert len(sim.stats.ok_by_user_message) == 400
+        # Only rows in flight when a kill landed may have been answered twice.
+        assert answered - 400 <= kills * concurrency
+
+
+def test_sigint_stops_promptly_and_resumes(tmp_path: Path) -> None:
+    rows = article_rows(300)
+    with serve_in_thread(SimulatorConfig(api_key=TEST_KEY, latency_ms=20)) as sim:
+        job = write_job(tmp_path, rows, sim.base_url, concurrency=4)
+        proc = batchrun_process(str(job))
+        wait_for_rows(job, at_least=20)
+        signalled = time.monotonic()
+        proc.send_signal(2)
+        _, stderr = proc.communicate(timeout=15)
+        stop_s = time.monotonic() - signalled
+
+        assert proc.returncode == 130, stderr
+        assert stop_s < 5
+        assert "rerun `batchrun" in stderr
+        out = read_output(job)
+        assert out.height == 300
+        done = out.filter(pl.col("status") == "ok").height
+        assert 20 <= done < 300
+        assert set(out["status"]) == {"ok", "pending"}
+
+        resumed = run_batchrun(str(job))
+        assert resumed.returncode == 0, resumed.stderr
+        assert f"resuming: {done} of 300 rows already done" in resumed.stderr
+        assert sum(sim.stats.ok_by_user_message.values()) - 300 <= 4
+
+
+def test_simulate_runs_the_sample_job(tmp_path: Path) -> None:
+    output = tmp_path / "summaries.parquet"
+
+    result = run_batchrun(str(REPO / "jobs" / "summarize.yaml"), "--simulate", "--output", str(output))
+
+    assert result.returncode == 0, result.stderr
+    out = pl.read_parquet(output)
+    articles = pl.read_csv(REPO / "sample_data" / "articles.csv")
+    assert out["id"].to_list() == articles["id"].to_list()
+    assert set(out["status"]) == {"ok"}
+    assert out["total_tokens"].min() > 0
+    assert f"rows: {articles.height} ok, 0 failed of {articles.height}" in result.stderr
