@@ -71,6 +71,11 @@ def main() -> None:
 @click.option(
     "--simulate", is_flag=True, help="Send to a built-in simulated endpoint (no key, no network)."
 )
+@click.option(
+    "--simulate-latency-ms",
+    type=click.FloatRange(min=0),
+    help="With --simulate: the simulated endpoint's delay per request.",
+)
 @click.option("--fresh", is_flag=True, help="Discard the checkpoint and start over.")
 @click.option("--retry-failed", is_flag=True, help="Send only the rows recorded as failed again.")
 @click.option("--limit", type=click.IntRange(min=1), help="Only the first N rows (a pilot).")
@@ -87,6 +92,7 @@ def main() -> None:
 def run(
     job_file: Path,
     simulate: bool,
+    simulate_latency_ms: float | None,
     fresh: bool,
     retry_failed: bool,
     limit: int | None,
@@ -107,8 +113,11 @@ def run(
       batchrun jobs/summarize.yaml --retry-failed     # resend only failed rows
     """
     spec = load_job(job_file)
+    if simulate_latency_ms is not None and not simulate:
+        raise click.UsageError("--simulate-latency-ms goes with --simulate")
     options = RunOptions(
         simulate=simulate,
+        simulate_latency_ms=simulate_latency_ms or 0.0,
         fresh=fresh,
         retry_failed=retry_failed,
         limit=limit,

@@ -43,6 +43,7 @@ class RunOptions:
     """How to run a job; each field mirrors a CLI flag of `batchrun run`."""
 
     simulate: bool = False
+    simulate_latency_ms: float = 0.0
     fresh: bool = False
     retry_failed: bool = False
     limit: int | None = None
@@ -147,7 +148,7 @@ def run_job(spec: JobSpec, options: RunOptions = RunOptions()) -> RunResult:
         progress = Progress(in_scope, in_scope - to_send, options.quiet)
         if finished and not options.fresh:
             progress.say(f"resuming: {len(finished)} of {in_scope} rows already done")
-        with _endpoint(spec, options.simulate) as base_url:
+        with _endpoint(spec, options) as base_url:
             client = ChatClient(
                 base_url, api_key, spec.endpoint.timeout_s, options.concurrency or spec.concurrency
             )
@@ -193,12 +194,12 @@ def _api_key(spec: JobSpec) -> str:
 
 
 @contextlib.contextmanager
-def _endpoint(spec: JobSpec, simulate: bool) -> Iterator[str]:
+def _endpoint(spec: JobSpec, options: RunOptions) -> Iterator[str]:
     """The base URL to send to: the job's, or an in-process simulator's on a free port."""
-    if not simulate:
+    if not options.simulate:
         yield spec.endpoint.base_url
         return
-    with serve_in_thread(SimulatorConfig()) as sim:
+    with serve_in_thread(SimulatorConfig(latency_ms=options.simulate_latency_ms)) as sim:
         yield sim.base_url
 
 
