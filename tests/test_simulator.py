@@ -1,0 +1,372 @@
+"""The simulator over real HTTP: answers, usage, streaming, validation and injected faults."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import aiohttp
+import httpx
+import pytest
+from openai import OpenAI
+
+from batchrun.simulator import RunningSimulator, SimulatorConfig, serve_forever, serve_in_thread
+
+ARTICLE = "The cat sat on the mat. It purred loudly! Then it left the room."
+LEAD = "The cat sat on the mat. It purred loudly!"
+
+
+def chat_body(user: str, model: str = "grok-4.3", **extra: Any) -> dict[str, Any]:
+    messages = [{"role": "system", "content": "You summarise."}, {"role": "user", "content": user}]
+    return {"model": model, "messages": messages, **extra}
+
+
+@pytest.fixture
+def sim() -> Iterator[RunningSimulator]:
+    with serve_in_thread() as running:
+        yield running
+
+
+@pytest.fixture
+def client(sim: RunningSimulator) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=sim.base_url, timeout=5) as http:
+        yield http
+
+
+def post(client: httpx.Client, body: dict[str, Any]) -> httpx.Response:
+    return client.post("/chat/completions", json=body)
+
+
+def sse_events(response: httpx.Response) -> list[str]:
+    return [line[len("data: ") :] for line in response.text.split("\n\n") if line]
+
+
+def test_answer_is_the_lead_sentences_with_openai_shape_and_usage(client: httpx.Client) -> None:
+    response = post(client, chat_body(ARTICLE))
+
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/json"
+    data = response.json()
+    assert re.fullmatch(r"chatcmpl-[0-9a-f]{16}", data["id"])
+    assert abs(data["created"] - time.time()) < 60
+    assert data == {
+        "id": data["id"],
+        "object": "chat.completion",
+        "created": data["created"],
+        "model": "grok-4.3",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": LEAD},
+                "finish_reason": "stop",
+            }
+        ],
+        # system: 3 tokens + 4; user: 17 tokens + 4; answer: 11 tokens
+        "usage": {"prompt_tokens": 28, "completion_tokens": 11, "total_tokens": 39},
+    }
+
+
+def test_id_is_a_hash_of_the_body(client: httpx.Client) -> None:
+    first, again = post(client, chat_body(ARTICLE)), post(client, chat_body(ARTICLE))
+    other = post(client, chat_body(ARTICLE + " More."))
+
+    assert first.json()["id"] == again.json()["id"]
+    assert first.json()["id"] != other.json()["id"]
+
+
+@pytest.mark.parametrize("param", ["max_tokens", "max_completion_tokens"])
+def test_max_tokens_cuts_after_the_last_kept_token(client: httpx.Client, param: str) -> None:
+    cut = post(client, chat_body(ARTICLE, **{param: 8})).json()
+    exact = post(client, chat_body(ARTICLE, **{param: 11})).json()
+
+    assert cut["choices"][0]["message"]["content"] == "The cat sat on the mat. It"
+    assert cut["choices"][0]["finish_reason"] == "length"
+    assert cut["usage"]["completion_tokens"] == 8
+    assert exact["choices"][0]["message"]["content"] == LEAD
+    assert exact["choices"][0]["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize(
+    ("stop", "content"),
+    [(["purred", "mat"], "The cat sat on the "), ("sat", "The cat "), (["absent"], LEAD)],
+)
+def test_stop_cuts_before_the_first_stop_string(
+    client: httpx.Client, stop: str | list[str], content: str
+) -> None:
+    data = post(client, chat_body(ARTICLE, stop=stop)).json()
+
+    assert data["choices"][0] == {
+        "index": 0,
+        "message": {"role": "assistant", "content": content},
+        "finish_reason": "stop",
+    }
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (b"{not json", None),
+        (b"[]", None),
+        (b'{"messages": [{"role": "user", "content": "hi"}]}', "model"),
+        (b'{"model": "grok-3", "messages": []}', "messages"),
+        (b'{"model": "grok-3", "messages": [{"content": "hi"}]}', "messages[0]"),
+        (b'{"model": "grok-3", "messages": [{"role": "user", "content": 5}]}', "messages[0].content"),
+        (
+            b'{"model": "grok-3", "messages": [{"role": "user", "content": "a"}], "max_tokens": 0}',
+            "max_tokens",
+        ),
+        (b'{"model": "grok-3", "messages": [{"role": "user", "content": "a"}], "stop": 3}', "stop"),
+    ],
+)
+def test_invalid_bodies_get_400(client: httpx.Client, body: bytes, param: str | None) -> None:
+    response = client.post("/chat/completions", content=body)
+
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param
+    assert error["message"]
+
+
+def test_unknown_model_gets_404_model_not_found(client: httpx.Client) -> None:
+    response = post(client, chat_body(ARTICLE, model="gpt-nope"))
+
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "model_not_found"
+
+
+def test_models_lists_the_configured_models() -> None:
+    with serve_in_thread(SimulatorConfig(models=("a", "b"))) as sim:
+        data = httpx.get(f"{sim.base_url}/models").json()
+
+    assert data["object"] == "list"
+    assert [m["id"] for m in data["data"]] == ["a", "b"]
+    assert all(m["object"] == "model" and m["owned_by"] == "xai" for m in data["data"])
+
+
+def test_api_key_is_checked_on_every_route() -> None:
+    with serve_in_thread(SimulatorConfig(api_key="sekret")) as sim:
+        url = f"{sim.base_url}/chat/completions"
+        missing = httpx.post(url, json=chat_body(ARTICLE))
+        wrong = httpx.post(url, json=chat_body(ARTICLE), headers={"Authorization": "Bearer x"})
+        right = httpx.post(url, json=chat_body(ARTICLE), headers={"Authorization": "Bearer sekret"})
+        models = httpx.get(f"{sim.base_url}/models")
+
+    assert [missing.status_code, wrong.status_code, right.status_code] == [401, 401, 200]
+    assert wrong.json()["error"]["code"] == "invalid_api_key"
+    assert models.status_code == 401
+
+
+@pytest.mark.parametrize("code", [400, 402, 403, 422, 500, 502])
+def test_fail_marker_always_answers_that_status(client: httpx.Client, code: int) -> None:
+    statuses = [post(client, chat_body(f"{ARTICLE} [[fail:{code}]]")).status_code for _ in range(3)]
+
+    assert statuses == [code] * 3
+    assert post(client, chat_body(ARTICLE)).status_code == 200
+
+
+@pytest.mark.parametrize("code", [429, 503])
+def test_429_and_503_carry_retry_after(code: int) -> None:
+    with serve_in_thread(SimulatorConfig(retry_after_s=1.5)) as sim:
+        response = httpx.post(
+            f"{sim.base_url}/chat/completions", json=chat_body(f"[[fail:{code}]] {ARTICLE}")
+        )
+
+    assert response.status_code == code
+    assert response.headers["retry-after"] == "2"
+    assert response.headers["retry-after-ms"] == "1500"
+    assert response.json()["error"]["type"] in {"rate_limit_error", "server_error"}
+
+
+def test_fail_times_counts_per_exact_body_then_answers_without_the_marker(
+    sim: RunningSimulator, client: httpx.Client
+) -> None:
+    row = "[[sleep:1]]The cat sat on the mat. [[fail:500x2]]It purred loudly! Then it left."
+    statuses = [post(client, chat_body(row)).status_code for _ in range(2)]
+    other_body = post(client, chat_body(row, max_tokens=50))
+    final = post(client, chat_body(row))
+
+    assert statuses == [500, 500]
+    assert other_body.status_code == 500
+    assert final.status_code == 200
+    assert final.json()["choices"][0]["message"]["content"] == LEAD
+    assert sim.stats.requests == 4
+    assert sim.stats.by_status == {500: 3, 200: 1}
+    assert sim.stats.ok_by_user_message == {row: 1}
+
+
+def test_badjson_answers_200_with_a_broken_body(sim: RunningSimulator, client: httpx.Client) -> None:
+    row = f"{ARTICLE} [[fail:badjsonx1]]"
+    broken, fixed = post(client, chat_body(row)), post(client, chat_body(row))
+    streamed = post(client, chat_body(f"{ARTICLE} [[fail:badjson]]", stream=True))
+
+    assert broken.status_code == 200
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(broken.content)
+    assert fixed.json()["choices"][0]["message"]["content"] == LEAD
+    assert streamed.status_code == 200
+    with pytest.raises(json.JSONDecodeError):
+        [json.loads(event) for event in sse_events(streamed)]
+    assert sim.stats.ok_by_user_message == {row: 1}
+    assert sim.stats.by_status == {200: 3}
+
+
+def test_reset_drops_the_connection(sim: RunningSimulator, client: httpx.Client) -> None:
+    row = f"{ARTICLE} [[fail:resetx1]]"
+    with pytest.raises(httpx.RemoteProtocolError):
+        post(client, chat_body(row))
+    after = post(client, chat_body(row))
+
+    assert after.json()["choices"][0]["message"]["content"] == LEAD
+    assert sim.stats.requests == 2
+    assert sim.stats.by_status == {200: 1}
+
+
+def test_sleep_marker_outlasts_a_client_timeout_and_does_not_delay_shutdown() -> None:
+    with serve_in_thread() as sim:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(
+                f"{sim.base_url}/chat/completions",
+                json=chat_body(f"[[sleep:30000]]{ARTICLE}"),
+                timeout=0.2,
+            )
+        stopping = time.monotonic()
+
+    assert time.monotonic() - stopping < 2
+
+
+def test_latency_delays_every_answer() -> None:
+    with serve_in_thread(SimulatorConfig(latency_ms=150)) as sim, httpx.Client() as http:
+        started = time.monotonic()
+        response = http.post(f"{sim.base_url}/chat/completions", json=chat_body(ARTICLE))
+        elapsed = time.monotonic() - started
+
+    assert response.status_code == 200
+    assert elapsed >= 0.15
+
+
+@pytest.mark.parametrize("include_usage", [True, False])
+def test_stream_sends_role_pieces_finish_usage_and_done(client: httpx.Client, include_usage: bool) -> None:
+    plain = post(client, chat_body(ARTICLE)).json()
+    options = {"stream_options": {"include_usage": True}} if include_usage else {}
+    response = post(client, chat_body(ARTICLE, stream=True, **options))
+
+    assert response.headers["content-type"] == "text/event-stream"
+    events = sse_events(response)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert {(c["object"], c["model"]) for c in chunks} == {("chat.completion.chunk", "grok-4.3")}
+    assert len({c["id"] for c in chunks}) == 1
+    usage_chunks = [c for c in chunks if not c["choices"]]
+    assert [c["usage"] for c in usage_chunks] == ([plain["usage"]] if include_usage else [])
+    choices = [c["choices"][0] for c in chunks if c["choices"]]
+    assert choices[0]["delta"]["role"] == "assistant"
+    pieces = [ch["delta"].get("content", "") for ch in choices]
+    assert len([p for p in pieces if p]) > 1
+    assert "".join(pieces) == LEAD
+    assert [ch["finish_reason"] for ch in choices] == [None] * (len(choices) - 1) + ["stop"]
+    assert chunks[-1]["choices"] == [] if include_usage else chunks[-1]["choices"][0]["delta"] == {}
+
+
+def test_rpm_limits_each_one_second_window() -> None:
+    config = SimulatorConfig(rpm=600, retry_after_s=0.25)
+    with serve_in_thread(config) as sim, httpx.Client(base_url=sim.base_url) as http:
+        statuses = [post(http, chat_body(ARTICLE)).status_code for _ in range(11)]
+        limited = post(http, chat_body(ARTICLE))
+        # Wait out the window the server reports; the window's end is the behaviour under test.
+        time.sleep(float(limited.headers["x-ratelimit-reset-requests"].removesuffix("s")))
+        after_reset = post(http, chat_body(ARTICLE))
+
+    assert statuses == [200] * 10 + [429]
+    assert limited.status_code == 429
+    assert limited.json()["error"]["type"] == "rate_limit_error"
+    assert limited.headers["retry-after"] == "1"
+    assert limited.headers["retry-after-ms"] == "250"
+    assert limited.headers["x-ratelimit-limit-requests"] == "600"
+    assert limited.headers["x-ratelimit-remaining-requests"] == "0"
+    assert after_reset.status_code == 200
+    assert after_reset.headers["x-ratelimit-remaining-requests"] == "9"
+
+
+def run_statuses(config: SimulatorConfig, n: int) -> list[int]:
+    with serve_in_thread(config) as sim, httpx.Client(base_url=sim.base_url) as http:
+        return [post(http, chat_body(ARTICLE)).status_code for _ in range(n)]
+
+
+def test_error_rate_is_seeded_and_roughly_that_fraction() -> None:
+    config = SimulatorConfig(error_rate=0.3, seed=7)
+    statuses = run_statuses(config, 200)
+
+    errors = [s for s in statuses if s != 200]
+    assert set(errors) <= {500, 502, 503}
+    assert 30 <= len(errors) <= 90
+    assert run_statuses(config, 200) == statuses
+    assert run_statuses(SimulatorConfig(error_rate=0.3, seed=8), 200) != statuses
+
+
+def test_openai_sdk_parses_plain_and_streamed_answers(sim: RunningSimulator, client: httpx.Client) -> None:
+    raw = post(client, chat_body(ARTICLE, max_tokens=9)).json()
+    with OpenAI(base_url=sim.base_url, api_key="x", max_retries=0) as openai:
+        completion = openai.chat.completions.create(
+            model="grok-4.3",
+            messages=[
+                {"role": "system", "content": "You summarise."},
+                {"role": "user", "content": ARTICLE},
+            ],
+            max_tokens=9,
+        )
+        stream = openai.chat.completions.create(
+            model="grok-4.3",
+            messages=[{"role": "user", "content": ARTICLE}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = list(stream)
+
+    assert completion.id == raw["id"]
+    assert completion.choices[0].message.content == raw["choices"][0]["message"]["content"]
+    assert completion.choices[0].finish_reason == "length"
+    assert completion.usage is not None
+    usage = completion.usage
+    assert [usage.prompt_tokens, usage.completion_tokens, usage.total_tokens] == [
+        raw["usage"]["prompt_tokens"],
+        raw["usage"]["completion_tokens"],
+        raw["usage"]["total_tokens"],
+    ]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == LEAD
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 11
+
+
+def test_serve_forever_reports_its_url_and_stops_when_cancelled() -> None:
+    async def scenario() -> tuple[int, bool]:
+        ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        server = asyncio.create_task(serve_forever(SimulatorConfig(), "127.0.0.1", 0, ready=ready.set_result))
+        await asyncio.wait({ready, server}, return_when=asyncio.FIRST_COMPLETED)
+        base_url = ready.result()
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{base_url}/models") as response:
+                status = response.status
+            server.cancel()
+            await asyncio.gather(server, return_exceptions=True)
+            try:
+                async with session.get(f"{base_url}/models"):
+                    pass
+            except aiohttp.ClientConnectionError:
+                return status, True
+            return status, False
+
+    assert asyncio.run(scenario()) == (200, True)
+
+
+def test_serve_in_thread_stops_on_exit_and_reports_a_busy_port() -> None:
+    with serve_in_thread() as sim:
+        assert httpx.get(f"{sim.base_url}/models").status_code == 200
+        with pytest.raises(OSError), serve_in_thread(port=sim.port):
+            pass
+
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{sim.base_url}/models")
