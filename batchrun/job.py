@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import ErrorDetails
 
 from batchrun.errors import JobError
+from batchrun.prompts import compile_template
 
 # Chat-completions request keys we know by name: a `params` key close to one of these
 # but not equal is almost surely a typo, so it is rejected instead of passed through.
@@ -36,7 +38,7 @@ KNOWN_PARAMS = (
     "stream_options",
 )
 # Keys batchrun sets itself; a job may not override them through params.
-RESERVED_PARAMS = ("model", "messages")
+RESERVED_PARAMS = {"model": "model", "messages": "prompt"}  # and the job key that sets each
 
 SUPPORTED_TABLES = (".csv", ".parquet", ".jsonl", ".ndjson")
 
@@ -91,7 +93,7 @@ class EndpointSpec(_Strict):
     @classmethod
     def _http_url(cls, v: str) -> str:
         if not v.startswith(("http://", "https://")) or len(v.split("://", 1)[1]) == 0:
-            raise ValueError(f"base_url must start with http:// or https:// (got {v!r})")
+            raise ValueError("base_url must start with http:// or https://")
         return v.rstrip("/")
 
 
@@ -139,6 +141,7 @@ def load_job(path: Path | str) -> JobSpec:
     except ValidationError as exc:
         raise _job_error(exc, text, path) from None
     _check_param_typos(spec.params, text, path)
+    _check_templates(spec.prompt, text, path)
     base = path.parent.resolve()
     _check_table_suffix(spec.input.path, "input", text, path)
     _check_table_suffix(spec.output.path, "output", text, path)
@@ -160,11 +163,22 @@ def _check_table_suffix(table: Path, key: str, text: str, path: Path) -> None:
         )
 
 
+def _check_templates(prompt: PromptSpec, text: str, path: Path) -> None:
+    """A template that cannot be parsed is the job file's fault: name its file and line."""
+    for key, source in (("system", prompt.system), ("user", prompt.user)):
+        if source is None:
+            continue
+        try:
+            compile_template(source, f"prompt.{key}")
+        except JobError as exc:
+            raise JobError(str(exc), path, _line_of(text, ("prompt", key))) from None
+
+
 def _check_param_typos(params: Params, text: str, path: Path) -> None:
     for key in params.model_extra or {}:
         if key in RESERVED_PARAMS:
             raise JobError(
-                f"params.{key} is set by batchrun; use the job's `{key}`/`prompt` keys instead",
+                f"params.{key} is set by batchrun; use the job's `{RESERVED_PARAMS[key]}` key instead",
                 path,
                 _line_of(text, ("params", key)),
             )
@@ -179,35 +193,66 @@ def _check_param_typos(params: Params, text: str, path: Path) -> None:
             )
 
 
+class _Problem(NamedTuple):
+    keys: tuple[str, ...]  # the job keys at fault, outermost first
+    message: str
+    kind: str  # pydantic's error type
+    meant: tuple[str, ...] | None = None  # for an unknown key: the key it was probably meant to be
+
+
 def _job_error(exc: ValidationError, text: str, path: Path) -> JobError:
     """Turn pydantic's first complaint into one line a person can act on."""
-    errors = exc.errors()
-    err = errors[0]
-    keys = tuple(str(p) for p in err["loc"] if not isinstance(p, int))
-    more = (
-        f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
-        if len(errors) > 1
-        else ""
-    )
-    where = ".".join(keys[:-1])
-    if err["type"] == "extra_forbidden":
-        key = keys[-1]
-        allowed = _allowed_keys(keys[:-1])
-        close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
-        hint = (
-            f"; did you mean '{close[0]}'?" if close else f"; expected one of: {', '.join(allowed)}"
-        )
-        scope = f" in {where}" if where else ""
-        msg = f"unknown key '{key}'{scope}{hint}"
-    elif err["type"] == "missing":
-        scope = f" in {where}" if where else ""
-        msg = f"missing required key '{keys[-1]}'{scope}"
-    else:
-        got = err.get("input")
-        got_text = f" (got {got!r})" if not isinstance(got, dict | list) else ""
-        reason = str(err["msg"]).removeprefix("Value error, ")
-        msg = f"{'.'.join(keys)}: {reason}{got_text}"
-    return JobError(msg + more, path, _line_of(text, keys))
+    problems = [_problem(err) for err in exc.errors()]
+    # A misspelt required key is also reported missing: count it once, as the typo, and
+    # report unknown keys first since they usually explain what else went wrong.
+    meant = {p.meant for p in problems if p.meant}
+    problems = [p for p in problems if not (p.kind == "missing" and p.keys in meant)]
+    problems.sort(key=lambda p: p.kind != "extra_forbidden")
+    # Each branch of a union (e.g. `stop`) reports the same key: one problem, not several.
+    unique: dict[tuple[str, ...], _Problem] = {}
+    for problem in problems:
+        unique.setdefault(problem.keys, problem)
+    first, more = next(iter(unique.values())), len(unique) - 1
+    suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+    return JobError(first.message + suffix, path, _line_of(text, first.keys))
+
+
+def _problem(err: ErrorDetails) -> _Problem:
+    loc = err["loc"]
+    if err["type"] in ("extra_forbidden", "invalid_key"):
+        scope, key = _field_path(loc[:-1]), loc[-1]
+        where = f" in {'.'.join(scope)}" if scope else ""
+        keys = (*scope, str(key))
+        if err["type"] == "invalid_key":
+            return _Problem(keys, f"key {key!r}{where} is not a string", err["type"])
+        allowed = _allowed_keys(scope)
+        close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; expected one of: {', '.join(allowed)}"
+        meant = (*scope, close[0]) if close else None
+        return _Problem(keys, f"unknown key '{key}'{where}{hint}", err["type"], meant)
+    keys = _field_path(loc)
+    if err["type"] == "missing":
+        where = f" in {'.'.join(keys[:-1])}" if keys[:-1] else ""
+        return _Problem(keys, f"missing required key '{keys[-1]}'{where}", err["type"])
+    got = err.get("input")
+    got_text = f" (got {got!r})" if not isinstance(got, dict | list) else ""
+    reason = str(err["msg"]).removeprefix("Value error, ")
+    return _Problem(keys, f"{'.'.join(keys)}: {reason}{got_text}", err["type"])
+
+
+def _field_path(loc: tuple[int | str, ...]) -> tuple[str, ...]:
+    """The job keys in a pydantic location, without list indexes or union branch tags."""
+    keys: list[str] = []
+    model: type[BaseModel] | None = JobSpec
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if model is None or part not in model.model_fields:
+            break
+        keys.append(part)
+        annotation = model.model_fields[part].annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return tuple(keys)
 
 
 def _allowed_keys(keys: tuple[str, ...]) -> list[str]:

@@ -49,7 +49,7 @@ def compile_template(source: str, key: str) -> Template:
         if not field.strip():
             raise JobError(
                 f"{key}: empty placeholder '{{}}'; name a column, e.g. '{{text}}', "
-                "or write literal braces as '{{{{}}}}'"
+                "or write literal braces as '{{}}'"
             )
         if spec or conversion:
             raise JobError(

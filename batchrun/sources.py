@@ -38,9 +38,7 @@ class Source:
     def lazy(self) -> pl.LazyFrame:
         return scan_table(self.path).with_row_index(ROW)
 
-    def batches(
-        self, columns: tuple[str, ...], limit: int | None
-    ) -> Iterator[list[dict[str, Any]]]:
+    def batches(self, columns: tuple[str, ...], limit: int | None) -> Iterator[list[dict[str, Any]]]:
         """Rows as dicts holding `columns` and ROW, in input order, a batch at a time."""
         frame = self.lazy().select(ROW, *columns)
         if limit is not None:
@@ -61,12 +59,9 @@ def open_source(path: Path, id_column: str | None, needed: dict[str, tuple[str, 
     if not path.is_file():
         raise InputError(f"input path is not a file: {path}")
     try:
-        schema = scan_table(path).collect_schema()
-        row_count = scan_table(path).select(pl.len()).collect().item()
+        columns = tuple(scan_table(path).collect_schema().names())
     except (pl.exceptions.PolarsError, OSError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"cannot read input {path}: {first_line}") from None
-    columns = tuple(schema.names())
+        raise _unreadable(path, exc) from None
     for key, cols in needed.items():
         for col in cols:
             if col not in columns:
@@ -74,16 +69,30 @@ def open_source(path: Path, id_column: str | None, needed: dict[str, tuple[str, 
                     f"{key} names column '{col}', which {path.name} does not have; "
                     f"its columns are: {', '.join(columns)}"
                 )
-    if id_column is not None:
-        if id_column not in columns:
-            raise InputError(
-                f"input.id_column '{id_column}' is not a column of {path.name}; "
-                f"its columns are: {', '.join(columns)}"
-            )
-        _check_ids(path, id_column)
+    if id_column is not None and id_column not in columns:
+        raise InputError(
+            f"input.id_column '{id_column}' is not a column of {path.name}; "
+            f"its columns are: {', '.join(columns)}"
+        )
+    used = dict.fromkeys([*(c for cols in needed.values() for c in cols), *filter(None, [id_column])])
+    try:
+        # Decode every value the job uses now: a bad byte or line deep in the file must stop
+        # the job here, not halfway through a run (a bare row count does not parse values).
+        counts = scan_table(path).select(pl.len(), *(pl.col(c).null_count() for c in used)).collect()
+        row_count = int(counts.item(0, 0))
+        if id_column is not None:
+            _check_ids(path, id_column)
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise _unreadable(path, exc) from None
     if row_count == 0:
         raise InputError(f"input {path} has no rows")
     return Source(path, id_column, columns, row_count)
+
+
+def _unreadable(path: Path, exc: Exception) -> InputError:
+    """Polars errors run to many lines (and quote the data); the first says what is wrong."""
+    text = str(exc).strip()
+    return InputError(f"cannot read input {path}: {text.splitlines()[0] if text else type(exc).__name__}")
 
 
 def _check_ids(path: Path, id_column: str) -> None:
@@ -92,9 +101,7 @@ def _check_ids(path: Path, id_column: str) -> None:
     if nulls:
         rows = ", ".join(str(r + 1) for r in nulls)
         raise InputError(f"input.id_column '{id_column}' is empty in row(s) {rows} of {path.name}")
-    dupes = (
-        ids.group_by(id_column).agg(pl.len().alias("n")).filter(pl.col("n") > 1).head(3).collect()
-    )
+    dupes = ids.group_by(id_column).agg(pl.len().alias("n")).filter(pl.col("n") > 1).head(3).collect()
     if dupes.height:
         shown = ", ".join(repr(v) for v in dupes[id_column].to_list())
         raise InputError(f"input.id_column '{id_column}' has duplicate ids in {path.name}: {shown}")
