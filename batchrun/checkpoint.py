@@ -9,12 +9,14 @@ because the input's content hash is part of the job fingerprint.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
+import os
 import sqlite3
 from collections.abc import Iterable, Iterator
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from batchrun.errors import CheckpointError
 
@@ -25,7 +27,7 @@ class RowResult:
 
     row: int
     id: str
-    status: str  # ok | failed
+    status: str  # ok | failed | skipped
     content: str | None
     finish_reason: str | None
     prompt_tokens: int | None
@@ -48,6 +50,7 @@ _SQL_TYPES |= {c: "INTEGER" for c in ("prompt_tokens", "completion_tokens", "tot
 class Totals:
     ok: int
     failed: int
+    skipped: int
     prompt_tokens: int
     completion_tokens: int
 
@@ -57,6 +60,7 @@ class Checkpoint:
 
     def __init__(self, path: Path):
         self.path = path
+        self._lock_file: IO[str] | None = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -68,12 +72,30 @@ class Checkpoint:
         except sqlite3.Error as exc:
             raise CheckpointError(f"cannot open checkpoint {path}: {exc}") from None
         placeholders = ", ".join("?" for _ in COLUMNS)
-        self._insert = (
-            f"INSERT OR REPLACE INTO results ({', '.join(COLUMNS)}) VALUES ({placeholders})"
-        )
+        self._insert = f"INSERT OR REPLACE INTO results ({', '.join(COLUMNS)}) VALUES ({placeholders})"
+
+    def lock(self) -> None:
+        """Become the one writer of this checkpoint; the OS drops the lock when we die."""
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        self._lock_file = lock_path.open("a+")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.seek(0)
+            holder = self._lock_file.read().strip() or "another process"
+            self._lock_file.close()
+            raise CheckpointError(
+                f"another batchrun ({holder}) is running this job and holds {self.path.name}; "
+                "wait for it to finish or stop it first"
+            ) from None
+        self._lock_file.truncate(0)
+        self._lock_file.write(f"pid {os.getpid()}")
+        self._lock_file.flush()
 
     def close(self) -> None:
         self._db.close()
+        if self._lock_file is not None:
+            self._lock_file.close()
 
     def fingerprint(self) -> dict[str, Any] | None:
         row = self._db.execute("SELECT value FROM meta WHERE key = 'fingerprint'").fetchone()
@@ -120,14 +142,17 @@ class Checkpoint:
         return {r for (r,) in self._db.execute(query, statuses)}
 
     def totals(self) -> Totals:
-        ok, failed, prompt, completion = self._db.execute(
+        ok, failed, skipped, prompt, completion = self._db.execute(
             "SELECT COUNT(*) FILTER (WHERE status = 'ok'), COUNT(*) FILTER (WHERE status = 'failed'),"
+            " COUNT(*) FILTER (WHERE status = 'skipped'),"
             " COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0) FROM results"
         ).fetchone()
-        return Totals(ok, failed, prompt, completion)
+        return Totals(ok, failed, skipped, prompt, completion)
 
     def failures_by_kind(self) -> dict[str, int]:
-        query = "SELECT error_kind, COUNT(*) FROM results WHERE status = 'failed' GROUP BY 1 ORDER BY 2 DESC, 1"
+        query = (
+            "SELECT error_kind, COUNT(*) FROM results WHERE status = 'failed' GROUP BY 1 ORDER BY 2 DESC, 1"
+        )
         return {kind or "unknown": n for kind, n in self._db.execute(query)}
 
     def results(self) -> list[tuple[Any, ...]]:

@@ -43,14 +43,12 @@ def friendly_errors(command: F) -> F:
             click.echo(f"Error: {exc}", err=True)
             sys.exit(exc.exit_code)
 
-    return click.option(
-        "--debug", is_flag=True, help="Show full tracebacks instead of one-line errors."
-    )(wrapper)  # type: ignore[return-value]
+    return click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")(
+        wrapper
+    )  # type: ignore[return-value]
 
 
-job_argument = click.argument(
-    "job_file", metavar="JOB", type=click.Path(dir_okay=False, path_type=Path)
-)
+job_argument = click.argument("job_file", metavar="JOB", type=click.Path(dir_okay=False, path_type=Path))
 
 
 @click.group(cls=DefaultGroup, default="run", default_if_no_args=False)
@@ -68,9 +66,7 @@ def main() -> None:
 
 @main.command(epilog=EXIT_CODES)
 @job_argument
-@click.option(
-    "--simulate", is_flag=True, help="Send to a built-in simulated endpoint (no key, no network)."
-)
+@click.option("--simulate", is_flag=True, help="Send to a built-in simulated endpoint (no key, no network).")
 @click.option(
     "--simulate-latency-ms",
     type=click.FloatRange(min=0),
@@ -79,9 +75,7 @@ def main() -> None:
 @click.option("--fresh", is_flag=True, help="Discard the checkpoint and start over.")
 @click.option("--retry-failed", is_flag=True, help="Send only the rows recorded as failed again.")
 @click.option("--limit", type=click.IntRange(min=1), help="Only the first N rows (a pilot).")
-@click.option(
-    "--concurrency", type=click.IntRange(1, 4096), help="Requests in flight (overrides the job)."
-)
+@click.option("--concurrency", type=click.IntRange(1, 4096), help="Requests in flight (overrides the job).")
 @click.option(
     "--output",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -136,6 +130,7 @@ def summary(result: RunResult, job_file: Path) -> str:
     lines = [
         f"rows: {result.ok} ok, {result.failed} failed"
         + (f" ({failures})" if failures else "")
+        + (f", {result.skipped} skipped" if result.skipped else "")
         + (f", {result.pending} pending" if result.pending else "")
         + f" of {result.total}",
         f"tokens: {result.prompt_tokens:,} prompt + {result.completion_tokens:,} completion",
@@ -179,10 +174,10 @@ def status(job_file: Path) -> None:
         kinds = checkpoint.failures_by_kind()
     finally:
         checkpoint.close()
-    pending = job.source.row_count - totals.ok - totals.failed
+    pending = job.source.row_count - totals.ok - totals.failed - totals.skipped
     failures = ", ".join(f"{k}: {n}" for k, n in kinds.items())
     click.echo(f"ok: {totals.ok}\nfailed: {totals.failed}" + (f" ({failures})" if failures else ""))
-    click.echo(f"pending: {pending}\nof: {job.source.row_count}")
+    click.echo(f"skipped: {totals.skipped}\npending: {pending}\nof: {job.source.row_count}")
     click.echo(f"tokens: {totals.prompt_tokens:,} prompt + {totals.completion_tokens:,} completion")
 
 
@@ -197,14 +192,10 @@ def status(job_file: Path) -> None:
     type=click.FloatRange(0, 1),
     help="Fraction of requests answered 5xx.",
 )
-@click.option(
-    "--rpm", type=click.IntRange(min=1), help="Requests per minute before 429s (paced per second)."
-)
+@click.option("--rpm", type=click.IntRange(min=1), help="Requests per minute before 429s (paced per second).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @friendly_errors
-def simulate(
-    host: str, port: int, latency_ms: float, error_rate: float, rpm: int | None, seed: int
-) -> None:
+def simulate(host: str, port: int, latency_ms: float, error_rate: float, rpm: int | None, seed: int) -> None:
     """Serve a simulated OpenAI-compatible endpoint until Ctrl-C.
 
     Deterministic answers (the lead sentences of the last user message, cut to max_tokens),
@@ -214,9 +205,7 @@ def simulate(
     config = SimulatorConfig(latency_ms=latency_ms, error_rate=error_rate, rpm=rpm, seed=seed)
     ready = functools.partial(click.echo, err=True)
     try:
-        asyncio.run(
-            serve_forever(config, host, port, lambda url: ready(f"simulator listening on {url}"))
-        )
+        asyncio.run(serve_forever(config, host, port, lambda url: ready(f"simulator listening on {url}")))
     except KeyboardInterrupt:
         pass
     except OSError as exc:

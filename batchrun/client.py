@@ -7,8 +7,10 @@ The transport is httpx's API over aiohttp's connection pool (`httpx-aiohttp`): m
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +18,7 @@ import httpx
 import orjson
 from httpx_aiohttp import AiohttpTransport
 
-from batchrun.errors import JobAborted, PermanentError, RetryableError
+from batchrun.errors import BatchrunError, JobAborted, PermanentError, RetryableError, redact
 
 RETRYABLE_STATUS = frozenset({408, 409, 429})
 # Error codes (OpenAI's and common gateways') that mean the account cannot pay for any request.
@@ -42,9 +44,8 @@ class ChatClient:
     def __init__(self, base_url: str, api_key: str, timeout_s: float, max_connections: int):
         self._url = base_url.rstrip("/") + "/chat/completions"
         self._timeout_s = timeout_s
-        limits = httpx.Limits(
-            max_connections=max_connections, max_keepalive_connections=max_connections
-        )
+        self._api_key = api_key
+        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         self._http = httpx.AsyncClient(
             base_url=base_url.rstrip("/") + "/",
             headers={"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"},
@@ -58,31 +59,31 @@ class ChatClient:
     async def __aexit__(self, *exc: object) -> None:
         await self._http.aclose()
 
+    def __repr__(self) -> str:
+        return f"ChatClient({self._url!r})"
+
     async def complete(self, body: dict[str, Any]) -> ChatResult:
         """Send one request; raise RetryableError, PermanentError or JobAborted on failure."""
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                response = await self._http.post(self._url, content=orjson.dumps(body))
-        except (TimeoutError, httpx.TimeoutException):
-            raise RetryableError("timeout", f"no answer within {self._timeout_s:g} s") from None
-        except httpx.TransportError as exc:
-            raise RetryableError("connection", _describe(exc)) from None
-        if response.status_code != 200:
-            raise classify_status(response)
-        return parse_completion(response.content)
+        with self._redacted_errors():
+            try:
+                async with asyncio.timeout(self._timeout_s):
+                    response = await self._http.post(self._url, content=orjson.dumps(body))
+            except (TimeoutError, httpx.TimeoutException):
+                raise RetryableError("timeout", f"no answer within {self._timeout_s:g} s") from None
+            except httpx.TransportError as exc:
+                raise RetryableError("connection", _describe(exc)) from None
+            if response.status_code != 200:
+                raise classify_status(response)
+            return parse_completion(response.content)
 
-    async def models(self) -> list[str]:
-        """The model ids the endpoint offers to this key."""
+    @contextlib.contextmanager
+    def _redacted_errors(self) -> Iterator[None]:
+        """Servers echo keys in error bodies ("Incorrect API key provided: sk-..."): mask them."""
         try:
-            response = await self._http.get("models")
-        except httpx.HTTPError as exc:
-            raise RetryableError("connection", _describe(exc)) from None
-        if response.status_code != 200:
-            raise classify_status(response)
-        try:
-            return [m["id"] for m in orjson.loads(response.content)["data"]]
-        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
-            raise RetryableError("invalid_response", f"unexpected /models body ({exc})") from None
+            yield
+        except BatchrunError as exc:
+            exc.args = tuple(redact(str(a), self._api_key) for a in exc.args)
+            raise
 
 
 def _describe(exc: Exception) -> str:
@@ -107,9 +108,7 @@ def parse_completion(raw: bytes) -> ChatResult:
         )
     except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError):
         snippet = raw[:80].decode("utf-8", "replace")
-        raise RetryableError(
-            "invalid_response", f"unreadable completion body: {snippet!r}"
-        ) from None
+        raise RetryableError("invalid_response", f"unreadable completion body: {snippet!r}") from None
 
 
 def classify_status(response: httpx.Response) -> Exception:
@@ -119,15 +118,12 @@ def classify_status(response: httpx.Response) -> Exception:
     detail = f"HTTP {status}" + (f": {message}" if message else "")
     if status in (401, 403):
         return JobAborted(
-            f"the endpoint rejected the API key ({detail}); check the key and that it may use "
-            "this model"
+            f"the endpoint rejected the API key ({detail}); check the key and that it may use this model"
         )
     if status == 402 or code in NO_CREDIT_CODES:
         return JobAborted(f"the account has no credit or quota left ({detail}); top up and rerun")
     if status == 404:
-        return JobAborted(
-            f"the endpoint answered 404 ({detail}); check the model name and endpoint.base_url"
-        )
+        return JobAborted(f"the endpoint answered 404 ({detail}); check the model name and endpoint.base_url")
     if status in RETRYABLE_STATUS or status >= 500:
         kind = "rate_limited" if status == 429 else f"http_{status}"
         return RetryableError(kind, detail, status, retry_after(response.headers))

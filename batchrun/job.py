@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import difflib
+import ipaddress
+import urllib.parse
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
 from batchrun.errors import JobError
@@ -50,6 +52,9 @@ class _Strict(BaseModel):
 class InputSpec(_Strict):
     path: Path
     id_column: str | None = None  # without it, the 0-based row number is the id
+    # A null in a prompt column: stop before sending (error), record the row `skipped` unsent
+    # (skip), or render it as "" (empty).
+    on_null: Literal["error", "skip", "empty"] = "error"
 
 
 class OutputSpec(_Strict):
@@ -88,13 +93,33 @@ class EndpointSpec(_Strict):
     base_url: str = "https://relaydance.com/v1"
     api_key_env: str = "RELAYDANCE_API_KEY"
     timeout_s: float = Field(default=120.0, gt=0)
+    allow_insecure_http: bool = False  # plain http:// beyond loopback sends the key in clear text
 
     @field_validator("base_url")
     @classmethod
     def _http_url(cls, v: str) -> str:
-        if not v.startswith(("http://", "https://")) or len(v.split("://", 1)[1]) == 0:
-            raise ValueError("base_url must start with http:// or https://")
+        if not v.startswith(("http://", "https://")) or not urllib.parse.urlsplit(v).hostname:
+            raise ValueError("base_url must start with http:// or https:// and name a host")
         return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _no_key_in_clear_text(self) -> EndpointSpec:
+        url = urllib.parse.urlsplit(self.base_url)
+        if url.scheme == "http" and not _is_loopback(url.hostname or "") and not self.allow_insecure_http:
+            raise ValueError(
+                "plain http:// to a host other than this machine would send the API key in clear "
+                "text; use https://, or set endpoint.allow_insecure_http: true"
+            )
+        return self
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class RetrySpec(_Strict):
@@ -114,6 +139,7 @@ class JobSpec(_Strict):
     endpoint: EndpointSpec = EndpointSpec()
     concurrency: int = Field(default=16, ge=1, le=4096)
     retry: RetrySpec = RetrySpec()
+    stall_warning_s: float = Field(default=300.0, gt=0)  # warn when no row finished for this long
     job_path: Path = Path("job.yaml")  # set by load_job, not read from the file
 
 

@@ -31,6 +31,7 @@ from batchrun.prompts import PromptTemplates, compile_prompts
 from batchrun.simulator import SimulatorConfig, serve_in_thread
 from batchrun.sources import ROW, Source, open_source
 
+DONE = ("ok", "failed", "skipped")  # statuses a resume does not send again
 SIMULATED_ENDPOINT = "simulator"  # what the fingerprint records for --simulate's changing port
 RESULT_COLUMNS = (
     "id", "status", "content", "finish_reason", "prompt_tokens", "completion_tokens",
@@ -58,6 +59,7 @@ class RunResult:
     total: int
     ok: int
     failed: int
+    skipped: int
     pending: int
     prompt_tokens: int
     completion_tokens: int
@@ -122,7 +124,8 @@ def prepare(spec: JobSpec, output: Path | None = None) -> PreparedJob:
     if spec.prompt.system is not None and prompts.system is not None:
         needed["prompt.system"] = prompts.system.columns
     needed["prompt.user"] = prompts.user.columns
-    source = open_source(spec.input.path, spec.input.id_column, needed)
+    no_nulls = prompts.columns if spec.input.on_null == "error" else ()
+    source = open_source(spec.input.path, spec.input.id_column, needed, no_nulls)
     job = PreparedJob(spec, prompts, source, output_path)
     job.first_request()
     return job
@@ -135,13 +138,12 @@ def run_job(spec: JobSpec, options: RunOptions = RunOptions()) -> RunResult:
     api_key = "simulated" if options.simulate else _api_key(spec)
     checkpoint = Checkpoint(job.checkpoint_path)
     try:
+        checkpoint.lock()
         checkpoint.start(job.fingerprint(options.simulate), fresh=options.fresh)
         in_scope = min(options.limit or job.source.row_count, job.source.row_count)
-        finished = {r for r in checkpoint.rows_with_status("ok", "failed") if r < in_scope}
+        finished = {r for r in checkpoint.rows_with_status(*DONE) if r < in_scope}
         if options.retry_failed:  # only the failed rows go out again
-            only: set[int] | None = {
-                r for r in checkpoint.rows_with_status("failed") if r < in_scope
-            }
+            only: set[int] | None = {r for r in checkpoint.rows_with_status("failed") if r < in_scope}
             to_send = len(only)
         else:
             only, to_send = None, in_scope - len(finished)
@@ -157,9 +159,7 @@ def run_job(spec: JobSpec, options: RunOptions = RunOptions()) -> RunResult:
                 asyncio.run(pipeline.run())
             finally:
                 progress.close()
-        table = build_table(
-            job.source, spec.output.include_columns, checkpoint.results(), options.limit
-        )
+        table = build_table(job.source, spec.output.include_columns, checkpoint.results(), options.limit)
         write_table(table, job.output_path)
         if pipeline.aborted is not None:
             raise pipeline.aborted
@@ -170,6 +170,7 @@ def run_job(spec: JobSpec, options: RunOptions = RunOptions()) -> RunResult:
             total=in_scope,
             ok=by_status.get("ok", 0),
             failed=by_status.get("failed", 0),
+            skipped=by_status.get("skipped", 0),
             pending=by_status.get("pending", 0),
             prompt_tokens=totals.prompt_tokens,
             completion_tokens=totals.completion_tokens,
@@ -201,6 +202,13 @@ def _endpoint(spec: JobSpec, options: RunOptions) -> Iterator[str]:
         return
     with serve_in_thread(SimulatorConfig(latency_ms=options.simulate_latency_ms)) as sim:
         yield sim.base_url
+
+
+def _skipped(row: int, row_id: str, empty: list[str]) -> RowResult:
+    reason = f"empty column(s) {', '.join(empty)}; not sent (input.on_null: skip)"
+    return RowResult(
+        row, row_id, "skipped", None, None, None, None, None, "null_value", reason, 0, None, None, None
+    )
 
 
 class _WaitRetryAfter(wait_base):
@@ -236,6 +244,8 @@ class _Pipeline:
     interrupted: bool = False
     aborted: BatchrunError | None = None
     retries: Counter[str] = field(default_factory=Counter)
+    in_flight: int = 0
+    last_error: str | None = None
 
     async def run(self) -> None:
         spec = self.job.spec
@@ -254,14 +264,14 @@ class _Pipeline:
             producer = asyncio.create_task(self._produce())
             workers = [asyncio.create_task(self._work()) for _ in range(self._width)]
             writer = asyncio.create_task(self._write())
+            watchdog = asyncio.create_task(self._watch_for_stalls())
             all_work = asyncio.gather(*workers)
             stop_requested = asyncio.create_task(self._stop.wait())
-            await asyncio.wait(
-                {all_work, stop_requested, writer}, return_when=asyncio.FIRST_COMPLETED
-            )
+            await asyncio.wait({all_work, stop_requested, writer}, return_when=asyncio.FIRST_COMPLETED)
             if not all_work.done():
                 await self._wind_down(producer, workers, all_work, at_once=writer.done())
             stop_requested.cancel()
+            watchdog.cancel()
             self._results.put_nowait(None)
             await writer
             for task in workers:  # a bug in a worker surfaces here, after the checkpoint is flushed
@@ -274,17 +284,22 @@ class _Pipeline:
 
     async def _produce(self) -> None:
         """Feed rows still to do; the bounded queue keeps memory flat however long the input."""
-        columns = self.job.prompts.columns
+        columns = prompt_columns = self.job.prompts.columns
         if self.job.source.id_column and self.job.source.id_column not in columns:
             columns += (self.job.source.id_column,)
         batches = self.job.source.batches(columns, self.options.limit)
         id_column = self.job.source.id_column
+        skip_nulls = self.job.spec.input.on_null == "skip"
         while (batch := await asyncio.to_thread(next, batches, None)) is not None:
             for row in batch:
                 index = row[ROW]
-                if index in self.skip if self.only is None else index not in self.only:
+                wanted = index not in self.skip if self.only is None else index in self.only
+                if not wanted:
                     continue
                 row_id = str(row[id_column]) if id_column else str(index)
+                if skip_nulls and (empty := [c for c in prompt_columns if row[c] is None]):
+                    self._results.put_nowait(_skipped(index, row_id, empty))
+                    continue
                 await self._queue.put(_Request(index, row_id, self.job.request_body(row)))
         for _ in range(self._width):
             await self._queue.put(None)
@@ -303,6 +318,7 @@ class _Pipeline:
         """One row through retries to an ok or failed result; JobAborted passes through."""
         attempts = 0
         latency_ms = 0.0
+        self.in_flight += 1
         try:
             async for attempt in self._retrying.copy():
                 with attempt:
@@ -317,6 +333,8 @@ class _Pipeline:
                 request.row, request.id, "failed", None, None, None, None, None,
                 exc.kind, str(exc), attempts, round(latency_ms, 1), None, None,
             )  # fmt: skip
+        finally:
+            self.in_flight -= 1
         return RowResult(
             request.row, request.id, "ok", answer.content, answer.finish_reason,
             answer.prompt_tokens, answer.completion_tokens, answer.total_tokens, None, None,
@@ -326,6 +344,19 @@ class _Pipeline:
     def _count_retry(self, retry_state: RetryCallState) -> None:
         exc = retry_state.outcome.exception() if retry_state.outcome else None
         self.retries[exc.kind if isinstance(exc, RequestFailed) else "other"] += 1
+        self.last_error = str(exc)
+
+    async def _watch_for_stalls(self) -> None:
+        """Say so when nothing has finished for a while: a hang must never pass silently."""
+        quiet_s = self.job.spec.stall_warning_s
+        while True:
+            seen = self.progress.done
+            await asyncio.sleep(quiet_s)
+            if self.progress.done == seen and self.in_flight:
+                self.progress.say(
+                    f"warning: no row finished in the last {quiet_s:g} s; {self.in_flight} "
+                    f"request(s) in flight; last error: {self.last_error or 'none'}"
+                )
 
     async def _write(self) -> None:
         """Group commit: everything finished since the last commit goes in one transaction."""

@@ -210,7 +210,9 @@ class _Simulator:
     def _unauthorized(self, request: web.Request) -> web.Response | None:
         if self._auth is None or request.headers.get("Authorization") == self._auth:
             return None
-        return self._error(401, "Incorrect API key provided.", code="invalid_api_key")
+        # Like real providers, quote the key back: clients must keep it out of their logs.
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        return self._error(401, f"Incorrect API key provided: {given}.", code="invalid_api_key")
 
     def _rate_limit(self) -> tuple[bool, dict[str, str]]:
         """Count this request in the current 1-second window; (allowed, x-ratelimit headers)."""

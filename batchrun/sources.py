@@ -52,8 +52,14 @@ class Source:
             return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def open_source(path: Path, id_column: str | None, needed: dict[str, tuple[str, ...]]) -> Source:
-    """Open and check the input; `needed` maps a job key (e.g. 'prompt.user') to its columns."""
+def open_source(
+    path: Path,
+    id_column: str | None,
+    needed: dict[str, tuple[str, ...]],
+    no_nulls: tuple[str, ...] = (),
+) -> Source:
+    """Open and check the input; `needed` maps a job key (e.g. 'prompt.user') to its columns,
+    `no_nulls` names the columns in which an empty value is an error."""
     if not path.exists():
         raise InputError(f"input file not found: {path}")
     if not path.is_file():
@@ -82,6 +88,9 @@ def open_source(path: Path, id_column: str | None, needed: dict[str, tuple[str, 
         row_count = int(counts.item(0, 0))
         if id_column is not None:
             _check_ids(path, id_column)
+        for column in no_nulls:
+            if counts[column].item():
+                _report_nulls(path, column)
     except (pl.exceptions.PolarsError, OSError) as exc:
         raise _unreadable(path, exc) from None
     if row_count == 0:
@@ -93,6 +102,16 @@ def _unreadable(path: Path, exc: Exception) -> InputError:
     """Polars errors run to many lines (and quote the data); the first says what is wrong."""
     text = str(exc).strip()
     return InputError(f"cannot read input {path}: {text.splitlines()[0] if text else type(exc).__name__}")
+
+
+def _report_nulls(path: Path, column: str) -> None:
+    rows = scan_table(path).select(pl.col(column)).with_row_index(ROW)
+    nulls = rows.filter(pl.col(column).is_null()).select(ROW).head(5).collect()[ROW].to_list()
+    shown = ", ".join(str(r + 1) for r in nulls)
+    raise InputError(
+        f"column '{column}' used by the prompt is empty in row(s) {shown} of {path.name}; fill it, "
+        "or set input.on_null: skip (leave those rows unsent) or empty (render as '')"
+    )
 
 
 def _check_ids(path: Path, id_column: str) -> None:

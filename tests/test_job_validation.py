@@ -158,9 +158,27 @@ CASES = [
     ),
     Case(
         "base-url-not-http",
-        "job.yaml:15: endpoint.base_url: base_url must start with http:// or https:// "
-        "(got 'ftp://example.com/v1')",
+        "job.yaml:15: endpoint.base_url: base_url must start with http:// or https:// and name a "
+        "host (got 'ftp://example.com/v1')",
         edit(UNREACHABLE, "ftp://example.com/v1"),
+    ),
+    Case(
+        "base-url-no-host",
+        "job.yaml:15: endpoint.base_url: base_url must start with http:// or https:// and name a "
+        "host (got 'https:///v1')",
+        edit(UNREACHABLE, "https:///v1"),
+    ),
+    Case(
+        "base-url-plain-http-off-loopback",
+        "job.yaml:14: endpoint: plain http:// to a host other than this machine would send the API "
+        "key in clear text; use https://, or set endpoint.allow_insecure_http: true",
+        edit(UNREACHABLE, "http://api.example.com/v1"),
+    ),
+    Case(
+        "null-in-prompt-column",
+        "column 'title' used by the prompt is empty in row(s) 2 of items.csv; fill it, or set "
+        "input.on_null: skip",
+        files={"items.csv": b"id,title,body\na1,Rain,x\na2,,y\n"},
     ),
     Case(
         "reserved-param",

@@ -73,9 +73,7 @@ def test_retries_recover_injected_5xx_and_429(tmp_path: Path) -> None:
     assert out["attempts"].sum() == sim.stats.requests
 
 
-def test_permanent_errors_become_failed_rows_and_exit_1(
-    tmp_path: Path, simulator: RunningSimulator
-) -> None:
+def test_permanent_errors_become_failed_rows_and_exit_1(tmp_path: Path, simulator: RunningSimulator) -> None:
     rows = article_rows(30)
     rows[3]["text"] += " [[fail:400]]"
     rows[7]["text"] += " [[fail:422]]"
@@ -153,9 +151,7 @@ def test_resume_sends_only_unfinished_rows(tmp_path: Path, simulator: RunningSim
     assert read_output(job)["id"].to_list() == [r["id"] for r in article_rows(100)]
 
 
-def test_changed_prompt_refuses_to_resume_without_fresh(
-    tmp_path: Path, simulator: RunningSimulator
-) -> None:
+def test_changed_prompt_refuses_to_resume_without_fresh(tmp_path: Path, simulator: RunningSimulator) -> None:
     job = write_job(tmp_path, article_rows(20), simulator.base_url)
     assert invoke("run", str(job), "--limit", "5").exit_code == 0
     spec = yaml.safe_load(job.read_text())
@@ -191,7 +187,7 @@ def test_status_and_validate(tmp_path: Path, simulator: RunningSimulator) -> Non
     invoke("run", str(job), "--limit", "4")
     status = invoke("status", str(job))
     assert status.exit_code == 0
-    assert status.stdout.splitlines()[:3] == ["ok: 3", "failed: 1 (http_400: 1)", "pending: 6"]
+    assert status.stdout.splitlines()[:4] == ["ok: 3", "failed: 1 (http_400: 1)", "skipped: 0", "pending: 6"]
 
 
 def checkpoint_rows(job: Path) -> int:
