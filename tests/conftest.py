@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -88,3 +90,22 @@ def run_batchrun(*args: str, timeout: float = 60) -> subprocess.CompletedProcess
     return subprocess.run(
         [sys.executable, "-m", "batchrun", *args], capture_output=True, text=True, timeout=timeout
     )
+
+
+def checkpoint_rows(job: Path) -> int:
+    path = job.parent / "out" / "result.parquet.checkpoint.sqlite"
+    if not path.exists():
+        return 0
+    try:
+        with sqlite3.connect(path, timeout=5) as db:
+            return int(db.execute("SELECT COUNT(*) FROM results").fetchone()[0])
+    except sqlite3.OperationalError:  # the table is not created yet
+        return 0
+
+
+def wait_for_rows(job: Path, at_least: int, deadline_s: float = 30) -> None:
+    """Poll the checkpoint (a reader beside the WAL writer) until it holds enough rows."""
+    deadline = time.monotonic() + deadline_s
+    while checkpoint_rows(job) < at_least:
+        assert time.monotonic() < deadline, f"checkpoint never reached {at_least} rows"
+        time.sleep(0.01)

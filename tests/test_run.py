@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import sqlite3
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from tests.conftest import (
     batchrun_process,
     read_output,
     run_batchrun,
+    wait_for_rows,
     write_job,
 )
 
@@ -188,25 +188,6 @@ def test_status_and_validate(tmp_path: Path, simulator: RunningSimulator) -> Non
     status = invoke("status", str(job))
     assert status.exit_code == 0
     assert status.stdout.splitlines()[:4] == ["ok: 3", "failed: 1 (http_400: 1)", "skipped: 0", "pending: 6"]
-
-
-def checkpoint_rows(job: Path) -> int:
-    path = job.parent / "out" / "result.parquet.checkpoint.sqlite"
-    if not path.exists():
-        return 0
-    try:
-        with sqlite3.connect(path, timeout=5) as db:
-            return int(db.execute("SELECT COUNT(*) FROM results").fetchone()[0])
-    except sqlite3.OperationalError:  # the table is not created yet
-        return 0
-
-
-def wait_for_rows(job: Path, at_least: int, deadline_s: float = 30) -> None:
-    """Poll the checkpoint (a reader beside the WAL writer) until it holds enough rows."""
-    deadline = time.monotonic() + deadline_s
-    while checkpoint_rows(job) < at_least:
-        assert time.monotonic() < deadline, f"checkpoint never reached {at_least} rows"
-        time.sleep(0.01)
 
 
 def test_kill_9_at_random_moments_loses_and_repeats_nothing(tmp_path: Path) -> None:

@@ -17,9 +17,9 @@ from tests.conftest import (
     batchrun_process,
     read_output,
     run_batchrun,
+    wait_for_rows,
     write_job,
 )
-from tests.test_run import wait_for_rows
 
 
 def test_second_run_of_the_same_job_is_refused_and_a_dead_holder_does_not_block(
