@@ -39,10 +39,11 @@ class RowResult:
     latency_ms: float | None
     model: str | None
     response_id: str | None
+    ttft_ms: float | None
 
 
 COLUMNS = tuple(f.name for f in fields(RowResult))
-_SQL_TYPES = {"row": "INTEGER PRIMARY KEY", "attempts": "INTEGER", "latency_ms": "REAL"}
+_SQL_TYPES = {"row": "INTEGER PRIMARY KEY", "attempts": "INTEGER", "latency_ms": "REAL", "ttft_ms": "REAL"}
 _SQL_TYPES |= {c: "INTEGER" for c in ("prompt_tokens", "completion_tokens", "total_tokens")}
 
 

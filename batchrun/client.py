@@ -19,6 +19,7 @@ import orjson
 from httpx_aiohttp import AiohttpTransport
 
 from batchrun.errors import BatchrunError, JobAborted, PermanentError, RetryableError, redact
+from batchrun.streaming import StreamAssembler
 
 RETRYABLE_STATUS = frozenset({408, 409, 429})
 # Error codes (OpenAI's and common gateways') that mean the account cannot pay for any request.
@@ -36,6 +37,7 @@ class ChatResult:
     total_tokens: int | None
     model: str | None
     response_id: str | None
+    ttft_ms: float | None = None  # time to the first content piece, when streamed
 
 
 class ChatClient:
@@ -67,6 +69,8 @@ class ChatClient:
         with self._redacted_errors():
             try:
                 async with asyncio.timeout(self._timeout_s):
+                    if body.get("stream"):
+                        return await self._complete_streamed(body)
                     response = await self._http.post(self._url, content=orjson.dumps(body))
             except (TimeoutError, httpx.TimeoutException):
                 raise RetryableError("timeout", f"no answer within {self._timeout_s:g} s") from None
@@ -75,6 +79,30 @@ class ChatClient:
             if response.status_code != 200:
                 raise classify_status(response)
             return parse_completion(response.content)
+
+    async def _complete_streamed(self, body: dict[str, Any]) -> ChatResult:
+        sent = time.perf_counter()
+        ttft_ms = None
+        stream = StreamAssembler()
+        async with self._http.stream("POST", self._url, content=orjson.dumps(body)) as response:
+            if response.status_code != 200:
+                await response.aread()
+                raise classify_status(response)
+            async for line in response.aiter_lines():
+                if stream.feed(line):
+                    ttft_ms = round((time.perf_counter() - sent) * 1000, 1)
+        content = stream.finish()
+        usage = stream.usage or {}
+        return ChatResult(
+            content=content,
+            finish_reason=stream.finish_reason,
+            prompt_tokens=usage.get("prompt_tokens"),
+            completion_tokens=usage.get("completion_tokens"),
+            total_tokens=usage.get("total_tokens"),
+            model=stream.model,
+            response_id=stream.response_id,
+            ttft_ms=ttft_ms,
+        )
 
     @contextlib.contextmanager
     def _redacted_errors(self) -> Iterator[None]:

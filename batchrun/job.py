@@ -86,7 +86,10 @@ class Params(BaseModel):
 
     def body(self) -> dict[str, Any]:
         """The keys to merge into the request body, unset ones left out."""
-        return self.model_dump(exclude_none=True, mode="json")
+        body = self.model_dump(exclude_none=True, mode="json")
+        if body.get("stream") and "stream_options" not in body:
+            body["stream_options"] = {"include_usage": True}  # else a stream carries no usage
+        return body
 
 
 class EndpointSpec(_Strict):

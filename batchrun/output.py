@@ -29,12 +29,13 @@ RESULT_SCHEMA: dict[str, Any] = {
     "latency_ms": pl.Float64,
     "model": pl.String,
     "response_id": pl.String,
+    "ttft_ms": pl.Float64,
 }
 assert tuple(RESULT_SCHEMA) == COLUMNS
 # The order a reader scans an output row in: the answer first, bookkeeping last.
 OUTPUT_RESULT_COLUMNS = (
     "content", "finish_reason", "prompt_tokens", "completion_tokens", "total_tokens", "status",
-    "error_kind", "error", "attempts", "latency_ms", "model", "response_id",
+    "error_kind", "error", "attempts", "latency_ms", "ttft_ms", "model", "response_id",
 )  # fmt: skip
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import sys
@@ -35,7 +36,7 @@ DONE = ("ok", "failed", "skipped")  # statuses a resume does not send again
 SIMULATED_ENDPOINT = "simulator"  # what the fingerprint records for --simulate's changing port
 RESULT_COLUMNS = (
     "id", "status", "content", "finish_reason", "prompt_tokens", "completion_tokens",
-    "total_tokens", "error_kind", "error", "attempts", "latency_ms", "model", "response_id",
+    "total_tokens", "error_kind", "error", "attempts", "latency_ms", "ttft_ms", "model", "response_id",
 )  # fmt: skip
 
 
@@ -93,8 +94,12 @@ class PreparedJob:
         row = next(self.source.batches(self.prompts.columns, limit=1))[0]
         return self.request_body(row)
 
+    @functools.cached_property
+    def params(self) -> dict[str, Any]:
+        return self.spec.params.body()
+
     def request_body(self, row: dict[str, Any]) -> dict[str, Any]:
-        return {"model": self.spec.model, "messages": self.prompts.messages(row)}
+        return {"model": self.spec.model, "messages": self.prompts.messages(row), **self.params}
 
     def fingerprint(self, simulate: bool) -> dict[str, Any]:
         """What decides a row's answer; a checkpoint is reused only while all of it holds."""
@@ -102,7 +107,7 @@ class PreparedJob:
         return {
             "prompt": {"system": prompt.system, "user": prompt.user},
             "model": self.spec.model,
-            "params": self.spec.params.body(),
+            "params": self.params,
             "endpoint.base_url": SIMULATED_ENDPOINT if simulate else self.spec.endpoint.base_url,
             "input": {"sha256": self.source.fingerprint(), "id_column": self.source.id_column},
         }
@@ -207,7 +212,21 @@ def _endpoint(spec: JobSpec, options: RunOptions) -> Iterator[str]:
 def _skipped(row: int, row_id: str, empty: list[str]) -> RowResult:
     reason = f"empty column(s) {', '.join(empty)}; not sent (input.on_null: skip)"
     return RowResult(
-        row, row_id, "skipped", None, None, None, None, None, "null_value", reason, 0, None, None, None
+        row,
+        row_id,
+        "skipped",
+        None,
+        None,
+        None,
+        None,
+        None,
+        "null_value",
+        reason,
+        0,
+        None,
+        None,
+        None,
+        None,
     )
 
 
@@ -245,6 +264,7 @@ class _Pipeline:
     aborted: BatchrunError | None = None
     retries: Counter[str] = field(default_factory=Counter)
     in_flight: int = 0
+    warned_no_usage: bool = False
     last_error: str | None = None
 
     async def run(self) -> None:
@@ -331,14 +351,20 @@ class _Pipeline:
         except RequestFailed as exc:
             return RowResult(
                 request.row, request.id, "failed", None, None, None, None, None,
-                exc.kind, str(exc), attempts, round(latency_ms, 1), None, None,
+                exc.kind, str(exc), attempts, round(latency_ms, 1), None, None, None,
             )  # fmt: skip
         finally:
             self.in_flight -= 1
+        if answer.total_tokens is None and not self.warned_no_usage:
+            self.warned_no_usage = True
+            self.progress.say(
+                "warning: the endpoint sent no token usage; token columns stay empty (null) for such rows"
+            )
         return RowResult(
             request.row, request.id, "ok", answer.content, answer.finish_reason,
             answer.prompt_tokens, answer.completion_tokens, answer.total_tokens, None, None,
             attempts, round(latency_ms, 1), answer.model or self.job.spec.model, answer.response_id,
+            answer.ttft_ms,
         )  # fmt: skip
 
     def _count_retry(self, retry_state: RetryCallState) -> None:

@@ -9,6 +9,7 @@ last user message, so a test can aim one fault at one input row:
   exact body is seen);
 * ``[[fail:badjson]]`` / ``[[fail:badjsonxN]]`` - status 200 with a body that is not JSON;
 * ``[[fail:reset]]`` / ``[[fail:resetxN]]`` - drop the connection without answering;
+* ``[[fail:truncate]]`` / ``[[fail:truncatexN]]`` - (streams) end the stream before ``[DONE]``;
 * ``[[sleep:MS]]`` - wait MS milliseconds before answering.
 """
 
@@ -33,7 +34,7 @@ from aiohttp import web
 
 TOKEN_RE = re.compile(r"\w+|[^\w\s]")
 _SENTENCE_END_RE = re.compile(r"[.!?]+[\"'\u201d\u2019)\]]*(?=\s|$)")
-_MARKER_RE = re.compile(r"\[\[(?:fail:([1-5]\d\d|badjson|reset)(?:x(\d+))?|sleep:(\d+))\]\]")
+_MARKER_RE = re.compile(r"\[\[(?:fail:([1-5]\d\d|badjson|reset|truncate)(?:x(\d+))?|sleep:(\d+))\]\]")
 _ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
 _STREAM_PIECE_TOKENS = 4
 _SHUTDOWN_GRACE_S = 0.1  # in-flight requests (e.g. a long [[sleep]]) must not delay stopping
@@ -280,7 +281,7 @@ class _Simulator:
             if request.transport is not None:
                 request.transport.abort()
             return None
-        if fault is not None and fault != "badjson":
+        if fault is not None and fault not in ("badjson", "truncate"):
             return self._error(int(fault), f"Simulated HTTP {fault} error.", headers=headers)
 
         content, finish = compose_answer(chat.last_user, chat.max_tokens, chat.stop)
@@ -339,6 +340,8 @@ class _Simulator:
         events.append(b"data: [DONE]\n\n")
         if fault == "badjson":
             events = [events[1][: len(events[1]) // 2] + b"\n\n"]
+        elif fault == "truncate":
+            events = events[: len(events) // 2]
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers}
         )

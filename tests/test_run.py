@@ -253,3 +253,17 @@ def test_simulate_runs_the_sample_job(tmp_path: Path) -> None:
     assert set(out["status"]) == {"ok"}
     assert out["total_tokens"].min() > 0
     assert f"rows: {articles.height} ok, 0 failed of {articles.height}" in result.stderr
+
+
+def test_params_reach_the_request_body(tmp_path: Path, simulator: RunningSimulator) -> None:
+    params = {"temperature": 0.2, "max_tokens": 3, "stop": ["zzz"], "seed": 7}
+    job = write_job(tmp_path, article_rows(5), simulator.base_url, params=params)
+
+    validated = invoke("validate", str(job))
+    result = invoke("run", str(job))
+
+    assert '"max_tokens": 3' in validated.stdout and '"seed": 7' in validated.stdout
+    assert result.exit_code == 0
+    out = read_output(job)
+    assert set(out["finish_reason"]) == {"length"}
+    assert set(out["completion_tokens"]) == {3}
