@@ -285,7 +285,8 @@ class _Pipeline:
             workers = [asyncio.create_task(self._work()) for _ in range(self._width)]
             writer = asyncio.create_task(self._write())
             watchdog = asyncio.create_task(self._watch_for_stalls())
-            all_work = asyncio.gather(*workers)
+            # asyncio.wait, not gather: worker errors are read below, never left unretrieved.
+            all_work = asyncio.create_task(asyncio.wait(workers))
             stop_requested = asyncio.create_task(self._stop.wait())
             await asyncio.wait({all_work, stop_requested, writer}, return_when=asyncio.FIRST_COMPLETED)
             if not all_work.done():
@@ -402,7 +403,7 @@ class _Pipeline:
         self,
         producer: asyncio.Task[None],
         workers: list[asyncio.Task[None]],
-        all_work: asyncio.Future[list[None]],
+        all_work: asyncio.Task[Any],
         at_once: bool,
     ) -> None:
         """Stop sending; let in-flight rows finish within the grace period, then cancel them."""

@@ -92,8 +92,12 @@ def run_batchrun(*args: str, timeout: float = 60) -> subprocess.CompletedProcess
     )
 
 
+def checkpoint_path(job: Path) -> Path:
+    return job.parent / "out" / "result.parquet.checkpoint.sqlite"
+
+
 def checkpoint_rows(job: Path) -> int:
-    path = job.parent / "out" / "result.parquet.checkpoint.sqlite"
+    path = checkpoint_path(job)
     if not path.exists():
         return 0
     try:

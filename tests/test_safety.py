@@ -15,6 +15,7 @@ from tests.conftest import (
     TEST_KEY,
     article_rows,
     batchrun_process,
+    checkpoint_path,
     read_output,
     run_batchrun,
     wait_for_rows,
@@ -107,8 +108,7 @@ def test_checkpoint_is_sqlite_wal_keyed_by_row(tmp_path: Path) -> None:
     with serve_in_thread(SimulatorConfig(api_key=TEST_KEY)) as sim:
         job = write_job(tmp_path, article_rows(5), sim.base_url)
         CliRunner().invoke(main, ["run", str(job)])
-    path = tmp_path / "out" / "result.parquet.checkpoint.sqlite"
-    with sqlite3.connect(path) as db:
+    with sqlite3.connect(checkpoint_path(job)) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         rows = db.execute("SELECT row, id, status FROM results ORDER BY row").fetchall()
     assert rows == [(i, str(1000 + i), "ok") for i in range(5)]

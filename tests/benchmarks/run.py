@@ -32,10 +32,10 @@ PEER = """
 import asyncio, sys, polars as pl
 from openai import AsyncOpenAI
 
-async def main(base_url, path, out):
+async def main(base_url, path, out, concurrency):
     rows = pl.read_parquet(path).to_dicts()
     client = AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=5)
-    gate = asyncio.Semaphore(%d)
+    gate = asyncio.Semaphore(int(concurrency))
     async def one(row):
         async with gate:
             r = await client.chat.completions.create(
@@ -48,7 +48,7 @@ async def main(base_url, path, out):
     pl.DataFrame(results).write_parquet(out)
 
 asyncio.run(main(*sys.argv[1:]))
-""" % CONCURRENCY
+"""
 
 
 def make_input(rows: int, folder: Path) -> Path:
@@ -112,11 +112,15 @@ def main() -> None:
             try:
                 job = write_job(folder, input_path, base_url)
                 ours = timed([*batchrun, str(job), "-q", "--fresh"])
-                peer = timed([sys.executable, "-c", PEER, base_url, str(input_path), str(folder / "peer.parquet")])
+                peer = timed(
+                    [sys.executable, "-c", PEER, base_url, str(input_path), str(folder / "peer.parquet")]
+                )
             finally:
                 sim.terminate()
                 sim.wait()
-            simulate = timed([*batchrun, str(job), "-q", "--fresh", "--simulate", "--simulate-latency-ms", str(latency)])
+            simulate = timed(
+                [*batchrun, str(job), "-q", "--fresh", "--simulate", "--simulate-latency-ms", str(latency)]
+            )
             for name, (wall, cpu) in (
                 ("batchrun", ours),
                 ("openai SDK + semaphore", peer),
