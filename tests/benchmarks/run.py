@@ -112,15 +112,13 @@ def main() -> None:
             try:
                 job = write_job(folder, input_path, base_url)
                 ours = timed([*batchrun, str(job), "-q", "--fresh"])
-                peer = timed(
-                    [sys.executable, "-c", PEER, base_url, str(input_path), str(folder / "peer.parquet")]
-                )
+                peer_args = [base_url, str(input_path), str(folder / "peer.parquet"), str(CONCURRENCY)]
+                peer = timed([sys.executable, "-c", PEER, *peer_args])
             finally:
                 sim.terminate()
                 sim.wait()
-            simulate = timed(
-                [*batchrun, str(job), "-q", "--fresh", "--simulate", "--simulate-latency-ms", str(latency)]
-            )
+            simulate_flags = ["--simulate", "--simulate-latency-ms", str(latency)]
+            simulate = timed([*batchrun, str(job), "-q", "--fresh", *simulate_flags])
             for name, (wall, cpu) in (
                 ("batchrun", ours),
                 ("openai SDK + semaphore", peer),
