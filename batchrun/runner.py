@@ -26,7 +26,7 @@ from batchrun.checkpoint import Checkpoint, RowResult
 from batchrun.client import ChatClient
 from batchrun.errors import BatchrunError, JobAborted, JobError, RequestFailed, RetryableError
 from batchrun.job import JobSpec
-from batchrun.output import build_table, write_table
+from batchrun.output import OUTPUT_RESULT_COLUMNS, build_table, write_table
 from batchrun.progress import Progress
 from batchrun.prompts import PromptTemplates, compile_prompts
 from batchrun.simulator import SimulatorConfig, serve_in_thread
@@ -34,10 +34,6 @@ from batchrun.sources import ROW, Source, open_source
 
 DONE = ("ok", "failed", "skipped")  # statuses a resume does not send again
 SIMULATED_ENDPOINT = "simulator"  # what the fingerprint records for --simulate's changing port
-RESULT_COLUMNS = (
-    "id", "status", "content", "finish_reason", "prompt_tokens", "completion_tokens",
-    "total_tokens", "error_kind", "error", "attempts", "latency_ms", "ttft_ms", "model", "response_id",
-)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -119,14 +115,14 @@ def prepare(spec: JobSpec, output: Path | None = None) -> PreparedJob:
     output_path = (output or spec.output.path).resolve()
     if output_path == spec.input.path.resolve():
         raise JobError("output.path is the input file; choose another path", spec.job_path)
-    clash = [c for c in spec.output.include_columns if c in RESULT_COLUMNS and c != "id"]
+    clash = [c for c in spec.output.include_columns if c in OUTPUT_RESULT_COLUMNS]
     if clash:
         raise JobError(
             f"output.include_columns: '{clash[0]}' is also a result column; rename it in the input",
             spec.job_path,
         )
     needed = {"output.include_columns": spec.output.include_columns}
-    if spec.prompt.system is not None and prompts.system is not None:
+    if prompts.system is not None:
         needed["prompt.system"] = prompts.system.columns
     needed["prompt.user"] = prompts.user.columns
     no_nulls = prompts.columns if spec.input.on_null == "error" else ()
@@ -147,11 +143,12 @@ def run_job(spec: JobSpec, options: RunOptions = RunOptions()) -> RunResult:
         checkpoint.start(job.fingerprint(options.simulate), fresh=options.fresh)
         in_scope = min(options.limit or job.source.row_count, job.source.row_count)
         finished = {r for r in checkpoint.rows_with_status(*DONE) if r < in_scope}
-        if options.retry_failed:  # only the failed rows go out again
-            only: set[int] | None = {r for r in checkpoint.rows_with_status("failed") if r < in_scope}
+        only: set[int] | None = None  # with --retry-failed, only the failed rows go out again
+        if options.retry_failed:
+            only = {r for r in checkpoint.rows_with_status("failed") if r < in_scope}
             to_send = len(only)
         else:
-            only, to_send = None, in_scope - len(finished)
+            to_send = in_scope - len(finished)
         progress = Progress(in_scope, in_scope - to_send, options.quiet)
         if finished and not options.fresh:
             progress.say(f"resuming: {len(finished)} of {in_scope} rows already done")
