@@ -14,7 +14,9 @@ from typing import Any
 import polars as pl
 import pytest
 import yaml
+from click.testing import CliRunner, Result
 
+from batchrun.cli import main
 from batchrun.simulator import RunningSimulator, SimulatorConfig, serve_in_thread
 
 TEST_KEY_ENV = "BATCHRUN_TEST_KEY"
@@ -73,6 +75,11 @@ def write_job(
 
 def read_output(job_path: Path) -> pl.DataFrame:
     return pl.read_parquet(job_path.parent / "out" / "result.parquet")
+
+
+def invoke(*args: str) -> Result:
+    """The real CLI in this process (fast; for runs where signals do not matter)."""
+    return CliRunner().invoke(main, list(args))
 
 
 def batchrun_process(*args: str, **kwargs: Any) -> subprocess.Popen[str]:

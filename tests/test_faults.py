@@ -23,17 +23,16 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
-from click.testing import CliRunner, Result
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from batchrun.cli import main
 from batchrun.simulator import SimulatorConfig, serve_in_thread
 from tests.conftest import (
     TEST_KEY,
     article_rows,
     batchrun_process,
     checkpoint_path,
+    invoke,
     read_output,
     run_batchrun,
     wait_for_rows,
@@ -48,10 +47,6 @@ SOAK_FAULTS = (
     "[[fail:badjsonx1]]",
     "[[fail:502x1]]",
 )
-
-
-def invoke(*args: str) -> Result:
-    return CliRunner().invoke(main, list(args))
 
 
 class StderrLines:

@@ -11,11 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
 
-from batchrun.cli import main
+from tests.conftest import TEST_KEY_ENV as KEY_ENV
+from tests.conftest import invoke
 
-KEY_ENV = "BATCHRUN_TEST_KEY"  # set by conftest's autouse fixture
 UNSET_KEY_ENV = "BATCHRUN_VALIDATION_NEVER_SET_KEY"
 UNREACHABLE = "http://127.0.0.1:9/v1"  # the discard port: nothing listens there
 
@@ -344,10 +343,6 @@ def write_case(tmp_path: Path, case: Case) -> Path:
 
 def tree(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def invoke(*args: str) -> Result:
-    return CliRunner().invoke(main, list(args))
 
 
 @pytest.mark.parametrize(

@@ -9,14 +9,13 @@ from pathlib import Path
 import polars as pl
 import pytest
 import yaml
-from click.testing import CliRunner, Result
 
-from batchrun.cli import main
 from batchrun.simulator import RunningSimulator, SimulatorConfig, serve_in_thread
 from tests.conftest import (
     TEST_KEY,
     article_rows,
     batchrun_process,
+    invoke,
     read_output,
     run_batchrun,
     wait_for_rows,
@@ -24,10 +23,6 @@ from tests.conftest import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def invoke(*args: str) -> Result:
-    return CliRunner().invoke(main, list(args))
 
 
 def test_every_row_once_in_input_order(tmp_path: Path, simulator: RunningSimulator) -> None:

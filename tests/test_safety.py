@@ -16,6 +16,7 @@ from tests.conftest import (
     article_rows,
     batchrun_process,
     checkpoint_path,
+    invoke,
     read_output,
     run_batchrun,
     wait_for_rows,
@@ -49,10 +50,10 @@ def test_api_key_never_reaches_output_checkpoint_or_messages(
         rows = article_rows(20)
         rows[4]["text"] += " [[fail:400]]"
         job = write_job(tmp_path, rows, sim.base_url)
-        ok = CliRunner().invoke(main, ["run", str(job)])
+        ok = invoke("run", str(job))
         wrong_key = "sk-live-this-one-is-wrong-0042"
         monkeypatch.setenv("BATCHRUN_TEST_KEY", wrong_key)
-        rejected = CliRunner().invoke(main, ["run", str(job), "--fresh"])
+        rejected = invoke("run", str(job), "--fresh")
         with pytest.raises(Exception) as debug_trace:
             CliRunner().invoke(main, ["run", str(job), "--debug"], catch_exceptions=False)
 
@@ -79,8 +80,8 @@ def test_null_prompt_values_skip_or_render_empty(
         job = write_job(
             tmp_path, rows, sim.base_url, input={"path": "input.csv", "id_column": "id", "on_null": on_null}
         )
-        result = CliRunner().invoke(main, ["run", str(job)])
-        rerun = CliRunner().invoke(main, ["run", str(job)])
+        result = invoke("run", str(job))
+        rerun = invoke("run", str(job))
 
     assert result.exit_code == 0, result.output
     out = read_output(job)
@@ -98,7 +99,7 @@ def test_stall_detector_reports_when_nothing_finishes(tmp_path: Path) -> None:
         row["text"] += " [[sleep:1500]]"
     with serve_in_thread(SimulatorConfig(api_key=TEST_KEY)) as sim:
         job = write_job(tmp_path, rows, sim.base_url, stall_warning_s=0.3)
-        result = CliRunner().invoke(main, ["run", str(job)])
+        result = invoke("run", str(job))
 
     assert result.exit_code == 0
     assert "warning: no row finished in the last 0.3 s; 3 request(s) in flight" in result.stderr
@@ -107,7 +108,7 @@ def test_stall_detector_reports_when_nothing_finishes(tmp_path: Path) -> None:
 def test_checkpoint_is_sqlite_wal_keyed_by_row(tmp_path: Path) -> None:
     with serve_in_thread(SimulatorConfig(api_key=TEST_KEY)) as sim:
         job = write_job(tmp_path, article_rows(5), sim.base_url)
-        CliRunner().invoke(main, ["run", str(job)])
+        invoke("run", str(job))
     with sqlite3.connect(checkpoint_path(job)) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         rows = db.execute("SELECT row, id, status FROM results ORDER BY row").fetchall()

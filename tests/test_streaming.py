@@ -6,15 +6,13 @@ from pathlib import Path
 
 import orjson
 import pytest
-from click.testing import CliRunner
 from hypothesis import given
 from hypothesis import strategies as st
 
-from batchrun.cli import main
 from batchrun.errors import RetryableError
 from batchrun.simulator import RunningSimulator, SimulatorConfig, serve_in_thread
 from batchrun.streaming import StreamAssembler
-from tests.conftest import TEST_KEY, article_rows, read_output, write_job
+from tests.conftest import TEST_KEY, article_rows, invoke, read_output, write_job
 
 PARAMS = {"temperature": 0.2, "max_tokens": 40}
 
@@ -27,8 +25,8 @@ def test_streamed_rows_match_plain_rows_and_record_ttft(tmp_path: Path) -> None:
         streamed_dir.mkdir()
         plain = write_job(plain_dir, rows, sim.base_url)
         streamed = write_job(streamed_dir, rows, sim.base_url, params={**PARAMS, "stream": True})
-        assert CliRunner().invoke(main, ["run", str(plain)]).exit_code == 0
-        assert CliRunner().invoke(main, ["run", str(streamed)]).exit_code == 0
+        assert invoke("run", str(plain)).exit_code == 0
+        assert invoke("run", str(streamed)).exit_code == 0
 
     a, b = read_output(plain), read_output(streamed)
     for column in ("id", "content", "finish_reason", "prompt_tokens", "completion_tokens"):
@@ -45,7 +43,7 @@ def test_cut_or_broken_streams_are_retried(tmp_path: Path, fault: str) -> None:
     rows[1]["text"] += f" [[fail:{fault}]]"
     with serve_in_thread(SimulatorConfig(api_key=TEST_KEY)) as sim:
         job = write_job(tmp_path, rows, sim.base_url, params={**PARAMS, "stream": True})
-        result = CliRunner().invoke(main, ["run", str(job)])
+        result = invoke("run", str(job))
 
     assert result.exit_code == 0, result.output
     out = read_output(job)
@@ -60,7 +58,7 @@ def test_stream_without_usage_leaves_tokens_null_and_warns_once(
     params = {**PARAMS, "stream": True, "stream_options": {"include_usage": False}}
     job = write_job(tmp_path, article_rows(12), simulator.base_url, params=params)
 
-    result = CliRunner().invoke(main, ["run", str(job)])
+    result = invoke("run", str(job))
 
     assert result.exit_code == 0
     out = read_output(job)
