@@ -28,23 +28,28 @@ class RowResult:
     row: int
     id: str
     status: str  # ok | failed | skipped
-    content: str | None
-    finish_reason: str | None
-    prompt_tokens: int | None
-    completion_tokens: int | None
-    total_tokens: int | None
-    error_kind: str | None
-    error: str | None
-    attempts: int
-    latency_ms: float | None
-    model: str | None
-    response_id: str | None
-    ttft_ms: float | None
-
+    content: str | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+    error_kind: str | None = None
+    error: str | None = None
+    attempts: int = 0
+    latency_ms: float | None = None
+    model: str | None = None
+    response_id: str | None = None
+    ttft_ms: float | None = None
+    tool_calls: str | None = None  # JSON text: [{id, name, arguments}]
+    fields: str | None = None  # JSON text: the parsed output.fields, typed columns in the output
+    cached_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    cost_usd: float | None = None
 
 COLUMNS = tuple(f.name for f in fields(RowResult))
 _SQL_TYPES = {"row": "INTEGER PRIMARY KEY", "attempts": "INTEGER", "latency_ms": "REAL", "ttft_ms": "REAL"}
 _SQL_TYPES |= {c: "INTEGER" for c in ("prompt_tokens", "completion_tokens", "total_tokens")}
+_SQL_TYPES |= {"cached_tokens": "INTEGER", "reasoning_tokens": "INTEGER", "cost_usd": "REAL"}
 
 
 @dataclass(frozen=True)
@@ -70,8 +75,15 @@ class Checkpoint:
             columns = ", ".join(f"{c} {_SQL_TYPES.get(c, 'TEXT')}" for c in COLUMNS)
             self._db.execute(f"CREATE TABLE IF NOT EXISTS results ({columns})")
             self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+            found = tuple(name for _, name, *_ in self._db.execute("PRAGMA table_info(results)"))
         except sqlite3.Error as exc:
             raise CheckpointError(f"cannot open checkpoint {path}: {exc}") from None
+        if found != COLUMNS:
+            self._db.close()
+            raise CheckpointError(
+                f"checkpoint {path.name} was made by another version of batchrun; move it away "
+                "to start over (its results cannot be read here)"
+            )
         placeholders = ", ".join("?" for _ in COLUMNS)
         self._insert = f"INSERT OR REPLACE INTO results ({', '.join(COLUMNS)}) VALUES ({placeholders})"
 

@@ -38,6 +38,8 @@ class ChatResult:
     model: str | None
     response_id: str | None
     ttft_ms: float | None = None  # time to the first content piece, when streamed
+    cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens
+    reasoning_tokens: int | None = None  # usage.completion_tokens_details.reasoning_tokens
 
 
 class ChatClient:
@@ -102,6 +104,7 @@ class ChatClient:
             model=stream.model,
             response_id=stream.response_id,
             ttft_ms=ttft_ms,
+            **_usage_details(usage),
         )
 
     @contextlib.contextmanager
@@ -133,10 +136,21 @@ def parse_completion(raw: bytes) -> ChatResult:
             total_tokens=usage.get("total_tokens"),
             model=data.get("model"),
             response_id=data.get("id"),
+            **_usage_details(usage),
         )
     except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError):
         snippet = raw[:80].decode("utf-8", "replace")
         raise RetryableError("invalid_response", f"unreadable completion body: {snippet!r}") from None
+
+
+def _usage_details(usage: dict[str, Any]) -> dict[str, int | None]:
+    """Cached prompt tokens and reasoning tokens, which are priced differently, when reported."""
+    prompt = usage.get("prompt_tokens_details") or {}
+    completion = usage.get("completion_tokens_details") or {}
+    return {
+        "cached_tokens": prompt.get("cached_tokens"),
+        "reasoning_tokens": completion.get("reasoning_tokens"),
+    }
 
 
 def classify_status(response: httpx.Response) -> Exception:

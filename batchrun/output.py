@@ -30,12 +30,18 @@ RESULT_SCHEMA: dict[str, Any] = {
     "model": pl.String,
     "response_id": pl.String,
     "ttft_ms": pl.Float64,
+    "tool_calls": pl.String,
+    "fields": pl.String,
+    "cached_tokens": pl.Int64,
+    "reasoning_tokens": pl.Int64,
+    "cost_usd": pl.Float64,
 }
 assert tuple(RESULT_SCHEMA) == COLUMNS
 # The order a reader scans an output row in: the answer first, bookkeeping last.
 OUTPUT_RESULT_COLUMNS = (
-    "content", "finish_reason", "prompt_tokens", "completion_tokens", "total_tokens", "status",
-    "error_kind", "error", "attempts", "latency_ms", "ttft_ms", "model", "response_id",
+    "content", "tool_calls", "finish_reason", "prompt_tokens", "completion_tokens", "total_tokens",
+    "cached_tokens", "reasoning_tokens", "cost_usd", "status", "error_kind", "error", "attempts",
+    "latency_ms", "ttft_ms", "model", "response_id",
 )  # fmt: skip
 
 

@@ -208,23 +208,7 @@ def _endpoint(spec: JobSpec, options: RunOptions) -> Iterator[str]:
 
 def _skipped(row: int, row_id: str, empty: list[str]) -> RowResult:
     reason = f"empty column(s) {', '.join(empty)}; not sent (input.on_null: skip)"
-    return RowResult(
-        row,
-        row_id,
-        "skipped",
-        None,
-        None,
-        None,
-        None,
-        None,
-        "null_value",
-        reason,
-        0,
-        None,
-        None,
-        None,
-        None,
-    )
+    return RowResult(row, row_id, "skipped", error_kind="null_value", error=reason)
 
 
 class _WaitRetryAfter(wait_base):
@@ -348,9 +332,14 @@ class _Pipeline:
                         latency_ms = (time.perf_counter() - sent) * 1000
         except RequestFailed as exc:
             return RowResult(
-                request.row, request.id, "failed", None, None, None, None, None,
-                exc.kind, str(exc), attempts, round(latency_ms, 1), None, None, None,
-            )  # fmt: skip
+                request.row,
+                request.id,
+                "failed",
+                error_kind=exc.kind,
+                error=str(exc),
+                attempts=attempts,
+                latency_ms=round(latency_ms, 1),
+            )
         finally:
             self.in_flight -= 1
         if answer.total_tokens is None and not self.warned_no_usage:
@@ -359,11 +348,22 @@ class _Pipeline:
                 "warning: the endpoint sent no token usage; token columns stay empty (null) for such rows"
             )
         return RowResult(
-            request.row, request.id, "ok", answer.content, answer.finish_reason,
-            answer.prompt_tokens, answer.completion_tokens, answer.total_tokens, None, None,
-            attempts, round(latency_ms, 1), answer.model or self.job.spec.model, answer.response_id,
-            answer.ttft_ms,
-        )  # fmt: skip
+            request.row,
+            request.id,
+            "ok",
+            content=answer.content,
+            finish_reason=answer.finish_reason,
+            prompt_tokens=answer.prompt_tokens,
+            completion_tokens=answer.completion_tokens,
+            total_tokens=answer.total_tokens,
+            cached_tokens=answer.cached_tokens,
+            reasoning_tokens=answer.reasoning_tokens,
+            attempts=attempts,
+            latency_ms=round(latency_ms, 1),
+            model=answer.model or self.job.spec.model,
+            response_id=answer.response_id,
+            ttft_ms=answer.ttft_ms,
+        )
 
     def _count_retry(self, retry_state: RetryCallState) -> None:
         exc = retry_state.outcome.exception() if retry_state.outcome else None
