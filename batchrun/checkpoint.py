@@ -46,6 +46,7 @@ class RowResult:
     reasoning_tokens: int | None = None
     cost_usd: float | None = None
 
+
 COLUMNS = tuple(f.name for f in fields(RowResult))
 _SQL_TYPES = {"row": "INTEGER PRIMARY KEY", "attempts": "INTEGER", "latency_ms": "REAL", "ttft_ms": "REAL"}
 _SQL_TYPES |= {c: "INTEGER" for c in ("prompt_tokens", "completion_tokens", "total_tokens")}
