@@ -11,10 +11,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import operator
 import os
 import sqlite3
 from collections.abc import Iterable, Iterator
-from dataclasses import astuple, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import IO, Any
 
@@ -48,6 +49,7 @@ class RowResult:
 
 
 COLUMNS = tuple(f.name for f in fields(RowResult))
+_as_row = operator.attrgetter(*COLUMNS)  # dataclasses.astuple deep-copies: ~20x slower per row
 _SQL_TYPES = {"row": "INTEGER PRIMARY KEY", "attempts": "INTEGER", "latency_ms": "REAL", "ttft_ms": "REAL"}
 _SQL_TYPES |= {c: "INTEGER" for c in ("prompt_tokens", "completion_tokens", "total_tokens")}
 _SQL_TYPES |= {"cached_tokens": "INTEGER", "reasoning_tokens": "INTEGER", "cost_usd": "REAL"}
@@ -136,7 +138,7 @@ class Checkpoint:
     def record(self, results: Iterable[RowResult]) -> None:
         """Commit a batch of finished rows in one transaction."""
         with self._transaction():
-            self._db.executemany(self._insert, (astuple(r) for r in results))
+            self._db.executemany(self._insert, map(_as_row, results))
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:

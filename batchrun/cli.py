@@ -135,7 +135,8 @@ def summary(result: RunResult, job_file: Path) -> str:
         + f" of {result.total}",
         f"tokens: {result.prompt_tokens:,} prompt + {result.completion_tokens:,} completion",
         f"time: {result.wall_s:.1f} s"
-        + (f"; retries: {sum(result.retries.values())}" if result.retries else ""),
+        + (f"; retries: {sum(result.retries.values())}" if result.retries else "")
+        + (f"; 429s: {result.rate_limited}" if result.rate_limited else ""),
         f"output: {result.output_path}",
     ]
     if result.interrupted:

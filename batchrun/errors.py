@@ -15,6 +15,10 @@ Retry decisions look at these types, never at message text.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from batchrun.limits import ServerBudget
 
 
 class BatchrunError(Exception):
@@ -56,11 +60,13 @@ class RequestFailed(BatchrunError):
         message: str,
         status: int | None = None,
         retry_after_s: float | None = None,
+        budget: ServerBudget | None = None,
     ):
         super().__init__(f"{kind}: {message}")
         self.kind = kind
         self.status = status
         self.retry_after_s = retry_after_s
+        self.budget = budget  # the x-ratelimit-* headers of the answer, when sent
 
 
 class RetryableError(RequestFailed):

@@ -131,6 +131,18 @@ class RetrySpec(_Strict):
     max_backoff_s: float = Field(default=60.0, ge=0)
 
 
+class RateLimitSpec(_Strict):
+    """The key's limits; requests are paced evenly over the minute to stay within them.
+
+    Without either, batchrun finds the rate itself: it backs off on 429s (fewer requests in
+    flight) and grows back while answers succeed.
+    """
+
+    requests_per_minute: int | None = Field(default=None, ge=1, strict=True)
+    # Each request reserves its estimated prompt tokens plus max_tokens; usage settles the difference.
+    tokens_per_minute: int | None = Field(default=None, ge=1, strict=True)
+
+
 class JobSpec(_Strict):
     """A validated job; paths are absolute (resolved against the job file's folder)."""
 
@@ -142,6 +154,7 @@ class JobSpec(_Strict):
     endpoint: EndpointSpec = EndpointSpec()
     concurrency: int = Field(default=16, ge=1, le=4096)
     retry: RetrySpec = RetrySpec()
+    rate_limit: RateLimitSpec = RateLimitSpec()
     stall_warning_s: float = Field(default=300.0, gt=0)  # warn when no row finished for this long
     job_path: Path = Path("job.yaml")  # set by load_job, not read from the file
 

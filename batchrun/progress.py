@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from typing import TextIO
 
 from tqdm import tqdm
@@ -23,6 +24,7 @@ class Progress:
         self.ok = 0
         self.failed = 0
         self.tokens = 0
+        self.status: Callable[[], str] | None = None  # more to show, e.g. the in-flight limit
         self._quiet = quiet
         self._stream = stream or sys.stderr
         self._started = time.monotonic()
@@ -67,7 +69,8 @@ class Progress:
             self._next_update = now + PLAIN_INTERVAL_S
 
     def _counts(self) -> str:
-        return f"ok={self.ok} failed={self.failed} tokens={self.tokens:,}"
+        counts = f"ok={self.ok} failed={self.failed} tokens={self.tokens:,}"
+        return f"{counts} {self.status()}" if self.status else counts
 
     def _rate(self, now: float) -> float:
         return (self.done - self._done_at_start) / max(now - self._started, 1e-9)

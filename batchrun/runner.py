@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from batchrun.checkpoint import Checkpoint, RowResult
 from batchrun.client import ChatClient
 from batchrun.errors import BatchrunError, JobAborted, JobError, RequestFailed, RetryableError
 from batchrun.job import JobSpec
+from batchrun.limits import Limiter, Permit
 from batchrun.output import OUTPUT_RESULT_COLUMNS, build_table, write_table
 from batchrun.progress import Progress
 from batchrun.prompts import PromptTemplates, compile_prompts
@@ -62,6 +63,7 @@ class RunResult:
     completion_tokens: int
     failures_by_kind: dict[str, int]
     retries: dict[str, int]
+    rate_limited: int  # answers that were 429s (each retried)
     wall_s: float
     output_path: Path
     interrupted: bool
@@ -158,7 +160,7 @@ def run_job(spec: JobSpec, options: RunOptions = RunOptions()) -> RunResult:
             )
             pipeline = _Pipeline(job, client, checkpoint, progress, options, finished, only)
             try:
-                asyncio.run(pipeline.run())
+                _run_loop(pipeline.run())
             finally:
                 progress.close()
         table = build_table(job.source, spec.output.include_columns, checkpoint.results(), options.limit)
@@ -178,12 +180,24 @@ def run_job(spec: JobSpec, options: RunOptions = RunOptions()) -> RunResult:
             completion_tokens=totals.completion_tokens,
             failures_by_kind=checkpoint.failures_by_kind(),
             retries=dict(pipeline.retries),
+            rate_limited=pipeline.limiter.rate_limited,
             wall_s=time.monotonic() - started,
             output_path=job.output_path,
             interrupted=pipeline.interrupted,
         )
     finally:
         checkpoint.close()
+
+
+def _run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """uvloop when installed: it halves the event loop's CPU per request (see README, Speed)."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main)
 
 
 def _api_key(spec: JobSpec) -> str:
@@ -225,6 +239,11 @@ class _WaitRetryAfter(wait_base):
         return float(self._backoff(retry_state))
 
 
+def _prompt_chars(body: dict[str, Any]) -> int:
+    """The prompt's size in characters, from which its tokens are estimated for pacing."""
+    return sum(len(c) for m in body["messages"] if isinstance(c := m.get("content"), str))
+
+
 @dataclass
 class _Request:
     row: int
@@ -247,6 +266,18 @@ class _Pipeline:
     in_flight: int = 0
     warned_no_usage: bool = False
     last_error: str | None = None
+
+    def __post_init__(self) -> None:
+        spec = self.job.spec
+        params = self.job.params
+        self.limiter = Limiter(
+            self._width,
+            spec.rate_limit.requests_per_minute,
+            spec.rate_limit.tokens_per_minute,
+            max_tokens=params.get("max_completion_tokens", params.get("max_tokens")),
+            max_hold_s=spec.retry.max_backoff_s,
+        )
+        self.progress.status = self.limiter.describe
 
     async def run(self) -> None:
         spec = self.job.spec
@@ -320,16 +351,28 @@ class _Pipeline:
         """One row through retries to an ok or failed result; JobAborted passes through."""
         attempts = 0
         latency_ms = 0.0
+        chars = _prompt_chars(request.body)
         self.in_flight += 1
         try:
             async for attempt in self._retrying.copy():
                 with attempt:
                     attempts += 1
+                    permit = await self.limiter.acquire(chars)
                     sent = time.perf_counter()
                     try:
                         answer = await self.client.complete(request.body)
+                    except BaseException as exc:
+                        self._report_failure(permit, exc)
+                        raise
                     finally:
                         latency_ms = (time.perf_counter() - sent) * 1000
+                    self.limiter.release(
+                        permit,
+                        ok=True,
+                        budget=answer.budget,
+                        prompt_tokens=answer.prompt_tokens,
+                        total_tokens=answer.total_tokens,
+                    )
         except RequestFailed as exc:
             return RowResult(
                 request.row,
@@ -364,6 +407,19 @@ class _Pipeline:
             response_id=answer.response_id,
             ttft_ms=answer.ttft_ms,
         )
+
+    def _report_failure(self, permit: Permit, exc: BaseException) -> None:
+        """Tell the limiter how an attempt failed: a 429 holds everyone, headers teach the budget."""
+        if isinstance(exc, RequestFailed):
+            self.limiter.release(
+                permit,
+                ok=False,
+                budget=exc.budget,
+                rate_limited=exc.status == 429,
+                retry_after_s=exc.retry_after_s,
+            )
+        else:
+            self.limiter.release(permit, ok=False)
 
     def _count_retry(self, retry_state: RetryCallState) -> None:
         exc = retry_state.outcome.exception() if retry_state.outcome else None

@@ -1,0 +1,210 @@
+"""Keep every allowed request slot busy without tripping the provider's rate limits.
+
+One `Limiter` per run, shared by all workers; each attempt is `acquire` → send → `release`.
+
+* Pacing (when the job sets `rate_limit`): requests and tokens are spaced evenly over the minute
+  (GCRA, no burst allowance), because providers such as xAI enforce per-second slices of a
+  minute limit. Tokens are reserved before sending (estimated prompt + max_tokens) and the
+  difference is given back when the usage comes in.
+* A hold (always): when the server says its budget is spent (a 429 with Retry-After, or
+  `x-ratelimit-remaining-*` no larger than what we already sent since) every worker waits until
+  it resets, not only the one that was told.
+* An AIMD in-flight limit (when no `rate_limit` is set): halved on a 429, at most once per round
+  trip, grown by one per round trip of successes, never above `concurrency`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+
+INITIAL_CHARS_PER_TOKEN = 3.0  # low on purpose: an early estimate should err towards more tokens
+UNSAID_RETRY_AFTER_S = 1.0  # a 429 that names no wait: the common length of a limit's window
+
+
+@dataclass(frozen=True, slots=True)
+class ServerBudget:
+    """What a response's `x-ratelimit-remaining-*` / `x-ratelimit-reset-*` headers said."""
+
+    remaining_requests: int | None = None
+    reset_requests_s: float | None = None
+    remaining_tokens: int | None = None
+    reset_tokens_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Permit:
+    """One admitted attempt: when it went out, and what had gone out before it."""
+
+    sent_at: float
+    sent_before: int  # requests sent before this one
+    tokens_before: int  # tokens reserved by requests sent before this one
+    tokens: int  # reserved for this one
+    chars: int  # prompt characters, to calibrate the token estimate
+
+
+class Limiter:
+    """Admission for every attempt of a run: in-flight limit, pacing, and server-driven holds."""
+
+    def __init__(
+        self,
+        concurrency: int,
+        requests_per_minute: int | None = None,
+        tokens_per_minute: int | None = None,
+        max_tokens: int | None = None,
+        max_hold_s: float = 60.0,
+    ):
+        self.concurrency = concurrency
+        self.adaptive = requests_per_minute is None and tokens_per_minute is None
+        self.limit = float(concurrency)  # requests allowed in flight (AIMD when adaptive)
+        self.in_flight = 0
+        self.rate_limited = 0  # 429 answers seen
+        self.holds = 0
+        self._max_tokens = max_tokens or 0
+        self._max_hold_s = max_hold_s
+        self._request_s = 60 / requests_per_minute if requests_per_minute else 0.0
+        self._token_s = 60 / tokens_per_minute if tokens_per_minute else 0.0
+        self._request_tat = self._token_tat = 0.0  # theoretical arrival times (GCRA)
+        self._hold_until = 0.0
+        self._last_cut = -math.inf
+        self._sent = 0
+        self._tokens_sent = 0
+        self._chars = 0  # prompt characters and tokens of finished rows, for calibration
+        self._prompt_tokens = 0
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    @property
+    def paced(self) -> bool:
+        return not self.adaptive
+
+    def describe(self) -> str:
+        """For the progress bar: requests in flight against the current limit."""
+        return f"in_flight={self.in_flight}/{int(self.limit)}"
+
+    def estimate_tokens(self, chars: int) -> int:
+        """Prompt tokens guessed from characters (calibrated on finished rows) plus max_tokens."""
+        per_token = self._chars / self._prompt_tokens if self._prompt_tokens else INITIAL_CHARS_PER_TOKEN
+        return math.ceil(chars / per_token) + self._max_tokens
+
+    async def acquire(self, chars: int) -> Permit:
+        """Wait for an in-flight slot, for any hold to end, and for this request's paced slot."""
+        while self.in_flight >= self.limit or self._waiters:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                self._forget(waiter)
+                raise
+            if self.in_flight < self.limit:
+                break
+        self.in_flight += 1
+        try:
+            tokens = self.estimate_tokens(chars)
+            await self._wait_turn(tokens)
+        except BaseException:
+            self._free()
+            raise
+        permit = Permit(time.monotonic(), self._sent, self._tokens_sent, tokens, chars)
+        self._sent += 1
+        self._tokens_sent += tokens
+        return permit
+
+    async def _wait_turn(self, tokens: int) -> None:
+        while True:
+            now = time.monotonic()
+            if self._hold_until > now:
+                await asyncio.sleep(self._hold_until - now)
+                continue
+            if not self.paced:
+                return
+            slot = max(now, self._request_tat, self._token_tat)
+            self._request_tat = slot + self._request_s
+            self._token_tat = slot + tokens * self._token_s
+            if slot <= now:
+                return
+            await asyncio.sleep(slot - now)
+            if self._hold_until <= time.monotonic():
+                return
+            # A hold began while we slept: our slot is void; queue again after the hold.
+
+    def release(
+        self,
+        permit: Permit,
+        *,
+        ok: bool,
+        budget: ServerBudget | None = None,
+        rate_limited: bool = False,
+        retry_after_s: float | None = None,
+        prompt_tokens: int | None = None,
+        total_tokens: int | None = None,
+    ) -> None:
+        """Account for a finished attempt: free its slot, settle tokens, learn from the answer."""
+        self._free()
+        if self._token_s:
+            # Give back what was reserved but not used (all of it when the server refused).
+            used = 0 if rate_limited else (total_tokens if total_tokens is not None else permit.tokens)
+            self._token_tat += (used - permit.tokens) * self._token_s
+        if prompt_tokens:
+            self._chars += permit.chars
+            self._prompt_tokens += prompt_tokens
+        if budget is not None:
+            self._learn(permit, budget)
+        if rate_limited:
+            self.rate_limited += 1
+            self.hold(time.monotonic() + (UNSAID_RETRY_AFTER_S if retry_after_s is None else retry_after_s))
+            if self.adaptive and permit.sent_at >= self._last_cut:
+                self.limit = max(1.0, self.limit / 2)
+                self._last_cut = time.monotonic()
+        elif ok and self.adaptive and self.limit < self.concurrency:
+            self.limit = min(float(self.concurrency), self.limit + 1 / self.limit)
+            self._wake()
+
+    def _learn(self, permit: Permit, budget: ServerBudget) -> None:
+        """Hold when the remaining budget is no more than what was sent after this request.
+
+        The server counted this request but not those sent after it; they will use up the
+        remaining budget, so anything more would be refused until the reset. The reset is
+        counted from when this request left, the closest we know to when the server counted.
+        """
+        sent_after = self._sent - permit.sent_before - 1
+        if budget.remaining_requests is not None and budget.remaining_requests <= sent_after:
+            self.hold(permit.sent_at + (budget.reset_requests_s or 0.0))
+        tokens_after = self._tokens_sent - permit.tokens_before - permit.tokens
+        if budget.remaining_tokens is not None and budget.remaining_tokens <= tokens_after:
+            self.hold(permit.sent_at + (budget.reset_tokens_s or 0.0))
+
+    def hold(self, until: float) -> None:
+        """No attempt starts before `until` (capped at max_hold_s from now); paced slots move past it."""
+        until = min(until, time.monotonic() + self._max_hold_s)
+        if until <= self._hold_until or until <= time.monotonic():
+            return
+        self._hold_until = until
+        self.holds += 1
+        self._request_tat = max(self._request_tat, until)
+        self._token_tat = max(self._token_tat, until)
+
+    def _free(self) -> None:
+        self.in_flight -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        """Let as many queued acquirers go as the limit now allows."""
+        free = int(self.limit) - self.in_flight
+        while free > 0 and self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                free -= 1
+
+    def _forget(self, waiter: asyncio.Future[None]) -> None:
+        """A cancelled acquirer leaves the queue; if it had been woken, the wake-up passes on."""
+        if waiter.done() and not waiter.cancelled():
+            self._wake()
+        else:
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(waiter)
