@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
 import os
@@ -17,7 +16,7 @@ from click_default_group import DefaultGroup
 from batchrun.checkpoint import Checkpoint
 from batchrun.errors import BatchrunError
 from batchrun.job import load_job
-from batchrun.runner import RunOptions, RunResult, prepare, run_job
+from batchrun.runner import RunOptions, RunResult, prepare, run_async, run_job
 from batchrun.simulator import SimulatorConfig, serve_forever
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -206,7 +205,7 @@ def simulate(host: str, port: int, latency_ms: float, error_rate: float, rpm: in
     config = SimulatorConfig(latency_ms=latency_ms, error_rate=error_rate, rpm=rpm, seed=seed)
     ready = functools.partial(click.echo, err=True)
     try:
-        asyncio.run(serve_forever(config, host, port, lambda url: ready(f"simulator listening on {url}")))
+        run_async(serve_forever(config, host, port, lambda url: ready(f"simulator listening on {url}")))
     except KeyboardInterrupt:
         pass
     except OSError as exc:
