@@ -184,7 +184,16 @@ def status(job_file: Path) -> None:
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8787, show_default=True, type=int, help="0 picks a free port.")
-@click.option("--latency-ms", default=0.0, show_default=True, type=click.FloatRange(min=0))
+@click.option(
+    "--latency-ms", default=0.0, show_default=True, type=click.FloatRange(min=0), help="Mean delay."
+)
+@click.option(
+    "--latency-sigma",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="> 0: lognormal delays with this sigma (seeded by --seed).",
+)
 @click.option(
     "--error-rate",
     default=0.0,
@@ -195,14 +204,25 @@ def status(job_file: Path) -> None:
 @click.option("--rpm", type=click.IntRange(min=1), help="Requests per minute before 429s (paced per second).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @friendly_errors
-def simulate(host: str, port: int, latency_ms: float, error_rate: float, rpm: int | None, seed: int) -> None:
+def simulate(
+    host: str,
+    port: int,
+    latency_ms: float,
+    latency_sigma: float,
+    error_rate: float,
+    rpm: int | None,
+    seed: int,
+) -> None:
     """Serve a simulated OpenAI-compatible endpoint until Ctrl-C.
 
     Deterministic answers (the lead sentences of the last user message, cut to max_tokens),
-    token usage, latency, injected 5xx and 429s with Retry-After. Point a job at it with
+    token usage, latency, injected 5xx and 429s with Retry-After. GET /simulator/stats counts
+    answers by status; POST /simulator/reset starts the counts afresh. Point a job at it with
     `endpoint: {base_url: http://127.0.0.1:8787/v1}`.
     """
-    config = SimulatorConfig(latency_ms=latency_ms, error_rate=error_rate, rpm=rpm, seed=seed)
+    config = SimulatorConfig(
+        latency_ms=latency_ms, latency_sigma=latency_sigma, error_rate=error_rate, rpm=rpm, seed=seed
+    )
     ready = functools.partial(click.echo, err=True)
     try:
         run_async(serve_forever(config, host, port, lambda url: ready(f"simulator listening on {url}")))

@@ -10,7 +10,8 @@ One `Limiter` per run, shared by all workers; each attempt is `acquire` → send
   `x-ratelimit-remaining-*` no larger than what we already sent since) every worker waits until
   it resets, not only the one that was told.
 * An AIMD in-flight limit (when no `rate_limit` is set): halved on a 429, at most once per round
-  trip, grown by one per round trip of successes, never above `concurrency`.
+  trip, grown by one per round trip of successes while it is fully used, never above
+  `concurrency`. After a hold, at most that many requests go out at once.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ import time
 from dataclasses import dataclass
 
 INITIAL_CHARS_PER_TOKEN = 3.0  # low on purpose: an early estimate should err towards more tokens
+# The server counted a request at some instant between our sending it and its answer; a reset
+# is timed from the sending, which may be that much early: this margin covers the transit.
+RESET_MARGIN_S = 0.005
 UNSAID_RETRY_AFTER_S = 1.0  # a 429 that names no wait: the common length of a limit's window
 
 
@@ -160,7 +164,9 @@ class Limiter:
             if self.adaptive and permit.sent_at >= self._last_cut:
                 self.limit = max(1.0, self.limit / 2)
                 self._last_cut = time.monotonic()
-        elif ok and self.adaptive and self.limit < self.concurrency:
+        elif ok and self.adaptive and self.in_flight + 1 >= int(self.limit) < self.concurrency:
+            # Grow only while the limit is what holds us back: a limit grown while the server's
+            # budget was the brake would be spent in one burst after the next hold.
             self.limit = min(float(self.concurrency), self.limit + 1 / self.limit)
             self._wake()
 
@@ -173,10 +179,10 @@ class Limiter:
         """
         sent_after = self._sent - permit.sent_before - 1
         if budget.remaining_requests is not None and budget.remaining_requests <= sent_after:
-            self.hold(permit.sent_at + (budget.reset_requests_s or 0.0))
+            self.hold(permit.sent_at + (budget.reset_requests_s or 0.0) + RESET_MARGIN_S)
         tokens_after = self._tokens_sent - permit.tokens_before - permit.tokens
         if budget.remaining_tokens is not None and budget.remaining_tokens <= tokens_after:
-            self.hold(permit.sent_at + (budget.reset_tokens_s or 0.0))
+            self.hold(permit.sent_at + (budget.reset_tokens_s or 0.0) + RESET_MARGIN_S)
 
     def hold(self, until: float) -> None:
         """No attempt starts before `until` (capped at max_hold_s from now); paced slots move past it."""

@@ -2,7 +2,8 @@
 
 Answers are deterministic (the lead sentences of the last user message), so a run against the
 simulator is reproducible and costs nothing. Faults are injected either by configuration
-(latency, random 5xx, a requests-per-minute limit, an API key) or by markers written into the
+(latency, seeded lognormal latency, random 5xx, a requests-per-minute limit enforced per 1 s
+slice with x-ratelimit-* headers, an API key) or by markers written into the
 last user message, so a test can aim one fault at one input row:
 
 * ``[[fail:CODE]]`` / ``[[fail:CODExN]]`` - answer HTTP CODE (always / the first N times this
@@ -46,7 +47,8 @@ _MODELS_CREATED = 1_735_689_600
 class SimulatorConfig:
     """How the simulated provider behaves; every random choice derives from ``seed``."""
 
-    latency_ms: float = 0.0
+    latency_ms: float = 0.0  # mean delay per request
+    latency_sigma: float = 0.0  # > 0: delays drawn from a lognormal with this sigma (see latencies)
     error_rate: float = 0.0
     rpm: int | None = None
     retry_after_s: float = 1.0
@@ -62,6 +64,16 @@ class SimulatorStats:
     requests: int = 0
     by_status: collections.Counter[int] = field(default_factory=collections.Counter)
     ok_by_user_message: collections.Counter[str] = field(default_factory=collections.Counter)
+    first_request_at: float | None = None  # time.monotonic() of the first request
+    last_ok_at: float | None = None  # and of the last 200 answer
+
+    def summary(self) -> dict[str, Any]:
+        """The counts as JSON (GET /simulator/stats), for a client in another process."""
+        return {
+            "requests": self.requests,
+            "by_status": {str(k): v for k, v in sorted(self.by_status.items())},
+            "ok_span_s": (self.last_ok_at or 0.0) - (self.first_request_at or 0.0),
+        }
 
 
 @dataclass(frozen=True)
@@ -94,6 +106,18 @@ class _BadRequest(Exception):
 
 
 @functools.lru_cache(maxsize=4096)  # texts repeat (system prompts, benchmark inputs); see _reply
+def latencies(mean_ms: float, sigma: float, seed: int) -> Iterator[float]:
+    """The simulator's delays in seconds, in order of arrival: the same seed, the same sequence,
+    so a benchmark can compute what a client with no overhead would achieve on them."""
+    if sigma <= 0:
+        yield from itertools.repeat(mean_ms / 1000)
+        return
+    rng = random.Random(seed)
+    mu = math.log(mean_ms / 1000) - sigma**2 / 2  # so that the mean is mean_ms
+    while True:
+        yield rng.lognormvariate(mu, sigma)
+
+
 def count_tokens(text: str) -> int:
     """The simulator's token count: words and single punctuation marks."""
     return len(TOKEN_RE.findall(text))
@@ -182,9 +206,10 @@ class _Simulator:
         self.config = config
         self.stats = stats
         self._rng = random.Random(config.seed)
+        self._latencies = latencies(config.latency_ms, config.latency_sigma, config.seed)
         self._attempts: dict[str, int] = {}
         self._auth = None if config.api_key is None else f"Bearer {config.api_key}"
-        self._per_window = max(1, config.rpm // 60) if config.rpm else 0
+        self._per_window = max(1, config.rpm // 60) if config.rpm else 0  # enforced per 1 s slice
         self._window_start = -math.inf
         self._window_used = 0
         self._retry_headers = {
@@ -207,9 +232,7 @@ class _Simulator:
     ) -> web.Response:
         default_kind = "server_error" if status >= 500 else "invalid_request_error"
         kind = _ERROR_TYPES.get(status, default_kind)
-        headers = dict(headers or {})
-        if status in (429, 503):
-            headers.update(self._retry_headers)
+        headers = {**self._retry_headers, **(headers or {})} if status in (429, 503) else headers or {}
         payload = {"error": {"message": message, "type": kind, "param": param, "code": code}}
         return web.Response(
             status=status,
@@ -226,7 +249,10 @@ class _Simulator:
         return self._error(401, f"Incorrect API key provided: {given}.", code="invalid_api_key")
 
     def _rate_limit(self) -> tuple[bool, dict[str, str]]:
-        """Count this request in the current 1-second window; (allowed, x-ratelimit headers)."""
+        """Count this request in the current 1-second window; (allowed, x-ratelimit headers).
+
+        A refusal's Retry-After is the time left in the window, as real providers send it.
+        """
         if not self._per_window:
             return True, {}
         now = time.monotonic()
@@ -234,11 +260,16 @@ class _Simulator:
             self._window_start, self._window_used = now, 0
         allowed = self._window_used < self._per_window
         self._window_used += allowed
-        return allowed, {
+        reset_s = self._window_start + 1.0 - now
+        headers = {
             "x-ratelimit-limit-requests": str(self.config.rpm),
             "x-ratelimit-remaining-requests": str(self._per_window - self._window_used),
-            "x-ratelimit-reset-requests": f"{self._window_start + 1.0 - now:.3f}s",
+            "x-ratelimit-reset-requests": f"{reset_s:.3f}s",
         }
+        if not allowed:
+            headers["Retry-After"] = str(math.ceil(reset_s))
+            headers["retry-after-ms"] = str(math.ceil(reset_s * 1000))
+        return allowed, headers
 
     async def models(self, request: web.Request) -> web.Response:
         return self._unauthorized(request) or web.Response(
@@ -247,11 +278,28 @@ class _Simulator:
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         self.stats.requests += 1
+        if self.stats.first_request_at is None:
+            self.stats.first_request_at = time.monotonic()
         response = await self._chat(request)
         if response is None:  # the connection was aborted; aiohttp drops this placeholder
             return web.Response()
         self.stats.by_status[response.status] += 1
+        if response.status == 200:
+            self.stats.last_ok_at = time.monotonic()
         return response
+
+    async def stats_summary(self, request: web.Request) -> web.Response:
+        return web.Response(body=orjson.dumps(self.stats.summary()), content_type="application/json")
+
+    async def reset_stats(self, request: web.Request) -> web.Response:
+        """Start counting afresh (the benchmark measures several clients on one server)."""
+        self.stats.requests = 0
+        self.stats.by_status.clear()
+        self.stats.ok_by_user_message.clear()
+        self.stats.first_request_at = self.stats.last_ok_at = None
+        self._window_start, self._window_used = -math.inf, 0
+        self._latencies = latencies(self.config.latency_ms, self.config.latency_sigma, self.config.seed)
+        return web.Response(body=orjson.dumps(self.stats.summary()), content_type="application/json")
 
     async def _chat(self, request: web.Request) -> web.StreamResponse | None:
         """Answer one chat request; None means the connection was dropped on purpose."""
@@ -276,7 +324,7 @@ class _Simulator:
                 sleep_ms += int(m[3])
             elif fault is None:
                 fault, times = m[1], m[2]
-        delay_s = (self.config.latency_ms + sleep_ms) / 1000
+        delay_s = next(self._latencies) + sleep_ms / 1000
         if delay_s > 0:
             await asyncio.sleep(delay_s)
 
@@ -367,6 +415,8 @@ def make_app(config: SimulatorConfig, stats: SimulatorStats | None = None) -> we
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app.router.add_get("/v1/models", simulator.models)
     app.router.add_post("/v1/chat/completions", simulator.chat)
+    app.router.add_get("/simulator/stats", simulator.stats_summary)
+    app.router.add_post("/simulator/reset", simulator.reset_stats)
     return app
 
 

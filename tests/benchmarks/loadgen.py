@@ -29,7 +29,9 @@ BODY = {
 class _Connection(asyncio.Protocol):
     """Sends the request again each time a whole answer has arrived, until the shared count runs out."""
 
-    def __init__(self, request: bytes, budget: list[int], done: asyncio.Future[None], statuses: dict[int, int]):
+    def __init__(
+        self, request: bytes, budget: list[int], done: asyncio.Future[None], statuses: dict[int, int]
+    ):
         self._request = request
         self._budget = budget
         self._done = done
