@@ -64,15 +64,15 @@ class SimulatorStats:
     requests: int = 0
     by_status: collections.Counter[int] = field(default_factory=collections.Counter)
     ok_by_user_message: collections.Counter[str] = field(default_factory=collections.Counter)
-    first_request_at: float | None = None  # time.monotonic() of the first request
-    last_ok_at: float | None = None  # and of the last 200 answer
+    arrivals: list[tuple[float, int]] = field(default_factory=list)  # (time.monotonic(), status)
 
     def summary(self) -> dict[str, Any]:
         """The counts as JSON (GET /simulator/stats), for a client in another process."""
+        ok = [at for at, status in self.arrivals if status == 200]
         return {
             "requests": self.requests,
             "by_status": {str(k): v for k, v in sorted(self.by_status.items())},
-            "ok_span_s": (self.last_ok_at or 0.0) - (self.first_request_at or 0.0),
+            "ok_span_s": ok[-1] - self.arrivals[0][0] if ok else 0.0,  # first arrival to last ok one
         }
 
 
@@ -278,14 +278,12 @@ class _Simulator:
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         self.stats.requests += 1
-        if self.stats.first_request_at is None:
-            self.stats.first_request_at = time.monotonic()
+        arrived = time.monotonic()
         response = await self._chat(request)
         if response is None:  # the connection was aborted; aiohttp drops this placeholder
             return web.Response()
         self.stats.by_status[response.status] += 1
-        if response.status == 200:
-            self.stats.last_ok_at = time.monotonic()
+        self.stats.arrivals.append((arrived, response.status))
         return response
 
     async def stats_summary(self, request: web.Request) -> web.Response:
@@ -296,7 +294,7 @@ class _Simulator:
         self.stats.requests = 0
         self.stats.by_status.clear()
         self.stats.ok_by_user_message.clear()
-        self.stats.first_request_at = self.stats.last_ok_at = None
+        self.stats.arrivals.clear()
         self._window_start, self._window_used = -math.inf, 0
         self._latencies = latencies(self.config.latency_ms, self.config.latency_sigma, self.config.seed)
         return web.Response(body=orjson.dumps(self.stats.summary()), content_type="application/json")

@@ -156,6 +156,31 @@ CASES = [
         edit("concurrency: 4", "concurrency: 0"),
     ),
     Case(
+        "rate-limit-zero",
+        "job.yaml:19: rate_limit.requests_per_minute: Input should be greater than or equal to 1 (got 0)",
+        JOB + "rate_limit:\n  requests_per_minute: 0\n",
+    ),
+    Case(
+        "rate-limit-fraction",
+        "job.yaml:20: rate_limit.tokens_per_minute: Input should be a valid integer (got 1500.5)",
+        JOB + "rate_limit:\n  requests_per_minute: 60\n  tokens_per_minute: 1500.5\n",
+    ),
+    Case(
+        "rate-limit-bool",
+        "job.yaml:19: rate_limit.requests_per_minute: Input should be a valid integer (got True)",
+        JOB + "rate_limit:\n  requests_per_minute: true\n",
+    ),
+    Case(
+        "rate-limit-typo",
+        "job.yaml:19: unknown key 'requests_per_min' in rate_limit; did you mean 'requests_per_minute'?",
+        JOB + "rate_limit:\n  requests_per_min: 60\n",
+    ),
+    Case(
+        "rate-limit-not-a-mapping",
+        "job.yaml:18: rate_limit: Input should be a valid dictionary",
+        JOB + "rate_limit: 600\n",
+    ),
+    Case(
         "base-url-not-http",
         "job.yaml:15: endpoint.base_url: base_url must start with http:// or https:// and name a "
         "host (got 'ftp://example.com/v1')",

@@ -1,0 +1,201 @@
+"""Rate limits (issue #4): pacing, server-driven holds, adaptive concurrency, token reservations.
+
+End-to-end cases run the real CLI against the simulator's enforced per-second limit and read
+when each request arrived from the simulator's own log; the Limiter's arithmetic is checked
+directly on a real event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from pathlib import Path
+
+import pytest
+
+from batchrun.checkpoint import RowResult
+from batchrun.client import server_budget
+from batchrun.limits import Limiter, ServerBudget
+from batchrun.progress import Progress
+from batchrun.simulator import SimulatorConfig, serve_in_thread
+from tests.conftest import TEST_KEY, article_rows, invoke, read_output, write_job
+
+
+def most_in_any_window(times: list[float], width_s: float) -> int:
+    """The largest number of `times` inside any interval of `width_s`."""
+    times = sorted(times)
+    start, most = 0, 0
+    for end, t in enumerate(times):
+        while t - times[start] >= width_s:
+            start += 1
+        most = max(most, end - start + 1)
+    return most
+
+
+def test_paced_run_is_smooth_and_stays_within_the_limit(tmp_path: Path) -> None:
+    with serve_in_thread(SimulatorConfig(api_key=TEST_KEY, rpm=2400)) as sim:  # 40 per 1 s slice
+        job = write_job(
+            tmp_path, article_rows(60), sim.base_url, concurrency=32, rate_limit={"requests_per_minute": 2400}
+        )
+        result = invoke(str(job))
+
+    assert result.exit_code == 0, result.output
+    out = read_output(job)
+    assert out["status"].to_list() == ["ok"] * 60
+    assert sim.stats.by_status[429] <= 1
+    # 32 workers could send 32 at once; paced, any 100 ms sees about 4 (a little more for jitter).
+    assert most_in_any_window([at for at, _ in sim.stats.arrivals], 0.1) <= 7
+
+
+def test_a_429_with_retry_after_holds_every_worker(tmp_path: Path) -> None:
+    rows = article_rows(12)
+    rows[0]["text"] += " [[fail:429x1]]"
+    with serve_in_thread(SimulatorConfig(api_key=TEST_KEY, retry_after_s=0.4)) as sim:
+        job = write_job(
+            tmp_path,
+            rows,
+            sim.base_url,
+            concurrency=4,
+            retry={"max_attempts": 3, "initial_backoff_s": 0.01, "max_backoff_s": 5},
+        )
+        result = invoke(str(job))
+
+    assert result.exit_code == 0, result.output
+    assert "429s: 1" in result.output
+    refused_at = next(at for at, status in sim.stats.arrivals if status == 429)
+    # The three rows sent beside the refused one were already on their way; nothing else may
+    # start, on any worker, until the 0.4 s the server asked for have passed.
+    later = [at - refused_at for at, _ in sim.stats.arrivals if at - refused_at > 0.05]
+    assert len(later) == 12 - 4 + 1
+    assert min(later) >= 0.39
+    assert read_output(job)["status"].to_list() == ["ok"] * 12
+
+
+def test_remaining_and_reset_headers_prevent_429s_without_a_configured_limit(tmp_path: Path) -> None:
+    config = SimulatorConfig(api_key=TEST_KEY, rpm=600, latency_ms=20)  # 10 per 1 s slice
+    with serve_in_thread(config) as sim:
+        retry = {"max_attempts": 4, "initial_backoff_s": 0.01, "max_backoff_s": 2}  # caps holds too
+        job = write_job(tmp_path, article_rows(25), sim.base_url, concurrency=4, retry=retry)
+        result = invoke(str(job))
+
+    assert result.exit_code == 0, result.output
+    # Without the headers the 11th request of each slice would be refused.
+    assert sim.stats.by_status == {200: 25}
+    assert read_output(job)["attempts"].to_list() == [1] * 25
+
+
+def test_aimd_halves_once_per_round_trip_and_grows_back_only_while_in_use() -> None:
+    async def scenario() -> None:
+        limiter = Limiter(concurrency=8, max_hold_s=0)  # no holds: only the in-flight limit
+        permits = [await limiter.acquire(0) for _ in range(8)]
+        ninth = asyncio.create_task(limiter.acquire(0))
+        await asyncio.sleep(0)
+        assert not ninth.done()
+
+        limiter.release(permits[0], ok=False, rate_limited=True)
+        limiter.release(permits[1], ok=False, rate_limited=True)  # same round trip: one cut
+        assert limiter.limit == 4
+        assert limiter.rate_limited == 2
+        for permit in permits[2:]:
+            limiter.release(permit, ok=True)
+        await ninth  # 7 in flight fell to 0: the waiter got a slot under the new limit
+        limiter.release(ninth.result(), ok=True)
+
+        for _ in range(40):  # rounds that use the whole limit grow it, by about one per round
+            batch = [await limiter.acquire(0) for _ in range(int(limiter.limit))]
+            for permit in batch:
+                limiter.release(permit, ok=True)
+        assert limiter.limit == 8  # never above concurrency
+
+        limiter.release(await limiter.acquire(0), ok=False, rate_limited=True)
+        for _ in range(20):  # one at a time never uses the limit: no growth
+            limiter.release(await limiter.acquire(0), ok=True)
+        assert limiter.limit == 4
+
+    asyncio.run(scenario())
+
+
+def test_tokens_are_reserved_before_sending_and_settled_with_the_usage() -> None:
+    async def scenario() -> None:
+        limiter = Limiter(concurrency=4, tokens_per_minute=60_000, max_tokens=300)  # 1000 per s
+        first = await limiter.acquire(0)  # reserves 300 tokens: the next slot is 0.3 s on
+        started = time.monotonic()
+        second = await limiter.acquire(0)
+        assert time.monotonic() - started >= 0.29
+        limiter.release(first, ok=True, total_tokens=10)  # 290 unused tokens come back
+        limiter.release(second, ok=True, total_tokens=10)
+        started = time.monotonic()
+        limiter.release(await limiter.acquire(0), ok=True, total_tokens=10)
+        assert time.monotonic() - started < 0.2
+
+    asyncio.run(scenario())
+
+
+def test_prompt_token_estimate_is_calibrated_from_usage() -> None:
+    async def scenario() -> None:
+        limiter = Limiter(concurrency=1, tokens_per_minute=10**9, max_tokens=50)
+        assert limiter.estimate_tokens(300) == 100 + 50  # 3 chars per token until calibrated
+        limiter.release(await limiter.acquire(400), ok=True, prompt_tokens=100, total_tokens=120)
+        assert limiter.estimate_tokens(300) == 75 + 50
+
+    asyncio.run(scenario())
+
+
+def test_a_hold_moves_paced_slots_past_its_end() -> None:
+    async def scenario() -> None:
+        limiter = Limiter(concurrency=2, requests_per_minute=60_000)  # one per ms
+        limiter.hold(time.monotonic() + 0.2)
+        started = time.monotonic()
+        permit = await limiter.acquire(0)
+        assert permit.sent_at - started >= 0.19
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("headers", "budget"),
+    [
+        ({}, None),
+        (
+            {"x-ratelimit-remaining-requests": "7", "x-ratelimit-reset-requests": "20ms"},
+            ServerBudget(remaining_requests=7, reset_requests_s=0.02),
+        ),
+        (
+            {"x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "6m0s"},
+            ServerBudget(remaining_tokens=0, reset_tokens_s=360.0),
+        ),
+        (
+            {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1h2m3.5s"},
+            ServerBudget(remaining_requests=0, reset_requests_s=3723.5),
+        ),
+        (
+            {"x-ratelimit-remaining-requests": "3", "x-ratelimit-reset-requests": "0.25"},
+            ServerBudget(remaining_requests=3, reset_requests_s=0.25),
+        ),
+        (
+            {"x-ratelimit-remaining-requests": "3", "x-ratelimit-reset-requests": "soon"},
+            ServerBudget(remaining_requests=3),
+        ),
+        ({"x-ratelimit-remaining-requests": "lots"}, None),
+    ],
+)
+def test_rate_limit_headers_are_read_in_every_common_form(
+    headers: dict[str, str], budget: ServerBudget | None
+) -> None:
+    assert server_budget(headers) == budget
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_shows_the_in_flight_limit() -> None:
+    terminal = _Terminal()
+    progress = Progress(total=2, done_before=0, quiet=False, stream=terminal)
+    progress.status = Limiter(concurrency=16).describe
+    progress.row_finished(RowResult(0, "a", "ok"))
+    progress.close()
+
+    assert "in_flight=0/16" in terminal.getvalue()
