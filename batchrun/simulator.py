@@ -65,14 +65,16 @@ class SimulatorStats:
     by_status: collections.Counter[int] = field(default_factory=collections.Counter)
     ok_by_user_message: collections.Counter[str] = field(default_factory=collections.Counter)
     arrivals: list[tuple[float, int]] = field(default_factory=list)  # (time.monotonic(), status)
+    first_arrival_at: float | None = None  # arrivals is in order of answer, not of arrival
+    last_answer_at: float = 0.0
 
     def summary(self) -> dict[str, Any]:
         """The counts as JSON (GET /simulator/stats), for a client in another process."""
-        ok = [at for at, status in self.arrivals if status == 200]
         return {
             "requests": self.requests,
             "by_status": {str(k): v for k, v in sorted(self.by_status.items())},
-            "ok_span_s": ok[-1] - self.arrivals[0][0] if ok else 0.0,  # first arrival to last ok one
+            # From the first request's arrival to the last answer: the client's time at the server.
+            "span_s": self.last_answer_at - (self.first_arrival_at or self.last_answer_at),
         }
 
 
@@ -105,7 +107,6 @@ class _BadRequest(Exception):
         self.param = param
 
 
-@functools.lru_cache(maxsize=4096)  # texts repeat (system prompts, benchmark inputs); see _reply
 def latencies(mean_ms: float, sigma: float, seed: int) -> Iterator[float]:
     """The simulator's delays in seconds, in order of arrival: the same seed, the same sequence,
     so a benchmark can compute what a client with no overhead would achieve on them."""
@@ -118,6 +119,7 @@ def latencies(mean_ms: float, sigma: float, seed: int) -> Iterator[float]:
         yield rng.lognormvariate(mu, sigma)
 
 
+@functools.lru_cache(maxsize=4096)  # texts repeat (system prompts, benchmark inputs); see _reply
 def count_tokens(text: str) -> int:
     """The simulator's token count: words and single punctuation marks."""
     return len(TOKEN_RE.findall(text))
@@ -279,11 +281,14 @@ class _Simulator:
     async def chat(self, request: web.Request) -> web.StreamResponse:
         self.stats.requests += 1
         arrived = time.monotonic()
+        if self.stats.first_arrival_at is None:
+            self.stats.first_arrival_at = arrived
         response = await self._chat(request)
         if response is None:  # the connection was aborted; aiohttp drops this placeholder
             return web.Response()
         self.stats.by_status[response.status] += 1
         self.stats.arrivals.append((arrived, response.status))
+        self.stats.last_answer_at = time.monotonic()
         return response
 
     async def stats_summary(self, request: web.Request) -> web.Response:
@@ -295,6 +300,7 @@ class _Simulator:
         self.stats.by_status.clear()
         self.stats.ok_by_user_message.clear()
         self.stats.arrivals.clear()
+        self.stats.first_arrival_at = None
         self._window_start, self._window_used = -math.inf, 0
         self._latencies = latencies(self.config.latency_ms, self.config.latency_sigma, self.config.seed)
         return web.Response(body=orjson.dumps(self.stats.summary()), content_type="application/json")

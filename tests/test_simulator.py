@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import re
+import statistics
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -14,7 +16,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from batchrun.simulator import RunningSimulator, SimulatorConfig, serve_forever, serve_in_thread
+from batchrun.simulator import RunningSimulator, SimulatorConfig, latencies, serve_forever, serve_in_thread
 
 ARTICLE = "The cat sat on the mat. It purred loudly! Then it left the room."
 LEAD = "The cat sat on the mat. It purred loudly!"
@@ -372,3 +374,27 @@ def test_serve_in_thread_stops_on_exit_and_reports_a_busy_port() -> None:
 
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{sim.base_url}/models")
+
+
+def test_latencies_are_seeded_lognormal_with_the_given_mean() -> None:
+    first = list(itertools.islice(latencies(200, 1.0, seed=7), 20_000))
+    again = list(itertools.islice(latencies(200, 1.0, seed=7), 20_000))
+
+    assert first == again
+    assert statistics.fmean(first) == pytest.approx(0.2, rel=0.05)
+    assert max(first) > 5 * 0.2  # a long tail, unlike a fixed delay
+    assert list(itertools.islice(latencies(50, 0.0, seed=7), 3)) == [0.05] * 3
+
+
+def test_stats_count_answers_and_reset_starts_them_afresh() -> None:
+    config = SimulatorConfig(latency_ms=5, latency_sigma=1.0)
+    with serve_in_thread(config) as sim, httpx.Client(base_url=sim.base_url) as http:
+        post(http, chat_body(ARTICLE))
+        root = sim.base_url.removesuffix("/v1")
+        assert http.get(f"{root}/simulator/stats").json()["by_status"] == {"200": 1}
+        assert http.post(f"{root}/simulator/reset").json()["requests"] == 0
+        post(http, chat_body(ARTICLE))
+        stats = http.get(f"{root}/simulator/stats").json()
+
+    assert stats["requests"] == 1
+    assert stats["span_s"] > 0

@@ -1,134 +1,257 @@
-"""Throughput of a 2,000-row job on the simulator, against a peer measured in the same run.
+"""Throughput, CPU and rate-limit behaviour of the whole CLI against peers, same server, same run.
 
-    python tests/benchmarks/run.py [--rows 2000] [--latencies 0,200]
+    python tests/benchmarks/run.py [--quick] [--scenarios S1,S2,S3]
 
-For each simulated latency it times, against one simulator process on loopback:
-  * batchrun: the real CLI (`batchrun JOB -q`), concurrency 16 (the default);
-  * peer: the official `openai` SDK's AsyncOpenAI + asyncio.Semaphore(16) + gather over all rows,
-    writing the same Parquet output: what a user would otherwise write.
-and `batchrun JOB --simulate` itself (simulator in-process), the command the README shows.
-It prints rows/s, CPU ms per row (user+sys of the client process) and batchrun's ratio to the peer.
+The simulator runs in its own process pinned to core 1 and every client on core 0 (`taskset`).
+Clients, each a separate process writing the same Parquet output:
+  * batchrun: the real CLI (`batchrun JOB -q --fresh`);
+  * openai SDK: AsyncOpenAI + asyncio.Semaphore + gather over all rows (peer_openai.py);
+  * httpx chunked: httpx.AsyncClient + gather over chunks of C rows (peer_httpx.py).
+Scenarios (issue #4):
+  S1  no latency, 20,000 rows, 64 in flight
+  S2  lognormal latency (mean 200 ms, sigma 1, seeded), 5,000 rows, 128 in flight; the bound is
+      what a client with zero overhead keeping 128 in flight would do on the same latencies
+  S3  a limit of 6,000 requests/min enforced per 1 s slice, 50 ms latency, 3,000 rows, 64 in
+      flight; batchrun both with `rate_limit` set and without (adaptive)
+Rows/s is over the client process's whole life (start-up included); CPU is its user + sys time;
+"% of limit" and "vs zero-overhead" use the server's view (first arrival to last answer), where
+start-up does not count. Before the runs, the simulator's own capacity is measured with
+loadgen.py to show it is not the bottleneck.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import heapq
+import itertools
+import json
 import os
-import resource
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import orjson
 import polars as pl
 import yaml
 
+sys.path.insert(0, str(Path(__file__).parent))
+from loadgen import measure
+
+from batchrun.job import load_job
+from batchrun.runner import prepare
+from batchrun.simulator import latencies
+
 REPO = Path(__file__).resolve().parents[2]
-CONCURRENCY = 16
+HERE = Path(__file__).parent
 KEY_ENV = "BENCH_KEY"
+SEED = 7
 
-PEER = """
-import asyncio, sys, polars as pl
-from openai import AsyncOpenAI
 
-async def main(base_url, path, out, concurrency):
-    rows = pl.read_parquet(path).to_dicts()
-    client = AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=5)
-    gate = asyncio.Semaphore(int(concurrency))
-    async def one(row):
-        async with gate:
-            r = await client.chat.completions.create(
-                model="grok-4.3", max_tokens=60, temperature=0.2,
-                messages=[{"role": "system", "content": "You are a news editor."},
-                          {"role": "user", "content": "Summarize: " + row["title"] + "\\n\\n" + row["text"]}])
-            return {"id": row["id"], "content": r.choices[0].message.content,
-                    "prompt_tokens": r.usage.prompt_tokens, "completion_tokens": r.usage.completion_tokens}
-    results = await asyncio.gather(*(one(r) for r in rows))
-    pl.DataFrame(results).write_parquet(out)
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    rows: int
+    concurrency: int
+    latency_ms: float = 0.0
+    sigma: float = 0.0
+    rpm: int | None = None
 
-asyncio.run(main(*sys.argv[1:]))
-"""
+
+SCENARIOS = {
+    "S1": Scenario("S1", 20_000, 64),
+    "S2": Scenario("S2", 5_000, 128, latency_ms=200, sigma=1.0),
+    "S3": Scenario("S3", 3_000, 64, latency_ms=50, rpm=6000),
+}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    client: str
+    rows: int
+    wall_s: float
+    cpu_s: float
+    rss_mb: float
+    requests: int
+    rate_limited: int
+    lost: int
+    span_s: float
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows / self.wall_s
+
+
+def pinned(core: int, cmd: list[str]) -> list[str]:
+    return ["taskset", "-c", str(core), *cmd] if shutil.which("taskset") else cmd
 
 
 def make_input(rows: int, folder: Path) -> Path:
     articles = pl.read_parquet(REPO / "sample_data" / "articles.parquet")
-    repeats = -(-rows // articles.height)
-    table = pl.concat([articles] * repeats).head(rows).with_columns(pl.int_range(1, rows + 1).alias("id"))
-    path = folder / "input.parquet"
-    table.write_parquet(path)
+    table = pl.concat([articles] * -(-rows // articles.height)).head(rows)
+    path = folder / f"input-{rows}.parquet"
+    table.with_columns(pl.int_range(1, rows + 1).alias("id")).write_parquet(path)
     return path
 
 
-def write_job(folder: Path, input_path: Path, base_url: str) -> Path:
-    job = {
+def write_job(folder: Path, input_path: Path, base_url: str, concurrency: int, rpm: int | None) -> Path:
+    job: dict[str, Any] = {
         "input": {"path": str(input_path), "id_column": "id"},
-        "output": {"path": str(folder / "out.parquet")},
+        "output": {"path": str(folder / "batchrun.parquet")},
         "model": "grok-4.3",
         "prompt": {"system": "You are a news editor.", "user": "Summarize: {title}\n\n{text}"},
         "params": {"temperature": 0.2, "max_tokens": 60},
         "endpoint": {"base_url": base_url, "api_key_env": KEY_ENV},
-        "concurrency": CONCURRENCY,
+        "concurrency": concurrency,
     }
+    if rpm:
+        job["rate_limit"] = {"requests_per_minute": rpm}
     path = folder / "job.yaml"
     path.write_text(yaml.safe_dump(job))
     return path
 
 
-def timed(cmd: list[str]) -> tuple[float, float]:
-    """Wall seconds and CPU seconds (user + sys) of one child process."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    started = time.perf_counter()
-    subprocess.run(cmd, check=True, env={**os.environ, KEY_ENV: "bench"})
-    wall = time.perf_counter() - started
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-
-
-def start_simulator(latency_ms: float) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "batchrun", "simulate", "--port", "0", "--latency-ms", str(latency_ms)],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+def start_simulator(s: Scenario) -> tuple[subprocess.Popen[str], str]:
+    cmd = [sys.executable, "-m", "batchrun", "simulate", "--port", "0", "--seed", str(SEED)]
+    cmd += ["--latency-ms", str(s.latency_ms), "--latency-sigma", str(s.sigma)]
+    cmd += ["--rpm", str(s.rpm)] if s.rpm else []
+    proc = subprocess.Popen(pinned(1, cmd), stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
-    line = proc.stderr.readline()
-    return proc, line.rsplit(" ", 1)[-1].strip()
+    return proc, proc.stderr.readline().rsplit(" ", 1)[-1].strip()
+
+
+def server(base_url: str, what: str) -> dict[str, Any]:
+    root = base_url.removesuffix("/v1")
+    method = "POST" if what == "reset" else "GET"
+    with urllib.request.urlopen(urllib.request.Request(f"{root}/simulator/{what}", method=method)) as r:
+        return json.loads(r.read())  # type: ignore[no-any-return]
+
+
+def timed(client: str, cmd: list[str], base_url: str, rows: int, output: Path) -> Outcome:
+    """Run one client process on core 0; its wall, CPU and peak RSS, and the server's counts."""
+    server(base_url, "reset")
+    started = time.perf_counter()
+    proc = subprocess.Popen(pinned(0, cmd), env={**os.environ, KEY_ENV: "bench"})
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - started
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    stats = server(base_url, "stats")
+    ok = pl.read_parquet(output).filter(pl.col("status") == "ok")["id"].n_unique() if output.exists() else 0
+    return Outcome(
+        client=client,
+        rows=rows,
+        wall_s=wall,
+        cpu_s=usage.ru_utime + usage.ru_stime,
+        rss_mb=usage.ru_maxrss / 1024,
+        requests=stats["requests"],
+        rate_limited=stats["by_status"].get("429", 0),
+        lost=rows - ok,
+        span_s=stats["span_s"],
+    )
+
+
+def zero_overhead_rows_per_s(s: Scenario, rows: int) -> float:
+    """Rows/s of a client that keeps every slot busy at no cost, on the server's seeded latencies."""
+    slots = [0.0] * s.concurrency
+    for delay in itertools.islice(latencies(s.latency_ms, s.sigma, SEED), rows):
+        heapq.heappush(slots, heapq.heappop(slots) + delay)
+    return rows / max(slots)
+
+
+def simulator_capacity(base_url: str, job: Path, requests: int) -> float:
+    """Requests/s the simulator serves to a near-free load generator, with batchrun's own body."""
+    body = orjson.dumps(prepare(load_job(job)).first_request())
+    rate, _ = asyncio.run(measure(base_url, requests, 64, body))
+    return rate
+
+
+def run_scenario(s: Scenario, rows: int, folder: Path) -> list[tuple[Outcome, str]]:
+    input_path = make_input(rows, folder)
+    sim, base_url = start_simulator(s)
+    results: list[tuple[Outcome, str]] = []
+    try:
+        job = write_job(folder, input_path, base_url, s.concurrency, None)
+        if s.name == "S1":
+            capacity = simulator_capacity(base_url, job, max(rows, 20_000))
+            print(f"simulator capacity on core 1: {capacity:,.0f} requests/s", flush=True)
+        out = folder / "batchrun.parquet"
+        variants = [("batchrun (adaptive)" if s.rpm else "batchrun", job)]
+        if s.rpm:
+            paced = write_job(folder, input_path, base_url, s.concurrency, s.rpm)
+            variants.insert(0, ("batchrun (rate_limit set)", paced))
+        for name, job_path in variants:
+            cmd = [sys.executable, "-m", "batchrun", "run", str(job_path), "-q", "--fresh"]
+            results.append((timed(name, cmd, base_url, rows, out), ""))
+        for name, script in (
+            ("openai SDK + semaphore", "peer_openai.py"),
+            ("httpx chunked gather", "peer_httpx.py"),
+        ):
+            peer_out = folder / f"{script}.parquet"
+            cmd = [
+                sys.executable,
+                str(HERE / script),
+                base_url,
+                str(input_path),
+                str(peer_out),
+                str(s.concurrency),
+            ]
+            results.append((timed(name, cmd, base_url, rows, peer_out), ""))
+    finally:
+        sim.terminate()
+        sim.wait()
+    if s.name == "S1":
+        fastest = max(o.rows_per_s for o, _ in results)
+        print(f"  = {capacity / fastest:.1f}x the fastest client's rate ({fastest:,.0f} rows/s)", flush=True)
+    if s.name == "S2":
+        bound = zero_overhead_rows_per_s(s, rows)
+        results = [
+            (o, f"{rows / o.span_s / bound:.2f} of zero-overhead ({bound:.0f} rows/s)") for o, _ in results
+        ]
+    if s.rpm:
+        limit = s.rpm / 60
+        results = [
+            (o, f"{(rows - o.lost) / o.span_s / limit:.0%} of limit, {o.rate_limited / o.requests:.1%} 429s")
+            for o, _ in results
+        ]
+    return results
+
+
+def print_table(scenario: str, results: list[tuple[Outcome, str]]) -> None:
+    peers = {o.client: o for o, _ in results}
+    sdk, chunked = peers["openai SDK + semaphore"], peers["httpx chunked gather"]
+    for o, note in results:
+        cells = [scenario, o.client, f"{o.rows_per_s:,.0f}", f"{o.cpu_s * 1000 / o.rows:.2f}", f"{o.rss_mb:.0f}"]
+        cells += [f"{o.rate_limited:,}", f"{o.lost:,}", f"{o.rows_per_s / sdk.rows_per_s:.2f}x"]
+        cells += [f"{o.rows_per_s / chunked.rows_per_s:.2f}x", note]
+        print("| " + " | ".join(cells) + " |", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=2000)
-    parser.add_argument("--latencies", default="0,200", help="simulated latencies in ms")
+    parser.add_argument("--quick", action="store_true", help="a fifth of the rows")
+    parser.add_argument("--scenarios", default="S1,S2,S3")
     args = parser.parse_args()
-    batchrun = [sys.executable, "-m", "batchrun"]
-    print(f"{args.rows} rows, concurrency {CONCURRENCY}, one simulator process on loopback")
-    print(f"{'latency':>8} {'client':<24} {'rows/s':>8} {'CPU ms/row':>11} {'vs peer':>8}")
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores; client on core 0, simulator on core 1")
+    header = (
+        "| scenario | client | rows/s | CPU ms/row | peak RSS MB | 429s | rows lost | vs SDK | vs chunked | |"
+    )
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        input_path = make_input(args.rows, folder)
-        for latency in (float(x) for x in args.latencies.split(",")):
-            sim, base_url = start_simulator(latency)
-            try:
-                job = write_job(folder, input_path, base_url)
-                ours = timed([*batchrun, str(job), "-q", "--fresh"])
-                peer_args = [base_url, str(input_path), str(folder / "peer.parquet"), str(CONCURRENCY)]
-                peer = timed([sys.executable, "-c", PEER, *peer_args])
-            finally:
-                sim.terminate()
-                sim.wait()
-            simulate_flags = ["--simulate", "--simulate-latency-ms", str(latency)]
-            simulate = timed([*batchrun, str(job), "-q", "--fresh", *simulate_flags])
-            for name, (wall, cpu) in (
-                ("batchrun", ours),
-                ("openai SDK + semaphore", peer),
-                ("batchrun --simulate", simulate),
-            ):
-                ratio = peer[0] / wall
-                print(
-                    f"{latency:>6.0f}ms {name:<24} {args.rows / wall:>8.0f} "
-                    f"{cpu * 1000 / args.rows:>11.2f} {ratio:>7.2f}x"
-                )
+        tables = []
+        for name in args.scenarios.split(","):
+            s = SCENARIOS[name]
+            rows = s.rows // 5 if args.quick else s.rows
+            print(f"{name}: {rows:,} rows, {s.concurrency} in flight", flush=True)
+            tables.append((name, run_scenario(s, rows, Path(tmp))))
+        print(header)
+        print("|" + "---|" * 10)
+        for name, results in tables:
+            print_table(name, results)
 
 
 if __name__ == "__main__":
