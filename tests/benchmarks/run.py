@@ -226,9 +226,9 @@ def print_table(scenario: str, results: list[tuple[Outcome, str]]) -> None:
     peers = {o.client: o for o, _ in results}
     sdk, chunked = peers["openai SDK + semaphore"], peers["httpx chunked gather"]
     for o, note in results:
-        cells = [scenario, o.client, f"{o.rows_per_s:,.0f}", f"{o.cpu_s * 1000 / o.rows:.2f}", f"{o.rss_mb:.0f}"]
-        cells += [f"{o.rate_limited:,}", f"{o.lost:,}", f"{o.rows_per_s / sdk.rows_per_s:.2f}x"]
-        cells += [f"{o.rows_per_s / chunked.rows_per_s:.2f}x", note]
+        cells = [scenario, o.client, f"{o.rows_per_s:,.0f}", f"{o.cpu_s * 1000 / o.rows:.2f}"]
+        cells += [f"{o.rss_mb:.0f}", f"{o.rate_limited:,}", f"{o.lost:,}"]
+        cells += [f"{o.rows_per_s / p.rows_per_s:.2f}x" for p in (sdk, chunked)] + [note]
         print("| " + " | ".join(cells) + " |", flush=True)
 
 
