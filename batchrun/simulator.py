@@ -221,6 +221,7 @@ class _Simulator:
         models = [
             {"id": m, "object": "model", "created": _MODELS_CREATED, "owned_by": "xai"} for m in config.models
         ]
+        self._json = {"Content-Type": "application/json"}
         self._models_body = orjson.dumps({"object": "list", "data": models})
 
     def _error(
@@ -323,7 +324,7 @@ class _Simulator:
             return self._error(429, message, code="rate_limit_exceeded", headers=headers)
 
         fault, times, sleep_ms = None, None, 0
-        for m in _MARKER_RE.finditer(chat.last_user):
+        for m in _MARKER_RE.finditer(chat.last_user) if "[[" in chat.last_user else ():
             if m[3] is not None:
                 sleep_ms += int(m[3])
             elif fault is None:
@@ -368,7 +369,7 @@ class _Simulator:
         body = orjson.dumps({**head, "choices": [choice], "usage": usage})
         if fault == "badjson":
             body = body[: len(body) // 2]
-        return web.Response(body=body, content_type="application/json", headers=headers)
+        return web.Response(body=body, headers={**self._json, **headers})
 
     async def _stream(
         self,

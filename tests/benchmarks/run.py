@@ -82,6 +82,7 @@ class Outcome:
     rate_limited: int
     lost: int
     span_s: float
+    server_busy: float  # share of its core the simulator used while this client ran
 
     @property
     def rows_per_s(self) -> float:
@@ -133,14 +134,24 @@ def server(base_url: str, what: str) -> dict[str, Any]:
         return json.loads(r.read())  # type: ignore[no-any-return]
 
 
-def timed(client: str, cmd: list[str], base_url: str, rows: int, output: Path) -> Outcome:
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def timed(
+    client: str, cmd: list[str], sim: subprocess.Popen[str], base_url: str, rows: int, output: Path
+) -> Outcome:
     """Run one client process on core 0; its wall, CPU and peak RSS, and the server's counts."""
     server(base_url, "reset")
+    server_cpu = cpu_s(sim.pid)
     started = time.perf_counter()
     proc = subprocess.Popen(pinned(0, cmd), env={**os.environ, KEY_ENV: "bench"})
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - started
     proc.returncode = os.waitstatus_to_exitcode(status)
+    server_busy = (cpu_s(sim.pid) - server_cpu) / wall
     stats = server(base_url, "stats")
     ok = pl.read_parquet(output).filter(pl.col("status") == "ok")["id"].n_unique() if output.exists() else 0
     return Outcome(
@@ -153,6 +164,7 @@ def timed(client: str, cmd: list[str], base_url: str, rows: int, output: Path) -
         rate_limited=stats["by_status"].get("429", 0),
         lost=rows - ok,
         span_s=stats["span_s"],
+        server_busy=server_busy,
     )
 
 
@@ -187,7 +199,7 @@ def run_scenario(s: Scenario, rows: int, folder: Path) -> list[tuple[Outcome, st
             variants.insert(0, ("batchrun (rate_limit set)", paced))
         for name, job_path in variants:
             cmd = [sys.executable, "-m", "batchrun", "run", str(job_path), "-q", "--fresh"]
-            results.append((timed(name, cmd, base_url, rows, out), ""))
+            results.append((timed(name, cmd, sim, base_url, rows, out), ""))
         for name, script in (
             ("openai SDK + semaphore", "peer_openai.py"),
             ("httpx chunked gather", "peer_httpx.py"),
@@ -201,13 +213,14 @@ def run_scenario(s: Scenario, rows: int, folder: Path) -> list[tuple[Outcome, st
                 str(peer_out),
                 str(s.concurrency),
             ]
-            results.append((timed(name, cmd, base_url, rows, peer_out), ""))
+            results.append((timed(name, cmd, sim, base_url, rows, peer_out), ""))
     finally:
         sim.terminate()
         sim.wait()
     if s.name == "S1":
         fastest = max(o.rows_per_s for o, _ in results)
         print(f"  = {capacity / fastest:.1f}x the fastest client's rate ({fastest:,.0f} rows/s)", flush=True)
+        results = [(o, f"simulator core {o.server_busy:.0%} busy") for o, _ in results]
     if s.name == "S2":
         bound = zero_overhead_rows_per_s(s, rows)
         results = [
