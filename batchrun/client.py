@@ -77,7 +77,9 @@ class ChatClient:
             try:
                 if body.get("stream"):
                     return await self._complete_streamed(body)
-                async with self._session.post(self._url, data=orjson.dumps(body)) as response:
+                async with self._session.post(
+                    self._url, data=orjson.dumps(body), allow_redirects=False
+                ) as response:
                     raw = await response.read()
             except TimeoutError:
                 raise RetryableError("timeout", f"no answer within {self._timeout_s:g} s") from None
@@ -95,7 +97,7 @@ class ChatClient:
         sent = time.perf_counter()
         ttft_ms = None
         stream = StreamAssembler()
-        async with self._session.post(self._url, data=orjson.dumps(body)) as response:
+        async with self._session.post(self._url, data=orjson.dumps(body), allow_redirects=False) as response:
             if response.status != 200:
                 raise classify_status(response.status, response.headers, await response.read())
             async for line in response.content:

@@ -67,7 +67,6 @@ class Limiter:
         self.limit = float(concurrency)  # requests allowed in flight (AIMD when adaptive)
         self.in_flight = 0
         self.rate_limited = 0  # 429 answers seen
-        self.holds = 0
         self._max_tokens = max_tokens or 0
         self._max_hold_s = max_hold_s
         self._request_s = 60 / requests_per_minute if requests_per_minute else 0.0
@@ -190,7 +189,6 @@ class Limiter:
         if until <= self._hold_until or until <= time.monotonic():
             return
         self._hold_until = until
-        self.holds += 1
         self._request_tat = max(self._request_tat, until)
         self._token_tat = max(self._token_tat, until)
 
