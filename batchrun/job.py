@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import typing
 import urllib.parse
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -131,6 +132,28 @@ class RetrySpec(_Strict):
     max_backoff_s: float = Field(default=60.0, ge=0)
 
 
+class PricingSpec(_Strict):
+    """The job's own rates (USD per million tokens), or a discount off the list price."""
+
+    input_per_million: float | None = Field(default=None, ge=0)
+    output_per_million: float | None = Field(default=None, ge=0)
+    cached_input_per_million: float | None = Field(default=None, ge=0)  # default: the input rate
+    discount: float | None = Field(default=None, ge=0, lt=1)  # 0.3: 30% below list
+
+    @model_validator(mode="after")
+    def _rates_or_discount(self) -> PricingSpec:
+        rates = (self.input_per_million, self.output_per_million, self.cached_input_per_million)
+        if self.discount is not None and any(r is not None for r in rates):
+            raise ValueError("give either rates or a discount off the list price, not both")
+        if self.discount is None and (self.input_per_million is None or self.output_per_million is None):
+            raise ValueError("give input_per_million and output_per_million, or a discount")
+        return self
+
+
+class BudgetSpec(_Strict):
+    max_cost_usd: float = Field(gt=0)  # the whole job's spending, resumed runs included
+
+
 class JobSpec(_Strict):
     """A validated job; paths are absolute (resolved against the job file's folder)."""
 
@@ -143,6 +166,8 @@ class JobSpec(_Strict):
     concurrency: int = Field(default=16, ge=1, le=4096)
     retry: RetrySpec = RetrySpec()
     stall_warning_s: float = Field(default=300.0, gt=0)  # warn when no row finished for this long
+    pricing: PricingSpec | None = None  # default: the model's list price (genai-prices)
+    budget: BudgetSpec | None = None
     job_path: Path = Path("job.yaml")  # set by load_job, not read from the file
 
 
@@ -279,19 +304,26 @@ def _field_path(loc: tuple[int | str, ...]) -> tuple[str, ...]:
         if model is None or part not in model.model_fields:
             break
         keys.append(part)
-        annotation = model.model_fields[part].annotation
-        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        model = _section(model.model_fields[part].annotation)
     return tuple(keys)
 
 
 def _allowed_keys(keys: tuple[str, ...]) -> list[str]:
     model: type[BaseModel] = JobSpec
     for key in keys:
-        annotation = model.model_fields[key].annotation
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        section = _section(model.model_fields[key].annotation)
+        if section is None:
             return []
-        model = annotation
+        model = section
     return [k for k in model.model_fields if k != "job_path"]
+
+
+def _section(annotation: Any) -> type[BaseModel] | None:
+    """The model of a job section (`pricing: PricingSpec | None` too), or None for a plain value."""
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
 
 
 def _line_of(text: str, keys: tuple[str, ...]) -> int | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,27 +74,33 @@ def build_table(
 
 
 def write_table(table: pl.DataFrame, path: Path) -> None:
-    """Write through a temp file in the same folder and an atomic rename."""
+    """Write as the path's suffix says (.parquet, .csv, else JSON lines), atomically."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        write_atomically(path, table.write_parquet)
+    elif suffix == ".csv":
+        write_atomically(path, table.write_csv)
+    else:
+        write_atomically(path, table.write_ndjson)
+
+
+def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """`write(tmp)` to a temp file in the same folder, then an atomic rename onto `path`:
+    a reader sees the old file or the new one, never half of one."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
-        raise BatchrunError(f"cannot write output {path}: {exc.strerror or exc}") from None
+        raise BatchrunError(f"cannot write {path}: {exc.strerror or exc}") from None
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        suffix = path.suffix.lower()
-        if suffix == ".parquet":
-            table.write_parquet(tmp)
-        elif suffix == ".csv":
-            table.write_csv(tmp)
-        else:
-            table.write_ndjson(tmp)
+        write(tmp)
         with tmp.open("rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as exc:
-        raise BatchrunError(f"cannot write output {path}: {exc.strerror or exc}") from None
+        raise BatchrunError(f"cannot write {path}: {exc.strerror or exc}") from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()

@@ -17,12 +17,23 @@ POSTFIX_INTERVAL_S = 0.5
 class Progress:
     """Counts finished rows; resumed rows start out counted as done."""
 
-    def __init__(self, total: int, done_before: int, quiet: bool, stream: TextIO | None = None):
+    def __init__(
+        self,
+        total: int,
+        done_before: int,
+        quiet: bool,
+        stream: TextIO | None = None,
+        *,
+        cost_usd: float | None = None,  # spent before this run; None: the model has no price
+        budget_usd: float | None = None,
+    ):
         self.total = total
         self.done = done_before
         self.ok = 0
         self.failed = 0
         self.tokens = 0
+        self.cost_usd = cost_usd
+        self._budget_usd = budget_usd
         self._quiet = quiet
         self._stream = stream or sys.stderr
         self._started = time.monotonic()
@@ -46,6 +57,8 @@ class Progress:
         else:
             self.failed += 1
         self.tokens += result.total_tokens or 0
+        if self.cost_usd is not None:
+            self.cost_usd += result.cost_usd or 0.0
         if self._bar is not None:
             self._bar.update(1)
         now = time.monotonic()
@@ -67,7 +80,11 @@ class Progress:
             self._next_update = now + PLAIN_INTERVAL_S
 
     def _counts(self) -> str:
-        return f"ok={self.ok} failed={self.failed} tokens={self.tokens:,}"
+        counts = f"ok={self.ok} failed={self.failed} tokens={self.tokens:,}"
+        if self.cost_usd is not None:
+            counts += f" cost=${self.cost_usd:.4f}"
+            counts += f" of ${self._budget_usd:g}" if self._budget_usd is not None else ""
+        return counts
 
     def _rate(self, now: float) -> float:
         return (self.done - self._done_at_start) / max(now - self._started, 1e-9)

@@ -24,11 +24,20 @@ from tenacity.wait import wait_base, wait_random_exponential
 
 from batchrun.checkpoint import Checkpoint, RowResult
 from batchrun.client import ChatClient
+from batchrun.cost import (
+    ASSUMED_MAX_OUTPUT_TOKENS,
+    Price,
+    job_price,
+    output_tokens_cap,
+    prompt_tokens_ceiling,
+    request_cost,
+)
 from batchrun.errors import BatchrunError, JobAborted, JobError, RequestFailed, RetryableError
 from batchrun.job import JobSpec
 from batchrun.output import OUTPUT_RESULT_COLUMNS, build_table, write_table
 from batchrun.progress import Progress
 from batchrun.prompts import PromptTemplates, compile_prompts
+from batchrun.report import write_run_report
 from batchrun.simulator import SimulatorConfig, serve_in_thread
 from batchrun.sources import ROW, Source, open_source
 
@@ -49,6 +58,8 @@ class RunOptions:
     output: Path | None = None
     quiet: bool = False
     grace_s: float = 10.0  # after a stop request, how long in-flight requests may finish
+    max_cost_usd: float | None = None  # overrides the job's budget.max_cost_usd
+    rows: frozenset[int] | None = None  # only these rows (0-based), e.g. a random pilot
 
 
 @dataclass(frozen=True)
@@ -65,11 +76,19 @@ class RunResult:
     wall_s: float
     output_path: Path
     interrupted: bool
+    cost_usd: float | None = None  # the whole job's, earlier runs included; None if unpriced
+    budget_usd: float | None = None
+    budget_stopped: bool = False
+    requests: int = 0  # sent by this run, retries included
+    run_tokens: int = 0  # of the rows this run finished
+    report_path: Path | None = None
 
     @property
     def exit_code(self) -> int:
         if self.interrupted:
             return 130
+        if self.budget_stopped:
+            return 3
         return 1 if self.failed or self.pending else 0
 
 
@@ -85,6 +104,14 @@ class PreparedJob:
     @property
     def checkpoint_path(self) -> Path:
         return self.output_path.with_name(self.output_path.name + ".checkpoint.sqlite")
+
+    @property
+    def report_path(self) -> Path:
+        return self.output_path.with_name(self.output_path.name + ".report.json")
+
+    @property
+    def estimate_path(self) -> Path:
+        return self.output_path.with_name(self.output_path.name + ".estimate.json")
 
     def first_request(self) -> dict[str, Any]:
         row = next(self.source.batches(self.prompts.columns, limit=1))[0]
@@ -137,38 +164,70 @@ def run_job(spec: JobSpec, options: RunOptions = RunOptions()) -> RunResult:
     job = prepare(spec, options.output)
     started = time.monotonic()
     api_key = "simulated" if options.simulate else _api_key(spec)
+    price = job_price(spec)
+    max_cost = options.max_cost_usd or (spec.budget.max_cost_usd if spec.budget else None)
+    if max_cost is not None and price is None:
+        raise JobError(
+            f"a budget needs a price, and model {spec.model!r} is not in the price table; add "
+            "pricing: {input_per_million: ..., output_per_million: ...} to the job",
+            spec.job_path,
+        )
     checkpoint = Checkpoint(job.checkpoint_path)
     try:
         checkpoint.lock()
         checkpoint.start(job.fingerprint(options.simulate), fresh=options.fresh)
+        repriced = checkpoint.reprice(repr(price), functools.partial(request_cost, price))
+        spent = checkpoint.spent_usd()
         in_scope = min(options.limit or job.source.row_count, job.source.row_count)
         finished = {r for r in checkpoint.rows_with_status(*DONE) if r < in_scope}
         only: set[int] | None = None  # with --retry-failed, only the failed rows go out again
         if options.retry_failed:
             only = {r for r in checkpoint.rows_with_status("failed") if r < in_scope}
             to_send = len(only)
+        elif options.rows is not None:
+            only = {r for r in options.rows if r < in_scope} - finished
+            to_send = len(only)
         else:
             to_send = in_scope - len(finished)
-        progress = Progress(in_scope, in_scope - to_send, options.quiet)
+        progress = Progress(
+            in_scope,
+            in_scope - to_send,
+            options.quiet,
+            cost_usd=None if price is None else spent,
+            budget_usd=max_cost,
+        )
         if finished and not options.fresh:
             progress.say(f"resuming: {len(finished)} of {in_scope} rows already done")
+        if repriced and not options.fresh:
+            progress.say(f"pricing changed since the checkpoint was made: repriced {repriced} rows")
+        if price is None:
+            progress.say(
+                f"warning: no price known for model {spec.model!r}; cost_usd stays empty (null); "
+                "set pricing: {input_per_million: ..., output_per_million: ...} in the job to price it"
+            )
+        budget = None
+        if max_cost is not None:
+            budget = BudgetGuard(max_cost, spent_usd=spent)
+            if output_tokens_cap(job.params) is None:
+                progress.say(
+                    f"warning: params.max_tokens is not set; the budget assumes up to "
+                    f"{ASSUMED_MAX_OUTPUT_TOKENS:,} output tokens per request"
+                )
         with _endpoint(spec, options) as base_url:
             client = ChatClient(
                 base_url, api_key, spec.endpoint.timeout_s, options.concurrency or spec.concurrency
             )
-            pipeline = _Pipeline(job, client, checkpoint, progress, options, finished, only)
+            pipeline = _Pipeline(job, client, checkpoint, progress, options, finished, only, price, budget)
             try:
                 asyncio.run(pipeline.run())
             finally:
                 progress.close()
         table = build_table(job.source, spec.output.include_columns, checkpoint.results(), options.limit)
         write_table(table, job.output_path)
-        if pipeline.aborted is not None:
-            raise pipeline.aborted
         totals = checkpoint.totals()
         counts = table["status"].value_counts()
         by_status = dict(zip(counts["status"].to_list(), counts["count"].to_list(), strict=True))
-        return RunResult(
+        result = RunResult(
             total=in_scope,
             ok=by_status.get("ok", 0),
             failed=by_status.get("failed", 0),
@@ -181,7 +240,17 @@ def run_job(spec: JobSpec, options: RunOptions = RunOptions()) -> RunResult:
             wall_s=time.monotonic() - started,
             output_path=job.output_path,
             interrupted=pipeline.interrupted,
+            cost_usd=None if price is None else checkpoint.spent_usd(),
+            budget_usd=max_cost,
+            budget_stopped=pipeline.budget_stopped,
+            requests=pipeline.requests,
+            run_tokens=progress.tokens,
+            report_path=job.report_path,
         )
+        write_run_report(job, result, table, price, job.fingerprint(options.simulate), pipeline.aborted)
+        if pipeline.aborted is not None:
+            raise pipeline.aborted
+        return result
     finally:
         checkpoint.close()
 
@@ -241,7 +310,11 @@ class _Pipeline:
     options: RunOptions
     skip: set[int]  # rows already finished
     only: set[int] | None  # with --retry-failed: the rows to send again
+    price: Price | None = None
+    budget: BudgetGuard | None = None
     interrupted: bool = False
+    budget_stopped: bool = False
+    requests: int = 0
     aborted: BatchrunError | None = None
     retries: Counter[str] = field(default_factory=Counter)
     in_flight: int = 0
@@ -308,13 +381,36 @@ class _Pipeline:
 
     async def _work(self) -> None:
         while (request := await self._queue.get()) is not None:
+            worst = self._worst_cost(request) if self.budget is not None else 0.0
+            if self.budget is not None and not self.budget.reserve(worst):
+                self._stop_for_budget()
+                return
             try:
                 result = await self._send(request)
             except JobAborted as exc:
                 self.aborted = exc
                 self._stop.set()
                 return
+            if self.budget is not None:
+                self.budget.settle(worst, result.cost_usd or 0.0)
             self._results.put_nowait(result)
+
+    def _worst_cost(self, request: _Request) -> float:
+        """The most this request can cost: a prompt-size ceiling and a full-length answer."""
+        assert self.price is not None  # run_job refuses a budget without a price
+        output = output_tokens_cap(self.job.params) or ASSUMED_MAX_OUTPUT_TOKENS
+        return self.price.cost(prompt_tokens_ceiling(request.body["messages"]), 0, output)
+
+    def _stop_for_budget(self) -> None:
+        if self.budget_stopped:
+            return
+        assert self.budget is not None
+        self.budget_stopped = True
+        self.progress.say(
+            f"budget: ${self.budget.spent_usd:.4f} spent of ${self.budget.limit_usd:g}; the next request "
+            f"could exceed it: sending no more, finishing {self.in_flight} in flight"
+        )
+        self._stop.set()
 
     async def _send(self, request: _Request) -> RowResult:
         """One row through retries to an ok or failed result; JobAborted passes through."""
@@ -325,6 +421,7 @@ class _Pipeline:
             async for attempt in self._retrying.copy():
                 with attempt:
                     attempts += 1
+                    self.requests += 1
                     sent = time.perf_counter()
                     try:
                         answer = await self.client.complete(request.body)
@@ -339,6 +436,7 @@ class _Pipeline:
                 error=str(exc),
                 attempts=attempts,
                 latency_ms=round(latency_ms, 1),
+                cost_usd=0.0,  # failed requests are not billed
             )
         finally:
             self.in_flight -= 1
@@ -358,6 +456,13 @@ class _Pipeline:
             total_tokens=answer.total_tokens,
             cached_tokens=answer.cached_tokens,
             reasoning_tokens=answer.reasoning_tokens,
+            cost_usd=request_cost(
+                self.price,
+                answer.prompt_tokens,
+                answer.completion_tokens,
+                answer.total_tokens,
+                answer.cached_tokens,
+            ),
             attempts=attempts,
             latency_ms=round(latency_ms, 1),
             model=answer.model or self.job.spec.model,
@@ -411,7 +516,11 @@ class _Pipeline:
             self._queue.get_nowait()
         for _ in workers:
             self._queue.put_nowait(None)
-        grace = 0.0 if at_once or self.aborted is not None else self.options.grace_s
+        grace: float | None = self.options.grace_s
+        if at_once or self.aborted is not None:
+            grace = 0.0
+        elif self.budget_stopped and not self.interrupted:
+            grace = None  # requests in flight are paid for: wait for their answers
         try:
             await asyncio.wait_for(asyncio.shield(all_work), timeout=grace)
         except TimeoutError:
@@ -441,3 +550,29 @@ class _Pipeline:
             f"(up to {self.options.grace_s:g} s; press Ctrl-C again to stop at once)"
         )
         self._stop.set()
+
+
+@dataclass
+class BudgetGuard:
+    """Spending against a budget: a request goes out only if its worst case still fits.
+
+    Each request in flight holds its worst-case cost until its real cost is known, so the
+    requests in flight together cannot push spending past the limit. Once one request is
+    refused, every later one is too: the job stops rather than picking cheaper rows.
+    """
+
+    limit_usd: float
+    spent_usd: float = 0.0
+    reserved_usd: float = 0.0
+    stopped: bool = False
+
+    def reserve(self, worst_usd: float) -> bool:
+        if self.stopped or self.spent_usd + self.reserved_usd + worst_usd > self.limit_usd:
+            self.stopped = True
+            return False
+        self.reserved_usd += worst_usd
+        return True
+
+    def settle(self, reserved_usd: float, cost_usd: float) -> None:
+        self.reserved_usd = max(0.0, self.reserved_usd - reserved_usd)
+        self.spent_usd += cost_usd

@@ -11,6 +11,11 @@ last user message, so a test can aim one fault at one input row:
 * ``[[fail:reset]]`` / ``[[fail:resetxN]]`` - drop the connection without answering;
 * ``[[fail:truncate]]`` / ``[[fail:truncatexN]]`` - (streams) end the stream before ``[DONE]``;
 * ``[[sleep:MS]]`` - wait MS milliseconds before answering.
+
+Usage markers shape the reported token counts, for cost tests:
+
+* ``[[cached:N]]`` - report N of the prompt tokens as cached (``prompt_tokens_details``);
+* ``[[prompt_tokens:N]]`` - report a prompt of N tokens (a 200k-token prompt without sending one).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from aiohttp import web
 TOKEN_RE = re.compile(r"\w+|[^\w\s]")
 _SENTENCE_END_RE = re.compile(r"[.!?]+[\"'\u201d\u2019)\]]*(?=\s|$)")
 _MARKER_RE = re.compile(r"\[\[(?:fail:([1-5]\d\d|badjson|reset|truncate)(?:x(\d+))?|sleep:(\d+))\]\]")
+_USAGE_MARKER_RE = re.compile(r"\[\[(cached|prompt_tokens):(\d+)\]\]")
 _ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
 _STREAM_PIECE_TOKENS = 4
 _SHUTDOWN_GRACE_S = 0.1  # in-flight requests (e.g. a long [[sleep]]) must not delay stopping
@@ -152,7 +158,7 @@ def _parse(body: bytes) -> _Chat:
 
 def compose_answer(text: str, max_tokens: int | None, stop: list[str]) -> tuple[str, str]:
     """The deterministic reply: the first two sentences of ``text``; returns (content, finish)."""
-    text = " ".join(_MARKER_RE.sub(" ", text).split())
+    text = " ".join(_USAGE_MARKER_RE.sub(" ", _MARKER_RE.sub(" ", text)).split())
     ends = [m.end() for m in itertools.islice(_SENTENCE_END_RE.finditer(text), 2)]
     answer = text[: ends[-1]] if len(ends) == 2 else text
     cuts = [i for s in stop if s and (i := answer.find(s)) >= 0]
@@ -287,11 +293,15 @@ class _Simulator:
         content, finish = compose_answer(chat.last_user, chat.max_tokens, chat.stop)
         prompt_tokens = sum(count_tokens(t) + 4 for t in chat.texts)
         completion_tokens = count_tokens(content)
-        usage = {
+        marked = {name: int(n) for name, n in _USAGE_MARKER_RE.findall(chat.last_user)}
+        prompt_tokens = marked.get("prompt_tokens", prompt_tokens)
+        usage: dict[str, Any] = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
         }
+        if "cached" in marked:
+            usage["prompt_tokens_details"] = {"cached_tokens": min(marked["cached"], prompt_tokens)}
         head = {
             "id": f"chatcmpl-{digest}",
             "object": "chat.completion",
@@ -316,7 +326,7 @@ class _Simulator:
         head: dict[str, Any],
         content: str,
         finish: str,
-        usage: dict[str, int],
+        usage: dict[str, Any],
         fault: str | None,
         headers: dict[str, str],
     ) -> web.StreamResponse:
