@@ -179,7 +179,7 @@ def format_cost_report(report: pl.DataFrame, fmt: str) -> str:
     if fmt == "json":
         return json.dumps(report.to_dicts(), indent=2) + "\n"
     header = list(report.columns)
-    lines = [header]
+    lines = [[name.removesuffix("_tokens").removesuffix("_usd") for name in header]]
     for row in report.iter_rows():
         lines.append([_cell(name, value) for name, value in zip(header, row, strict=True)])
     numeric = [report[c].dtype.is_numeric() for c in header]

@@ -436,6 +436,7 @@ class _Pipeline:
                 error=str(exc),
                 attempts=attempts,
                 latency_ms=round(latency_ms, 1),
+                model=self.job.spec.model,  # as asked: a cost report groups by it
                 cost_usd=0.0,  # failed requests are not billed
             )
         finally:
