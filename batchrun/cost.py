@@ -75,9 +75,13 @@ class Price:
         base = self.tiers[0][1]
         more = f"; more from {self.tiers[1][0] + 1:,} prompt tokens" if len(self.tiers) > 1 else ""
         return (
-            f"${base.input:g} in, ${base.cached_input:g} cached in, ${base.output:g} out per million "
-            f"tokens{more} ({self.source})"
+            f"{_usd(base.input)} in, {_usd(base.cached_input)} cached in, {_usd(base.output)} out per "
+            f"million tokens{more} ({self.source})"
         )
+
+
+def _usd(rate: float) -> str:
+    return f"${rate:.2f}" if round(rate, 2) == rate else f"${rate:g}"
 
 
 def billed_output_tokens(
