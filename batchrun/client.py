@@ -40,6 +40,7 @@ class ChatResult:
     ttft_ms: float | None = None  # time to the first content piece, when streamed
     cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens
     reasoning_tokens: int | None = None  # usage.completion_tokens_details.reasoning_tokens
+    tool_calls: list[dict[str, str]] | None = None  # [{id, name, arguments}], arguments as sent
 
 
 class ChatClient:
@@ -65,6 +66,26 @@ class ChatClient:
 
     def __repr__(self) -> str:
         return f"ChatClient({self._url!r})"
+
+    async def models(self) -> list[str] | None:
+        """The ids `GET /models` lists for this key, None if the endpoint has no such list;
+        raises like `complete` on failure."""
+        with self._redacted_errors():
+            try:
+                async with asyncio.timeout(self._timeout_s):
+                    response = await self._http.get("models")
+            except (TimeoutError, httpx.TimeoutException):
+                raise RetryableError("timeout", f"no answer within {self._timeout_s:g} s") from None
+            except httpx.TransportError as exc:
+                raise RetryableError("connection", _describe(exc)) from None
+            if response.status_code == 404:
+                return None
+            if response.status_code != 200:
+                raise classify_status(response)
+            try:
+                return [str(m["id"]) for m in orjson.loads(response.content)["data"]]
+            except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+                raise RetryableError("invalid_response", f"unreadable model list ({exc})") from None
 
     async def complete(self, body: dict[str, Any]) -> ChatResult:
         """Send one request; raise RetryableError, PermanentError or JobAborted on failure."""
@@ -104,6 +125,7 @@ class ChatClient:
             model=stream.model,
             response_id=stream.response_id,
             ttft_ms=ttft_ms,
+            tool_calls=stream.tool_calls,
             **_usage_details(usage),
         )
 
@@ -136,11 +158,25 @@ def parse_completion(raw: bytes) -> ChatResult:
             total_tokens=usage.get("total_tokens"),
             model=data.get("model"),
             response_id=data.get("id"),
+            tool_calls=_tool_calls(message.get("tool_calls")),
             **_usage_details(usage),
         )
     except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError):
         snippet = raw[:80].decode("utf-8", "replace")
         raise RetryableError("invalid_response", f"unreadable completion body: {snippet!r}") from None
+
+
+def _tool_calls(calls: list[dict[str, Any]] | None) -> list[dict[str, str]] | None:
+    if not calls:
+        return None
+    return [
+        {
+            "id": call.get("id") or "",
+            "name": call["function"]["name"],
+            "arguments": call["function"].get("arguments") or "",
+        }
+        for call in calls
+    ]
 
 
 def _usage_details(usage: dict[str, Any]) -> dict[str, int | None]:

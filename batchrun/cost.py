@@ -111,13 +111,14 @@ def request_cost(
     return price.cost(prompt_tokens, cached_tokens or 0, output)
 
 
-def prompt_tokens_ceiling(messages: list[dict[str, Any]]) -> int:
-    """More prompt tokens than a request can be billed for: the bytes of its messages as JSON.
+def prompt_tokens_ceiling(body: dict[str, Any]) -> int:
+    """More prompt tokens than a request can be billed for: the bytes of its body as JSON.
 
     A token covers at least one byte of text in byte-level BPE tokenizers, and the JSON (role
-    names, quotes, braces) outweighs the few framing tokens each message adds.
+    names, quotes, braces) outweighs the few framing tokens each message adds; tools and
+    response_format schemas, billed as prompt too, are in the body.
     """
-    return len(orjson.dumps(messages))
+    return len(orjson.dumps(body))
 
 
 def output_tokens_cap(params: dict[str, Any]) -> int | None:

@@ -180,7 +180,7 @@ def estimate_job(job: PreparedJob, fingerprint: dict[str, Any]) -> Estimate:
                 continue  # will be recorded `skipped`, never sent
             if done is not None and (done["status"] != "ok" or done["prompt_tokens"] is None):
                 continue
-            chars = sum(len(m["content"]) for m in job.prompts.messages(row))
+            chars = _text_length(job.prompts.messages(row))
             if done is None:
                 to_do_chars.append(chars)
                 continue
@@ -261,6 +261,16 @@ def _project(
         price=price,
         ignored_checkpoint=ignored,
     )
+
+
+def _text_length(messages: list[dict[str, Any]]) -> int:
+    """Characters of the messages' text: string content, or the text parts of a list."""
+    length = 0
+    for message in messages:
+        content = message.get("content")
+        parts = content if isinstance(content, list) else [{"text": content}]
+        length += sum(len(p.get("text") or "") for p in parts if isinstance(p, dict))
+    return length
 
 
 def _scenario(

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import ErrorDetails
 
 from batchrun.errors import JobError
-from batchrun.prompts import compile_template
+from batchrun.prompts import PromptTemplates, compile_prompts
 
 # Chat-completions request keys we know by name: a `params` key close to one of these
 # but not equal is almost surely a typo, so it is rejected instead of passed through.
@@ -56,16 +56,40 @@ class InputSpec(_Strict):
     # A null in a prompt column: stop before sending (error), record the row `skipped` unsent
     # (skip), or render it as "" (empty).
     on_null: Literal["error", "skip", "empty"] = "error"
+    messages_column: str | None = None  # a column holding each row's JSON list of chat messages
+
+
+class EnumField(_Strict):
+    enum: tuple[str, ...] = Field(min_length=1)
+
+
+FieldType = Literal["string", "integer", "number", "boolean", "list"] | EnumField
 
 
 class OutputSpec(_Strict):
     path: Path
     include_columns: tuple[str, ...] = ()  # input columns copied next to each answer
+    # Typed columns parsed from each answer (JSON content, or the first tool call's arguments).
+    fields: dict[str, FieldType] = {}
+
+
+class MessageTemplate(_Strict):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str  # a template, like prompt.user
 
 
 class PromptSpec(_Strict):
+    """Either `user` (with an optional `system`) or a whole `messages` list of templates."""
+
     system: str | None = None
-    user: str  # `{column}` placeholders; `{{` and `}}` for literal braces
+    user: str | None = None  # `{column}` placeholders; `{{` and `}}` for literal braces
+    messages: tuple[MessageTemplate, ...] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_form(self) -> PromptSpec:
+        if self.messages is not None and (self.user is not None or self.system is not None):
+            raise ValueError("give either messages or system/user, not both")
+        return self
 
 
 class Params(BaseModel):
@@ -77,12 +101,29 @@ class Params(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     top_p: float | None = Field(default=None, ge=0, le=1)
     stop: str | tuple[str, ...] | None = None
+    tools: tuple[dict[str, Any], ...] | None = None
 
     @field_validator("stop")
     @classmethod
     def _at_most_four(cls, v: str | tuple[str, ...] | None) -> str | tuple[str, ...] | None:
         if isinstance(v, tuple) and not 1 <= len(v) <= 4:
             raise ValueError("stop takes a string or a list of 1 to 4 strings")
+        return v
+
+    @field_validator("tools", mode="before")
+    @classmethod
+    def _function_tools(cls, v: Any) -> Any:
+        """OpenAI's function schema: [{type: function, function: {name, parameters?}}]."""
+        if not isinstance(v, list) or not v:
+            raise ValueError("tools takes a list of {type: function, function: {name, parameters}}")
+        for i, tool in enumerate(v):
+            function = tool.get("function") if isinstance(tool, dict) else None
+            if not isinstance(function, dict) or tool.get("type", "function") != "function":
+                raise ValueError(f"tools[{i}] must be {{type: function, function: {{name, parameters}}}}")
+            if not isinstance(function.get("name"), str) or not function["name"]:
+                raise ValueError(f"tools[{i}].function needs a name")
+            if not isinstance(function.get("parameters", {}), dict):
+                raise ValueError(f"tools[{i}].function.parameters must be a JSON schema object")
         return v
 
     def body(self) -> dict[str, Any]:
@@ -128,6 +169,7 @@ def _is_loopback(host: str) -> bool:
 
 class RetrySpec(_Strict):
     max_attempts: int = Field(default=6, ge=1)
+    max_parse_attempts: int = Field(default=3, ge=1)  # answers asked for while output.fields do not fit
     initial_backoff_s: float = Field(default=1.0, ge=0)
     max_backoff_s: float = Field(default=60.0, ge=0)
 
@@ -160,7 +202,7 @@ class JobSpec(_Strict):
     input: InputSpec
     output: OutputSpec
     model: str = Field(min_length=1)
-    prompt: PromptSpec
+    prompt: PromptSpec = PromptSpec()
     params: Params = Params()
     endpoint: EndpointSpec = EndpointSpec()
     concurrency: int = Field(default=16, ge=1, le=4096)
@@ -169,6 +211,24 @@ class JobSpec(_Strict):
     pricing: PricingSpec | None = None  # default: the model's list price (genai-prices)
     budget: BudgetSpec | None = None
     job_path: Path = Path("job.yaml")  # set by load_job, not read from the file
+
+    @model_validator(mode="after")
+    def _something_to_send(self) -> JobSpec:
+        prompt, column = self.prompt, self.input.messages_column
+        if column is None and prompt.user is None and prompt.messages is None:
+            raise ValueError(
+                "prompt: nothing to send; give prompt.user, prompt.messages or input.messages_column"
+            )
+        if column is not None and (prompt.user is not None or prompt.messages is not None):
+            raise ValueError(
+                "input.messages_column: it holds each row's whole conversation; drop prompt.user and "
+                "prompt.messages (prompt.system may stay, it is sent first)"
+            )
+        return self
+
+    def prompt_templates(self) -> PromptTemplates:
+        messages = [(m.role, m.content) for m in self.prompt.messages or ()]
+        return compile_prompts(self.prompt.system, self.prompt.user, messages, self.input.messages_column)
 
 
 def load_job(path: Path | str) -> JobSpec:
@@ -195,7 +255,7 @@ def load_job(path: Path | str) -> JobSpec:
     except ValidationError as exc:
         raise _job_error(exc, text, path) from None
     _check_param_typos(spec.params, text, path)
-    _check_templates(spec.prompt, text, path)
+    _check_templates(spec, text, path)
     base = path.parent.resolve()
     _check_table_suffix(spec.input.path, "input", text, path)
     _check_table_suffix(spec.output.path, "output", text, path)
@@ -217,15 +277,13 @@ def _check_table_suffix(table: Path, key: str, text: str, path: Path) -> None:
         )
 
 
-def _check_templates(prompt: PromptSpec, text: str, path: Path) -> None:
+def _check_templates(spec: JobSpec, text: str, path: Path) -> None:
     """A template that cannot be parsed is the job file's fault: name its file and line."""
-    for key, source in (("system", prompt.system), ("user", prompt.user)):
-        if source is None:
-            continue
-        try:
-            compile_template(source, f"prompt.{key}")
-        except JobError as exc:
-            raise JobError(str(exc), path, _line_of(text, ("prompt", key))) from None
+    try:
+        spec.prompt_templates()
+    except JobError as exc:
+        key = str(exc).split(":", 1)[0].removeprefix("prompt.").split("[", 1)[0]
+        raise JobError(str(exc), path, _line_of(text, ("prompt", key))) from None
 
 
 def _check_param_typos(params: Params, text: str, path: Path) -> None:
@@ -285,12 +343,14 @@ def _problem(err: ErrorDetails) -> _Problem:
         meant = (*scope, close[0]) if close else None
         return _Problem(keys, f"unknown key '{key}'{where}{hint}", err["type"], meant)
     keys = _field_path(loc)
+    reason = str(err["msg"]).removeprefix("Value error, ")
+    if not keys:  # a check across keys: its message starts with the key at fault
+        return _Problem(tuple(reason.split(":", 1)[0].split(".")), reason, err["type"])
     if err["type"] == "missing":
         where = f" in {'.'.join(keys[:-1])}" if keys[:-1] else ""
         return _Problem(keys, f"missing required key '{keys[-1]}'{where}", err["type"])
     got = err.get("input")
     got_text = f" (got {got!r})" if not isinstance(got, dict | list) else ""
-    reason = str(err["msg"]).removeprefix("Value error, ")
     return _Problem(keys, f"{'.'.join(keys)}: {reason}{got_text}", err["type"])
 
 
@@ -324,6 +384,14 @@ def _section(annotation: Any) -> type[BaseModel] | None:
         if isinstance(candidate, type) and issubclass(candidate, BaseModel):
             return candidate
     return None
+
+
+def key_line(path: Path, keys: tuple[str, ...]) -> int | None:
+    """The line of a key in a job file already loaded, for errors found after loading."""
+    try:
+        return _line_of(path.read_text(encoding="utf-8"), keys)
+    except OSError:
+        return None
 
 
 def _line_of(text: str, keys: tuple[str, ...]) -> int | None:

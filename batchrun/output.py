@@ -5,15 +5,18 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import orjson
 import polars as pl
 
 from batchrun.checkpoint import COLUMNS
 from batchrun.errors import BatchrunError
+from batchrun.job import FieldType
 from batchrun.sources import ROW, Source
+from batchrun.structured import polars_type
 
 RESULT_SCHEMA: dict[str, Any] = {
     "row": pl.Int64,
@@ -51,9 +54,17 @@ def build_table(
     include_columns: tuple[str, ...],
     results: list[tuple[Any, ...]],
     limit: int | None,
+    fields: Mapping[str, FieldType] | None = None,
 ) -> pl.DataFrame:
-    """Join results onto the input's rows; rows without a result are `pending`."""
+    """Join results onto the input's rows; rows without a result are `pending`. Declared
+    output.fields become typed columns (null where a row has none)."""
+    fields = fields or {}
     done = pl.DataFrame(results, schema=RESULT_SCHEMA, orient="row").drop("id")
+    if fields:
+        struct = pl.Struct({name: polars_type(field) for name, field in fields.items()})
+        done = done.with_columns(pl.col("fields").str.json_decode(struct)).unnest("fields")
+    else:
+        done = done.drop("fields")
     id_expr = pl.col(source.id_column) if source.id_column else pl.col(ROW)
     extra = [c for c in include_columns if c != "id"]
     rows = source.lazy().select(pl.col(ROW), id_expr.alias("id"), *extra)
@@ -67,10 +78,19 @@ def build_table(
         )
         .with_columns(pl.col("status").fill_null("pending"), pl.col("attempts").fill_null(0))
         .sort(ROW)
-        .select("id", *extra, *OUTPUT_RESULT_COLUMNS)
+        .select("id", *extra, *fields, *OUTPUT_RESULT_COLUMNS)
         .collect()
     )
     return table
+
+
+def _lists_as_json(table: pl.DataFrame) -> pl.DataFrame:
+    """CSV has no lists: write them as JSON text (`["a", "b"]`)."""
+    lists = [name for name, dtype in table.schema.items() if isinstance(dtype, pl.List)]
+    return table.with_columns(
+        pl.Series(name, [None if v is None else orjson.dumps(v).decode() for v in table[name].to_list()])
+        for name in lists
+    )
 
 
 def write_table(table: pl.DataFrame, path: Path) -> None:
@@ -79,7 +99,7 @@ def write_table(table: pl.DataFrame, path: Path) -> None:
     if suffix == ".parquet":
         write_atomically(path, table.write_parquet)
     elif suffix == ".csv":
-        write_atomically(path, table.write_csv)
+        write_atomically(path, _lists_as_json(table).write_csv)
     else:
         write_atomically(path, table.write_ndjson)
 

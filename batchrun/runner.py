@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 from tenacity.wait import wait_base, wait_random_exponential
 
 from batchrun.checkpoint import Checkpoint, RowResult
-from batchrun.client import ChatClient
+from batchrun.client import ChatClient, ChatResult
 from batchrun.cost import (
     ASSUMED_MAX_OUTPUT_TOKENS,
     Price,
@@ -32,14 +33,24 @@ from batchrun.cost import (
     prompt_tokens_ceiling,
     request_cost,
 )
-from batchrun.errors import BatchrunError, JobAborted, JobError, RequestFailed, RetryableError
+from batchrun.errors import (
+    BatchrunError,
+    InputError,
+    InvalidOutput,
+    JobAborted,
+    JobError,
+    RequestFailed,
+    RetryableError,
+)
 from batchrun.job import JobSpec
+from batchrun.models import check_model
 from batchrun.output import OUTPUT_RESULT_COLUMNS, build_table, write_table
 from batchrun.progress import Progress
-from batchrun.prompts import PromptTemplates, compile_prompts
+from batchrun.prompts import PromptTemplates, conversation
 from batchrun.report import write_run_report
 from batchrun.simulator import SimulatorConfig, serve_in_thread
 from batchrun.sources import ROW, Source, open_source
+from batchrun.structured import parse_fields, response_format
 
 DONE = ("ok", "failed", "skipped")  # statuses a resume does not send again
 SIMULATED_ENDPOINT = "simulator"  # what the fingerprint records for --simulate's changing port
@@ -119,26 +130,35 @@ class PreparedJob:
 
     @functools.cached_property
     def params(self) -> dict[str, Any]:
-        return self.spec.params.body()
+        params = self.spec.params.body()
+        fields = self.spec.output.fields
+        if fields and not self.spec.params.tools and "response_format" not in params:
+            params["response_format"] = response_format(fields)  # ignored where unsupported
+        return params
 
     def request_body(self, row: dict[str, Any]) -> dict[str, Any]:
         return {"model": self.spec.model, "messages": self.prompts.messages(row), **self.params}
 
     def fingerprint(self, simulate: bool) -> dict[str, Any]:
         """What decides a row's answer; a checkpoint is reused only while all of it holds."""
-        prompt = self.spec.prompt
+        spec = self.spec
         return {
-            "prompt": {"system": prompt.system, "user": prompt.user},
-            "model": self.spec.model,
+            "prompt": spec.prompt.model_dump(mode="json", exclude_none=True),
+            "model": spec.model,
             "params": self.params,
-            "endpoint.base_url": SIMULATED_ENDPOINT if simulate else self.spec.endpoint.base_url,
-            "input": {"sha256": self.source.fingerprint(), "id_column": self.source.id_column},
+            "endpoint.base_url": SIMULATED_ENDPOINT if simulate else spec.endpoint.base_url,
+            "input": {
+                "sha256": self.source.fingerprint(),
+                "id_column": self.source.id_column,
+                "messages_column": spec.input.messages_column,
+            },
+            "output.fields": spec.output.model_dump(mode="json")["fields"],
         }
 
 
 def prepare(spec: JobSpec, output: Path | None = None) -> PreparedJob:
     """Check everything that can fail before a request is sent."""
-    prompts = compile_prompts(spec.prompt.system, spec.prompt.user)
+    prompts = spec.prompt_templates()
     output_path = (output or spec.output.path).resolve()
     if output_path == spec.input.path.resolve():
         raise JobError("output.path is the input file; choose another path", spec.job_path)
@@ -148,22 +168,41 @@ def prepare(spec: JobSpec, output: Path | None = None) -> PreparedJob:
             f"output.include_columns: '{clash[0]}' is also a result column; rename it in the input",
             spec.job_path,
         )
-    needed = {"output.include_columns": spec.output.include_columns}
-    if prompts.system is not None:
-        needed["prompt.system"] = prompts.system.columns
-    needed["prompt.user"] = prompts.user.columns
+    taken = {"id", *OUTPUT_RESULT_COLUMNS, *spec.output.include_columns}
+    if clash := [name for name in spec.output.fields if name in taken]:
+        raise JobError(
+            f"output.fields: '{clash[0]}' is also an output column (result or included); rename the field",
+            spec.job_path,
+        )
+    needed = {"output.include_columns": spec.output.include_columns, **prompts.needed()}
     no_nulls = prompts.columns if spec.input.on_null == "error" else ()
     source = open_source(spec.input.path, spec.input.id_column, needed, no_nulls)
+    if prompts.messages_column:
+        _check_conversations(source, prompts.messages_column, skip_nulls=spec.input.on_null == "skip")
     job = PreparedJob(spec, prompts, source, output_path)
     job.first_request()
     return job
+
+
+def _check_conversations(source: Source, column: str, skip_nulls: bool) -> None:
+    """Every row's messages must parse before the first is sent: one bad row stops the job here."""
+    for batch in source.batches((column,), limit=None):
+        for row in batch:
+            if row[column] is None and skip_nulls:
+                continue
+            try:
+                conversation(row[column])
+            except ValueError as exc:
+                raise InputError(
+                    f"input.messages_column '{column}', row {row[ROW] + 1} of {source.path.name}: {exc}"
+                ) from None
 
 
 def run_job(spec: JobSpec, options: RunOptions = RunOptions()) -> RunResult:
     """Run (or resume) a job to the end, or until interrupted; write the output table."""
     job = prepare(spec, options.output)
     started = time.monotonic()
-    api_key = "simulated" if options.simulate else _api_key(spec)
+    key = "simulated" if options.simulate else api_key(spec)
     price = job_price(spec)
     max_cost = options.max_cost_usd or (spec.budget.max_cost_usd if spec.budget else None)
     if max_cost is not None and price is None:
@@ -200,29 +239,33 @@ def run_job(spec: JobSpec, options: RunOptions = RunOptions()) -> RunResult:
             progress.say(f"resuming: {len(finished)} of {in_scope} rows already done")
         if repriced and not options.fresh:
             progress.say(f"pricing changed since the checkpoint was made: repriced {repriced} rows")
-        if price is None:
-            progress.say(
-                f"warning: no price known for model {spec.model!r}; cost_usd stays empty (null); "
-                "set pricing: {input_per_million: ..., output_per_million: ...} in the job to price it"
-            )
-        budget = None
-        if max_cost is not None:
-            budget = BudgetGuard(max_cost, spent_usd=spent)
-            if output_tokens_cap(job.params) is None:
-                progress.say(
-                    f"warning: params.max_tokens is not set; the budget assumes up to "
-                    f"{ASSUMED_MAX_OUTPUT_TOKENS:,} output tokens per request"
-                )
+        budget = None if max_cost is None else BudgetGuard(max_cost, spent_usd=spent)
         with _endpoint(spec, options) as base_url:
-            client = ChatClient(
-                base_url, api_key, spec.endpoint.timeout_s, options.concurrency or spec.concurrency
-            )
-            pipeline = _Pipeline(job, client, checkpoint, progress, options, finished, only, price, budget)
             try:
+                if note := check_model(spec, base_url, key):
+                    progress.say(note)
+                if price is None:
+                    progress.say(
+                        f"warning: no price known for model {spec.model!r}; cost_usd stays empty (null); "
+                        "set pricing: {input_per_million: ..., output_per_million: ...} to price it"
+                    )
+                if budget is not None and output_tokens_cap(job.params) is None:
+                    progress.say(
+                        f"warning: params.max_tokens is not set; the budget assumes up to "
+                        f"{ASSUMED_MAX_OUTPUT_TOKENS:,} output tokens per request"
+                    )
+                client = ChatClient(
+                    base_url, key, spec.endpoint.timeout_s, options.concurrency or spec.concurrency
+                )
+                pipeline = _Pipeline(
+                    job, client, checkpoint, progress, options, finished, only, price, budget
+                )
                 asyncio.run(pipeline.run())
             finally:
                 progress.close()
-        table = build_table(job.source, spec.output.include_columns, checkpoint.results(), options.limit)
+        table = build_table(
+            job.source, spec.output.include_columns, checkpoint.results(), options.limit, spec.output.fields
+        )
         write_table(table, job.output_path)
         totals = checkpoint.totals()
         counts = table["status"].value_counts()
@@ -255,7 +298,7 @@ def run_job(spec: JobSpec, options: RunOptions = RunOptions()) -> RunResult:
         checkpoint.close()
 
 
-def _api_key(spec: JobSpec) -> str:
+def api_key(spec: JobSpec) -> str:
     name = spec.endpoint.api_key_env
     key = os.environ.get(name, "").strip()
     if not key:
@@ -278,6 +321,66 @@ def _endpoint(spec: JobSpec, options: RunOptions) -> Iterator[str]:
 def _skipped(row: int, row_id: str, empty: list[str]) -> RowResult:
     reason = f"empty column(s) {', '.join(empty)}; not sent (input.on_null: skip)"
     return RowResult(row, row_id, "skipped", error_kind="null_value", error=reason)
+
+
+def _row_result(
+    request: _Request,
+    answers: list[ChatResult],
+    attempts: int,
+    latency_ms: float,
+    price: Price | None,
+    job_model: str,
+    fields: dict[str, Any] | None = None,
+    error: RequestFailed | None = None,
+) -> RowResult:
+    """The row's record: the last answer kept (even a failed one's), tokens and cost summed over
+    every billed answer, since re-asking for fields is paid for too; each answer is priced at its
+    own prompt's tier, and requests that got no answer are not billed."""
+    last = answers[-1] if answers else None
+
+    def total(name: str) -> int | None:
+        counts = [getattr(a, name) for a in answers]
+        return None if not counts or None in counts else sum(counts)
+
+    costs = [
+        request_cost(price, a.prompt_tokens, a.completion_tokens, a.total_tokens, a.cached_tokens)
+        for a in answers
+    ]
+
+    return RowResult(
+        request.row,
+        request.id,
+        "failed" if error else "ok",
+        content=last and last.content,
+        tool_calls=last and last.tool_calls and _tool_calls_json(last.tool_calls),
+        fields=orjson.dumps(fields).decode() if fields is not None else None,
+        finish_reason=last and last.finish_reason,
+        prompt_tokens=total("prompt_tokens"),
+        completion_tokens=total("completion_tokens"),
+        total_tokens=total("total_tokens"),
+        cached_tokens=total("cached_tokens"),
+        reasoning_tokens=total("reasoning_tokens"),
+        cost_usd=None if None in costs else sum(costs, 0.0),
+        error_kind=error and error.kind,
+        error=error and str(error),
+        attempts=attempts,
+        latency_ms=round(latency_ms, 1),
+        model=(last and last.model) or job_model,  # as asked, when no answer says: reports group by it
+        response_id=last and last.response_id,
+        ttft_ms=last and last.ttft_ms,
+    )
+
+
+def _tool_calls_json(calls: list[dict[str, str]]) -> str:
+    """[{id, name, arguments}] with arguments decoded when they are JSON, as sent otherwise."""
+    readable = []
+    for call in calls:
+        try:
+            arguments: Any = orjson.loads(call["arguments"])
+        except orjson.JSONDecodeError:
+            arguments = call["arguments"]
+        readable.append({**call, "arguments": arguments})
+    return orjson.dumps(readable).decode()
 
 
 class _WaitRetryAfter(wait_base):
@@ -396,10 +499,13 @@ class _Pipeline:
             self._results.put_nowait(result)
 
     def _worst_cost(self, request: _Request) -> float:
-        """The most this request can cost: a prompt-size ceiling and a full-length answer."""
+        """The most this row can cost: a prompt-size ceiling and a full-length answer, for each
+        answer it may be asked for (re-asks for output.fields are billed too)."""
         assert self.price is not None  # run_job refuses a budget without a price
+        spec = self.job.spec
         output = output_tokens_cap(self.job.params) or ASSUMED_MAX_OUTPUT_TOKENS
-        return self.price.cost(prompt_tokens_ceiling(request.body["messages"]), 0, output)
+        asks = spec.retry.max_parse_attempts if spec.output.fields else 1
+        return asks * self.price.cost(prompt_tokens_ceiling(request.body), 0, output)
 
     def _stop_for_budget(self) -> None:
         if self.budget_stopped:
@@ -413,32 +519,38 @@ class _Pipeline:
         self._stop.set()
 
     async def _send(self, request: _Request) -> RowResult:
-        """One row through retries to an ok or failed result; JobAborted passes through."""
+        """One row through retries, and re-asks while its answer lacks output.fields, to a result;
+        JobAborted passes through."""
+        spec = self.job.spec
+        answers: list[ChatResult] = []  # every billed answer, for the row's token counts
+        parsed: dict[str, Any] | None = None
         attempts = 0
         latency_ms = 0.0
         self.in_flight += 1
         try:
-            async for attempt in self._retrying.copy():
-                with attempt:
-                    attempts += 1
-                    self.requests += 1
-                    sent = time.perf_counter()
-                    try:
-                        answer = await self.client.complete(request.body)
-                    finally:
-                        latency_ms = (time.perf_counter() - sent) * 1000
+            for asked in range(1, spec.retry.max_parse_attempts + 1):
+                async for attempt in self._retrying.copy():
+                    with attempt:
+                        attempts += 1
+                        self.requests += 1
+                        sent = time.perf_counter()
+                        try:
+                            answer = await self.client.complete(request.body)
+                        finally:
+                            latency_ms = (time.perf_counter() - sent) * 1000
+                answers.append(answer)
+                if not spec.output.fields:
+                    break
+                tool_calls = answer.tool_calls or [] if spec.params.tools else None
+                try:
+                    parsed = parse_fields(spec.output.fields, answer.content, tool_calls)
+                    break
+                except InvalidOutput as exc:
+                    if asked == spec.retry.max_parse_attempts:
+                        raise
+                    self._count(exc)
         except RequestFailed as exc:
-            return RowResult(
-                request.row,
-                request.id,
-                "failed",
-                error_kind=exc.kind,
-                error=str(exc),
-                attempts=attempts,
-                latency_ms=round(latency_ms, 1),
-                model=self.job.spec.model,  # as asked: a cost report groups by it
-                cost_usd=0.0,  # failed requests are not billed
-            )
+            return _row_result(request, answers, attempts, latency_ms, self.price, spec.model, error=exc)
         finally:
             self.in_flight -= 1
         if answer.total_tokens is None and not self.warned_no_usage:
@@ -446,33 +558,13 @@ class _Pipeline:
             self.progress.say(
                 "warning: the endpoint sent no token usage; token columns stay empty (null) for such rows"
             )
-        return RowResult(
-            request.row,
-            request.id,
-            "ok",
-            content=answer.content,
-            finish_reason=answer.finish_reason,
-            prompt_tokens=answer.prompt_tokens,
-            completion_tokens=answer.completion_tokens,
-            total_tokens=answer.total_tokens,
-            cached_tokens=answer.cached_tokens,
-            reasoning_tokens=answer.reasoning_tokens,
-            cost_usd=request_cost(
-                self.price,
-                answer.prompt_tokens,
-                answer.completion_tokens,
-                answer.total_tokens,
-                answer.cached_tokens,
-            ),
-            attempts=attempts,
-            latency_ms=round(latency_ms, 1),
-            model=answer.model or self.job.spec.model,
-            response_id=answer.response_id,
-            ttft_ms=answer.ttft_ms,
-        )
+        return _row_result(request, answers, attempts, latency_ms, self.price, spec.model, fields=parsed)
 
     def _count_retry(self, retry_state: RetryCallState) -> None:
         exc = retry_state.outcome.exception() if retry_state.outcome else None
+        self._count(exc)
+
+    def _count(self, exc: BaseException | None) -> None:
         self.retries[exc.kind if isinstance(exc, RequestFailed) else "other"] += 1
         self.last_error = str(exc)
 

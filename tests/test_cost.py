@@ -180,6 +180,19 @@ def test_per_row_cost_cached_tokens_and_run_report(tmp_path: Path, simulator: Ru
     assert report["cost_usd"]["estimate"] is None  # no estimate was made before this run
 
 
+def test_a_reask_for_output_fields_is_billed_too(tmp_path: Path, simulator: RunningSimulator) -> None:
+    rows = [{"id": 1, "title": "t", "text": f"[[fail:badoutputx1]] [[prompt_tokens:1000]] {ANSWER}"}]
+    output = {"path": "out/result.parquet", "fields": {"topic": "string"}}
+    job = write_job(tmp_path, rows, simulator.base_url, prompt={"user": "{text}"}, output=output)
+
+    result = invoke("run", str(job))
+
+    assert result.exit_code == 0, result.output
+    row = read_output(job).row(0, named=True)
+    assert row["prompt_tokens"] == 2 * 1000  # two answers, both billed
+    assert row["cost_usd"] == pytest.approx((2000 * 1.25 + row["completion_tokens"] * 2.5) / 1e6)
+
+
 def test_a_changed_discount_reprices_finished_rows(tmp_path: Path, simulator: RunningSimulator) -> None:
     job = priced_job(tmp_path, simulator.base_url)
     invoke("run", str(job))

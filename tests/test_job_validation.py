@@ -117,7 +117,7 @@ CASES = [
     Case("missing-model", "job.yaml: missing required key 'model'", drop("model: test-model")),
     Case(
         "missing-prompt-user",
-        "job.yaml:8: missing required key 'user' in prompt",
+        "job.yaml:8: prompt: nothing to send; give prompt.user",
         drop('  user: "Summarise {title}: {body}"'),
     ),
     Case(
