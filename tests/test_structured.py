@@ -371,3 +371,24 @@ def test_openai_sdk_reads_the_simulators_tool_calls_like_batchrun(tmp_path: Path
         assert ours["arguments"] == json.loads(streamed_arguments)
         assert out["completion_tokens"][0] == completion.usage.completion_tokens  # type: ignore[union-attr]
         assert out["completion_tokens"][0] == chunks[-1].usage.completion_tokens  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("job", "types"),
+    [
+        ("classify", {"sentiment": pl.String, "topic": pl.String, "confident": pl.Boolean}),
+        ("extract", {"place": pl.String, "people": pl.List(pl.String), "amount_millions": pl.Float64}),
+    ],
+)
+def test_sample_jobs_give_typed_columns_offline(tmp_path: Path, job: str, types: dict[str, Any]) -> None:
+    output = tmp_path / f"{job}.parquet"
+    job_file = Path(__file__).parent.parent / "jobs" / f"{job}.yaml"
+
+    result = invoke("run", str(job_file), "--simulate", "--limit", "25", "--output", str(output))
+
+    assert result.exit_code == 0, result.stderr
+    out = pl.read_parquet(output)
+    assert out.height == 25 and set(out["status"]) == {"ok"}
+    for name, dtype in types.items():
+        assert out.schema[name] == dtype
+        assert out[name].null_count() == 0
