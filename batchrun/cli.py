@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import os
@@ -16,12 +17,13 @@ from click_default_group import DefaultGroup
 
 from batchrun.checkpoint import Checkpoint
 from batchrun.cost import job_price
-from batchrun.errors import BatchrunError
+from batchrun.errors import BatchrunError, RequestFailed
 from batchrun.estimate import estimate_job, pilot_rows
-from batchrun.job import load_job
+from batchrun.job import EndpointSpec, load_job
+from batchrun.models import check_model, list_models
 from batchrun.report import cost_report, format_cost_report, job_table, read_output_table
-from batchrun.runner import RunOptions, RunResult, prepare, run_job
-from batchrun.simulator import SimulatorConfig, serve_forever
+from batchrun.runner import RunOptions, RunResult, api_key, prepare, run_job
+from batchrun.simulator import SimulatorConfig, serve_forever, serve_in_thread
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -65,6 +67,7 @@ def main() -> None:
     batchrun jobs/summarize.yaml --simulate   run it offline against the built-in simulator
     batchrun validate jobs/summarize.yaml     check the job and show the first request
     batchrun status jobs/summarize.yaml       rows done / failed / pending so far
+    batchrun models --job jobs/summarize.yaml the models the job's endpoint offers
     batchrun estimate jobs/summarize.yaml     what the rows still to do will cost
     batchrun cost out/summaries.parquet       rows, tokens and cost per model and status
     """
@@ -181,8 +184,18 @@ def budget_stop(result: RunResult, job_file: Path) -> str:
 @job_argument
 @friendly_errors
 def validate(job_file: Path) -> None:
-    """Check JOB and its input, and print the first request it would send; send nothing."""
+    """Check JOB and its input, and print the first request it would send; send no request.
+
+    When the job's key is set, the endpoint's model list (GET /models) is also fetched to check
+    the model name; without the key that check is skipped.
+    """
     job = prepare(load_job(job_file))
+    spec = job.spec
+    if os.environ.get(spec.endpoint.api_key_env, "").strip():
+        if note := check_model(spec, spec.endpoint.base_url, api_key(spec.endpoint)):
+            click.echo(note, err=True)
+    else:
+        click.echo(f"note: {spec.endpoint.api_key_env} is not set; model name not checked", err=True)
     click.echo(
         f"ok: {job_file}: {job.source.row_count} rows from {job.source.path.name}, "
         f"model {job.spec.model}, output {job.output_path}",
@@ -293,6 +306,32 @@ def cost_command(path: Path, by: tuple[str, ...], fmt: str) -> None:
     else:
         table = read_output_table(path)
     click.echo(format_cost_report(cost_report(table, by), fmt), nl=False)
+
+
+@main.command()
+@click.option(
+    "--job",
+    "job_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Use this job's endpoint and key (default: RelayDance with $RELAYDANCE_API_KEY).",
+)
+@click.option("--simulate", is_flag=True, help="List the built-in simulator's models.")
+@friendly_errors
+def models(job_file: Path | None, simulate: bool) -> None:
+    """List the models the endpoint offers to your key (GET /v1/models), one per line."""
+    endpoint = load_job(job_file).endpoint if job_file else EndpointSpec()
+    with contextlib.ExitStack() as stack:
+        if simulate:
+            endpoint = EndpointSpec(base_url=stack.enter_context(serve_in_thread(SimulatorConfig())).base_url)
+        key = "simulated" if simulate else api_key(endpoint)
+        try:
+            offered = list_models(endpoint.base_url, key, endpoint.timeout_s)
+        except RequestFailed as exc:
+            raise BatchrunError(f"cannot list models at {endpoint.base_url}: {exc}") from None
+    if offered is None:
+        raise BatchrunError(f"{endpoint.base_url} offers no model list (GET /models answered 404)")
+    for model in sorted(offered):
+        click.echo(model)
 
 
 @main.command()

@@ -70,14 +70,9 @@ class ChatClient:
     async def models(self) -> list[str] | None:
         """The ids `GET /models` lists for this key, None if the endpoint has no such list;
         raises like `complete` on failure."""
-        with self._redacted_errors():
-            try:
-                async with asyncio.timeout(self._timeout_s):
-                    response = await self._http.get("models")
-            except (TimeoutError, httpx.TimeoutException):
-                raise RetryableError("timeout", f"no answer within {self._timeout_s:g} s") from None
-            except httpx.TransportError as exc:
-                raise RetryableError("connection", _describe(exc)) from None
+        with self._errors():
+            async with asyncio.timeout(self._timeout_s):
+                response = await self._http.get("models")
             if response.status_code == 404:
                 return None
             if response.status_code != 200:
@@ -89,16 +84,11 @@ class ChatClient:
 
     async def complete(self, body: dict[str, Any]) -> ChatResult:
         """Send one request; raise RetryableError, PermanentError or JobAborted on failure."""
-        with self._redacted_errors():
-            try:
-                async with asyncio.timeout(self._timeout_s):
-                    if body.get("stream"):
-                        return await self._complete_streamed(body)
-                    response = await self._http.post(self._url, content=orjson.dumps(body))
-            except (TimeoutError, httpx.TimeoutException):
-                raise RetryableError("timeout", f"no answer within {self._timeout_s:g} s") from None
-            except httpx.TransportError as exc:
-                raise RetryableError("connection", _describe(exc)) from None
+        with self._errors():
+            async with asyncio.timeout(self._timeout_s):
+                if body.get("stream"):
+                    return await self._complete_streamed(body)
+                response = await self._http.post(self._url, content=orjson.dumps(body))
             if response.status_code != 200:
                 raise classify_status(response)
             return parse_completion(response.content)
@@ -130,10 +120,18 @@ class ChatClient:
         )
 
     @contextlib.contextmanager
-    def _redacted_errors(self) -> Iterator[None]:
-        """Servers echo keys in error bodies ("Incorrect API key provided: sk-..."): mask them."""
+    def _errors(self) -> Iterator[None]:
+        """Transport failures as RetryableError; and since servers echo keys in error bodies
+        ("Incorrect API key provided: sk-..."), every error text masked."""
         try:
-            yield
+            try:
+                yield
+            except httpx.ConnectTimeout as exc:  # httpx-aiohttp maps a refused connection to this
+                raise RetryableError("connection", _describe(exc)) from None
+            except (TimeoutError, httpx.TimeoutException):
+                raise RetryableError("timeout", f"no answer within {self._timeout_s:g} s") from None
+            except httpx.TransportError as exc:
+                raise RetryableError("connection", _describe(exc)) from None
         except BatchrunError as exc:
             exc.args = tuple(redact(str(a), self._api_key) for a in exc.args)
             raise

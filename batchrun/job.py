@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import types
 import typing
 import urllib.parse
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import ErrorDetails
 
 from batchrun.errors import JobError
@@ -60,17 +69,30 @@ class InputSpec(_Strict):
 
 
 class EnumField(_Strict):
-    enum: tuple[str, ...] = Field(min_length=1)
+    enum: tuple[str, ...]
 
 
+FIELD_TYPES = ("string", "integer", "number", "boolean", "list")
 FieldType = Literal["string", "integer", "number", "boolean", "list"] | EnumField
+
+
+def _field_type(value: Any) -> Any:
+    """One clear message for a bad field type, instead of one per branch of the union."""
+    if isinstance(value, str) and value in FIELD_TYPES:
+        return value
+    if isinstance(value, dict) and set(value) == {"enum"}:
+        options = value["enum"]
+        if isinstance(options, list) and options and all(isinstance(o, str) for o in options):
+            return EnumField(enum=tuple(options))
+        raise ValueError("enum takes a non-empty list of strings")
+    raise ValueError(f"unknown type {value!r}; use {', '.join(FIELD_TYPES)}, or {{enum: [a, b, ...]}}")
 
 
 class OutputSpec(_Strict):
     path: Path
     include_columns: tuple[str, ...] = ()  # input columns copied next to each answer
     # Typed columns parsed from each answer (JSON content, or the first tool call's arguments).
-    fields: dict[str, FieldType] = {}
+    fields: dict[str, Annotated[FieldType, BeforeValidator(_field_type)]] = {}
 
 
 class MessageTemplate(_Strict):
@@ -305,11 +327,14 @@ def _check_param_typos(params: Params, text: str, path: Path) -> None:
             )
 
 
+Key = str | int  # a mapping key, or a list index
+
+
 class _Problem(NamedTuple):
-    keys: tuple[str, ...]  # the job keys at fault, outermost first
+    keys: tuple[Key, ...]  # the job keys at fault, outermost first
     message: str
     kind: str  # pydantic's error type
-    meant: tuple[str, ...] | None = None  # for an unknown key: the key it was probably meant to be
+    meant: tuple[Key, ...] | None = None  # for an unknown key: the key it was probably meant to be
 
 
 def _job_error(exc: ValidationError, text: str, path: Path) -> JobError:
@@ -319,9 +344,15 @@ def _job_error(exc: ValidationError, text: str, path: Path) -> JobError:
     # report unknown keys first since they usually explain what else went wrong.
     meant = {p.meant for p in problems if p.meant}
     problems = [p for p in problems if not (p.kind == "missing" and p.keys in meant)]
+    # A list whose item is wrong is also reported too short: keep only the innermost complaint.
+    problems = [
+        p
+        for p in problems
+        if not any(len(q.keys) > len(p.keys) and q.keys[: len(p.keys)] == p.keys for q in problems)
+    ]
     problems.sort(key=lambda p: p.kind != "extra_forbidden")
     # Each branch of a union (e.g. `stop`) reports the same key: one problem, not several.
-    unique: dict[tuple[str, ...], _Problem] = {}
+    unique: dict[tuple[Key, ...], _Problem] = {}
     for problem in problems:
         unique.setdefault(problem.keys, problem)
     first, more = next(iter(unique.values())), len(unique) - 1
@@ -329,64 +360,72 @@ def _job_error(exc: ValidationError, text: str, path: Path) -> JobError:
     return JobError(first.message + suffix, path, _line_of(text, first.keys))
 
 
+def _inside(inner: tuple[Key, ...], outer: tuple[Key, ...]) -> bool:
+    return len(inner) > len(outer) and inner[: len(outer)] == outer
+
+
 def _problem(err: ErrorDetails) -> _Problem:
     loc = err["loc"]
     if err["type"] in ("extra_forbidden", "invalid_key"):
-        scope, key = _field_path(loc[:-1]), loc[-1]
-        where = f" in {'.'.join(scope)}" if scope else ""
+        scope, model = _walk(loc[:-1])
+        key = loc[-1]
+        where = f" in {_dotted(scope)}" if scope else ""
         keys = (*scope, str(key))
         if err["type"] == "invalid_key":
             return _Problem(keys, f"key {key!r}{where} is not a string", err["type"])
-        allowed = _allowed_keys(scope)
+        allowed = [k for k in model.model_fields if k != "job_path"] if model else []
         close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
         hint = f"; did you mean '{close[0]}'?" if close else f"; expected one of: {', '.join(allowed)}"
         meant = (*scope, close[0]) if close else None
         return _Problem(keys, f"unknown key '{key}'{where}{hint}", err["type"], meant)
-    keys = _field_path(loc)
+    keys, _ = _walk(loc)
     reason = str(err["msg"]).removeprefix("Value error, ")
     if not keys:  # a check across keys: its message starts with the key at fault
         return _Problem(tuple(reason.split(":", 1)[0].split(".")), reason, err["type"])
     if err["type"] == "missing":
-        where = f" in {'.'.join(keys[:-1])}" if keys[:-1] else ""
+        where = f" in {_dotted(keys[:-1])}" if keys[:-1] else ""
         return _Problem(keys, f"missing required key '{keys[-1]}'{where}", err["type"])
     got = err.get("input")
     got_text = f" (got {got!r})" if not isinstance(got, dict | list) else ""
-    return _Problem(keys, f"{'.'.join(keys)}: {reason}{got_text}", err["type"])
+    return _Problem(keys, f"{_dotted(keys)}: {reason}{got_text}", err["type"])
 
 
-def _field_path(loc: tuple[int | str, ...]) -> tuple[str, ...]:
-    """The job keys in a pydantic location, without list indexes or union branch tags."""
-    keys: list[str] = []
-    model: type[BaseModel] | None = JobSpec
+def _walk(loc: tuple[Key, ...]) -> tuple[tuple[Key, ...], type[BaseModel] | None]:
+    """The job keys in a pydantic location (list indexes and mapping keys kept, union branch
+    tags dropped), and the section model at its end, if it ends on one."""
+    keys: list[Key] = []
+    kind, model = "model", JobSpec
     for part in loc:
-        if isinstance(part, int):
-            continue
-        if model is None or part not in model.model_fields:
+        if kind == "model" and isinstance(part, str) and model and part in model.model_fields:
+            kind, model = _shape(model.model_fields[part].annotation)
+        elif not ((kind == "list" and isinstance(part, int)) or (kind == "dict" and isinstance(part, str))):
             break
+        else:
+            kind = "model" if model else "value"
         keys.append(part)
-        model = _section(model.model_fields[part].annotation)
-    return tuple(keys)
+    return tuple(keys), model if kind == "model" else None
 
 
-def _allowed_keys(keys: tuple[str, ...]) -> list[str]:
-    model: type[BaseModel] = JobSpec
-    for key in keys:
-        section = _section(model.model_fields[key].annotation)
-        if section is None:
-            return []
-        model = section
-    return [k for k in model.model_fields if k != "job_path"]
+def _shape(annotation: Any) -> tuple[str, type[BaseModel] | None]:
+    """What a field holds: a section (model), a list or mapping (of models?), or a plain value."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        annotation, args = args[0], list(typing.get_args(args[0]))
+    origin = typing.get_origin(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "model", annotation
+    if origin in (tuple, list, dict):
+        item = args[-1] if args and args[-1] is not Ellipsis else args[0] if args else None
+        held = item if isinstance(item, type) and issubclass(item, BaseModel) else None
+        return ("dict" if origin is dict else "list"), held
+    return "value", None
 
 
-def _section(annotation: Any) -> type[BaseModel] | None:
-    """The model of a job section (`pricing: PricingSpec | None` too), or None for a plain value."""
-    for candidate in (annotation, *typing.get_args(annotation)):
-        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
-            return candidate
-    return None
+def _dotted(keys: tuple[Key, ...]) -> str:
+    return "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in keys).lstrip(".")
 
 
-def key_line(path: Path, keys: tuple[str, ...]) -> int | None:
+def key_line(path: Path, keys: tuple[Key, ...]) -> int | None:
     """The line of a key in a job file already loaded, for errors found after loading."""
     try:
         return _line_of(path.read_text(encoding="utf-8"), keys)
@@ -394,7 +433,7 @@ def key_line(path: Path, keys: tuple[str, ...]) -> int | None:
         return None
 
 
-def _line_of(text: str, keys: tuple[str, ...]) -> int | None:
+def _line_of(text: str, keys: tuple[Key, ...]) -> int | None:
     """The 1-based line of the deepest key of `keys` that exists in the YAML text."""
     try:
         node = yaml.compose(text)
@@ -402,6 +441,10 @@ def _line_of(text: str, keys: tuple[str, ...]) -> int | None:
         return None
     line = None
     for key in keys:
+        if isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+            continue
         if not isinstance(node, yaml.MappingNode):
             break
         for key_node, value_node in node.value:

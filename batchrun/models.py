@@ -33,7 +33,7 @@ def check_model(spec: JobSpec, base_url: str, api_key: str) -> str | None:
         offered = list_models(base_url, api_key, spec.endpoint.timeout_s)
     except RequestFailed as exc:
         return f"note: could not list the endpoint's models ({exc}); model name not checked"
-    if offered is None:
+    if not offered:
         return "note: the endpoint lists no models; model name not checked"
     if spec.model in offered:
         return None

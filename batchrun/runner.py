@@ -42,7 +42,7 @@ from batchrun.errors import (
     RequestFailed,
     RetryableError,
 )
-from batchrun.job import JobSpec
+from batchrun.job import EndpointSpec, JobSpec
 from batchrun.models import check_model
 from batchrun.output import OUTPUT_RESULT_COLUMNS, build_table, write_table
 from batchrun.progress import Progress
@@ -202,7 +202,7 @@ def run_job(spec: JobSpec, options: RunOptions = RunOptions()) -> RunResult:
     """Run (or resume) a job to the end, or until interrupted; write the output table."""
     job = prepare(spec, options.output)
     started = time.monotonic()
-    key = "simulated" if options.simulate else api_key(spec)
+    key = "simulated" if options.simulate else api_key(spec.endpoint)
     price = job_price(spec)
     max_cost = options.max_cost_usd or (spec.budget.max_cost_usd if spec.budget else None)
     if max_cost is not None and price is None:
@@ -298,8 +298,9 @@ def run_job(spec: JobSpec, options: RunOptions = RunOptions()) -> RunResult:
         checkpoint.close()
 
 
-def api_key(spec: JobSpec) -> str:
-    name = spec.endpoint.api_key_env
+def api_key(endpoint: EndpointSpec) -> str:
+    """The key, read from the environment at the last moment and never stored."""
+    name = endpoint.api_key_env
     key = os.environ.get(name, "").strip()
     if not key:
         raise BatchrunError(
