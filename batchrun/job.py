@@ -394,14 +394,15 @@ def _walk(loc: tuple[Key, ...]) -> tuple[tuple[Key, ...], type[BaseModel] | None
     """The job keys in a pydantic location (list indexes and mapping keys kept, union branch
     tags dropped), and the section model at its end, if it ends on one."""
     keys: list[Key] = []
-    kind, model = "model", JobSpec
+    kind = "model"
+    model: type[BaseModel] | None = JobSpec
     for part in loc:
-        if kind == "model" and isinstance(part, str) and model and part in model.model_fields:
+        if kind == "model" and isinstance(part, str) and model is not None and part in model.model_fields:
             kind, model = _shape(model.model_fields[part].annotation)
         elif not ((kind == "list" and isinstance(part, int)) or (kind == "dict" and isinstance(part, str))):
             break
         else:
-            kind = "model" if model else "value"
+            kind = "model" if model is not None else "value"
         keys.append(part)
     return tuple(keys), model if kind == "model" else None
 

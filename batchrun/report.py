@@ -84,10 +84,7 @@ def write_run_report(
             "requests_per_min": round(result.requests / minutes, 1),
             "tokens_per_min": round(result.run_tokens / minutes, 1),
         },
-        "latency_ms": {
-            f"p{p}": None if latency.is_empty() else round(float(latency.quantile(p / 100, "linear")), 1)
-            for p in PERCENTILES
-        },
+        "latency_ms": {f"p{p}": _percentile(latency, p) for p in PERCENTILES},
         "tokens": {c.removesuffix("_tokens"): int(answered[c].sum()) for c in USAGE_COLUMNS},
         "cost_usd": {
             "actual": None if result.cost_usd is None else round(result.cost_usd, 6),
@@ -102,6 +99,11 @@ def write_run_report(
             100 * (result.cost_usd / estimate["expected"] - 1), 1
         )
     write_json(job.report_path, report)
+
+
+def _percentile(values: pl.Series, p: int) -> float | None:
+    value = values.quantile(p / 100, "linear")  # None for no values
+    return None if value is None else round(value, 1)
 
 
 def _estimate_before(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:

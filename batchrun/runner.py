@@ -337,7 +337,7 @@ def _row_result(
     """The row's record: the last answer kept (even a failed one's), tokens and cost summed over
     every billed answer, since re-asking for fields is paid for too; each answer is priced at its
     own prompt's tier, and requests that got no answer are not billed."""
-    last = answers[-1] if answers else None
+    last = answers[-1] if answers else ChatResult(None, None, None, None, None, None, None)
 
     def total(name: str) -> int | None:
         counts = [getattr(a, name) for a in answers]
@@ -352,23 +352,23 @@ def _row_result(
         request.row,
         request.id,
         "failed" if error else "ok",
-        content=last and last.content,
-        tool_calls=last and last.tool_calls and _tool_calls_json(last.tool_calls),
+        content=last.content,
+        tool_calls=_tool_calls_json(last.tool_calls) if last.tool_calls else None,
         fields=orjson.dumps(fields).decode() if fields is not None else None,
-        finish_reason=last and last.finish_reason,
+        finish_reason=last.finish_reason,
         prompt_tokens=total("prompt_tokens"),
         completion_tokens=total("completion_tokens"),
         total_tokens=total("total_tokens"),
         cached_tokens=total("cached_tokens"),
         reasoning_tokens=total("reasoning_tokens"),
-        cost_usd=None if None in costs else sum(costs, 0.0),
-        error_kind=error and error.kind,
-        error=error and str(error),
+        cost_usd=None if None in costs else sum(c or 0.0 for c in costs),
+        error_kind=error.kind if error else None,
+        error=str(error) if error else None,
         attempts=attempts,
         latency_ms=round(latency_ms, 1),
-        model=(last and last.model) or job_model,  # as asked, when no answer says: reports group by it
-        response_id=last and last.response_id,
-        ttft_ms=last and last.ttft_ms,
+        model=last.model or job_model,  # as asked, when no answer says: reports group by it
+        response_id=last.response_id,
+        ttft_ms=last.ttft_ms,
     )
 
 

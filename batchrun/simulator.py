@@ -356,15 +356,15 @@ class _Simulator:
         if fault is not None and fault not in ("badjson", "badoutput", "truncate"):
             return self._error(int(fault), f"Simulated HTTP {fault} error.", headers=headers)
 
-        content, finish = compose_answer(chat.last_user, chat.max_tokens, chat.stop)
+        answer, finish = compose_answer(chat.last_user, chat.max_tokens, chat.stop)
+        content: str | None = answer
         plain = " ".join(_MARKER_RE.sub(" ", chat.last_user).split())
-        call = None
+        call: dict[str, Any] | None = None
         if chat.tool is not None:
-            arguments = made_up(chat.tool.get("parameters") or {"type": "object"}, plain)
-            if fault == "badoutput":
-                arguments = {"unexpected": True}
-            call = {"id": f"call_{digest}", "type": "function"}
-            call["function"] = {"name": chat.tool["name"], "arguments": orjson.dumps(arguments).decode()}
+            made = made_up(chat.tool.get("parameters") or {"type": "object"}, plain)
+            arguments = orjson.dumps({"unexpected": True} if fault == "badoutput" else made).decode()
+            function = {"name": chat.tool["name"], "arguments": arguments}
+            call = {"id": f"call_{digest}", "type": "function", "function": function}
             content, finish = None, "tool_calls"
         elif chat.schema is not None:
             content = orjson.dumps(made_up(chat.schema, plain)).decode()
