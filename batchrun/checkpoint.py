@@ -14,7 +14,7 @@ import json
 import operator
 import os
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import IO, Any
@@ -151,6 +151,30 @@ class Checkpoint:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
             raise CheckpointError(f"cannot write checkpoint {self.path}: {exc}") from None
+
+    def reprice(self, pricing: str, cost: Callable[..., float | None]) -> int:
+        """Recompute answered rows' cost if `pricing` (a description of the rates) changed since
+        they were recorded, so one table never mixes two prices; returns the rows repriced.
+
+        `cost` takes prompt, completion, total and cached tokens.
+        """
+        found = self._db.execute("SELECT value FROM meta WHERE key = 'pricing'").fetchone()
+        if found is not None and found[0] == pricing:
+            return 0
+        usage = self._db.execute(
+            "SELECT row, prompt_tokens, completion_tokens, total_tokens, cached_tokens FROM results"
+            " WHERE status = 'ok'"
+        ).fetchall()
+        with self._transaction():
+            self._db.executemany(
+                "UPDATE results SET cost_usd = ? WHERE row = ?", ((cost(*u[1:]), u[0]) for u in usage)
+            )
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('pricing', ?)", (pricing,))
+        return len(usage)
+
+    def spent_usd(self) -> float:
+        """What the recorded rows cost, as far as it is known."""
+        return float(self._db.execute("SELECT COALESCE(SUM(cost_usd), 0) FROM results").fetchone()[0])
 
     def rows_with_status(self, *statuses: str) -> set[int]:
         marks = ", ".join("?" for _ in statuses)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -14,10 +15,14 @@ import click
 from click_default_group import DefaultGroup
 
 from batchrun.checkpoint import Checkpoint
-from batchrun.errors import BatchrunError
-from batchrun.job import load_job
-from batchrun.runner import RunOptions, RunResult, prepare, run_async, run_job
-from batchrun.simulator import SimulatorConfig, serve_forever
+from batchrun.cost import job_price
+from batchrun.errors import BatchrunError, RequestFailed
+from batchrun.estimate import estimate_job, pilot_rows
+from batchrun.job import EndpointSpec, load_job
+from batchrun.models import check_model, list_models
+from batchrun.report import cost_report, format_cost_report, job_table, read_output_table
+from batchrun.runner import RunOptions, RunResult, api_key, prepare, run_async, run_job
+from batchrun.simulator import SimulatorConfig, serve_forever, serve_in_thread
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -26,6 +31,7 @@ Exit codes:
   0    every row ok
   1    finished, some rows failed (see the output's `status` and `error`)
   2    bad job, input or usage, or a job-wide error such as a rejected key
+  3    stopped by the budget (rerun with a larger --max-cost to resume)
   130  interrupted (checkpoint kept: rerun to resume)"""
 
 
@@ -60,6 +66,9 @@ def main() -> None:
     batchrun jobs/summarize.yaml --simulate   run it offline against the built-in simulator
     batchrun validate jobs/summarize.yaml     check the job and show the first request
     batchrun status jobs/summarize.yaml       rows done / failed / pending so far
+    batchrun models --job jobs/summarize.yaml the models the job's endpoint offers
+    batchrun estimate jobs/summarize.yaml     what the rows still to do will cost
+    batchrun cost out/summaries.parquet       rows, tokens and cost per model and status
     """
 
 
@@ -81,6 +90,12 @@ def main() -> None:
     help="Output table path (overrides the job).",
 )
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary; errors only.")
+@click.option(
+    "--max-cost",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="USD",
+    help="Stop sending before the job's cost could pass USD (overrides budget.max_cost_usd).",
+)
 @friendly_errors
 def run(
     job_file: Path,
@@ -92,6 +107,7 @@ def run(
     concurrency: int | None,
     output: Path | None,
     quiet: bool,
+    max_cost: float | None,
 ) -> None:
     """Run JOB, resuming from its checkpoint if it was interrupted.
 
@@ -104,6 +120,7 @@ def run(
       batchrun jobs/summarize.yaml --simulate
       batchrun run jobs/summarize.yaml --limit 20     # pilot on the first 20 rows
       batchrun jobs/summarize.yaml --retry-failed     # resend only failed rows
+      batchrun jobs/summarize.yaml --max-cost 5       # spend at most $5 on the job
     """
     spec = load_job(job_file)
     if simulate_latency_ms is not None and not simulate:
@@ -117,10 +134,13 @@ def run(
         concurrency=concurrency,
         output=output,
         quiet=quiet,
+        max_cost_usd=max_cost,
     )
     result = run_job(spec, options)
     if not quiet:
         click.echo(summary(result, job_file), err=True)
+    elif result.budget_stopped:
+        click.echo(budget_stop(result, job_file), err=True)
     sys.exit(result.exit_code)
 
 
@@ -136,21 +156,46 @@ def summary(result: RunResult, job_file: Path) -> str:
         f"time: {result.wall_s:.1f} s"
         + (f"; retries: {sum(result.retries.values())}" if result.retries else "")
         + (f"; 429s: {result.rate_limited}" if result.rate_limited else ""),
-        f"output: {result.output_path}",
     ]
+    if result.cost_usd is not None:
+        budget = f" of a ${result.budget_usd:g} budget" if result.budget_usd is not None else ""
+        lines.append(f"cost: ${result.cost_usd:.4f}{budget}")
+    lines.append(f"output: {result.output_path}")
+    if result.report_path is not None:
+        lines.append(f"report: {result.report_path}")
     if result.interrupted:
         lines.append(f"interrupted: rerun `batchrun {job_file}` to resume")
+    elif result.budget_stopped:
+        lines.append(budget_stop(result, job_file))
     elif result.failed:
         lines.append(f"to resend the failed rows: batchrun {job_file} --retry-failed")
     return "\n".join(lines)
+
+
+def budget_stop(result: RunResult, job_file: Path) -> str:
+    return (
+        f"stopped by the budget: ${result.cost_usd or 0:.4f} spent of ${result.budget_usd:g}, the next "
+        f"request could pass it; {result.pending} rows pending; rerun with a larger budget "
+        f"(--max-cost N) to resume: batchrun {job_file} --max-cost N"
+    )
 
 
 @main.command()
 @job_argument
 @friendly_errors
 def validate(job_file: Path) -> None:
-    """Check JOB and its input, and print the first request it would send; send nothing."""
+    """Check JOB and its input, and print the first request it would send; send no request.
+
+    When the job's key is set, the endpoint's model list (GET /models) is also fetched to check
+    the model name; without the key that check is skipped.
+    """
     job = prepare(load_job(job_file))
+    spec = job.spec
+    if os.environ.get(spec.endpoint.api_key_env, "").strip():
+        if note := check_model(spec, spec.endpoint.base_url, api_key(spec.endpoint)):
+            click.echo(note, err=True)
+    else:
+        click.echo(f"note: {spec.endpoint.api_key_env} is not set; model name not checked", err=True)
     click.echo(
         f"ok: {job_file}: {job.source.row_count} rows from {job.source.path.name}, "
         f"model {job.spec.model}, output {job.output_path}",
@@ -172,6 +217,7 @@ def status(job_file: Path) -> None:
     try:
         totals = checkpoint.totals()
         kinds = checkpoint.failures_by_kind()
+        spent = checkpoint.spent_usd() if job_price(job.spec) is not None else None
     finally:
         checkpoint.close()
     pending = job.source.row_count - totals.ok - totals.failed - totals.skipped
@@ -179,6 +225,113 @@ def status(job_file: Path) -> None:
     click.echo(f"ok: {totals.ok}\nfailed: {totals.failed}" + (f" ({failures})" if failures else ""))
     click.echo(f"skipped: {totals.skipped}\npending: {pending}\nof: {job.source.row_count}")
     click.echo(f"tokens: {totals.prompt_tokens:,} prompt + {totals.completion_tokens:,} completion")
+    if spent is not None:
+        click.echo(f"cost: ${spent:.4f}")
+
+
+@main.command(name="estimate")
+@job_argument
+@click.option(
+    "--sample",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="First send a random pilot of N rows still to do, then project from their usage.",
+)
+@click.option("-y", "--yes", is_flag=True, help="Send the --sample pilot without asking.")
+@click.option("--simulate", is_flag=True, help="Send the pilot to the built-in simulator; use its rows.")
+@friendly_errors
+def estimate_command(job_file: Path, sample: int | None, yes: bool, simulate: bool) -> None:
+    """Estimate what the rows of JOB still to do will cost, before sending them.
+
+    Prompt tokens are estimated from the prompts' characters, calibrated on finished rows (a
+    `--limit` pilot, an interrupted run, or --sample N); output tokens come from the finished
+    rows' answers, else from max_tokens. The estimate is saved beside the output, and the next
+    run's report compares its actual cost with it.
+
+    \b
+    Examples:
+      batchrun estimate jobs/summarize.yaml
+      batchrun estimate jobs/summarize.yaml --sample 100 --yes --simulate
+    """
+    spec = load_job(job_file)
+    job = prepare(spec)
+    fingerprint = job.fingerprint(simulate)
+    projection = estimate_job(job, fingerprint)
+    if sample is not None and projection.to_do:
+        rows = pilot_rows(job, fingerprint, sample)
+        share = len(rows) / projection.to_do
+        if projection.expected.cost_usd is not None and projection.worst.cost_usd is not None:
+            cost = (
+                f" (about ${projection.expected.cost_usd * share:.4f}, "
+                f"at most ${projection.worst.cost_usd * share:.4f})"
+            )
+        else:
+            cost = ""
+        where = "the simulator" if simulate else spec.endpoint.base_url
+        question = f"send a pilot of {len(rows)} random rows{cost} to {where}?"
+        if yes or click.confirm(question, err=True):
+            result = run_job(spec, RunOptions(simulate=simulate, rows=frozenset(rows)))
+            click.echo(summary(result, job_file), err=True)
+            if result.interrupted or result.budget_stopped:
+                sys.exit(result.exit_code)
+            projection = estimate_job(job, fingerprint)
+    projection.save(job, fingerprint)
+    click.echo("\n".join(projection.lines()))
+
+
+@main.command(name="cost")
+@click.argument("path", metavar="PATH", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--by", multiple=True, metavar="COLUMN", help="Also group by this column (repeatable).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "csv", "json"]),
+    default="table",
+    show_default=True,
+)
+@friendly_errors
+def cost_command(path: Path, by: tuple[str, ...], fmt: str) -> None:
+    """Rows, tokens and cost per model and status, from an output table or a job file.
+
+    For a job file the figures come from its checkpoint (also while it runs), and --by may name
+    any column of its input.
+
+    \b
+    Examples:
+      batchrun cost out/summaries.parquet
+      batchrun cost jobs/summarize.yaml --by finish_reason --format csv
+    """
+    if path.suffix.lower() in (".yaml", ".yml"):
+        table = job_table(prepare(load_job(path)), by)
+    else:
+        table = read_output_table(path)
+    click.echo(format_cost_report(cost_report(table, by), fmt), nl=False)
+
+
+@main.command()
+@click.option(
+    "--job",
+    "job_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Use this job's endpoint and key (default: RelayDance with $RELAYDANCE_API_KEY).",
+)
+@click.option("--simulate", is_flag=True, help="List the built-in simulator's models.")
+@friendly_errors
+def models(job_file: Path | None, simulate: bool) -> None:
+    """List the models the endpoint offers to your key (GET /v1/models), one per line."""
+    endpoint = load_job(job_file).endpoint if job_file else EndpointSpec()
+    with contextlib.ExitStack() as stack:
+        if simulate:
+            endpoint = EndpointSpec(base_url=stack.enter_context(serve_in_thread(SimulatorConfig())).base_url)
+        key = "simulated" if simulate else api_key(endpoint)
+        try:
+            offered = list_models(endpoint.base_url, key, endpoint.timeout_s)
+        except RequestFailed as exc:
+            raise BatchrunError(f"cannot list models at {endpoint.base_url}: {exc}") from None
+    if offered is None:
+        raise BatchrunError(f"{endpoint.base_url} offers no model list (GET /models answered 404)")
+    for model in sorted(offered):
+        click.echo(model)
 
 
 @main.command()

@@ -13,7 +13,7 @@ import email.utils
 import re
 import time
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, TypedDict
 
 import aiohttp
 import orjson
@@ -42,6 +42,7 @@ class ChatResult:
     cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens
     reasoning_tokens: int | None = None  # usage.completion_tokens_details.reasoning_tokens
     budget: ServerBudget | None = None  # the x-ratelimit-* headers, when the server sent them
+    tool_calls: list[dict[str, str]] | None = None  # [{id, name, arguments}], arguments as sent
 
 
 class ChatClient:
@@ -49,6 +50,7 @@ class ChatClient:
 
     def __init__(self, base_url: str, api_key: str, timeout_s: float, max_connections: int):
         self._url = base_url.rstrip("/") + "/chat/completions"
+        self._models_url = base_url.rstrip("/") + "/models"
         self._timeout_s = timeout_s
         self._api_key = api_key
         self._max_connections = max_connections
@@ -70,21 +72,32 @@ class ChatClient:
     def __repr__(self) -> str:
         return f"ChatClient({self._url!r})"
 
+    async def models(self) -> list[str] | None:
+        """The ids `GET /models` lists for this key, None if the endpoint has no such list;
+        raises like `complete` on failure."""
+        assert self._session is not None, "use the client as `async with`"
+        with self._errors():
+            async with self._session.get(self._models_url, allow_redirects=False) as response:
+                raw = await response.read()
+            if response.status == 404:
+                return None
+            if response.status != 200:
+                raise classify_status(response.status, response.headers, raw)
+            try:
+                return [str(m["id"]) for m in orjson.loads(raw)["data"]]
+            except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+                raise RetryableError("invalid_response", f"unreadable model list ({exc})") from None
+
     async def complete(self, body: dict[str, Any]) -> ChatResult:
         """Send one request; raise RetryableError, PermanentError or JobAborted on failure."""
         assert self._session is not None, "use the client as `async with`"
-        with self._redacted_errors():
-            try:
-                if body.get("stream"):
-                    return await self._complete_streamed(body)
-                async with self._session.post(
-                    self._url, data=orjson.dumps(body), allow_redirects=False
-                ) as response:
-                    raw = await response.read()
-            except TimeoutError:
-                raise RetryableError("timeout", f"no answer within {self._timeout_s:g} s") from None
-            except aiohttp.ClientError as exc:
-                raise RetryableError("connection", _describe(exc)) from None
+        with self._errors():
+            if body.get("stream"):
+                return await self._complete_streamed(body)
+            async with self._session.post(
+                self._url, data=orjson.dumps(body), allow_redirects=False
+            ) as response:
+                raw = await response.read()
             if response.status != 200:
                 raise classify_status(response.status, response.headers, raw)
             result = parse_completion(raw)
@@ -115,14 +128,21 @@ class ChatClient:
             response_id=stream.response_id,
             ttft_ms=ttft_ms,
             budget=server_budget(response.headers),
+            tool_calls=stream.tool_calls,
             **_usage_details(usage),
         )
 
     @contextlib.contextmanager
-    def _redacted_errors(self) -> Iterator[None]:
-        """Servers echo keys in error bodies ("Incorrect API key provided: sk-..."): mask them."""
+    def _errors(self) -> Iterator[None]:
+        """Transport failures as RetryableError; and since servers echo keys in error bodies
+        ("Incorrect API key provided: sk-..."), every error text masked."""
         try:
-            yield
+            try:
+                yield
+            except TimeoutError:  # aiohttp's ClientTimeout(total=timeout_s), over the whole answer
+                raise RetryableError("timeout", f"no answer within {self._timeout_s:g} s") from None
+            except aiohttp.ClientError as exc:
+                raise RetryableError("connection", _describe(exc)) from None
         except BatchrunError as exc:
             exc.args = tuple(redact(str(a), self._api_key) for a in exc.args)
             raise
@@ -147,6 +167,7 @@ def parse_completion(raw: bytes) -> ChatResult:
             total_tokens=usage.get("total_tokens"),
             model=data.get("model"),
             response_id=data.get("id"),
+            tool_calls=_tool_calls(message.get("tool_calls")),
             **_usage_details(usage),
         )
     except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError):
@@ -154,7 +175,25 @@ def parse_completion(raw: bytes) -> ChatResult:
         raise RetryableError("invalid_response", f"unreadable completion body: {snippet!r}") from None
 
 
-def _usage_details(usage: dict[str, Any]) -> dict[str, int | None]:
+def _tool_calls(calls: list[dict[str, Any]] | None) -> list[dict[str, str]] | None:
+    if not calls:
+        return None
+    return [
+        {
+            "id": call.get("id") or "",
+            "name": call["function"]["name"],
+            "arguments": call["function"].get("arguments") or "",
+        }
+        for call in calls
+    ]
+
+
+class _UsageDetails(TypedDict):
+    cached_tokens: int | None
+    reasoning_tokens: int | None
+
+
+def _usage_details(usage: dict[str, Any]) -> _UsageDetails:
     """Cached prompt tokens and reasoning tokens, which are priced differently, when reported."""
     prompt = usage.get("prompt_tokens_details") or {}
     completion = usage.get("completion_tokens_details") or {}

@@ -7,7 +7,8 @@
     ├── JobAborted                an answer that dooms every row (bad key, no credit, unknown model)
     └── RequestFailed             one request failed; the runner records it on the row
         ├── RetryableError        worth another attempt (429, 408, 409, 5xx, timeouts, resets, bad bodies)
-        └── PermanentError        the same request would fail again (400, 422, ...)
+        ├── PermanentError        the same request would fail again (400, 422, ...)
+        └── InvalidOutput         answered, but without the job's output.fields (asked again, billed)
 
 Retry decisions look at these types, never at message text.
 """
@@ -75,6 +76,13 @@ class RetryableError(RequestFailed):
 
 class PermanentError(RequestFailed):
     """A failure that the same request would meet again."""
+
+
+class InvalidOutput(RequestFailed):
+    """The answer does not hold the declared output.fields; a new answer may."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("invalid_output", message)
 
 
 def redact(text: str, secret: str) -> str:

@@ -4,16 +4,26 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import types
+import typing
 import urllib.parse
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import ErrorDetails
 
 from batchrun.errors import JobError
-from batchrun.prompts import compile_template
+from batchrun.prompts import PromptTemplates, compile_prompts
 
 # Chat-completions request keys we know by name: a `params` key close to one of these
 # but not equal is almost surely a typo, so it is rejected instead of passed through.
@@ -55,16 +65,53 @@ class InputSpec(_Strict):
     # A null in a prompt column: stop before sending (error), record the row `skipped` unsent
     # (skip), or render it as "" (empty).
     on_null: Literal["error", "skip", "empty"] = "error"
+    messages_column: str | None = None  # a column holding each row's JSON list of chat messages
+
+
+class EnumField(_Strict):
+    enum: tuple[str, ...]
+
+
+FIELD_TYPES = ("string", "integer", "number", "boolean", "list")
+FieldType = Literal["string", "integer", "number", "boolean", "list"] | EnumField
+
+
+def _field_type(value: Any) -> Any:
+    """One clear message for a bad field type, instead of one per branch of the union."""
+    if isinstance(value, str) and value in FIELD_TYPES:
+        return value
+    if isinstance(value, dict) and set(value) == {"enum"}:
+        options = value["enum"]
+        if isinstance(options, list) and options and all(isinstance(o, str) for o in options):
+            return EnumField(enum=tuple(options))
+        raise ValueError("enum takes a non-empty list of strings")
+    raise ValueError(f"unknown type {value!r}; use {', '.join(FIELD_TYPES)}, or {{enum: [a, b, ...]}}")
 
 
 class OutputSpec(_Strict):
     path: Path
     include_columns: tuple[str, ...] = ()  # input columns copied next to each answer
+    # Typed columns parsed from each answer (JSON content, or the first tool call's arguments).
+    fields: dict[str, Annotated[FieldType, BeforeValidator(_field_type)]] = {}
+
+
+class MessageTemplate(_Strict):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str  # a template, like prompt.user
 
 
 class PromptSpec(_Strict):
+    """Either `user` (with an optional `system`) or a whole `messages` list of templates."""
+
     system: str | None = None
-    user: str  # `{column}` placeholders; `{{` and `}}` for literal braces
+    user: str | None = None  # `{column}` placeholders; `{{` and `}}` for literal braces
+    messages: tuple[MessageTemplate, ...] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_form(self) -> PromptSpec:
+        if self.messages is not None and (self.user is not None or self.system is not None):
+            raise ValueError("give either messages or system/user, not both")
+        return self
 
 
 class Params(BaseModel):
@@ -76,12 +123,29 @@ class Params(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     top_p: float | None = Field(default=None, ge=0, le=1)
     stop: str | tuple[str, ...] | None = None
+    tools: tuple[dict[str, Any], ...] | None = None
 
     @field_validator("stop")
     @classmethod
     def _at_most_four(cls, v: str | tuple[str, ...] | None) -> str | tuple[str, ...] | None:
         if isinstance(v, tuple) and not 1 <= len(v) <= 4:
             raise ValueError("stop takes a string or a list of 1 to 4 strings")
+        return v
+
+    @field_validator("tools", mode="before")
+    @classmethod
+    def _function_tools(cls, v: Any) -> Any:
+        """OpenAI's function schema: [{type: function, function: {name, parameters?}}]."""
+        if not isinstance(v, list) or not v:
+            raise ValueError("tools takes a list of {type: function, function: {name, parameters}}")
+        for i, tool in enumerate(v):
+            function = tool.get("function") if isinstance(tool, dict) else None
+            if not isinstance(function, dict) or tool.get("type", "function") != "function":
+                raise ValueError(f"tools[{i}] must be {{type: function, function: {{name, parameters}}}}")
+            if not isinstance(function.get("name"), str) or not function["name"]:
+                raise ValueError(f"tools[{i}].function needs a name")
+            if not isinstance(function.get("parameters", {}), dict):
+                raise ValueError(f"tools[{i}].function.parameters must be a JSON schema object")
         return v
 
     def body(self) -> dict[str, Any]:
@@ -127,6 +191,7 @@ def _is_loopback(host: str) -> bool:
 
 class RetrySpec(_Strict):
     max_attempts: int = Field(default=6, ge=1)
+    max_parse_attempts: int = Field(default=3, ge=1)  # answers asked for while output.fields do not fit
     initial_backoff_s: float = Field(default=1.0, ge=0)
     max_backoff_s: float = Field(default=60.0, ge=0)
 
@@ -143,20 +208,62 @@ class RateLimitSpec(_Strict):
     tokens_per_minute: int | None = Field(default=None, ge=1, strict=True)
 
 
+class PricingSpec(_Strict):
+    """The job's own rates (USD per million tokens), or a discount off the list price."""
+
+    input_per_million: float | None = Field(default=None, ge=0)
+    output_per_million: float | None = Field(default=None, ge=0)
+    cached_input_per_million: float | None = Field(default=None, ge=0)  # default: the input rate
+    discount: float | None = Field(default=None, ge=0, lt=1)  # 0.3: 30% below list
+
+    @model_validator(mode="after")
+    def _rates_or_discount(self) -> PricingSpec:
+        rates = (self.input_per_million, self.output_per_million, self.cached_input_per_million)
+        if self.discount is not None and any(r is not None for r in rates):
+            raise ValueError("give either rates or a discount off the list price, not both")
+        if self.discount is None and (self.input_per_million is None or self.output_per_million is None):
+            raise ValueError("give input_per_million and output_per_million, or a discount")
+        return self
+
+
+class BudgetSpec(_Strict):
+    max_cost_usd: float = Field(gt=0)  # the whole job's spending, resumed runs included
+
+
 class JobSpec(_Strict):
     """A validated job; paths are absolute (resolved against the job file's folder)."""
 
     input: InputSpec
     output: OutputSpec
     model: str = Field(min_length=1)
-    prompt: PromptSpec
+    prompt: PromptSpec = PromptSpec()
     params: Params = Params()
     endpoint: EndpointSpec = EndpointSpec()
     concurrency: int = Field(default=16, ge=1, le=4096)
     retry: RetrySpec = RetrySpec()
     rate_limit: RateLimitSpec = RateLimitSpec()
     stall_warning_s: float = Field(default=300.0, gt=0)  # warn when no row finished for this long
+    pricing: PricingSpec | None = None  # default: the model's list price (genai-prices)
+    budget: BudgetSpec | None = None
     job_path: Path = Path("job.yaml")  # set by load_job, not read from the file
+
+    @model_validator(mode="after")
+    def _something_to_send(self) -> JobSpec:
+        prompt, column = self.prompt, self.input.messages_column
+        if column is None and prompt.user is None and prompt.messages is None:
+            raise ValueError(
+                "prompt: nothing to send; give prompt.user, prompt.messages or input.messages_column"
+            )
+        if column is not None and (prompt.user is not None or prompt.messages is not None):
+            raise ValueError(
+                "input.messages_column: it holds each row's whole conversation; drop prompt.user and "
+                "prompt.messages (prompt.system may stay, it is sent first)"
+            )
+        return self
+
+    def prompt_templates(self) -> PromptTemplates:
+        messages = [(m.role, m.content) for m in self.prompt.messages or ()]
+        return compile_prompts(self.prompt.system, self.prompt.user, messages, self.input.messages_column)
 
 
 def load_job(path: Path | str) -> JobSpec:
@@ -183,7 +290,7 @@ def load_job(path: Path | str) -> JobSpec:
     except ValidationError as exc:
         raise _job_error(exc, text, path) from None
     _check_param_typos(spec.params, text, path)
-    _check_templates(spec.prompt, text, path)
+    _check_templates(spec, text, path)
     base = path.parent.resolve()
     _check_table_suffix(spec.input.path, "input", text, path)
     _check_table_suffix(spec.output.path, "output", text, path)
@@ -205,15 +312,13 @@ def _check_table_suffix(table: Path, key: str, text: str, path: Path) -> None:
         )
 
 
-def _check_templates(prompt: PromptSpec, text: str, path: Path) -> None:
+def _check_templates(spec: JobSpec, text: str, path: Path) -> None:
     """A template that cannot be parsed is the job file's fault: name its file and line."""
-    for key, source in (("system", prompt.system), ("user", prompt.user)):
-        if source is None:
-            continue
-        try:
-            compile_template(source, f"prompt.{key}")
-        except JobError as exc:
-            raise JobError(str(exc), path, _line_of(text, ("prompt", key))) from None
+    try:
+        spec.prompt_templates()
+    except JobError as exc:
+        key = str(exc).split(":", 1)[0].removeprefix("prompt.").split("[", 1)[0]
+        raise JobError(str(exc), path, _line_of(text, ("prompt", key))) from None
 
 
 def _check_param_typos(params: Params, text: str, path: Path) -> None:
@@ -235,11 +340,14 @@ def _check_param_typos(params: Params, text: str, path: Path) -> None:
             )
 
 
+Key = str | int  # a mapping key, or a list index
+
+
 class _Problem(NamedTuple):
-    keys: tuple[str, ...]  # the job keys at fault, outermost first
+    keys: tuple[Key, ...]  # the job keys at fault, outermost first
     message: str
     kind: str  # pydantic's error type
-    meant: tuple[str, ...] | None = None  # for an unknown key: the key it was probably meant to be
+    meant: tuple[Key, ...] | None = None  # for an unknown key: the key it was probably meant to be
 
 
 def _job_error(exc: ValidationError, text: str, path: Path) -> JobError:
@@ -249,9 +357,15 @@ def _job_error(exc: ValidationError, text: str, path: Path) -> JobError:
     # report unknown keys first since they usually explain what else went wrong.
     meant = {p.meant for p in problems if p.meant}
     problems = [p for p in problems if not (p.kind == "missing" and p.keys in meant)]
+    # A list whose item is wrong is also reported too short: keep only the innermost complaint.
+    problems = [
+        p
+        for p in problems
+        if not any(len(q.keys) > len(p.keys) and q.keys[: len(p.keys)] == p.keys for q in problems)
+    ]
     problems.sort(key=lambda p: p.kind != "extra_forbidden")
     # Each branch of a union (e.g. `stop`) reports the same key: one problem, not several.
-    unique: dict[tuple[str, ...], _Problem] = {}
+    unique: dict[tuple[Key, ...], _Problem] = {}
     for problem in problems:
         unique.setdefault(problem.keys, problem)
     first, more = next(iter(unique.values())), len(unique) - 1
@@ -259,55 +373,81 @@ def _job_error(exc: ValidationError, text: str, path: Path) -> JobError:
     return JobError(first.message + suffix, path, _line_of(text, first.keys))
 
 
+def _inside(inner: tuple[Key, ...], outer: tuple[Key, ...]) -> bool:
+    return len(inner) > len(outer) and inner[: len(outer)] == outer
+
+
 def _problem(err: ErrorDetails) -> _Problem:
     loc = err["loc"]
     if err["type"] in ("extra_forbidden", "invalid_key"):
-        scope, key = _field_path(loc[:-1]), loc[-1]
-        where = f" in {'.'.join(scope)}" if scope else ""
+        scope, model = _walk(loc[:-1])
+        key = loc[-1]
+        where = f" in {_dotted(scope)}" if scope else ""
         keys = (*scope, str(key))
         if err["type"] == "invalid_key":
             return _Problem(keys, f"key {key!r}{where} is not a string", err["type"])
-        allowed = _allowed_keys(scope)
+        allowed = [k for k in model.model_fields if k != "job_path"] if model else []
         close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
         hint = f"; did you mean '{close[0]}'?" if close else f"; expected one of: {', '.join(allowed)}"
         meant = (*scope, close[0]) if close else None
         return _Problem(keys, f"unknown key '{key}'{where}{hint}", err["type"], meant)
-    keys = _field_path(loc)
+    keys, _ = _walk(loc)
+    reason = str(err["msg"]).removeprefix("Value error, ")
+    if not keys:  # a check across keys: its message starts with the key at fault
+        return _Problem(tuple(reason.split(":", 1)[0].split(".")), reason, err["type"])
     if err["type"] == "missing":
-        where = f" in {'.'.join(keys[:-1])}" if keys[:-1] else ""
+        where = f" in {_dotted(keys[:-1])}" if keys[:-1] else ""
         return _Problem(keys, f"missing required key '{keys[-1]}'{where}", err["type"])
     got = err.get("input")
     got_text = f" (got {got!r})" if not isinstance(got, dict | list) else ""
-    reason = str(err["msg"]).removeprefix("Value error, ")
-    return _Problem(keys, f"{'.'.join(keys)}: {reason}{got_text}", err["type"])
+    return _Problem(keys, f"{_dotted(keys)}: {reason}{got_text}", err["type"])
 
 
-def _field_path(loc: tuple[int | str, ...]) -> tuple[str, ...]:
-    """The job keys in a pydantic location, without list indexes or union branch tags."""
-    keys: list[str] = []
+def _walk(loc: tuple[Key, ...]) -> tuple[tuple[Key, ...], type[BaseModel] | None]:
+    """The job keys in a pydantic location (list indexes and mapping keys kept, union branch
+    tags dropped), and the section model at its end, if it ends on one."""
+    keys: list[Key] = []
+    kind = "model"
     model: type[BaseModel] | None = JobSpec
     for part in loc:
-        if isinstance(part, int):
-            continue
-        if model is None or part not in model.model_fields:
+        if kind == "model" and isinstance(part, str) and model is not None and part in model.model_fields:
+            kind, model = _shape(model.model_fields[part].annotation)
+        elif not ((kind == "list" and isinstance(part, int)) or (kind == "dict" and isinstance(part, str))):
             break
+        else:
+            kind = "model" if model is not None else "value"
         keys.append(part)
-        annotation = model.model_fields[part].annotation
-        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
-    return tuple(keys)
+    return tuple(keys), model if kind == "model" else None
 
 
-def _allowed_keys(keys: tuple[str, ...]) -> list[str]:
-    model: type[BaseModel] = JobSpec
-    for key in keys:
-        annotation = model.model_fields[key].annotation
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return []
-        model = annotation
-    return [k for k in model.model_fields if k != "job_path"]
+def _shape(annotation: Any) -> tuple[str, type[BaseModel] | None]:
+    """What a field holds: a section (model), a list or mapping (of models?), or a plain value."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        annotation, args = args[0], list(typing.get_args(args[0]))
+    origin = typing.get_origin(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "model", annotation
+    if origin in (tuple, list, dict):
+        item = args[-1] if args and args[-1] is not Ellipsis else args[0] if args else None
+        held = item if isinstance(item, type) and issubclass(item, BaseModel) else None
+        return ("dict" if origin is dict else "list"), held
+    return "value", None
 
 
-def _line_of(text: str, keys: tuple[str, ...]) -> int | None:
+def _dotted(keys: tuple[Key, ...]) -> str:
+    return "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in keys).lstrip(".")
+
+
+def key_line(path: Path, keys: tuple[Key, ...]) -> int | None:
+    """The line of a key in a job file already loaded, for errors found after loading."""
+    try:
+        return _line_of(path.read_text(encoding="utf-8"), keys)
+    except OSError:
+        return None
+
+
+def _line_of(text: str, keys: tuple[Key, ...]) -> int | None:
     """The 1-based line of the deepest key of `keys` that exists in the YAML text."""
     try:
         node = yaml.compose(text)
@@ -315,6 +455,10 @@ def _line_of(text: str, keys: tuple[str, ...]) -> int | None:
         return None
     line = None
     for key in keys:
+        if isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+            continue
         if not isinstance(node, yaml.MappingNode):
             break
         for key_node, value_node in node.value:

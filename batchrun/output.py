@@ -5,14 +5,18 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import orjson
 import polars as pl
 
 from batchrun.checkpoint import COLUMNS
 from batchrun.errors import BatchrunError
+from batchrun.job import FieldType
 from batchrun.sources import ROW, Source
+from batchrun.structured import polars_type
 
 RESULT_SCHEMA: dict[str, Any] = {
     "row": pl.Int64,
@@ -50,9 +54,17 @@ def build_table(
     include_columns: tuple[str, ...],
     results: list[tuple[Any, ...]],
     limit: int | None,
+    fields: Mapping[str, FieldType] | None = None,
 ) -> pl.DataFrame:
-    """Join results onto the input's rows; rows without a result are `pending`."""
+    """Join results onto the input's rows; rows without a result are `pending`. Declared
+    output.fields become typed columns (null where a row has none)."""
+    fields = fields or {}
     done = pl.DataFrame(results, schema=RESULT_SCHEMA, orient="row").drop("id")
+    if fields:
+        struct = pl.Struct({name: polars_type(field) for name, field in fields.items()})
+        done = done.with_columns(pl.col("fields").str.json_decode(struct)).unnest("fields")
+    else:
+        done = done.drop("fields")
     id_expr = pl.col(source.id_column) if source.id_column else pl.col(ROW)
     extra = [c for c in include_columns if c != "id"]
     rows = source.lazy().select(pl.col(ROW), id_expr.alias("id"), *extra)
@@ -66,34 +78,49 @@ def build_table(
         )
         .with_columns(pl.col("status").fill_null("pending"), pl.col("attempts").fill_null(0))
         .sort(ROW)
-        .select("id", *extra, *OUTPUT_RESULT_COLUMNS)
+        .select("id", *extra, *fields, *OUTPUT_RESULT_COLUMNS)
         .collect()
     )
     return table
 
 
+def _lists_as_json(table: pl.DataFrame) -> pl.DataFrame:
+    """CSV has no lists: write them as JSON text (`["a", "b"]`)."""
+    lists = [name for name, dtype in table.schema.items() if isinstance(dtype, pl.List)]
+    return table.with_columns(
+        pl.Series(name, [None if v is None else orjson.dumps(v).decode() for v in table[name].to_list()])
+        for name in lists
+    )
+
+
 def write_table(table: pl.DataFrame, path: Path) -> None:
-    """Write through a temp file in the same folder and an atomic rename."""
+    """Write as the path's suffix says (.parquet, .csv, else JSON lines), atomically."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        write_atomically(path, table.write_parquet)
+    elif suffix == ".csv":
+        write_atomically(path, _lists_as_json(table).write_csv)
+    else:
+        write_atomically(path, table.write_ndjson)
+
+
+def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """`write(tmp)` to a temp file in the same folder, then an atomic rename onto `path`:
+    a reader sees the old file or the new one, never half of one."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
-        raise BatchrunError(f"cannot write output {path}: {exc.strerror or exc}") from None
+        raise BatchrunError(f"cannot write {path}: {exc.strerror or exc}") from None
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        suffix = path.suffix.lower()
-        if suffix == ".parquet":
-            table.write_parquet(tmp)
-        elif suffix == ".csv":
-            table.write_csv(tmp)
-        else:
-            table.write_ndjson(tmp)
+        write(tmp)
         with tmp.open("rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as exc:
-        raise BatchrunError(f"cannot write output {path}: {exc.strerror or exc}") from None
+        raise BatchrunError(f"cannot write {path}: {exc.strerror or exc}") from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()

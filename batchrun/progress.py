@@ -18,13 +18,24 @@ POSTFIX_INTERVAL_S = 0.5
 class Progress:
     """Counts finished rows; resumed rows start out counted as done."""
 
-    def __init__(self, total: int, done_before: int, quiet: bool, stream: TextIO | None = None):
+    def __init__(
+        self,
+        total: int,
+        done_before: int,
+        quiet: bool,
+        stream: TextIO | None = None,
+        *,
+        cost_usd: float | None = None,  # spent before this run; None: the model has no price
+        budget_usd: float | None = None,
+    ):
         self.total = total
         self.done = done_before
         self.ok = 0
         self.failed = 0
         self.tokens = 0
         self.status: Callable[[], str] | None = None  # more to show, e.g. the in-flight limit
+        self.cost_usd = cost_usd
+        self._budget_usd = budget_usd
         self._quiet = quiet
         self._stream = stream or sys.stderr
         self._started = time.monotonic()
@@ -48,6 +59,8 @@ class Progress:
         else:
             self.failed += 1
         self.tokens += result.total_tokens or 0
+        if self.cost_usd is not None:
+            self.cost_usd += result.cost_usd or 0.0
         if self._bar is not None:
             self._bar.update(1)
         now = time.monotonic()
@@ -70,6 +83,9 @@ class Progress:
 
     def _counts(self) -> str:
         counts = f"ok={self.ok} failed={self.failed} tokens={self.tokens:,}"
+        if self.cost_usd is not None:
+            counts += f" cost=${self.cost_usd:.4f}"
+            counts += f" of ${self._budget_usd:g}" if self._budget_usd is not None else ""
         return f"{counts} {self.status()}" if self.status else counts
 
     def _rate(self, now: float) -> float:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import string
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,27 +61,76 @@ def compile_template(source: str, key: str) -> Template:
     return Template(source, tuple(parts))
 
 
+ROLES = ("system", "user", "assistant", "tool")
+
+
 @dataclass(frozen=True)
 class PromptTemplates:
-    """The job's system and user templates, rendered to chat messages per row."""
+    """The job's message templates, rendered to chat messages per row; a row's own conversation
+    (input.messages_column) follows them."""
 
-    system: Template | None
-    user: Template
+    templates: tuple[tuple[str, str, Template], ...]  # (job key, role, template), in order
+    messages_column: str | None = None
 
     @property
     def columns(self) -> tuple[str, ...]:
-        cols = (self.system.columns if self.system else ()) + self.user.columns
+        cols = [c for _, _, t in self.templates for c in t.columns]
+        if self.messages_column:
+            cols.append(self.messages_column)
         return tuple(dict.fromkeys(cols))
 
-    def messages(self, row: Mapping[str, Any]) -> list[dict[str, str]]:
-        user = {"role": "user", "content": self.user.render(row)}
-        if self.system is None:
-            return [user]
-        return [{"role": "system", "content": self.system.render(row)}, user]
+    def needed(self) -> dict[str, tuple[str, ...]]:
+        """The columns each job key uses, for errors that name the key."""
+        keys = {key: t.columns for key, _, t in self.templates}
+        if self.messages_column:
+            keys["input.messages_column"] = (self.messages_column,)
+        return keys
+
+    def messages(self, row: Mapping[str, Any]) -> list[dict[str, Any]]:
+        rendered: list[dict[str, Any]] = [
+            {"role": role, "content": t.render(row)} for _, role, t in self.templates
+        ]
+        if self.messages_column:
+            rendered += conversation(row[self.messages_column])
+        return rendered
 
 
-def compile_prompts(system: str | None, user: str) -> PromptTemplates:
-    return PromptTemplates(
-        compile_template(system, "prompt.system") if system is not None else None,
-        compile_template(user, "prompt.user"),
-    )
+def conversation(value: Any) -> list[dict[str, Any]]:
+    """A row's messages: a JSON text or a list of {role, content, ...}; ValueError says what is wrong."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not valid JSON ({exc.msg} at char {exc.pos})") from None
+    if not isinstance(value, list) or not value:
+        raise ValueError("expected a non-empty list of {role, content} messages")
+    messages = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict):
+            raise ValueError(f"message {i + 1} is not an object with role and content")
+        message = {k: v for k, v in message.items() if v is not None}  # struct columns pad with nulls
+        if message.get("role") not in ROLES:
+            role = message.get("role")
+            raise ValueError(f"message {i + 1} has role {role!r}; use one of {', '.join(ROLES)}")
+        if not isinstance(message.get("content", ""), str):
+            raise ValueError(f"message {i + 1}'s content is not text")
+        messages.append(message)
+    return messages
+
+
+def compile_prompts(
+    system: str | None,
+    user: str | None,
+    messages: Sequence[tuple[str, str]] = (),
+    messages_column: str | None = None,
+) -> PromptTemplates:
+    """Templates from the job's prompt: system and user, or a list of (role, content) messages."""
+    templates = []
+    if system is not None:
+        templates.append(("prompt.system", "system", compile_template(system, "prompt.system")))
+    if user is not None:
+        templates.append(("prompt.user", "user", compile_template(user, "prompt.user")))
+    for i, (role, content) in enumerate(messages):
+        key = f"prompt.messages[{i}].content"
+        templates.append((key, role, compile_template(content, key)))
+    return PromptTemplates(tuple(templates), messages_column)

@@ -19,19 +19,39 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 from tenacity.wait import wait_base, wait_random_exponential
 
 from batchrun.checkpoint import Checkpoint, RowResult
 from batchrun.client import ChatClient, ChatResult
-from batchrun.errors import BatchrunError, JobAborted, JobError, RequestFailed, RetryableError
-from batchrun.job import JobSpec
+from batchrun.cost import (
+    ASSUMED_MAX_OUTPUT_TOKENS,
+    Price,
+    job_price,
+    output_tokens_cap,
+    prompt_tokens_ceiling,
+    request_cost,
+)
+from batchrun.errors import (
+    BatchrunError,
+    InputError,
+    InvalidOutput,
+    JobAborted,
+    JobError,
+    RequestFailed,
+    RetryableError,
+)
+from batchrun.job import EndpointSpec, JobSpec
 from batchrun.limits import Limiter, Permit
+from batchrun.models import check_model
 from batchrun.output import OUTPUT_RESULT_COLUMNS, build_table, write_table
 from batchrun.progress import Progress
-from batchrun.prompts import PromptTemplates, compile_prompts
+from batchrun.prompts import PromptTemplates, conversation
+from batchrun.report import write_run_report
 from batchrun.simulator import SimulatorConfig, serve_in_thread
 from batchrun.sources import ROW, Source, open_source
+from batchrun.structured import parse_fields, response_format
 
 DONE = ("ok", "failed", "skipped")  # statuses a resume does not send again
 SIMULATED_ENDPOINT = "simulator"  # what the fingerprint records for --simulate's changing port
@@ -50,6 +70,8 @@ class RunOptions:
     output: Path | None = None
     quiet: bool = False
     grace_s: float = 10.0  # after a stop request, how long in-flight requests may finish
+    max_cost_usd: float | None = None  # overrides the job's budget.max_cost_usd
+    rows: frozenset[int] | None = None  # only these rows (0-based), e.g. a random pilot
 
 
 @dataclass(frozen=True)
@@ -67,11 +89,19 @@ class RunResult:
     wall_s: float
     output_path: Path
     interrupted: bool
+    cost_usd: float | None = None  # the whole job's, earlier runs included; None if unpriced
+    budget_usd: float | None = None
+    budget_stopped: bool = False
+    requests: int = 0  # sent by this run, retries included
+    run_tokens: int = 0  # of the rows this run finished
+    report_path: Path | None = None
 
     @property
     def exit_code(self) -> int:
         if self.interrupted:
             return 130
+        if self.budget_stopped:
+            return 3
         return 1 if self.failed or self.pending else 0
 
 
@@ -88,32 +118,49 @@ class PreparedJob:
     def checkpoint_path(self) -> Path:
         return self.output_path.with_name(self.output_path.name + ".checkpoint.sqlite")
 
+    @property
+    def report_path(self) -> Path:
+        return self.output_path.with_name(self.output_path.name + ".report.json")
+
+    @property
+    def estimate_path(self) -> Path:
+        return self.output_path.with_name(self.output_path.name + ".estimate.json")
+
     def first_request(self) -> dict[str, Any]:
         row = next(self.source.batches(self.prompts.columns, limit=1))[0]
         return self.request_body(row)
 
     @functools.cached_property
     def params(self) -> dict[str, Any]:
-        return self.spec.params.body()
+        params = self.spec.params.body()
+        fields = self.spec.output.fields
+        if fields and not self.spec.params.tools and "response_format" not in params:
+            params["response_format"] = response_format(fields)  # ignored where unsupported
+        return params
 
     def request_body(self, row: dict[str, Any]) -> dict[str, Any]:
         return {"model": self.spec.model, "messages": self.prompts.messages(row), **self.params}
 
     def fingerprint(self, simulate: bool) -> dict[str, Any]:
         """What decides a row's answer; a checkpoint is reused only while all of it holds."""
-        prompt = self.spec.prompt
+        spec = self.spec
         return {
-            "prompt": {"system": prompt.system, "user": prompt.user},
-            "model": self.spec.model,
+            "prompt": spec.prompt.model_dump(mode="json", exclude_none=True),
+            "model": spec.model,
             "params": self.params,
-            "endpoint.base_url": SIMULATED_ENDPOINT if simulate else self.spec.endpoint.base_url,
-            "input": {"sha256": self.source.fingerprint(), "id_column": self.source.id_column},
+            "endpoint.base_url": SIMULATED_ENDPOINT if simulate else spec.endpoint.base_url,
+            "input": {
+                "sha256": self.source.fingerprint(),
+                "id_column": self.source.id_column,
+                "messages_column": spec.input.messages_column,
+            },
+            "output.fields": spec.output.model_dump(mode="json")["fields"],
         }
 
 
 def prepare(spec: JobSpec, output: Path | None = None) -> PreparedJob:
     """Check everything that can fail before a request is sent."""
-    prompts = compile_prompts(spec.prompt.system, spec.prompt.user)
+    prompts = spec.prompt_templates()
     output_path = (output or spec.output.path).resolve()
     if output_path == spec.input.path.resolve():
         raise JobError("output.path is the input file; choose another path", spec.job_path)
@@ -123,54 +170,109 @@ def prepare(spec: JobSpec, output: Path | None = None) -> PreparedJob:
             f"output.include_columns: '{clash[0]}' is also a result column; rename it in the input",
             spec.job_path,
         )
-    needed = {"output.include_columns": spec.output.include_columns}
-    if prompts.system is not None:
-        needed["prompt.system"] = prompts.system.columns
-    needed["prompt.user"] = prompts.user.columns
+    taken = {"id", *OUTPUT_RESULT_COLUMNS, *spec.output.include_columns}
+    if clash := [name for name in spec.output.fields if name in taken]:
+        raise JobError(
+            f"output.fields: '{clash[0]}' is also an output column (result or included); rename the field",
+            spec.job_path,
+        )
+    needed = {"output.include_columns": spec.output.include_columns, **prompts.needed()}
     no_nulls = prompts.columns if spec.input.on_null == "error" else ()
     source = open_source(spec.input.path, spec.input.id_column, needed, no_nulls)
+    if prompts.messages_column:
+        _check_conversations(source, prompts.messages_column, skip_nulls=spec.input.on_null == "skip")
     job = PreparedJob(spec, prompts, source, output_path)
     job.first_request()
     return job
+
+
+def _check_conversations(source: Source, column: str, skip_nulls: bool) -> None:
+    """Every row's messages must parse before the first is sent: one bad row stops the job here."""
+    for batch in source.batches((column,), limit=None):
+        for row in batch:
+            if row[column] is None and skip_nulls:
+                continue
+            try:
+                conversation(row[column])
+            except ValueError as exc:
+                raise InputError(
+                    f"input.messages_column '{column}', row {row[ROW] + 1} of {source.path.name}: {exc}"
+                ) from None
 
 
 def run_job(spec: JobSpec, options: RunOptions = RunOptions()) -> RunResult:
     """Run (or resume) a job to the end, or until interrupted; write the output table."""
     job = prepare(spec, options.output)
     started = time.monotonic()
-    api_key = "simulated" if options.simulate else _api_key(spec)
+    key = "simulated" if options.simulate else api_key(spec.endpoint)
+    price = job_price(spec)
+    max_cost = options.max_cost_usd or (spec.budget.max_cost_usd if spec.budget else None)
+    if max_cost is not None and price is None:
+        raise JobError(
+            f"a budget needs a price, and model {spec.model!r} is not in the price table; add "
+            "pricing: {input_per_million: ..., output_per_million: ...} to the job",
+            spec.job_path,
+        )
     checkpoint = Checkpoint(job.checkpoint_path)
     try:
         checkpoint.lock()
         checkpoint.start(job.fingerprint(options.simulate), fresh=options.fresh)
+        repriced = checkpoint.reprice(repr(price), functools.partial(request_cost, price))
+        spent = checkpoint.spent_usd()
         in_scope = min(options.limit or job.source.row_count, job.source.row_count)
         finished = {r for r in checkpoint.rows_with_status(*DONE) if r < in_scope}
         only: set[int] | None = None  # with --retry-failed, only the failed rows go out again
         if options.retry_failed:
             only = {r for r in checkpoint.rows_with_status("failed") if r < in_scope}
             to_send = len(only)
+        elif options.rows is not None:
+            only = {r for r in options.rows if r < in_scope} - finished
+            to_send = len(only)
         else:
             to_send = in_scope - len(finished)
-        progress = Progress(in_scope, in_scope - to_send, options.quiet)
+        progress = Progress(
+            in_scope,
+            in_scope - to_send,
+            options.quiet,
+            cost_usd=None if price is None else spent,
+            budget_usd=max_cost,
+        )
         if finished and not options.fresh:
             progress.say(f"resuming: {len(finished)} of {in_scope} rows already done")
+        if repriced and not options.fresh:
+            progress.say(f"pricing changed since the checkpoint was made: repriced {repriced} rows")
+        budget = None if max_cost is None else BudgetGuard(max_cost, spent_usd=spent)
         with _endpoint(spec, options) as base_url:
-            client = ChatClient(
-                base_url, api_key, spec.endpoint.timeout_s, options.concurrency or spec.concurrency
-            )
-            pipeline = _Pipeline(job, client, checkpoint, progress, options, finished, only)
             try:
+                if note := check_model(spec, base_url, key):
+                    progress.say(note)
+                if price is None:
+                    progress.say(
+                        f"warning: no price known for model {spec.model!r}; cost_usd stays empty (null); "
+                        "set pricing: {input_per_million: ..., output_per_million: ...} to price it"
+                    )
+                if budget is not None and output_tokens_cap(job.params) is None:
+                    progress.say(
+                        f"warning: params.max_tokens is not set; the budget assumes up to "
+                        f"{ASSUMED_MAX_OUTPUT_TOKENS:,} output tokens per request"
+                    )
+                client = ChatClient(
+                    base_url, key, spec.endpoint.timeout_s, options.concurrency or spec.concurrency
+                )
+                pipeline = _Pipeline(
+                    job, client, checkpoint, progress, options, finished, only, price, budget
+                )
                 run_async(pipeline.run())
             finally:
                 progress.close()
-        table = build_table(job.source, spec.output.include_columns, checkpoint.results(), options.limit)
+        table = build_table(
+            job.source, spec.output.include_columns, checkpoint.results(), options.limit, spec.output.fields
+        )
         write_table(table, job.output_path)
-        if pipeline.aborted is not None:
-            raise pipeline.aborted
         totals = checkpoint.totals()
         counts = table["status"].value_counts()
         by_status = dict(zip(counts["status"].to_list(), counts["count"].to_list(), strict=True))
-        return RunResult(
+        result = RunResult(
             total=in_scope,
             ok=by_status.get("ok", 0),
             failed=by_status.get("failed", 0),
@@ -184,7 +286,17 @@ def run_job(spec: JobSpec, options: RunOptions = RunOptions()) -> RunResult:
             wall_s=time.monotonic() - started,
             output_path=job.output_path,
             interrupted=pipeline.interrupted,
+            cost_usd=None if price is None else checkpoint.spent_usd(),
+            budget_usd=max_cost,
+            budget_stopped=pipeline.budget_stopped,
+            requests=pipeline.requests,
+            run_tokens=progress.tokens,
+            report_path=job.report_path,
         )
+        write_run_report(job, result, table, price, job.fingerprint(options.simulate), pipeline.aborted)
+        if pipeline.aborted is not None:
+            raise pipeline.aborted
+        return result
     finally:
         checkpoint.close()
 
@@ -200,8 +312,9 @@ def run_async(main: Coroutine[Any, Any, None]) -> None:
         runner.run(main)
 
 
-def _api_key(spec: JobSpec) -> str:
-    name = spec.endpoint.api_key_env
+def api_key(endpoint: EndpointSpec) -> str:
+    """The key, read from the environment at the last moment and never stored."""
+    name = endpoint.api_key_env
     key = os.environ.get(name, "").strip()
     if not key:
         raise BatchrunError(
@@ -223,6 +336,66 @@ def _endpoint(spec: JobSpec, options: RunOptions) -> Iterator[str]:
 def _skipped(row: int, row_id: str, empty: list[str]) -> RowResult:
     reason = f"empty column(s) {', '.join(empty)}; not sent (input.on_null: skip)"
     return RowResult(row, row_id, "skipped", error_kind="null_value", error=reason)
+
+
+def _row_result(
+    request: _Request,
+    answers: list[ChatResult],
+    attempts: int,
+    latency_ms: float,
+    price: Price | None,
+    job_model: str,
+    fields: dict[str, Any] | None = None,
+    error: RequestFailed | None = None,
+) -> RowResult:
+    """The row's record: the last answer kept (even a failed one's), tokens and cost summed over
+    every billed answer, since re-asking for fields is paid for too; each answer is priced at its
+    own prompt's tier, and requests that got no answer are not billed."""
+    last = answers[-1] if answers else ChatResult(None, None, None, None, None, None, None)
+
+    def total(name: str) -> int | None:
+        counts = [getattr(a, name) for a in answers]
+        return None if not counts or None in counts else sum(counts)
+
+    costs = [
+        request_cost(price, a.prompt_tokens, a.completion_tokens, a.total_tokens, a.cached_tokens)
+        for a in answers
+    ]
+
+    return RowResult(
+        request.row,
+        request.id,
+        "failed" if error else "ok",
+        content=last.content,
+        tool_calls=_tool_calls_json(last.tool_calls) if last.tool_calls else None,
+        fields=orjson.dumps(fields).decode() if fields is not None else None,
+        finish_reason=last.finish_reason,
+        prompt_tokens=total("prompt_tokens"),
+        completion_tokens=total("completion_tokens"),
+        total_tokens=total("total_tokens"),
+        cached_tokens=total("cached_tokens"),
+        reasoning_tokens=total("reasoning_tokens"),
+        cost_usd=None if None in costs else sum(c or 0.0 for c in costs),
+        error_kind=error.kind if error else None,
+        error=str(error) if error else None,
+        attempts=attempts,
+        latency_ms=round(latency_ms, 1),
+        model=last.model or job_model,  # as asked, when no answer says: reports group by it
+        response_id=last.response_id,
+        ttft_ms=last.ttft_ms,
+    )
+
+
+def _tool_calls_json(calls: list[dict[str, str]]) -> str:
+    """[{id, name, arguments}] with arguments decoded when they are JSON, as sent otherwise."""
+    readable = []
+    for call in calls:
+        try:
+            arguments: Any = orjson.loads(call["arguments"])
+        except orjson.JSONDecodeError:
+            arguments = call["arguments"]
+        readable.append({**call, "arguments": arguments})
+    return orjson.dumps(readable).decode()
 
 
 class _WaitRetryAfter(wait_base):
@@ -263,7 +436,11 @@ class _Pipeline:
     options: RunOptions
     skip: set[int]  # rows already finished
     only: set[int] | None  # with --retry-failed: the rows to send again
+    price: Price | None = None
+    budget: BudgetGuard | None = None
     interrupted: bool = False
+    budget_stopped: bool = False
+    requests: int = 0
     aborted: BatchrunError | None = None
     retries: Counter[str] = field(default_factory=Counter)
     in_flight: int = 0
@@ -343,31 +520,67 @@ class _Pipeline:
 
     async def _work(self) -> None:
         while (request := await self._queue.get()) is not None:
+            worst = self._worst_cost(request) if self.budget is not None else 0.0
+            if self.budget is not None and not self.budget.reserve(worst):
+                self._stop_for_budget()
+                return
             try:
                 result = await self._send(request)
             except JobAborted as exc:
                 self.aborted = exc
                 self._stop.set()
                 return
+            if self.budget is not None:
+                self.budget.settle(worst, result.cost_usd or 0.0)
             self._results.put_nowait(result)
 
+    def _worst_cost(self, request: _Request) -> float:
+        """The most this row can cost: a prompt-size ceiling and a full-length answer, for each
+        answer it may be asked for (re-asks for output.fields are billed too)."""
+        assert self.price is not None  # run_job refuses a budget without a price
+        spec = self.job.spec
+        output = output_tokens_cap(self.job.params) or ASSUMED_MAX_OUTPUT_TOKENS
+        asks = spec.retry.max_parse_attempts if spec.output.fields else 1
+        return asks * self.price.cost(prompt_tokens_ceiling(request.body), 0, output)
+
+    def _stop_for_budget(self) -> None:
+        if self.budget_stopped:
+            return
+        assert self.budget is not None
+        self.budget_stopped = True
+        self.progress.say(
+            f"budget: ${self.budget.spent_usd:.4f} spent of ${self.budget.limit_usd:g}; the next request "
+            f"could exceed it: sending no more, finishing {self.in_flight} in flight"
+        )
+        self._stop.set()
+
     async def _send(self, request: _Request) -> RowResult:
-        """One row through retries to an ok or failed result; JobAborted passes through."""
+        """One row through retries, and re-asks while its answer lacks output.fields, to a result;
+        JobAborted passes through."""
+        spec = self.job.spec
+        answers: list[ChatResult] = []  # every billed answer, for the row's token counts
+        parsed: dict[str, Any] | None = None
         self.in_flight += 1
         try:
-            try:
-                answer = await self._attempt(request)
-            except RetryableError as first_failure:
-                answer = await self._retry(request, first_failure)
+            for asked in range(1, spec.retry.max_parse_attempts + 1):
+                try:
+                    answer = await self._attempt(request)
+                except RetryableError as first_failure:
+                    answer = await self._retry(request, first_failure)
+                answers.append(answer)
+                if not spec.output.fields:
+                    break
+                tool_calls = answer.tool_calls or [] if spec.params.tools else None
+                try:
+                    parsed = parse_fields(spec.output.fields, answer.content, tool_calls)
+                    break
+                except InvalidOutput as exc:
+                    if asked == spec.retry.max_parse_attempts:
+                        raise
+                    self._count(exc)
         except RequestFailed as exc:
-            return RowResult(
-                request.row,
-                request.id,
-                "failed",
-                error_kind=exc.kind,
-                error=str(exc),
-                attempts=request.attempts,
-                latency_ms=round(request.latency_ms, 1),
+            return _row_result(
+                request, answers, request.attempts, request.latency_ms, self.price, spec.model, error=exc
             )
         finally:
             self.in_flight -= 1
@@ -376,22 +589,8 @@ class _Pipeline:
             self.progress.say(
                 "warning: the endpoint sent no token usage; token columns stay empty (null) for such rows"
             )
-        return RowResult(
-            request.row,
-            request.id,
-            "ok",
-            content=answer.content,
-            finish_reason=answer.finish_reason,
-            prompt_tokens=answer.prompt_tokens,
-            completion_tokens=answer.completion_tokens,
-            total_tokens=answer.total_tokens,
-            cached_tokens=answer.cached_tokens,
-            reasoning_tokens=answer.reasoning_tokens,
-            attempts=request.attempts,
-            latency_ms=round(request.latency_ms, 1),
-            model=answer.model or self.job.spec.model,
-            response_id=answer.response_id,
-            ttft_ms=answer.ttft_ms,
+        return _row_result(
+            request, answers, request.attempts, request.latency_ms, self.price, spec.model, fields=parsed
         )
 
     async def _retry(self, request: _Request, first_failure: RetryableError) -> ChatResult:
@@ -412,6 +611,7 @@ class _Pipeline:
     async def _attempt(self, request: _Request) -> ChatResult:
         """One request, admitted by the limiter and reported back to it."""
         request.attempts += 1
+        self.requests += 1
         permit = await self.limiter.acquire(request.chars)
         sent = time.perf_counter()
         try:
@@ -445,6 +645,9 @@ class _Pipeline:
 
     def _count_retry(self, retry_state: RetryCallState) -> None:
         exc = retry_state.outcome.exception() if retry_state.outcome else None
+        self._count(exc)
+
+    def _count(self, exc: BaseException | None) -> None:
         self.retries[exc.kind if isinstance(exc, RequestFailed) else "other"] += 1
         self.last_error = str(exc)
 
@@ -489,7 +692,11 @@ class _Pipeline:
             self._queue.get_nowait()
         for _ in workers:
             self._queue.put_nowait(None)
-        grace = 0.0 if at_once or self.aborted is not None else self.options.grace_s
+        grace: float | None = self.options.grace_s
+        if at_once or self.aborted is not None:
+            grace = 0.0
+        elif self.budget_stopped and not self.interrupted:
+            grace = None  # requests in flight are paid for: wait for their answers
         try:
             await asyncio.wait_for(asyncio.shield(all_work), timeout=grace)
         except TimeoutError:
@@ -519,3 +726,29 @@ class _Pipeline:
             f"(up to {self.options.grace_s:g} s; press Ctrl-C again to stop at once)"
         )
         self._stop.set()
+
+
+@dataclass
+class BudgetGuard:
+    """Spending against a budget: a request goes out only if its worst case still fits.
+
+    Each request in flight holds its worst-case cost until its real cost is known, so the
+    requests in flight together cannot push spending past the limit. Once one request is
+    refused, every later one is too: the job stops rather than picking cheaper rows.
+    """
+
+    limit_usd: float
+    spent_usd: float = 0.0
+    reserved_usd: float = 0.0
+    stopped: bool = False
+
+    def reserve(self, worst_usd: float) -> bool:
+        if self.stopped or self.spent_usd + self.reserved_usd + worst_usd > self.limit_usd:
+            self.stopped = True
+            return False
+        self.reserved_usd += worst_usd
+        return True
+
+    def settle(self, reserved_usd: float, cost_usd: float) -> None:
+        self.reserved_usd = max(0.0, self.reserved_usd - reserved_usd)
+        self.spent_usd += cost_usd

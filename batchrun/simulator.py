@@ -11,7 +11,19 @@ last user message, so a test can aim one fault at one input row:
 * ``[[fail:badjson]]`` / ``[[fail:badjsonxN]]`` - status 200 with a body that is not JSON;
 * ``[[fail:reset]]`` / ``[[fail:resetxN]]`` - drop the connection without answering;
 * ``[[fail:truncate]]`` / ``[[fail:truncatexN]]`` - (streams) end the stream before ``[DONE]``;
+* ``[[fail:badoutput]]`` / ``[[fail:badoutputxN]]`` - status 200, but the JSON answer or tool
+  call does not fit the requested schema;
 * ``[[sleep:MS]]`` - wait MS milliseconds before answering.
+
+Usage markers shape the reported token counts, for cost tests:
+
+* ``[[cached:N]]`` - report N of the prompt tokens as cached (``prompt_tokens_details``);
+* ``[[prompt_tokens:N]]`` - report a prompt of N tokens (a 200k-token prompt without sending one).
+
+With ``tools`` (and ``tool_choice`` not "none") the answer is a call of the first tool (or the one
+``tool_choice`` names) with arguments made up to fit its JSON schema; with a ``json_schema``
+``response_format`` the content is such a JSON object. Made-up values derive from the message
+text, so they are deterministic too.
 """
 
 from __future__ import annotations
@@ -36,7 +48,10 @@ from aiohttp import web
 
 TOKEN_RE = re.compile(r"\w+|[^\w\s]")
 _SENTENCE_END_RE = re.compile(r"[.!?]+[\"'\u201d\u2019)\]]*(?=\s|$)")
-_MARKER_RE = re.compile(r"\[\[(?:fail:([1-5]\d\d|badjson|reset|truncate)(?:x(\d+))?|sleep:(\d+))\]\]")
+_MARKER_RE = re.compile(
+    r"\[\[(?:fail:([1-5]\d\d|badjson|badoutput|reset|truncate)(?:x(\d+))?|sleep:(\d+))\]\]"
+)
+_USAGE_MARKER_RE = re.compile(r"\[\[(cached|prompt_tokens):(\d+)\]\]")
 _ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
 _STREAM_PIECE_TOKENS = 4
 _SHUTDOWN_GRACE_S = 0.1  # in-flight requests (e.g. a long [[sleep]]) must not delay stopping
@@ -99,6 +114,8 @@ class _Chat:
     stop: list[str]
     stream: bool
     include_usage: bool
+    tool: dict[str, Any] | None  # the function to call instead of answering in text
+    schema: dict[str, Any] | None  # response_format's JSON schema for the content
 
 
 class _BadRequest(Exception):
@@ -167,6 +184,10 @@ def _parse(body: bytes) -> _Chat:
         raise _BadRequest("stop must be a string or a list of strings", "stop")
     stream_options = data.get("stream_options")
     include_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
+    response_format = data.get("response_format")
+    schema = None
+    if isinstance(response_format, dict) and response_format.get("type") == "json_schema":
+        schema = (response_format.get("json_schema") or {}).get("schema") or {"type": "object"}
     return _Chat(
         model=model,
         texts=texts,
@@ -175,6 +196,8 @@ def _parse(body: bytes) -> _Chat:
         stop=stop,
         stream=data.get("stream") is True,
         include_usage=include_usage,
+        tool=_chosen_tool(data.get("tools"), data.get("tool_choice")),
+        schema=schema,
     )
 
 
@@ -186,9 +209,58 @@ def _reply(text: str, max_tokens: int | None, stop: tuple[str, ...]) -> tuple[st
     return content, finish, count_tokens(content)
 
 
+def _chosen_tool(tools: Any, choice: Any) -> dict[str, Any] | None:
+    """The function the model "decides" to call: the one tool_choice names, else the first."""
+    if tools is None or choice == "none":
+        return None
+    if not isinstance(tools, list) or not tools:
+        raise _BadRequest("tools must be a non-empty list", "tools")
+    functions = []
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise _BadRequest("each tool must be {type: function, function: {name, ...}}", f"tools[{i}]")
+        functions.append(function)
+    if isinstance(choice, dict):
+        wanted = (choice.get("function") or {}).get("name")
+        named = [f for f in functions if f["name"] == wanted]
+        if not named:
+            raise _BadRequest(f"tool_choice names an unknown function {wanted!r}", "tool_choice")
+        return named[0]
+    return functions[0]
+
+
+def made_up(schema: Any, text: str, key: str = "") -> Any:
+    """A value fitting JSON `schema`, derived from `text`: the simulator's structured answers."""
+    if not isinstance(schema, dict):
+        return None
+    digest = int.from_bytes(hashlib.blake2b(f"{key}:{text}".encode(), digest_size=4).digest())
+    if isinstance(schema.get("enum"), list) and schema["enum"]:
+        return schema["enum"][digest % len(schema["enum"])]
+    kind = schema.get("type", "object" if "properties" in schema else "string")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    words = TOKEN_RE.findall(text) or [key or "none"]
+    if kind == "object":
+        properties = schema.get("properties") or {}
+        return {name: made_up(sub, text, name) for name, sub in properties.items()}
+    if kind == "array":
+        return [made_up(schema.get("items") or {}, text, f"{key}{i}") for i in range(2)]
+    if kind == "integer":
+        return len(words)
+    if kind == "number":
+        return len(words) / 10
+    if kind == "boolean":
+        return digest % 2 == 0
+    if kind == "string":
+        start = digest % len(words)
+        return " ".join(words[start : start + 3])
+    return None
+
+
 def compose_answer(text: str, max_tokens: int | None, stop: list[str]) -> tuple[str, str]:
     """The deterministic reply: the first two sentences of ``text``; returns (content, finish)."""
-    text = " ".join(_MARKER_RE.sub(" ", text).split())
+    text = " ".join(_USAGE_MARKER_RE.sub(" ", _MARKER_RE.sub(" ", text)).split())
     ends = [m.end() for m in itertools.islice(_SENTENCE_END_RE.finditer(text), 2)]
     answer = text[: ends[-1]] if len(ends) == 2 else text
     cuts = [i for s in stop if s and (i := answer.find(s)) >= 0]
@@ -324,7 +396,8 @@ class _Simulator:
             return self._error(429, message, code="rate_limit_exceeded", headers=headers)
 
         fault, times, sleep_ms = None, None, 0
-        for m in _MARKER_RE.finditer(chat.last_user) if "[[" in chat.last_user else ():
+        has_markers = "[[" in chat.last_user  # most rows have none: skip the regexes
+        for m in _MARKER_RE.finditer(chat.last_user) if has_markers else ():
             if m[3] is not None:
                 sleep_ms += int(m[3])
             elif fault is None:
@@ -344,27 +417,48 @@ class _Simulator:
             if request.transport is not None:
                 request.transport.abort()
             return None
-        if fault is not None and fault not in ("badjson", "truncate"):
+        if fault is not None and fault not in ("badjson", "badoutput", "truncate"):
             return self._error(int(fault), f"Simulated HTTP {fault} error.", headers=headers)
 
+        content: str | None
         content, finish, completion_tokens = _reply(chat.last_user, chat.max_tokens, tuple(chat.stop))
+        call: dict[str, Any] | None = None
+        if chat.tool is not None or chat.schema is not None:
+            plain = " ".join(_MARKER_RE.sub(" ", chat.last_user).split())
+            if chat.tool is not None:
+                made = made_up(chat.tool.get("parameters") or {"type": "object"}, plain)
+                arguments = orjson.dumps({"unexpected": True} if fault == "badoutput" else made).decode()
+                function = {"name": chat.tool["name"], "arguments": arguments}
+                call = {"id": f"call_{digest}", "type": "function", "function": function}
+                content, finish = None, "tool_calls"
+            else:
+                content = orjson.dumps(made_up(chat.schema, plain)).decode()
+                if fault == "badoutput":
+                    content = "I would rather answer in prose."
+            completion_tokens = count_tokens(call["function"]["arguments"] if call else content or "")
         prompt_tokens = sum(count_tokens(t) + 4 for t in chat.texts)
-        usage = {
+        marked = {name: int(n) for name, n in _USAGE_MARKER_RE.findall(chat.last_user)} if has_markers else {}
+        prompt_tokens = marked.get("prompt_tokens", prompt_tokens)
+        usage: dict[str, Any] = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
         }
+        if "cached" in marked:
+            usage["prompt_tokens_details"] = {"cached_tokens": min(marked["cached"], prompt_tokens)}
         head = {
             "id": f"chatcmpl-{digest}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": chat.model,
         }
-        if fault is None:
+        if fault in (None, "badoutput"):
             self.stats.ok_by_user_message[chat.last_user] += 1
         if chat.stream:
-            return await self._stream(request, chat, head, content, finish, usage, fault, headers)
-        reply = {"role": "assistant", "content": content}
+            return await self._stream(request, chat, head, (content, call), finish, usage, fault, headers)
+        reply: dict[str, Any] = {"role": "assistant", "content": content}
+        if call is not None:
+            reply["tool_calls"] = [call]
         choice = {"index": 0, "message": reply, "finish_reason": finish}
         body = orjson.dumps({**head, "choices": [choice], "usage": usage})
         if fault == "badjson":
@@ -376,26 +470,34 @@ class _Simulator:
         request: web.Request,
         chat: _Chat,
         head: dict[str, Any],
-        content: str,
+        answer: tuple[str | None, dict[str, Any] | None],
         finish: str,
-        usage: dict[str, int],
+        usage: dict[str, Any],
         fault: str | None,
         headers: dict[str, str],
     ) -> web.StreamResponse:
-        """Send the answer as server-sent events, cut into pieces of a few tokens each."""
+        """Send the answer as server-sent events, cut into pieces of a few tokens each; a tool
+        call streams its id and name first, then its arguments in pieces."""
         head = {**head, "object": "chat.completion.chunk"}
 
         def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
             return b"data: " + orjson.dumps({**head, "choices": choices, **extra}) + b"\n\n"
 
-        def delta(d: dict[str, str], finish_reason: str | None = None) -> bytes:
+        def delta(d: dict[str, Any], finish_reason: str | None = None) -> bytes:
             return event([{"index": 0, "delta": d, "finish_reason": finish_reason}])
 
-        ends = [m.end() for m in TOKEN_RE.finditer(content)]
-        cuts = [0, *ends[_STREAM_PIECE_TOKENS - 1 : -1 : _STREAM_PIECE_TOKENS], len(content)]
-        pieces = [content[a:b] for a, b in itertools.pairwise(cuts) if b > a]
-        events = [delta({"role": "assistant", "content": ""})]
-        events += [delta({"content": piece}) for piece in pieces]
+        content, call = answer
+        if call is None:
+            events = [delta({"role": "assistant", "content": ""})]
+            events += [delta({"content": piece}) for piece in _pieces(content or "")]
+        else:
+            opening = {"index": 0, "id": call["id"], "type": "function"}
+            opening["function"] = {"name": call["function"]["name"], "arguments": ""}
+            events = [delta({"role": "assistant", "content": None, "tool_calls": [opening]})]
+            events += [
+                delta({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
+                for piece in _pieces(call["function"]["arguments"])
+            ]
         events.append(delta({}, finish))
         if chat.include_usage:
             events.append(event([], usage=usage))
@@ -412,6 +514,13 @@ class _Simulator:
             for chunk in events:
                 await response.write(chunk)
         return response
+
+
+def _pieces(text: str) -> list[str]:
+    """`text` cut every few tokens, as a model streams it."""
+    ends = [m.end() for m in TOKEN_RE.finditer(text)]
+    cuts = [0, *ends[_STREAM_PIECE_TOKENS - 1 : -1 : _STREAM_PIECE_TOKENS], len(text)]
+    return [text[a:b] for a, b in itertools.pairwise(cuts) if b > a]
 
 
 def make_app(config: SimulatorConfig, stats: SimulatorStats | None = None) -> web.Application:

@@ -23,6 +23,7 @@ class StreamAssembler:
         self.response_id: str | None = None
         self.done = False
         self.saw_content = False
+        self._calls: dict[int, dict[str, str]] = {}  # tool calls by index, arguments growing
 
     def feed(self, line: str) -> bool:
         """Take one line; True when it carried the first piece of content (for time to first token)."""
@@ -40,18 +41,33 @@ class StreamAssembler:
                 self.usage = chunk["usage"]
             first = False
             for choice in chunk.get("choices") or ():
-                if content := (choice.get("delta") or {}).get("content"):
-                    first = not self.saw_content
-                    self.saw_content = True
+                delta = choice.get("delta") or {}
+                if content := delta.get("content"):
                     self.pieces.append(content)
+                for call in delta.get("tool_calls") or ():
+                    self._add_tool_call_delta(call)
+                if (content or delta.get("tool_calls")) and not self.saw_content:
+                    first = self.saw_content = True
                 if choice.get("finish_reason"):
                     self.finish_reason = choice["finish_reason"]
             return first
         except (orjson.JSONDecodeError, AttributeError, TypeError) as exc:
             raise RetryableError("invalid_response", f"unreadable stream chunk ({exc})") from None
 
-    def finish(self) -> str:
+    def _add_tool_call_delta(self, call: dict[str, Any]) -> None:
+        """Tool calls stream as pieces keyed by index: id and name once, arguments in parts."""
+        entry = self._calls.setdefault(call.get("index", 0), {"id": "", "name": "", "arguments": ""})
+        function = call.get("function") or {}
+        entry["id"] = entry["id"] or call.get("id") or ""
+        entry["name"] = entry["name"] or function.get("name") or ""
+        entry["arguments"] += function.get("arguments") or ""
+
+    @property
+    def tool_calls(self) -> list[dict[str, str]] | None:
+        return [self._calls[i] for i in sorted(self._calls)] if self._calls else None
+
+    def finish(self) -> str | None:
         """The assembled content; a stream cut off before `[DONE]` is worth another attempt."""
         if not self.done:
             raise RetryableError("truncated_stream", "the stream ended before data: [DONE]")
-        return "".join(self.pieces)
+        return "".join(self.pieces) if self.pieces or not self._calls else None

@@ -45,7 +45,7 @@ def test_columns_are_in_first_use_order_system_first() -> None:
     prompts = compile_prompts("You write for {audience} in {lang}.", "{title} {body} {lang}")
 
     assert prompts.columns == ("audience", "lang", "title", "body")
-    assert prompts.user.columns == ("title", "body", "lang")
+    assert prompts.needed()["prompt.user"] == ("title", "body", "lang")
 
 
 def test_messages_have_system_then_user() -> None:
@@ -60,7 +60,6 @@ def test_messages_have_system_then_user() -> None:
 def test_without_system_there_is_only_the_user_message() -> None:
     prompts = compile_prompts(None, "{body}")
 
-    assert prompts.system is None
     assert prompts.columns == ("body",)
     assert prompts.messages({"body": "B"}) == [{"role": "user", "content": "B"}]
 

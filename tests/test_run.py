@@ -108,7 +108,7 @@ def test_retry_failed_sends_only_the_failed_rows(tmp_path: Path, simulator: Runn
     assert out.height == 20
 
 
-def test_rejected_key_stops_the_whole_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rejected_key_stops_before_any_row_is_sent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     wrong_key = "sk-wrong-key-must-not-leak"
     monkeypatch.setenv("BATCHRUN_TEST_KEY", wrong_key)
     with serve_in_thread(SimulatorConfig(api_key=TEST_KEY, latency_ms=5)) as sim:
@@ -117,20 +117,35 @@ def test_rejected_key_stops_the_whole_job(tmp_path: Path, monkeypatch: pytest.Mo
 
     assert result.exit_code == 2
     assert result.stderr.startswith("Error: the endpoint rejected the API key (HTTP 401")
-    assert sim.stats.requests <= 8  # at most one wave of the 8 workers, not 500 rows of errors
+    assert sim.stats.requests == 0  # the model list was asked for first, and refused
     assert wrong_key not in result.stderr
-    out = read_output(job)
-    assert set(out["status"]) == {"pending"}
+    assert not (tmp_path / "out" / "result.parquet").exists()
 
 
-def test_unknown_model_stops_the_job(tmp_path: Path, simulator: RunningSimulator) -> None:
-    job = write_job(tmp_path, article_rows(50), simulator.base_url, model="grok-9")
+def test_key_rejected_mid_run_stops_the_whole_job(tmp_path: Path, simulator: RunningSimulator) -> None:
+    rows = article_rows(500)
+    rows[0]["text"] += " [[fail:401]]"
+    job = write_job(tmp_path, rows, simulator.base_url, concurrency=8)
 
     result = invoke("run", str(job))
 
     assert result.exit_code == 2
-    assert "404" in result.stderr and "model" in result.stderr
-    assert simulator.stats.requests <= 8
+    assert result.stderr.startswith("Error: the endpoint rejected the API key (HTTP 401")
+    assert simulator.stats.requests < 100  # stopped early, not 500 rows of errors
+    out = read_output(job)
+    assert out["status"][0] == "pending" and (out["status"] == "pending").sum() > 400
+
+
+def test_unknown_model_stops_before_any_row_is_sent(tmp_path: Path, simulator: RunningSimulator) -> None:
+    job = write_job(tmp_path, article_rows(50), simulator.base_url, model="grok-4-3")
+
+    result = invoke("run", str(job))
+
+    assert result.exit_code == 2
+    assert result.stderr == (
+        f"Error: {job}:8: model 'grok-4-3' not offered by {simulator.base_url}; did you mean 'grok-4.3'?\n"
+    )
+    assert simulator.stats.requests == 0
 
 
 def test_resume_sends_only_unfinished_rows(tmp_path: Path, simulator: RunningSimulator) -> None:

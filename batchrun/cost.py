@@ -1,0 +1,195 @@
+"""Prices, and what one request costs.
+
+List prices come from the table bundled with the `genai-prices` package, and only from it: its
+network updater is never started, so a cost is the same offline and on every machine with the
+same package version. A job can replace them with its own rates or take a discount off them
+(`pricing:` in the job file; RelayDance bills below list).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from importlib.metadata import version
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from batchrun.job import JobSpec
+
+if TYPE_CHECKING:  # genai-prices is imported when a price is first looked up: it takes 0.2 s
+    from genai_prices.data_snapshot import DataSnapshot
+    from genai_prices.types import TieredPrices
+
+PER_MILLION = 1_000_000
+# Without params.max_tokens nothing bounds an answer; the budget and the estimate's worst case
+# assume this many output tokens per request, and say so.
+ASSUMED_MAX_OUTPUT_TOKENS = 8192
+
+
+@dataclass(frozen=True)
+class Rates:
+    """USD per million tokens."""
+
+    input: float
+    cached_input: float
+    output: float
+
+    def scaled(self, factor: float) -> Rates:
+        return Rates(self.input * factor, self.cached_input * factor, self.output * factor)
+
+
+@dataclass(frozen=True)
+class Price:
+    """A model's rates, by prompt size.
+
+    A tier `(start, rates)` applies to the whole request once its prompt has more than `start`
+    tokens (genai-prices' rule; grok-4.3's higher tier starts at 199,999, i.e. 200k or more).
+    """
+
+    tiers: tuple[tuple[int, Rates], ...]  # ascending; the first starts at 0
+    source: str  # where the rates come from, for people: "list price (genai-prices 0.2.3)"
+
+    def rates(self, prompt_tokens: float) -> Rates:
+        chosen = self.tiers[0][1]
+        for start, rates in self.tiers[1:]:
+            if prompt_tokens > start:
+                chosen = rates
+        return chosen
+
+    def cost(self, prompt_tokens: float, cached_tokens: float, output_tokens: float) -> float:
+        """USD for one request; cached prompt tokens are part of `prompt_tokens` (fractional
+        token counts are for projections)."""
+        rates = self.rates(prompt_tokens)
+        cached = min(cached_tokens, prompt_tokens)
+        return (
+            (prompt_tokens - cached) * rates.input
+            + cached * rates.cached_input
+            + output_tokens * rates.output
+        ) / PER_MILLION
+
+    def describe(self) -> str:
+        """The base rates and where they come from, in one line."""
+        base = self.tiers[0][1]
+        more = f"; more from {self.tiers[1][0] + 1:,} prompt tokens" if len(self.tiers) > 1 else ""
+        return (
+            f"{_usd(base.input)} in, {_usd(base.cached_input)} cached in, {_usd(base.output)} out per "
+            f"million tokens{more} ({self.source})"
+        )
+
+
+def _usd(rate: float) -> str:
+    return f"${rate:.2f}" if round(rate, 2) == rate else f"${rate:g}"
+
+
+def billed_output_tokens(
+    prompt_tokens: int | None, completion_tokens: int | None, total_tokens: int | None
+) -> int | None:
+    """Output tokens to bill: reasoning tokens included, however the endpoint counts them.
+
+    OpenAI counts reasoning inside `completion_tokens`; xAI reports it beside them, in `total_tokens`
+    only. `total - prompt` is right under both; without a total, `completion_tokens` is all we have.
+    """
+    if total_tokens is not None and prompt_tokens is not None:
+        return max(total_tokens - prompt_tokens, completion_tokens or 0)
+    return completion_tokens
+
+
+def request_cost(
+    price: Price | None,
+    prompt_tokens: int | None,
+    completion_tokens: int | None,
+    total_tokens: int | None,
+    cached_tokens: int | None,
+) -> float | None:
+    """One answered request's cost from its own usage; None without a price or a usage report."""
+    output = billed_output_tokens(prompt_tokens, completion_tokens, total_tokens)
+    if price is None or prompt_tokens is None or output is None:
+        return None
+    return price.cost(prompt_tokens, cached_tokens or 0, output)
+
+
+def prompt_tokens_ceiling(body: dict[str, Any]) -> int:
+    """More prompt tokens than a request can be billed for: the bytes of its body as JSON.
+
+    A token covers at least one byte of text in byte-level BPE tokenizers, and the JSON (role
+    names, quotes, braces) outweighs the few framing tokens each message adds; tools and
+    response_format schemas, billed as prompt too, are in the body.
+    """
+    return len(orjson.dumps(body))
+
+
+def output_tokens_cap(params: dict[str, Any]) -> int | None:
+    """The most output tokens the request asks for, if it says."""
+    cap = params.get("max_completion_tokens", params.get("max_tokens"))
+    return cap if isinstance(cap, int) else None
+
+
+def job_price(spec: JobSpec) -> Price | None:
+    """The price of the job's model: the job's own rates, else the list price less any discount.
+
+    None when the model is not in the price table and the job gives no rates: a cost is then
+    unknown (null), never guessed.
+    """
+    pricing = spec.pricing
+    if pricing is not None and pricing.input_per_million is not None:
+        assert pricing.output_per_million is not None  # the job schema requires both
+        cached = pricing.cached_input_per_million
+        rates = Rates(
+            pricing.input_per_million,
+            pricing.input_per_million if cached is None else cached,
+            pricing.output_per_million,
+        )
+        return Price(((0, rates),), "the job's pricing")
+    listed = list_price(spec.model)
+    if listed is None or pricing is None or not pricing.discount:
+        return listed
+    factor = 1 - pricing.discount
+    return Price(
+        tuple((start, rates.scaled(factor)) for start, rates in listed.tiers),
+        f"{listed.source} less {pricing.discount:.0%}",
+    )
+
+
+@functools.cache
+def list_price(model: str) -> Price | None:
+    """The list price in force today for `model`, from the bundled table; None if unlisted."""
+    try:
+        _, info = _bundled_table().find_provider_model(model, None, None, None)
+    except LookupError:
+        return None
+    prices = info.get_prices(datetime.now(UTC))
+    inputs, outputs = prices.input_mtok, prices.output_mtok
+    if inputs is None or outputs is None:  # not priced per token (images, audio...)
+        return None
+    cached = prices.cache_read_mtok or inputs
+    starts = sorted(
+        {t.start for p in (inputs, cached, outputs) if not isinstance(p, Decimal) for t in p.tiers}
+    )
+    tiers = tuple(
+        (start, Rates(_at(inputs, start), _at(cached, start), _at(outputs, start))) for start in (0, *starts)
+    )
+    return Price(tiers, f"list price, genai-prices {version('genai-prices')}")
+
+
+def _at(price: Decimal | TieredPrices, start: int) -> float:
+    """The rate of `price` for a prompt of more than `start` tokens."""
+    if isinstance(price, Decimal):
+        return float(price)
+    rate = price.base
+    for tier in price.tiers:  # ascending
+        if tier.start <= start:
+            rate = tier.price
+    return float(rate)
+
+
+@functools.cache
+def _bundled_table() -> DataSnapshot:
+    """The price table shipped in the package; genai_prices.calc_price would use an updated one
+    if anything in the process had started its updater."""
+    from genai_prices import data
+    from genai_prices.data_snapshot import DataSnapshot
+
+    return DataSnapshot(providers=data.providers, from_auto_update=False)

@@ -1,0 +1,291 @@
+"""What the rows still to do will cost, before they are sent.
+
+Prompt tokens are estimated from the rendered prompts' characters: at a ratio learned from the
+finished rows' reported usage when there are some, else at a stated default (Grok's tokenizer is
+not public, so a calibrated ratio beats a wrong exact count). Output tokens come from the finished
+rows' answers, else from max_tokens. Low and high are a 90% range of the projection: the spread
+of the finished rows, scaled to the rows to do, and the uncertainty of their average.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+from array import array
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from batchrun.checkpoint import COLUMNS, Checkpoint
+from batchrun.cost import ASSUMED_MAX_OUTPUT_TOKENS, Price, billed_output_tokens, job_price, output_tokens_cap
+from batchrun.report import fingerprint_digest, write_json
+from batchrun.runner import DONE, PreparedJob
+from batchrun.sources import ROW
+
+DEFAULT_CHARS_PER_TOKEN = 4.0  # English prose in GPT-style tokenizers; used until rows are measured
+UNMEASURED_OUTPUT_SHARE = 0.5  # expected answer length, as a share of max_tokens, until measured
+Z_90 = 1.645  # a two-sided 90% normal range
+PILOT_SEED = 5  # a pilot is random but reproducible
+
+
+@dataclass
+class Observed:
+    """The finished rows' usage: what a projection rests on."""
+
+    prompt_chars: list[int]  # per finished row with a usage report: its rendered prompt's length
+    prompt_tokens: list[int]  # ... and the prompt tokens it was billed for
+    output_tokens: list[int]
+    cached_tokens: int
+
+
+@dataclass(frozen=True)
+class Scenario:
+    prompt_tokens: int
+    output_tokens: int
+    cost_usd: float | None
+
+
+@dataclass(frozen=True)
+class Estimate:
+    total_rows: int
+    to_do: int
+    done: int
+    spent_usd: float | None
+    done_prompt_tokens: int
+    done_output_tokens: int
+    prompt_chars: int
+    chars_per_token: float
+    observed: int  # rows the projection rests on; 0: uncalibrated
+    output_cap: int
+    cap_assumed: bool  # params.max_tokens unset
+    low: Scenario
+    expected: Scenario
+    high: Scenario
+    worst: Scenario
+    price: Price | None
+    ignored_checkpoint: str | None  # why finished rows were not used, if they were not
+
+    def lines(self) -> list[str]:
+        """The estimate, for people."""
+        done = ""
+        if self.done:
+            spent = f", ${self.spent_usd:.4f} spent" if self.spent_usd is not None else ""
+            done = f" ({self.done} done{spent})"
+        cap = f"max_tokens {self.output_cap:,}" + (
+            " assumed: params.max_tokens is unset" if self.cap_assumed else ""
+        )
+        if self.observed:
+            basis = f"calibrated on {self.observed} finished rows"
+            per_row = self.expected.output_tokens / max(self.to_do, 1)
+            output_basis = f"{per_row:.1f} per row, observed over {self.observed} finished rows"
+        else:
+            basis = "uncalibrated default; a pilot (--sample N) measures it"
+            output_basis = "assumed: half of max_tokens, until rows are measured"
+        lines = [
+            f"rows: {self.to_do:,} to do of {self.total_rows:,}{done}",
+            f"prompt tokens: {self.expected.prompt_tokens:,} estimated ({self.prompt_chars:,} characters "
+            f"at {self.chars_per_token:.2f} per token, {basis})",
+            f"output tokens: {self.expected.output_tokens:,} expected ({output_basis}); "
+            f"{self.worst.output_tokens:,} worst case ({cap})",
+        ]
+        if self.ignored_checkpoint:
+            lines.insert(1, f"note: {self.ignored_checkpoint}")
+        if self.price is None:
+            lines.append("cost: unknown: the model has no list price; set pricing: in the job")
+            return lines
+        lines.append(f"price: {self.price.describe()}")
+        rng = " (90% range)" if self.observed else ""
+        lines.append(
+            f"cost of the rows to do: low ${self.low.cost_usd:.4f}, expected ${self.expected.cost_usd:.4f}, "
+            f"high ${self.high.cost_usd:.4f}{rng}; worst case ${self.worst.cost_usd:.4f}"
+        )
+        if self.done and self.spent_usd is not None and self.expected.cost_usd is not None:
+            lines.append(
+                f"whole job: ${self.spent_usd + self.expected.cost_usd:.4f} expected "
+                f"(${self.spent_usd:.4f} spent + ${self.expected.cost_usd:.4f} to do)"
+            )
+        if self.observed:
+            lines.append(f"projection rests on {self.observed} finished rows")
+        return lines
+
+    def save(self, job: PreparedJob, fingerprint: dict[str, Any]) -> None:
+        """Leave the whole-job figures beside the output, for the run report to compare with."""
+        spent = self.spent_usd or 0.0
+
+        def job_cost(s: Scenario) -> float | None:
+            return None if s.cost_usd is None else round(spent + s.cost_usd, 6)
+
+        write_json(
+            job.estimate_path,
+            {
+                "made_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                "fingerprint": fingerprint_digest(fingerprint),
+                "rows_to_do": self.to_do,
+                "rows_done": self.done,
+                "calibrated_on": self.observed,
+                "job": {
+                    "low": job_cost(self.low),
+                    "expected": job_cost(self.expected),
+                    "high": job_cost(self.high),
+                    "worst": job_cost(self.worst),
+                    "prompt_tokens": self.done_prompt_tokens + self.expected.prompt_tokens,
+                    "output_tokens": self.done_output_tokens + self.expected.output_tokens,
+                },
+            },
+        )
+
+
+def pilot_rows(job: PreparedJob, fingerprint: dict[str, Any], n: int) -> list[int]:
+    """N of the rows still to do, chosen at random but the same on every call (seeded)."""
+    finished, _ = finished_rows(job, fingerprint)
+    to_do = [r for r in range(job.source.row_count) if r not in finished]
+    return sorted(random.Random(PILOT_SEED).sample(to_do, min(n, len(to_do))))
+
+
+def finished_rows(
+    job: PreparedJob, fingerprint: dict[str, Any]
+) -> tuple[dict[int, dict[str, Any]], str | None]:
+    """The checkpoint's finished rows by row number, if it was made by this very job version;
+    else no rows and the reason."""
+    if not job.checkpoint_path.exists():
+        return {}, None
+    checkpoint = Checkpoint(job.checkpoint_path)
+    try:
+        made_for = checkpoint.fingerprint()
+        if made_for is not None and made_for != fingerprint:
+            changed = ", ".join(k for k in fingerprint if made_for.get(k) != fingerprint[k])
+            return (
+                {},
+                f"the checkpoint was made for another version of the job ({changed}); its rows are not used",
+            )
+        rows = [dict(zip(COLUMNS, r, strict=True)) for r in checkpoint.results()]
+    finally:
+        checkpoint.close()
+    return {r["row"]: r for r in rows if r["status"] in DONE}, None
+
+
+def estimate_job(job: PreparedJob, fingerprint: dict[str, Any]) -> Estimate:
+    """Project the cost of the rows not yet finished (all rows if the job never ran)."""
+    finished, ignored = finished_rows(job, fingerprint)
+    price = job_price(job.spec)
+    to_do_chars = array("q")
+    observed = Observed([], [], [], 0)
+    prompt_columns = job.prompts.columns
+    skip_nulls = job.spec.input.on_null == "skip"
+    for batch in job.source.batches(prompt_columns, None):
+        for row in batch:
+            done = finished.get(row[ROW])
+            if done is None and skip_nulls and any(row[c] is None for c in prompt_columns):
+                continue  # will be recorded `skipped`, never sent
+            if done is not None and (done["status"] != "ok" or done["prompt_tokens"] is None):
+                continue
+            chars = _text_length(job.prompts.messages(row))
+            if done is None:
+                to_do_chars.append(chars)
+                continue
+            output = billed_output_tokens(
+                done["prompt_tokens"], done["completion_tokens"], done["total_tokens"]
+            )
+            observed.prompt_chars.append(chars)
+            observed.prompt_tokens.append(max(done["prompt_tokens"], 1))
+            observed.output_tokens.append(output or 0)
+            observed.cached_tokens += done["cached_tokens"] or 0
+    cap = output_tokens_cap(job.params)
+    costs = [r["cost_usd"] for r in finished.values()]
+    return _project(
+        total_rows=job.source.row_count,
+        finished=finished,
+        to_do_chars=to_do_chars,
+        observed=observed,
+        cap=cap,
+        price=price,
+        spent=None if price is None else sum(c or 0.0 for c in costs),
+        ignored=ignored,
+    )
+
+
+def _project(
+    total_rows: int,
+    finished: dict[int, dict[str, Any]],
+    to_do_chars: array[int],
+    observed: Observed,
+    cap: int | None,
+    price: Price | None,
+    spent: float | None,
+    ignored: str | None,
+) -> Estimate:
+    to_do, chars = len(to_do_chars), sum(to_do_chars)
+    out_cap = cap or ASSUMED_MAX_OUTPUT_TOKENS
+    n = len(observed.prompt_tokens)
+    cached_share = 0.0
+    if n:
+        ratio = sum(observed.prompt_chars) / sum(observed.prompt_tokens)
+        per_row = [c / t for c, t in zip(observed.prompt_chars, observed.prompt_tokens, strict=True)]
+        ratio_sd = statistics.stdev(per_row) if n > 1 else 0.0
+        cached_share = observed.cached_tokens / sum(observed.prompt_tokens)
+        out_mean = statistics.fmean(observed.output_tokens)
+        out_sd = statistics.stdev(observed.output_tokens) if n > 1 else 0.0
+        # 90% range of a sum over `to_do` rows, per row: the average's own uncertainty
+        # (it rests on n rows) plus the rows' spread around it.
+        spread = Z_90 * math.sqrt(1 / n + 1 / max(to_do, 1))
+        ratios = (ratio + ratio_sd * spread, ratio, max(ratio - ratio_sd * spread, 0.1))  # low tokens first
+        outputs = (max(out_mean - out_sd * spread, 0.0), out_mean, min(out_mean + out_sd * spread, out_cap))
+    else:
+        ratios = (DEFAULT_CHARS_PER_TOKEN,) * 3
+        outputs = (0.0, out_cap * UNMEASURED_OUTPUT_SHARE, float(out_cap))
+    low, expected, high = (
+        _scenario(to_do_chars, r, o, cached_share, price) for r, o in zip(ratios, outputs, strict=True)
+    )
+    worst = _scenario(to_do_chars, ratios[1], float(out_cap), 0.0, price)
+    done_ok = [r for r in finished.values() if r["status"] == "ok"]
+    return Estimate(
+        total_rows=total_rows,
+        to_do=to_do,
+        done=len(finished),
+        spent_usd=spent,
+        done_prompt_tokens=sum(r["prompt_tokens"] or 0 for r in done_ok),
+        done_output_tokens=sum(
+            billed_output_tokens(r["prompt_tokens"], r["completion_tokens"], r["total_tokens"]) or 0
+            for r in done_ok
+        ),
+        prompt_chars=chars,
+        chars_per_token=ratios[1],
+        observed=n,
+        output_cap=out_cap,
+        cap_assumed=cap is None,
+        low=low,
+        expected=expected,
+        high=high,
+        worst=worst,
+        price=price,
+        ignored_checkpoint=ignored,
+    )
+
+
+def _text_length(messages: list[dict[str, Any]]) -> int:
+    """Characters of the messages' text: string content, or the text parts of a list."""
+    length = 0
+    for message in messages:
+        content = message.get("content")
+        parts = content if isinstance(content, list) else [{"text": content}]
+        length += sum(len(p.get("text") or "") for p in parts if isinstance(p, dict))
+    return length
+
+
+def _scenario(
+    to_do_chars: array[int], chars_per_token: float, output: float, cached_share: float, price: Price | None
+) -> Scenario:
+    """Every row to do at this ratio and answer length; priced row by row, as tiers depend on
+    each request's prompt size."""
+    prompt_total = cost = 0.0
+    for chars in to_do_chars:
+        prompt = chars / chars_per_token
+        prompt_total += prompt
+        if price is not None:
+            cost += price.cost(prompt, prompt * cached_share, output)
+    return Scenario(
+        prompt_tokens=round(prompt_total),
+        output_tokens=round(output * len(to_do_chars)),
+        cost_usd=None if price is None else cost,
+    )

@@ -1,0 +1,206 @@
+"""Reports on a job's usage: the run report left beside the output, and `batchrun cost`.
+
+The run report (`OUTPUT.report.json`) is for machines: rows by outcome, retries and 429s,
+achieved throughput, latency percentiles, tokens and cost against the estimate made before the
+run. The cost report sums rows, tokens and cost per model and status, grouped by any column.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import polars as pl
+
+from batchrun.checkpoint import Checkpoint
+from batchrun.cost import Price
+from batchrun.errors import BatchrunError, InputError
+from batchrun.output import OUTPUT_RESULT_COLUMNS, build_table, write_atomically
+from batchrun.sources import scan_table
+
+if TYPE_CHECKING:
+    from batchrun.runner import PreparedJob, RunResult
+
+USAGE_COLUMNS = ("prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens")
+PERCENTILES = (50, 90, 99)
+
+
+def fingerprint_digest(fingerprint: dict[str, Any]) -> str:
+    """A short stable name for a job version, to match an estimate with the run it was made for."""
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+    write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_run_report(
+    job: PreparedJob,
+    result: RunResult,
+    table: pl.DataFrame,
+    price: Price | None,
+    fingerprint: dict[str, Any],
+    aborted: BatchrunError | None,
+) -> None:
+    """Write OUTPUT.report.json; scopes: the whole job (rows, tokens, cost, latency) or this run."""
+    minutes = max(result.wall_s, 1e-9) / 60
+    answered = table.filter(pl.col("status").is_in(["ok", "failed"]))
+    latency = answered["latency_ms"].drop_nulls()
+    failed_429 = result.failures_by_kind.get("rate_limited", 0)
+    outcome = (
+        "aborted"
+        if aborted is not None
+        else "interrupted"
+        if result.interrupted
+        else "stopped_by_budget"
+        if result.budget_stopped
+        else "finished"
+    )
+    report: dict[str, Any] = {
+        "job": str(job.spec.job_path),
+        "output": str(job.output_path),
+        "model": job.spec.model,
+        "written_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "outcome": outcome,
+        "error": str(aborted) if aborted is not None else None,
+        "rows": {
+            "total": result.total,
+            "ok": result.ok,
+            "failed": result.failed,
+            "skipped": result.skipped,
+            "pending": result.pending,
+            "failed_by_kind": result.failures_by_kind,
+        },
+        "this_run": {
+            "wall_s": round(result.wall_s, 3),
+            "requests": result.requests,
+            "retries": sum(result.retries.values()),
+            "retries_by_kind": dict(result.retries),
+            "responses_429": result.retries.get("rate_limited", 0) + failed_429,
+            "requests_per_min": round(result.requests / minutes, 1),
+            "tokens_per_min": round(result.run_tokens / minutes, 1),
+        },
+        "latency_ms": {f"p{p}": _percentile(latency, p) for p in PERCENTILES},
+        "tokens": {c.removesuffix("_tokens"): int(answered[c].sum()) for c in USAGE_COLUMNS},
+        "cost_usd": {
+            "actual": None if result.cost_usd is None else round(result.cost_usd, 6),
+            "pricing": price.describe() if price is not None else None,
+            "budget": result.budget_usd,
+            "estimate": _estimate_before(job.estimate_path, fingerprint),
+        },
+    }
+    estimate = report["cost_usd"]["estimate"]
+    if estimate is not None and result.cost_usd is not None and estimate["expected"]:
+        report["cost_usd"]["actual_vs_expected_pct"] = round(
+            100 * (result.cost_usd / estimate["expected"] - 1), 1
+        )
+    write_json(job.report_path, report)
+
+
+def _percentile(values: pl.Series, p: int) -> float | None:
+    value = values.quantile(p / 100, "linear")  # None for no values
+    return None if value is None else round(value, 1)
+
+
+def _estimate_before(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
+    """The whole-job figures of the last `batchrun estimate` for this very job version, if any."""
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if saved.get("fingerprint") != fingerprint_digest(fingerprint):
+        return None
+    return dict(saved.get("job", {}), made_at=saved.get("made_at"))
+
+
+def job_table(job: PreparedJob, by: tuple[str, ...]) -> pl.DataFrame:
+    """A job's output table as its checkpoint has it now, with the input columns named in `by`."""
+    extra = [c for c in by if c in job.source.columns and c not in OUTPUT_RESULT_COLUMNS]
+    results: list[tuple[Any, ...]] = []
+    if job.checkpoint_path.exists():
+        checkpoint = Checkpoint(job.checkpoint_path)
+        try:
+            results = checkpoint.results()
+        finally:
+            checkpoint.close()
+    columns = tuple(dict.fromkeys((*job.spec.output.include_columns, *extra)))
+    return build_table(job.source, columns, results, None)
+
+
+def read_output_table(path: Path) -> pl.DataFrame:
+    """An output table written by batchrun, read back for a cost report."""
+    if not path.is_file():
+        raise InputError(f"output table not found: {path}")
+    try:
+        table = scan_table(path).collect()
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise InputError(f"cannot read {path}: {str(exc).strip().splitlines()[0]}") from None
+    missing = [c for c in ("status", "model", "prompt_tokens", "completion_tokens") if c not in table.columns]
+    if missing:
+        raise InputError(f"{path} is not a batchrun output table: it has no '{missing[0]}' column")
+    absent = [c for c in (*USAGE_COLUMNS, "cost_usd") if c not in table.columns]
+    return table.with_columns(
+        pl.lit(None, pl.Float64 if c == "cost_usd" else pl.Int64).alias(c) for c in absent
+    )
+
+
+def cost_report(table: pl.DataFrame, by: tuple[str, ...]) -> pl.DataFrame:
+    """Rows, tokens and cost per (by..., model, status), and a last `total` row.
+
+    A group's cost is null when one of its answered rows has no price: a partial sum would
+    pass for the whole.
+    """
+    for column in by:
+        if column not in table.columns:
+            raise InputError(f"--by {column}: no such column; the columns are: {', '.join(table.columns)}")
+    keys = [*dict.fromkeys((*by, "model", "status"))]
+    sums = [
+        pl.len().alias("rows"),
+        *(pl.col(c).sum() for c in USAGE_COLUMNS),
+        pl.when(pl.col("cost_usd").null_count() == 0).then(pl.col("cost_usd").sum()).alias("cost_usd"),
+    ]
+    table = table.with_columns(pl.col(k).cast(pl.String) for k in keys)
+    groups = table.group_by(keys).agg(sums).sort(keys, nulls_last=True)
+    sent = table.filter(pl.col("status").is_in(["ok", "failed"]))
+    total = table.select(sums[:-1]).with_columns(
+        pl.lit(None if sent["cost_usd"].null_count() else sent["cost_usd"].sum(), pl.Float64).alias(
+            "cost_usd"
+        ),
+        *(pl.lit("total" if k == keys[0] else None, pl.String).alias(k) for k in keys),
+    )
+    return pl.concat([groups, total.select(groups.columns)])
+
+
+def format_cost_report(report: pl.DataFrame, fmt: str) -> str:
+    if fmt == "csv":
+        return report.write_csv()
+    if fmt == "json":
+        return json.dumps(report.to_dicts(), indent=2) + "\n"
+    header = list(report.columns)
+    lines = [[name.removesuffix("_tokens").removesuffix("_usd") for name in header]]
+    for row in report.iter_rows():
+        lines.append([_cell(name, value) for name, value in zip(header, row, strict=True)])
+    numeric = [report[c].dtype.is_numeric() for c in header]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return (
+        "\n".join(
+            "  ".join(
+                cell.rjust(width) if is_number else cell.ljust(width)
+                for cell, width, is_number in zip(line, widths, numeric, strict=True)
+            ).rstrip()
+            for line in lines
+        )
+        + "\n"
+    )
+
+
+def _cell(name: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if name == "cost_usd":
+        return f"${value:,.4f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
