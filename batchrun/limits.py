@@ -81,12 +81,17 @@ class Limiter:
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
 
     @property
+    def allowed(self) -> int:
+        """Requests that may be in flight now (the AIMD limit grows in fractions)."""
+        return int(self.limit)
+
+    @property
     def paced(self) -> bool:
         return not self.adaptive
 
     def describe(self) -> str:
         """For the progress bar: requests in flight against the current limit."""
-        return f"in_flight={self.in_flight}/{int(self.limit)}"
+        return f"in_flight={self.in_flight}/{self.allowed}"
 
     def estimate_tokens(self, chars: int) -> int:
         """Prompt tokens guessed from characters (calibrated on finished rows) plus max_tokens."""
@@ -95,7 +100,7 @@ class Limiter:
 
     async def acquire(self, chars: int) -> Permit:
         """Wait for an in-flight slot, for any hold to end, and for this request's paced slot."""
-        while self.in_flight >= self.limit or self._waiters:
+        while self.in_flight >= self.allowed or self._waiters:
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
             try:
@@ -103,7 +108,7 @@ class Limiter:
             except BaseException:
                 self._forget(waiter)
                 raise
-            if self.in_flight < self.limit:
+            if self.in_flight < self.allowed:
                 break
         self.in_flight += 1
         try:
@@ -163,9 +168,9 @@ class Limiter:
             if self.adaptive and permit.sent_at >= self._last_cut:
                 self.limit = max(1.0, self.limit / 2)
                 self._last_cut = time.monotonic()
-        elif ok and self.adaptive and self.in_flight + 1 >= int(self.limit) < self.concurrency:
-            # Grow only while the limit is what holds us back: a limit grown while the server's
-            # budget was the brake would be spent in one burst after the next hold.
+        elif ok and self.adaptive and self.limit < self.concurrency and self.in_flight + 1 >= self.allowed:
+            # Grow only while the limit was fully used: a limit grown while the server's budget
+            # was the brake would be spent in one burst after the next hold.
             self.limit = min(float(self.concurrency), self.limit + 1 / self.limit)
             self._wake()
 
@@ -198,7 +203,7 @@ class Limiter:
 
     def _wake(self) -> None:
         """Let as many queued acquirers go as the limit now allows."""
-        free = int(self.limit) - self.in_flight
+        free = self.allowed - self.in_flight
         while free > 0 and self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():

@@ -8,6 +8,7 @@ directly on a real event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import time
 from pathlib import Path
@@ -103,7 +104,13 @@ def test_aimd_halves_once_per_round_trip_and_grows_back_only_while_in_use() -> N
         limiter.release(ninth.result(), ok=True)
 
         for _ in range(40):  # rounds that use the whole limit grow it, by about one per round
-            batch = [await limiter.acquire(0) for _ in range(int(limiter.limit))]
+            batch = [await limiter.acquire(0) for _ in range(limiter.allowed)]
+            blocked = asyncio.create_task(limiter.acquire(0))
+            await asyncio.sleep(0)
+            assert not blocked.done()  # never more in flight than the whole part of the limit
+            blocked.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await blocked
             for permit in batch:
                 limiter.release(permit, ok=True)
         assert limiter.limit == 8  # never above concurrency
