@@ -50,7 +50,6 @@ def write_run_report(
     minutes = max(result.wall_s, 1e-9) / 60
     answered = table.filter(pl.col("status").is_in(["ok", "failed"]))
     latency = answered["latency_ms"].drop_nulls()
-    failed_429 = result.failures_by_kind.get("rate_limited", 0)
     outcome = (
         "aborted"
         if aborted is not None
@@ -80,7 +79,7 @@ def write_run_report(
             "requests": result.requests,
             "retries": sum(result.retries.values()),
             "retries_by_kind": dict(result.retries),
-            "responses_429": result.retries.get("rate_limited", 0) + failed_429,
+            "responses_429": result.rate_limited,
             "requests_per_min": round(result.requests / minutes, 1),
             "tokens_per_min": round(result.run_tokens / minutes, 1),
         },
