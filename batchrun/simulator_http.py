@@ -71,7 +71,8 @@ class _Connection(asyncio.Protocol):
         self._all_waiting = waiting
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
-        self._queue: collections.deque[tuple[Request, bool]] = collections.deque()
+        # Requests in order of arrival, or an answer the connection gives itself; and keep-alive.
+        self._queue: collections.deque[tuple[Request | Response, bool]] = collections.deque()
         self._waiting: asyncio.Task[Outcome] | None = None  # a handler still working on its answer
         self._url = b""
         self._headers: dict[str, str] = {}
@@ -95,7 +96,9 @@ class _Connection(asyncio.Protocol):
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._queue.clear()
-            self._write(Response(400, f"Bad HTTP request: {exc}".encode(), content_type="text/plain"), False)
+            self._write(_bad_request(f"Bad HTTP request: {exc}"), False)
+        except httptools.HttpParserUpgrade:
+            pass  # answered in on_message_complete; the connection closes after it
 
     # httptools' callbacks
     def on_message_begin(self) -> None:
@@ -117,15 +120,19 @@ class _Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         method = self._parser.get_method().decode("latin-1")
         path = self._url.partition(b"?")[0].decode("latin-1")
-        request = Request(method, path, self._headers, b"".join(self._body))
-        self._queue.append((request, self._parser.should_keep_alive()))
+        if self._parser.should_upgrade():  # e.g. curl --http2; llhttp stops reading at its headers
+            refusal = f"Upgrade: {self._headers.get('upgrade', '')} is not supported; send plain HTTP/1.1"
+            self._queue.append((_bad_request(refusal), False))
+        else:
+            request = Request(method, path, self._headers, b"".join(self._body))
+            self._queue.append((request, self._parser.should_keep_alive()))
         if self._waiting is None:
             self._answer_queued()
 
     def _answer_queued(self) -> None:
         while self._queue and self._waiting is None:
             request, keep_alive = self._queue.popleft()
-            outcome = self._handler(request)
+            outcome = request if isinstance(request, Response) else self._handler(request)
             if isinstance(outcome, Coroutine):
                 self._waiting = asyncio.ensure_future(outcome)
                 self._all_waiting.add(self._waiting)
@@ -153,6 +160,10 @@ class _Connection(asyncio.Protocol):
         self._transport.write(outcome.encode(keep_alive))
         if not keep_alive:
             self._transport.close()
+
+
+def _bad_request(message: str) -> Response:
+    return Response(400, message.encode(), content_type="text/plain")
 
 
 class HttpServer:

@@ -454,8 +454,13 @@ def test_unknown_route_wrong_method_and_broken_http_get_errors(
     unknown = client.get("/nope")
     wrong_method = client.get("/chat/completions")
     broken = raw_exchange(sim, b"NOT HTTP AT ALL\r\n\r\n")
+    upgrade = raw_exchange(
+        sim, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+    )
 
     assert [unknown.status_code, wrong_method.status_code] == [404, 405]
     assert unknown.json()["error"]["message"] == "Unknown request URL: GET /v1/nope."
     assert broken.startswith(b"HTTP/1.1 400 Bad Request\r\n")
     assert b"Connection: close" in broken
+    assert upgrade.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert upgrade.endswith(b"Upgrade: h2c is not supported; send plain HTTP/1.1")
