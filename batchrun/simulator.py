@@ -39,12 +39,13 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from aiohttp import web
+
+from batchrun.simulator_http import HttpServer, Outcome, Request, Response
 
 TOKEN_RE = re.compile(r"\w+|[^\w\s]")
 _SENTENCE_END_RE = re.compile(r"[.!?]+[\"'\u201d\u2019)\]]*(?=\s|$)")
@@ -54,7 +55,6 @@ _MARKER_RE = re.compile(
 _USAGE_MARKER_RE = re.compile(r"\[\[(cached|prompt_tokens):(\d+)\]\]")
 _ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
 _STREAM_PIECE_TOKENS = 4
-_SHUTDOWN_GRACE_S = 0.1  # in-flight requests (e.g. a long [[sleep]]) must not delay stopping
 _MODELS_CREATED = 1_735_689_600
 
 
@@ -293,8 +293,13 @@ class _Simulator:
         models = [
             {"id": m, "object": "model", "created": _MODELS_CREATED, "owned_by": "xai"} for m in config.models
         ]
-        self._json = {"Content-Type": "application/json"}
         self._models_body = orjson.dumps({"object": "list", "data": models})
+        self._routes: dict[str, tuple[str, Callable[[Request], Outcome | Coroutine[Any, Any, Outcome]]]] = {
+            "/v1/models": ("GET", self.models),
+            "/v1/chat/completions": ("POST", self.chat),
+            "/simulator/stats": ("GET", self.stats_summary),
+            "/simulator/reset": ("POST", self.reset_stats),
+        }
 
     def _error(
         self,
@@ -304,23 +309,18 @@ class _Simulator:
         param: str | None = None,
         code: str | None = None,
         headers: dict[str, str] | None = None,
-    ) -> web.Response:
+    ) -> Response:
         default_kind = "server_error" if status >= 500 else "invalid_request_error"
         kind = _ERROR_TYPES.get(status, default_kind)
         headers = {**self._retry_headers, **(headers or {})} if status in (429, 503) else headers or {}
         payload = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-        return web.Response(
-            status=status,
-            body=orjson.dumps(payload),
-            content_type="application/json",
-            headers=headers,
-        )
+        return Response(status, orjson.dumps(payload), headers)
 
-    def _unauthorized(self, request: web.Request) -> web.Response | None:
-        if self._auth is None or request.headers.get("Authorization") == self._auth:
+    def _unauthorized(self, request: Request) -> Response | None:
+        if self._auth is None or request.headers.get("authorization") == self._auth:
             return None
         # Like real providers, quote the key back: clients must keep it out of their logs.
-        given = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        given = request.headers.get("authorization", "").removeprefix("Bearer ")
         return self._error(401, f"Incorrect API key provided: {given}.", code="invalid_api_key")
 
     def _rate_limit(self) -> tuple[bool, dict[str, str]]:
@@ -346,28 +346,23 @@ class _Simulator:
             headers["retry-after-ms"] = str(math.ceil(reset_s * 1000))
         return allowed, headers
 
-    async def models(self, request: web.Request) -> web.Response:
-        return self._unauthorized(request) or web.Response(
-            body=self._models_body, content_type="application/json"
-        )
+    def handle(self, request: Request) -> Outcome | Coroutine[Any, Any, Outcome]:
+        """Route a request: an answer now, or a coroutine for one that waits (latency, [[sleep]])."""
+        route = self._routes.get(request.path)
+        if route is None:
+            return self._error(404, f"Unknown request URL: {request.method} {request.path}.")
+        method, handler = route
+        if request.method != method:
+            return self._error(405, f"Method {request.method} not allowed on {request.path}.")
+        return handler(request)
 
-    async def chat(self, request: web.Request) -> web.StreamResponse:
-        self.stats.requests += 1
-        arrived = time.monotonic()
-        if self.stats.first_arrival_at is None:
-            self.stats.first_arrival_at = arrived
-        response = await self._chat(request)
-        if response is None:  # the connection was aborted; aiohttp drops this placeholder
-            return web.Response()
-        self.stats.by_status[response.status] += 1
-        self.stats.arrivals.append((arrived, response.status))
-        self.stats.last_answer_at = time.monotonic()
-        return response
+    def models(self, request: Request) -> Response:
+        return self._unauthorized(request) or Response(200, self._models_body)
 
-    async def stats_summary(self, request: web.Request) -> web.Response:
-        return web.Response(body=orjson.dumps(self.stats.summary()), content_type="application/json")
+    def stats_summary(self, request: Request) -> Response:
+        return Response(200, orjson.dumps(self.stats.summary()))
 
-    async def reset_stats(self, request: web.Request) -> web.Response:
+    def reset_stats(self, request: Request) -> Response:
         """Start counting afresh (the benchmark measures several clients on one server)."""
         self.stats.requests = 0
         self.stats.by_status.clear()
@@ -376,15 +371,34 @@ class _Simulator:
         self.stats.first_arrival_at = None
         self._window_start, self._window_used = -math.inf, 0
         self._latencies = latencies(self.config.latency_ms, self.config.latency_sigma, self.config.seed)
-        return web.Response(body=orjson.dumps(self.stats.summary()), content_type="application/json")
+        return Response(200, orjson.dumps(self.stats.summary()))
 
-    async def _chat(self, request: web.Request) -> web.StreamResponse | None:
-        """Answer one chat request; None means the connection was dropped on purpose."""
+    def chat(self, request: Request) -> Outcome | Coroutine[Any, Any, Outcome]:
+        self.stats.requests += 1
+        arrived = time.monotonic()
+        if self.stats.first_arrival_at is None:
+            self.stats.first_arrival_at = arrived
+        outcome = self._chat(request)
+        if isinstance(outcome, Coroutine):
+            return self._counted_later(arrived, outcome)
+        return self._counted(arrived, outcome)
+
+    def _counted(self, arrived: float, outcome: Outcome) -> Outcome:
+        if outcome is not None:  # a dropped connection has no status
+            self.stats.by_status[outcome.status] += 1
+            self.stats.arrivals.append((arrived, outcome.status))
+            self.stats.last_answer_at = time.monotonic()
+        return outcome
+
+    async def _counted_later(self, arrived: float, pending: Coroutine[Any, Any, Outcome]) -> Outcome:
+        return self._counted(arrived, await pending)
+
+    def _chat(self, request: Request) -> Outcome | Coroutine[Any, Any, Outcome]:
+        """Validate one chat request, then answer it now or after its delay."""
         if denied := self._unauthorized(request):
             return denied
-        body = await request.read()
         try:
-            chat = _parse(body)
+            chat = _parse(request.body)
         except _BadRequest as exc:
             return self._error(400, str(exc), param=exc.param)
         if chat.model not in self.config.models:
@@ -403,9 +417,24 @@ class _Simulator:
             elif fault is None:
                 fault, times = m[1], m[2]
         delay_s = next(self._latencies) + sleep_ms / 1000
-        if delay_s > 0:
-            await asyncio.sleep(delay_s)
+        answer = functools.partial(self._answer, request.body, chat, has_markers, (fault, times), headers)
+        return self._after(delay_s, answer) if delay_s > 0 else answer()
 
+    @staticmethod
+    async def _after(delay_s: float, answer: Callable[[], Outcome]) -> Outcome:
+        await asyncio.sleep(delay_s)
+        return answer()
+
+    def _answer(
+        self,
+        body: bytes,
+        chat: _Chat,
+        has_markers: bool,
+        marked_fault: tuple[str | None, str | None],
+        headers: dict[str, str],
+    ) -> Outcome:
+        """The answer once its delay is over: a fault (counted per exact body), or the reply."""
+        fault, times = marked_fault
         digest = hashlib.blake2b(body, digest_size=8).hexdigest()
         if fault is not None and times is not None:
             seen = self._attempts[digest] = self._attempts.get(digest, 0) + 1
@@ -414,8 +443,6 @@ class _Simulator:
         if fault is None and self._rng.random() < self.config.error_rate:
             fault = str(self._rng.choice((500, 502, 503)))
         if fault == "reset":
-            if request.transport is not None:
-                request.transport.abort()
             return None
         if fault is not None and fault not in ("badjson", "badoutput", "truncate"):
             return self._error(int(fault), f"Simulated HTTP {fault} error.", headers=headers)
@@ -455,65 +482,58 @@ class _Simulator:
         if fault in (None, "badoutput"):
             self.stats.ok_by_user_message[chat.last_user] += 1
         if chat.stream:
-            return await self._stream(request, chat, head, (content, call), finish, usage, fault, headers)
+            return _stream(chat, head, (content, call), finish, usage, fault, headers)
         reply: dict[str, Any] = {"role": "assistant", "content": content}
         if call is not None:
             reply["tool_calls"] = [call]
         choice = {"index": 0, "message": reply, "finish_reason": finish}
-        body = orjson.dumps({**head, "choices": [choice], "usage": usage})
+        answer = orjson.dumps({**head, "choices": [choice], "usage": usage})
         if fault == "badjson":
-            body = body[: len(body) // 2]
-        return web.Response(body=body, headers={**self._json, **headers})
+            answer = answer[: len(answer) // 2]
+        return Response(200, answer, headers)
 
-    async def _stream(
-        self,
-        request: web.Request,
-        chat: _Chat,
-        head: dict[str, Any],
-        answer: tuple[str | None, dict[str, Any] | None],
-        finish: str,
-        usage: dict[str, Any],
-        fault: str | None,
-        headers: dict[str, str],
-    ) -> web.StreamResponse:
-        """Send the answer as server-sent events, cut into pieces of a few tokens each; a tool
-        call streams its id and name first, then its arguments in pieces."""
-        head = {**head, "object": "chat.completion.chunk"}
 
-        def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
-            return b"data: " + orjson.dumps({**head, "choices": choices, **extra}) + b"\n\n"
+def _stream(
+    chat: _Chat,
+    head: dict[str, Any],
+    answer: tuple[str | None, dict[str, Any] | None],
+    finish: str,
+    usage: dict[str, Any],
+    fault: str | None,
+    headers: dict[str, str],
+) -> Response:
+    """The answer as server-sent events, cut into pieces of a few tokens each; a tool call
+    streams its id and name first, then its arguments in pieces."""
+    head = {**head, "object": "chat.completion.chunk"}
 
-        def delta(d: dict[str, Any], finish_reason: str | None = None) -> bytes:
-            return event([{"index": 0, "delta": d, "finish_reason": finish_reason}])
+    def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        return b"data: " + orjson.dumps({**head, "choices": choices, **extra}) + b"\n\n"
 
-        content, call = answer
-        if call is None:
-            events = [delta({"role": "assistant", "content": ""})]
-            events += [delta({"content": piece}) for piece in _pieces(content or "")]
-        else:
-            opening = {"index": 0, "id": call["id"], "type": "function"}
-            opening["function"] = {"name": call["function"]["name"], "arguments": ""}
-            events = [delta({"role": "assistant", "content": None, "tool_calls": [opening]})]
-            events += [
-                delta({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
-                for piece in _pieces(call["function"]["arguments"])
-            ]
-        events.append(delta({}, finish))
-        if chat.include_usage:
-            events.append(event([], usage=usage))
-        events.append(b"data: [DONE]\n\n")
-        if fault == "badjson":
-            events = [events[1][: len(events[1]) // 2] + b"\n\n"]
-        elif fault == "truncate":
-            events = events[: len(events) // 2]
-        response = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers}
-        )
-        await response.prepare(request)
-        with contextlib.suppress(ConnectionError):  # the client hung up; nothing to report
-            for chunk in events:
-                await response.write(chunk)
-        return response
+    def delta(d: dict[str, Any], finish_reason: str | None = None) -> bytes:
+        return event([{"index": 0, "delta": d, "finish_reason": finish_reason}])
+
+    content, call = answer
+    if call is None:
+        events = [delta({"role": "assistant", "content": ""})]
+        events += [delta({"content": piece}) for piece in _pieces(content or "")]
+    else:
+        opening = {"index": 0, "id": call["id"], "type": "function"}
+        opening["function"] = {"name": call["function"]["name"], "arguments": ""}
+        events = [delta({"role": "assistant", "content": None, "tool_calls": [opening]})]
+        events += [
+            delta({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
+            for piece in _pieces(call["function"]["arguments"])
+        ]
+    events.append(delta({}, finish))
+    if chat.include_usage:
+        events.append(event([], usage=usage))
+    events.append(b"data: [DONE]\n\n")
+    if fault == "badjson":
+        events = [events[1][: len(events[1]) // 2] + b"\n\n"]
+    elif fault == "truncate":
+        events = events[: len(events) // 2]
+    headers = {"Cache-Control": "no-cache", **headers}
+    return Response(200, headers=headers, content_type="text/event-stream", chunks=events)
 
 
 def _pieces(text: str) -> list[str]:
@@ -523,46 +543,29 @@ def _pieces(text: str) -> list[str]:
     return [text[a:b] for a, b in itertools.pairwise(cuts) if b > a]
 
 
-def make_app(config: SimulatorConfig, stats: SimulatorStats | None = None) -> web.Application:
-    """The simulator as an aiohttp application (mount it, or use one of the serve helpers)."""
-    simulator = _Simulator(config, stats if stats is not None else SimulatorStats())
-    app = web.Application(client_max_size=64 * 1024 * 1024)
-    app.router.add_get("/v1/models", simulator.models)
-    app.router.add_post("/v1/chat/completions", simulator.chat)
-    app.router.add_get("/simulator/stats", simulator.stats_summary)
-    app.router.add_post("/simulator/reset", simulator.reset_stats)
-    return app
-
-
 def _base_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}/v1" if ":" in host else f"http://{host}:{port}/v1"
 
 
 async def _start(
     config: SimulatorConfig, stats: SimulatorStats, host: str, port: int
-) -> tuple[web.AppRunner, int]:
-    """Start listening; returns the runner and the bound port (``port`` 0 picks a free one)."""
-    runner = web.AppRunner(make_app(config, stats), access_log=None, shutdown_timeout=_SHUTDOWN_GRACE_S)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, host, port).start()
-    except BaseException:
-        await runner.cleanup()
-        raise
-    return runner, runner.addresses[0][1]
+) -> tuple[HttpServer, int]:
+    """Start listening; returns the server and the bound port (``port`` 0 picks a free one)."""
+    server = HttpServer(_Simulator(config, stats).handle)
+    return server, await server.start(host, port)
 
 
 async def serve_forever(
     config: SimulatorConfig, host: str, port: int, ready: Callable[[str], None] | None = None
 ) -> None:
     """Serve until cancelled (the ``batchrun simulate`` command); ``ready`` gets the base URL."""
-    runner, bound = await _start(config, SimulatorStats(), host, port)
+    server, bound = await _start(config, SimulatorStats(), host, port)
     try:
         if ready is not None:
             ready(_base_url(host, bound))
         await asyncio.Event().wait()
     finally:
-        await runner.cleanup()
+        await server.close()
 
 
 @contextlib.contextmanager
@@ -578,7 +581,7 @@ def serve_in_thread(
 
     async def main() -> None:
         try:
-            runner, state["port"] = await _start(config, stats, host, port)
+            server, state["port"] = await _start(config, stats, host, port)
         except Exception as exc:
             state["error"] = exc
             started.set()
@@ -589,7 +592,7 @@ def serve_in_thread(
         try:
             await stop.wait()
         finally:
-            await runner.cleanup()
+            await server.close()
 
     thread = threading.Thread(target=asyncio.run, args=(main(),), name="simulator", daemon=True)
     thread.start()

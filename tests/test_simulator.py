@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import json
 import re
+import socket
 import statistics
 import time
 from collections.abc import Iterator
@@ -398,3 +399,68 @@ def test_stats_count_answers_and_reset_starts_them_afresh() -> None:
 
     assert stats["requests"] == 1
     assert stats["span_s"] > 0
+
+
+def raw_exchange(sim: RunningSimulator, sent: bytes) -> bytes:
+    """Send raw bytes on one connection; everything the server answers until it closes it."""
+    with socket.create_connection((sim.host, sim.port), timeout=5) as conn:
+        conn.sendall(sent)
+        received = b""
+        while chunk := conn.recv(65536):
+            received += chunk
+    return received
+
+
+def raw_post(body: bytes, *, last: bool = False) -> bytes:
+    close = b"Connection: close\r\n" if last else b""
+    return b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n%sContent-Length: %d\r\n\r\n%s" % (
+        close,
+        len(body),
+        body,
+    )
+
+
+def test_pipelined_requests_are_answered_in_order_even_when_the_first_waits(sim: RunningSimulator) -> None:
+    slow, fast = "[[sleep:100]]Slow one. Yes.", "Fast one. Yes."
+    bodies = [json.dumps(chat_body(slow)).encode(), json.dumps(chat_body(fast)).encode()]
+
+    received = raw_exchange(sim, raw_post(bodies[0]) + raw_post(bodies[1], last=True))
+
+    assert received.count(b"HTTP/1.1 200 OK") == 2
+    assert received.index(b"Slow one.") < received.index(b"Fast one.")
+    assert received.count(b"Connection: close") == 1  # the server closed after the request asking it to
+
+
+def test_chunked_request_body_after_expect_100_continue(sim: RunningSimulator) -> None:
+    body = json.dumps(chat_body(ARTICLE)).encode()
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+    head += b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    with socket.create_connection((sim.host, sim.port), timeout=5) as conn:
+        conn.sendall(head)
+        interim = conn.recv(65536)
+        conn.sendall(b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["choices"][0]["message"]["content"] == LEAD
+
+
+def test_unknown_route_wrong_method_and_broken_http_get_errors(
+    client: httpx.Client, sim: RunningSimulator
+) -> None:
+    unknown = client.get("/nope")
+    wrong_method = client.get("/chat/completions")
+    broken = raw_exchange(sim, b"NOT HTTP AT ALL\r\n\r\n")
+    upgrade = raw_exchange(
+        sim, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+    )
+
+    assert [unknown.status_code, wrong_method.status_code] == [404, 405]
+    assert unknown.json()["error"]["message"] == "Unknown request URL: GET /v1/nope."
+    assert broken.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert b"Connection: close" in broken
+    assert upgrade.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert upgrade.endswith(b"Upgrade: h2c is not supported; send plain HTTP/1.1")

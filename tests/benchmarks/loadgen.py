@@ -52,7 +52,7 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._buffer += data
         while (head_end := self._buffer.find(b"\r\n\r\n")) >= 0:
-            head = self._buffer[:head_end].lower()
+            head = self._buffer[: head_end + 2].lower()  # every header line with its \r\n, the last too
             at = head.find(b"content-length:")
             length = int(head[at + 15 : head.find(b"\r\n", at)]) if at >= 0 else 0
             end = head_end + 4 + length
