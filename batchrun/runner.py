@@ -570,7 +570,7 @@ class _Pipeline:
                 answers.append(answer)
                 if not spec.output.fields:
                     break
-                tool_calls = answer.tool_calls or [] if spec.params.tools else None
+                tool_calls = (answer.tool_calls or []) if spec.params.tools else None
                 try:
                     parsed = parse_fields(spec.output.fields, answer.content, tool_calls)
                     break
