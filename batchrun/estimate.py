@@ -19,6 +19,7 @@ from typing import Any
 
 from batchrun.checkpoint import COLUMNS, Checkpoint
 from batchrun.cost import ASSUMED_MAX_OUTPUT_TOKENS, Price, billed_output_tokens, job_price, output_tokens_cap
+from batchrun.prompts import text_length
 from batchrun.report import fingerprint_digest, write_json
 from batchrun.runner import DONE, PreparedJob
 from batchrun.sources import ROW
@@ -180,7 +181,7 @@ def estimate_job(job: PreparedJob, fingerprint: dict[str, Any]) -> Estimate:
                 continue  # will be recorded `skipped`, never sent
             if done is not None and (done["status"] != "ok" or done["prompt_tokens"] is None):
                 continue
-            chars = _text_length(job.prompts.messages(row))
+            chars = text_length(job.prompts.messages(row))
             if done is None:
                 to_do_chars.append(chars)
                 continue
@@ -261,16 +262,6 @@ def _project(
         price=price,
         ignored_checkpoint=ignored,
     )
-
-
-def _text_length(messages: list[dict[str, Any]]) -> int:
-    """Characters of the messages' text: string content, or the text parts of a list."""
-    length = 0
-    for message in messages:
-        content = message.get("content")
-        parts = content if isinstance(content, list) else [{"text": content}]
-        length += sum(len(p.get("text") or "") for p in parts if isinstance(p, dict))
-    return length
 
 
 def _scenario(

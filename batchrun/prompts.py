@@ -95,6 +95,19 @@ class PromptTemplates:
         return rendered
 
 
+def text_length(messages: list[dict[str, Any]]) -> int:
+    """Characters of the messages' text (string content, or the text parts of a list): what
+    prompt tokens are estimated from, for pacing and for cost estimates alike."""
+    length = 0
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            length += len(content)
+        elif isinstance(content, list):
+            length += sum(len(p.get("text") or "") for p in content if isinstance(p, dict))
+    return length
+
+
 def conversation(value: Any) -> list[dict[str, Any]]:
     """A row's messages: a JSON text or a list of {role, content, ...}; ValueError says what is wrong."""
     if isinstance(value, str):

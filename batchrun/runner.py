@@ -47,7 +47,7 @@ from batchrun.limits import Limiter, Permit
 from batchrun.models import check_model
 from batchrun.output import OUTPUT_RESULT_COLUMNS, build_table, write_table
 from batchrun.progress import Progress
-from batchrun.prompts import PromptTemplates, conversation
+from batchrun.prompts import PromptTemplates, conversation, text_length
 from batchrun.report import write_run_report
 from batchrun.simulator import SimulatorConfig, serve_in_thread
 from batchrun.sources import ROW, Source, open_source
@@ -216,7 +216,8 @@ def run_job(spec: JobSpec, options: RunOptions = RunOptions()) -> RunResult:
     checkpoint = Checkpoint(job.checkpoint_path)
     try:
         checkpoint.lock()
-        checkpoint.start(job.fingerprint(options.simulate), fresh=options.fresh)
+        fingerprint = job.fingerprint(options.simulate)  # hashes the whole input: once per run
+        checkpoint.start(fingerprint, fresh=options.fresh)
         repriced = checkpoint.reprice(repr(price), functools.partial(request_cost, price))
         spent = checkpoint.spent_usd()
         in_scope = min(options.limit or job.source.row_count, job.source.row_count)
@@ -293,7 +294,7 @@ def run_job(spec: JobSpec, options: RunOptions = RunOptions()) -> RunResult:
             run_tokens=progress.tokens,
             report_path=job.report_path,
         )
-        write_run_report(job, result, table, price, job.fingerprint(options.simulate), pipeline.aborted)
+        write_run_report(job, result, table, price, fingerprint, pipeline.aborted)
         if pipeline.aborted is not None:
             raise pipeline.aborted
         return result
@@ -412,11 +413,6 @@ class _WaitRetryAfter(wait_base):
         return float(self._backoff(retry_state))
 
 
-def _prompt_chars(body: dict[str, Any]) -> int:
-    """The prompt's size in characters, from which its tokens are estimated for pacing."""
-    return sum(len(c) for m in body["messages"] if isinstance(c := m.get("content"), str))
-
-
 @dataclass(slots=True)
 class _Request:
     row: int
@@ -514,7 +510,7 @@ class _Pipeline:
                     self._results.put_nowait(_skipped(index, row_id, empty))
                     continue
                 body = self.job.request_body(row)
-                await self._queue.put(_Request(index, row_id, body, _prompt_chars(body)))
+                await self._queue.put(_Request(index, row_id, body, text_length(body["messages"])))
         for _ in range(self._width):
             await self._queue.put(None)
 
