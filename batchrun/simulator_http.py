@@ -64,9 +64,14 @@ class _Connection(asyncio.Protocol):
     """One client connection: parses requests and writes their answers in order of arrival."""
 
     def __init__(
-        self, handler: Handler, connections: set[_Connection], waiting: set[asyncio.Task[Outcome]]
+        self,
+        handler: Handler,
+        connections: set[_Connection],
+        waiting: set[asyncio.Task[Outcome]],
+        serving: Callable[[], bool],
     ) -> None:
         self._handler = handler
+        self._serving = serving
         self._connections = connections
         self._all_waiting = waiting
         self._parser = httptools.HttpRequestParser(self)
@@ -80,6 +85,11 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        if not self._serving():
+            # Accepted as the server closed (a client retrying through an outage): a handler
+            # started now would outlive the loop, a coroutine never awaited.
+            self._transport.abort()
+            return
         self._connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -174,17 +184,24 @@ class HttpServer:
         self._connections: set[_Connection] = set()
         self._waiting: set[asyncio.Task[Outcome]] = set()  # handlers still working on an answer
         self._server: asyncio.Server | None = None
+        self._closing = False
 
     async def start(self, host: str, port: int) -> int:
         """Listen; returns the bound port (``port`` 0 picks a free one)."""
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _Connection(self._handler, self._connections, self._waiting), host, port
+            lambda: _Connection(self._handler, self._connections, self._waiting, self._is_serving),
+            host,
+            port,
         )
         return int(self._server.sockets[0].getsockname()[1])
 
+    def _is_serving(self) -> bool:
+        return not self._closing
+
     async def close(self) -> None:
         assert self._server is not None
+        self._closing = True
         self._server.close()
         for task in list(self._waiting):  # in-flight answers (e.g. a long [[sleep]]) must not delay stopping
             task.cancel()
