@@ -18,11 +18,19 @@ from typing import Any, TypedDict
 import aiohttp
 import orjson
 
-from batchrun.errors import BatchrunError, JobAborted, PermanentError, RetryableError, redact
+from batchrun.errors import (
+    BatchrunError,
+    EndpointDown,
+    JobAborted,
+    PermanentError,
+    RetryableError,
+    redact,
+)
 from batchrun.limits import ServerBudget
 from batchrun.streaming import StreamAssembler
 
 RETRYABLE_STATUS = frozenset({408, 409, 429})
+OUTAGE_STATUS = frozenset({502, 503, 504})  # a gateway whose upstream is away: the breaker's evidence
 # Error codes (OpenAI's and common gateways') that mean the account cannot pay for any request.
 NO_CREDIT_CODES = frozenset(
     {"insufficient_quota", "insufficient_balance", "billing_hard_limit_reached", "quota_exceeded"}
@@ -140,16 +148,36 @@ class ChatClient:
             try:
                 yield
             except TimeoutError:  # aiohttp's ClientTimeout(total=timeout_s), over the whole answer
-                raise RetryableError("timeout", f"no answer within {self._timeout_s:g} s") from None
+                raise EndpointDown("timeout", f"no answer within {self._timeout_s:g} s") from None
             except aiohttp.ClientError as exc:
-                raise RetryableError("connection", _describe(exc)) from None
+                raise transport_error(exc) from None
         except BatchrunError as exc:
             exc.args = tuple(redact(str(a), self._api_key) for a in exc.args)
             raise
 
 
-def _describe(exc: Exception) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+def transport_error(exc: aiohttp.ClientError) -> EndpointDown:
+    """The one place a transport failure becomes words: what happened, not the library's class."""
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return EndpointDown("dns", f"the host name does not resolve ({_reason(exc)})")
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return EndpointDown("tls", f"TLS failed ({_reason(exc)})")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        if isinstance(exc.os_error, ConnectionRefusedError):
+            return EndpointDown("connection", "connection refused")
+        return EndpointDown("connection", f"cannot connect ({_reason(exc)})")
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
+        return EndpointDown("connection", "the connection closed before the answer ended")
+    if isinstance(exc, aiohttp.ClientConnectionResetError):
+        return EndpointDown("connection", "the connection was reset")
+    return EndpointDown("connection", _reason(exc))
+
+
+def _reason(exc: BaseException) -> str:
+    """The innermost OS or library reason, without aiohttp's internal codes and class names."""
+    cause = getattr(exc, "os_error", None) or exc
+    text = getattr(cause, "strerror", None) or str(cause)
+    return text or type(exc).__name__
 
 
 def parse_completion(raw: bytes) -> ChatResult:
@@ -215,6 +243,8 @@ def classify_status(status: int, headers: Mapping[str, str], raw: bytes) -> Exce
         return JobAborted(f"the account has no credit or quota left ({detail}); top up and rerun")
     if status == 404:
         return JobAborted(f"the endpoint answered 404 ({detail}); check the model name and endpoint.base_url")
+    if status in OUTAGE_STATUS:
+        return EndpointDown(f"http_{status}", detail, status, retry_after(headers))
     if status in RETRYABLE_STATUS or status >= 500:
         kind = "rate_limited" if status == 429 else f"http_{status}"
         return RetryableError(kind, detail, status, retry_after(headers), server_budget(headers))

@@ -5,8 +5,10 @@
     ├── InputError                the input table is missing, unreadable or does not fit the job
     ├── CheckpointError           the checkpoint cannot be used or written
     ├── JobAborted                an answer that dooms every row (bad key, no credit, unknown model)
+    ├── EndpointUnavailable       the endpoint cannot be reached, or stayed down too long (exit 4)
     └── RequestFailed             one request failed; the runner records it on the row
         ├── RetryableError        worth another attempt (429, 408, 409, 5xx, timeouts, resets, bad bodies)
+        │   └── EndpointDown      no answer at all, or a gateway's 502/503/504: the circuit breaker's evidence
         ├── PermanentError        the same request would fail again (400, 422, ...)
         └── InvalidOutput         answered, but without the job's output.fields (asked again, billed)
 
@@ -52,6 +54,19 @@ class JobAborted(BatchrunError):
     """The endpoint answered in a way that would fail every remaining row."""
 
 
+class EndpointUnavailable(BatchrunError):
+    """The endpoint cannot be reached (or stayed down past retry.max_outage_s); nothing was lost.
+
+    Exit code 4 tells a wrapper "rerun later", apart from 2's "fix the job".
+    """
+
+    exit_code = 4
+
+    def __init__(self, message: str, url: str | None = None):
+        super().__init__(message)
+        self.url = url
+
+
 class RequestFailed(BatchrunError):
     """One chat request failed; `kind` is a short label used to group failures."""
 
@@ -72,6 +87,21 @@ class RequestFailed(BatchrunError):
 
 class RetryableError(RequestFailed):
     """A failure that another attempt may cure."""
+
+
+class EndpointDown(RetryableError):
+    """No answer (refused, reset, timed out, DNS, TLS) or a gateway's 502/503/504.
+
+    `config_problem` marks failures that waiting will not cure (a name that does not resolve,
+    a certificate that does not verify): before the first answer they are a job error (exit 2).
+    """
+
+    def __init__(self, kind: str, message: str, status: int | None = None, retry_after_s: float | None = None):
+        super().__init__(kind, message, status, retry_after_s)
+
+    @property
+    def config_problem(self) -> bool:
+        return self.kind in ("dns", "tls")
 
 
 class PermanentError(RequestFailed):
