@@ -1,0 +1,53 @@
+"""The README's two commands, each setting itself up on a fresh clone (Python 3.11+ and PyPI only).
+
+    python3 dev.py demo     run the sample job on the built-in simulator and print its summary
+    python3 dev.py test     run the test suite (the same one CI runs); extra arguments go to pytest
+
+Both make `.venv` beside this file and install the project with its test extras into it the
+first time, and again whenever pyproject.toml changes; no shell needs a venv activated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+STAMP = VENV / ".batchrun-installed"  # the hash of the pyproject.toml last installed
+
+
+def ensure_venv() -> None:
+    """Create the venv and install the project unless this pyproject.toml is installed already."""
+    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    if STAMP.exists() and STAMP.read_text() == wanted:
+        return
+    if not (BIN / "python").exists():
+        print(f"dev.py: creating {VENV}", file=sys.stderr)
+        venv.create(VENV, with_pip=True)
+    print("dev.py: installing batchrun with its test extras (once)", file=sys.stderr)
+    pip = [str(BIN / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    subprocess.run([*pip, "--upgrade", "pip"], check=True)
+    subprocess.run([*pip, "-e", f"{ROOT}[test]"], check=True)
+    STAMP.write_text(wanted)
+
+
+def main(argv: list[str]) -> int:
+    commands = {
+        "demo": [str(BIN / "batchrun"), "jobs/summarize.yaml", "--simulate", "--fresh"],
+        "test": [str(BIN / "python"), "-m", "pytest", "-q"],
+    }
+    if not argv or argv[0] not in commands:
+        print(__doc__, file=sys.stderr)
+        return 2
+    ensure_venv()
+    return subprocess.run([*commands[argv[0]], *argv[1:]], cwd=ROOT).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
