@@ -32,8 +32,9 @@ def ensure_venv() -> None:
         venv.create(VENV, with_pip=True)
     print("dev.py: installing batchrun with its test extras (once)", file=sys.stderr)
     pip = [str(BIN / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-    subprocess.run([*pip, "--upgrade", "pip"], check=True)
-    subprocess.run([*pip, "-e", f"{ROOT}[test]"], check=True)
+    quiet = {**os.environ, "PYTHONWARNINGS": "ignore"}  # setuptools' editable-install banner
+    subprocess.run([*pip, "--upgrade", "pip"], check=True, env=quiet)
+    subprocess.run([*pip, "-e", f"{ROOT}[test]"], check=True, env=quiet)
     STAMP.write_text(wanted)
 
 
