@@ -26,7 +26,7 @@ from batchrun.cost import Price, Rates, billed_output_tokens, job_price, list_pr
 from batchrun.job import load_job
 from batchrun.progress import Progress
 from batchrun.runner import BudgetGuard
-from batchrun.simulator import RunningSimulator
+from batchrun.simulator import RunningSimulator, count_tokens
 from tests.conftest import TEST_KEY, article_rows, invoke, read_output, write_job
 from tests.test_job_validation import JOB, Case, tree, write_case
 
@@ -189,8 +189,14 @@ def test_a_reask_for_output_fields_is_billed_too(tmp_path: Path, simulator: Runn
 
     assert result.exit_code == 0, result.output
     row = read_output(job).row(0, named=True)
-    assert row["prompt_tokens"] == 2 * 1000  # two answers, both billed
-    assert row["cost_usd"] == pytest.approx((2000 * 1.25 + row["completion_tokens"] * 2.5) / 1e6)
+    prose = "I would rather answer in prose."
+    correction = (
+        f"Your answer did not fit: the answer is not valid JSON: {prose!r}. "
+        "Answer again with only the JSON object."
+    )
+    reask = sum(count_tokens(text) + 4 for text in (rows[0]["text"], prose, correction))
+    assert row["prompt_tokens"] == 1000 + reask  # two answers, both billed; the re-ask is longer
+    assert row["cost_usd"] == pytest.approx(((1000 + reask) * 1.25 + row["completion_tokens"] * 2.5) / 1e6)
 
 
 def test_a_changed_discount_reprices_finished_rows(tmp_path: Path, simulator: RunningSimulator) -> None:
