@@ -561,7 +561,7 @@ class _Pipeline:
                 self._stop.set()
                 return
             if self.budget is not None:
-                self.budget.settle(worst, result.cost_usd or 0.0)
+                self.budget.settle(worst, result.cost_usd)
             self._results.put_nowait(result)
 
     def _worst_cost(self, request: _Request) -> float:
@@ -594,6 +594,7 @@ class _Pipeline:
         spec = self.job.spec
         answers: list[ChatResult] = []  # every billed answer, for the row's token counts
         parsed: dict[str, Any] | None = None
+        error: RequestFailed | None = None
         question = request.body["messages"]
         self.in_flight += 1
         try:
@@ -619,18 +620,18 @@ class _Pipeline:
                     request.body = {**request.body, "messages": messages}
                     request.chars = text_length(messages)
         except RequestFailed as exc:
-            return _row_result(
-                request, answers, request.attempts, request.latency_ms, self.price, spec.model, error=exc
-            )
+            error = exc
         finally:
             self.in_flight -= 1
         if any(a.total_tokens is None for a in answers) and not self.warned_no_usage:
             self.warned_no_usage = True
             self.progress.say(
-                "warning: the endpoint sent no token usage; token columns stay empty (null) for such rows"
+                "warning: the endpoint sent no token usage; token columns and cost_usd stay empty "
+                "(null) for such rows"
+                + (", and the budget counts each at its worst case" if self.budget is not None else "")
             )
         return _row_result(
-            request, answers, request.attempts, request.latency_ms, self.price, spec.model, fields=parsed
+            request, answers, request.attempts, request.latency_ms, self.price, spec.model, parsed, error
         )
 
     async def _ask(self, request: _Request) -> ChatResult:
@@ -838,6 +839,8 @@ class BudgetGuard:
         self.reserved_usd += worst_usd
         return True
 
-    def settle(self, reserved_usd: float, cost_usd: float) -> None:
+    def settle(self, reserved_usd: float, cost_usd: float | None) -> None:
+        """Turn a reservation into spending: the real cost, or, when it is unknown (answers
+        without usage, as llama.cpp's streams), all of the reservation, or it would never stop."""
         self.reserved_usd = max(0.0, self.reserved_usd - reserved_usd)
-        self.spent_usd += cost_usd
+        self.spent_usd += reserved_usd if cost_usd is None else cost_usd
