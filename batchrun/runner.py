@@ -616,7 +616,10 @@ class _Pipeline:
                         raise
                     self._count(exc)
                     # The correction is this attempt's only: the row's question stays the same.
-                    messages = [*question, *reask_messages(answer, exc, self.job.output_cap)]
+                    messages = [
+                        *question,
+                        *reask_messages(answer, exc, bool(spec.params.tools), self.job.output_cap),
+                    ]
                     request.body = {**request.body, "messages": messages}
                     request.chars = text_length(messages)
         except RequestFailed as exc:

@@ -8,6 +8,7 @@ answer and the reason (at temperature 0 the same question gets the same answer).
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -93,7 +94,7 @@ def cut_short(answer: ChatResult, cap: tuple[str, int] | None) -> str | None:
 
 
 def reask_messages(
-    answer: ChatResult, error: InvalidOutput, cap: tuple[str, int] | None
+    answer: ChatResult, error: InvalidOutput, tools: bool, cap: tuple[str, int] | None
 ) -> list[dict[str, Any]]:
     """What follows the question in a re-ask: the answer that did not fit, then why, so that
     the model (at temperature 0 too) has a reason to answer differently.
@@ -104,11 +105,13 @@ def reask_messages(
         reason = "it was cut off at the length limit; answer more briefly"
     else:
         reason = str(error).removeprefix(f"{error.kind}: ")[:_REASON_CHARS]
-    said: dict[str, Any] = {"role": "assistant", "content": answer.content}
+    again = (
+        "Call the tool again with arguments that fit." if tools else "Answer again with only the JSON object."
+    )
     if not answer.tool_calls:
-        correction = f"Your answer did not fit: {reason}. Answer again with only the JSON object."
-        return [said, {"role": "user", "content": correction}]
-    said["tool_calls"] = [
+        said = {"role": "assistant", "content": answer.content or ""}
+        return [said, {"role": "user", "content": f"Your answer did not fit: {reason}. {again}"}]
+    calls = [
         {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
         for c in answer.tool_calls
     ]
@@ -116,10 +119,14 @@ def reask_messages(
         {"role": "tool", "tool_call_id": c["id"], "content": "Not run: the arguments did not fit."}
         for c in answer.tool_calls
     ]
-    correction = f"Your call did not fit: {reason}. Call the tool again with arguments that fit."
-    return [said, *not_run, {"role": "user", "content": correction}]
+    return [
+        {"role": "assistant", "content": answer.content, "tool_calls": calls},
+        *not_run,
+        {"role": "user", "content": f"Your call did not fit: {reason}. {again}"},
+    ]
 
 
+@functools.cache
 def reask_growth() -> int:
     """More prompt tokens than a re-ask adds to the question besides the answer it quotes (which
     the answer's own output tokens bound): the bytes of the messages with the longest reason
@@ -127,7 +134,7 @@ def reask_growth() -> int:
     call = {"id": "x" * 64, "name": "x" * 64, "arguments": ""}
     answer = ChatResult("", None, None, None, None, None, None, tool_calls=[call])
     long_reason = InvalidOutput("\U0001f600" * _REASON_CHARS)
-    return len(orjson.dumps(reask_messages(answer, long_reason, None)))
+    return len(orjson.dumps(reask_messages(answer, long_reason, True, None)))
 
 
 def parse_fields(

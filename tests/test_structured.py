@@ -152,10 +152,9 @@ PROSE = "I would rather answer in prose."
 
 def tool_completion(arguments: str, finish_reason: str = "tool_calls", **usage: int) -> dict[str, Any]:
     """A chat.completion whose answer is one call of record_facts, as llama.cpp's server sends it."""
-    body = completion(**usage)
+    body = completion("", finish_reason, **usage)
     call = {"id": "call_0", "type": "function", "function": {"name": "record_facts", "arguments": arguments}}
     body["choices"][0]["message"] = {"role": "assistant", "content": None, "tool_calls": [call]}
-    body["choices"][0]["finish_reason"] = finish_reason
     return body
 
 
@@ -242,10 +241,11 @@ def test_an_answer_cut_at_max_tokens_says_raise_max_tokens(tmp_path: Path, tools
     content answer is cut with finish_reason length."""
 
     def answer(request: Request) -> Reply:
-        usage = {"prompt_tokens": 30, "completion_tokens": 80, "total_tokens": 110}
         if tools:
-            return Reply(body=tool_completion('{"place": "Par', **usage))
-        return Reply(body=completion('{"sentiment": "neu', finish_reason="length", **usage))
+            cut = tool_completion('{"place": "Par', "tool_calls", completion_tokens=80)
+        else:
+            cut = completion('{"sentiment": "neu', "length", completion_tokens=80)
+        return Reply(body=cut)
 
     params = {**PARAMS, "tools": [FACTS_TOOL]} if tools else PARAMS
     with serve_stub(chat(answer)) as stub:
