@@ -31,7 +31,7 @@ _POLARS_TYPES: dict[str, Any] = {
 _JSON_TYPES = {"string": "string", "integer": "integer", "number": "number", "boolean": "boolean"}
 # What batchrun sends as response_format while an endpoint refuses the one before: the strict
 # schema derived from output.fields, then JSON mode (llama.cpp's server takes only this), then none.
-JSON_MODE = {"type": "json_object"}
+_JSON_MODE = {"type": "json_object"}
 _REASON_CHARS = 300  # of a reason quoted back to the model: field values can be long
 
 
@@ -64,7 +64,7 @@ def response_format(fields: Mapping[str, FieldType]) -> dict[str, Any]:
 
 def format_fallbacks(fields: Mapping[str, FieldType]) -> tuple[dict[str, Any] | None, ...]:
     """The response_formats to try in turn when the endpoint refuses one; None: send none."""
-    return response_format(fields), JSON_MODE, None
+    return response_format(fields), _JSON_MODE, None
 
 
 def read_fields(
