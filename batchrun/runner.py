@@ -39,6 +39,7 @@ from batchrun.errors import (
     InvalidOutput,
     JobAborted,
     JobError,
+    PermanentError,
     RequestFailed,
     RetryableError,
 )
@@ -51,10 +52,13 @@ from batchrun.prompts import PromptTemplates, conversation, text_length
 from batchrun.report import write_run_report
 from batchrun.simulator import SimulatorConfig, serve_in_thread
 from batchrun.sources import ROW, Source, open_source
-from batchrun.structured import parse_fields, response_format
+from batchrun.structured import format_fallbacks, read_fields, reask_growth, reask_messages
 
 DONE = ("ok", "failed", "skipped")  # statuses a resume does not send again
 SIMULATED_ENDPOINT = "simulator"  # what the fingerprint records for --simulate's changing port
+# Rows refused even without a response_format, after which the format is no longer suspected:
+# rows with other problems (a prompt too long) would otherwise each cost two requests more.
+FORMAT_SUSPICIONS = 3
 
 
 @dataclass(frozen=True)
@@ -133,10 +137,26 @@ class PreparedJob:
     @functools.cached_property
     def params(self) -> dict[str, Any]:
         params = self.spec.params.body()
-        fields = self.spec.output.fields
-        if fields and not self.spec.params.tools and "response_format" not in params:
-            params["response_format"] = response_format(fields)  # ignored where unsupported
+        if self.format_fallbacks:
+            params["response_format"] = self.format_fallbacks[0]
         return params
+
+    @functools.cached_property
+    def format_fallbacks(self) -> tuple[dict[str, Any] | None, ...]:
+        """The response_formats batchrun sends, in turn while the endpoint refuses them; none
+        when the job uses tools or sets its own (which is never touched)."""
+        fields = self.spec.output.fields
+        if not fields or self.spec.params.tools or "response_format" in self.spec.params.body():
+            return ()
+        return format_fallbacks(fields)
+
+    @functools.cached_property
+    def output_cap(self) -> tuple[str, int] | None:
+        """The params key that caps an answer's tokens, and its value, if the job sets one."""
+        for key in ("max_completion_tokens", "max_tokens"):
+            if isinstance(value := self.params.get(key), int):
+                return key, value
+        return None
 
     def request_body(self, row: dict[str, Any]) -> dict[str, Any]:
         return {"model": self.spec.model, "messages": self.prompts.messages(row), **self.params}
@@ -334,6 +354,18 @@ def _endpoint(spec: JobSpec, options: RunOptions) -> Iterator[str]:
         yield sim.base_url
 
 
+def _refuses(exc: RequestFailed) -> bool:
+    """An answer that may refuse a parameter: a 500, or a 4xx that is not a retryable one."""
+    return isinstance(exc, PermanentError) or exc.status == 500
+
+
+def _set_format(body: dict[str, Any], response_format: dict[str, Any] | None) -> None:
+    if response_format is None:
+        body.pop("response_format", None)
+    else:
+        body["response_format"] = response_format
+
+
 def _skipped(row: int, row_id: str, empty: list[str]) -> RowResult:
     reason = f"empty column(s) {', '.join(empty)}; not sent (input.on_null: skip)"
     return RowResult(row, row_id, "skipped", error_kind="null_value", error=reason)
@@ -442,6 +474,8 @@ class _Pipeline:
     in_flight: int = 0
     warned_no_usage: bool = False
     last_error: str | None = None
+    format_step: int = 0  # how far down job.format_fallbacks the endpoint's refusals have led
+    format_cleared: int = 0  # rows refused without a format too: not the format's fault
 
     def __post_init__(self) -> None:
         spec = self.job.spec
@@ -527,17 +561,21 @@ class _Pipeline:
                 self._stop.set()
                 return
             if self.budget is not None:
-                self.budget.settle(worst, result.cost_usd or 0.0)
+                self.budget.settle(worst, result.cost_usd)
             self._results.put_nowait(result)
 
     def _worst_cost(self, request: _Request) -> float:
         """The most this row can cost: a prompt-size ceiling and a full-length answer, for each
-        answer it may be asked for (re-asks for output.fields are billed too)."""
+        answer it may be asked for (re-asks for output.fields are billed too, and longer)."""
         assert self.price is not None  # run_job refuses a budget without a price
         spec = self.job.spec
         output = output_tokens_cap(self.job.params) or ASSUMED_MAX_OUTPUT_TOKENS
-        asks = spec.retry.max_parse_attempts if spec.output.fields else 1
-        return asks * self.price.cost(prompt_tokens_ceiling(request.body), 0, output)
+        prompt = prompt_tokens_ceiling(request.body)
+        if not spec.output.fields:
+            return self.price.cost(prompt, 0, output)
+        growth = output + reask_growth()  # each re-ask quotes the answer before it and says why
+        asks = range(spec.retry.max_parse_attempts)
+        return sum(self.price.cost(prompt + asked * growth, 0, output) for asked in asks)
 
     def _stop_for_budget(self) -> None:
         if self.budget_stopped:
@@ -556,37 +594,96 @@ class _Pipeline:
         spec = self.job.spec
         answers: list[ChatResult] = []  # every billed answer, for the row's token counts
         parsed: dict[str, Any] | None = None
+        error: RequestFailed | None = None
+        question = request.body["messages"]
         self.in_flight += 1
         try:
             for asked in range(1, spec.retry.max_parse_attempts + 1):
                 try:
-                    answer = await self._attempt(request)
+                    answer = await self._ask(request)
                 except RetryableError as first_failure:
                     answer = await self._retry(request, first_failure)
                 answers.append(answer)
                 if not spec.output.fields:
                     break
-                tool_calls = (answer.tool_calls or []) if spec.params.tools else None
                 try:
-                    parsed = parse_fields(spec.output.fields, answer.content, tool_calls)
+                    parsed = read_fields(
+                        spec.output.fields, answer, bool(spec.params.tools), self.job.output_cap
+                    )
                     break
                 except InvalidOutput as exc:
                     if asked == spec.retry.max_parse_attempts:
                         raise
                     self._count(exc)
+                    # The correction is this attempt's only: the row's question stays the same.
+                    messages = [
+                        *question,
+                        *reask_messages(answer, exc, bool(spec.params.tools), self.job.output_cap),
+                    ]
+                    request.body = {**request.body, "messages": messages}
+                    request.chars = text_length(messages)
         except RequestFailed as exc:
-            return _row_result(
-                request, answers, request.attempts, request.latency_ms, self.price, spec.model, error=exc
-            )
+            error = exc
         finally:
             self.in_flight -= 1
-        if answer.total_tokens is None and not self.warned_no_usage:
+        if any(a.total_tokens is None for a in answers) and not self.warned_no_usage:
             self.warned_no_usage = True
             self.progress.say(
-                "warning: the endpoint sent no token usage; token columns stay empty (null) for such rows"
+                "warning: the endpoint sent no token usage; token columns and cost_usd stay empty "
+                "(null) for such rows"
+                + (", and the budget counts each at its worst case" if self.budget is not None else "")
             )
         return _row_result(
-            request, answers, request.attempts, request.latency_ms, self.price, spec.model, fields=parsed
+            request, answers, request.attempts, request.latency_ms, self.price, spec.model, parsed, error
+        )
+
+    async def _ask(self, request: _Request) -> ChatResult:
+        """One attempt; when the endpoint refuses the response_format batchrun added, the same
+        request again with the next fallback, which the whole job keeps once it is answered.
+
+        A refusal is a 4xx other than 408/409/429 (401/402/403/404 abort the job before this), or
+        a 500 (llama.cpp's server answers json_schema so). When even the request without a format
+        is refused, the format was not the cause: the row fails as it would have, and after a few
+        such rows the format is no longer suspected. Rows in flight with a format given up in the
+        meantime are sent again with the current one.
+        """
+        fallbacks = self.job.format_fallbacks
+        step = self.format_step
+        refusal: RequestFailed | None = None  # the first, while fallbacks are tried
+        while True:
+            if fallbacks:
+                _set_format(request.body, fallbacks[step])
+            try:
+                answer = await self._attempt(request)
+            except RequestFailed as exc:
+                if not fallbacks or not _refuses(exc) or self.format_cleared >= FORMAT_SUSPICIONS:
+                    raise
+                if refusal is None and step < self.format_step:  # another row found the fallback
+                    step = self.format_step
+                    continue
+                refusal = refusal or exc
+                if step + 1 == len(fallbacks):
+                    self.format_cleared += 1
+                    raise refusal from None
+                step += 1
+                continue
+            if step > self.format_step:
+                self._give_up_format(step, refusal)
+            return answer
+
+    def _give_up_format(self, step: int, refusal: RequestFailed | None) -> None:
+        """Send the fallback at `step` from now on, and say so once."""
+        self.format_step = step
+        now = self.job.format_fallbacks[step]
+        instead = (
+            f"sending response_format {orjson.dumps(now).decode()} instead"
+            if now is not None
+            else "sending none"
+        )
+        self.progress.say(
+            f"warning: the endpoint refused the response_format batchrun adds for output.fields "
+            f"({refusal}); {instead} for the rest of the job (the fields are still read from each "
+            "answer and checked)"
         )
 
     async def _retry(self, request: _Request, first_failure: RetryableError) -> ChatResult:
@@ -601,7 +698,7 @@ class _Pipeline:
                 if failure is not None:
                     error, failure = failure, None
                     raise error
-                return await self._attempt(request)
+                return await self._ask(request)
         raise AssertionError("unreachable: the retry policy re-raises the last failure")
 
     async def _attempt(self, request: _Request) -> ChatResult:
@@ -745,6 +842,8 @@ class BudgetGuard:
         self.reserved_usd += worst_usd
         return True
 
-    def settle(self, reserved_usd: float, cost_usd: float) -> None:
+    def settle(self, reserved_usd: float, cost_usd: float | None) -> None:
+        """Turn a reservation into spending: the real cost, or, when it is unknown (answers
+        without usage, as llama.cpp's streams), all of the reservation, or it would never stop."""
         self.reserved_usd = max(0.0, self.reserved_usd - reserved_usd)
-        self.spent_usd += cost_usd
+        self.spent_usd += reserved_usd if cost_usd is None else cost_usd

@@ -2,11 +2,13 @@
 
 The fields come from the first tool call's arguments when the job uses tools, else from JSON in
 the content (a ```json fenced block is tolerated, as models often add one). An answer that does
-not parse or does not fit raises InvalidOutput, which the runner retries like a failed request.
+not parse or does not fit raises InvalidOutput; the runner asks again, showing the model its
+answer and the reason (at temperature 0 the same question gets the same answer).
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -14,6 +16,7 @@ from typing import Any
 import orjson
 import polars as pl
 
+from batchrun.client import ChatResult
 from batchrun.errors import InvalidOutput
 from batchrun.job import EnumField, FieldType
 
@@ -26,6 +29,10 @@ _POLARS_TYPES: dict[str, Any] = {
     "list": pl.List(pl.String),
 }
 _JSON_TYPES = {"string": "string", "integer": "integer", "number": "number", "boolean": "boolean"}
+# What batchrun sends as response_format while an endpoint refuses the one before: the strict
+# schema derived from output.fields, then JSON mode (llama.cpp's server takes only this), then none.
+_JSON_MODE = {"type": "json_object"}
+_REASON_CHARS = 300  # of a reason quoted back to the model: field values can be long
 
 
 def polars_type(field: FieldType) -> Any:
@@ -53,6 +60,81 @@ def json_schema(fields: Mapping[str, FieldType]) -> dict[str, Any]:
 def response_format(fields: Mapping[str, FieldType]) -> dict[str, Any]:
     schema = {"name": "fields", "strict": True, "schema": json_schema(fields)}
     return {"type": "json_schema", "json_schema": schema}
+
+
+def format_fallbacks(fields: Mapping[str, FieldType]) -> tuple[dict[str, Any] | None, ...]:
+    """The response_formats to try in turn when the endpoint refuses one; None: send none."""
+    return response_format(fields), _JSON_MODE, None
+
+
+def read_fields(
+    fields: Mapping[str, FieldType], answer: ChatResult, tools: bool, cap: tuple[str, int] | None
+) -> dict[str, Any]:
+    """The fields out of an answer (its first tool call's with `tools`); InvalidOutput says what
+    is off, or that the answer was cut short, which only a higher `cap` (params key, value) cures."""
+    try:
+        return parse_fields(fields, answer.content, (answer.tool_calls or []) if tools else None)
+    except InvalidOutput:
+        if (cut := cut_short(answer, cap)) is not None:
+            raise InvalidOutput(cut) from None
+        raise
+
+
+def cut_short(answer: ChatResult, cap: tuple[str, int] | None) -> str | None:
+    """Why the answer was cut short, if it was: at the cap (params key, value), or by the endpoint.
+
+    A tool call cut at the cap can still say `finish_reason: tool_calls` (llama.cpp's server
+    does), so completion tokens that reach the cap count as cut too.
+    """
+    if cap is not None and (answer.finish_reason == "length" or (answer.completion_tokens or 0) >= cap[1]):
+        return f"the answer was cut at params.{cap[0]} ({cap[1]}); raise params.{cap[0]}"
+    if answer.finish_reason == "length":
+        return "the answer was cut short by the endpoint (finish_reason length); set params.max_tokens"
+    return None
+
+
+def reask_messages(
+    answer: ChatResult, error: InvalidOutput, tools: bool, cap: tuple[str, int] | None
+) -> list[dict[str, Any]]:
+    """What follows the question in a re-ask: the answer that did not fit, then why, so that
+    the model (at temperature 0 too) has a reason to answer differently.
+
+    A tool call must be answered by a tool message before anything else may follow it.
+    """
+    if cut_short(answer, cap) is not None:
+        reason = "it was cut off at the length limit; answer more briefly"
+    else:
+        reason = str(error).removeprefix(f"{error.kind}: ")[:_REASON_CHARS]
+    again = (
+        "Call the tool again with arguments that fit." if tools else "Answer again with only the JSON object."
+    )
+    if not answer.tool_calls:
+        said = {"role": "assistant", "content": answer.content or ""}
+        return [said, {"role": "user", "content": f"Your answer did not fit: {reason}. {again}"}]
+    calls = [
+        {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+        for c in answer.tool_calls
+    ]
+    not_run = [
+        {"role": "tool", "tool_call_id": c["id"], "content": "Not run: the arguments did not fit."}
+        for c in answer.tool_calls
+    ]
+    return [
+        {"role": "assistant", "content": answer.content, "tool_calls": calls},
+        *not_run,
+        {"role": "user", "content": f"Your call did not fit: {reason}. {again}"},
+    ]
+
+
+@functools.cache
+def reask_growth() -> int:
+    """More prompt tokens than a re-ask adds to the question besides the answer it quotes (which
+    the answer's own output tokens bound): the bytes of the messages with the longest reason
+    (four bytes a character) and a tool call named and identified in 64 characters each."""
+    call = {"id": "x" * 64, "name": "x" * 64, "arguments": ""}
+    answer = ChatResult("", None, None, None, None, None, None, tool_calls=[call])
+    long_reason = InvalidOutput("\U0001f600" * _REASON_CHARS)
+    return len(orjson.dumps(reask_messages(answer, long_reason, True, None)))
 
 
 def parse_fields(

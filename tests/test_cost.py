@@ -26,8 +26,9 @@ from batchrun.cost import Price, Rates, billed_output_tokens, job_price, list_pr
 from batchrun.job import load_job
 from batchrun.progress import Progress
 from batchrun.runner import BudgetGuard
-from batchrun.simulator import RunningSimulator
+from batchrun.simulator import RunningSimulator, count_tokens
 from tests.conftest import TEST_KEY, article_rows, invoke, read_output, write_job
+from tests.stub_server import Reply, completion, serve_stub
 from tests.test_job_validation import JOB, Case, tree, write_case
 
 REPO = Path(__file__).resolve().parent.parent
@@ -189,8 +190,14 @@ def test_a_reask_for_output_fields_is_billed_too(tmp_path: Path, simulator: Runn
 
     assert result.exit_code == 0, result.output
     row = read_output(job).row(0, named=True)
-    assert row["prompt_tokens"] == 2 * 1000  # two answers, both billed
-    assert row["cost_usd"] == pytest.approx((2000 * 1.25 + row["completion_tokens"] * 2.5) / 1e6)
+    prose = "I would rather answer in prose."
+    correction = (
+        f"Your answer did not fit: the answer is not valid JSON: {prose!r}. "
+        "Answer again with only the JSON object."
+    )
+    reask = sum(count_tokens(text) + 4 for text in (rows[0]["text"], prose, correction))
+    assert row["prompt_tokens"] == 1000 + reask  # two answers, both billed; the re-ask is longer
+    assert row["cost_usd"] == pytest.approx(((1000 + reask) * 1.25 + row["completion_tokens"] * 2.5) / 1e6)
 
 
 def test_a_changed_discount_reprices_finished_rows(tmp_path: Path, simulator: RunningSimulator) -> None:
@@ -493,3 +500,45 @@ def test_cost_report_table_and_errors(tmp_path: Path, simulator: RunningSimulato
     assert "Error: --by topic: no such column; the columns are: id, title, content" in unknown_column.stderr
     assert not_a_table.exit_code == 2
     assert "is not a batchrun output table: it has no 'status' column" in not_a_table.stderr
+
+
+def test_budget_guard_counts_an_unknown_cost_as_its_whole_reservation() -> None:
+    guard = BudgetGuard(1.0)
+    assert guard.reserve(0.3) and guard.reserve(0.3)
+
+    guard.settle(0.3, None)  # an answer without usage
+    guard.settle(0.3, 0.1)
+
+    assert guard.spent_usd == pytest.approx(0.4) and guard.reserved_usd == 0
+
+
+def test_a_budget_stops_an_endpoint_that_sends_no_usage(tmp_path: Path) -> None:
+    """llama.cpp's server streams no usage; such answers are counted at their worst case, so a
+    budget still stops the job, and cost_usd stays unknown (null) rather than $0."""
+    no_usage = completion(ANSWER)
+    del no_usage["usage"]
+    pricing = {"input_per_million": 1000, "output_per_million": 1000}
+    with serve_stub(lambda r: Reply(body=no_usage) if r.method == "POST" else Reply(404)) as stub:
+        job = write_job(
+            tmp_path,
+            article_rows(40),
+            stub.base_url,
+            pricing=pricing,
+            params={"max_tokens": 5},
+            concurrency=2,
+            budget={"max_cost_usd": 2},
+        )
+        result = invoke("run", str(job))
+
+    assert result.exit_code == 3, result.output
+    # Each request is counted at its worst case: a token per byte of its body, and max_tokens.
+    worst = [(len(r.body) + 5) * 1000 / 1e6 for r in stub.chat_requests()]
+    assert 0 < len(worst) < 40
+    assert sum(worst) <= 2 < sum(worst) + max(worst)  # stopped when the next could not fit
+    out = read_output(job)
+    assert out["status"].value_counts().sort("status").rows() == [
+        ("ok", len(worst)),
+        ("pending", 40 - len(worst)),
+    ]
+    assert out["cost_usd"].null_count() == 40
+    assert result.stderr.count("the budget counts each at its worst case") == 1

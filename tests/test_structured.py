@@ -4,6 +4,7 @@ the real CLI against the simulator (issue #3)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from batchrun.simulator import (
 )
 from batchrun.structured import parse_fields
 from tests.conftest import TEST_KEY, TEST_KEY_ENV, article_rows, invoke, read_output, write_job
+from tests.stub_server import Reply, Request, completion, serve_stub
 
 PARAMS = {"temperature": 0, "max_tokens": 80}
 FACTS_TOOL = {
@@ -132,29 +134,67 @@ def test_an_answer_that_does_not_fit_is_asked_again_and_both_are_counted(
     assert out["status"].to_list() == ["ok"] * 3
     assert out["attempts"].to_list() == [1, 2, 1]
     assert out["sentiment"].null_count() == 0
-    one_answer = count_tokens("Summarize.") + count_tokens(f"{rows[1]['title']}\n\n{rows[1]['text']}") + 8
-    assert out["prompt_tokens"][1] == 2 * one_answer  # both answers were billed
+    question = count_tokens("Summarize.") + count_tokens(f"{rows[1]['title']}\n\n{rows[1]['text']}") + 8
+    prose = "I would rather answer in prose."
+    correction = (
+        f"Your answer did not fit: the answer is not valid JSON: {prose!r}. "
+        "Answer again with only the JSON object."
+    )
+    reask = question + count_tokens(prose) + 4 + count_tokens(correction) + 4
+    assert out["prompt_tokens"][1] == question + reask  # both answers were billed
     assert "retries: 1" in result.stderr
+
+
+GOOD_LABELS = '{"sentiment": "neutral", "score": 0.5}'
+GOOD_FACTS = '{"place": "Paris", "people": ["Ann"], "count": 2, "disputed": false}'
+PROSE = "I would rather answer in prose."
+
+
+def tool_completion(arguments: str, finish_reason: str = "tool_calls", **usage: int) -> dict[str, Any]:
+    """A chat.completion whose answer is one call of record_facts, as llama.cpp's server sends it."""
+    body = completion("", finish_reason, **usage)
+    call = {"id": "call_0", "type": "function", "function": {"name": "record_facts", "arguments": arguments}}
+    body["choices"][0]["message"] = {"role": "assistant", "content": None, "tool_calls": [call]}
+    return body
+
+
+def chat(answer: Callable[[Request], Reply]) -> Callable[[Request], Reply]:
+    """A stub handler: `answer` for chat requests; an endpoint without a model list."""
+    return lambda request: answer(request) if request.method == "POST" else Reply(404)
+
+
+def question_of(request: Request) -> str:
+    """The row's own user message (a re-ask adds messages after it)."""
+    return str(request.json()["messages"][1]["content"])
 
 
 @pytest.mark.parametrize("tools", [False, True])
 def test_an_answer_that_never_fits_fails_with_the_reason_and_keeps_the_raw_answer(
-    tmp_path: Path, simulator: RunningSimulator, tools: bool
+    tmp_path: Path, tools: bool
 ) -> None:
+    """A stub that never fits row 2 (the simulator's markers live in the last user message,
+    which a re-ask replaces by its correction)."""
+
+    def answer(request: Request) -> Reply:
+        never = "[[never]]" in question_of(request)
+        if tools:
+            return Reply(body=tool_completion('{"unexpected": true}' if never else GOOD_FACTS))
+        return Reply(body=completion(PROSE if never else GOOD_LABELS))
+
     rows = article_rows(3)
-    rows[2]["text"] += " [[fail:badoutput]]"
+    rows[2]["text"] += " [[never]]"
     params = {**PARAMS, "tools": [FACTS_TOOL]} if tools else PARAMS
     fields = FACT_FIELDS if tools else LABEL_FIELDS
-    job = write_job(
-        tmp_path,
-        rows,
-        simulator.base_url,
-        params=params,
-        output=output_spec(fields=fields),
-        retry={"max_attempts": 2, "max_parse_attempts": 4, "initial_backoff_s": 0.01},
-    )
-
-    result = invoke("run", str(job))
+    with serve_stub(chat(answer)) as stub:
+        job = write_job(
+            tmp_path,
+            rows,
+            stub.base_url,
+            params=params,
+            output=output_spec(fields=fields),
+            retry={"max_attempts": 2, "max_parse_attempts": 4, "initial_backoff_s": 0.01},
+        )
+        result = invoke("run", str(job))
 
     assert result.exit_code == 1
     assert "failed (invalid_output: 1)" in result.stderr
@@ -167,8 +207,66 @@ def test_an_answer_that_never_fits_fails_with_the_reason_and_keeps_the_raw_answe
         assert json.loads(failed["tool_calls"])[0]["arguments"] == {"unexpected": True}
     else:
         assert failed["error"].startswith("invalid_output: the answer is not valid JSON")
-        assert failed["content"] == "I would rather answer in prose."
+        assert failed["content"] == PROSE
     assert all(failed[name] is None for name in fields)
+    asked = [r.json()["messages"] for r in stub.chat_requests() if "[[never]]" in question_of(r)]
+    assert len(asked) == 4
+    assert all(m[:2] == asked[0] for m in asked)  # the same question each time...
+    if tools:  # ...then the call, its tool answer and the correction; only the last answer's
+        call = tool_completion('{"unexpected": true}')["choices"][0]["message"]["tool_calls"]
+        correction = [
+            {"role": "assistant", "content": None, "tool_calls": call},
+            {"role": "tool", "tool_call_id": "call_0", "content": "Not run: the arguments did not fit."},
+            {
+                "role": "user",
+                "content": "Your call did not fit: field 'place' is missing. "
+                "Call the tool again with arguments that fit.",
+            },
+        ]
+    else:
+        correction = [
+            {"role": "assistant", "content": PROSE},
+            {
+                "role": "user",
+                "content": f"Your answer did not fit: the answer is not valid JSON: {PROSE!r}. "
+                "Answer again with only the JSON object.",
+            },
+        ]
+    assert [m[2:] for m in asked] == [[], correction, correction, correction]
+
+
+@pytest.mark.parametrize("tools", [False, True])
+def test_an_answer_cut_at_max_tokens_says_raise_max_tokens(tmp_path: Path, tools: bool) -> None:
+    """llama.cpp's server ends a call cut at max_tokens with finish_reason tool_calls; the
+    content answer is cut with finish_reason length."""
+
+    def answer(request: Request) -> Reply:
+        if tools:
+            cut = tool_completion('{"place": "Par', "tool_calls", completion_tokens=80)
+        else:
+            cut = completion('{"sentiment": "neu', "length", completion_tokens=80)
+        return Reply(body=cut)
+
+    params = {**PARAMS, "tools": [FACTS_TOOL]} if tools else PARAMS
+    with serve_stub(chat(answer)) as stub:
+        job = write_job(
+            tmp_path,
+            article_rows(1),
+            stub.base_url,
+            params=params,
+            output=output_spec(fields=FACT_FIELDS if tools else LABEL_FIELDS),
+            retry={"max_parse_attempts": 2},
+        )
+        result = invoke("run", str(job))
+
+    assert result.exit_code == 1
+    failed = read_output(job).row(0, named=True)
+    assert (
+        failed["error"]
+        == "invalid_output: the answer was cut at params.max_tokens (80); raise params.max_tokens"
+    )
+    reask = stub.chat_requests()[1].json()["messages"][-1]["content"]
+    assert "it was cut off at the length limit; answer more briefly" in reask
 
 
 @pytest.mark.parametrize(
@@ -392,3 +490,110 @@ def test_sample_jobs_give_typed_columns_offline(tmp_path: Path, job: str, types:
     for name, dtype in types.items():
         assert out.schema[name] == dtype
         assert out[name].null_count() == 0
+
+
+# llama.cpp's server (llama-cpp-python 0.3.36) on a json_schema response_format, verbatim.
+LLAMA_CPP_500 = Reply(
+    500,
+    {"error": {"code": 500, "message": "Input should be 'text' or 'json_object'", "type": "server_error"}},
+)
+
+
+def sent_format(request: Request) -> str | None:
+    response_format = request.json().get("response_format")
+    return None if response_format is None else str(response_format["type"])
+
+
+@pytest.mark.parametrize(
+    ("refused", "kept"),
+    [({"json_schema"}, "json_object"), ({"json_schema", "json_object"}, None)],
+)
+def test_a_response_format_the_endpoint_refuses_is_dropped_for_the_job(
+    tmp_path: Path, refused: set[str], kept: str | None
+) -> None:
+    """llama.cpp's server answers the json_schema format batchrun adds with a 500; batchrun
+    falls back to JSON mode (and, when that is refused too, to none) with one warning a step."""
+
+    def answer(request: Request) -> Reply:
+        return LLAMA_CPP_500 if sent_format(request) in refused else Reply(body=completion(GOOD_LABELS))
+
+    rows, concurrency = 20, 4
+    with serve_stub(chat(answer)) as stub:
+        job = write_job(
+            tmp_path,
+            article_rows(rows),
+            stub.base_url,
+            params=PARAMS,
+            output=output_spec(fields=LABEL_FIELDS),
+            concurrency=concurrency,
+            retry={"max_attempts": 6, "initial_backoff_s": 0.01, "max_backoff_s": 0.05},
+        )
+        result = invoke("run", str(job))
+
+    assert result.exit_code == 0, result.stderr
+    out = read_output(job)
+    assert set(out["status"]) == {"ok"}
+    assert out.select("sentiment", "score").unique().to_dicts() == [json.loads(GOOD_LABELS)]
+    sent = [sent_format(r) for r in stub.chat_requests()]
+    assert sent.count(kept) == rows  # every row answered once, with the format that is kept
+    # The requests that met a refusal: those in flight before the fallback was known, each
+    # sent once more, plus the probes; nowhere near rows x max_attempts.
+    assert len(sent) <= rows + (1 + len(refused)) * concurrency
+    warnings = [line for line in result.stderr.splitlines() if "refused the response_format" in line]
+    assert len(warnings) == 1
+    instead = 'sending response_format {"type":"json_object"} instead' if kept else "sending none"
+    assert warnings[0] == (
+        "warning: the endpoint refused the response_format batchrun adds for output.fields (http_500: "
+        f"HTTP 500: Input should be 'text' or 'json_object'); {instead} for the rest of the job (the "
+        "fields are still read from each answer and checked)"
+    )
+
+
+def test_the_jobs_own_response_format_is_never_dropped(tmp_path: Path) -> None:
+    own = {"type": "json_schema", "json_schema": {"name": "mine", "schema": {"type": "object"}}}
+    with serve_stub(chat(lambda request: LLAMA_CPP_500)) as stub:
+        job = write_job(
+            tmp_path,
+            article_rows(2),
+            stub.base_url,
+            params={**PARAMS, "response_format": own},
+            output=output_spec(fields=LABEL_FIELDS),
+            concurrency=1,
+            retry={"max_attempts": 2, "initial_backoff_s": 0.01},
+        )
+        result = invoke("run", str(job))
+
+    assert result.exit_code == 1
+    assert set(read_output(job)["error_kind"]) == {"http_500"}
+    assert [r.json()["response_format"] for r in stub.chat_requests()] == [own] * 4
+    assert "refused the response_format" not in result.stderr
+
+
+def test_a_refusal_that_is_not_the_formats_costs_a_bounded_number_of_probes(tmp_path: Path) -> None:
+    """Rows refused without any response_format too keep the format; after three such rows
+    batchrun stops suspecting it, so each later one costs one request, not three."""
+    too_long = Reply(400, {"error": {"message": "the prompt is too long", "type": "invalid_request_error"}})
+
+    def answer(request: Request) -> Reply:
+        return too_long if "[[long]]" in question_of(request) else Reply(body=completion(GOOD_LABELS))
+
+    rows = article_rows(8)
+    for row in rows[:6]:
+        row["text"] += " [[long]]"
+    with serve_stub(chat(answer)) as stub:
+        job = write_job(
+            tmp_path,
+            rows,
+            stub.base_url,
+            params=PARAMS,
+            output=output_spec(fields=LABEL_FIELDS),
+            concurrency=1,
+        )
+        result = invoke("run", str(job))
+
+    assert result.exit_code == 1
+    assert read_output(job)["status"].to_list() == ["failed"] * 6 + ["ok"] * 2
+    assert set(read_output(job)["error"][:6]) == {"http_400: HTTP 400: the prompt is too long"}
+    sent = [sent_format(r) for r in stub.chat_requests()]
+    assert sent == ["json_schema", "json_object", None] * 3 + ["json_schema"] * 5
+    assert "refused the response_format" not in result.stderr
