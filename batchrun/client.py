@@ -264,14 +264,19 @@ def _error_fields(raw: bytes) -> tuple[str | None, str | None]:
     return (str(code) if code else None), (str(message)[:200] if message else None)
 
 
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    """A header as sent, or as a LiteLLM gateway forwards it (`llm_provider-retry-after`)."""
+    return headers.get(name) or headers.get(f"llm_provider-{name}")
+
+
 def retry_after(headers: Mapping[str, str]) -> float | None:
     """Seconds the server asks us to wait: `retry-after-ms`, else `Retry-After` (secs or date)."""
-    if ms := headers.get("retry-after-ms"):
+    if ms := _header(headers, "retry-after-ms"):
         try:
             return max(0.0, float(ms) / 1000)
         except ValueError:
             pass
-    value = headers.get("retry-after")
+    value = _header(headers, "retry-after")
     if not value:
         return None
     try:
@@ -290,15 +295,15 @@ _UNIT_S = {"ms": 0.001, "h": 3600.0, "m": 60.0, "s": 1.0, None: 1.0}
 
 def server_budget(headers: Mapping[str, str]) -> ServerBudget | None:
     """The `x-ratelimit-remaining-*` / `-reset-*` headers (OpenAI's and xAI's names), if any."""
-    requests = _count(headers.get("x-ratelimit-remaining-requests"))
-    tokens = _count(headers.get("x-ratelimit-remaining-tokens"))
+    requests = _count(_header(headers, "x-ratelimit-remaining-requests"))
+    tokens = _count(_header(headers, "x-ratelimit-remaining-tokens"))
     if requests is None and tokens is None:
         return None
     return ServerBudget(
         remaining_requests=requests,
-        reset_requests_s=_duration(headers.get("x-ratelimit-reset-requests")),
+        reset_requests_s=_duration(_header(headers, "x-ratelimit-reset-requests")),
         remaining_tokens=tokens,
-        reset_tokens_s=_duration(headers.get("x-ratelimit-reset-tokens")),
+        reset_tokens_s=_duration(_header(headers, "x-ratelimit-reset-tokens")),
     )
 
 
