@@ -97,3 +97,45 @@ def test_a_prefixed_empty_budget_holds_until_its_reset(tmp_path: Path) -> None:
 
     assert result.exit_code == 0, result.output
     assert arrivals[1] - arrivals[0] >= 1.4
+
+
+# --- #11 item 6: llama.cpp's `data: [DONE]` before any finish_reason ---
+
+
+def sse(pieces: list[str], finish_reason: str | None) -> bytes:
+    """An SSE body as llama.cpp's server sends it, ending in `data: [DONE]`."""
+    head = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 0, "model": "tiny"}
+    chunks = [
+        {**head, "choices": [{"index": 0, "delta": {"content": p}, "finish_reason": None}]} for p in pieces
+    ]
+    if finish_reason:
+        chunks.append({**head, "choices": [{"index": 0, "delta": {}, "finish_reason": finish_reason}]})
+    return b"".join(f"data: {json.dumps(c)}\r\n\r\n".encode() for c in chunks) + b"data: [DONE]\r\n\r\n"
+
+
+def sse_reply(body: bytes) -> Reply:
+    """A whole body (content-length exact) and then the connection closed: the transport sees no fault."""
+    head = f"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {len(body)}\r\n\r\n"
+    return Reply(raw=head.encode() + body)
+
+
+def test_a_done_without_finish_reason_is_retried_until_whole(tmp_path: Path) -> None:
+    seen: dict[str, int] = {}
+
+    def chat(request: Request) -> Reply:
+        prompt = user_prompt(request)
+        seen[prompt] = seen.get(prompt, 0) + 1
+        if seen[prompt] == 1:
+            return sse_reply(sse(["The answer", " was cut"], None))
+        return sse_reply(sse(["The answer", " is whole."], "stop"))
+
+    with serve_stub(gateway(chat)) as stub:
+        params = {"temperature": 0, "max_tokens": 40, "stream": True}
+        job = write_job(tmp_path, article_rows(3), stub.base_url, params=params)
+        result = invoke("run", str(job))
+
+    assert result.exit_code == 0, result.output
+    out = read_output(job)
+    assert out["status"].to_list() == ["ok"] * 3
+    assert out["content"].to_list() == ["The answer is whole."] * 3
+    assert out["attempts"].to_list() == [2] * 3
