@@ -13,7 +13,7 @@ import email.utils
 import re
 import time
 from collections.abc import Iterator, Mapping
-from typing import Any, TypedDict
+from typing import Any, NamedTuple, TypedDict
 
 import aiohttp
 import orjson
@@ -232,36 +232,67 @@ def _usage_details(usage: dict[str, Any]) -> _UsageDetails:
 
 
 def classify_status(status: int, headers: Mapping[str, str], raw: bytes) -> Exception:
-    """Map a non-200 answer to the error type that decides what happens next."""
-    code, message = _error_fields(raw)
-    detail = f"HTTP {status}" + (f": {message}" if message else "")
+    """Map a non-200 answer to the error type that decides what happens next.
+
+    A row's error kind is the server's error code when it gives one (`context_length_exceeded`),
+    else `http_NNN`; a 429 is always `rate_limited`.
+    """
+    error = _error_fields(raw)
+    detail = f"HTTP {status}" + (f": {error.message}" if error.message else "")
     if status in (401, 403):
         return JobAborted(
             f"the endpoint rejected the API key ({detail}); check the key and that it may use this model"
         )
-    if status == 402 or code in NO_CREDIT_CODES:
+    if status == 402 or {error.code, error.type} & NO_CREDIT_CODES:
         return JobAborted(f"the account has no credit or quota left ({detail}); top up and rerun")
     if status == 404:
         return JobAborted(f"the endpoint answered 404 ({detail}); check the model name and endpoint.base_url")
+    kind = "rate_limited" if status == 429 else error.code or f"http_{status}"
     if status in OUTAGE_STATUS:
-        return EndpointDown(f"http_{status}", detail, status, retry_after(headers))
+        return EndpointDown(kind, detail, status, retry_after(headers))
     if status in RETRYABLE_STATUS or status >= 500:
-        kind = "rate_limited" if status == 429 else f"http_{status}"
         return RetryableError(kind, detail, status, retry_after(headers), server_budget(headers))
-    return PermanentError(f"http_{status}", detail, status)
+    return PermanentError(kind, detail, status)
 
 
-def _error_fields(raw: bytes) -> tuple[str | None, str | None]:
-    """The OpenAI-style `error.code` and `error.message`, when the body has them."""
+class _ErrorFields(NamedTuple):
+    code: str | None  # a word such as `context_length_exceeded`; not a number (LiteLLM sends "400")
+    type: str | None
+    message: str | None
+
+
+_CODE_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
+
+
+def _error_fields(raw: bytes) -> _ErrorFields:
+    """What an error body says, in OpenAI's shape (`error.code`, `.type`, `.message`), FastAPI's
+    (`detail`, a string or a list of `{loc, msg}`) or a bare `message` (vLLM)."""
     try:
-        error = orjson.loads(raw).get("error")
-    except (orjson.JSONDecodeError, AttributeError):
-        return None, None
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return _ErrorFields(None, None, None)
+    if not isinstance(body, dict):
+        return _ErrorFields(None, None, None)
+    error = body.get("error")
     if not isinstance(error, dict):
-        return None, str(error) if error else None
-    code = error.get("code") or error.get("type")
+        error = {"message": error or body.get("detail") or body.get("message"), "code": body.get("code")}
     message = error.get("message")
-    return (str(code) if code else None), (str(message)[:200] if message else None)
+    if isinstance(message, list):  # FastAPI's validation errors
+        message = "; ".join(_validation_error(item) for item in message)
+    code, kind = (str(error.get(key) or "") for key in ("code", "type"))
+    return _ErrorFields(
+        code if _CODE_RE.fullmatch(code) and code.lower() not in ("none", "null") else None,
+        kind or None,
+        str(message)[:200] if message else None,
+    )
+
+
+def _validation_error(item: object) -> str:
+    """One of FastAPI's `detail` entries, `{"loc": ["body", "model"], "msg": "Field required"}`."""
+    if not isinstance(item, dict):
+        return str(item)
+    where = ".".join(str(part) for part in item.get("loc") or ())
+    return f"{where}: {item.get('msg')}" if where else str(item.get("msg"))
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:

@@ -11,9 +11,13 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
 
 from batchrun.client import classify_status, retry_after, server_budget
-from batchrun.errors import RetryableError
+from batchrun.errors import EndpointDown, PermanentError, RequestFailed, RetryableError
 from batchrun.limits import ServerBudget
 from tests.conftest import article_rows, invoke, read_output, write_job
 from tests.stub_server import Reply, Request, completion, serve_stub
@@ -139,3 +143,124 @@ def test_a_done_without_finish_reason_is_retried_until_whole(tmp_path: Path) -> 
     assert out["status"].to_list() == ["ok"] * 3
     assert out["content"].to_list() == ["The answer is whole."] * 3
     assert out["attempts"].to_list() == [2] * 3
+
+
+# --- #11 item 7: error bodies in other shapes ---
+
+
+CONTEXT_TOO_LONG = {
+    "error": {
+        "message": "This model's maximum context length is 8192 tokens.",
+        "type": "invalid_request_error",
+        "param": "messages",
+        "code": "context_length_exceeded",
+    }
+}
+FASTAPI_422 = {"detail": [{"type": "missing", "loc": ["body", "messages"], "msg": "Field required"}]}
+LITELLM_400 = {"error": {"message": "bad", "type": "None", "param": "None", "code": "400"}}
+VLLM_400 = {"object": "error", "message": "no", "type": "BadRequestError", "param": None, "code": 400}
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "error_type", "kind", "text"),
+    [
+        (400, {"detail": "Invalid model"}, PermanentError, "http_400", "HTTP 400: Invalid model"),
+        (422, FASTAPI_422, PermanentError, "http_422", "HTTP 422: body.messages: Field required"),
+        (
+            400,
+            CONTEXT_TOO_LONG,
+            PermanentError,
+            "context_length_exceeded",
+            "maximum context length is 8192 tokens.",
+        ),
+        (
+            500,
+            {"error": {"message": "busy", "code": "model_overloaded"}},
+            RetryableError,
+            "model_overloaded",
+            "busy",
+        ),
+        (503, {"error": {"message": "away", "code": "upstream_down"}}, EndpointDown, "upstream_down", "away"),
+        (
+            429,
+            {"error": {"message": "slow", "code": "rate_limit_exceeded"}},
+            RetryableError,
+            "rate_limited",
+            "slow",
+        ),
+        # LiteLLM's codes are the status as text and its types "None"; a type is no code.
+        (400, LITELLM_400, PermanentError, "http_400", "HTTP 400: bad"),
+        (
+            400,
+            {"error": {"message": "bad", "type": "invalid_request_error"}},
+            PermanentError,
+            "http_400",
+            "bad",
+        ),
+        (400, VLLM_400, PermanentError, "http_400", "HTTP 400: no"),
+        (400, "<html>Bad Request</html>", PermanentError, "http_400", "HTTP 400"),
+    ],
+)
+def test_error_bodies_give_their_message_and_code(
+    status: int, body: Any, error_type: type[RequestFailed], kind: str, text: str
+) -> None:
+    raw = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+
+    error = classify_status(status, {}, raw)
+
+    assert type(error) is error_type
+    assert isinstance(error, RequestFailed)
+    assert error.kind == kind
+    assert str(error).startswith(f"{kind}: ")
+    assert str(error).endswith(text)
+
+
+def test_a_fastapi_detail_names_why_the_key_was_rejected(tmp_path: Path) -> None:
+    with serve_stub(lambda request: Reply(401, {"detail": "Invalid API key"})) as stub:
+        job = write_job(tmp_path, article_rows(3), stub.base_url)
+        result = invoke("run", str(job))
+
+    assert result.exit_code == 2
+    assert "HTTP 401: Invalid API key" in result.stderr
+    assert stub.chat_requests() == []
+
+
+def test_the_servers_error_code_is_the_rows_error_kind(tmp_path: Path) -> None:
+    too_long = Reply(400, CONTEXT_TOO_LONG)
+    rows = article_rows(4)
+    rows[2]["text"] *= 50
+    with serve_stub(
+        gateway(lambda r: too_long if len(user_prompt(r)) > 1000 else Reply(200, completion()))
+    ) as stub:
+        job = write_job(tmp_path, rows, stub.base_url)
+        result = invoke("run", str(job))
+
+    assert result.exit_code == 1
+    failed = read_output(job).filter(pl.col("status") == "failed")
+    assert failed["id"].to_list() == [rows[2]["id"]]
+    assert failed["error_kind"].to_list() == ["context_length_exceeded"]
+    assert failed["error"].to_list() == [
+        "context_length_exceeded: HTTP 400: This model's maximum context length is 8192 tokens."
+    ]
+    assert failed["attempts"].to_list() == [1]
+    assert "1 failed (context_length_exceeded: 1)" in result.stderr
+
+
+# --- #10 item 4: which answers are an outage, and which of those a configuration problem ---
+
+
+@pytest.mark.parametrize(
+    ("status", "error_type"),
+    [
+        (500, RetryableError),
+        (502, EndpointDown),
+        (503, EndpointDown),
+        (504, EndpointDown),
+        (400, PermanentError),
+    ],
+)
+def test_only_gateway_statuses_are_an_outage(status: int, error_type: type[RequestFailed]) -> None:
+    error = classify_status(status, {}, b"")
+
+    assert type(error) is error_type
+    assert not isinstance(error, EndpointDown) or not error.config_problem
