@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import email.utils
+import errno
 import re
+import ssl
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple, TypedDict
@@ -142,42 +144,53 @@ class ChatClient:
 
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:
-        """Transport failures as RetryableError; and since servers echo keys in error bodies
+        """Transport failures as EndpointDown; and since servers echo keys in error bodies
         ("Incorrect API key provided: sk-..."), every error text masked."""
         try:
             try:
                 yield
-            except TimeoutError:  # aiohttp's ClientTimeout(total=timeout_s), over the whole answer
-                raise EndpointDown("timeout", f"no answer within {self._timeout_s:g} s") from None
-            except aiohttp.ClientError as exc:
-                raise transport_error(exc) from None
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                raise transport_error(exc, self._timeout_s) from None
         except BatchrunError as exc:
             exc.args = tuple(redact(str(a), self._api_key) for a in exc.args)
             raise
 
 
-def transport_error(exc: aiohttp.ClientError) -> EndpointDown:
-    """The one place a transport failure becomes words: what happened, not the library's class."""
+def transport_error(exc: TimeoutError | aiohttp.ClientError, timeout_s: float) -> EndpointDown:
+    """The one place a transport failure becomes words: what happened, never the library's classes
+    or its internal codes (a cut chunked body is aiohttp's `TransferEncodingError: 400`).
+
+    Each message follows its kind (`connection: refused`), since the error reads `kind: message`.
+    """
+    if isinstance(exc, TimeoutError):  # ClientTimeout(total=timeout_s), over the whole answer
+        return EndpointDown("timeout", f"no answer within {timeout_s:g} s")
     if isinstance(exc, aiohttp.ClientConnectorDNSError):
         return EndpointDown("dns", f"the host name does not resolve ({_reason(exc)})")
     if isinstance(exc, aiohttp.ClientSSLError):
-        return EndpointDown("tls", f"TLS failed ({_reason(exc)})")
+        return EndpointDown("tls", f"the handshake failed ({_reason(exc)})")
     if isinstance(exc, aiohttp.ClientConnectorError):
         if isinstance(exc.os_error, ConnectionRefusedError):
-            return EndpointDown("connection", "connection refused")
+            return EndpointDown("connection", "refused")
         return EndpointDown("connection", f"cannot connect ({_reason(exc)})")
-    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
-        return EndpointDown("connection", "the connection closed before the answer ended")
-    if isinstance(exc, aiohttp.ClientConnectionResetError):
-        return EndpointDown("connection", "the connection was reset")
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return EndpointDown("connection", "closed before the answer ended")
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return EndpointDown("connection", "closed by the server before it answered")
+    if isinstance(exc, ConnectionResetError) or getattr(exc, "errno", None) == errno.ECONNRESET:
+        return EndpointDown("connection", "reset by the server")
     return EndpointDown("connection", _reason(exc))
 
 
+_SSL_NOISE_RE = re.compile(r"^\[SSL: \w+\] |\s*\(_ssl\.c:\d+\)$")
+
+
 def _reason(exc: BaseException) -> str:
-    """The innermost OS or library reason, without aiohttp's internal codes and class names."""
-    cause = getattr(exc, "os_error", None) or exc
+    """The innermost OS or TLS reason (`Name or service not known`, `wrong version number`)."""
+    cause = getattr(exc, "certificate_error", None) or getattr(exc, "os_error", None) or exc.__cause__ or exc
+    if isinstance(cause, ssl.SSLCertVerificationError) and cause.verify_message:
+        return f"certificate verify failed: {cause.verify_message}"
     text = getattr(cause, "strerror", None) or str(cause)
-    return text or type(exc).__name__
+    return _SSL_NOISE_RE.sub("", text) or "no reason given"
 
 
 def parse_completion(raw: bytes) -> ChatResult:

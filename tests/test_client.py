@@ -7,19 +7,27 @@ servers on 127.0.0.1 that replay the answers quoted in issue #11.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import socket
+import ssl
+import struct
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 import pytest
+import trustme
 
-from batchrun.client import classify_status, retry_after, server_budget
+from batchrun.client import ChatClient, classify_status, retry_after, server_budget
 from batchrun.errors import EndpointDown, PermanentError, RequestFailed, RetryableError
 from batchrun.limits import ServerBudget
-from tests.conftest import article_rows, invoke, read_output, write_job
+from batchrun.simulator import SimulatorConfig, serve_in_thread
+from tests.conftest import TEST_KEY, article_rows, invoke, read_output, write_job
 from tests.stub_server import Reply, Request, completion, serve_stub
 
 MODELS = Reply(200, {"object": "list", "data": [{"id": "grok-4.3", "object": "model"}]})
@@ -118,8 +126,15 @@ def sse(pieces: list[str], finish_reason: str | None) -> bytes:
 
 
 def sse_reply(body: bytes) -> Reply:
-    """A whole body (content-length exact) and then the connection closed: the transport sees no fault."""
-    head = f"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {len(body)}\r\n\r\n"
+    """A whole body (content-length exact) and then the connection closed: the transport sees no fault.
+
+    `connection: close` keeps the client from reusing the closed connection, which would cost a row
+    an attempt (`closed by the server before it answered`) whenever it lost that race.
+    """
+    head = (
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
+    )
     return Reply(raw=head.encode() + body)
 
 
@@ -264,3 +279,163 @@ def test_only_gateway_statuses_are_an_outage(status: int, error_type: type[Reque
 
     assert type(error) is error_type
     assert not isinstance(error, EndpointDown) or not error.config_problem
+
+
+# --- #11 item 8 (and #10 item 4): transport failures in words, on real sockets ---
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def listener(on_connection: Callable[[socket.socket], None] | None) -> Iterator[str]:
+    """A raw TCP listener's base URL; without `on_connection` it never accepts (the kernel does, silently)."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        if on_connection is not None:
+
+            def serve() -> None:
+                connection, _ = server.accept()
+                with connection:
+                    on_connection(connection)
+
+            threading.Thread(target=serve, daemon=True).start()
+        yield f"http://127.0.0.1:{server.getsockname()[1]}/v1"
+
+
+def reset_after_request(connection: socket.socket) -> None:
+    connection.recv(65536)
+    connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
+
+
+def complete(base_url: str, timeout_s: float = 5, stream: bool = False) -> EndpointDown:
+    """One request through the real client; the EndpointDown it raised."""
+
+    async def attempt() -> None:
+        async with ChatClient(base_url, TEST_KEY, timeout_s, max_connections=1) as client:
+            await client.complete(
+                {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+            )
+
+    with pytest.raises(EndpointDown) as caught:
+        asyncio.run(attempt())
+    return caught.value
+
+
+FIRST_CHUNK = sse(["The answer"], None).split(b"data: [DONE]")[0]
+CUT_CHUNKED = (  # one whole chunk of a chunked body, then the connection closed without the last `0` chunk
+    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+    + f"{len(FIRST_CHUNK):x}\r\n".encode()
+    + FIRST_CHUNK
+    + b"\r\n"
+)
+CUT_LENGTH = (
+    b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 400\r\n\r\n{"id": "chatcmpl'
+)
+
+
+@pytest.mark.parametrize(
+    ("reply", "stream", "text"),
+    [
+        (Reply(raw=CUT_CHUNKED), True, "connection: closed before the answer ended"),
+        (Reply(raw=CUT_LENGTH), False, "connection: closed before the answer ended"),
+        (Reply(raw=b""), False, "connection: closed by the server before it answered"),
+        (
+            Reply(raw=b"HTTP/1.1 200 OK\r\ncontent-le"),
+            False,
+            "connection: closed by the server before it answered",
+        ),
+    ],
+)
+def test_a_connection_closed_early_says_so(reply: Reply, stream: bool, text: str) -> None:
+    with serve_stub(lambda request: reply) as stub:
+        error = complete(stub.base_url, stream=stream)
+
+    assert (str(error), error.config_problem) == (text, False)
+
+
+def test_a_refused_connection_says_so() -> None:
+    error = complete(f"http://127.0.0.1:{free_port()}/v1")
+
+    assert (str(error), error.config_problem) == ("connection: refused", False)
+
+
+def test_a_reset_connection_says_so() -> None:
+    with listener(reset_after_request) as base_url:
+        error = complete(base_url)
+
+    assert (str(error), error.config_problem) == ("connection: reset by the server", False)
+
+
+def test_a_server_that_never_answers_times_out() -> None:
+    with listener(None) as base_url:
+        started = time.monotonic()
+        error = complete(base_url, timeout_s=0.5)
+
+    assert time.monotonic() - started >= 0.5
+    assert (str(error), error.config_problem) == ("timeout: no answer within 0.5 s", False)
+
+
+def test_a_host_name_that_does_not_resolve_is_a_configuration_problem() -> None:
+    error = complete("http://api.example.invalid/v1")
+
+    assert error.kind == "dns"
+    assert str(error).startswith("dns: the host name does not resolve (")
+    assert "Error" not in str(error)
+    assert error.config_problem
+
+
+def test_tls_to_a_plain_http_server_is_a_configuration_problem() -> None:
+    with serve_in_thread(SimulatorConfig(api_key=TEST_KEY)) as sim:
+        error = complete(sim.base_url.replace("http://", "https://"))
+
+    # OpenSSL's words vary with its version ("wrong version number", "record layer failure").
+    assert str(error).startswith("tls: the handshake failed (")
+    assert not any(noise in str(error) for noise in ("SSL", "_ssl.c", "Error"))
+    assert error.config_problem
+
+
+def test_a_certificate_the_client_does_not_trust_is_a_configuration_problem() -> None:
+    """A server whose certificate no trusted CA signed (a local server's own, a company proxy's)."""
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    trustme.CA().issue_cert("127.0.0.1").configure_cert(server_tls)
+
+    async def attempt() -> None:
+        server = await asyncio.start_server(lambda _r, writer: writer.close(), "127.0.0.1", 0, ssl=server_tls)
+        base_url = f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
+        async with server, ChatClient(base_url, TEST_KEY, 5, max_connections=1) as client:
+            await client.complete({"model": "m", "messages": []})
+
+    with pytest.raises(EndpointDown) as caught:
+        asyncio.run(attempt())
+
+    assert str(caught.value).startswith("tls: the handshake failed (certificate verify failed: ")
+    assert "_ssl.c" not in str(caught.value)
+    assert caught.value.config_problem
+
+
+def test_a_row_cut_mid_stream_every_time_fails_in_words(tmp_path: Path) -> None:
+    """The issue's `connection: ClientPayloadError ... TransferEncodingError: 400`, as the table shows it."""
+    rows = article_rows(4)
+    rows[1]["text"] += " [[cut]]"
+
+    def chat(request: Request) -> Reply:
+        return (
+            Reply(raw=CUT_CHUNKED) if "[[cut]]" in user_prompt(request) else sse_reply(sse(["Fine."], "stop"))
+        )
+
+    with serve_stub(gateway(chat)) as stub:
+        params = {"temperature": 0, "max_tokens": 40, "stream": True}
+        retry = {**RETRY, "max_attempts": 2}
+        job = write_job(tmp_path, rows, stub.base_url, params=params, retry=retry)
+        result = invoke("run", str(job))
+
+    assert result.exit_code == 1
+    out = read_output(job)
+    assert out["status"].to_list() == ["ok", "failed", "ok", "ok"]
+    assert out["error_kind"][1] == "connection"
+    assert out["error"][1] == "connection: closed before the answer ended"
