@@ -10,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import email.utils
+import errno
 import re
+import ssl
 import time
 from collections.abc import Iterator, Mapping
-from typing import Any, TypedDict
+from typing import Any, NamedTuple, TypedDict
 
 import aiohttp
 import orjson
@@ -142,42 +144,53 @@ class ChatClient:
 
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:
-        """Transport failures as RetryableError; and since servers echo keys in error bodies
+        """Transport failures as EndpointDown; and since servers echo keys in error bodies
         ("Incorrect API key provided: sk-..."), every error text masked."""
         try:
             try:
                 yield
-            except TimeoutError:  # aiohttp's ClientTimeout(total=timeout_s), over the whole answer
-                raise EndpointDown("timeout", f"no answer within {self._timeout_s:g} s") from None
-            except aiohttp.ClientError as exc:
-                raise transport_error(exc) from None
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                raise transport_error(exc, self._timeout_s) from None
         except BatchrunError as exc:
             exc.args = tuple(redact(str(a), self._api_key) for a in exc.args)
             raise
 
 
-def transport_error(exc: aiohttp.ClientError) -> EndpointDown:
-    """The one place a transport failure becomes words: what happened, not the library's class."""
+def transport_error(exc: TimeoutError | aiohttp.ClientError, timeout_s: float) -> EndpointDown:
+    """The one place a transport failure becomes words: what happened, never the library's classes
+    or its internal codes (a cut chunked body is aiohttp's `TransferEncodingError: 400`).
+
+    Each message follows its kind (`connection: refused`), since the error reads `kind: message`.
+    """
+    if isinstance(exc, TimeoutError):  # ClientTimeout(total=timeout_s), over the whole answer
+        return EndpointDown("timeout", f"no answer within {timeout_s:g} s")
     if isinstance(exc, aiohttp.ClientConnectorDNSError):
         return EndpointDown("dns", f"the host name does not resolve ({_reason(exc)})")
     if isinstance(exc, aiohttp.ClientSSLError):
-        return EndpointDown("tls", f"TLS failed ({_reason(exc)})")
+        return EndpointDown("tls", f"the handshake failed ({_reason(exc)})")
     if isinstance(exc, aiohttp.ClientConnectorError):
         if isinstance(exc.os_error, ConnectionRefusedError):
-            return EndpointDown("connection", "connection refused")
+            return EndpointDown("connection", "refused")
         return EndpointDown("connection", f"cannot connect ({_reason(exc)})")
-    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
-        return EndpointDown("connection", "the connection closed before the answer ended")
-    if isinstance(exc, aiohttp.ClientConnectionResetError):
-        return EndpointDown("connection", "the connection was reset")
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return EndpointDown("connection", "closed before the answer ended")
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return EndpointDown("connection", "closed by the server before it answered")
+    if isinstance(exc, ConnectionResetError) or getattr(exc, "errno", None) == errno.ECONNRESET:
+        return EndpointDown("connection", "reset by the server")
     return EndpointDown("connection", _reason(exc))
 
 
+_SSL_NOISE_RE = re.compile(r"^\[SSL: \w+\] |\s*\(_ssl\.c:\d+\)$")
+
+
 def _reason(exc: BaseException) -> str:
-    """The innermost OS or library reason, without aiohttp's internal codes and class names."""
-    cause = getattr(exc, "os_error", None) or exc
+    """The innermost OS or TLS reason (`Name or service not known`, `wrong version number`)."""
+    cause = getattr(exc, "certificate_error", None) or getattr(exc, "os_error", None) or exc.__cause__ or exc
+    if isinstance(cause, ssl.SSLCertVerificationError) and cause.verify_message:
+        return f"certificate verify failed: {cause.verify_message}"
     text = getattr(cause, "strerror", None) or str(cause)
-    return text or type(exc).__name__
+    return _SSL_NOISE_RE.sub("", text) or "no reason given"
 
 
 def parse_completion(raw: bytes) -> ChatResult:
@@ -232,46 +245,82 @@ def _usage_details(usage: dict[str, Any]) -> _UsageDetails:
 
 
 def classify_status(status: int, headers: Mapping[str, str], raw: bytes) -> Exception:
-    """Map a non-200 answer to the error type that decides what happens next."""
-    code, message = _error_fields(raw)
-    detail = f"HTTP {status}" + (f": {message}" if message else "")
+    """Map a non-200 answer to the error type that decides what happens next.
+
+    A row's error kind is the server's error code when it gives one (`context_length_exceeded`),
+    else `http_NNN`; a 429 is always `rate_limited`.
+    """
+    error = _error_fields(raw)
+    detail = f"HTTP {status}" + (f": {error.message}" if error.message else "")
     if status in (401, 403):
         return JobAborted(
             f"the endpoint rejected the API key ({detail}); check the key and that it may use this model"
         )
-    if status == 402 or code in NO_CREDIT_CODES:
+    if status == 402 or {error.code, error.type} & NO_CREDIT_CODES:
         return JobAborted(f"the account has no credit or quota left ({detail}); top up and rerun")
     if status == 404:
         return JobAborted(f"the endpoint answered 404 ({detail}); check the model name and endpoint.base_url")
+    kind = "rate_limited" if status == 429 else error.code or f"http_{status}"
     if status in OUTAGE_STATUS:
-        return EndpointDown(f"http_{status}", detail, status, retry_after(headers))
+        return EndpointDown(kind, detail, status, retry_after(headers))
     if status in RETRYABLE_STATUS or status >= 500:
-        kind = "rate_limited" if status == 429 else f"http_{status}"
         return RetryableError(kind, detail, status, retry_after(headers), server_budget(headers))
-    return PermanentError(f"http_{status}", detail, status)
+    return PermanentError(kind, detail, status)
 
 
-def _error_fields(raw: bytes) -> tuple[str | None, str | None]:
-    """The OpenAI-style `error.code` and `error.message`, when the body has them."""
+class _ErrorFields(NamedTuple):
+    code: str | None  # a word such as `context_length_exceeded`; not a number (LiteLLM sends "400")
+    type: str | None
+    message: str | None
+
+
+_CODE_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
+
+
+def _error_fields(raw: bytes) -> _ErrorFields:
+    """What an error body says, in OpenAI's shape (`error.code`, `.type`, `.message`), FastAPI's
+    (`detail`, a string or a list of `{loc, msg}`) or a bare `message` (vLLM)."""
     try:
-        error = orjson.loads(raw).get("error")
-    except (orjson.JSONDecodeError, AttributeError):
-        return None, None
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return _ErrorFields(None, None, None)
+    if not isinstance(body, dict):
+        return _ErrorFields(None, None, None)
+    error = body.get("error")
     if not isinstance(error, dict):
-        return None, str(error) if error else None
-    code = error.get("code") or error.get("type")
+        error = {"message": error or body.get("detail") or body.get("message"), "code": body.get("code")}
     message = error.get("message")
-    return (str(code) if code else None), (str(message)[:200] if message else None)
+    if isinstance(message, list):  # FastAPI's validation errors
+        message = "; ".join(_validation_error(item) for item in message)
+    code, kind = (str(error.get(key) or "") for key in ("code", "type"))
+    return _ErrorFields(
+        code if _CODE_RE.fullmatch(code) and code.lower() not in ("none", "null") else None,
+        kind or None,
+        str(message)[:200] if message else None,
+    )
+
+
+def _validation_error(item: object) -> str:
+    """One of FastAPI's `detail` entries, `{"loc": ["body", "model"], "msg": "Field required"}`."""
+    if not isinstance(item, dict):
+        return str(item)
+    where = ".".join(str(part) for part in item.get("loc") or ())
+    return f"{where}: {item.get('msg')}" if where else str(item.get("msg"))
+
+
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    """A header as sent, or as a LiteLLM gateway forwards it (`llm_provider-retry-after`)."""
+    return headers.get(name) or headers.get(f"llm_provider-{name}")
 
 
 def retry_after(headers: Mapping[str, str]) -> float | None:
     """Seconds the server asks us to wait: `retry-after-ms`, else `Retry-After` (secs or date)."""
-    if ms := headers.get("retry-after-ms"):
+    if ms := _header(headers, "retry-after-ms"):
         try:
             return max(0.0, float(ms) / 1000)
         except ValueError:
             pass
-    value = headers.get("retry-after")
+    value = _header(headers, "retry-after")
     if not value:
         return None
     try:
@@ -290,15 +339,15 @@ _UNIT_S = {"ms": 0.001, "h": 3600.0, "m": 60.0, "s": 1.0, None: 1.0}
 
 def server_budget(headers: Mapping[str, str]) -> ServerBudget | None:
     """The `x-ratelimit-remaining-*` / `-reset-*` headers (OpenAI's and xAI's names), if any."""
-    requests = _count(headers.get("x-ratelimit-remaining-requests"))
-    tokens = _count(headers.get("x-ratelimit-remaining-tokens"))
+    requests = _count(_header(headers, "x-ratelimit-remaining-requests"))
+    tokens = _count(_header(headers, "x-ratelimit-remaining-tokens"))
     if requests is None and tokens is None:
         return None
     return ServerBudget(
         remaining_requests=requests,
-        reset_requests_s=_duration(headers.get("x-ratelimit-reset-requests")),
+        reset_requests_s=_duration(_header(headers, "x-ratelimit-reset-requests")),
         remaining_tokens=tokens,
-        reset_tokens_s=_duration(headers.get("x-ratelimit-reset-tokens")),
+        reset_tokens_s=_duration(_header(headers, "x-ratelimit-reset-tokens")),
     )
 
 

@@ -67,7 +67,13 @@ class StreamAssembler:
         return [self._calls[i] for i in sorted(self._calls)] if self._calls else None
 
     def finish(self) -> str | None:
-        """The assembled content; a stream cut off before `[DONE]` is worth another attempt."""
+        """The assembled content; a stream cut off is worth another attempt.
+
+        `[DONE]` alone does not prove the answer whole: llama.cpp's server sends it mid-answer
+        when another request waits, so a stream whose choice never got a `finish_reason` is cut.
+        """
         if not self.done:
             raise RetryableError("truncated_stream", "the stream ended before data: [DONE]")
+        if self.finish_reason is None:
+            raise RetryableError("truncated_stream", "data: [DONE] came before any finish_reason")
         return "".join(self.pieces) if self.pieces or not self._calls else None

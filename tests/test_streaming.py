@@ -105,3 +105,17 @@ def test_assembler_rejects_any_stream_cut_before_done(pieces: list[str], cut: in
         stream.feed(line)
     with pytest.raises(RetryableError, match="before data: \\[DONE\\]"):
         stream.finish()
+
+
+@given(pieces=st.lists(st.text(min_size=1), max_size=10))
+def test_assembler_rejects_a_done_that_came_before_any_finish_reason(pieces: list[str]) -> None:
+    """llama.cpp's server sends `[DONE]` mid-answer when another request waits (issue #11 item 6)."""
+    lines = [line for line in sse_lines(pieces, usage=True, noise=[]) if "finish_reason" not in line]
+    stream = StreamAssembler()
+    for line in lines:
+        stream.feed(line)
+
+    assert stream.done
+    with pytest.raises(RetryableError) as caught:
+        stream.finish()
+    assert caught.value.kind == "truncated_stream"
