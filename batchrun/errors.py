@@ -80,6 +80,7 @@ class RequestFailed(BatchrunError):
     ):
         super().__init__(f"{kind}: {message}")
         self.kind = kind
+        self.message = message  # without the kind, for lines that name the kind apart
         self.status = status
         self.retry_after_s = retry_after_s
         self.budget = budget  # the x-ratelimit-* headers of the answer, when sent
@@ -95,9 +96,6 @@ class EndpointDown(RetryableError):
     `config_problem` marks failures that waiting will not cure (a name that does not resolve,
     a certificate that does not verify): before the first answer they are a job error (exit 2).
     """
-
-    def __init__(self, kind: str, message: str, status: int | None = None, retry_after_s: float | None = None):
-        super().__init__(kind, message, status, retry_after_s)
 
     @property
     def config_problem(self) -> bool:
