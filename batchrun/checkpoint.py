@@ -47,6 +47,17 @@ class RowResult:
     reasoning_tokens: int | None = None
     cost_usd: float | None = None
 
+    @property
+    def answered(self) -> bool:
+        """Whether the row got an answer (ok, or failed on one), and so was billed."""
+        return self.status == "ok" or any(
+            v is not None for v in (self.finish_reason, self.content, self.tool_calls)
+        )
+
+
+# Rows answered, and rows answered without usage, in SQL, for the whole checkpoint at once.
+ANSWERED_SQL = "(status = 'ok' OR finish_reason IS NOT NULL OR content IS NOT NULL OR tool_calls IS NOT NULL)"
+NO_USAGE_SQL = "(prompt_tokens IS NULL OR completion_tokens IS NULL)"
 
 COLUMNS = tuple(f.name for f in fields(RowResult))
 _as_row = operator.attrgetter(*COLUMNS)  # dataclasses.astuple deep-copies: ~20x slower per row
@@ -180,6 +191,11 @@ class Checkpoint:
         marks = ", ".join("?" for _ in statuses)
         query = f"SELECT row FROM results WHERE status IN ({marks})"
         return {r for (r,) in self._db.execute(query, statuses)}
+
+    def status_counts(self, below: int) -> dict[str, int]:
+        """Rows finished so far among the first `below`, by status."""
+        query = "SELECT status, COUNT(*) FROM results WHERE row < ? GROUP BY 1"
+        return dict(self._db.execute(query, (below,)).fetchall())
 
     def totals(self) -> Totals:
         ok, failed, skipped, prompt, completion = self._db.execute(

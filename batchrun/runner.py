@@ -231,9 +231,12 @@ def run_job(spec: JobSpec, options: RunOptions = RunOptions()) -> RunResult:
             to_send = len(only)
         else:
             to_send = in_scope - len(finished)
+        before = checkpoint.status_counts(below=in_scope)
+        if options.retry_failed:
+            before["failed"] = 0  # sent again: each counts once it finishes anew
         progress = Progress(
-            in_scope,
-            in_scope - to_send,
+            sum(before.values()) + to_send,
+            before,
             options.quiet,
             cost_usd=None if price is None else spent,
             budget_usd=max_cost,

@@ -226,7 +226,7 @@ def test_progress_shows_the_running_cost() -> None:
             return True
 
     screen = Terminal()
-    progress = Progress(3, 0, quiet=False, stream=screen, cost_usd=0.5, budget_usd=2.0)
+    progress = Progress(3, {}, quiet=False, stream=screen, cost_usd=0.5, budget_usd=2.0)
     progress.row_finished(RowResult(0, "a", "ok", total_tokens=10, cost_usd=0.25))
     progress.row_finished(RowResult(1, "b", "failed", cost_usd=0.0))
     progress.close()

@@ -1,0 +1,103 @@
+"""What a run tells its user: the progress bar on a terminal, the summary, `status`, the run report."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pty
+import re
+import struct
+import subprocess
+import sys
+import termios
+from pathlib import Path
+
+from batchrun.simulator import SimulatorConfig, serve_in_thread
+from tests.conftest import TEST_KEY, article_rows, invoke, write_job
+
+BAR = re.compile(r"(\d+)/(\d+) \[.*ok=(\d+) failed=(\d+)(?: skipped=(\d+))?")
+
+
+def run_in_terminal(*args: str, timeout: float = 60) -> tuple[int, str]:
+    """The real CLI with its stderr on a pseudo-terminal (so tqdm draws its bar); all it wrote."""
+    main_fd, terminal_fd = pty.openpty()
+    fcntl.ioctl(terminal_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 250, 0, 0))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "batchrun", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=terminal_fd,
+        stderr=terminal_fd,
+    )
+    os.close(terminal_fd)
+    written = b""
+    while True:
+        try:
+            data = os.read(main_fd, 65536)
+        except OSError:  # EIO: the process closed the terminal
+            break
+        if not data:
+            break
+        written += data
+    os.close(main_fd)
+    return process.wait(timeout), written.decode(errors="replace")
+
+
+def bar_frames(screen: str) -> list[tuple[int, int, int, int]]:
+    """(count, ok, failed, skipped) of every bar line drawn, in order."""
+    frames = []
+    for line in re.split(r"[\r\n]", screen):
+        if "row/s" in line or "?row" in line:
+            found = BAR.search(line)
+            assert found, f"a bar line without its counts: {line!r}"
+            count, _, ok, failed, skipped = (int(g or 0) for g in found.groups())
+            frames.append((count, ok, failed, skipped))
+    return frames
+
+
+def test_bar_count_is_ok_plus_failed_plus_skipped_in_every_frame(tmp_path: Path) -> None:
+    """Resumed, skipped and failed rows all in one run, slow enough for many frames."""
+    rows = article_rows(150)
+    for i in (3, 70, 140):
+        rows[i]["text"] = None  # skipped (input.on_null: skip)
+    for i in (10, 90, 120):
+        rows[i]["text"] += " [[fail:400]]"
+    config = SimulatorConfig(api_key=TEST_KEY, latency_ms=60)
+    with serve_in_thread(config) as sim:
+        job = write_job(
+            tmp_path,
+            rows,
+            sim.base_url,
+            input={"path": "input.csv", "id_column": "id", "on_null": "skip"},
+        )
+        assert invoke("run", str(job), "--limit", "30").exit_code == 1  # 1 failed, 1 skipped
+        code, screen = run_in_terminal("run", str(job))
+
+    assert code == 1, screen
+    frames = bar_frames(screen)
+    assert len(frames) >= 8, screen  # ~1.2 s of sending, a frame each 0.2 s
+    for count, ok, failed, skipped in frames:
+        assert count == ok + failed + skipped, frames
+    assert frames[0] == (30, 28, 1, 1)  # the resumed rows, counted from the first frame
+    assert frames[-1] == (150, 144, 3, 3)
+    assert "rows: 144 ok, 3 failed (http_400: 3), 3 skipped of 150" in screen
+
+
+def test_retry_failed_bar_counts_the_resent_rows_once(tmp_path: Path) -> None:
+    rows = article_rows(20)
+    rows[5]["text"] += " [[fail:500x4]]"
+    with serve_in_thread(SimulatorConfig(api_key=TEST_KEY)) as sim:
+        job = write_job(tmp_path, rows, sim.base_url)
+        assert invoke("run", str(job)).exit_code == 1
+        code, screen = run_in_terminal("run", str(job), "--retry-failed")
+
+    assert code == 0, screen
+    frames = bar_frames(screen)
+    assert frames[0] == (19, 19, 0, 0)
+    assert frames[-1] == (20, 20, 0, 0)
+    assert "/20 [" in screen
+
+
+def read_report(job: Path) -> dict[str, object]:
+    report: dict[str, object] = json.loads((job.parent / "out" / "result.parquet.report.json").read_text())
+    return report
