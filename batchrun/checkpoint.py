@@ -71,8 +71,9 @@ class Totals:
     ok: int
     failed: int
     skipped: int
-    prompt_tokens: int
-    completion_tokens: int
+    prompt_tokens: int | None  # over the rows that reported usage; None: answers came, none did
+    completion_tokens: int | None
+    without_usage: int  # answered rows that reported no usage (llama.cpp's streams, for one)
 
 
 class Checkpoint:
@@ -198,12 +199,16 @@ class Checkpoint:
         return dict(self._db.execute(query, (below,)).fetchall())
 
     def totals(self) -> Totals:
-        ok, failed, skipped, prompt, completion = self._db.execute(
+        ok, failed, skipped, prompt, completion, without_usage = self._db.execute(
             "SELECT COUNT(*) FILTER (WHERE status = 'ok'), COUNT(*) FILTER (WHERE status = 'failed'),"
-            " COUNT(*) FILTER (WHERE status = 'skipped'),"
-            " COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0) FROM results"
+            " COUNT(*) FILTER (WHERE status = 'skipped'), SUM(prompt_tokens), SUM(completion_tokens),"
+            f" COUNT(*) FILTER (WHERE {ANSWERED_SQL} AND {NO_USAGE_SQL}) FROM results"
         ).fetchone()
-        return Totals(ok, failed, skipped, prompt, completion)
+        unknown = None if without_usage else 0  # no sum at all: unknown if answers came, else none
+        return Totals(
+            ok, failed, skipped, unknown if prompt is None else prompt,
+            unknown if completion is None else completion, without_usage,
+        )  # fmt: skip
 
     def failures_by_kind(self) -> dict[str, int]:
         query = (

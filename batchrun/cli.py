@@ -152,14 +152,16 @@ def summary(result: RunResult, job_file: Path) -> str:
         + (f", {result.skipped} skipped" if result.skipped else "")
         + (f", {result.pending} pending" if result.pending else "")
         + f" of {result.total}",
-        f"tokens: {result.prompt_tokens:,} prompt + {result.completion_tokens:,} completion",
+        tokens_line(result.prompt_tokens, result.completion_tokens, result.rows_without_usage),
         f"time: {result.wall_s:.1f} s"
         + (f"; retries: {sum(result.retries.values())}" if result.retries else "")
         + (f"; 429s: {result.rate_limited}" if result.rate_limited else ""),
     ]
     if result.cost_usd is not None:
         budget = f" of a ${result.budget_usd:g} budget" if result.budget_usd is not None else ""
-        lines.append(f"cost: ${result.cost_usd:.4f}{budget}")
+        lines.append(
+            cost_line(result.cost_usd, result.prompt_tokens is None, result.rows_without_usage) + budget
+        )
     lines.append(f"output: {result.output_path}")
     if result.report_path is not None:
         lines.append(f"report: {result.report_path}")
@@ -170,6 +172,25 @@ def summary(result: RunResult, job_file: Path) -> str:
     elif result.failed:
         lines.append(f"to resend the failed rows: batchrun {job_file} --retry-failed")
     return "\n".join(lines)
+
+
+def tokens_line(prompt: int | None, completion: int | None, without_usage: int) -> str:
+    """Tokens as far as the endpoint reported them: a missing count is unknown, never 0."""
+    if prompt is None or completion is None:
+        return f"tokens: unknown (the endpoint reported no usage for {without_usage:,} rows)"
+    line = f"tokens: {prompt:,} prompt + {completion:,} completion"
+    if without_usage:
+        line += f", and {without_usage:,} rows without usage (the endpoint reported none)"
+    return line
+
+
+def cost_line(cost_usd: float, usage_unknown: bool, without_usage: int) -> str:
+    """Cost as far as usage was reported: rows without usage have no cost to add."""
+    if usage_unknown:
+        return "cost: unknown (no usage reported)"
+    return f"cost: ${cost_usd:.4f}" + (
+        f" (not counting {without_usage:,} rows without usage)" if without_usage else ""
+    )
 
 
 def budget_stop(result: RunResult, job_file: Path) -> str:
@@ -224,9 +245,9 @@ def status(job_file: Path) -> None:
     failures = ", ".join(f"{k}: {n}" for k, n in kinds.items())
     click.echo(f"ok: {totals.ok}\nfailed: {totals.failed}" + (f" ({failures})" if failures else ""))
     click.echo(f"skipped: {totals.skipped}\npending: {pending}\nof: {job.source.row_count}")
-    click.echo(f"tokens: {totals.prompt_tokens:,} prompt + {totals.completion_tokens:,} completion")
+    click.echo(tokens_line(totals.prompt_tokens, totals.completion_tokens, totals.without_usage))
     if spent is not None:
-        click.echo(f"cost: ${spent:.4f}")
+        click.echo(cost_line(spent, totals.prompt_tokens is None, totals.without_usage))
 
 
 @main.command(name="estimate")

@@ -108,11 +108,16 @@ class Progress:
             counts += f" of ${self._budget_usd:g}" if self._budget_usd is not None else ""
         return f"{counts} {self.status()}" if self.status else counts
 
+    @property
+    def run_tokens(self) -> int | None:
+        """This run's tokens; None when answers came and none reported usage."""
+        return None if self.without_usage and not self.tokens else self.tokens
+
     def _tokens(self) -> str:
-        """Unknown when no answer reported usage; `>=` when some did not (their share is missing)."""
-        if not self.without_usage:
-            return f"{self.tokens:,}"
-        return f">={self.tokens:,}" if self.tokens else "unknown"
+        """Unknown when no answer reported usage; `N+` when some did not (their share is missing)."""
+        if self.run_tokens is None:
+            return "unknown"
+        return f"{self.tokens:,}+" if self.without_usage else f"{self.tokens:,}"
 
     def _rate(self, now: float) -> float:
         return (self.done - self._done_at_start) / max(now - self._started, 1e-9)

@@ -81,8 +81,8 @@ class RunResult:
     failed: int
     skipped: int
     pending: int
-    prompt_tokens: int
-    completion_tokens: int
+    prompt_tokens: int | None  # None: the endpoint reported no usage (rows_without_usage says for how many)
+    completion_tokens: int | None
     failures_by_kind: dict[str, int]
     retries: dict[str, int]
     rate_limited: int  # answers that were 429s (each retried)
@@ -93,8 +93,9 @@ class RunResult:
     budget_usd: float | None = None
     budget_stopped: bool = False
     requests: int = 0  # sent by this run, retries included
-    run_tokens: int = 0  # of the rows this run finished
+    run_tokens: int | None = 0  # of the rows this run finished; None: no usage reported
     report_path: Path | None = None
+    rows_without_usage: int = 0  # answered, but the endpoint reported no usage
 
     @property
     def exit_code(self) -> int:
@@ -294,8 +295,9 @@ def run_job(spec: JobSpec, options: RunOptions = RunOptions()) -> RunResult:
             budget_usd=max_cost,
             budget_stopped=pipeline.budget_stopped,
             requests=pipeline.requests,
-            run_tokens=progress.tokens,
+            run_tokens=progress.run_tokens,
             report_path=job.report_path,
+            rows_without_usage=totals.without_usage,
         )
         write_run_report(job, result, table, price, fingerprint, pipeline.aborted)
         if pipeline.aborted is not None:

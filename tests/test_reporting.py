@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import os
 import pty
@@ -12,9 +13,13 @@ import subprocess
 import sys
 import termios
 from pathlib import Path
+from typing import Any
 
+from batchrun.checkpoint import RowResult
+from batchrun.progress import Progress
 from batchrun.simulator import SimulatorConfig, serve_in_thread
 from tests.conftest import TEST_KEY, article_rows, invoke, write_job
+from tests.stub_server import Handler, Reply, Request, completion, serve_stub
 
 BAR = re.compile(r"(\d+)/(\d+) \[.*ok=(\d+) failed=(\d+)(?: skipped=(\d+))?")
 
@@ -98,6 +103,87 @@ def test_retry_failed_bar_counts_the_resent_rows_once(tmp_path: Path) -> None:
     assert "/20 [" in screen
 
 
-def read_report(job: Path) -> dict[str, object]:
-    report: dict[str, object] = json.loads((job.parent / "out" / "result.parquet.report.json").read_text())
+def read_report(job: Path) -> dict[str, Any]:
+    report: dict[str, Any] = json.loads((job.parent / "out" / "result.parquet.report.json").read_text())
     return report
+
+
+# --- usage the endpoint did not report (#11 item 10)
+
+
+def stub_without_usage(with_usage: frozenset[str] = frozenset()) -> Handler:
+    """Answers like llama.cpp's server: no `usage`, except for prompts naming a title in `with_usage`."""
+
+    def handle(request: Request) -> Reply:
+        if request.path.endswith("/models"):
+            return Reply(body={"object": "list", "data": [{"id": "grok-4.3", "object": "model"}]})
+        body = completion("An answer.", prompt_tokens=10, completion_tokens=3, total_tokens=13)
+        prompt = request.json()["messages"][-1]["content"]
+        if not any(title in prompt for title in with_usage):
+            del body["usage"]
+        return Reply(body=body)
+
+    return handle
+
+
+def test_no_usage_is_unknown_in_summary_status_cost_and_report(tmp_path: Path) -> None:
+    with serve_stub(stub_without_usage()) as stub:
+        job = write_job(tmp_path, article_rows(5), stub.base_url)
+        result = invoke("run", str(job))
+    status = invoke("status", str(job))
+    cost = invoke("cost", str(job), "--format", "json")
+
+    assert result.exit_code == 0, result.output
+    assert "tokens: unknown (the endpoint reported no usage for 5 rows)" in result.stderr
+    assert "cost: unknown (no usage reported)" in result.stderr
+    assert "tokens: unknown (the endpoint reported no usage for 5 rows)" in status.stdout
+    assert "cost: unknown" in status.stdout
+    total = json.loads(cost.stdout)[-1]
+    assert total["rows"] == 5
+    assert total["prompt_tokens"] is None and total["completion_tokens"] is None
+    report = read_report(job)
+    assert report["tokens"] == {
+        "prompt": None,
+        "cached": None,
+        "completion": None,
+        "reasoning": None,
+        "rows_without_usage": 5,
+    }
+    assert report["this_run"]["tokens_per_min"] is None
+    assert report["cost_usd"]["actual"] is None
+
+
+def test_some_rows_without_usage_are_counted_beside_the_known_sums(tmp_path: Path) -> None:
+    with serve_stub(stub_without_usage(frozenset({"Story 0\n", "Story 1\n"}))) as stub:
+        job = write_job(tmp_path, article_rows(5), stub.base_url)
+        result = invoke("run", str(job))
+    status = invoke("status", str(job))
+
+    line = "tokens: 20 prompt + 6 completion, and 3 rows without usage (the endpoint reported none)"
+    assert line in result.stderr
+    assert line in status.stdout
+    report = read_report(job)
+    assert report["tokens"]["prompt"] == 20
+    assert report["tokens"]["rows_without_usage"] == 3
+    assert report["this_run"]["tokens_per_min"] > 0
+
+
+def test_progress_shows_tokens_unknown_until_an_answer_reports_usage() -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    screen = Terminal()
+    progress = Progress(3, {}, quiet=False, stream=screen)
+    progress.row_finished(RowResult(0, "a", "ok", content="x"))
+    progress.row_finished(RowResult(1, "b", "failed", error_kind="http_400"))  # no answer: no usage due
+    progress.close()
+    assert progress.run_tokens is None
+    assert screen.getvalue().rstrip().endswith("ok=1 failed=1 tokens=unknown]")
+
+    progress = Progress(3, {}, quiet=False, stream=screen)
+    progress.row_finished(RowResult(0, "a", "ok", content="x"))
+    progress.row_finished(RowResult(1, "b", "ok", prompt_tokens=7, completion_tokens=2, total_tokens=9))
+    assert progress.run_tokens == 9
+    progress.close()
+    assert screen.getvalue().rstrip().endswith("ok=2 failed=0 tokens=9+]")
