@@ -216,6 +216,14 @@ class Checkpoint:
         )
         return {kind or "unknown": n for kind, n in self._db.execute(query)}
 
+    def top_errors(self, n: int = 3) -> list[tuple[str, int]]:
+        """The `n` commonest messages of failed rows, as recorded, with how many rows had each."""
+        query = (
+            "SELECT COALESCE(error, '(no message)'), COUNT(*) FROM results WHERE status = 'failed'"
+            " GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT ?"
+        )
+        return self._db.execute(query, (n,)).fetchall()
+
     def results(self) -> list[tuple[Any, ...]]:
         """Every recorded row as a tuple in COLUMNS order."""
         return self._db.execute(f"SELECT {', '.join(COLUMNS)} FROM results ORDER BY row").fetchall()

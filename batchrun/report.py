@@ -79,6 +79,7 @@ def write_run_report(
             "skipped": result.skipped,
             "pending": result.pending,
             "failed_by_kind": result.failures_by_kind,
+            "top_errors": [{"error": error, "rows": n} for error, n in result.top_errors],
         },
         "this_run": {
             "wall_s": round(result.wall_s, 3),

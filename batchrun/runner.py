@@ -96,6 +96,7 @@ class RunResult:
     run_tokens: int | None = 0  # of the rows this run finished; None: no usage reported
     report_path: Path | None = None
     rows_without_usage: int = 0  # answered, but the endpoint reported no usage
+    top_errors: list[tuple[str, int]] = field(default_factory=list)  # commonest messages of failed rows
 
     @property
     def exit_code(self) -> int:
@@ -298,6 +299,7 @@ def run_job(spec: JobSpec, options: RunOptions = RunOptions()) -> RunResult:
             run_tokens=progress.run_tokens,
             report_path=job.report_path,
             rows_without_usage=totals.without_usage,
+            top_errors=checkpoint.top_errors(),
         )
         write_run_report(job, result, table, price, fingerprint, pipeline.aborted)
         if pipeline.aborted is not None:

@@ -168,6 +168,7 @@ def test_per_row_cost_cached_tokens_and_run_report(tmp_path: Path, simulator: Ru
         "skipped": 0,
         "pending": 0,
         "failed_by_kind": {"http_400": 1},
+        "top_errors": [{"error": "http_400: HTTP 400: Simulated HTTP 400 error.", "rows": 1}],
     }
     assert report["this_run"]["responses_429"] == 2
     assert report["this_run"]["retries_by_kind"] == {"rate_limited": 2}

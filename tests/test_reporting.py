@@ -187,3 +187,44 @@ def test_progress_shows_tokens_unknown_until_an_answer_reports_usage() -> None:
     assert progress.run_tokens == 9
     progress.close()
     assert screen.getvalue().rstrip().endswith("ok=2 failed=0 tokens=9+]")
+
+
+# --- why rows failed (#11 item 11)
+
+FAILURES = {  # marker in a row's text -> the answer every attempt gets
+    "[[json_schema]]": Reply(500, {"error": {"message": "Input should be 'text' or 'json_object'"}}),
+    "[[too_long]]": Reply(400, {"error": {"message": "This prompt is too long.", "type": "invalid"}}),
+    "[[teapot]]": Reply(418, {"error": {"message": "I'm a teapot"}}),
+    "[[gone]]": Reply(410, {"detail": "Gone"}),
+}
+
+
+def failing_stub(request: Request) -> Reply:
+    if request.path.endswith("/models"):
+        return Reply(body={"object": "list", "data": [{"id": "grok-4.3", "object": "model"}]})
+    prompt = request.json()["messages"][-1]["content"]
+    return next((reply for marker, reply in FAILURES.items() if marker in prompt), Reply(body=completion()))
+
+
+def test_summary_status_and_report_name_the_commonest_errors(tmp_path: Path) -> None:
+    rows = article_rows(16)
+    for i, marker in enumerate(["[[json_schema]]"] * 5 + ["[[too_long]]"] * 3 + ["[[teapot]]", "[[gone]]"]):
+        rows[1 + i]["text"] += " " + marker
+    with serve_stub(failing_stub) as stub:
+        job = write_job(tmp_path, rows, stub.base_url)
+        result = invoke("run", str(job))
+    status = invoke("status", str(job))
+
+    assert result.exit_code == 1, result.output
+    report = read_report(job)
+    errors = [(e["error"], e["rows"]) for e in report["rows"]["top_errors"]]
+    assert len(errors) == 3
+    assert errors[:2] == [
+        ("http_500: HTTP 500: Input should be 'text' or 'json_object'", 5),
+        ("http_400: HTTP 400: This prompt is too long.", 3),
+    ]
+    assert errors[2][1] == 1
+    lines = [f"  {n} rows: {error}" for error, n in errors[:2]] + [f"  1 row: {errors[2][0]}"]
+    lines.append("  1 more row with other errors")
+    for output in (result.stderr, status.stdout):
+        assert "\n".join(lines) in output, output
