@@ -80,7 +80,7 @@ def test_bar_count_is_ok_plus_failed_plus_skipped_in_every_frame(tmp_path: Path)
 
     assert code == 1, screen
     frames = bar_frames(screen)
-    assert len(frames) >= 8, screen  # ~1.2 s of sending, a frame each 0.2 s
+    assert len(frames) >= 5, screen  # two at the start, then one per 0.2 s over >= 0.9 s of sending
     for count, ok, failed, skipped in frames:
         assert count == ok + failed + skipped, frames
     assert frames[0] == (30, 28, 1, 1)  # the resumed rows, counted from the first frame
