@@ -47,6 +47,17 @@ class RowResult:
     reasoning_tokens: int | None = None
     cost_usd: float | None = None
 
+    @property
+    def answered(self) -> bool:
+        """Whether the row got an answer (ok, or failed on one), and so was billed."""
+        return self.status == "ok" or any(
+            v is not None for v in (self.finish_reason, self.content, self.tool_calls)
+        )
+
+
+# Rows answered, and rows answered without usage, in SQL, for the whole checkpoint at once.
+ANSWERED_SQL = "(status = 'ok' OR finish_reason IS NOT NULL OR content IS NOT NULL OR tool_calls IS NOT NULL)"
+NO_USAGE_SQL = "(prompt_tokens IS NULL OR completion_tokens IS NULL)"
 
 COLUMNS = tuple(f.name for f in fields(RowResult))
 _as_row = operator.attrgetter(*COLUMNS)  # dataclasses.astuple deep-copies: ~20x slower per row
@@ -60,8 +71,9 @@ class Totals:
     ok: int
     failed: int
     skipped: int
-    prompt_tokens: int
-    completion_tokens: int
+    prompt_tokens: int | None  # over the rows that reported usage; None: answers came, none did
+    completion_tokens: int | None
+    without_usage: int  # answered rows that reported no usage (llama.cpp's streams, for one)
 
 
 class Checkpoint:
@@ -181,19 +193,36 @@ class Checkpoint:
         query = f"SELECT row FROM results WHERE status IN ({marks})"
         return {r for (r,) in self._db.execute(query, statuses)}
 
+    def status_counts(self, below: int) -> dict[str, int]:
+        """Rows finished so far among the first `below`, by status."""
+        query = "SELECT status, COUNT(*) FROM results WHERE row < ? GROUP BY 1"
+        return dict(self._db.execute(query, (below,)).fetchall())
+
     def totals(self) -> Totals:
-        ok, failed, skipped, prompt, completion = self._db.execute(
+        ok, failed, skipped, prompt, completion, without_usage = self._db.execute(
             "SELECT COUNT(*) FILTER (WHERE status = 'ok'), COUNT(*) FILTER (WHERE status = 'failed'),"
-            " COUNT(*) FILTER (WHERE status = 'skipped'),"
-            " COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0) FROM results"
+            " COUNT(*) FILTER (WHERE status = 'skipped'), SUM(prompt_tokens), SUM(completion_tokens),"
+            f" COUNT(*) FILTER (WHERE {ANSWERED_SQL} AND {NO_USAGE_SQL}) FROM results"
         ).fetchone()
-        return Totals(ok, failed, skipped, prompt, completion)
+        unknown = None if without_usage else 0  # no sum at all: unknown if answers came, else none
+        return Totals(
+            ok, failed, skipped, unknown if prompt is None else prompt,
+            unknown if completion is None else completion, without_usage,
+        )  # fmt: skip
 
     def failures_by_kind(self) -> dict[str, int]:
         query = (
             "SELECT error_kind, COUNT(*) FROM results WHERE status = 'failed' GROUP BY 1 ORDER BY 2 DESC, 1"
         )
         return {kind or "unknown": n for kind, n in self._db.execute(query)}
+
+    def top_errors(self, n: int = 3) -> list[tuple[str, int]]:
+        """The `n` commonest messages of failed rows, as recorded, with how many rows had each."""
+        query = (
+            "SELECT COALESCE(error, '(no message)'), COUNT(*) FROM results WHERE status = 'failed'"
+            " GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT ?"
+        )
+        return self._db.execute(query, (n,)).fetchall()
 
     def results(self) -> list[tuple[Any, ...]]:
         """Every recorded row as a tuple in COLUMNS order."""

@@ -35,6 +35,9 @@ Exit codes:
   130  interrupted (checkpoint kept: rerun to resume)"""
 
 
+ERROR_WIDTH = 200  # an error message in the summary; report.json has it whole
+
+
 def friendly_errors(command: F) -> F:
     """One `Error: ...` line and the error's exit code; --debug or BATCHRUN_DEBUG=1 re-raise."""
 
@@ -152,14 +155,17 @@ def summary(result: RunResult, job_file: Path) -> str:
         + (f", {result.skipped} skipped" if result.skipped else "")
         + (f", {result.pending} pending" if result.pending else "")
         + f" of {result.total}",
-        f"tokens: {result.prompt_tokens:,} prompt + {result.completion_tokens:,} completion",
+        *errors_lines(result.top_errors, result.failed),
+        tokens_line(result.prompt_tokens, result.completion_tokens, result.rows_without_usage),
         f"time: {result.wall_s:.1f} s"
         + (f"; retries: {sum(result.retries.values())}" if result.retries else "")
         + (f"; 429s: {result.rate_limited}" if result.rate_limited else ""),
     ]
     if result.cost_usd is not None:
         budget = f" of a ${result.budget_usd:g} budget" if result.budget_usd is not None else ""
-        lines.append(f"cost: ${result.cost_usd:.4f}{budget}")
+        lines.append(
+            cost_line(result.cost_usd, result.prompt_tokens is None, result.rows_without_usage) + budget
+        )
     lines.append(f"output: {result.output_path}")
     if result.report_path is not None:
         lines.append(f"report: {result.report_path}")
@@ -170,6 +176,38 @@ def summary(result: RunResult, job_file: Path) -> str:
     elif result.failed:
         lines.append(f"to resend the failed rows: batchrun {job_file} --retry-failed")
     return "\n".join(lines)
+
+
+def errors_lines(top_errors: list[tuple[str, int]], failed: int) -> list[str]:
+    """Why rows failed, not only how many: the commonest messages, each cut to a line."""
+    lines = [f"  {n} {'row' if n == 1 else 'rows'}: {_one_line(error)}" for error, n in top_errors]
+    if rest := failed - sum(n for _, n in top_errors):
+        lines.append(f"  {rest} more {'row' if rest == 1 else 'rows'} with other errors")
+    return lines
+
+
+def _one_line(text: str, width: int = ERROR_WIDTH) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def tokens_line(prompt: int | None, completion: int | None, without_usage: int) -> str:
+    """Tokens as far as the endpoint reported them: a missing count is unknown, never 0."""
+    if prompt is None or completion is None:
+        return f"tokens: unknown (the endpoint reported no usage for {without_usage:,} rows)"
+    line = f"tokens: {prompt:,} prompt + {completion:,} completion"
+    if without_usage:
+        line += f", and {without_usage:,} rows without usage (the endpoint reported none)"
+    return line
+
+
+def cost_line(cost_usd: float, usage_unknown: bool, without_usage: int) -> str:
+    """Cost as far as usage was reported: rows without usage have no cost to add."""
+    if usage_unknown:
+        return "cost: unknown (no usage reported)"
+    return f"cost: ${cost_usd:.4f}" + (
+        f" (not counting {without_usage:,} rows without usage)" if without_usage else ""
+    )
 
 
 def budget_stop(result: RunResult, job_file: Path) -> str:
@@ -217,16 +255,19 @@ def status(job_file: Path) -> None:
     try:
         totals = checkpoint.totals()
         kinds = checkpoint.failures_by_kind()
+        top_errors = checkpoint.top_errors()
         spent = checkpoint.spent_usd() if job_price(job.spec) is not None else None
     finally:
         checkpoint.close()
     pending = job.source.row_count - totals.ok - totals.failed - totals.skipped
     failures = ", ".join(f"{k}: {n}" for k, n in kinds.items())
     click.echo(f"ok: {totals.ok}\nfailed: {totals.failed}" + (f" ({failures})" if failures else ""))
+    for line in errors_lines(top_errors, totals.failed):
+        click.echo(line)
     click.echo(f"skipped: {totals.skipped}\npending: {pending}\nof: {job.source.row_count}")
-    click.echo(f"tokens: {totals.prompt_tokens:,} prompt + {totals.completion_tokens:,} completion")
+    click.echo(tokens_line(totals.prompt_tokens, totals.completion_tokens, totals.without_usage))
     if spent is not None:
-        click.echo(f"cost: ${spent:.4f}")
+        click.echo(cost_line(spent, totals.prompt_tokens is None, totals.without_usage))
 
 
 @main.command(name="estimate")

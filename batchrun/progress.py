@@ -4,24 +4,28 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
-from typing import TextIO
+from collections.abc import Callable, Mapping
+from typing import Never, TextIO
 
 from tqdm import tqdm
 
 from batchrun.checkpoint import RowResult
 
 PLAIN_INTERVAL_S = 10.0  # cron and CI logs want a line now and then, not a redrawn bar
-POSTFIX_INTERVAL_S = 0.5
+BAR_INTERVAL_S = 0.2
 
 
 class Progress:
-    """Counts finished rows; resumed rows start out counted as done."""
+    """Counts finished rows; rows finished before this run (a resume) start out counted.
+
+    The bar's count and its ok= / failed= / skipped= are one count: both are drawn together, at
+    most every BAR_INTERVAL_S, never the count on its own (tqdm would draw it on every update).
+    """
 
     def __init__(
         self,
         total: int,
-        done_before: int,
+        done_before: Mapping[str, int],  # rows finished before this run, by status
         quiet: bool,
         stream: TextIO | None = None,
         *,
@@ -29,48 +33,56 @@ class Progress:
         budget_usd: float | None = None,
     ):
         self.total = total
-        self.done = done_before
-        self.ok = 0
-        self.failed = 0
-        self.tokens = 0
+        self.ok = done_before.get("ok", 0)
+        self.failed = done_before.get("failed", 0)
+        self.skipped = done_before.get("skipped", 0)
+        self.done = self.ok + self.failed + self.skipped
+        self.tokens = 0  # of this run's answers that reported usage
+        self.without_usage = 0  # this run's answers that reported none
         self.status: Callable[[], str] | None = None  # more to show, e.g. the in-flight limit
         self.cost_usd = cost_usd
         self._budget_usd = budget_usd
         self._quiet = quiet
         self._stream = stream or sys.stderr
         self._started = time.monotonic()
-        self._done_at_start = done_before
-        self._bar: tqdm[None] | None = None
+        self._done_at_start = self.done
+        self._bar: tqdm[Never] | None = None  # a bar over no iterable
         if not quiet and self._stream.isatty():
             self._bar = tqdm(
                 total=total,
-                initial=done_before,
+                initial=self.done,
+                postfix=self._counts(),
                 unit="row",
                 file=self._stream,
                 dynamic_ncols=True,
                 smoothing=0.1,
+                mininterval=0,  # update() is called only when a line is due, and draws it
+                miniters=1,  # nor does tqdm's monitor thread redraw on its own
             )
-        self._next_update = self._started + (0 if self._bar else PLAIN_INTERVAL_S)
+        self._next_update = self._started + (BAR_INTERVAL_S if self._bar else PLAIN_INTERVAL_S)
 
     def row_finished(self, result: RowResult) -> None:
         self.done += 1
         if result.status == "ok":
             self.ok += 1
+        elif result.status == "skipped":
+            self.skipped += 1
         else:
             self.failed += 1
-        self.tokens += result.total_tokens or 0
+        if result.prompt_tokens is not None and result.completion_tokens is not None:
+            self.tokens += result.total_tokens or result.prompt_tokens + result.completion_tokens
+        elif result.answered:
+            self.without_usage += 1
         if self.cost_usd is not None:
             self.cost_usd += result.cost_usd or 0.0
-        if self._bar is not None:
-            self._bar.update(1)
         now = time.monotonic()
         if now >= self._next_update:
             self._refresh(now)
 
     def _refresh(self, now: float) -> None:
         if self._bar is not None:
-            self._bar.set_postfix_str(self._counts(), refresh=False)
-            self._next_update = now + POSTFIX_INTERVAL_S
+            self._draw()
+            self._next_update = now + BAR_INTERVAL_S
         elif not self._quiet:
             if now > self._started:
                 print(
@@ -81,19 +93,38 @@ class Progress:
                 )
             self._next_update = now + PLAIN_INTERVAL_S
 
+    def _draw(self) -> None:
+        """The count and the counts in one line: the postfix first, then the update that draws."""
+        assert self._bar is not None
+        self._bar.set_postfix_str(self._counts(), refresh=False)
+        self._bar.update(self.done - self._bar.n)
+
     def _counts(self) -> str:
-        counts = f"ok={self.ok} failed={self.failed} tokens={self.tokens:,}"
+        counts = f"ok={self.ok} failed={self.failed}"
+        counts += f" skipped={self.skipped}" if self.skipped else ""
+        counts += f" tokens={self._tokens()}"
         if self.cost_usd is not None:
             counts += f" cost=${self.cost_usd:.4f}"
             counts += f" of ${self._budget_usd:g}" if self._budget_usd is not None else ""
         return f"{counts} {self.status()}" if self.status else counts
+
+    @property
+    def run_tokens(self) -> int | None:
+        """This run's tokens; None when answers came and none reported usage."""
+        return None if self.without_usage and not self.tokens else self.tokens
+
+    def _tokens(self) -> str:
+        """Unknown when no answer reported usage; `N+` when some did not (their share is missing)."""
+        if self.run_tokens is None:
+            return "unknown"
+        return f"{self.tokens:,}+" if self.without_usage else f"{self.tokens:,}"
 
     def _rate(self, now: float) -> float:
         return (self.done - self._done_at_start) / max(now - self._started, 1e-9)
 
     def close(self) -> None:
         if self._bar is not None:
-            self._bar.set_postfix_str(self._counts(), refresh=False)
+            self._draw()
             self._bar.close()
 
     def say(self, message: str) -> None:

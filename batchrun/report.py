@@ -26,6 +26,11 @@ if TYPE_CHECKING:
 
 USAGE_COLUMNS = ("prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens")
 PERCENTILES = (50, 90, 99)
+# Rows that got an answer (so were billed), and those among them without usage: as in checkpoint.py.
+ANSWERED = (pl.col("status") == "ok") | pl.any_horizontal(
+    pl.col(c).is_not_null() for c in ("finish_reason", "content", "tool_calls")
+)
+NO_USAGE = ANSWERED & (pl.col("prompt_tokens").is_null() | pl.col("completion_tokens").is_null())
 
 
 def fingerprint_digest(fingerprint: dict[str, Any]) -> str:
@@ -48,6 +53,7 @@ def write_run_report(
 ) -> None:
     """Write OUTPUT.report.json; scopes: the whole job (rows, tokens, cost, latency) or this run."""
     minutes = max(result.wall_s, 1e-9) / 60
+    actual = None if result.prompt_tokens is None else result.cost_usd  # None: no usage, or unpriced
     answered = table.filter(pl.col("status").is_in(["ok", "failed"]))
     latency = answered["latency_ms"].drop_nulls()
     outcome = (
@@ -73,6 +79,7 @@ def write_run_report(
             "skipped": result.skipped,
             "pending": result.pending,
             "failed_by_kind": result.failures_by_kind,
+            "top_errors": [{"error": error, "rows": n} for error, n in result.top_errors],
         },
         "this_run": {
             "wall_s": round(result.wall_s, 3),
@@ -81,23 +88,31 @@ def write_run_report(
             "retries_by_kind": dict(result.retries),
             "responses_429": result.rate_limited,
             "requests_per_min": round(result.requests / minutes, 1),
-            "tokens_per_min": round(result.run_tokens / minutes, 1),
+            "tokens_per_min": None if result.run_tokens is None else round(result.run_tokens / minutes, 1),
         },
         "latency_ms": {f"p{p}": _percentile(latency, p) for p in PERCENTILES},
-        "tokens": {c.removesuffix("_tokens"): int(answered[c].sum()) for c in USAGE_COLUMNS},
+        "tokens": {
+            **{c.removesuffix("_tokens"): _usage_sum(answered, c) for c in USAGE_COLUMNS},
+            "rows_without_usage": result.rows_without_usage,
+        },
         "cost_usd": {
-            "actual": None if result.cost_usd is None else round(result.cost_usd, 6),
+            "actual": None if actual is None else round(actual, 6),
             "pricing": price.describe() if price is not None else None,
             "budget": result.budget_usd,
             "estimate": _estimate_before(job.estimate_path, fingerprint),
         },
     }
     estimate = report["cost_usd"]["estimate"]
-    if estimate is not None and result.cost_usd is not None and estimate["expected"]:
-        report["cost_usd"]["actual_vs_expected_pct"] = round(
-            100 * (result.cost_usd / estimate["expected"] - 1), 1
-        )
+    if estimate is not None and actual is not None and estimate["expected"]:
+        report["cost_usd"]["actual_vs_expected_pct"] = round(100 * (actual / estimate["expected"] - 1), 1)
     write_json(job.report_path, report)
+
+
+def _usage_sum(answered: pl.DataFrame, column: str) -> int | None:
+    """Over the rows that reported usage; None (unknown) when answers came and none did."""
+    if answered.height and answered.select(NO_USAGE.all()).item():
+        return None
+    return int(answered[column].sum())
 
 
 def _percentile(values: pl.Series, p: int) -> float | None:
@@ -141,17 +156,16 @@ def read_output_table(path: Path) -> pl.DataFrame:
     missing = [c for c in ("status", "model", "prompt_tokens", "completion_tokens") if c not in table.columns]
     if missing:
         raise InputError(f"{path} is not a batchrun output table: it has no '{missing[0]}' column")
-    absent = [c for c in (*USAGE_COLUMNS, "cost_usd") if c not in table.columns]
-    return table.with_columns(
-        pl.lit(None, pl.Float64 if c == "cost_usd" else pl.Int64).alias(c) for c in absent
-    )
+    types: dict[str, pl.DataType] = {c: pl.Int64() for c in USAGE_COLUMNS} | {"cost_usd": pl.Float64()}
+    types |= {c: pl.String() for c in ("content", "tool_calls", "finish_reason")}
+    return table.with_columns(pl.lit(None, t).alias(c) for c, t in types.items() if c not in table.columns)
 
 
 def cost_report(table: pl.DataFrame, by: tuple[str, ...]) -> pl.DataFrame:
     """Rows, tokens and cost per (by..., model, status), and a last `total` row.
 
-    A group's cost is null when one of its answered rows has no price: a partial sum would
-    pass for the whole.
+    A group's cost is null when one of its answered rows has no price, and its tokens are null
+    when one of them reported no usage: a partial sum would pass for the whole.
     """
     for column in by:
         if column not in table.columns:
@@ -159,7 +173,7 @@ def cost_report(table: pl.DataFrame, by: tuple[str, ...]) -> pl.DataFrame:
     keys = [*dict.fromkeys((*by, "model", "status"))]
     sums = [
         pl.len().alias("rows"),
-        *(pl.col(c).sum() for c in USAGE_COLUMNS),
+        *(pl.when(NO_USAGE.sum() == 0).then(pl.col(c).sum()).alias(c) for c in USAGE_COLUMNS),
         pl.when(pl.col("cost_usd").null_count() == 0).then(pl.col("cost_usd").sum()).alias("cost_usd"),
     ]
     table = table.with_columns(pl.col(k).cast(pl.String) for k in keys)

@@ -85,8 +85,8 @@ class RunResult:
     failed: int
     skipped: int
     pending: int
-    prompt_tokens: int
-    completion_tokens: int
+    prompt_tokens: int | None  # None: the endpoint reported no usage (rows_without_usage says for how many)
+    completion_tokens: int | None
     failures_by_kind: dict[str, int]
     retries: dict[str, int]
     rate_limited: int  # answers that were 429s (each retried)
@@ -97,8 +97,10 @@ class RunResult:
     budget_usd: float | None = None
     budget_stopped: bool = False
     requests: int = 0  # sent by this run, retries included
-    run_tokens: int = 0  # of the rows this run finished
+    run_tokens: int | None = 0  # of the rows this run finished; None: no usage reported
     report_path: Path | None = None
+    rows_without_usage: int = 0  # answered, but the endpoint reported no usage
+    top_errors: list[tuple[str, int]] = field(default_factory=list)  # commonest messages of failed rows
 
     @property
     def exit_code(self) -> int:
@@ -251,9 +253,12 @@ def run_job(spec: JobSpec, options: RunOptions = RunOptions()) -> RunResult:
             to_send = len(only)
         else:
             to_send = in_scope - len(finished)
+        before = checkpoint.status_counts(below=in_scope)
+        if options.retry_failed:
+            before["failed"] = 0  # sent again: each counts once it finishes anew
         progress = Progress(
-            in_scope,
-            in_scope - to_send,
+            sum(before.values()) + to_send,
+            before,
             options.quiet,
             cost_usd=None if price is None else spent,
             budget_usd=max_cost,
@@ -311,8 +316,10 @@ def run_job(spec: JobSpec, options: RunOptions = RunOptions()) -> RunResult:
             budget_usd=max_cost,
             budget_stopped=pipeline.budget_stopped,
             requests=pipeline.requests,
-            run_tokens=progress.tokens,
+            run_tokens=progress.run_tokens,
             report_path=job.report_path,
+            rows_without_usage=totals.without_usage,
+            top_errors=checkpoint.top_errors(),
         )
         write_run_report(job, result, table, price, fingerprint, pipeline.aborted)
         if pipeline.aborted is not None:

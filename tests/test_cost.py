@@ -169,6 +169,7 @@ def test_per_row_cost_cached_tokens_and_run_report(tmp_path: Path, simulator: Ru
         "skipped": 0,
         "pending": 0,
         "failed_by_kind": {"http_400": 1},
+        "top_errors": [{"error": "http_400: HTTP 400: Simulated HTTP 400 error.", "rows": 1}],
     }
     assert report["this_run"]["responses_429"] == 2
     assert report["this_run"]["retries_by_kind"] == {"rate_limited": 2}
@@ -233,7 +234,7 @@ def test_progress_shows_the_running_cost() -> None:
             return True
 
     screen = Terminal()
-    progress = Progress(3, 0, quiet=False, stream=screen, cost_usd=0.5, budget_usd=2.0)
+    progress = Progress(3, {}, quiet=False, stream=screen, cost_usd=0.5, budget_usd=2.0)
     progress.row_finished(RowResult(0, "a", "ok", total_tokens=10, cost_usd=0.25))
     progress.row_finished(RowResult(1, "b", "failed", cost_usd=0.0))
     progress.close()

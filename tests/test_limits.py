@@ -200,7 +200,7 @@ class _Terminal(io.StringIO):
 
 def test_progress_bar_shows_the_in_flight_limit() -> None:
     terminal = _Terminal()
-    progress = Progress(total=2, done_before=0, quiet=False, stream=terminal)
+    progress = Progress(total=2, done_before={}, quiet=False, stream=terminal)
     progress.status = Limiter(concurrency=16).describe
     progress.row_finished(RowResult(0, "a", "ok"))
     progress.close()

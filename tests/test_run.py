@@ -197,7 +197,13 @@ def test_status_and_validate(tmp_path: Path, simulator: RunningSimulator) -> Non
     invoke("run", str(job), "--limit", "4")
     status = invoke("status", str(job))
     assert status.exit_code == 0
-    assert status.stdout.splitlines()[:4] == ["ok: 3", "failed: 1 (http_400: 1)", "skipped: 0", "pending: 6"]
+    assert status.stdout.splitlines()[:5] == [
+        "ok: 3",
+        "failed: 1 (http_400: 1)",
+        "  1 row: http_400: HTTP 400: Simulated HTTP 400 error.",
+        "skipped: 0",
+        "pending: 6",
+    ]
 
 
 def test_kill_9_at_random_moments_loses_and_repeats_nothing(tmp_path: Path) -> None:
