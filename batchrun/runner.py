@@ -12,6 +12,7 @@ import functools
 import os
 import signal
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Coroutine, Iterator
@@ -158,12 +159,14 @@ class PreparedJob:
         }
 
 
-def prepare(spec: JobSpec, output: Path | None = None) -> PreparedJob:
-    """Check everything that can fail before a request is sent."""
+def prepare(spec: JobSpec, output: Path | None = None, write: bool = True) -> PreparedJob:
+    """Check everything that can fail before a request is sent; `write=False` for commands that
+    only read the checkpoint, so they work in a folder they cannot write."""
     prompts = spec.prompt_templates()
     output_path = (output or spec.output.path).resolve()
     if output_path == spec.input.path.resolve():
         raise JobError("output.path is the input file; choose another path", spec.job_path)
+    _check_output_folder(output_path, "--output" if output else "output.path", spec, write)
     clash = [c for c in spec.output.include_columns if c in OUTPUT_RESULT_COLUMNS]
     if clash:
         raise JobError(
@@ -184,6 +187,27 @@ def prepare(spec: JobSpec, output: Path | None = None) -> PreparedJob:
     job = PreparedJob(spec, prompts, source, output_path)
     job.first_request()
     return job
+
+
+def _check_output_folder(path: Path, key: str, spec: JobSpec, write: bool) -> None:
+    """The output must go in a folder (made if missing, as the run does) we may write to. Writing
+    is tested by creating a file: the only test true for root and for immutable folders."""
+    job_path = spec.job_path if key == "output.path" else None
+    if path.is_dir():
+        raise JobError(f"{key} {path} is a folder; name a file in it", job_path)
+    folder = path.parent
+    while not folder.exists():  # the nearest existing ancestor: where a missing folder is made
+        folder = folder.parent
+    if not folder.is_dir():
+        raise JobError(f"{key} {path}: {folder} is a file, not a directory", job_path)
+    if write:
+        try:
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".batchrun-write-test-"):
+                pass
+        except OSError as exc:
+            raise JobError(
+                f"{key} {path}: the folder {folder} is not writable ({exc.strerror or exc})", job_path
+            ) from None
 
 
 def _check_conversations(source: Source, column: str, skip_nulls: bool) -> None:
