@@ -29,6 +29,7 @@ from batchrun.errors import (
 from batchrun.limits import ServerBudget
 from batchrun.streaming import StreamAssembler
 
+CONNECT_TIMEOUT_S = 10.0  # a server that does not accept a connection this soon is down, not slow
 RETRYABLE_STATUS = frozenset({408, 409, 429})
 OUTAGE_STATUS = frozenset({502, 503, 504})  # a gateway whose upstream is away: the breaker's evidence
 # Error codes (OpenAI's and common gateways') that mean the account cannot pay for any request.
@@ -60,6 +61,7 @@ class ChatClient:
         self._url = base_url.rstrip("/") + "/chat/completions"
         self._models_url = base_url.rstrip("/") + "/models"
         self._timeout_s = timeout_s
+        self._connect_timeout_s = min(CONNECT_TIMEOUT_S, timeout_s)
         self._api_key = api_key
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
@@ -68,7 +70,7 @@ class ChatClient:
         self._session = aiohttp.ClientSession(
             headers={"Authorization": f"Bearer {self._api_key}", "Content-Type": "application/json"},
             connector=aiohttp.TCPConnector(limit=self._max_connections),
-            timeout=aiohttp.ClientTimeout(total=self._timeout_s),
+            timeout=aiohttp.ClientTimeout(total=self._timeout_s, sock_connect=self._connect_timeout_s),
             trust_env=False,
         )
         return self
@@ -147,6 +149,8 @@ class ChatClient:
         try:
             try:
                 yield
+            except aiohttp.ConnectionTimeoutError:  # before TimeoutError, which it also is
+                raise EndpointDown("timeout", f"no connection within {self._connect_timeout_s:g} s") from None
             except TimeoutError:  # aiohttp's ClientTimeout(total=timeout_s), over the whole answer
                 raise EndpointDown("timeout", f"no answer within {self._timeout_s:g} s") from None
             except aiohttp.ClientError as exc:
