@@ -299,9 +299,7 @@ def estimate_command(
             cost = ""
         where = "the simulator" if simulate else spec.endpoint.base_url
         question = f"send a pilot of {len(rows)} random rows{cost} to {where}?"
-        if not yes and not sys.stdin.isatty():
-            raise BatchrunError(f"{question} There is no terminal to ask on: pass --yes to send it")
-        if yes or click.confirm(question, err=True):
+        if yes or _confirm(question):
             result = run_job(spec, RunOptions(simulate=simulate, rows=frozenset(rows), output=output))
             click.echo(summary(result, job_file), err=True)
             if result.interrupted or result.budget_stopped:
@@ -309,6 +307,15 @@ def estimate_command(
             projection = estimate_job(job, fingerprint)
     projection.save(job, fingerprint)
     click.echo("\n".join(projection.lines()))
+
+
+def _confirm(question: str) -> bool:
+    """Ask on stdin; with nothing to read there (no terminal, no piped answer), say how to go on."""
+    try:
+        return click.confirm(question, err=True)
+    except click.Abort:
+        click.echo(err=True)  # end the question's line
+        raise BatchrunError("no answer on stdin (no terminal?): pass --yes to send the pilot") from None
 
 
 @main.command(name="cost")

@@ -326,9 +326,9 @@ def test_estimate_sample_without_a_terminal_asks_for_yes(tmp_path: Path, simulat
     result = invoke("estimate", str(job), "--sample", "5")
 
     assert result.exit_code == 2, result.output
-    line = one_error_line(result.stderr)
-    assert line.startswith("Error: send a pilot of 5 random rows")
-    assert line.endswith("There is no terminal to ask on: pass --yes to send it")
+    question, error = result.stderr.splitlines()
+    assert question.startswith("send a pilot of 5 random rows")
+    assert error == "Error: no answer on stdin (no terminal?): pass --yes to send the pilot"
     assert simulator.stats.requests == 0
     assert checkpoint_rows(job) == 0
 
