@@ -237,6 +237,9 @@ def run_job(spec: JobSpec, options: RunOptions = RunOptions()) -> RunResult:
             "pricing: {input_per_million: ..., output_per_million: ...} to the job",
             spec.job_path,
         )
+    # The start check, before a checkpoint exists: a run that cannot start leaves nothing that a
+    # corrected base_url would have to --fresh. Not for --simulate, which serves the job's model.
+    model_note = None if options.simulate else check_model(spec, spec.endpoint.base_url, key)
     checkpoint = Checkpoint(job.checkpoint_path)
     try:
         checkpoint.lock()
@@ -269,8 +272,8 @@ def run_job(spec: JobSpec, options: RunOptions = RunOptions()) -> RunResult:
         budget = None if max_cost is None else BudgetGuard(max_cost, spent_usd=spent)
         with _endpoint(spec, options) as base_url:
             try:
-                if note := check_model(spec, base_url, key):
-                    progress.say(note)
+                if model_note:
+                    progress.say(model_note)
                 if price is None:
                     progress.say(
                         f"warning: no price known for model {spec.model!r}; cost_usd stays empty (null); "

@@ -137,7 +137,8 @@ def free_port() -> int:
 
 
 def assert_nothing_recorded(job: Path) -> None:
-    assert checkpoint_rows(job) == 0
+    """No output and no checkpoint, which would hold the wrong base_url and refuse the right one."""
+    assert not checkpoint_path(job).exists()
     assert not (job.parent / "out" / "result.parquet").exists()
 
 
@@ -153,6 +154,18 @@ def test_nothing_listening_is_exit_4_within_seconds(tmp_path: Path, command: str
     assert result.exit_code == 4, result.output
     assert one_error_line(result.stderr) == f"Error: cannot reach {base_url}: connection refused"
     assert_nothing_recorded(job)
+
+
+def test_a_corrected_base_url_runs_after_an_unreachable_one(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    wrong = f"http://127.0.0.1:{free_port()}/v1"
+    assert invoke("run", str(write_job(tmp_path, article_rows(5), wrong))).exit_code == 4
+
+    result = invoke("run", str(write_job(tmp_path, article_rows(5), simulator.base_url)))
+
+    assert result.exit_code == 0, result.output
+    assert simulator.stats.requests == 5
 
 
 def test_a_host_that_does_not_resolve_is_a_job_error(tmp_path: Path) -> None:
