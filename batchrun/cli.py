@@ -18,7 +18,7 @@ from batchrun.checkpoint import Checkpoint
 from batchrun.cost import job_price
 from batchrun.errors import BatchrunError, RequestFailed
 from batchrun.estimate import estimate_job, pilot_rows
-from batchrun.job import EndpointSpec, load_job
+from batchrun.job import EndpointSpec, JobSpec, RetrySpec, load_job
 from batchrun.models import check_model, list_models
 from batchrun.report import cost_report, format_cost_report, job_table, read_output_table
 from batchrun.runner import RunOptions, RunResult, api_key, prepare, run_async, run_job
@@ -32,6 +32,7 @@ Exit codes:
   1    finished, some rows failed (see the output's `status` and `error`)
   2    bad job, input or usage, or a job-wide error such as a rejected key
   3    stopped by the budget (rerun with a larger --max-cost to resume)
+  4    the endpoint is unavailable; nothing was lost: rerun later
   130  interrupted (checkpoint kept: rerun to resume)"""
 
 
@@ -57,6 +58,16 @@ def friendly_errors(command: F) -> F:
 
 
 job_argument = click.argument("job_file", metavar="JOB", type=click.Path(dir_okay=False, path_type=Path))
+output_option = click.option(
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Output table path, as given to `run --output` (overrides the job's output.path).",
+)
+no_check_model_option = click.option(
+    "--no-check-model",
+    is_flag=True,
+    help="Do not check the model against GET /models (as endpoint.check_model: false does).",
+)
 
 
 @click.group(cls=DefaultGroup, default="run", default_if_no_args=False)
@@ -87,11 +98,7 @@ def main() -> None:
 @click.option("--retry-failed", is_flag=True, help="Send only the rows recorded as failed again.")
 @click.option("--limit", type=click.IntRange(min=1), help="Only the first N rows (a pilot).")
 @click.option("--concurrency", type=click.IntRange(1, 4096), help="Requests in flight (overrides the job).")
-@click.option(
-    "--output",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Output table path (overrides the job).",
-)
+@output_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary; errors only.")
 @click.option(
     "--max-cost",
@@ -99,6 +106,7 @@ def main() -> None:
     metavar="USD",
     help="Stop sending before the job's cost could pass USD (overrides budget.max_cost_usd).",
 )
+@no_check_model_option
 @friendly_errors
 def run(
     job_file: Path,
@@ -111,6 +119,7 @@ def run(
     output: Path | None,
     quiet: bool,
     max_cost: float | None,
+    no_check_model: bool,
 ) -> None:
     """Run JOB, resuming from its checkpoint if it was interrupted.
 
@@ -125,7 +134,7 @@ def run(
       batchrun jobs/summarize.yaml --retry-failed     # resend only failed rows
       batchrun jobs/summarize.yaml --max-cost 5       # spend at most $5 on the job
     """
-    spec = load_job(job_file)
+    spec = skip_model_check(load_job(job_file), no_check_model)
     if simulate_latency_ms is not None and not simulate:
         raise click.UsageError("--simulate-latency-ms goes with --simulate")
     options = RunOptions(
@@ -218,22 +227,36 @@ def budget_stop(result: RunResult, job_file: Path) -> str:
     )
 
 
+def skip_model_check(spec: JobSpec, skip: bool) -> JobSpec:
+    """The job with endpoint.check_model off when --no-check-model says so."""
+    if not skip:
+        return spec
+    return spec.model_copy(update={"endpoint": spec.endpoint.model_copy(update={"check_model": False})})
+
+
+def check_model_with_key(spec: JobSpec) -> None:
+    """`run`'s start check, for commands that send no chat request: made when the key is set."""
+    if not spec.endpoint.check_model:
+        return
+    if not os.environ.get(spec.endpoint.api_key_env, "").strip():
+        click.echo(f"note: {spec.endpoint.api_key_env} is not set; model name not checked", err=True)
+    elif note := check_model(spec, spec.endpoint.base_url, api_key(spec.endpoint)):
+        click.echo(note, err=True)
+
+
 @main.command()
 @job_argument
+@output_option
+@no_check_model_option
 @friendly_errors
-def validate(job_file: Path) -> None:
+def validate(job_file: Path, output: Path | None, no_check_model: bool) -> None:
     """Check JOB and its input, and print the first request it would send; send no request.
 
     When the job's key is set, the endpoint's model list (GET /models) is also fetched to check
-    the model name; without the key that check is skipped.
+    the model name and the key; without the key that check is skipped.
     """
-    job = prepare(load_job(job_file))
-    spec = job.spec
-    if os.environ.get(spec.endpoint.api_key_env, "").strip():
-        if note := check_model(spec, spec.endpoint.base_url, api_key(spec.endpoint)):
-            click.echo(note, err=True)
-    else:
-        click.echo(f"note: {spec.endpoint.api_key_env} is not set; model name not checked", err=True)
+    job = prepare(skip_model_check(load_job(job_file), no_check_model), output)
+    check_model_with_key(job.spec)
     click.echo(
         f"ok: {job_file}: {job.source.row_count} rows from {job.source.path.name}, "
         f"model {job.spec.model}, output {job.output_path}",
@@ -244,10 +267,11 @@ def validate(job_file: Path) -> None:
 
 @main.command()
 @job_argument
+@output_option
 @friendly_errors
-def status(job_file: Path) -> None:
+def status(job_file: Path, output: Path | None) -> None:
     """Show rows done / failed / pending and tokens so far, from JOB's checkpoint."""
-    job = prepare(load_job(job_file))
+    job = prepare(load_job(job_file), output, write=False)
     if not job.checkpoint_path.exists():
         click.echo(f"not started: 0 of {job.source.row_count} rows done")
         return
@@ -280,8 +304,12 @@ def status(job_file: Path) -> None:
 )
 @click.option("-y", "--yes", is_flag=True, help="Send the --sample pilot without asking.")
 @click.option("--simulate", is_flag=True, help="Send the pilot to the built-in simulator; use its rows.")
+@output_option
+@no_check_model_option
 @friendly_errors
-def estimate_command(job_file: Path, sample: int | None, yes: bool, simulate: bool) -> None:
+def estimate_command(
+    job_file: Path, sample: int | None, yes: bool, simulate: bool, output: Path | None, no_check_model: bool
+) -> None:
     """Estimate what the rows of JOB still to do will cost, before sending them.
 
     Prompt tokens are estimated from the prompts' characters, calibrated on finished rows (a
@@ -294,8 +322,10 @@ def estimate_command(job_file: Path, sample: int | None, yes: bool, simulate: bo
       batchrun estimate jobs/summarize.yaml
       batchrun estimate jobs/summarize.yaml --sample 100 --yes --simulate
     """
-    spec = load_job(job_file)
-    job = prepare(spec)
+    spec = skip_model_check(load_job(job_file), no_check_model)
+    job = prepare(spec, output)
+    if not simulate:
+        check_model_with_key(spec)
     fingerprint = job.fingerprint(simulate)
     projection = estimate_job(job, fingerprint)
     if sample is not None and projection.to_do:
@@ -310,14 +340,23 @@ def estimate_command(job_file: Path, sample: int | None, yes: bool, simulate: bo
             cost = ""
         where = "the simulator" if simulate else spec.endpoint.base_url
         question = f"send a pilot of {len(rows)} random rows{cost} to {where}?"
-        if yes or click.confirm(question, err=True):
-            result = run_job(spec, RunOptions(simulate=simulate, rows=frozenset(rows)))
+        if yes or _confirm(question):
+            result = run_job(spec, RunOptions(simulate=simulate, rows=frozenset(rows), output=output))
             click.echo(summary(result, job_file), err=True)
             if result.interrupted or result.budget_stopped:
                 sys.exit(result.exit_code)
             projection = estimate_job(job, fingerprint)
     projection.save(job, fingerprint)
     click.echo("\n".join(projection.lines()))
+
+
+def _confirm(question: str) -> bool:
+    """Ask on stdin; with nothing to read there (no terminal, no piped answer), say how to go on."""
+    try:
+        return click.confirm(question, err=True)
+    except click.Abort:
+        click.echo(err=True)  # end the question's line
+        raise BatchrunError("no answer on stdin (no terminal?): pass --yes to send the pilot") from None
 
 
 @main.command(name="cost")
@@ -330,8 +369,9 @@ def estimate_command(job_file: Path, sample: int | None, yes: bool, simulate: bo
     default="table",
     show_default=True,
 )
+@output_option
 @friendly_errors
-def cost_command(path: Path, by: tuple[str, ...], fmt: str) -> None:
+def cost_command(path: Path, by: tuple[str, ...], fmt: str, output: Path | None) -> None:
     """Rows, tokens and cost per model and status, from an output table or a job file.
 
     For a job file the figures come from its checkpoint (also while it runs), and --by may name
@@ -343,7 +383,9 @@ def cost_command(path: Path, by: tuple[str, ...], fmt: str) -> None:
       batchrun cost jobs/summarize.yaml --by finish_reason --format csv
     """
     if path.suffix.lower() in (".yaml", ".yml"):
-        table = job_table(prepare(load_job(path)), by)
+        table = job_table(prepare(load_job(path), output, write=False), by)
+    elif output is not None:
+        raise BatchrunError("--output goes with a job file: `batchrun cost JOB --output PATH`")
     else:
         table = read_output_table(path)
     click.echo(format_cost_report(cost_report(table, by), fmt), nl=False)
@@ -360,13 +402,15 @@ def cost_command(path: Path, by: tuple[str, ...], fmt: str) -> None:
 @friendly_errors
 def models(job_file: Path | None, simulate: bool) -> None:
     """List the models the endpoint offers to your key (GET /v1/models), one per line."""
-    endpoint = load_job(job_file).endpoint if job_file else EndpointSpec()
+    spec = load_job(job_file) if job_file else None
+    endpoint = spec.endpoint if spec else EndpointSpec()
+    retry = spec.retry if spec else RetrySpec()
     with contextlib.ExitStack() as stack:
         if simulate:
             endpoint = EndpointSpec(base_url=stack.enter_context(serve_in_thread(SimulatorConfig())).base_url)
         key = "simulated" if simulate else api_key(endpoint)
         try:
-            offered = list_models(endpoint.base_url, key, endpoint.timeout_s)
+            offered = list_models(endpoint.base_url, key, endpoint.timeout_s, retry)
         except RequestFailed as exc:
             raise BatchrunError(f"cannot list models at {endpoint.base_url}: {exc}") from None
     if offered is None:

@@ -31,6 +31,7 @@ from batchrun.errors import (
 from batchrun.limits import ServerBudget
 from batchrun.streaming import StreamAssembler
 
+CONNECT_TIMEOUT_S = 10.0  # a server that does not accept a connection this soon is down, not slow
 RETRYABLE_STATUS = frozenset({408, 409, 429})
 OUTAGE_STATUS = frozenset({502, 503, 504})  # a gateway whose upstream is away: the breaker's evidence
 # Error codes (OpenAI's and common gateways') that mean the account cannot pay for any request.
@@ -62,6 +63,7 @@ class ChatClient:
         self._url = base_url.rstrip("/") + "/chat/completions"
         self._models_url = base_url.rstrip("/") + "/models"
         self._timeout_s = timeout_s
+        self._connect_timeout_s = min(CONNECT_TIMEOUT_S, timeout_s)
         self._api_key = api_key
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
@@ -70,7 +72,7 @@ class ChatClient:
         self._session = aiohttp.ClientSession(
             headers={"Authorization": f"Bearer {self._api_key}", "Content-Type": "application/json"},
             connector=aiohttp.TCPConnector(limit=self._max_connections),
-            timeout=aiohttp.ClientTimeout(total=self._timeout_s),
+            timeout=aiohttp.ClientTimeout(total=self._timeout_s, sock_connect=self._connect_timeout_s),
             trust_env=False,
         )
         return self
@@ -150,18 +152,22 @@ class ChatClient:
             try:
                 yield
             except (TimeoutError, aiohttp.ClientError) as exc:
-                raise transport_error(exc, self._timeout_s) from None
+                raise transport_error(exc, self._timeout_s, self._connect_timeout_s) from None
         except BatchrunError as exc:
             exc.args = tuple(redact(str(a), self._api_key) for a in exc.args)
             raise
 
 
-def transport_error(exc: TimeoutError | aiohttp.ClientError, timeout_s: float) -> EndpointDown:
+def transport_error(
+    exc: TimeoutError | aiohttp.ClientError, timeout_s: float, connect_timeout_s: float
+) -> EndpointDown:
     """The one place a transport failure becomes words: what happened, never the library's classes
     or its internal codes (a cut chunked body is aiohttp's `TransferEncodingError: 400`).
 
     Each message follows its kind (`connection: refused`), since the error reads `kind: message`.
     """
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):  # before TimeoutError, which it also is
+        return EndpointDown("timeout", f"no connection within {connect_timeout_s:g} s")
     if isinstance(exc, TimeoutError):  # ClientTimeout(total=timeout_s), over the whole answer
         return EndpointDown("timeout", f"no answer within {timeout_s:g} s")
     if isinstance(exc, aiohttp.ClientConnectorDNSError):
@@ -171,7 +177,7 @@ def transport_error(exc: TimeoutError | aiohttp.ClientError, timeout_s: float) -
     if isinstance(exc, aiohttp.ClientConnectorError):
         if isinstance(exc.os_error, ConnectionRefusedError):
             return EndpointDown("connection", "refused")
-        return EndpointDown("connection", f"cannot connect ({_reason(exc)})")
+        return EndpointDown("connection", f"failed ({_reason(exc)})")
     if isinstance(exc, aiohttp.ClientPayloadError):
         return EndpointDown("connection", "closed before the answer ended")
     if isinstance(exc, aiohttp.ServerDisconnectedError):

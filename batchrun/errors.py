@@ -101,6 +101,11 @@ class EndpointDown(RetryableError):
     def config_problem(self) -> bool:
         return self.kind in ("dns", "tls")
 
+    @property
+    def what_happened(self) -> str:
+        """A phrase for `cannot reach URL: ...`: `connection refused`, `no answer within 10 s`."""
+        return f"connection {self.message}" if self.kind == "connection" else self.message
+
 
 class PermanentError(RequestFailed):
     """A failure that the same request would meet again."""

@@ -161,6 +161,7 @@ class EndpointSpec(_Strict):
     api_key_env: str = "RELAYDANCE_API_KEY"
     timeout_s: float = Field(default=120.0, gt=0)
     allow_insecure_http: bool = False  # plain http:// beyond loopback sends the key in clear text
+    check_model: bool = True  # false: skip GET /models, for gateways that serve models they do not list
 
     @field_validator("base_url")
     @classmethod

@@ -1,36 +1,99 @@
-"""The endpoint's model list (`GET /models`): listed by `batchrun models`, and checked before a
-job sends anything, so a misspelt model fails in a second instead of on every row."""
+"""The endpoint's model list (`GET /models`): listed by `batchrun models`, and fetched before a job
+sends anything. It is the start check: a misspelt model, a refused key or an endpoint that cannot
+be reached fails in seconds instead of on every row."""
 
 from __future__ import annotations
 
 import asyncio
 import difflib
 
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
+from tenacity.wait import wait_random_exponential
+
 from batchrun.client import ChatClient
-from batchrun.errors import JobError, RequestFailed
-from batchrun.job import JobSpec, key_line
+from batchrun.errors import (
+    BatchrunError,
+    EndpointDown,
+    EndpointUnavailable,
+    JobAborted,
+    JobError,
+    PermanentError,
+    RequestFailed,
+    RetryableError,
+)
+from batchrun.job import JobSpec, RetrySpec, key_line
 
 LIST_TIMEOUT_S = 30.0
+LIST_ATTEMPTS = 3  # a few: the whole job waits on this one request
+SKIP_HINT = (
+    "(to skip this check where a gateway serves models it does not list: "
+    "endpoint.check_model: false or --no-check-model)"
+)
 
 
-def list_models(base_url: str, api_key: str, timeout_s: float) -> list[str] | None:
-    """The model ids the key may use; None when the endpoint offers no list."""
+def list_models(base_url: str, api_key: str, timeout_s: float, retry: RetrySpec) -> list[str] | None:
+    """The model ids the key may use; None when the endpoint offers no list (404).
+
+    Raises EndpointUnavailable (exit 4) when nothing answers, BatchrunError (exit 2) when the host
+    name or its certificate is wrong, JobAborted when the list is refused with 400-403 (a chat
+    request would be refused alike); 408, 409, 429 and 5xx are tried again, then raised.
+    """
 
     async def fetch() -> list[str] | None:
         async with ChatClient(base_url, api_key, min(timeout_s, LIST_TIMEOUT_S), 1) as client:
-            return await client.models()
+            retrying = AsyncRetrying(
+                retry=retry_if_exception(_worth_another_attempt),
+                stop=stop_after_attempt(LIST_ATTEMPTS),
+                wait=_RetryAfterOrBackoff(retry),
+                reraise=True,
+            )
+            return await retrying(client.models)
 
-    return asyncio.run(fetch())
+    try:
+        return asyncio.run(fetch())
+    except EndpointDown as exc:
+        if exc.config_problem:
+            raise BatchrunError(f"cannot reach {base_url}: {exc.what_happened}") from None
+        raise EndpointUnavailable(f"cannot reach {base_url}: {exc.what_happened}", base_url) from None
+    except PermanentError as exc:
+        if exc.status == 400:  # LiteLLM without its database refuses a bad key so: "No connected db."
+            raise JobAborted(
+                f"{base_url} refused to list its models ({exc.message}); check the key and endpoint.base_url"
+            ) from None
+        raise
+
+
+def _worth_another_attempt(exc: BaseException) -> bool:
+    """408, 409, 429 and 5xx (gateways' 502-504 too); not a connection that failed, which is
+    reported at once so that an unreachable endpoint is known within seconds."""
+    if isinstance(exc, EndpointDown):
+        return exc.status is not None
+    return isinstance(exc, RetryableError)
+
+
+class _RetryAfterOrBackoff:
+    """Wait what the server asked for (capped at retry.max_backoff_s), else the job's backoff."""
+
+    def __init__(self, retry: RetrySpec):
+        self._max_s = retry.max_backoff_s
+        self._backoff = wait_random_exponential(multiplier=retry.initial_backoff_s, max=retry.max_backoff_s)
+
+    def __call__(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, RequestFailed) and exc.retry_after_s is not None:
+            return min(exc.retry_after_s, self._max_s)
+        return float(self._backoff(state))
 
 
 def check_model(spec: JobSpec, base_url: str, api_key: str) -> str | None:
-    """Raise JobError if the endpoint lists its models and the job's is not one of them.
+    """Raise if the endpoint cannot be reached, refuses the key, or lists models without the job's.
 
-    Returns a note when the check could not be made (no list, or it could not be fetched);
-    a rejected key (JobAborted) is raised as it would be by the first request.
+    Returns a note when the name could not be checked (no list, or one that kept failing).
     """
+    if not spec.endpoint.check_model:
+        return None
     try:
-        offered = list_models(base_url, api_key, spec.endpoint.timeout_s)
+        offered = list_models(base_url, api_key, spec.endpoint.timeout_s, spec.retry)
     except RequestFailed as exc:
         return f"note: could not list the endpoint's models ({exc}); model name not checked"
     if not offered:
@@ -40,4 +103,4 @@ def check_model(spec: JobSpec, base_url: str, api_key: str) -> str | None:
     close = difflib.get_close_matches(spec.model, offered, n=1, cutoff=0.6)
     hint = f"did you mean '{close[0]}'?" if close else f"it offers: {', '.join(sorted(offered)[:20])}"
     line = key_line(spec.job_path, ("model",))
-    raise JobError(f"model '{spec.model}' not offered by {base_url}; {hint}", spec.job_path, line)
+    raise JobError(f"model '{spec.model}' not offered by {base_url}; {hint} {SKIP_HINT}", spec.job_path, line)

@@ -12,6 +12,7 @@ import functools
 import os
 import signal
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Coroutine, Iterator
@@ -180,12 +181,14 @@ class PreparedJob:
         }
 
 
-def prepare(spec: JobSpec, output: Path | None = None) -> PreparedJob:
-    """Check everything that can fail before a request is sent."""
+def prepare(spec: JobSpec, output: Path | None = None, write: bool = True) -> PreparedJob:
+    """Check everything that can fail before a request is sent; `write=False` for commands that
+    only read the checkpoint, so they work in a folder they cannot write."""
     prompts = spec.prompt_templates()
     output_path = (output or spec.output.path).resolve()
     if output_path == spec.input.path.resolve():
         raise JobError("output.path is the input file; choose another path", spec.job_path)
+    _check_output_folder(output_path, "--output" if output else "output.path", spec, write)
     clash = [c for c in spec.output.include_columns if c in OUTPUT_RESULT_COLUMNS]
     if clash:
         raise JobError(
@@ -206,6 +209,27 @@ def prepare(spec: JobSpec, output: Path | None = None) -> PreparedJob:
     job = PreparedJob(spec, prompts, source, output_path)
     job.first_request()
     return job
+
+
+def _check_output_folder(path: Path, key: str, spec: JobSpec, write: bool) -> None:
+    """The output must go in a folder (made if missing, as the run does) we may write to. Writing
+    is tested by creating a file: the only test true for root and for immutable folders."""
+    job_path = spec.job_path if key == "output.path" else None
+    if path.is_dir():
+        raise JobError(f"{key} {path} is a folder; name a file in it", job_path)
+    folder = path.parent
+    while not folder.exists():  # the nearest existing ancestor: where a missing folder is made
+        folder = folder.parent
+    if not folder.is_dir():
+        raise JobError(f"{key} {path}: {folder} is a file, not a directory", job_path)
+    if write:
+        try:
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".batchrun-write-test-"):
+                pass
+        except OSError as exc:
+            raise JobError(
+                f"{key} {path}: the folder {folder} is not writable ({exc.strerror or exc})", job_path
+            ) from None
 
 
 def _check_conversations(source: Source, column: str, skip_nulls: bool) -> None:
@@ -235,6 +259,9 @@ def run_job(spec: JobSpec, options: RunOptions = RunOptions()) -> RunResult:
             "pricing: {input_per_million: ..., output_per_million: ...} to the job",
             spec.job_path,
         )
+    # The start check, before a checkpoint exists: a run that cannot start leaves nothing that a
+    # corrected base_url would have to --fresh. Not for --simulate, which serves the job's model.
+    model_note = None if options.simulate else check_model(spec, spec.endpoint.base_url, key)
     checkpoint = Checkpoint(job.checkpoint_path)
     try:
         checkpoint.lock()
@@ -270,8 +297,8 @@ def run_job(spec: JobSpec, options: RunOptions = RunOptions()) -> RunResult:
         budget = None if max_cost is None else BudgetGuard(max_cost, spent_usd=spent)
         with _endpoint(spec, options) as base_url:
             try:
-                if note := check_model(spec, base_url, key):
-                    progress.say(note)
+                if model_note:
+                    progress.say(model_note)
                 if price is None:
                     progress.say(
                         f"warning: no price known for model {spec.model!r}; cost_usd stays empty (null); "
