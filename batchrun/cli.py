@@ -315,14 +315,16 @@ def cost_command(path: Path, by: tuple[str, ...], fmt: str) -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Use this job's endpoint and key (default: RelayDance with $RELAYDANCE_API_KEY).",
 )
-@click.option("--simulate", is_flag=True, help="List the built-in simulator's models.")
+@click.option("--simulate", is_flag=True, help="List the built-in simulator's models (and the job's).")
 @friendly_errors
 def models(job_file: Path | None, simulate: bool) -> None:
     """List the models the endpoint offers to your key (GET /v1/models), one per line."""
-    endpoint = load_job(job_file).endpoint if job_file else EndpointSpec()
+    job = load_job(job_file) if job_file else None
+    endpoint = job.endpoint if job else EndpointSpec()
     with contextlib.ExitStack() as stack:
         if simulate:
-            endpoint = EndpointSpec(base_url=stack.enter_context(serve_in_thread(SimulatorConfig())).base_url)
+            config = SimulatorConfig(extra_models=(job.model,) if job else ())  # the job's model too
+            endpoint = EndpointSpec(base_url=stack.enter_context(serve_in_thread(config)).base_url)
         key = "simulated" if simulate else api_key(endpoint)
         try:
             offered = list_models(endpoint.base_url, key, endpoint.timeout_s)

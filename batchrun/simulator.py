@@ -70,6 +70,13 @@ class SimulatorConfig:
     seed: int = 0
     api_key: str | None = None
     models: tuple[str, ...] = ("grok-4.3", "grok-4.3-mini", "grok-3")
+    # Offered besides `models`: a job's own model, so any job can be tried with --simulate.
+    extra_models: tuple[str, ...] = ()
+
+    @property
+    def offered(self) -> tuple[str, ...]:
+        """Every model the simulator lists and answers for, each once."""
+        return tuple(dict.fromkeys((*self.models, *self.extra_models)))
 
 
 @dataclass
@@ -290,8 +297,10 @@ class _Simulator:
             "Retry-After": str(math.ceil(config.retry_after_s)),
             "retry-after-ms": str(round(config.retry_after_s * 1000)),
         }
+        self._offered = frozenset(config.offered)
         models = [
-            {"id": m, "object": "model", "created": _MODELS_CREATED, "owned_by": "xai"} for m in config.models
+            {"id": m, "object": "model", "created": _MODELS_CREATED, "owned_by": "xai"}
+            for m in config.offered
         ]
         self._models_body = orjson.dumps({"object": "list", "data": models})
         self._routes: dict[str, tuple[str, Callable[[Request], Outcome | Coroutine[Any, Any, Outcome]]]] = {
@@ -401,7 +410,7 @@ class _Simulator:
             chat = _parse(request.body)
         except _BadRequest as exc:
             return self._error(400, str(exc), param=exc.param)
-        if chat.model not in self.config.models:
+        if chat.model not in self._offered:
             message = f"The model `{chat.model}` does not exist or you do not have access to it."
             return self._error(404, message, param="model", code="model_not_found")
         allowed, headers = self._rate_limit()

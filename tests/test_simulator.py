@@ -10,6 +10,7 @@ import socket
 import statistics
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -18,6 +19,7 @@ import pytest
 from openai import OpenAI
 
 from batchrun.simulator import RunningSimulator, SimulatorConfig, latencies, serve_forever, serve_in_thread
+from tests.conftest import article_rows, invoke, read_output, write_job
 
 ARTICLE = "The cat sat on the mat. It purred loudly! Then it left the room."
 LEAD = "The cat sat on the mat. It purred loudly!"
@@ -149,6 +151,33 @@ def test_models_lists_the_configured_models() -> None:
     assert data["object"] == "list"
     assert [m["id"] for m in data["data"]] == ["a", "b"]
     assert all(m["object"] == "model" and m["owned_by"] == "xai" for m in data["data"])
+
+
+def test_extra_models_are_listed_and_answered() -> None:
+    with serve_in_thread(SimulatorConfig(models=("a", "b"), extra_models=("b", "my-org/llama"))) as sim:
+        listed = httpx.get(f"{sim.base_url}/models").json()
+        answer = httpx.post(f"{sim.base_url}/chat/completions", json=chat_body(ARTICLE, model="my-org/llama"))
+
+    assert [m["id"] for m in listed["data"]] == ["a", "b", "my-org/llama"]
+    assert answer.status_code == 200
+    assert answer.json()["model"] == "my-org/llama"
+
+
+def test_simulate_offers_the_jobs_own_model(tmp_path: Path) -> None:
+    """Issue #10 item 1: --simulate exists so that any job can be tried offline."""
+    model = "my-org/llama-3-8b"
+    job = write_job(tmp_path, article_rows(5), "https://example.invalid/v1", model=model)
+
+    run = invoke(str(job), "--simulate")
+    listed = invoke("models", "--simulate", "--job", str(job))
+    estimated = invoke("estimate", str(job), "--sample", "2", "--yes", "--simulate")
+
+    assert run.exit_code == 0, run.output
+    assert read_output(job)["status"].to_list() == ["ok"] * 5
+    assert listed.exit_code == 0, listed.output
+    assert listed.output.splitlines() == sorted(["grok-3", "grok-4.3", "grok-4.3-mini", model])
+    assert estimated.exit_code == 0, estimated.output
+    assert invoke("models", "--simulate").output.splitlines() == ["grok-3", "grok-4.3", "grok-4.3-mini"]
 
 
 def test_api_key_is_checked_on_every_route() -> None:
