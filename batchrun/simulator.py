@@ -492,10 +492,11 @@ class _Simulator:
             self.stats.ok_by_user_message[chat.last_user] += 1
         if chat.stream:
             return _stream(chat, head, (content, call), finish, usage, fault, headers)
-        reply: dict[str, Any] = {"role": "assistant", "content": content}
+        # refusal and logprobs are required (null) in OpenAI's reference; strict clients check.
+        reply: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
         if call is not None:
             reply["tool_calls"] = [call]
-        choice = {"index": 0, "message": reply, "finish_reason": finish}
+        choice = {"index": 0, "message": reply, "logprobs": None, "finish_reason": finish}
         answer = orjson.dumps({**head, "choices": [choice], "usage": usage})
         if fault == "badjson":
             answer = answer[: len(answer) // 2]
@@ -519,7 +520,7 @@ def _stream(
         return b"data: " + orjson.dumps({**head, "choices": choices, **extra}) + b"\n\n"
 
     def delta(d: dict[str, Any], finish_reason: str | None = None) -> bytes:
-        return event([{"index": 0, "delta": d, "finish_reason": finish_reason}])
+        return event([{"index": 0, "delta": d, "logprobs": None, "finish_reason": finish_reason}])
 
     content, call = answer
     if call is None:

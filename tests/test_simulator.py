@@ -66,7 +66,8 @@ def test_answer_is_the_lead_sentences_with_openai_shape_and_usage(client: httpx.
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": LEAD},
+                "message": {"role": "assistant", "content": LEAD, "refusal": None},
+                "logprobs": None,
                 "finish_reason": "stop",
             }
         ],
@@ -106,7 +107,8 @@ def test_stop_cuts_before_the_first_stop_string(
 
     assert data["choices"][0] == {
         "index": 0,
-        "message": {"role": "assistant", "content": content},
+        "message": {"role": "assistant", "content": content, "refusal": None},
+        "logprobs": None,
         "finish_reason": "stop",
     }
 
@@ -302,6 +304,98 @@ def test_stream_sends_role_pieces_finish_usage_and_done(client: httpx.Client, in
     assert "".join(pieces) == LEAD
     assert [ch["finish_reason"] for ch in choices] == [None] * (len(choices) - 1) + ["stop"]
     assert chunks[-1]["choices"] == [] if include_usage else chunks[-1]["choices"][0]["delta"] == {}
+
+
+# Required fields per OpenAI's API reference (issue #10 item 7). A key maps to None (present,
+# any value), to the value it must have, to the fields required inside it, or to [fields] for a
+# list whose every item needs them.
+Required = dict[str, Any]
+COMPLETION: Required = {
+    "id": None,
+    "object": "chat.completion",
+    "created": None,
+    "model": None,
+    "choices": [
+        {
+            "index": None,
+            "message": {"role": "assistant", "content": None, "refusal": None},
+            "logprobs": None,
+            "finish_reason": None,
+        }
+    ],
+}
+CHUNK: Required = {
+    "id": None,
+    "object": "chat.completion.chunk",
+    "created": None,
+    "model": None,
+    "choices": [{"index": None, "delta": {}, "finish_reason": None}],
+}
+MODEL_LIST: Required = {
+    "object": "list",
+    "data": [{"id": None, "object": "model", "created": None, "owned_by": None}],
+}
+ERROR: Required = {"error": {"message": None, "type": None, "param": None, "code": None}}
+
+
+def unmet(value: Any, required: Any, where: str = "") -> list[str]:
+    """Where `value` lacks a required field or has the wrong fixed value; [] when it conforms."""
+    if required is None:
+        return []
+    if isinstance(required, str):
+        return [] if value == required else [f"{where} = {value!r}, not {required!r}"]
+    if isinstance(required, list):
+        if not isinstance(value, list):
+            return [f"{where} is not a list"]
+        return [gap for i, item in enumerate(value) for gap in unmet(item, required[0], f"{where}[{i}]")]
+    if not isinstance(value, dict):
+        return [f"{where} is not an object"]
+    gaps = [f"{where}.{key} missing" for key in required if key not in value]
+    return gaps + [
+        gap
+        for key, sub in required.items()
+        if key in value
+        for gap in unmet(value[key], sub, f"{where}.{key}")
+    ]
+
+
+def test_every_object_sent_has_the_fields_openais_reference_requires() -> None:
+    tool = {"type": "function", "function": {"name": "label", "parameters": {"type": "object"}}}
+    schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+    bodies = {
+        "plain": chat_body(ARTICLE),
+        "tool call": chat_body(ARTICLE, tools=[tool]),
+        "json schema": chat_body(ARTICLE, response_format=schema),
+        "bad output": chat_body(f"{ARTICLE} [[fail:badoutput]]", tools=[tool]),
+    }
+    streams = {
+        f"{name}, streamed": {**body, "stream": True, "stream_options": {"include_usage": True}}
+        for name, body in bodies.items()
+    }
+    with (
+        serve_in_thread(SimulatorConfig(api_key="k")) as sim,
+        httpx.Client(base_url=sim.base_url, headers={"Authorization": "Bearer k"}, timeout=5) as http,
+    ):
+        sent = {name: (post(http, body).json(), COMPLETION) for name, body in bodies.items()}
+        for name, body in streams.items():
+            chunks = [json.loads(event) for event in sse_events(post(http, body))[:-1]]
+            sent |= {f"{name} chunk {i}": (chunk, CHUNK) for i, chunk in enumerate(chunks)}
+        sent["model list"] = (http.get("/models").json(), MODEL_LIST)
+        errors = {
+            "400": http.post("/chat/completions", content=b"{not json"),
+            "401": httpx.post(f"{sim.base_url}/chat/completions", json=chat_body(ARTICLE)),
+            "404 model": post(http, chat_body(ARTICLE, model="gpt-nope")),
+            "404 route": http.get("/nowhere"),
+            "405": http.get("/chat/completions"),
+            "429": post(http, chat_body(f"{ARTICLE} [[fail:429]]")),
+            "503": post(http, chat_body(f"{ARTICLE} [[fail:503]]")),
+        }
+        sent |= {f"error {name}": (response.json(), ERROR) for name, response in errors.items()}
+
+    assert [name for name, response in errors.items() if str(response.status_code) != name[:3]] == []
+    assert sent["tool call"][0]["choices"][0]["message"]["tool_calls"]  # the tool-call shape was walked
+    assert len([name for name in sent if "streamed chunk" in name]) > 4 * 3
+    assert {name: gaps for name, (value, required) in sent.items() if (gaps := unmet(value, required))} == {}
 
 
 def test_rpm_limits_each_one_second_window() -> None:
