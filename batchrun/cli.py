@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import click
 from click_default_group import DefaultGroup
@@ -356,7 +356,14 @@ def models(job_file: Path | None, simulate: bool) -> None:
     type=click.FloatRange(0, 1),
     help="Fraction of requests answered 5xx.",
 )
-@click.option("--rpm", type=click.IntRange(min=1), help="Requests per minute before 429s (paced per second).")
+@click.option("--rpm", type=click.IntRange(min=1), help="Requests per minute before 429s (rpm/60 a second).")
+@click.option(
+    "--window",
+    type=click.Choice(["sliding", "fixed"]),
+    default="sliding",
+    show_default=True,
+    help="--rpm over the last 1 s before each request (sliding), or per whole 1 s slice (fixed).",
+)
 @click.option("--seed", default=0, show_default=True, type=int)
 @friendly_errors
 def simulate(
@@ -366,6 +373,7 @@ def simulate(
     latency_sigma: float,
     error_rate: float,
     rpm: int | None,
+    window: Literal["sliding", "fixed"],
     seed: int,
 ) -> None:
     """Serve a simulated OpenAI-compatible endpoint until Ctrl-C.
@@ -376,7 +384,12 @@ def simulate(
     `endpoint: {base_url: http://127.0.0.1:8787/v1}`.
     """
     config = SimulatorConfig(
-        latency_ms=latency_ms, latency_sigma=latency_sigma, error_rate=error_rate, rpm=rpm, seed=seed
+        latency_ms=latency_ms,
+        latency_sigma=latency_sigma,
+        error_rate=error_rate,
+        rpm=rpm,
+        window=window,
+        seed=seed,
     )
     ready = functools.partial(click.echo, err=True)
     try:

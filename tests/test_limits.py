@@ -35,7 +35,7 @@ def most_in_any_window(times: list[float], width_s: float) -> int:
 
 
 def test_paced_run_is_smooth_and_stays_within_the_limit(tmp_path: Path) -> None:
-    with serve_in_thread(SimulatorConfig(api_key=TEST_KEY, rpm=2400)) as sim:  # 40 per 1 s slice
+    with serve_in_thread(SimulatorConfig(api_key=TEST_KEY, rpm=2400, window="fixed")) as sim:  # 40 a slice
         job = write_job(
             tmp_path, article_rows(60), sim.base_url, concurrency=32, rate_limit={"requests_per_minute": 2400}
         )
@@ -74,7 +74,7 @@ def test_a_429_with_retry_after_holds_every_worker(tmp_path: Path) -> None:
 
 
 def test_remaining_and_reset_headers_prevent_429s_without_a_configured_limit(tmp_path: Path) -> None:
-    config = SimulatorConfig(api_key=TEST_KEY, rpm=600, latency_ms=20)  # 10 per 1 s slice
+    config = SimulatorConfig(api_key=TEST_KEY, rpm=600, window="fixed", latency_ms=20)  # 10 per 1 s slice
     with serve_in_thread(config) as sim:
         retry = {"max_attempts": 4, "initial_backoff_s": 0.01, "max_backoff_s": 2}  # caps holds too
         job = write_job(tmp_path, article_rows(25), sim.base_url, concurrency=4, retry=retry)

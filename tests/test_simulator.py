@@ -11,7 +11,7 @@ import statistics
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import httpx
@@ -399,7 +399,7 @@ def test_every_object_sent_has_the_fields_openais_reference_requires() -> None:
 
 
 def test_rpm_limits_each_one_second_window() -> None:
-    config = SimulatorConfig(rpm=600, retry_after_s=5)  # for injected 429s; a limit says its own
+    config = SimulatorConfig(rpm=600, window="fixed", retry_after_s=5)  # 5: for injected 429s only
     with serve_in_thread(config) as sim, httpx.Client(base_url=sim.base_url) as http:
         statuses = [post(http, chat_body(ARTICLE)).status_code for _ in range(11)]
         limited = post(http, chat_body(ARTICLE))
@@ -418,6 +418,30 @@ def test_rpm_limits_each_one_second_window() -> None:
     assert limited.headers["x-ratelimit-remaining-requests"] == "0"
     assert after_reset.status_code == 200
     assert after_reset.headers["x-ratelimit-remaining-requests"] == "9"
+
+
+@pytest.mark.parametrize(("window", "admitted_late"), [("sliding", 5), ("fixed", 6)])
+def test_a_sliding_window_counts_the_last_second_before_each_request(
+    window: Literal["sliding", "fixed"], admitted_late: int
+) -> None:
+    """Issue #10 item 6: 5 requests, 5 more 0.6 s later, 6 more once the first 5 are over 1 s old:
+    a fixed slice has started afresh and admits all 6; a sliding log still holds the second 5."""
+    config = SimulatorConfig(rpm=600, window=window)  # 10 a second
+    with serve_in_thread(config) as sim, httpx.Client(base_url=sim.base_url) as http:
+        started = time.monotonic()
+        first = [post(http, chat_body(ARTICLE)).status_code for _ in range(5)]
+        time.sleep(0.6)  # the time between the groups is the subject
+        second = [post(http, chat_body(ARTICLE)).status_code for _ in range(5)]
+        time.sleep(max(0.0, started + 1.05 - time.monotonic()))
+        late = [post(http, chat_body(ARTICLE)) for _ in range(6)]
+        span = time.monotonic() - started
+
+    assert span < 1.5, "too slow a machine to tell the windows apart"
+    assert first + second == [200] * 10
+    assert [r.status_code for r in late] == [200] * admitted_late + [429] * (6 - admitted_late)
+    if window == "sliding":  # admitted again when the second group leaves the log, ~0.55 s on
+        assert 0.4 <= int(late[-1].headers["retry-after-ms"]) / 1000 <= 0.6
+        assert late[-2].headers["x-ratelimit-remaining-requests"] == "0"
 
 
 def run_statuses(config: SimulatorConfig, n: int) -> list[int]:
