@@ -32,10 +32,11 @@ INITIAL_CHARS_PER_TOKEN = 3.0  # low on purpose: an early estimate should err to
 # is timed from the sending, which may be that much early: this margin covers the transit.
 RESET_MARGIN_S = 0.005
 UNSAID_RETRY_AFTER_S = 1.0  # a 429 that names no wait: the common length of a limit's window
-PACED_EASE = 1.05  # a 429 while paced: intervals this much longer
-# Each success takes this fraction off the slowdown's excess over the configured rate: back within
-# 1% of it some 350 requests after one ease, so 429s that persist keep it eased.
-PACED_CREEP = 1 / 200
+PACED_EASE = 1.03  # a 429 while paced: intervals this much longer
+# Each success takes this fraction off the slowdown's excess over the configured rate: an ease
+# costs about (PACED_EASE - 1) / PACED_CREEP = 3 request slots in all, while 429s that recur within a
+# hundred or so requests keep the pace eased. (1.05 and 1/200 cost S3 over 3% of the limit.)
+PACED_CREEP = 1 / 100
 
 
 @dataclass(frozen=True, slots=True)

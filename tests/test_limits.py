@@ -19,7 +19,7 @@ import pytest
 
 from batchrun.checkpoint import RowResult
 from batchrun.client import server_budget
-from batchrun.limits import Limiter, ServerBudget
+from batchrun.limits import PACED_CREEP, PACED_EASE, Limiter, ServerBudget
 from batchrun.progress import Progress
 from batchrun.simulator import SimulatorConfig, serve_in_thread
 from tests.conftest import TEST_KEY, article_rows, invoke, read_output, write_job
@@ -55,8 +55,8 @@ def test_paced_run_is_smooth_and_stays_within_the_limit(tmp_path: Path) -> None:
 def test_sliding_window_limit_paced_and_adaptive_runs_lose_nothing(
     tmp_path: Path, rate_limit: dict[str, int] | None, most_429s: float
 ) -> None:
-    """Issue #10 item 6, CI-sized (the benchmark's S3 measures it at full size): tolerances a
-    busy machine cannot break, since jitter only slows a client and so draws fewer 429s."""
+    """Issue #10 item 6, CI-sized (the benchmark's S3 measures it at full size, 0.3-0.4% 429s):
+    tolerances several times that, which a busy machine's jitter does not reach."""
     config = SimulatorConfig(api_key=TEST_KEY, rpm=6000, window="sliding", latency_ms=20)  # 100 a second
     with serve_in_thread(config) as sim:
         extra = {"rate_limit": rate_limit} if rate_limit else {}
@@ -214,19 +214,21 @@ def test_a_429_while_paced_eases_the_pace_which_creeps_back_to_the_configured_ra
         clock.now += 0.005  # the round trip
         for permit in refused:
             limiter.release(permit, ok=False, rate_limited=True, retry_after_s=0.0)
-        assert limiter.slowdown == pytest.approx(1.05)  # one ease for one round trip's 429s
+        assert limiter.slowdown == pytest.approx(PACED_EASE)  # one ease for one round trip's 429s
         await send(2, ok=False, rate_limited=True, retry_after_s=0.0)  # later round trips: more
-        assert limiter.slowdown == pytest.approx(1.05**3)
+        assert limiter.slowdown == pytest.approx(PACED_EASE**3)
         await send(1000, ok=True)
 
     asyncio.run(scenario())
     gaps = [round(b - a, 9) for a, b in itertools.pairwise(sent)]
     assert gaps[:5] == [0.01] * 5
-    assert gaps[5:7] == [0.0105, 0.011025]  # slower at once
+    assert gaps[5:7] == [round(0.01 * PACED_EASE, 9), round(0.01 * PACED_EASE**2, 9)]  # slower at once
     assert all(g >= 0.01 for g in gaps)  # never faster than configured
-    assert gaps[-1] == pytest.approx(0.01 * (1 + (1.05**3 - 1) * (1 - 1 / 200) ** 998))  # set a send early
-    assert limiter.slowdown == pytest.approx(1 + (1.05**3 - 1) * (1 - 1 / 200) ** 1000)
-    assert 1.0 < limiter.slowdown < 1.002  # nearly back to the configured rate, never above it
+    assert gaps[-1] == pytest.approx(
+        0.01 * (1 + (PACED_EASE**3 - 1) * (1 - PACED_CREEP) ** 998)
+    )  # set a send early
+    assert limiter.slowdown == pytest.approx(1 + (PACED_EASE**3 - 1) * (1 - PACED_CREEP) ** 1000)
+    assert 1.0 < limiter.slowdown < 1.0001  # nearly back to the configured rate, never above it
     assert limiter.rate_limited == 4
 
 
