@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import click
 from click_default_group import DefaultGroup
@@ -398,7 +398,7 @@ def cost_command(path: Path, by: tuple[str, ...], fmt: str, output: Path | None)
     type=click.Path(dir_okay=False, path_type=Path),
     help="Use this job's endpoint and key (default: RelayDance with $RELAYDANCE_API_KEY).",
 )
-@click.option("--simulate", is_flag=True, help="List the built-in simulator's models.")
+@click.option("--simulate", is_flag=True, help="List the built-in simulator's models (and the job's).")
 @friendly_errors
 def models(job_file: Path | None, simulate: bool) -> None:
     """List the models the endpoint offers to your key (GET /v1/models), one per line."""
@@ -407,7 +407,8 @@ def models(job_file: Path | None, simulate: bool) -> None:
     retry = spec.retry if spec else RetrySpec()
     with contextlib.ExitStack() as stack:
         if simulate:
-            endpoint = EndpointSpec(base_url=stack.enter_context(serve_in_thread(SimulatorConfig())).base_url)
+            config = SimulatorConfig(extra_models=(spec.model,) if spec else ())  # the job's model too
+            endpoint = EndpointSpec(base_url=stack.enter_context(serve_in_thread(config)).base_url)
         key = "simulated" if simulate else api_key(endpoint)
         try:
             offered = list_models(endpoint.base_url, key, endpoint.timeout_s, retry)
@@ -439,7 +440,14 @@ def models(job_file: Path | None, simulate: bool) -> None:
     type=click.FloatRange(0, 1),
     help="Fraction of requests answered 5xx.",
 )
-@click.option("--rpm", type=click.IntRange(min=1), help="Requests per minute before 429s (paced per second).")
+@click.option("--rpm", type=click.IntRange(min=1), help="Requests per minute before 429s (rpm/60 a second).")
+@click.option(
+    "--window",
+    type=click.Choice(["sliding", "fixed"]),
+    default="sliding",
+    show_default=True,
+    help="--rpm over the last 1 s before each request (sliding), or per whole 1 s slice (fixed).",
+)
 @click.option("--seed", default=0, show_default=True, type=int)
 @friendly_errors
 def simulate(
@@ -449,6 +457,7 @@ def simulate(
     latency_sigma: float,
     error_rate: float,
     rpm: int | None,
+    window: Literal["sliding", "fixed"],
     seed: int,
 ) -> None:
     """Serve a simulated OpenAI-compatible endpoint until Ctrl-C.
@@ -459,7 +468,12 @@ def simulate(
     `endpoint: {base_url: http://127.0.0.1:8787/v1}`.
     """
     config = SimulatorConfig(
-        latency_ms=latency_ms, latency_sigma=latency_sigma, error_rate=error_rate, rpm=rpm, seed=seed
+        latency_ms=latency_ms,
+        latency_sigma=latency_sigma,
+        error_rate=error_rate,
+        rpm=rpm,
+        window=window,
+        seed=seed,
     )
     ready = functools.partial(click.echo, err=True)
     try:

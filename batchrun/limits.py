@@ -5,7 +5,10 @@ One `Limiter` per run, shared by all workers; each attempt is `acquire` → send
 * Pacing (when the job sets `rate_limit`): requests and tokens are spaced evenly over the minute
   (GCRA, no burst allowance), because providers such as xAI enforce per-second slices of a
   minute limit. Tokens are reserved before sending (estimated prompt + max_tokens) and the
-  difference is given back when the usage comes in.
+  difference is given back when the usage comes in. The configured rate is the user's belief;
+  a 429 is the server's fact: pacing slows by PACED_EASE (once per round trip) and creeps back
+  towards the configured rate on successes, never above it. Against a sliding-window limit,
+  pacing at exactly the limit is refused whenever jitter brings two requests 1 s apart closer.
 * A hold (always): when the server says its budget is spent (a 429 with Retry-After, or
   `x-ratelimit-remaining-*` no larger than what we already sent since) every worker waits until
   it resets, not only the one that was told.
@@ -21,6 +24,7 @@ import collections
 import contextlib
 import math
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 INITIAL_CHARS_PER_TOKEN = 3.0  # low on purpose: an early estimate should err towards more tokens
@@ -28,6 +32,11 @@ INITIAL_CHARS_PER_TOKEN = 3.0  # low on purpose: an early estimate should err to
 # is timed from the sending, which may be that much early: this margin covers the transit.
 RESET_MARGIN_S = 0.005
 UNSAID_RETRY_AFTER_S = 1.0  # a 429 that names no wait: the common length of a limit's window
+PACED_EASE = 1.03  # a 429 while paced: intervals this much longer
+# Each success takes this fraction off the slowdown's excess over the configured rate: an ease
+# costs about (PACED_EASE - 1) / PACED_CREEP = 3 request slots in all, while 429s that recur within a
+# hundred or so requests keep the pace eased. (1.05 and 1/200 cost S3 over 3% of the limit.)
+PACED_CREEP = 1 / 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +70,8 @@ class Limiter:
         tokens_per_minute: int | None = None,
         max_tokens: int | None = None,
         max_hold_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ):
         self.concurrency = concurrency
         self.adaptive = requests_per_minute is None and tokens_per_minute is None
@@ -69,6 +80,9 @@ class Limiter:
         self.rate_limited = 0  # 429 answers seen
         self._max_tokens = max_tokens or 0
         self._max_hold_s = max_hold_s
+        self._clock = clock
+        self._sleep = sleep
+        self.slowdown = 1.0  # paced intervals are this many times the configured ones
         self._request_s = 60 / requests_per_minute if requests_per_minute else 0.0
         self._token_s = 60 / tokens_per_minute if tokens_per_minute else 0.0
         self._request_tat = self._token_tat = 0.0  # theoretical arrival times (GCRA)
@@ -117,26 +131,26 @@ class Limiter:
         except BaseException:
             self._free()
             raise
-        permit = Permit(time.monotonic(), self._sent, self._tokens_sent, tokens, chars)
+        permit = Permit(self._clock(), self._sent, self._tokens_sent, tokens, chars)
         self._sent += 1
         self._tokens_sent += tokens
         return permit
 
     async def _wait_turn(self, tokens: int) -> None:
         while True:
-            now = time.monotonic()
+            now = self._clock()
             if self._hold_until > now:
-                await asyncio.sleep(self._hold_until - now)
+                await self._sleep(self._hold_until - now)
                 continue
             if not self.paced:
                 return
             slot = max(now, self._request_tat, self._token_tat)
-            self._request_tat = slot + self._request_s
-            self._token_tat = slot + tokens * self._token_s
+            self._request_tat = slot + self._request_s * self.slowdown
+            self._token_tat = slot + tokens * self._token_s * self.slowdown
             if slot <= now:
                 return
-            await asyncio.sleep(slot - now)
-            if self._hold_until <= time.monotonic():
+            await self._sleep(slot - now)
+            if self._hold_until <= self._clock():
                 return
             # A hold began while we slept: our slot is void; queue again after the hold.
 
@@ -156,7 +170,7 @@ class Limiter:
         if self._token_s:
             # Give back what was reserved but not used (all of it when the server refused).
             used = 0 if rate_limited else (total_tokens if total_tokens is not None else permit.tokens)
-            self._token_tat += (used - permit.tokens) * self._token_s
+            self._token_tat += (used - permit.tokens) * self._token_s * self.slowdown
         if prompt_tokens:
             self._chars += permit.chars
             self._prompt_tokens += prompt_tokens
@@ -164,10 +178,15 @@ class Limiter:
             self._learn(permit, budget)
         if rate_limited:
             self.rate_limited += 1
-            self.hold(time.monotonic() + (UNSAID_RETRY_AFTER_S if retry_after_s is None else retry_after_s))
-            if self.adaptive and permit.sent_at >= self._last_cut:
-                self.limit = max(1.0, self.limit / 2)
-                self._last_cut = time.monotonic()
+            self.hold(self._clock() + (UNSAID_RETRY_AFTER_S if retry_after_s is None else retry_after_s))
+            if permit.sent_at >= self._last_cut:  # one cut per round trip: its 429s are one event
+                self._last_cut = self._clock()
+                if self.adaptive:
+                    self.limit = max(1.0, self.limit / 2)
+                else:
+                    self.slowdown *= PACED_EASE
+        elif ok and self.paced and self.slowdown > 1.0:
+            self.slowdown = 1.0 + (self.slowdown - 1.0) * (1 - PACED_CREEP)
         elif ok and self.adaptive and self.limit < self.concurrency and self.in_flight + 1 >= self.allowed:
             # Grow only while the limit was fully used: a limit grown while the server's budget
             # was the brake would be spent in one burst after the next hold.
@@ -190,8 +209,9 @@ class Limiter:
 
     def hold(self, until: float) -> None:
         """No attempt starts before `until` (capped at max_hold_s from now); paced slots move past it."""
-        until = min(until, time.monotonic() + self._max_hold_s)
-        if until <= self._hold_until or until <= time.monotonic():
+        now = self._clock()
+        until = min(until, now + self._max_hold_s)
+        if until <= self._hold_until or until <= now:
             return
         self._hold_until = until
         self._request_tat = max(self._request_tat, until)

@@ -384,7 +384,8 @@ def _endpoint(spec: JobSpec, options: RunOptions) -> Iterator[str]:
     if not options.simulate:
         yield spec.endpoint.base_url
         return
-    with serve_in_thread(SimulatorConfig(latency_ms=options.simulate_latency_ms)) as sim:
+    config = SimulatorConfig(latency_ms=options.simulate_latency_ms, extra_models=(spec.model,))
+    with serve_in_thread(config) as sim:
         yield sim.base_url
 
 

@@ -2,8 +2,8 @@
 
 Answers are deterministic (the lead sentences of the last user message), so a run against the
 simulator is reproducible and costs nothing. Faults are injected either by configuration
-(latency, seeded lognormal latency, random 5xx, a requests-per-minute limit enforced per 1 s
-slice with x-ratelimit-* headers, an API key) or by markers written into the
+(latency, seeded lognormal latency, random 5xx, a requests-per-minute limit with
+x-ratelimit-* headers, an API key) or by markers written into the
 last user message, so a test can aim one fault at one input row:
 
 * ``[[fail:CODE]]`` / ``[[fail:CODExN]]`` - answer HTTP CODE (always / the first N times this
@@ -41,7 +41,7 @@ import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 
@@ -66,10 +66,21 @@ class SimulatorConfig:
     latency_sigma: float = 0.0  # > 0: delays drawn from a lognormal with this sigma (see latencies)
     error_rate: float = 0.0
     rpm: int | None = None
+    # How rpm is enforced, rpm/60 requests per 1 s: "sliding" counts the last second before each
+    # request (a log, as many gateways do); "fixed" counts whole 1 s slices (as xAI does). Sliding
+    # is the default because it is the stricter: a client within it is within any fixed slice too.
+    window: Literal["sliding", "fixed"] = "sliding"
     retry_after_s: float = 1.0
     seed: int = 0
     api_key: str | None = None
     models: tuple[str, ...] = ("grok-4.3", "grok-4.3-mini", "grok-3")
+    # Offered besides `models`: a job's own model, so any job can be tried with --simulate.
+    extra_models: tuple[str, ...] = ()
+
+    @property
+    def offered(self) -> tuple[str, ...]:
+        """Every model the simulator lists and answers for, each once."""
+        return tuple(dict.fromkeys((*self.models, *self.extra_models)))
 
 
 @dataclass
@@ -283,15 +294,18 @@ class _Simulator:
         self._latencies = latencies(config.latency_ms, config.latency_sigma, config.seed)
         self._attempts: dict[str, int] = {}
         self._auth = None if config.api_key is None else f"Bearer {config.api_key}"
-        self._per_window = max(1, config.rpm // 60) if config.rpm else 0  # enforced per 1 s slice
-        self._window_start = -math.inf
+        self._per_window = max(1, config.rpm // 60) if config.rpm else 0  # allowed per 1 s
+        self._window_start = -math.inf  # fixed: the current slice and the requests it admitted
         self._window_used = 0
+        self._log: collections.deque[float] = collections.deque()  # sliding: admitted in the last 1 s
         self._retry_headers = {
             "Retry-After": str(math.ceil(config.retry_after_s)),
             "retry-after-ms": str(round(config.retry_after_s * 1000)),
         }
+        self._offered = frozenset(config.offered)
         models = [
-            {"id": m, "object": "model", "created": _MODELS_CREATED, "owned_by": "xai"} for m in config.models
+            {"id": m, "object": "model", "created": _MODELS_CREATED, "owned_by": "xai"}
+            for m in config.offered
         ]
         self._models_body = orjson.dumps({"object": "list", "data": models})
         self._routes: dict[str, tuple[str, Callable[[Request], Outcome | Coroutine[Any, Any, Outcome]]]] = {
@@ -324,21 +338,32 @@ class _Simulator:
         return self._error(401, f"Incorrect API key provided: {given}.", code="invalid_api_key")
 
     def _rate_limit(self) -> tuple[bool, dict[str, str]]:
-        """Count this request in the current 1-second window; (allowed, x-ratelimit headers).
+        """Count this request against the 1-second window; (allowed, x-ratelimit headers).
 
-        A refusal's Retry-After is the time left in the window, as real providers send it.
+        The reset (and a refusal's Retry-After) is when the next request could be admitted: the
+        end of a fixed slice, or when the oldest request in a sliding log leaves it.
         """
         if not self._per_window:
             return True, {}
         now = time.monotonic()
-        if now - self._window_start >= 1.0:
-            self._window_start, self._window_used = now, 0
-        allowed = self._window_used < self._per_window
-        self._window_used += allowed
-        reset_s = self._window_start + 1.0 - now
+        if self.config.window == "sliding":
+            while self._log and self._log[0] <= now - 1.0:
+                self._log.popleft()
+            allowed = len(self._log) < self._per_window
+            if allowed:
+                self._log.append(now)
+            used = len(self._log)
+            reset_s = self._log[0] + 1.0 - now  # the log holds at least this request or a full window
+        else:
+            if now - self._window_start >= 1.0:
+                self._window_start, self._window_used = now, 0
+            allowed = self._window_used < self._per_window
+            self._window_used += allowed
+            used = self._window_used
+            reset_s = self._window_start + 1.0 - now
         headers = {
             "x-ratelimit-limit-requests": str(self.config.rpm),
-            "x-ratelimit-remaining-requests": str(self._per_window - self._window_used),
+            "x-ratelimit-remaining-requests": str(self._per_window - used),
             "x-ratelimit-reset-requests": f"{reset_s:.3f}s",
         }
         if not allowed:
@@ -370,6 +395,7 @@ class _Simulator:
         self.stats.arrivals.clear()
         self.stats.first_arrival_at = None
         self._window_start, self._window_used = -math.inf, 0
+        self._log.clear()
         self._latencies = latencies(self.config.latency_ms, self.config.latency_sigma, self.config.seed)
         return Response(200, orjson.dumps(self.stats.summary()))
 
@@ -401,7 +427,7 @@ class _Simulator:
             chat = _parse(request.body)
         except _BadRequest as exc:
             return self._error(400, str(exc), param=exc.param)
-        if chat.model not in self.config.models:
+        if chat.model not in self._offered:
             message = f"The model `{chat.model}` does not exist or you do not have access to it."
             return self._error(404, message, param="model", code="model_not_found")
         allowed, headers = self._rate_limit()
@@ -483,10 +509,11 @@ class _Simulator:
             self.stats.ok_by_user_message[chat.last_user] += 1
         if chat.stream:
             return _stream(chat, head, (content, call), finish, usage, fault, headers)
-        reply: dict[str, Any] = {"role": "assistant", "content": content}
+        # refusal and logprobs are required (null) in OpenAI's reference; strict clients check.
+        reply: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
         if call is not None:
             reply["tool_calls"] = [call]
-        choice = {"index": 0, "message": reply, "finish_reason": finish}
+        choice = {"index": 0, "message": reply, "logprobs": None, "finish_reason": finish}
         answer = orjson.dumps({**head, "choices": [choice], "usage": usage})
         if fault == "badjson":
             answer = answer[: len(answer) // 2]
@@ -510,7 +537,7 @@ def _stream(
         return b"data: " + orjson.dumps({**head, "choices": choices, **extra}) + b"\n\n"
 
     def delta(d: dict[str, Any], finish_reason: str | None = None) -> bytes:
-        return event([{"index": 0, "delta": d, "finish_reason": finish_reason}])
+        return event([{"index": 0, "delta": d, "logprobs": None, "finish_reason": finish_reason}])
 
     content, call = answer
     if call is None:

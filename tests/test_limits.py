@@ -10,17 +10,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import itertools
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from batchrun.checkpoint import RowResult
 from batchrun.client import server_budget
-from batchrun.limits import Limiter, ServerBudget
+from batchrun.limits import PACED_CREEP, PACED_EASE, Limiter, ServerBudget
 from batchrun.progress import Progress
 from batchrun.simulator import SimulatorConfig, serve_in_thread
-from tests.conftest import TEST_KEY, article_rows, invoke, read_output, write_job
+from tests.conftest import TEST_KEY, article_rows, invoke, read_output, run_batchrun, write_job
 
 
 def most_in_any_window(times: list[float], width_s: float) -> int:
@@ -35,7 +37,7 @@ def most_in_any_window(times: list[float], width_s: float) -> int:
 
 
 def test_paced_run_is_smooth_and_stays_within_the_limit(tmp_path: Path) -> None:
-    with serve_in_thread(SimulatorConfig(api_key=TEST_KEY, rpm=2400)) as sim:  # 40 per 1 s slice
+    with serve_in_thread(SimulatorConfig(api_key=TEST_KEY, rpm=2400, window="fixed")) as sim:  # 40 a slice
         job = write_job(
             tmp_path, article_rows(60), sim.base_url, concurrency=32, rate_limit={"requests_per_minute": 2400}
         )
@@ -47,6 +49,26 @@ def test_paced_run_is_smooth_and_stays_within_the_limit(tmp_path: Path) -> None:
     assert sim.stats.by_status[429] <= 1
     # 32 workers could send 32 at once; paced, any 100 ms sees about 4 (a little more for jitter).
     assert most_in_any_window([at for at, _ in sim.stats.arrivals], 0.1) <= 7
+
+
+@pytest.mark.parametrize(("rate_limit", "learning"), [({"requests_per_minute": 6000}, 0), (None, 32)])
+def test_sliding_window_limit_paced_and_adaptive_runs_lose_nothing(
+    tmp_path: Path, rate_limit: dict[str, int] | None, learning: int
+) -> None:
+    """Issue #10 item 6, CI-sized (the benchmark's S3 measures it at full size, 0.3-0.4% 429s):
+    at most 2% 429s, a tolerance a busy machine's jitter does not reach, plus for the adaptive
+    run one refused burst of up to `concurrency` while it learns the window (28 of 278 here)."""
+    config = SimulatorConfig(api_key=TEST_KEY, rpm=6000, window="sliding", latency_ms=20)  # 100 a second
+    with serve_in_thread(config) as sim:
+        extra = {"rate_limit": rate_limit} if rate_limit else {}
+        retry = {"max_attempts": 8, "initial_backoff_s": 0.01, "max_backoff_s": 2}
+        job = write_job(tmp_path, article_rows(250), sim.base_url, concurrency=32, retry=retry, **extra)
+        # In its own process, as in S3: a client sharing the simulator's GIL answers its headers late.
+        result = run_batchrun(str(job), "-q")
+
+    assert result.returncode == 0, result.stderr
+    assert read_output(job)["status"].to_list() == ["ok"] * 250
+    assert sim.stats.by_status[429] <= 0.02 * sim.stats.requests + learning, sim.stats.by_status
 
 
 def test_a_429_with_retry_after_holds_every_worker(tmp_path: Path) -> None:
@@ -74,7 +96,7 @@ def test_a_429_with_retry_after_holds_every_worker(tmp_path: Path) -> None:
 
 
 def test_remaining_and_reset_headers_prevent_429s_without_a_configured_limit(tmp_path: Path) -> None:
-    config = SimulatorConfig(api_key=TEST_KEY, rpm=600, latency_ms=20)  # 10 per 1 s slice
+    config = SimulatorConfig(api_key=TEST_KEY, rpm=600, window="fixed", latency_ms=20)  # 10 per 1 s slice
     with serve_in_thread(config) as sim:
         retry = {"max_attempts": 4, "initial_backoff_s": 0.01, "max_backoff_s": 2}  # caps holds too
         job = write_job(tmp_path, article_rows(25), sim.base_url, concurrency=4, retry=retry)
@@ -158,6 +180,69 @@ def test_a_hold_moves_paced_slots_past_its_end() -> None:
         assert permit.sent_at - started >= 0.19
 
     asyncio.run(scenario())
+
+
+class FakeClock:
+    """Time that passes only when the Limiter sleeps: pacing asserted exactly, at no cost."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.now += seconds
+        await asyncio.sleep(0)
+
+
+def test_a_429_while_paced_eases_the_pace_which_creeps_back_to_the_configured_rate() -> None:
+    """Issue #10 item 6: a configured rate is the user's belief, the server's 429 the fact."""
+    clock = FakeClock()
+    # 6,000/min: one request every 10 ms; max_hold_s=0 leaves holds out of it.
+    limiter = Limiter(4, requests_per_minute=6000, max_hold_s=0, clock=clock, sleep=clock.sleep)
+    sent: list[float] = []
+
+    async def send(times: int, **answer: Any) -> None:
+        for _ in range(times):
+            permit = await limiter.acquire(0)
+            sent.append(permit.sent_at)
+            limiter.release(permit, **answer)
+
+    async def scenario() -> None:
+        await send(3, ok=True)
+        refused = [await limiter.acquire(0) for _ in range(2)]  # sent in the same round trip
+        sent.extend(p.sent_at for p in refused)
+        clock.now += 0.005  # the round trip
+        for permit in refused:
+            limiter.release(permit, ok=False, rate_limited=True, retry_after_s=0.0)
+        assert limiter.slowdown == pytest.approx(PACED_EASE)  # one ease for one round trip's 429s
+        await send(2, ok=False, rate_limited=True, retry_after_s=0.0)  # later round trips: more
+        assert limiter.slowdown == pytest.approx(PACED_EASE**3)
+        await send(1000, ok=True)
+
+    asyncio.run(scenario())
+    gaps = [round(b - a, 9) for a, b in itertools.pairwise(sent)]
+    assert gaps[:5] == [0.01] * 5
+    assert gaps[5:7] == [round(0.01 * PACED_EASE, 9), round(0.01 * PACED_EASE**2, 9)]  # slower at once
+    assert all(g >= 0.01 for g in gaps)  # never faster than configured
+    assert gaps[-1] == pytest.approx(
+        0.01 * (1 + (PACED_EASE**3 - 1) * (1 - PACED_CREEP) ** 998)
+    )  # set a send early
+    assert limiter.slowdown == pytest.approx(1 + (PACED_EASE**3 - 1) * (1 - PACED_CREEP) ** 1000)
+    assert 1.0 < limiter.slowdown < 1.0001  # nearly back to the configured rate, never above it
+    assert limiter.rate_limited == 4
+
+
+def test_adaptive_429s_cut_the_in_flight_limit_not_the_pace() -> None:
+    clock = FakeClock()
+    limiter = Limiter(8, max_hold_s=0, clock=clock, sleep=clock.sleep)
+
+    async def scenario() -> None:
+        limiter.release(await limiter.acquire(0), ok=False, rate_limited=True)
+
+    asyncio.run(scenario())
+    assert (limiter.limit, limiter.slowdown, clock.now) == (4, 1.0, 1000.0)
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,8 @@ import socket
 import statistics
 import time
 from collections.abc import Iterator
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import aiohttp
 import httpx
@@ -18,6 +19,7 @@ import pytest
 from openai import OpenAI
 
 from batchrun.simulator import RunningSimulator, SimulatorConfig, latencies, serve_forever, serve_in_thread
+from tests.conftest import article_rows, invoke, read_output, write_job
 
 ARTICLE = "The cat sat on the mat. It purred loudly! Then it left the room."
 LEAD = "The cat sat on the mat. It purred loudly!"
@@ -64,7 +66,8 @@ def test_answer_is_the_lead_sentences_with_openai_shape_and_usage(client: httpx.
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": LEAD},
+                "message": {"role": "assistant", "content": LEAD, "refusal": None},
+                "logprobs": None,
                 "finish_reason": "stop",
             }
         ],
@@ -104,7 +107,8 @@ def test_stop_cuts_before_the_first_stop_string(
 
     assert data["choices"][0] == {
         "index": 0,
-        "message": {"role": "assistant", "content": content},
+        "message": {"role": "assistant", "content": content, "refusal": None},
+        "logprobs": None,
         "finish_reason": "stop",
     }
 
@@ -149,6 +153,33 @@ def test_models_lists_the_configured_models() -> None:
     assert data["object"] == "list"
     assert [m["id"] for m in data["data"]] == ["a", "b"]
     assert all(m["object"] == "model" and m["owned_by"] == "xai" for m in data["data"])
+
+
+def test_extra_models_are_listed_and_answered() -> None:
+    with serve_in_thread(SimulatorConfig(models=("a", "b"), extra_models=("b", "my-org/llama"))) as sim:
+        listed = httpx.get(f"{sim.base_url}/models").json()
+        answer = httpx.post(f"{sim.base_url}/chat/completions", json=chat_body(ARTICLE, model="my-org/llama"))
+
+    assert [m["id"] for m in listed["data"]] == ["a", "b", "my-org/llama"]
+    assert answer.status_code == 200
+    assert answer.json()["model"] == "my-org/llama"
+
+
+def test_simulate_offers_the_jobs_own_model(tmp_path: Path) -> None:
+    """Issue #10 item 1: --simulate exists so that any job can be tried offline."""
+    model = "my-org/llama-3-8b"
+    job = write_job(tmp_path, article_rows(5), "https://example.invalid/v1", model=model)
+
+    run = invoke(str(job), "--simulate")
+    listed = invoke("models", "--simulate", "--job", str(job))
+    estimated = invoke("estimate", str(job), "--sample", "2", "--yes", "--simulate")
+
+    assert run.exit_code == 0, run.output
+    assert read_output(job)["status"].to_list() == ["ok"] * 5
+    assert listed.exit_code == 0, listed.output
+    assert listed.output.splitlines() == sorted(["grok-3", "grok-4.3", "grok-4.3-mini", model])
+    assert estimated.exit_code == 0, estimated.output
+    assert invoke("models", "--simulate").output.splitlines() == ["grok-3", "grok-4.3", "grok-4.3-mini"]
 
 
 def test_api_key_is_checked_on_every_route() -> None:
@@ -275,8 +306,100 @@ def test_stream_sends_role_pieces_finish_usage_and_done(client: httpx.Client, in
     assert chunks[-1]["choices"] == [] if include_usage else chunks[-1]["choices"][0]["delta"] == {}
 
 
+# Required fields per OpenAI's API reference (issue #10 item 7). A key maps to None (present,
+# any value), to the value it must have, to the fields required inside it, or to [fields] for a
+# list whose every item needs them.
+Required = dict[str, Any]
+COMPLETION: Required = {
+    "id": None,
+    "object": "chat.completion",
+    "created": None,
+    "model": None,
+    "choices": [
+        {
+            "index": None,
+            "message": {"role": "assistant", "content": None, "refusal": None},
+            "logprobs": None,
+            "finish_reason": None,
+        }
+    ],
+}
+CHUNK: Required = {
+    "id": None,
+    "object": "chat.completion.chunk",
+    "created": None,
+    "model": None,
+    "choices": [{"index": None, "delta": {}, "finish_reason": None}],
+}
+MODEL_LIST: Required = {
+    "object": "list",
+    "data": [{"id": None, "object": "model", "created": None, "owned_by": None}],
+}
+ERROR: Required = {"error": {"message": None, "type": None, "param": None, "code": None}}
+
+
+def unmet(value: Any, required: Any, where: str = "") -> list[str]:
+    """Where `value` lacks a required field or has the wrong fixed value; [] when it conforms."""
+    if required is None:
+        return []
+    if isinstance(required, str):
+        return [] if value == required else [f"{where} = {value!r}, not {required!r}"]
+    if isinstance(required, list):
+        if not isinstance(value, list):
+            return [f"{where} is not a list"]
+        return [gap for i, item in enumerate(value) for gap in unmet(item, required[0], f"{where}[{i}]")]
+    if not isinstance(value, dict):
+        return [f"{where} is not an object"]
+    gaps = [f"{where}.{key} missing" for key in required if key not in value]
+    return gaps + [
+        gap
+        for key, sub in required.items()
+        if key in value
+        for gap in unmet(value[key], sub, f"{where}.{key}")
+    ]
+
+
+def test_every_object_sent_has_the_fields_openais_reference_requires() -> None:
+    tool = {"type": "function", "function": {"name": "label", "parameters": {"type": "object"}}}
+    schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+    bodies = {
+        "plain": chat_body(ARTICLE),
+        "tool call": chat_body(ARTICLE, tools=[tool]),
+        "json schema": chat_body(ARTICLE, response_format=schema),
+        "bad output": chat_body(f"{ARTICLE} [[fail:badoutput]]", tools=[tool]),
+    }
+    streams = {
+        f"{name}, streamed": {**body, "stream": True, "stream_options": {"include_usage": True}}
+        for name, body in bodies.items()
+    }
+    with (
+        serve_in_thread(SimulatorConfig(api_key="k")) as sim,
+        httpx.Client(base_url=sim.base_url, headers={"Authorization": "Bearer k"}, timeout=5) as http,
+    ):
+        sent = {name: (post(http, body).json(), COMPLETION) for name, body in bodies.items()}
+        for name, body in streams.items():
+            chunks = [json.loads(event) for event in sse_events(post(http, body))[:-1]]
+            sent |= {f"{name} chunk {i}": (chunk, CHUNK) for i, chunk in enumerate(chunks)}
+        sent["model list"] = (http.get("/models").json(), MODEL_LIST)
+        errors = {
+            "400": http.post("/chat/completions", content=b"{not json"),
+            "401": httpx.post(f"{sim.base_url}/chat/completions", json=chat_body(ARTICLE)),
+            "404 model": post(http, chat_body(ARTICLE, model="gpt-nope")),
+            "404 route": http.get("/nowhere"),
+            "405": http.get("/chat/completions"),
+            "429": post(http, chat_body(f"{ARTICLE} [[fail:429]]")),
+            "503": post(http, chat_body(f"{ARTICLE} [[fail:503]]")),
+        }
+        sent |= {f"error {name}": (response.json(), ERROR) for name, response in errors.items()}
+
+    assert [name for name, response in errors.items() if str(response.status_code) != name[:3]] == []
+    assert sent["tool call"][0]["choices"][0]["message"]["tool_calls"]  # the tool-call shape was walked
+    assert len([name for name in sent if "streamed chunk" in name]) > 4 * 3
+    assert {name: gaps for name, (value, required) in sent.items() if (gaps := unmet(value, required))} == {}
+
+
 def test_rpm_limits_each_one_second_window() -> None:
-    config = SimulatorConfig(rpm=600, retry_after_s=5)  # for injected 429s; a limit says its own
+    config = SimulatorConfig(rpm=600, window="fixed", retry_after_s=5)  # 5: for injected 429s only
     with serve_in_thread(config) as sim, httpx.Client(base_url=sim.base_url) as http:
         statuses = [post(http, chat_body(ARTICLE)).status_code for _ in range(11)]
         limited = post(http, chat_body(ARTICLE))
@@ -295,6 +418,30 @@ def test_rpm_limits_each_one_second_window() -> None:
     assert limited.headers["x-ratelimit-remaining-requests"] == "0"
     assert after_reset.status_code == 200
     assert after_reset.headers["x-ratelimit-remaining-requests"] == "9"
+
+
+@pytest.mark.parametrize(("window", "admitted_late"), [("sliding", 5), ("fixed", 6)])
+def test_a_sliding_window_counts_the_last_second_before_each_request(
+    window: Literal["sliding", "fixed"], admitted_late: int
+) -> None:
+    """Issue #10 item 6: 5 requests, 5 more 0.6 s later, 6 more once the first 5 are over 1 s old:
+    a fixed slice has started afresh and admits all 6; a sliding log still holds the second 5."""
+    config = SimulatorConfig(rpm=600, window=window)  # 10 a second
+    with serve_in_thread(config) as sim, httpx.Client(base_url=sim.base_url) as http:
+        started = time.monotonic()
+        first = [post(http, chat_body(ARTICLE)).status_code for _ in range(5)]
+        time.sleep(0.6)  # the time between the groups is the subject
+        second = [post(http, chat_body(ARTICLE)).status_code for _ in range(5)]
+        time.sleep(max(0.0, started + 1.05 - time.monotonic()))
+        late = [post(http, chat_body(ARTICLE)) for _ in range(6)]
+        span = time.monotonic() - started
+
+    assert span < 1.5, "too slow a machine to tell the windows apart"
+    assert first + second == [200] * 10
+    assert [r.status_code for r in late] == [200] * admitted_late + [429] * (6 - admitted_late)
+    if window == "sliding":  # admitted again when the second group leaves the log, ~0.55 s on
+        assert 0.4 <= int(late[-1].headers["retry-after-ms"]) / 1000 <= 0.6
+        assert late[-2].headers["x-ratelimit-remaining-requests"] == "0"
 
 
 def run_statuses(config: SimulatorConfig, n: int) -> list[int]:
