@@ -96,9 +96,7 @@ class EndpointDown(RetryableError):
     a certificate that does not verify): before the first answer they are a job error (exit 2).
     """
 
-    def __init__(
-        self, kind: str, message: str, status: int | None = None, retry_after_s: float | None = None
-    ):
+    def __init__(self, kind: str, message: str, status: int | None = None, retry_after_s: float | None = None):
         super().__init__(kind, message, status, retry_after_s)
 
     @property
