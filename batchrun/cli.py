@@ -32,7 +32,8 @@ Exit codes:
   1    finished, some rows failed (see the output's `status` and `error`)
   2    bad job, input or usage, or a job-wide error such as a rejected key
   3    stopped by the budget (rerun with a larger --max-cost to resume)
-  4    the endpoint is unavailable; nothing was lost: rerun later
+  4    the endpoint is unavailable (unreachable, or down past retry.max_outage_s);
+       nothing was lost: rerun later to resume
   130  interrupted (checkpoint kept: rerun to resume)"""
 
 

@@ -195,6 +195,8 @@ class RetrySpec(_Strict):
     max_parse_attempts: int = Field(default=3, ge=1)  # answers asked for while output.fields do not fit
     initial_backoff_s: float = Field(default=1.0, ge=0)
     max_backoff_s: float = Field(default=60.0, ge=0)
+    # How long one outage may last (no answer at all, or 502/503/504) before the job stops, exit 4.
+    max_outage_s: float = Field(default=1800.0, gt=0)
 
 
 class RateLimitSpec(_Strict):

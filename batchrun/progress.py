@@ -122,6 +122,11 @@ class Progress:
     def _rate(self, now: float) -> float:
         return (self.done - self._done_at_start) / max(now - self._started, 1e-9)
 
+    def refresh_status(self) -> None:
+        """Redraw the bar's postfix now: during an outage no row finishes to trigger it."""
+        if self._bar is not None:
+            self._bar.set_postfix_str(self._counts())
+
     def close(self) -> None:
         if self._bar is not None:
             self._draw()

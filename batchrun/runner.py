@@ -24,6 +24,7 @@ import orjson
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 from tenacity.wait import wait_base, wait_random_exponential
 
+from batchrun.breaker import MAX_PROBE_S, Breaker, SameFailure
 from batchrun.checkpoint import Checkpoint, RowResult
 from batchrun.client import ChatClient, ChatResult
 from batchrun.cost import (
@@ -36,6 +37,8 @@ from batchrun.cost import (
 )
 from batchrun.errors import (
     BatchrunError,
+    EndpointDown,
+    EndpointUnavailable,
     InputError,
     InvalidOutput,
     JobAborted,
@@ -60,6 +63,8 @@ SIMULATED_ENDPOINT = "simulator"  # what the fingerprint records for --simulate'
 # Rows refused even without a response_format, after which the format is no longer suspected:
 # rows with other problems (a prompt too long) would otherwise each cost two requests more.
 FORMAT_SUSPICIONS = 3
+SAME_FAILURE_ANSWERS = 20  # this many first answers failing alike stop the job (JobAborted)
+MIN_PROBE_S = 0.01  # the breaker's first probe interval when retry.initial_backoff_s is 0
 
 
 @dataclass(frozen=True)
@@ -313,11 +318,23 @@ def run_job(spec: JobSpec, options: RunOptions = RunOptions()) -> RunResult:
                     base_url, key, spec.endpoint.timeout_s, options.concurrency or spec.concurrency
                 )
                 pipeline = _Pipeline(
-                    job, client, checkpoint, progress, options, finished, only, price, budget
+                    job,
+                    client,
+                    checkpoint,
+                    progress,
+                    options,
+                    finished,
+                    only,
+                    price,
+                    budget,
+                    base_url=base_url,
                 )
                 run_async(pipeline.run())
             finally:
                 progress.close()
+        if pipeline.unreachable:  # nothing was answered: no output, the checkpoint as it was
+            assert pipeline.aborted is not None
+            raise pipeline.aborted
         table = build_table(
             job.source, spec.output.include_columns, checkpoint.results(), options.limit, spec.output.fields
         )
@@ -487,6 +504,7 @@ class _Request:
     body: dict[str, Any]
     chars: int  # prompt characters, for the limiter's token estimate
     attempts: int = 0
+    outage_attempts: int = 0  # attempts an outage took, not counted against retry.max_attempts
     latency_ms: float = 0.0  # of the last attempt
 
 
@@ -511,6 +529,10 @@ class _Pipeline:
     last_error: str | None = None
     format_step: int = 0  # how far down job.format_fallbacks the endpoint's refusals have led
     format_cleared: int = 0  # rows refused without a format too: not the format's fault
+    base_url: str = ""
+    ever_answered: bool = False  # any HTTP answer, even an error: the endpoint can be reached
+    unreachable: bool = False  # stopped before any answer: no output is written
+    doomed: bool = False  # the first answers all failed alike (SameFailure)
 
     def __post_init__(self) -> None:
         spec = self.job.spec
@@ -522,16 +544,30 @@ class _Pipeline:
             max_tokens=params.get("max_completion_tokens", params.get("max_tokens")),
             max_hold_s=spec.retry.max_backoff_s,
         )
-        self.progress.status = self.limiter.describe
+        retry = spec.retry
+        self.breaker = Breaker(
+            threshold=max(10, self._width),
+            first_probe_s=max(retry.initial_backoff_s, MIN_PROBE_S),
+            max_outage_s=retry.max_outage_s,
+            max_probe_s=min(MAX_PROBE_S, retry.max_backoff_s),
+        )
+        self._breaker_changed = asyncio.Event()
+        self._down_streak: list[_Request] = []  # rows whose attempts failed in the current run of failures
+        self._last_down: EndpointDown | None = None
+        self.same_failure = SameFailure(SAME_FAILURE_ANSWERS)
+        self._held: list[RowResult] = []  # failed rows kept back while the first answers may doom the job
+        self.progress.status = self._status
 
     async def run(self) -> None:
         spec = self.job.spec
         self._stop = asyncio.Event()
         self._queue: asyncio.Queue[_Request | None] = asyncio.Queue(maxsize=self._width * 2)
         self._results: asyncio.Queue[RowResult | None] = asyncio.Queue()
+        backoff = _WaitRetryAfter(spec.retry.initial_backoff_s, spec.retry.max_backoff_s)
         self._retrying = AsyncRetrying(
-            stop=stop_after_attempt(spec.retry.max_attempts),
-            wait=_WaitRetryAfter(spec.retry.initial_backoff_s, spec.retry.max_backoff_s),
+            stop=stop_after_attempt(spec.retry.max_attempts),  # replaced per row in _retry
+            # While the breaker is open, the wait is for the next probe (in _attempt), not a backoff.
+            wait=lambda state: 0.0 if self.breaker.is_open else backoff(state),
             retry=retry_if_exception_type(RetryableError),
             before_sleep=self._count_retry,
             reraise=True,
@@ -550,6 +586,8 @@ class _Pipeline:
                 await self._wind_down(producer, workers, all_work, at_once=writer.done())
             stop_requested.cancel()
             watchdog.cancel()
+            if not self.doomed:
+                self._release_held()
             self._results.put_nowait(None)
             await writer
             for task in workers:  # a bug in a worker surfaces here, after the checkpoint is flushed
@@ -591,13 +629,21 @@ class _Pipeline:
                 return
             try:
                 result = await self._send(request)
-            except JobAborted as exc:
-                self.aborted = exc
+            except BatchrunError as exc:  # not a row's failure (those are results): the job stops
+                self.aborted = self.aborted or exc
                 self._stop.set()
                 return
             if self.budget is not None:
                 self.budget.settle(worst, result.cost_usd)
+            if result.status == "failed" and self.same_failure.undecided:
+                self._held.append(result)  # recorded once the job is known not to be doomed
+            else:
+                self._results.put_nowait(result)
+
+    def _release_held(self) -> None:
+        for result in self._held:
             self._results.put_nowait(result)
+        self._held.clear()
 
     def _worst_cost(self, request: _Request) -> float:
         """The most this row can cost: a prompt-size ceiling and a full-length answer, for each
@@ -692,6 +738,7 @@ class _Pipeline:
                 answer = await self._attempt(request)
             except RequestFailed as exc:
                 if not fallbacks or not _refuses(exc) or self.format_cleared >= FORMAT_SUSPICIONS:
+                    self._failed_alike(exc)
                     raise
                 if refusal is None and step < self.format_step:  # another row found the fallback
                     step = self.format_step
@@ -699,11 +746,14 @@ class _Pipeline:
                 refusal = refusal or exc
                 if step + 1 == len(fallbacks):
                     self.format_cleared += 1
+                    self._failed_alike(refusal)
                     raise refusal from None
                 step += 1
                 continue
             if step > self.format_step:
                 self._give_up_format(step, refusal)
+            if self.same_failure.undecided:
+                self._see_answer(None)
             return answer
 
     def _give_up_format(self, step: int, refusal: RequestFailed | None) -> None:
@@ -728,7 +778,12 @@ class _Pipeline:
         when nothing fails; its failure is raised again here as tenacity's attempt 1.
         """
         failure: RetryableError | None = first_failure
-        async for attempt in self._retrying.copy():
+        max_attempts = self.job.spec.retry.max_attempts
+        # Attempts an outage took (see _no_answer) do not count against the row.
+        retrying = self._retrying.copy(
+            stop=lambda _: request.attempts - request.outage_attempts >= max_attempts
+        )
+        async for attempt in retrying:
             with attempt:
                 if failure is not None:
                     error, failure = failure, None
@@ -737,7 +792,8 @@ class _Pipeline:
         raise AssertionError("unreachable: the retry policy re-raises the last failure")
 
     async def _attempt(self, request: _Request) -> ChatResult:
-        """One request, admitted by the limiter and reported back to it."""
+        """One request, past the breaker, admitted by the limiter and reported back to both."""
+        probe = await self._through_breaker()
         request.attempts += 1
         self.requests += 1
         permit = await self.limiter.acquire(request.chars)
@@ -746,6 +802,8 @@ class _Pipeline:
             answer = await self.client.complete(request.body)
         except BaseException as exc:
             self._report_failure(permit, exc)
+            if isinstance(exc, RequestFailed):
+                self._judge(request, exc, probe)
             raise
         finally:
             request.latency_ms = (time.perf_counter() - sent) * 1000
@@ -756,7 +814,122 @@ class _Pipeline:
             prompt_tokens=answer.prompt_tokens,
             total_tokens=answer.total_tokens,
         )
+        self._answered()
         return answer
+
+    async def _through_breaker(self) -> bool:
+        """Hold while the breaker is open; True if this attempt goes out as its probe."""
+        breaker = self.breaker
+        while breaker.is_open:
+            if breaker.expired:
+                raise self._outage_too_long()
+            if breaker.try_probe():
+                self.progress.refresh_status()
+                return True
+            changed = self._breaker_changed
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), breaker.wait_s())
+        return False
+
+    def _judge(self, request: _Request, exc: RequestFailed, probe: bool) -> None:
+        """What a failed attempt says about the job: an outage, or a quota longer than one."""
+        if isinstance(exc, EndpointDown):
+            self.ever_answered = self.ever_answered or exc.status is not None
+            self._no_answer(request, exc, probe)
+            return
+        self._answered()
+        max_outage_s = self.job.spec.retry.max_outage_s
+        if exc.status == 429 and exc.retry_after_s is not None and exc.retry_after_s > max_outage_s:
+            raise EndpointUnavailable(
+                f"{self.base_url} asks to wait {exc.retry_after_s:,.0f} s (HTTP 429 Retry-After), longer "
+                f"than retry.max_outage_s ({max_outage_s:g} s), a quota for the day?; the checkpoint is "
+                "kept: rerun later",
+                self.base_url,
+            )
+
+    def _failed_alike(self, exc: RequestFailed) -> None:
+        """Count a failure that left _ask (which cures refusals of a parameter batchrun added) for
+        the every-row-fails-alike check; 408, 409, 429, outages and unreadable bodies neither doom
+        the job nor clear the check."""
+        if (isinstance(exc, PermanentError) or exc.status == 500) and self.same_failure.undecided:
+            assert exc.status is not None
+            self._see_answer((exc.status, str(exc)))
+
+    def _see_answer(self, failure: tuple[int, str] | None) -> None:
+        """Count one of the first answers; stop the job when they all failed alike."""
+        if failure is not None and self.same_failure.answer(failure):
+            self.doomed = True  # the rows held back stay pending: they were never the problem
+            raise JobAborted(
+                f"the first {self.same_failure.seen} answers were all the same error, so every row "
+                f"would fail: {failure[1]}; fix the job or the endpoint and rerun (the checkpoint is kept)"
+            )
+        if failure is None:
+            self.same_failure.answer(None)
+        if not self.same_failure.undecided:
+            self._release_held()
+
+    def _answered(self) -> None:
+        """The endpoint answered: whatever ran of failures without an answer is over."""
+        self.ever_answered = True
+        if not self.breaker.failures:  # the common case, on every answer: nothing to do
+            return
+        self._down_streak.clear()
+        outage_s = time.monotonic() - self.breaker.down_since
+        if self.breaker.answered():
+            self.progress.say(f"endpoint answered again after {outage_s:.1f} s; resuming")
+            self._wake_held()
+
+    def _no_answer(self, request: _Request, exc: EndpointDown, probe: bool) -> None:
+        """An attempt got no answer: evidence for the breaker. The attempts that open it, and
+        every one made while it is open, are the outage's, not the rows'."""
+        if not self.ever_answered and exc.status is None:
+            self._unreachable(exc)
+        self._last_down = exc
+        opened = self.breaker.failed(probe)
+        if opened:
+            for row in self._down_streak:
+                row.outage_attempts += 1
+            self._down_streak.clear()
+            request.outage_attempts += 1
+            since = time.strftime("%H:%M:%S", time.localtime(self.breaker.down_since_wall))
+            self.progress.say(
+                f"endpoint down since {since}: {self.breaker.failures} requests in a row got no answer "
+                f"(last: {exc}); holding every row and probing with one, for up to "
+                f"retry.max_outage_s ({self.breaker.max_outage_s:g} s)"
+            )
+            self._wake_held()
+        elif self.breaker.is_open:
+            request.outage_attempts += 1
+            if probe:
+                self._wake_held()
+        else:
+            self._down_streak.append(request)
+
+    def _wake_held(self) -> None:
+        """The breaker changed: held attempts look again (probe, resume, or give up)."""
+        self._breaker_changed.set()
+        self._breaker_changed = asyncio.Event()
+        self.progress.refresh_status()
+
+    def _unreachable(self, exc: EndpointDown) -> None:
+        """No answer before any answer at all: stop now, before any row is recorded."""
+        self.unreachable = True
+        message = f"cannot reach {self.base_url}: {exc.what_happened}"
+        if exc.config_problem:  # DNS, TLS: waiting will not cure it
+            raise BatchrunError(message)
+        raise EndpointUnavailable(message, self.base_url)
+
+    def _outage_too_long(self) -> EndpointUnavailable:
+        since = time.strftime("%H:%M:%S", time.localtime(self.breaker.down_since_wall))
+        last = f" (last: {self._last_down})" if self._last_down else ""
+        return EndpointUnavailable(
+            f"{self.base_url} has not answered since {since}{last}, longer than retry.max_outage_s "
+            f"({self.breaker.max_outage_s:g} s); the checkpoint is kept: rerun later",
+            self.base_url,
+        )
+
+    def _status(self) -> str:
+        return self.breaker.describe() if self.breaker.is_open else self.limiter.describe()
 
     def _report_failure(self, permit: Permit, exc: BaseException) -> None:
         """Tell the limiter how an attempt failed: a 429 holds everyone, headers teach the budget."""
@@ -785,7 +958,7 @@ class _Pipeline:
         while True:
             seen = self.progress.done
             await asyncio.sleep(quiet_s)
-            if self.progress.done == seen and self.in_flight:
+            if self.progress.done == seen and self.in_flight and not self.breaker.is_open:
                 self.progress.say(
                     f"warning: no row finished in the last {quiet_s:g} s; {self.in_flight} "
                     f"request(s) in flight; last error: {self.last_error or 'none'}"

@@ -115,6 +115,14 @@ class RunningSimulator:
 
 
 @dataclass(frozen=True)
+class _Later:
+    """An answer due after a delay (latency, [[sleep]])."""
+
+    delay_s: float
+    answer: Callable[[], Outcome]
+
+
+@dataclass(frozen=True)
 class _Chat:
     """The parts of a validated request body that shape the answer."""
 
@@ -405,7 +413,7 @@ class _Simulator:
         if self.stats.first_arrival_at is None:
             self.stats.first_arrival_at = arrived
         outcome = self._chat(request)
-        if isinstance(outcome, Coroutine):
+        if isinstance(outcome, _Later):
             return self._counted_later(arrived, outcome)
         return self._counted(arrived, outcome)
 
@@ -416,10 +424,13 @@ class _Simulator:
             self.stats.last_answer_at = time.monotonic()
         return outcome
 
-    async def _counted_later(self, arrived: float, pending: Coroutine[Any, Any, Outcome]) -> Outcome:
-        return self._counted(arrived, await pending)
+    async def _counted_later(self, arrived: float, later: _Later) -> Outcome:
+        # One coroutine, nothing created inside it before it runs: a server closing cancels it
+        # before its first step, and a coroutine made beforehand would be left never awaited.
+        await asyncio.sleep(later.delay_s)
+        return self._counted(arrived, later.answer())
 
-    def _chat(self, request: Request) -> Outcome | Coroutine[Any, Any, Outcome]:
+    def _chat(self, request: Request) -> Outcome | _Later:
         """Validate one chat request, then answer it now or after its delay."""
         if denied := self._unauthorized(request):
             return denied
@@ -444,12 +455,7 @@ class _Simulator:
                 fault, times = m[1], m[2]
         delay_s = next(self._latencies) + sleep_ms / 1000
         answer = functools.partial(self._answer, request.body, chat, has_markers, (fault, times), headers)
-        return self._after(delay_s, answer) if delay_s > 0 else answer()
-
-    @staticmethod
-    async def _after(delay_s: float, answer: Callable[[], Outcome]) -> Outcome:
-        await asyncio.sleep(delay_s)
-        return answer()
+        return _Later(delay_s, answer) if delay_s > 0 else answer()
 
     def _answer(
         self,
