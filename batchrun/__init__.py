@@ -2,6 +2,7 @@
 
 from batchrun.errors import BatchrunError
 from batchrun.job import JobSpec, load_job
-from batchrun.runner import RunOptions, RunResult, run_job
+from batchrun.report import RunResult
+from batchrun.runner import RunOptions
 
-__all__ = ["BatchrunError", "JobSpec", "RunOptions", "RunResult", "load_job", "run_job"]
+__all__ = ["BatchrunError", "JobSpec", "RunOptions", "RunResult", "load_job"]

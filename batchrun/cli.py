@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -20,8 +22,9 @@ from batchrun.errors import BatchrunError, RequestFailed
 from batchrun.estimate import estimate_job, pilot_rows
 from batchrun.job import EndpointSpec, JobSpec, RetrySpec, load_job
 from batchrun.models import check_model, list_models
-from batchrun.report import cost_report, format_cost_report, job_table, read_output_table
-from batchrun.runner import RunOptions, RunResult, api_key, prepare, run_async, run_job
+from batchrun.plan import prepare
+from batchrun.report import RunResult, cost_report, format_cost_report, job_table, read_output_table
+from batchrun.runner import RunOptions, api_key, run_async
 from batchrun.simulator import SimulatorConfig, serve_forever, serve_in_thread
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -149,12 +152,56 @@ def run(
         quiet=quiet,
         max_cost_usd=max_cost,
     )
-    result = run_job(spec, options)
+    result = run_in_process(spec, options)
     if not quiet:
         click.echo(summary(result, job_file), err=True)
     elif result.budget_stopped:
         click.echo(budget_stop(result, job_file), err=True)
     sys.exit(result.exit_code)
+
+
+def run_in_process(spec: JobSpec, options: RunOptions) -> RunResult:
+    """Run a job as this process's one task: progress on stderr, and the process's signals.
+
+    The first SIGINT or SIGTERM stops sending and lets in-flight rows finish within the grace
+    period (the output is written, exit 130); a second exits at once (the checkpoint is consistent).
+    """
+    from batchrun.core import Stop
+    from batchrun.progress import Progress
+    from batchrun.runner import run_job
+
+    progress = Progress(options.quiet)
+    stop = Stop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stop.requests:
+            print(
+                "batchrun: stopped at once; the checkpoint is consistent, rerun to resume",
+                file=sys.stderr,
+                flush=True,
+            )
+            os._exit(130)
+        progress.say(
+            f"batchrun: {sig.name} received: finishing in-flight requests "
+            f"(up to {options.grace_s:g} s; press Ctrl-C again to stop at once)"
+        )
+        stop.request()
+
+    async def main(base_url: str | None) -> RunResult:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal, sig)
+        return await run_job(spec, options, progress, base_url=base_url, stop=stop)
+
+    with contextlib.ExitStack() as stack:
+        base_url = None
+        if options.simulate:
+            config = SimulatorConfig(latency_ms=options.simulate_latency_ms, extra_models=(spec.model,))
+            base_url = stack.enter_context(serve_in_thread(config)).base_url
+        try:
+            return run_async(main(base_url))
+        finally:
+            progress.close()
 
 
 def summary(result: RunResult, job_file: Path) -> str:
@@ -342,7 +389,7 @@ def estimate_command(
         where = "the simulator" if simulate else spec.endpoint.base_url
         question = f"send a pilot of {len(rows)} random rows{cost} to {where}?"
         if yes or _confirm(question):
-            result = run_job(spec, RunOptions(simulate=simulate, rows=frozenset(rows), output=output))
+            result = run_in_process(spec, RunOptions(simulate=simulate, rows=frozenset(rows), output=output))
             click.echo(summary(result, job_file), err=True)
             if result.interrupted or result.budget_stopped:
                 sys.exit(result.exit_code)

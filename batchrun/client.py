@@ -28,7 +28,7 @@ from batchrun.errors import (
     RetryableError,
     redact,
 )
-from batchrun.limits import ServerBudget
+from batchrun.limits import RateLimitHeaders
 from batchrun.streaming import StreamAssembler
 
 CONNECT_TIMEOUT_S = 10.0  # a server that does not accept a connection this soon is down, not slow
@@ -52,7 +52,7 @@ class ChatResult:
     ttft_ms: float | None = None  # time to the first content piece, when streamed
     cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens
     reasoning_tokens: int | None = None  # usage.completion_tokens_details.reasoning_tokens
-    budget: ServerBudget | None = None  # the x-ratelimit-* headers, when the server sent them
+    budget: RateLimitHeaders | None = None  # the x-ratelimit-* headers, when the server sent them
     tool_calls: list[dict[str, str]] | None = None  # [{id, name, arguments}], arguments as sent
 
 
@@ -343,13 +343,13 @@ _DURATION_RE = re.compile(r"(\d+(?:\.\d*)?)(ms|h|m|s)?")
 _UNIT_S = {"ms": 0.001, "h": 3600.0, "m": 60.0, "s": 1.0, None: 1.0}
 
 
-def server_budget(headers: Mapping[str, str]) -> ServerBudget | None:
+def server_budget(headers: Mapping[str, str]) -> RateLimitHeaders | None:
     """The `x-ratelimit-remaining-*` / `-reset-*` headers (OpenAI's and xAI's names), if any."""
     requests = _count(_header(headers, "x-ratelimit-remaining-requests"))
     tokens = _count(_header(headers, "x-ratelimit-remaining-tokens"))
     if requests is None and tokens is None:
         return None
-    return ServerBudget(
+    return RateLimitHeaders(
         remaining_requests=requests,
         reset_requests_s=_duration(_header(headers, "x-ratelimit-reset-requests")),
         remaining_tokens=tokens,

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from batchrun.limits import ServerBudget
+    from batchrun.limits import RateLimitHeaders
 
 
 class BatchrunError(Exception):
@@ -31,15 +31,31 @@ class BatchrunError(Exception):
 
 
 class JobError(BatchrunError):
-    """The job file is malformed or asks for something impossible."""
+    """The job (a file, or keys given in Python) is malformed or asks for something impossible.
 
-    def __init__(self, message: str, path: Path | str | None = None, line: int | None = None):
-        where = ""
-        if path is not None:
-            where = f"{path}:{line}: " if line is not None else f"{path}: "
-        super().__init__(where + message)
+    Where it is wrong is kept apart from what is wrong: `key` (dotted, e.g. "params.temprature"),
+    `path` (the job file) and `line`; str() puts them together as `path:line: message`.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        path: Path | str | None = None,
+        line: int | None = None,
+        *,
+        key: str | None = None,
+    ):
+        super().__init__(message)
+        self.message = message
         self.path = path
         self.line = line
+        self.key = key
+
+    def __str__(self) -> str:
+        if self.path is None:
+            return self.message
+        where = f"{self.path}:{self.line}" if self.line is not None else str(self.path)
+        return f"{where}: {self.message}"
 
 
 class InputError(BatchrunError):
@@ -76,7 +92,7 @@ class RequestFailed(BatchrunError):
         message: str,
         status: int | None = None,
         retry_after_s: float | None = None,
-        budget: ServerBudget | None = None,
+        budget: RateLimitHeaders | None = None,
     ):
         super().__init__(f"{kind}: {message}")
         self.kind = kind

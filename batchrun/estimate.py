@@ -19,9 +19,9 @@ from typing import Any
 
 from batchrun.checkpoint import COLUMNS, Checkpoint
 from batchrun.cost import ASSUMED_MAX_OUTPUT_TOKENS, Price, billed_output_tokens, job_price, output_tokens_cap
+from batchrun.plan import DONE, PreparedJob
 from batchrun.prompts import text_length
 from batchrun.report import fingerprint_digest, write_json
-from batchrun.runner import DONE, PreparedJob
 from batchrun.sources import ROW
 
 DEFAULT_CHARS_PER_TOKEN = 4.0  # English prose in GPT-style tokenizers; used until rows are measured

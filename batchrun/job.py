@@ -7,6 +7,7 @@ import ipaddress
 import types
 import typing
 import urllib.parse
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
 
@@ -53,6 +54,7 @@ KNOWN_PARAMS = (
 RESERVED_PARAMS = {"model": "model", "messages": "prompt"}  # and the job key that sets each
 
 SUPPORTED_TABLES = (".csv", ".parquet", ".jsonl", ".ndjson")
+PYTHON_JOB = Path("<python>")  # the job_path of a job built in Python, which has no file
 
 
 class _Strict(BaseModel):
@@ -286,6 +288,17 @@ def load_job(path: Path | str) -> JobSpec:
         raise JobError(f"invalid YAML: {problem}", path, mark.line + 1 if mark else None) from None
     if not isinstance(data, dict):
         raise JobError("a job file must be a YAML mapping (input:, output:, model:, prompt:)", path)
+    return _validated(data, text, path, path.parent.resolve())
+
+
+def job_from_mapping(data: Mapping[str, Any], folder: Path) -> JobSpec:
+    """A job given as a mapping of job-file keys (the Python API), relative paths resolved
+    against `folder`: the same checks as a job file's, so it is refused exactly alike; its
+    errors name the key, and "<python>" for the file, as Python names code with no file."""
+    return _validated(dict(data), "", PYTHON_JOB, folder.resolve())
+
+
+def _validated(data: dict[str, Any], text: str, path: Path, base: Path) -> JobSpec:
     if "job_path" in data:
         raise JobError("unknown key 'job_path'", path, _line_of(text, ("job_path",)))
     try:
@@ -294,14 +307,13 @@ def load_job(path: Path | str) -> JobSpec:
         raise _job_error(exc, text, path) from None
     _check_param_typos(spec.params, text, path)
     _check_templates(spec, text, path)
-    base = path.parent.resolve()
     _check_table_suffix(spec.input.path, "input", text, path)
     _check_table_suffix(spec.output.path, "output", text, path)
     return spec.model_copy(
         update={
             "input": spec.input.model_copy(update={"path": base / spec.input.path}),
             "output": spec.output.model_copy(update={"path": base / spec.output.path}),
-            "job_path": path.resolve(),
+            "job_path": path if path == PYTHON_JOB else path.resolve(),
         }
     )
 
@@ -312,6 +324,7 @@ def _check_table_suffix(table: Path, key: str, text: str, path: Path) -> None:
             f"{key}.path {str(table)!r}: unsupported table type; use .csv, .parquet or .jsonl",
             path,
             _line_of(text, (key, "path")),
+            key=f"{key}.path",
         )
 
 
@@ -321,7 +334,7 @@ def _check_templates(spec: JobSpec, text: str, path: Path) -> None:
         spec.prompt_templates()
     except JobError as exc:
         key = str(exc).split(":", 1)[0].removeprefix("prompt.").split("[", 1)[0]
-        raise JobError(str(exc), path, _line_of(text, ("prompt", key))) from None
+        raise JobError(exc.message, path, _line_of(text, ("prompt", key)), key=f"prompt.{key}") from None
 
 
 def _check_param_typos(params: Params, text: str, path: Path) -> None:
@@ -331,6 +344,7 @@ def _check_param_typos(params: Params, text: str, path: Path) -> None:
                 f"params.{key} is set by batchrun; use the job's `{RESERVED_PARAMS[key]}` key instead",
                 path,
                 _line_of(text, ("params", key)),
+                key=f"params.{key}",
             )
         if key in KNOWN_PARAMS:
             continue
@@ -340,6 +354,7 @@ def _check_param_typos(params: Params, text: str, path: Path) -> None:
                 f"unknown key '{key}' in params; did you mean '{close[0]}'?",
                 path,
                 _line_of(text, ("params", key)),
+                key=f"params.{key}",
             )
 
 
@@ -373,7 +388,7 @@ def _job_error(exc: ValidationError, text: str, path: Path) -> JobError:
         unique.setdefault(problem.keys, problem)
     first, more = next(iter(unique.values())), len(unique) - 1
     suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
-    return JobError(first.message + suffix, path, _line_of(text, first.keys))
+    return JobError(first.message + suffix, path, _line_of(text, first.keys), key=_dotted(first.keys))
 
 
 def _inside(inner: tuple[Key, ...], outer: tuple[Key, ...]) -> bool:

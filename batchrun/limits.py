@@ -40,7 +40,7 @@ PACED_CREEP = 1 / 100
 
 
 @dataclass(frozen=True, slots=True)
-class ServerBudget:
+class RateLimitHeaders:
     """What a response's `x-ratelimit-remaining-*` / `x-ratelimit-reset-*` headers said."""
 
     remaining_requests: int | None = None
@@ -159,7 +159,7 @@ class Limiter:
         permit: Permit,
         *,
         ok: bool,
-        budget: ServerBudget | None = None,
+        headers: RateLimitHeaders | None = None,
         rate_limited: bool = False,
         retry_after_s: float | None = None,
         prompt_tokens: int | None = None,
@@ -174,8 +174,8 @@ class Limiter:
         if prompt_tokens:
             self._chars += permit.chars
             self._prompt_tokens += prompt_tokens
-        if budget is not None:
-            self._learn(permit, budget)
+        if headers is not None:
+            self._learn(permit, headers)
         if rate_limited:
             self.rate_limited += 1
             self.hold(self._clock() + (UNSAID_RETRY_AFTER_S if retry_after_s is None else retry_after_s))
@@ -193,7 +193,7 @@ class Limiter:
             self.limit = min(float(self.concurrency), self.limit + 1 / self.limit)
             self._wake()
 
-    def _learn(self, permit: Permit, budget: ServerBudget) -> None:
+    def _learn(self, permit: Permit, headers: RateLimitHeaders) -> None:
         """Hold when the remaining budget is no more than what was sent after this request.
 
         The server counted this request but not those sent after it; they will use up the
@@ -201,11 +201,11 @@ class Limiter:
         counted from when this request left, the closest we know to when the server counted.
         """
         sent_after = self._sent - permit.sent_before - 1
-        if budget.remaining_requests is not None and budget.remaining_requests <= sent_after:
-            self.hold(permit.sent_at + (budget.reset_requests_s or 0.0) + RESET_MARGIN_S)
+        if headers.remaining_requests is not None and headers.remaining_requests <= sent_after:
+            self.hold(permit.sent_at + (headers.reset_requests_s or 0.0) + RESET_MARGIN_S)
         tokens_after = self._tokens_sent - permit.tokens_before - permit.tokens
-        if budget.remaining_tokens is not None and budget.remaining_tokens <= tokens_after:
-            self.hold(permit.sent_at + (budget.reset_tokens_s or 0.0) + RESET_MARGIN_S)
+        if headers.remaining_tokens is not None and headers.remaining_tokens <= tokens_after:
+            self.hold(permit.sent_at + (headers.reset_tokens_s or 0.0) + RESET_MARGIN_S)
 
     def hold(self, until: float) -> None:
         """No attempt starts before `until` (capped at max_hold_s from now); paced slots move past it."""

@@ -7,8 +7,7 @@ from __future__ import annotations
 import asyncio
 import difflib
 
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
-from tenacity.wait import wait_random_exponential
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
 
 from batchrun.client import ChatClient
 from batchrun.errors import (
@@ -22,6 +21,7 @@ from batchrun.errors import (
     RetryableError,
 )
 from batchrun.job import JobSpec, RetrySpec, key_line
+from batchrun.retry import WaitRetryAfter
 
 LIST_TIMEOUT_S = 30.0
 LIST_ATTEMPTS = 3  # a few: the whole job waits on this one request
@@ -44,7 +44,7 @@ def list_models(base_url: str, api_key: str, timeout_s: float, retry: RetrySpec)
             retrying = AsyncRetrying(
                 retry=retry_if_exception(_worth_another_attempt),
                 stop=stop_after_attempt(LIST_ATTEMPTS),
-                wait=_RetryAfterOrBackoff(retry),
+                wait=WaitRetryAfter.of(retry),
                 reraise=True,
             )
             return await retrying(client.models)
@@ -69,20 +69,6 @@ def _worth_another_attempt(exc: BaseException) -> bool:
     if isinstance(exc, EndpointDown):
         return exc.status is not None
     return isinstance(exc, RetryableError)
-
-
-class _RetryAfterOrBackoff:
-    """Wait what the server asked for (capped at retry.max_backoff_s), else the job's backoff."""
-
-    def __init__(self, retry: RetrySpec):
-        self._max_s = retry.max_backoff_s
-        self._backoff = wait_random_exponential(multiplier=retry.initial_backoff_s, max=retry.max_backoff_s)
-
-    def __call__(self, state: RetryCallState) -> float:
-        exc = state.outcome.exception() if state.outcome else None
-        if isinstance(exc, RequestFailed) and exc.retry_after_s is not None:
-            return min(exc.retry_after_s, self._max_s)
-        return float(self._backoff(state))
 
 
 def check_model(spec: JobSpec, base_url: str, api_key: str) -> str | None:

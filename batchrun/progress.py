@@ -1,15 +1,17 @@
-"""Progress on stderr: a tqdm bar on a terminal, plain periodic lines otherwise, nothing with -q."""
+"""Renders a run's events (events.py) on stderr: a tqdm bar on a terminal, tqdm.auto's widget in a
+notebook, plain periodic lines in a log, no progress when quiet (warnings still show)."""
 
 from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Never, TextIO
 
 from tqdm import tqdm
 
 from batchrun.checkpoint import RowResult
+from batchrun.events import Level, RunStarted
 
 PLAIN_INTERVAL_S = 10.0  # cron and CI logs want a line now and then, not a redrawn bar
 BAR_INTERVAL_S = 0.2
@@ -22,34 +24,41 @@ class Progress:
     most every BAR_INTERVAL_S, never the count on its own (tqdm would draw it on every update).
     """
 
-    def __init__(
-        self,
-        total: int,
-        done_before: Mapping[str, int],  # rows finished before this run, by status
-        quiet: bool,
-        stream: TextIO | None = None,
-        *,
-        cost_usd: float | None = None,  # spent before this run; None: the model has no price
-        budget_usd: float | None = None,
-    ):
-        self.total = total
-        self.ok = done_before.get("ok", 0)
-        self.failed = done_before.get("failed", 0)
-        self.skipped = done_before.get("skipped", 0)
-        self.done = self.ok + self.failed + self.skipped
+    def __init__(self, quiet: bool, stream: TextIO | None = None, *, notebook: bool = False):
+        self.total = 0
+        self.ok = self.failed = self.skipped = self.done = 0
         self.tokens = 0  # of this run's answers that reported usage
         self.without_usage = 0  # this run's answers that reported none
         self.status: Callable[[], str] | None = None  # more to show, e.g. the in-flight limit
-        self.cost_usd = cost_usd
-        self._budget_usd = budget_usd
+        self.cost_usd: float | None = None
+        self._budget_usd: float | None = None
         self._quiet = quiet
+        self._notebook = notebook
         self._stream = stream or sys.stderr
         self._started = time.monotonic()
-        self._done_at_start = self.done
+        self._done_at_start = 0
         self._bar: tqdm[Never] | None = None  # a bar over no iterable
-        if not quiet and self._stream.isatty():
-            self._bar = tqdm(
-                total=total,
+        self._next_update = self._started + PLAIN_INTERVAL_S
+
+    def started(self, run: RunStarted) -> None:
+        """Rows finished before this run (a resume) start out counted."""
+        self.total = run.total
+        self.ok = run.done_before.get("ok", 0)
+        self.failed = run.done_before.get("failed", 0)
+        self.skipped = run.done_before.get("skipped", 0)
+        self.done = self._done_at_start = self.ok + self.failed + self.skipped
+        self.cost_usd = run.cost_usd
+        self._budget_usd = run.budget_usd
+        self.status = run.status or self.status
+        self._started = time.monotonic()
+        if not self._quiet and (self._notebook or self._stream.isatty()):
+            bar: type[tqdm[Never]] = tqdm
+            if self._notebook:
+                from tqdm import auto  # a widget under Jupyter, else the terminal bar
+
+                bar = auto.tqdm
+            self._bar = bar(
+                total=self.total,
                 initial=self.done,
                 postfix=self._counts(),
                 unit="row",
@@ -122,7 +131,7 @@ class Progress:
     def _rate(self, now: float) -> float:
         return (self.done - self._done_at_start) / max(now - self._started, 1e-9)
 
-    def refresh_status(self) -> None:
+    def status_changed(self) -> None:
         """Redraw the bar's postfix now: during an outage no row finishes to trigger it."""
         if self._bar is not None:
             self._bar.set_postfix_str(self._counts())
@@ -131,10 +140,12 @@ class Progress:
         if self._bar is not None:
             self._draw()
             self._bar.close()
+            self._bar = None
 
-    def say(self, message: str) -> None:
-        """A line that does not tear the bar (tqdm.write), unless quiet."""
-        if self._quiet:
+    def say(self, message: str, level: Level = "info") -> None:
+        """A line that does not tear the bar (tqdm.write); when quiet, warnings only: -q silences
+        the chatter, not what the user should act on."""
+        if self._quiet and level != "warning":
             return
         if self._bar is not None:
             self._bar.write(message, file=self._stream)

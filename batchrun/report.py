@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,7 +23,8 @@ from batchrun.output import OUTPUT_RESULT_COLUMNS, build_table, write_atomically
 from batchrun.sources import scan_table
 
 if TYPE_CHECKING:
-    from batchrun.runner import PreparedJob, RunResult
+    from batchrun.core import Outcome
+    from batchrun.plan import PreparedJob
 
 USAGE_COLUMNS = ("prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens")
 PERCENTILES = (50, 90, 99)
@@ -36,6 +38,44 @@ NO_USAGE = ANSWERED & (pl.col("prompt_tokens").is_null() | pl.col("completion_to
 def fingerprint_digest(fingerprint: dict[str, Any]) -> str:
     """A short stable name for a job version, to match an estimate with the run it was made for."""
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """A job's figures after a run: rows by status (the whole job), this run's requests, retries
+    and tokens, cost, and how the run ended; `table` is the output table as written."""
+
+    total: int
+    ok: int
+    failed: int
+    skipped: int
+    pending: int
+    prompt_tokens: int | None  # None: the endpoint reported no usage (rows_without_usage says for how many)
+    completion_tokens: int | None
+    failures_by_kind: dict[str, int]
+    retries: dict[str, int]
+    rate_limited: int  # answers that were 429s (each retried)
+    wall_s: float
+    output_path: Path
+    interrupted: bool
+    cost_usd: float | None = None  # the whole job's, earlier runs included; None if unpriced
+    budget_usd: float | None = None
+    budget_stopped: bool = False
+    requests: int = 0  # sent by this run, retries included
+    run_tokens: int | None = 0  # of the rows this run finished; None: no usage reported
+    report_path: Path | None = None
+    rows_without_usage: int = 0  # answered, but the endpoint reported no usage
+    top_errors: list[tuple[str, int]] = field(default_factory=list)  # commonest messages of failed rows
+    outcome: Outcome = "finished"
+    table: pl.DataFrame | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return 130
+        if self.budget_stopped:
+            return 3
+        return 1 if self.failed or self.pending else 0
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -56,15 +96,7 @@ def write_run_report(
     actual = None if result.prompt_tokens is None else result.cost_usd  # None: no usage, or unpriced
     answered = table.filter(pl.col("status").is_in(["ok", "failed"]))
     latency = answered["latency_ms"].drop_nulls()
-    outcome = (
-        "aborted"
-        if aborted is not None
-        else "interrupted"
-        if result.interrupted
-        else "stopped_by_budget"
-        if result.budget_stopped
-        else "finished"
-    )
+    outcome = result.outcome
     report: dict[str, Any] = {
         "job": str(job.spec.job_path),
         "output": str(job.output_path),

@@ -25,7 +25,7 @@ import trustme
 
 from batchrun.client import ChatClient, classify_status, retry_after, server_budget
 from batchrun.errors import EndpointDown, PermanentError, RequestFailed, RetryableError
-from batchrun.limits import ServerBudget
+from batchrun.limits import RateLimitHeaders
 from batchrun.simulator import SimulatorConfig, serve_in_thread
 from tests.conftest import TEST_KEY, article_rows, invoke, read_output, write_job
 from tests.stub_server import Reply, Request, completion, serve_stub
@@ -69,7 +69,7 @@ def test_prefixed_rate_limit_headers_are_read() -> None:
         "llm_provider-x-ratelimit-reset-tokens": "6m0s",
     }
 
-    assert server_budget(headers) == ServerBudget(0, 1.5, 9000, 360.0)
+    assert server_budget(headers) == RateLimitHeaders(0, 1.5, 9000, 360.0)
 
 
 def test_a_gateway_429_holds_for_the_prefixed_retry_after(tmp_path: Path) -> None:

@@ -20,12 +20,13 @@ import yaml
 from click.testing import CliRunner
 from genai_prices import data_snapshot
 
+from batchrun.budget import BudgetGuard
 from batchrun.checkpoint import RowResult
 from batchrun.cli import main
 from batchrun.cost import Price, Rates, billed_output_tokens, job_price, list_price
+from batchrun.events import RunStarted
 from batchrun.job import load_job
 from batchrun.progress import Progress
-from batchrun.runner import BudgetGuard
 from batchrun.simulator import RunningSimulator, count_tokens
 from tests.conftest import TEST_KEY, article_rows, invoke, read_output, write_job
 from tests.stub_server import Reply, completion, serve_stub
@@ -234,7 +235,8 @@ def test_progress_shows_the_running_cost() -> None:
             return True
 
     screen = Terminal()
-    progress = Progress(3, {}, quiet=False, stream=screen, cost_usd=0.5, budget_usd=2.0)
+    progress = Progress(quiet=False, stream=screen)
+    progress.started(RunStarted(3, {}, cost_usd=0.5, budget_usd=2.0))
     progress.row_finished(RowResult(0, "a", "ok", total_tokens=10, cost_usd=0.25))
     progress.row_finished(RowResult(1, "b", "failed", cost_usd=0.0))
     progress.close()

@@ -19,7 +19,8 @@ import pytest
 
 from batchrun.checkpoint import RowResult
 from batchrun.client import server_budget
-from batchrun.limits import PACED_CREEP, PACED_EASE, Limiter, ServerBudget
+from batchrun.events import RunStarted
+from batchrun.limits import PACED_CREEP, PACED_EASE, Limiter, RateLimitHeaders
 from batchrun.progress import Progress
 from batchrun.simulator import SimulatorConfig, serve_in_thread
 from tests.conftest import TEST_KEY, article_rows, invoke, read_output, run_batchrun, write_job
@@ -251,29 +252,29 @@ def test_adaptive_429s_cut_the_in_flight_limit_not_the_pace() -> None:
         ({}, None),
         (
             {"x-ratelimit-remaining-requests": "7", "x-ratelimit-reset-requests": "20ms"},
-            ServerBudget(remaining_requests=7, reset_requests_s=0.02),
+            RateLimitHeaders(remaining_requests=7, reset_requests_s=0.02),
         ),
         (
             {"x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "6m0s"},
-            ServerBudget(remaining_tokens=0, reset_tokens_s=360.0),
+            RateLimitHeaders(remaining_tokens=0, reset_tokens_s=360.0),
         ),
         (
             {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1h2m3.5s"},
-            ServerBudget(remaining_requests=0, reset_requests_s=3723.5),
+            RateLimitHeaders(remaining_requests=0, reset_requests_s=3723.5),
         ),
         (
             {"x-ratelimit-remaining-requests": "3", "x-ratelimit-reset-requests": "0.25"},
-            ServerBudget(remaining_requests=3, reset_requests_s=0.25),
+            RateLimitHeaders(remaining_requests=3, reset_requests_s=0.25),
         ),
         (
             {"x-ratelimit-remaining-requests": "3", "x-ratelimit-reset-requests": "soon"},
-            ServerBudget(remaining_requests=3),
+            RateLimitHeaders(remaining_requests=3),
         ),
         ({"x-ratelimit-remaining-requests": "lots"}, None),
     ],
 )
 def test_rate_limit_headers_are_read_in_every_common_form(
-    headers: dict[str, str], budget: ServerBudget | None
+    headers: dict[str, str], budget: RateLimitHeaders | None
 ) -> None:
     assert server_budget(headers) == budget
 
@@ -285,8 +286,8 @@ class _Terminal(io.StringIO):
 
 def test_progress_bar_shows_the_in_flight_limit() -> None:
     terminal = _Terminal()
-    progress = Progress(total=2, done_before={}, quiet=False, stream=terminal)
-    progress.status = Limiter(concurrency=16).describe
+    progress = Progress(quiet=False, stream=terminal)
+    progress.started(RunStarted(total=2, done_before={}, status=Limiter(concurrency=16).describe))
     progress.row_finished(RowResult(0, "a", "ok"))
     progress.close()
 

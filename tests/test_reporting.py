@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from batchrun.checkpoint import RowResult
+from batchrun.events import RunStarted
 from batchrun.progress import Progress
 from batchrun.simulator import SimulatorConfig, serve_in_thread
 from tests.conftest import TEST_KEY, article_rows, invoke, write_job
@@ -174,14 +175,16 @@ def test_progress_shows_tokens_unknown_until_an_answer_reports_usage() -> None:
             return True
 
     screen = Terminal()
-    progress = Progress(3, {}, quiet=False, stream=screen)
+    progress = Progress(quiet=False, stream=screen)
+    progress.started(RunStarted(3, {}))
     progress.row_finished(RowResult(0, "a", "ok", content="x"))
     progress.row_finished(RowResult(1, "b", "failed", error_kind="http_400"))  # no answer: no usage due
     progress.close()
     assert progress.run_tokens is None
     assert screen.getvalue().rstrip().endswith("ok=1 failed=1 tokens=unknown]")
 
-    progress = Progress(3, {}, quiet=False, stream=screen)
+    progress = Progress(quiet=False, stream=screen)
+    progress.started(RunStarted(3, {}))
     progress.row_finished(RowResult(0, "a", "ok", content="x"))
     progress.row_finished(RowResult(1, "b", "ok", prompt_tokens=7, completion_tokens=2, total_tokens=9))
     assert progress.run_tokens == 9

@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from loadgen import measure
 
 from batchrun.job import load_job
-from batchrun.runner import prepare
+from batchrun.plan import prepare
 from batchrun.simulator import latencies
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,0 +1,733 @@
+"""The async run of a prepared job: rows -> bounded queue -> N workers -> results -> checkpoint.
+
+`Core` takes a plan (PreparedJob), a client, a limiter, a checkpoint and a budget, and returns
+RunStats, a value describing the run. Progress, warnings and notes leave it as events (events.py).
+It installs no signal handlers, prints nothing, never exits, never starts an event loop: the
+drivers (cli.py, api.py) do those their own way, and ask it to stop through `Stop`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import orjson
+from tenacity import RetryCallState
+
+from batchrun.breaker import MAX_PROBE_S, Breaker, SameFailure
+from batchrun.budget import BudgetGuard
+from batchrun.checkpoint import Checkpoint, RowResult
+from batchrun.client import ChatClient, ChatResult
+from batchrun.cost import (
+    ASSUMED_MAX_OUTPUT_TOKENS,
+    Price,
+    output_tokens_cap,
+    prompt_tokens_ceiling,
+    request_cost,
+)
+from batchrun.errors import (
+    BatchrunError,
+    EndpointDown,
+    EndpointUnavailable,
+    InvalidOutput,
+    JobAborted,
+    PermanentError,
+    RequestFailed,
+    RetryableError,
+)
+from batchrun.events import Events
+from batchrun.limits import Limiter, Permit
+from batchrun.plan import PreparedJob
+from batchrun.prompts import text_length
+from batchrun.retry import Sleep, row_policy
+from batchrun.sources import ROW
+from batchrun.structured import read_fields, reask_growth, reask_messages
+
+# Rows refused even without a response_format, after which the format is no longer suspected:
+# rows with other problems (a prompt too long) would otherwise each cost two requests more.
+FORMAT_SUSPICIONS = 3
+SAME_FAILURE_ANSWERS = 20  # this many first answers failing alike stop the job (JobAborted)
+MIN_PROBE_S = 0.01  # the breaker's first probe interval when retry.initial_backoff_s is 0
+
+Outcome = Literal["finished", "interrupted", "stopped_by_budget", "aborted"]
+
+
+@dataclass(frozen=True)
+class RunStats:
+    """What one run of the core did (rows it finished, not the job's earlier ones)."""
+
+    ok: int
+    failed: int
+    skipped: int
+    tokens: int | None  # of the rows this run finished; None: answers came, none reported usage
+    rows_without_usage: int
+    cost_usd: float  # of the rows this run finished, where priced
+    retries: dict[str, int]
+    rate_limited: int  # answers that were 429s (each retried)
+    requests: int  # sent, retries included
+    outcome: Outcome
+    error: BatchrunError | None = None  # why the job stopped, when aborted
+    unreachable: bool = False  # aborted before any answer: nothing was recorded
+
+
+class Stop:
+    """A request to stop a run, made from outside it: a signal handler, another thread, a
+    cancelled task. The first asks to stop sending and let in-flight rows finish within the grace
+    period; a second, to stop at once. Safe to call from any thread."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self._notify: Callable[[], None] | None = None
+
+    def request(self) -> int:
+        """Ask once more; returns how many times it was asked."""
+        self.requests += 1
+        if self._notify is not None:
+            self._notify()
+        return self.requests
+
+
+def _refuses(exc: RequestFailed) -> bool:
+    """An answer that may refuse a parameter: a 500, or a 4xx that is not a retryable one."""
+    return isinstance(exc, PermanentError) or exc.status == 500
+
+
+def _set_format(body: dict[str, Any], response_format: dict[str, Any] | None) -> None:
+    if response_format is None:
+        body.pop("response_format", None)
+    else:
+        body["response_format"] = response_format
+
+
+def _skipped(row: int, row_id: str, empty: list[str]) -> RowResult:
+    reason = f"empty column(s) {', '.join(empty)}; not sent (input.on_null: skip)"
+    return RowResult(row, row_id, "skipped", error_kind="null_value", error=reason)
+
+
+def _row_result(
+    request: _Request,
+    answers: list[ChatResult],
+    attempts: int,
+    latency_ms: float,
+    price: Price | None,
+    job_model: str,
+    fields: dict[str, Any] | None = None,
+    error: RequestFailed | None = None,
+) -> RowResult:
+    """The row's record: the last answer kept (even a failed one's), tokens and cost summed over
+    every billed answer, since re-asking for fields is paid for too; each answer is priced at its
+    own prompt's tier, and requests that got no answer are not billed."""
+    last = answers[-1] if answers else ChatResult(None, None, None, None, None, None, None)
+
+    def total(name: str) -> int | None:
+        counts = [getattr(a, name) for a in answers]
+        return None if not counts or None in counts else sum(counts)
+
+    costs = [
+        request_cost(price, a.prompt_tokens, a.completion_tokens, a.total_tokens, a.cached_tokens)
+        for a in answers
+    ]
+
+    return RowResult(
+        request.row,
+        request.id,
+        "failed" if error else "ok",
+        content=last.content,
+        tool_calls=_tool_calls_json(last.tool_calls) if last.tool_calls else None,
+        fields=orjson.dumps(fields).decode() if fields is not None else None,
+        finish_reason=last.finish_reason,
+        prompt_tokens=total("prompt_tokens"),
+        completion_tokens=total("completion_tokens"),
+        total_tokens=total("total_tokens"),
+        cached_tokens=total("cached_tokens"),
+        reasoning_tokens=total("reasoning_tokens"),
+        cost_usd=None if None in costs else sum(c or 0.0 for c in costs),
+        error_kind=error.kind if error else None,
+        error=str(error) if error else None,
+        attempts=attempts,
+        latency_ms=round(latency_ms, 1),
+        model=last.model or job_model,  # as asked, when no answer says: reports group by it
+        response_id=last.response_id,
+        ttft_ms=last.ttft_ms,
+    )
+
+
+def _tool_calls_json(calls: list[dict[str, str]]) -> str:
+    """[{id, name, arguments}] with arguments decoded when they are JSON, as sent otherwise."""
+    readable = []
+    for call in calls:
+        try:
+            arguments: Any = orjson.loads(call["arguments"])
+        except orjson.JSONDecodeError:
+            arguments = call["arguments"]
+        readable.append({**call, "arguments": arguments})
+    return orjson.dumps(readable).decode()
+
+
+@dataclass(slots=True)
+class _Request:
+    row: int
+    id: str
+    body: dict[str, Any]
+    chars: int  # prompt characters, for the limiter's token estimate
+    attempts: int = 0
+    outage_attempts: int = 0  # attempts an outage took, not counted against retry.max_attempts
+    latency_ms: float = 0.0  # of the last attempt
+
+
+@dataclass
+class Core:
+    """One run of a prepared job; `await run()` once."""
+
+    job: PreparedJob
+    client: ChatClient
+    limiter: Limiter
+    checkpoint: Checkpoint
+    events: Events
+    skip: set[int]  # rows already finished
+    only: set[int] | None  # with --retry-failed (or a pilot): the rows to send
+    limit: int | None = None  # only the first N rows
+    width: int = 1  # workers: requests in flight
+    grace_s: float = 10.0  # after a stop request, how long in-flight requests may finish
+    price: Price | None = None
+    budget: BudgetGuard | None = None
+    base_url: str = ""
+    stop: Stop = field(default_factory=Stop)
+    sleep: Sleep = asyncio.sleep  # the retry policy's waits
+    interrupted: bool = False
+    budget_stopped: bool = False
+    requests: int = 0
+    aborted: BatchrunError | None = None
+    retries: Counter[str] = field(default_factory=Counter)
+    in_flight: int = 0
+    warned_no_usage: bool = False
+    last_error: str | None = None
+    format_step: int = 0  # how far down job.format_fallbacks the endpoint's refusals have led
+    format_cleared: int = 0  # rows refused without a format too: not the format's fault
+    ever_answered: bool = False  # any HTTP answer, even an error: the endpoint can be reached
+    unreachable: bool = False  # stopped before any answer: no output is written
+    doomed: bool = False  # the first answers all failed alike (SameFailure)
+
+    def __post_init__(self) -> None:
+        retry = self.job.spec.retry
+        self.breaker = Breaker(
+            threshold=max(10, self.width),
+            first_probe_s=max(retry.initial_backoff_s, MIN_PROBE_S),
+            max_outage_s=retry.max_outage_s,
+            max_probe_s=min(MAX_PROBE_S, retry.max_backoff_s),
+        )
+        self._breaker_changed = asyncio.Event()
+        self._down_streak: list[_Request] = []  # rows whose attempts failed in the current run of failures
+        self._last_down: EndpointDown | None = None
+        self.same_failure = SameFailure(SAME_FAILURE_ANSWERS)
+        self._held: list[RowResult] = []  # failed rows kept back while the first answers may doom the job
+        self._tally = Counter[str]()  # this run's finished rows by status, and their usage
+        self._tokens = 0
+        self._without_usage = 0
+        self._cost_usd = 0.0
+
+    def describe(self) -> str:
+        """The state worth showing beside the progress: the breaker's when open, else the limiter's."""
+        return self.breaker.describe() if self.breaker.is_open else self.limiter.describe()
+
+    async def run(self) -> RunStats:
+        """Send every row still to do, or until stopped; every finished row is checkpointed."""
+        self._stop = asyncio.Event()
+        self._at_once = asyncio.Event()
+        self._queue: asyncio.Queue[_Request | None] = asyncio.Queue(maxsize=self.width * 2)
+        self._results: asyncio.Queue[RowResult | None] = asyncio.Queue()
+        self._retrying = row_policy(
+            self.job.spec.retry,
+            holding=lambda: self.breaker.is_open,  # the wait is for the next probe (in _attempt)
+            before_sleep=self._count_retry,
+            sleep=self.sleep,
+        )
+        loop = asyncio.get_running_loop()
+
+        def notify() -> None:
+            loop.call_soon_threadsafe(self._stop_requested)
+
+        self.stop._notify = notify
+        if self.stop.requests:
+            self._stop_requested()
+        try:
+            await self._run()
+        finally:
+            self.stop._notify = None
+        return self._stats()
+
+    def _stop_requested(self) -> None:
+        self.interrupted = True
+        self._stop.set()
+        if self.stop.requests > 1:
+            self._at_once.set()
+
+    async def _run(self) -> None:
+        async with self.client:
+            producer = asyncio.create_task(self._produce())
+            workers = [asyncio.create_task(self._work()) for _ in range(self.width)]
+            writer = asyncio.create_task(self._write())
+            watchdog = asyncio.create_task(self._watch_for_stalls())
+            # asyncio.wait, not gather: worker errors are read below, never left unretrieved.
+            all_work = asyncio.create_task(asyncio.wait(workers))
+            stop_requested = asyncio.create_task(self._stop.wait())
+            await asyncio.wait({all_work, stop_requested, writer}, return_when=asyncio.FIRST_COMPLETED)
+            if not all_work.done():
+                await self._wind_down(producer, workers, all_work, at_once=writer.done())
+            stop_requested.cancel()
+            watchdog.cancel()
+            if not self.doomed:
+                self._release_held()
+            self._results.put_nowait(None)
+            await writer
+            for task in workers:  # a bug in a worker surfaces here, after the checkpoint is flushed
+                if not task.cancelled() and (error := task.exception()) is not None:
+                    raise error
+
+    def _stats(self) -> RunStats:
+        outcome: Outcome = (
+            "aborted"
+            if self.aborted is not None
+            else "interrupted"
+            if self.interrupted
+            else "stopped_by_budget"
+            if self.budget_stopped
+            else "finished"
+        )
+        return RunStats(
+            ok=self._tally["ok"],
+            failed=self._tally["failed"],
+            skipped=self._tally["skipped"],
+            tokens=None if self._without_usage and not self._tokens else self._tokens,
+            rows_without_usage=self._without_usage,
+            cost_usd=self._cost_usd,
+            retries=dict(self.retries),
+            rate_limited=self.limiter.rate_limited,
+            requests=self.requests,
+            outcome=outcome,
+            error=self.aborted,
+            unreachable=self.unreachable,
+        )
+
+    async def _produce(self) -> None:
+        """Feed rows still to do; the bounded queue keeps memory flat however long the input."""
+        columns = prompt_columns = self.job.prompts.columns
+        if self.job.source.id_column and self.job.source.id_column not in columns:
+            columns += (self.job.source.id_column,)
+        batches = self.job.source.batches(columns, self.limit)
+        id_column = self.job.source.id_column
+        skip_nulls = self.job.spec.input.on_null == "skip"
+        while (batch := await asyncio.to_thread(next, batches, None)) is not None:
+            for row in batch:
+                index = row[ROW]
+                wanted = index not in self.skip if self.only is None else index in self.only
+                if not wanted:
+                    continue
+                row_id = str(row[id_column]) if id_column else str(index)
+                if skip_nulls and (empty := [c for c in prompt_columns if row[c] is None]):
+                    self._results.put_nowait(_skipped(index, row_id, empty))
+                    continue
+                body = self.job.request_body(row)
+                await self._queue.put(_Request(index, row_id, body, text_length(body["messages"])))
+        for _ in range(self.width):
+            await self._queue.put(None)
+
+    async def _work(self) -> None:
+        while (request := await self._queue.get()) is not None:
+            worst = self._worst_cost(request) if self.budget is not None else 0.0
+            if self.budget is not None and not self.budget.reserve(worst):
+                self._stop_for_budget()
+                return
+            try:
+                result = await self._send(request)
+            except BatchrunError as exc:  # not a row's failure (those are results): the job stops
+                self.aborted = self.aborted or exc
+                self._stop.set()
+                return
+            if self.budget is not None:
+                self.budget.settle(worst, result.cost_usd)
+            if result.status == "failed" and self.same_failure.undecided:
+                self._held.append(result)  # recorded once the job is known not to be doomed
+            else:
+                self._results.put_nowait(result)
+
+    def _release_held(self) -> None:
+        for result in self._held:
+            self._results.put_nowait(result)
+        self._held.clear()
+
+    def _worst_cost(self, request: _Request) -> float:
+        """The most this row can cost: a prompt-size ceiling and a full-length answer, for each
+        answer it may be asked for (re-asks for output.fields are billed too, and longer)."""
+        assert self.price is not None  # run_job refuses a budget without a price
+        spec = self.job.spec
+        output = output_tokens_cap(self.job.params) or ASSUMED_MAX_OUTPUT_TOKENS
+        prompt = prompt_tokens_ceiling(request.body)
+        if not spec.output.fields:
+            return self.price.cost(prompt, 0, output)
+        growth = output + reask_growth()  # each re-ask quotes the answer before it and says why
+        asks = range(spec.retry.max_parse_attempts)
+        return sum(self.price.cost(prompt + asked * growth, 0, output) for asked in asks)
+
+    def _stop_for_budget(self) -> None:
+        if self.budget_stopped:
+            return
+        assert self.budget is not None
+        self.budget_stopped = True
+        self.events.say(
+            f"budget: ${self.budget.spent_usd:.4f} spent of ${self.budget.limit_usd:g}; the next request "
+            f"could exceed it: sending no more, finishing {self.in_flight} in flight"
+        )
+        self._stop.set()
+
+    async def _send(self, request: _Request) -> RowResult:
+        """One row through retries, and re-asks while its answer lacks output.fields, to a result;
+        JobAborted passes through."""
+        spec = self.job.spec
+        answers: list[ChatResult] = []  # every billed answer, for the row's token counts
+        parsed: dict[str, Any] | None = None
+        error: RequestFailed | None = None
+        question = request.body["messages"]
+        self.in_flight += 1
+        try:
+            for asked in range(1, spec.retry.max_parse_attempts + 1):
+                try:
+                    answer = await self._ask(request)
+                except RetryableError as first_failure:
+                    answer = await self._retry(request, first_failure)
+                answers.append(answer)
+                if not spec.output.fields:
+                    break
+                try:
+                    parsed = read_fields(
+                        spec.output.fields, answer, bool(spec.params.tools), self.job.output_cap
+                    )
+                    break
+                except InvalidOutput as exc:
+                    if asked == spec.retry.max_parse_attempts:
+                        raise
+                    self._count(exc)
+                    # The correction is this attempt's only: the row's question stays the same.
+                    messages = [
+                        *question,
+                        *reask_messages(answer, exc, bool(spec.params.tools), self.job.output_cap),
+                    ]
+                    request.body = {**request.body, "messages": messages}
+                    request.chars = text_length(messages)
+        except RequestFailed as exc:
+            error = exc
+        finally:
+            self.in_flight -= 1
+        if any(a.total_tokens is None for a in answers) and not self.warned_no_usage:
+            self.warned_no_usage = True
+            self.events.say(
+                "warning: the endpoint sent no token usage; token columns and cost_usd stay empty "
+                "(null) for such rows"
+                + (", and the budget counts each at its worst case" if self.budget is not None else ""),
+                "warning",
+            )
+        return _row_result(
+            request, answers, request.attempts, request.latency_ms, self.price, spec.model, parsed, error
+        )
+
+    async def _ask(self, request: _Request) -> ChatResult:
+        """One attempt; when the endpoint refuses the response_format batchrun added, the same
+        request again with the next fallback, which the whole job keeps once it is answered.
+
+        A refusal is a 4xx other than 408/409/429 (401/402/403/404 abort the job before this), or
+        a 500 (llama.cpp's server answers json_schema so). When even the request without a format
+        is refused, the format was not the cause: the row fails as it would have, and after a few
+        such rows the format is no longer suspected. Rows in flight with a format given up in the
+        meantime are sent again with the current one.
+        """
+        fallbacks = self.job.format_fallbacks
+        step = self.format_step
+        refusal: RequestFailed | None = None  # the first, while fallbacks are tried
+        while True:
+            if fallbacks:
+                _set_format(request.body, fallbacks[step])
+            try:
+                answer = await self._attempt(request)
+            except RequestFailed as exc:
+                if not fallbacks or not _refuses(exc) or self.format_cleared >= FORMAT_SUSPICIONS:
+                    self._failed_alike(exc)
+                    raise
+                if refusal is None and step < self.format_step:  # another row found the fallback
+                    step = self.format_step
+                    continue
+                refusal = refusal or exc
+                if step + 1 == len(fallbacks):
+                    self.format_cleared += 1
+                    self._failed_alike(refusal)
+                    raise refusal from None
+                step += 1
+                continue
+            if step > self.format_step:
+                self._give_up_format(step, refusal)
+            if self.same_failure.undecided:
+                self._see_answer(None)
+            return answer
+
+    def _give_up_format(self, step: int, refusal: RequestFailed | None) -> None:
+        """Send the fallback at `step` from now on, and say so once."""
+        self.format_step = step
+        now = self.job.format_fallbacks[step]
+        instead = (
+            f"sending response_format {orjson.dumps(now).decode()} instead"
+            if now is not None
+            else "sending none"
+        )
+        self.events.say(
+            f"warning: the endpoint refused the response_format batchrun adds for output.fields "
+            f"({refusal}); {instead} for the rest of the job (the fields are still read from each "
+            "answer and checked)",
+            "warning",
+        )
+
+    async def _retry(self, request: _Request, first_failure: RetryableError) -> ChatResult:
+        """Attempts after a first failure, by the retry policy (wait, stop, counting).
+
+        The first attempt is made outside tenacity, whose machinery costs ~25 µs per row even
+        when nothing fails; its failure is raised again here as tenacity's attempt 1.
+        """
+        failure: RetryableError | None = first_failure
+        max_attempts = self.job.spec.retry.max_attempts
+        # Attempts an outage took (see _no_answer) do not count against the row.
+        retrying = self._retrying.copy(
+            stop=lambda _: request.attempts - request.outage_attempts >= max_attempts
+        )
+        async for attempt in retrying:
+            with attempt:
+                if failure is not None:
+                    error, failure = failure, None
+                    raise error
+                return await self._ask(request)
+        raise AssertionError("unreachable: the retry policy re-raises the last failure")
+
+    async def _attempt(self, request: _Request) -> ChatResult:
+        """One request, past the breaker, admitted by the limiter and reported back to both."""
+        probe = await self._through_breaker()
+        request.attempts += 1
+        self.requests += 1
+        permit = await self.limiter.acquire(request.chars)
+        sent = time.perf_counter()
+        try:
+            answer = await self.client.complete(request.body)
+        except BaseException as exc:
+            self._report_failure(permit, exc)
+            if isinstance(exc, RequestFailed):
+                self._judge(request, exc, probe)
+            raise
+        finally:
+            request.latency_ms = (time.perf_counter() - sent) * 1000
+        self.limiter.release(
+            permit,
+            ok=True,
+            headers=answer.budget,
+            prompt_tokens=answer.prompt_tokens,
+            total_tokens=answer.total_tokens,
+        )
+        self._answered()
+        return answer
+
+    async def _through_breaker(self) -> bool:
+        """Hold while the breaker is open; True if this attempt goes out as its probe."""
+        breaker = self.breaker
+        while breaker.is_open:
+            if breaker.expired:
+                raise self._outage_too_long()
+            if breaker.try_probe():
+                self.events.status_changed()
+                return True
+            changed = self._breaker_changed
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), breaker.wait_s())
+        return False
+
+    def _judge(self, request: _Request, exc: RequestFailed, probe: bool) -> None:
+        """What a failed attempt says about the job: an outage, or a quota longer than one."""
+        if isinstance(exc, EndpointDown):
+            self.ever_answered = self.ever_answered or exc.status is not None
+            self._no_answer(request, exc, probe)
+            return
+        self._answered()
+        max_outage_s = self.job.spec.retry.max_outage_s
+        if exc.status == 429 and exc.retry_after_s is not None and exc.retry_after_s > max_outage_s:
+            raise EndpointUnavailable(
+                f"{self.base_url} asks to wait {exc.retry_after_s:,.0f} s (HTTP 429 Retry-After), longer "
+                f"than retry.max_outage_s ({max_outage_s:g} s), a quota for the day?; the checkpoint is "
+                "kept: rerun later",
+                self.base_url,
+            )
+
+    def _failed_alike(self, exc: RequestFailed) -> None:
+        """Count a failure that left _ask (which cures refusals of a parameter batchrun added) for
+        the every-row-fails-alike check; 408, 409, 429, outages and unreadable bodies neither doom
+        the job nor clear the check."""
+        if (isinstance(exc, PermanentError) or exc.status == 500) and self.same_failure.undecided:
+            assert exc.status is not None
+            self._see_answer((exc.status, str(exc)))
+
+    def _see_answer(self, failure: tuple[int, str] | None) -> None:
+        """Count one of the first answers; stop the job when they all failed alike."""
+        if failure is not None and self.same_failure.answer(failure):
+            self.doomed = True  # the rows held back stay pending: they were never the problem
+            raise JobAborted(
+                f"the first {self.same_failure.seen} answers were all the same error, so every row "
+                f"would fail: {failure[1]}; fix the job or the endpoint and rerun (the checkpoint is kept)"
+            )
+        if failure is None:
+            self.same_failure.answer(None)
+        if not self.same_failure.undecided:
+            self._release_held()
+
+    def _answered(self) -> None:
+        """The endpoint answered: whatever ran of failures without an answer is over."""
+        self.ever_answered = True
+        if not self.breaker.failures:  # the common case, on every answer: nothing to do
+            return
+        self._down_streak.clear()
+        outage_s = time.monotonic() - self.breaker.down_since
+        if self.breaker.answered():
+            self.events.say(f"endpoint answered again after {outage_s:.1f} s; resuming")
+            self._wake_held()
+
+    def _no_answer(self, request: _Request, exc: EndpointDown, probe: bool) -> None:
+        """An attempt got no answer: evidence for the breaker. The attempts that open it, and
+        every one made while it is open, are the outage's, not the rows'."""
+        if not self.ever_answered and exc.status is None:
+            self._unreachable(exc)
+        self._last_down = exc
+        opened = self.breaker.failed(probe)
+        if opened:
+            for row in self._down_streak:
+                row.outage_attempts += 1
+            self._down_streak.clear()
+            request.outage_attempts += 1
+            since = time.strftime("%H:%M:%S", time.localtime(self.breaker.down_since_wall))
+            self.events.say(
+                f"endpoint down since {since}: {self.breaker.failures} requests in a row got no answer "
+                f"(last: {exc}); holding every row and probing with one, for up to "
+                f"retry.max_outage_s ({self.breaker.max_outage_s:g} s)"
+            )
+            self._wake_held()
+        elif self.breaker.is_open:
+            request.outage_attempts += 1
+            if probe:
+                self._wake_held()
+        else:
+            self._down_streak.append(request)
+
+    def _wake_held(self) -> None:
+        """The breaker changed: held attempts look again (probe, resume, or give up)."""
+        self._breaker_changed.set()
+        self._breaker_changed = asyncio.Event()
+        self.events.status_changed()
+
+    def _unreachable(self, exc: EndpointDown) -> None:
+        """No answer before any answer at all: stop now, before any row is recorded."""
+        self.unreachable = True
+        message = f"cannot reach {self.base_url}: {exc.what_happened}"
+        if exc.config_problem:  # DNS, TLS: waiting will not cure it
+            raise BatchrunError(message)
+        raise EndpointUnavailable(message, self.base_url)
+
+    def _outage_too_long(self) -> EndpointUnavailable:
+        since = time.strftime("%H:%M:%S", time.localtime(self.breaker.down_since_wall))
+        last = f" (last: {self._last_down})" if self._last_down else ""
+        return EndpointUnavailable(
+            f"{self.base_url} has not answered since {since}{last}, longer than retry.max_outage_s "
+            f"({self.breaker.max_outage_s:g} s); the checkpoint is kept: rerun later",
+            self.base_url,
+        )
+
+    def _report_failure(self, permit: Permit, exc: BaseException) -> None:
+        """Tell the limiter how an attempt failed: a 429 holds everyone, headers teach the budget."""
+        if isinstance(exc, RequestFailed):
+            self.limiter.release(
+                permit,
+                ok=False,
+                headers=exc.budget,
+                rate_limited=exc.status == 429,
+                retry_after_s=exc.retry_after_s,
+            )
+        else:
+            self.limiter.release(permit, ok=False)
+
+    def _count_retry(self, retry_state: RetryCallState) -> None:
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        self._count(exc)
+
+    def _count(self, exc: BaseException | None) -> None:
+        self.retries[exc.kind if isinstance(exc, RequestFailed) else "other"] += 1
+        self.last_error = str(exc)
+
+    async def _watch_for_stalls(self) -> None:
+        """Say so when nothing has finished for a while: a hang must never pass silently."""
+        quiet_s = self.job.spec.stall_warning_s
+        while True:
+            seen = sum(self._tally.values())
+            await asyncio.sleep(quiet_s)
+            if sum(self._tally.values()) == seen and self.in_flight and not self.breaker.is_open:
+                self.events.say(
+                    f"warning: no row finished in the last {quiet_s:g} s; {self.in_flight} "
+                    f"request(s) in flight; last error: {self.last_error or 'none'}",
+                    "warning",
+                )
+
+    async def _write(self) -> None:
+        """Group commit: everything finished since the last commit goes in one transaction."""
+        while True:
+            batch = [await self._results.get()]
+            while not self._results.empty():
+                batch.append(self._results.get_nowait())
+            finished = [r for r in batch if r is not None]
+            if finished:
+                self.checkpoint.record(finished)
+                for result in finished:
+                    self._count_finished(result)
+                    self.events.row_finished(result)
+            if len(finished) < len(batch):
+                return
+
+    def _count_finished(self, result: RowResult) -> None:
+        self._tally[result.status] += 1
+        if result.prompt_tokens is not None and result.completion_tokens is not None:
+            self._tokens += result.total_tokens or result.prompt_tokens + result.completion_tokens
+        elif result.answered:
+            self._without_usage += 1
+        self._cost_usd += result.cost_usd or 0.0
+
+    async def _wind_down(
+        self,
+        producer: asyncio.Task[None],
+        workers: list[asyncio.Task[None]],
+        all_work: asyncio.Task[Any],
+        at_once: bool,
+    ) -> None:
+        """Stop sending; let in-flight rows finish within the grace period (or until a second
+        stop request), then cancel them."""
+        producer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await producer
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        for _ in workers:
+            self._queue.put_nowait(None)
+        grace: float | None = self.grace_s
+        if at_once or self.aborted is not None:
+            grace = 0.0
+        elif self.budget_stopped and not self.interrupted:
+            grace = None  # requests in flight are paid for: wait for their answers
+        second_stop = asyncio.create_task(self._at_once.wait())
+        await asyncio.wait({all_work, second_stop}, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+        second_stop.cancel()
+        if not all_work.done():
+            for task in workers:
+                task.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)

@@ -1,0 +1,34 @@
+"""What leaves a run besides its result: the run's start, each finished row, lines to show the
+user, and a changed status. The core never prints; each driver renders these its own way
+(progress.py: a bar on a terminal or in a notebook, plain lines in a log)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from batchrun.checkpoint import RowResult
+
+# info: how the run goes (resuming, a stop); note: something the user may want to know;
+# warning: something the user should act on, shown even when quiet.
+Level = Literal["info", "note", "warning"]
+
+
+@dataclass(frozen=True)
+class RunStarted:
+    total: int  # rows in scope, finished before this run included
+    done_before: Mapping[str, int]  # rows finished before this run, by status
+    cost_usd: float | None = None  # spent before this run; None: the model has no price
+    budget_usd: float | None = None
+    status: Callable[[], str] | None = None  # the limiter's or breaker's state, read when drawn
+
+
+class Events(Protocol):
+    def started(self, run: RunStarted) -> None: ...
+
+    def row_finished(self, result: RowResult) -> None: ...
+
+    def say(self, message: str, level: Level = "info") -> None: ...
+
+    def status_changed(self) -> None: ...
