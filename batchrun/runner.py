@@ -25,7 +25,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, sto
 from tenacity.wait import wait_base, wait_random_exponential
 
 from batchrun.breaker import MAX_PROBE_S, Breaker, SameFailure
-from batchrun.checkpoint import Checkpoint, RowResult
+from batchrun.checkpoint import Checkpoint, RowResult, open_checkpoint
 from batchrun.client import ChatClient, ChatResult
 from batchrun.cost import (
     ASSUMED_MAX_OUTPUT_TOKENS,
@@ -50,10 +50,11 @@ from batchrun.errors import (
 from batchrun.job import EndpointSpec, JobSpec
 from batchrun.limits import Limiter, Permit
 from batchrun.models import check_model
-from batchrun.output import OUTPUT_RESULT_COLUMNS, build_table, write_table
+from batchrun.output import build_table, write_table
 from batchrun.progress import Progress
 from batchrun.prompts import PromptTemplates, conversation, text_length
 from batchrun.report import write_run_report
+from batchrun.results import OUTPUT_RESULT_COLUMNS
 from batchrun.simulator import SimulatorConfig, serve_in_thread
 from batchrun.sources import ROW, Source, open_source
 from batchrun.structured import format_fallbacks, read_fields, reask_growth, reask_messages
@@ -267,11 +268,9 @@ def run_job(spec: JobSpec, options: RunOptions = RunOptions()) -> RunResult:
     # The start check, before a checkpoint exists: a run that cannot start leaves nothing that a
     # corrected base_url would have to --fresh. Not for --simulate, which serves the job's model.
     model_note = None if options.simulate else check_model(spec, spec.endpoint.base_url, key)
-    checkpoint = Checkpoint(job.checkpoint_path)
+    fingerprint = job.fingerprint(options.simulate)  # hashes the whole input: once per run
+    checkpoint = open_checkpoint(job.checkpoint_path, "fresh" if options.fresh else "resume", fingerprint)
     try:
-        checkpoint.lock()
-        fingerprint = job.fingerprint(options.simulate)  # hashes the whole input: once per run
-        checkpoint.start(fingerprint, fresh=options.fresh)
         repriced = checkpoint.reprice(repr(price), functools.partial(request_cost, price))
         spent = checkpoint.spent_usd()
         in_scope = min(options.limit or job.source.row_count, job.source.row_count)
