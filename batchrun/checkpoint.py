@@ -15,55 +15,57 @@ import operator
 import os
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 from batchrun.errors import CheckpointError
+from batchrun.results import ANSWER_COLUMNS, COLUMNS, NAMES, SCHEMA_VERSION
 
 
 @dataclass(frozen=True, slots=True)
 class RowResult:
-    """What one row came to; the columns of the checkpoint and of the output."""
+    """What one row came to: a row of the registry's columns (results.py; a test keeps them equal)."""
 
     row: int
     id: str
     status: str  # ok | failed | skipped
+    _: KW_ONLY
+    fields: str | None = None  # JSON text: the parsed output.fields, typed columns in the output
     content: str | None = None
+    tool_calls: str | None = None  # JSON text: [{id, name, arguments}]
     finish_reason: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     total_tokens: int | None = None
+    cached_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    cost_usd: float | None = None
     error_kind: str | None = None
     error: str | None = None
     attempts: int = 0
     latency_ms: float | None = None
+    ttft_ms: float | None = None
     model: str | None = None
     response_id: str | None = None
-    ttft_ms: float | None = None
-    tool_calls: str | None = None  # JSON text: [{id, name, arguments}]
-    fields: str | None = None  # JSON text: the parsed output.fields, typed columns in the output
-    cached_tokens: int | None = None
-    reasoning_tokens: int | None = None
-    cost_usd: float | None = None
 
     @property
     def answered(self) -> bool:
         """Whether the row got an answer (ok, or failed on one), and so was billed."""
-        return self.status == "ok" or any(
-            v is not None for v in (self.finish_reason, self.content, self.tool_calls)
-        )
+        return self.status == "ok" or any(getattr(self, c) is not None for c in ANSWER_COLUMNS)
 
 
 # Rows answered, and rows answered without usage, in SQL, for the whole checkpoint at once.
-ANSWERED_SQL = "(status = 'ok' OR finish_reason IS NOT NULL OR content IS NOT NULL OR tool_calls IS NOT NULL)"
+ANSWERED_SQL = f"(status = 'ok' OR {' OR '.join(f'{c} IS NOT NULL' for c in ANSWER_COLUMNS)})"
 NO_USAGE_SQL = "(prompt_tokens IS NULL OR completion_tokens IS NULL)"
 
-COLUMNS = tuple(f.name for f in fields(RowResult))
-_as_row = operator.attrgetter(*COLUMNS)  # dataclasses.astuple deep-copies: ~20x slower per row
-_SQL_TYPES = {"row": "INTEGER PRIMARY KEY", "attempts": "INTEGER", "latency_ms": "REAL", "ttft_ms": "REAL"}
-_SQL_TYPES |= {c: "INTEGER" for c in ("prompt_tokens", "completion_tokens", "total_tokens")}
-_SQL_TYPES |= {"cached_tokens": "INTEGER", "reasoning_tokens": "INTEGER", "cost_usd": "REAL"}
+_as_row = operator.attrgetter(*NAMES)  # dataclasses.astuple deep-copies: ~20x slower per row
+_INSERT = f"INSERT OR REPLACE INTO results ({', '.join(NAMES)}) VALUES ({', '.join('?' for _ in NAMES)})"
+
+Fingerprint = dict[str, Any]
+# read: look, never write (status, cost, estimate); resume / fresh: become the one writer, bring
+# the table up to this version's columns, and keep (resume) or discard (fresh) the rows recorded.
+Mode = Literal["read", "resume", "fresh"]
 
 
 @dataclass(frozen=True)
@@ -76,31 +78,83 @@ class Totals:
     without_usage: int  # answered rows that reported no usage (llama.cpp's streams, for one)
 
 
+def open_checkpoint(path: Path, mode: Mode, *made_for: Fingerprint) -> Checkpoint:
+    """Open a job's checkpoint if it was made for the job as it is now (one of `made_for`), else
+    refuse and name what changed; every reader and the writer check the same way.
+
+    Readers pass the job as run on its endpoint and as run with --simulate: either run's
+    checkpoint is the job's. The writer passes the one fingerprint it binds the checkpoint to.
+    """
+    checkpoint = Checkpoint(path, mode)
+    try:
+        if mode != "read":
+            checkpoint.lock()
+            checkpoint.migrate()
+        checkpoint.check(made_for, fresh=mode == "fresh")
+        if mode != "read":
+            checkpoint.bind(made_for[0], fresh=mode == "fresh")
+    except BaseException:
+        checkpoint.close()
+        raise
+    return checkpoint
+
+
 class Checkpoint:
     """One job's finished rows and the fingerprint of the job that produced them."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, mode: Mode):
         self.path = path
         self._lock_file: IO[str] | None = None
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            if mode != "read":  # a reader makes no file and changes nothing in one
+                path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            columns = ", ".join(f"{c} {_SQL_TYPES.get(c, 'TEXT')}" for c in COLUMNS)
-            self._db.execute(f"CREATE TABLE IF NOT EXISTS results ({columns})")
-            self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
-            found = tuple(name for _, name, *_ in self._db.execute("PRAGMA table_info(results)"))
+            if mode != "read":
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+            self._version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+            self._columns = {name for _, name, *_ in self._db.execute("PRAGMA table_info(results)")}
         except sqlite3.Error as exc:
             raise CheckpointError(f"cannot open checkpoint {path}: {exc}") from None
-        if found != COLUMNS:
+        if self._version > SCHEMA_VERSION:
             self._db.close()
             raise CheckpointError(
-                f"checkpoint {path.name} was made by another version of batchrun; move it away "
-                "to start over (its results cannot be read here)"
+                f"checkpoint {path.name} was made by a newer batchrun (checkpoint schema "
+                f"{self._version}, this one reads up to {SCHEMA_VERSION}); upgrade batchrun to "
+                "resume it, or move it away to start over"
             )
-        placeholders = ", ".join("?" for _ in COLUMNS)
-        self._insert = f"INSERT OR REPLACE INTO results ({', '.join(COLUMNS)}) VALUES ({placeholders})"
+        if mode == "read":
+            self._read_as_current()
+
+    def _read_as_current(self) -> None:
+        """Let a reader see this version's columns without changing the file: temp tables (an
+        empty checkpoint) or a temp view over an older table, with null for the columns it lacks;
+        SQLite looks names up in `temp` first."""
+        if not self._columns:
+            columns = ", ".join(f"{c.name} {c.sql}" for c in COLUMNS)
+            self._db.execute(f"CREATE TEMP TABLE results ({columns})")
+            self._db.execute("CREATE TEMP TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
+        elif not self._columns.issuperset(NAMES):
+            select = ", ".join(c if c in self._columns else f"NULL AS {c}" for c in NAMES)
+            self._db.execute(f"CREATE TEMP VIEW results AS SELECT {select} FROM main.results")
+
+    def migrate(self) -> None:
+        """Bring the table to this version's columns in place: a new column is added (null for
+        the rows already recorded), so a checkpoint of an older version resumes."""
+        if self._version == SCHEMA_VERSION and self._columns:
+            return
+        with self._transaction():
+            if not self._columns:
+                columns = ", ".join(f"{c.name} {c.sql}" for c in COLUMNS)
+                self._db.execute(f"CREATE TABLE results ({columns})")
+            else:
+                for column in COLUMNS:
+                    if column.name not in self._columns:
+                        self._db.execute(f"ALTER TABLE results ADD COLUMN {column.name} {column.sql}")
+            self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        self._columns = set(NAMES)
+        self._version = SCHEMA_VERSION
 
     def lock(self) -> None:
         """Become the one writer of this checkpoint; the OS drops the lock when we die."""
@@ -125,20 +179,25 @@ class Checkpoint:
         if self._lock_file is not None:
             self._lock_file.close()
 
-    def fingerprint(self) -> dict[str, Any] | None:
+    def fingerprint(self) -> Fingerprint | None:
         row = self._db.execute("SELECT value FROM meta WHERE key = 'fingerprint'").fetchone()
         return json.loads(row[0]) if row else None
 
-    def start(self, fingerprint: dict[str, Any], fresh: bool) -> None:
-        """Bind the checkpoint to this job version, or refuse if it belongs to another."""
+    def check(self, made_for: tuple[Fingerprint, ...], fresh: bool = False) -> None:
+        """Refuse a checkpoint made for another version of the job, unless it is to be discarded."""
         old = self.fingerprint()
-        if old is not None and old != fingerprint and not fresh:
-            changed = [k for k in fingerprint if old.get(k) != fingerprint[k]]
-            raise CheckpointError(
-                f"the job's {', '.join(changed)} changed since checkpoint {self.path.name} was "
-                "made; rerun with --fresh to start over (its results will be discarded), "
-                "or restore the job as it was to resume"
-            )
+        if old is None or old in made_for or fresh:
+            return
+        closest = min(made_for, key=lambda f: sum(old.get(k) != f[k] for k in f))
+        changed = [k for k in closest if old.get(k) != closest[k]]
+        raise CheckpointError(
+            f"the job's {', '.join(changed)} changed since checkpoint {self.path.name} was "
+            "made; rerun with --fresh to start over (its results will be discarded), "
+            "or restore the job as it was to resume"
+        )
+
+    def bind(self, fingerprint: Fingerprint, fresh: bool) -> None:
+        """Record the job version this checkpoint is for; `fresh` discards the rows recorded."""
         with self._transaction():
             if fresh:
                 self._db.execute("DELETE FROM results")
@@ -150,7 +209,7 @@ class Checkpoint:
     def record(self, results: Iterable[RowResult]) -> None:
         """Commit a batch of finished rows in one transaction."""
         with self._transaction():
-            self._db.executemany(self._insert, map(_as_row, results))
+            self._db.executemany(_INSERT, map(_as_row, results))
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -225,5 +284,5 @@ class Checkpoint:
         return self._db.execute(query, (n,)).fetchall()
 
     def results(self) -> list[tuple[Any, ...]]:
-        """Every recorded row as a tuple in COLUMNS order."""
-        return self._db.execute(f"SELECT {', '.join(COLUMNS)} FROM results ORDER BY row").fetchall()
+        """Every recorded row as a tuple in `results.NAMES` order."""
+        return self._db.execute(f"SELECT {', '.join(NAMES)} FROM results ORDER BY row").fetchall()

@@ -16,13 +16,13 @@ from typing import Any, Literal, TypeVar
 import click
 from click_default_group import DefaultGroup
 
-from batchrun.checkpoint import Checkpoint
+from batchrun.checkpoint import Fingerprint, open_checkpoint
 from batchrun.cost import job_price
 from batchrun.errors import BatchrunError, RequestFailed
 from batchrun.estimate import estimate_job, pilot_rows
 from batchrun.job import EndpointSpec, JobSpec, RetrySpec, load_job
 from batchrun.models import check_model, list_models
-from batchrun.plan import prepare
+from batchrun.plan import SIMULATED_ENDPOINT, PreparedJob, prepare
 from batchrun.report import RunResult, cost_report, format_cost_report, job_table, read_output_table
 from batchrun.runner import RunOptions, api_key, run_async
 from batchrun.simulator import SimulatorConfig, serve_forever, serve_in_thread
@@ -323,7 +323,7 @@ def status(job_file: Path, output: Path | None) -> None:
     if not job.checkpoint_path.exists():
         click.echo(f"not started: 0 of {job.source.row_count} rows done")
         return
-    checkpoint = Checkpoint(job.checkpoint_path)
+    checkpoint = open_checkpoint(job.checkpoint_path, "read", *made_for(job))
     try:
         totals = checkpoint.totals()
         kinds = checkpoint.failures_by_kind()
@@ -340,6 +340,13 @@ def status(job_file: Path, output: Path | None) -> None:
     click.echo(tokens_line(totals.prompt_tokens, totals.completion_tokens, totals.without_usage))
     if spent is not None:
         click.echo(cost_line(spent, totals.prompt_tokens is None, totals.without_usage))
+
+
+def made_for(job: PreparedJob) -> tuple[Fingerprint, Fingerprint]:
+    """The job as run on its endpoint and as run with --simulate: a command that reads the
+    checkpoint takes either run's (hashing the input once)."""
+    fingerprint = job.fingerprint(simulate=False)
+    return fingerprint, fingerprint | {"endpoint.base_url": SIMULATED_ENDPOINT}
 
 
 @main.command(name="estimate")
@@ -374,10 +381,11 @@ def estimate_command(
     job = prepare(spec, output)
     if not simulate:
         check_model_with_key(spec)
-    fingerprint = job.fingerprint(simulate)
-    projection = estimate_job(job, fingerprint)
+    readable = made_for(job)
+    fingerprint = readable[1] if simulate else readable[0]
+    projection = estimate_job(job, readable)
     if sample is not None and projection.to_do:
-        rows = pilot_rows(job, fingerprint, sample)
+        rows = pilot_rows(job, readable, sample)
         share = len(rows) / projection.to_do
         if projection.expected.cost_usd is not None and projection.worst.cost_usd is not None:
             cost = (
@@ -393,7 +401,7 @@ def estimate_command(
             click.echo(summary(result, job_file), err=True)
             if result.interrupted or result.budget_stopped:
                 sys.exit(result.exit_code)
-            projection = estimate_job(job, fingerprint)
+            projection = estimate_job(job, readable)
     projection.save(job, fingerprint)
     click.echo("\n".join(projection.lines()))
 
@@ -431,7 +439,8 @@ def cost_command(path: Path, by: tuple[str, ...], fmt: str, output: Path | None)
       batchrun cost jobs/summarize.yaml --by finish_reason --format csv
     """
     if path.suffix.lower() in (".yaml", ".yml"):
-        table = job_table(prepare(load_job(path), output, write=False), by)
+        job = prepare(load_job(path), output, write=False)
+        table = job_table(job, by, made_for(job))
     elif output is not None:
         raise BatchrunError("--output goes with a job file: `batchrun cost JOB --output PATH`")
     else:

@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from batchrun.checkpoint import COLUMNS, Checkpoint
+from batchrun.checkpoint import Fingerprint, open_checkpoint
 from batchrun.cost import ASSUMED_MAX_OUTPUT_TOKENS, Price, billed_output_tokens, job_price, output_tokens_cap
 from batchrun.plan import DONE, PreparedJob
 from batchrun.prompts import text_length
 from batchrun.report import fingerprint_digest, write_json
+from batchrun.results import NAMES
 from batchrun.sources import ROW
 
 DEFAULT_CHARS_PER_TOKEN = 4.0  # English prose in GPT-style tokenizers; used until rows are measured
@@ -65,7 +66,6 @@ class Estimate:
     high: Scenario
     worst: Scenario
     price: Price | None
-    ignored_checkpoint: str | None  # why finished rows were not used, if they were not
 
     def lines(self) -> list[str]:
         """The estimate, for people."""
@@ -90,8 +90,6 @@ class Estimate:
             f"output tokens: {self.expected.output_tokens:,} expected ({output_basis}); "
             f"{self.worst.output_tokens:,} worst case ({cap})",
         ]
-        if self.ignored_checkpoint:
-            lines.insert(1, f"note: {self.ignored_checkpoint}")
         if self.price is None:
             lines.append("cost: unknown: the model has no list price; set pricing: in the job")
             return lines
@@ -137,38 +135,29 @@ class Estimate:
         )
 
 
-def pilot_rows(job: PreparedJob, fingerprint: dict[str, Any], n: int) -> list[int]:
+def pilot_rows(job: PreparedJob, made_for: tuple[Fingerprint, ...], n: int) -> list[int]:
     """N of the rows still to do, chosen at random but the same on every call (seeded)."""
-    finished, _ = finished_rows(job, fingerprint)
+    finished = finished_rows(job, made_for)
     to_do = [r for r in range(job.source.row_count) if r not in finished]
     return sorted(random.Random(PILOT_SEED).sample(to_do, min(n, len(to_do))))
 
 
-def finished_rows(
-    job: PreparedJob, fingerprint: dict[str, Any]
-) -> tuple[dict[int, dict[str, Any]], str | None]:
-    """The checkpoint's finished rows by row number, if it was made by this very job version;
-    else no rows and the reason."""
+def finished_rows(job: PreparedJob, made_for: tuple[Fingerprint, ...]) -> dict[int, dict[str, Any]]:
+    """The checkpoint's finished rows by row number; a checkpoint made for another version of
+    the job (not one of `made_for`) is refused, as `run` refuses it."""
     if not job.checkpoint_path.exists():
-        return {}, None
-    checkpoint = Checkpoint(job.checkpoint_path)
+        return {}
+    checkpoint = open_checkpoint(job.checkpoint_path, "read", *made_for)
     try:
-        made_for = checkpoint.fingerprint()
-        if made_for is not None and made_for != fingerprint:
-            changed = ", ".join(k for k in fingerprint if made_for.get(k) != fingerprint[k])
-            return (
-                {},
-                f"the checkpoint was made for another version of the job ({changed}); its rows are not used",
-            )
-        rows = [dict(zip(COLUMNS, r, strict=True)) for r in checkpoint.results()]
+        rows = [dict(zip(NAMES, r, strict=True)) for r in checkpoint.results()]
     finally:
         checkpoint.close()
-    return {r["row"]: r for r in rows if r["status"] in DONE}, None
+    return {r["row"]: r for r in rows if r["status"] in DONE}
 
 
-def estimate_job(job: PreparedJob, fingerprint: dict[str, Any]) -> Estimate:
+def estimate_job(job: PreparedJob, made_for: tuple[Fingerprint, ...]) -> Estimate:
     """Project the cost of the rows not yet finished (all rows if the job never ran)."""
-    finished, ignored = finished_rows(job, fingerprint)
+    finished = finished_rows(job, made_for)
     price = job_price(job.spec)
     to_do_chars = array("q")
     observed = Observed([], [], [], 0)
@@ -202,7 +191,6 @@ def estimate_job(job: PreparedJob, fingerprint: dict[str, Any]) -> Estimate:
         cap=cap,
         price=price,
         spent=None if price is None else sum(c or 0.0 for c in costs),
-        ignored=ignored,
     )
 
 
@@ -214,7 +202,6 @@ def _project(
     cap: int | None,
     price: Price | None,
     spent: float | None,
-    ignored: str | None,
 ) -> Estimate:
     to_do, chars = len(to_do_chars), sum(to_do_chars)
     out_cap = cap or ASSUMED_MAX_OUTPUT_TOKENS
@@ -260,7 +247,6 @@ def _project(
         high=high,
         worst=worst,
         price=price,
-        ignored_checkpoint=ignored,
     )
 
 

@@ -12,41 +12,11 @@ from typing import Any
 import orjson
 import polars as pl
 
-from batchrun.checkpoint import COLUMNS
 from batchrun.errors import BatchrunError
 from batchrun.job import FieldType
+from batchrun.results import OUTPUT_RESULT_COLUMNS, RESULT_SCHEMA
 from batchrun.sources import ROW, Source
 from batchrun.structured import polars_type
-
-RESULT_SCHEMA: dict[str, Any] = {
-    "row": pl.Int64,
-    "id": pl.String,
-    "status": pl.String,
-    "content": pl.String,
-    "finish_reason": pl.String,
-    "prompt_tokens": pl.Int64,
-    "completion_tokens": pl.Int64,
-    "total_tokens": pl.Int64,
-    "error_kind": pl.String,
-    "error": pl.String,
-    "attempts": pl.Int64,
-    "latency_ms": pl.Float64,
-    "model": pl.String,
-    "response_id": pl.String,
-    "ttft_ms": pl.Float64,
-    "tool_calls": pl.String,
-    "fields": pl.String,
-    "cached_tokens": pl.Int64,
-    "reasoning_tokens": pl.Int64,
-    "cost_usd": pl.Float64,
-}
-assert tuple(RESULT_SCHEMA) == COLUMNS
-# The order a reader scans an output row in: the answer first, bookkeeping last.
-OUTPUT_RESULT_COLUMNS = (
-    "content", "tool_calls", "finish_reason", "prompt_tokens", "completion_tokens", "total_tokens",
-    "cached_tokens", "reasoning_tokens", "cost_usd", "status", "error_kind", "error", "attempts",
-    "latency_ms", "ttft_ms", "model", "response_id",
-)  # fmt: skip
 
 
 def build_table(

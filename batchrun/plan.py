@@ -11,8 +11,8 @@ from typing import Any
 
 from batchrun.errors import InputError, JobError
 from batchrun.job import JobSpec
-from batchrun.output import OUTPUT_RESULT_COLUMNS
 from batchrun.prompts import PromptTemplates, conversation
+from batchrun.results import OUTPUT_RESULT_COLUMNS
 from batchrun.sources import ROW, Source, open_source
 from batchrun.structured import format_fallbacks
 

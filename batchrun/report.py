@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
-from batchrun.checkpoint import Checkpoint
+from batchrun.checkpoint import Fingerprint, open_checkpoint
 from batchrun.cost import Price
 from batchrun.errors import BatchrunError, InputError
-from batchrun.output import OUTPUT_RESULT_COLUMNS, build_table, write_atomically
+from batchrun.output import build_table, write_atomically
+from batchrun.results import ANSWER_COLUMNS, OUTPUT_RESULT_COLUMNS, RESULT_SCHEMA
 from batchrun.sources import scan_table
 
 if TYPE_CHECKING:
@@ -29,9 +30,7 @@ if TYPE_CHECKING:
 USAGE_COLUMNS = ("prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens")
 PERCENTILES = (50, 90, 99)
 # Rows that got an answer (so were billed), and those among them without usage: as in checkpoint.py.
-ANSWERED = (pl.col("status") == "ok") | pl.any_horizontal(
-    pl.col(c).is_not_null() for c in ("finish_reason", "content", "tool_calls")
-)
+ANSWERED = (pl.col("status") == "ok") | pl.any_horizontal(pl.col(c).is_not_null() for c in ANSWER_COLUMNS)
 NO_USAGE = ANSWERED & (pl.col("prompt_tokens").is_null() | pl.col("completion_tokens").is_null())
 
 
@@ -163,12 +162,13 @@ def _estimate_before(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any] 
     return dict(saved.get("job", {}), made_at=saved.get("made_at"))
 
 
-def job_table(job: PreparedJob, by: tuple[str, ...]) -> pl.DataFrame:
-    """A job's output table as its checkpoint has it now, with the input columns named in `by`."""
+def job_table(job: PreparedJob, by: tuple[str, ...], made_for: tuple[Fingerprint, ...]) -> pl.DataFrame:
+    """A job's output table as its checkpoint has it now, with the input columns named in `by`;
+    the checkpoint must be the job's (`made_for`, as `open_checkpoint` checks)."""
     extra = [c for c in by if c in job.source.columns and c not in OUTPUT_RESULT_COLUMNS]
     results: list[tuple[Any, ...]] = []
     if job.checkpoint_path.exists():
-        checkpoint = Checkpoint(job.checkpoint_path)
+        checkpoint = open_checkpoint(job.checkpoint_path, "read", *made_for)
         try:
             results = checkpoint.results()
         finally:
@@ -188,9 +188,10 @@ def read_output_table(path: Path) -> pl.DataFrame:
     missing = [c for c in ("status", "model", "prompt_tokens", "completion_tokens") if c not in table.columns]
     if missing:
         raise InputError(f"{path} is not a batchrun output table: it has no '{missing[0]}' column")
-    types: dict[str, pl.DataType] = {c: pl.Int64() for c in USAGE_COLUMNS} | {"cost_usd": pl.Float64()}
-    types |= {c: pl.String() for c in ("content", "tool_calls", "finish_reason")}
-    return table.with_columns(pl.lit(None, t).alias(c) for c, t in types.items() if c not in table.columns)
+    summed = (*USAGE_COLUMNS, "cost_usd", *ANSWER_COLUMNS)  # an older table may lack them: null
+    return table.with_columns(
+        pl.lit(None, RESULT_SCHEMA[c]).alias(c) for c in summed if c not in table.columns
+    )
 
 
 def cost_report(table: pl.DataFrame, by: tuple[str, ...]) -> pl.DataFrame:

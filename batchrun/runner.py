@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from batchrun.budget import BudgetGuard
-from batchrun.checkpoint import Checkpoint
+from batchrun.checkpoint import open_checkpoint
 from batchrun.client import ChatClient
 from batchrun.core import Core, RunStats, Stop
 from batchrun.cost import ASSUMED_MAX_OUTPUT_TOKENS, job_price, output_tokens_cap, request_cost
@@ -81,11 +81,9 @@ async def run_job(
     model_note = None
     if not options.simulate:
         model_note = await asyncio.to_thread(check_model, spec, spec.endpoint.base_url, key)
-    checkpoint = Checkpoint(job.checkpoint_path)
+    fingerprint = job.fingerprint(options.simulate)  # hashes the whole input: once per run
+    checkpoint = open_checkpoint(job.checkpoint_path, "fresh" if options.fresh else "resume", fingerprint)
     try:
-        checkpoint.lock()
-        fingerprint = job.fingerprint(options.simulate)  # hashes the whole input: once per run
-        checkpoint.start(fingerprint, fresh=options.fresh)
         repriced = checkpoint.reprice(repr(price), functools.partial(request_cost, price))
         spent = checkpoint.spent_usd()
         in_scope = min(options.limit or job.source.row_count, job.source.row_count)

@@ -1,0 +1,125 @@
+"""The checkpoint across versions (the column registry, additive migration) and the one way of
+opening it that every reader shares (#12 items 4 and 7)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import typing
+from dataclasses import fields
+from pathlib import Path
+
+import polars as pl
+import yaml
+
+from batchrun.checkpoint import RowResult
+from batchrun.results import COLUMNS, NAMES, OUTPUT_RESULT_COLUMNS, SCHEMA_VERSION
+from batchrun.simulator import RunningSimulator
+from tests.conftest import article_rows, checkpoint_path, invoke, read_output, write_job
+
+FIXTURE = Path(__file__).parent / "fixtures" / "checkpoint_v1"
+
+
+def previous_release_job(tmp_path: Path) -> Path:
+    """A copy of the job whose checkpoint the release before the registry wrote: rows 0-7 done
+    (1001 and 1004 failed with HTTP 400), rows 8-11 pending; made with --simulate."""
+    shutil.copytree(FIXTURE, tmp_path / "job")
+    return tmp_path / "job" / "job.yaml"
+
+
+def sql(job: Path, query: str) -> list[tuple[object, ...]]:
+    with sqlite3.connect(checkpoint_path(job)) as db:
+        return db.execute(query).fetchall()
+
+
+def test_row_result_has_the_registry_columns_with_matching_types() -> None:
+    hints = typing.get_type_hints(RowResult)
+    python_type = {"INTEGER": int, "INTEGER PRIMARY KEY": int, "REAL": float, "TEXT": str}
+    assert sorted(f.name for f in fields(RowResult)) == sorted(NAMES)
+    for column in COLUMNS:
+        declared = hints[column.name]
+        assert python_type[column.sql] in (declared, *typing.get_args(declared)), column.name
+
+
+def test_checkpoint_of_the_previous_release_resumes(tmp_path: Path) -> None:
+    job = previous_release_job(tmp_path)
+    before = dict(((r, (s, rid)) for r, s, rid in sql(job, "SELECT row, status, response_id FROM results")))
+    assert sql(job, "PRAGMA user_version") == [(0,)] and len(before) == 8
+
+    resumed = invoke("run", str(job), "--simulate")
+
+    assert resumed.exit_code == 1, resumed.output  # finished, two rows failed (as recorded)
+    assert "resuming: 8 of 12 rows already done" in resumed.stderr
+    report = json.loads((job.parent / "out" / "result.parquet.report.json").read_text())
+    assert report["this_run"]["requests"] == 4  # only the pending rows were sent
+    out = read_output(job)
+    assert out.columns == ["id", "title", *OUTPUT_RESULT_COLUMNS]
+    assert out["status"].to_list() == ["ok", "failed", "ok", "ok", "failed"] + ["ok"] * 7
+    kept = out.head(8).select("status", "response_id").rows()
+    assert kept == [before[r] for r in range(8)]  # the finished rows as recorded, not sent again
+    assert sql(job, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+
+
+def test_a_column_new_since_the_checkpoint_is_added_in_place(tmp_path: Path) -> None:
+    job = previous_release_job(tmp_path)
+    sql(job, "ALTER TABLE results DROP COLUMN latency_ms")  # as if the column were new
+
+    status = invoke("status", str(job))  # a reader reads it as it is, and changes nothing
+
+    assert status.exit_code == 0, status.output
+    assert status.stdout.splitlines()[:2] == ["ok: 6", "failed: 2 (http_400: 2)"]
+    assert "latency_ms" not in {c for _, c, *_ in sql(job, "PRAGMA table_info(results)")}
+
+    resumed = invoke("run", str(job), "--simulate")
+
+    assert resumed.exit_code == 1, resumed.output
+    assert sql(job, "SELECT COUNT(*), COUNT(latency_ms) FROM results") == [(12, 4)]
+    out = read_output(job)
+    assert out["latency_ms"].is_null().to_list() == [True] * 8 + [False] * 4  # old rows: unknown
+    assert out["response_id"].null_count() == 2  # the failed rows; the others kept theirs
+
+
+def test_checkpoint_of_a_newer_release_is_refused(tmp_path: Path) -> None:
+    job = previous_release_job(tmp_path)
+    sql(job, f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    expected = (
+        f"Error: checkpoint result.parquet.checkpoint.sqlite was made by a newer batchrun (checkpoint "
+        f"schema {SCHEMA_VERSION + 1}, this one reads up to {SCHEMA_VERSION}); upgrade batchrun to "
+        "resume it, or move it away to start over\n"
+    )
+    for command in ("run", "status"):
+        refused = invoke(command, str(job), *(["--simulate"] if command == "run" else []))
+        assert (refused.exit_code, refused.stderr) == (2, expected)
+    assert sql(job, "SELECT COUNT(*) FROM results") == [(8,)]
+
+
+def test_every_reader_refuses_a_checkpoint_of_another_job_version(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    job = write_job(tmp_path, article_rows(8), simulator.base_url)
+    assert invoke("run", str(job), "--limit", "5").exit_code == 0
+    spec = yaml.safe_load(job.read_text())
+    spec["prompt"]["user"] = "Headline only: {title}"
+    job.write_text(yaml.safe_dump(spec))
+    expected = (
+        "Error: the job's prompt changed since checkpoint result.parquet.checkpoint.sqlite was made; "
+        "rerun with --fresh to start over (its results will be discarded), or restore the job as it "
+        "was to resume\n"
+    )
+
+    for command in ("run", "status", "cost", "estimate"):
+        refused = invoke(command, str(job))
+        assert (command, refused.exit_code, refused.stderr) == (command, 2, expected)
+    assert simulator.stats.requests == 5
+
+
+def test_readers_take_the_checkpoint_of_a_simulated_run(tmp_path: Path) -> None:
+    job = previous_release_job(tmp_path)  # made with --simulate; the job names a real endpoint
+
+    status = invoke("status", str(job))
+    cost = invoke("cost", str(job), "--format", "json")
+
+    assert status.exit_code == 0 and status.stdout.splitlines()[4:6] == ["pending: 4", "of: 12"]
+    assert cost.exit_code == 0, cost.output
+    assert pl.DataFrame(json.loads(cost.stdout)).filter(pl.col("model") == "total")["rows"].item() == 12
