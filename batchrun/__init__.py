@@ -1,8 +1,53 @@
-"""batchrun: run one LLM chat request per table row, resumably, within limits and budget."""
+"""batchrun: run one LLM chat request per table row, resumably, within limits and budget.
 
-from batchrun.errors import BatchrunError
-from batchrun.job import JobSpec, load_job
-from batchrun.report import RunResult
-from batchrun.runner import RunOptions
+    import batchrun
+    out = batchrun.run(df, model="grok-4.3", prompt="Summarize: {text}", checkpoint="runs/s.sqlite")
 
-__all__ = ["BatchrunError", "JobSpec", "RunOptions", "RunResult", "load_job"]
+The drivers' heavy imports (polars, the HTTP client) wait until `run`, `arun` or `Job` is first
+used, so that `import batchrun.cli` stays quick.
+"""
+
+from typing import TYPE_CHECKING, Any
+
+from batchrun.errors import (
+    BatchrunError,
+    CheckpointError,
+    EndpointUnavailable,
+    InputError,
+    JobAborted,
+    JobError,
+    RequestFailed,
+)
+
+if TYPE_CHECKING:
+    from batchrun.api import Job, arun, run
+    from batchrun.report import RunResult
+
+__all__ = [
+    "BatchrunError",
+    "CheckpointError",
+    "EndpointUnavailable",
+    "InputError",
+    "Job",
+    "JobAborted",
+    "JobError",
+    "RequestFailed",
+    "RunResult",
+    "__version__",
+    "arun",
+    "run",
+]
+
+_LAZY = {"Job": "batchrun.api", "arun": "batchrun.api", "run": "batchrun.api", "RunResult": "batchrun.report"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    if name == "__version__":
+        from importlib.metadata import version
+
+        return version("batchrun")
+    raise AttributeError(f"module 'batchrun' has no attribute {name!r}")
