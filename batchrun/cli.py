@@ -314,7 +314,9 @@ def status(job_file: Path, output: Path | None) -> None:
     metavar="N",
     help="First send a random pilot of N rows still to do, then project from their usage.",
 )
-@click.option("-y", "--yes", is_flag=True, help="Send the --sample pilot without asking.")
+@click.option(
+    "-y", "--yes", is_flag=True, help="Send the --sample pilot without asking (needed without a terminal)."
+)
 @click.option("--simulate", is_flag=True, help="Send the pilot to the built-in simulator; use its rows.")
 @output_option
 @no_check_model_option
@@ -384,6 +386,7 @@ def _confirm(question: str) -> bool:
     type=click.Choice(["table", "csv", "json"]),
     default="table",
     show_default=True,
+    help="A table for reading, or CSV / JSON for other tools.",
 )
 @output_option
 @friendly_errors
@@ -446,7 +449,7 @@ def models(job_file: Path | None, simulate: bool) -> None:
 
 
 @main.command()
-@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8787, show_default=True, type=int, help="0 picks a free port.")
 @click.option(
     "--latency-ms", default=0.0, show_default=True, type=click.FloatRange(min=0), help="Mean delay."
@@ -473,7 +476,7 @@ def models(job_file: Path | None, simulate: bool) -> None:
     show_default=True,
     help="--rpm over the last 1 s before each request (sliding), or per whole 1 s slice (fixed).",
 )
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int, help="Seeds latencies and 5xx choices.")
 @friendly_errors
 def simulate(
     host: str,
