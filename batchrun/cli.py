@@ -9,29 +9,19 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import click
 from click_default_group import DefaultGroup
 
-from batchrun.checkpoint import Fingerprint, open_checkpoint
-from batchrun.cost import job_price
 from batchrun.errors import BatchrunError, RequestFailed
-from batchrun.estimate import estimate_job, pilot_rows
-from batchrun.job import EndpointSpec, JobSpec, RetrySpec, load_job
-from batchrun.models import check_model, list_models
-from batchrun.report import cost_report, format_cost_report, job_table, read_output_table
-from batchrun.runner import (
-    SIMULATED_ENDPOINT,
-    PreparedJob,
-    RunOptions,
-    RunResult,
-    api_key,
-    prepare,
-    run_async,
-    run_job,
-)
-from batchrun.simulator import SimulatorConfig, serve_forever, serve_in_thread
+
+# Commands import what they use when they run, so that `--help` and `--version` need none of
+# polars, aiohttp, pydantic or genai-prices (tests/test_startup.py).
+if TYPE_CHECKING:
+    from batchrun.checkpoint import Fingerprint
+    from batchrun.job import JobSpec
+    from batchrun.runner import PreparedJob, RunResult
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -144,6 +134,9 @@ def run(
       batchrun jobs/summarize.yaml --retry-failed     # resend only failed rows
       batchrun jobs/summarize.yaml --max-cost 5       # spend at most $5 on the job
     """
+    from batchrun.job import load_job
+    from batchrun.runner import RunOptions, run_job
+
     spec = skip_model_check(load_job(job_file), no_check_model)
     if simulate_latency_ms is not None and not simulate:
         raise click.UsageError("--simulate-latency-ms goes with --simulate")
@@ -246,6 +239,9 @@ def skip_model_check(spec: JobSpec, skip: bool) -> JobSpec:
 
 def check_model_with_key(spec: JobSpec) -> None:
     """`run`'s start check, for commands that send no chat request: made when the key is set."""
+    from batchrun.models import check_model
+    from batchrun.runner import api_key
+
     if not spec.endpoint.check_model:
         return
     if not os.environ.get(spec.endpoint.api_key_env, "").strip():
@@ -265,6 +261,9 @@ def validate(job_file: Path, output: Path | None, no_check_model: bool) -> None:
     When the job's key is set, the endpoint's model list (GET /models) is also fetched to check
     the model name and the key; without the key that check is skipped.
     """
+    from batchrun.job import load_job
+    from batchrun.runner import prepare
+
     job = prepare(skip_model_check(load_job(job_file), no_check_model), output)
     check_model_with_key(job.spec)
     click.echo(
@@ -281,6 +280,11 @@ def validate(job_file: Path, output: Path | None, no_check_model: bool) -> None:
 @friendly_errors
 def status(job_file: Path, output: Path | None) -> None:
     """Show rows done / failed / pending and tokens so far, from JOB's checkpoint."""
+    from batchrun.checkpoint import open_checkpoint
+    from batchrun.cost import job_price
+    from batchrun.job import load_job
+    from batchrun.runner import prepare
+
     job = prepare(load_job(job_file), output, write=False)
     if not job.checkpoint_path.exists():
         click.echo(f"not started: 0 of {job.source.row_count} rows done")
@@ -307,6 +311,8 @@ def status(job_file: Path, output: Path | None) -> None:
 def made_for(job: PreparedJob) -> tuple[Fingerprint, Fingerprint]:
     """The job as run on its endpoint and as run with --simulate: a command that reads the
     checkpoint takes either run's (hashing the input once)."""
+    from batchrun.runner import SIMULATED_ENDPOINT
+
     fingerprint = job.fingerprint(simulate=False)
     return fingerprint, fingerprint | {"endpoint.base_url": SIMULATED_ENDPOINT}
 
@@ -319,7 +325,9 @@ def made_for(job: PreparedJob) -> tuple[Fingerprint, Fingerprint]:
     metavar="N",
     help="First send a random pilot of N rows still to do, then project from their usage.",
 )
-@click.option("-y", "--yes", is_flag=True, help="Send the --sample pilot without asking.")
+@click.option(
+    "-y", "--yes", is_flag=True, help="Send the --sample pilot without asking (needed without a terminal)."
+)
 @click.option("--simulate", is_flag=True, help="Send the pilot to the built-in simulator; use its rows.")
 @output_option
 @no_check_model_option
@@ -339,6 +347,10 @@ def estimate_command(
       batchrun estimate jobs/summarize.yaml
       batchrun estimate jobs/summarize.yaml --sample 100 --yes --simulate
     """
+    from batchrun.estimate import estimate_job, pilot_rows
+    from batchrun.job import load_job
+    from batchrun.runner import RunOptions, prepare, run_job
+
     spec = skip_model_check(load_job(job_file), no_check_model)
     job = prepare(spec, output)
     if not simulate:
@@ -386,6 +398,7 @@ def _confirm(question: str) -> bool:
     type=click.Choice(["table", "csv", "json"]),
     default="table",
     show_default=True,
+    help="A table for reading, or CSV / JSON for other tools.",
 )
 @output_option
 @friendly_errors
@@ -400,6 +413,10 @@ def cost_command(path: Path, by: tuple[str, ...], fmt: str, output: Path | None)
       batchrun cost out/summaries.parquet
       batchrun cost jobs/summarize.yaml --by finish_reason --format csv
     """
+    from batchrun.job import load_job
+    from batchrun.report import cost_report, format_cost_report, job_table, read_output_table
+    from batchrun.runner import prepare
+
     if path.suffix.lower() in (".yaml", ".yml"):
         job = prepare(load_job(path), output, write=False)
         table = job_table(job, by, made_for(job))
@@ -421,6 +438,11 @@ def cost_command(path: Path, by: tuple[str, ...], fmt: str, output: Path | None)
 @friendly_errors
 def models(job_file: Path | None, simulate: bool) -> None:
     """List the models the endpoint offers to your key (GET /v1/models), one per line."""
+    from batchrun.job import EndpointSpec, RetrySpec, load_job
+    from batchrun.models import list_models
+    from batchrun.runner import api_key
+    from batchrun.simulator import SimulatorConfig, serve_in_thread
+
     spec = load_job(job_file) if job_file else None
     endpoint = spec.endpoint if spec else EndpointSpec()
     retry = spec.retry if spec else RetrySpec()
@@ -440,7 +462,7 @@ def models(job_file: Path | None, simulate: bool) -> None:
 
 
 @main.command()
-@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8787, show_default=True, type=int, help="0 picks a free port.")
 @click.option(
     "--latency-ms", default=0.0, show_default=True, type=click.FloatRange(min=0), help="Mean delay."
@@ -467,7 +489,7 @@ def models(job_file: Path | None, simulate: bool) -> None:
     show_default=True,
     help="--rpm over the last 1 s before each request (sliding), or per whole 1 s slice (fixed).",
 )
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int, help="Seeds latencies and 5xx choices.")
 @friendly_errors
 def simulate(
     host: str,
@@ -486,6 +508,9 @@ def simulate(
     answers by status; POST /simulator/reset starts the counts afresh. Point a job at it with
     `endpoint: {base_url: http://127.0.0.1:8787/v1}`.
     """
+    from batchrun.runner import run_async
+    from batchrun.simulator import SimulatorConfig, serve_forever
+
     config = SimulatorConfig(
         latency_ms=latency_ms,
         latency_sigma=latency_sigma,

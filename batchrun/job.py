@@ -52,7 +52,33 @@ KNOWN_PARAMS = (
 # Keys batchrun sets itself; a job may not override them through params.
 RESERVED_PARAMS = {"model": "model", "messages": "prompt"}  # and the job key that sets each
 
-SUPPORTED_TABLES = (".csv", ".parquet", ".jsonl", ".ndjson")
+TableFormat = Literal["csv", "parquet", "jsonl"]
+TABLE_SUFFIXES: dict[str, TableFormat] = {
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+}
+
+
+def table_format(path: Path, given: TableFormat | None, key: str, format_key: str | None) -> TableFormat:
+    """The format of the table at `path`: `given` (input.format / output.format), else its suffix.
+
+    An unknown suffix is an error, not a guess: a table written in a format its name does not
+    say is a surprise later. ValueError names `key` (the path's key) and what would do, including
+    `format_key` (the key that can name the format) when there is one.
+    """
+    named = TABLE_SUFFIXES.get(path.suffix.lower())
+    if given is not None and named not in (None, given):
+        raise ValueError(f"{key}: {str(path)!r} is a {named} file by its name, but {format_key} is {given}")
+    found = given or named
+    if found is None:
+        hint = f", or name the format with {format_key}: csv, parquet or jsonl" if format_key else ""
+        raise ValueError(
+            f"{key}: {str(path)!r} is not a table type batchrun knows; "
+            f"use .csv, .parquet or .jsonl (or .ndjson){hint}"
+        )
+    return found
 
 
 class _Strict(BaseModel):
@@ -66,6 +92,7 @@ class InputSpec(_Strict):
     # (skip), or render it as "" (empty).
     on_null: Literal["error", "skip", "empty"] = "error"
     messages_column: str | None = None  # a column holding each row's JSON list of chat messages
+    format: TableFormat | None = None  # where path's suffix does not say it (e.g. data.csv.gz)
 
 
 class EnumField(_Strict):
@@ -90,6 +117,7 @@ def _field_type(value: Any) -> Any:
 
 class OutputSpec(_Strict):
     path: Path
+    format: TableFormat | None = None  # where path's suffix does not say it
     include_columns: tuple[str, ...] = ()  # input columns copied next to each answer
     # Typed columns parsed from each answer (JSON content, or the first tool call's arguments).
     fields: dict[str, Annotated[FieldType, BeforeValidator(_field_type)]] = {}
@@ -251,6 +279,12 @@ class JobSpec(_Strict):
     job_path: Path = Path("job.yaml")  # set by load_job, not read from the file
 
     @model_validator(mode="after")
+    def _known_table_formats(self) -> JobSpec:
+        table_format(self.input.path, self.input.format, "input.path", "input.format")
+        table_format(self.output.path, self.output.format, "output.path", "output.format")
+        return self
+
+    @model_validator(mode="after")
     def _something_to_send(self) -> JobSpec:
         prompt, column = self.prompt, self.input.messages_column
         if column is None and prompt.user is None and prompt.messages is None:
@@ -295,8 +329,6 @@ def load_job(path: Path | str) -> JobSpec:
     _check_param_typos(spec.params, text, path)
     _check_templates(spec, text, path)
     base = path.parent.resolve()
-    _check_table_suffix(spec.input.path, "input", text, path)
-    _check_table_suffix(spec.output.path, "output", text, path)
     return spec.model_copy(
         update={
             "input": spec.input.model_copy(update={"path": base / spec.input.path}),
@@ -304,15 +336,6 @@ def load_job(path: Path | str) -> JobSpec:
             "job_path": path.resolve(),
         }
     )
-
-
-def _check_table_suffix(table: Path, key: str, text: str, path: Path) -> None:
-    if table.suffix.lower() not in SUPPORTED_TABLES:
-        raise JobError(
-            f"{key}.path {str(table)!r}: unsupported table type; use .csv, .parquet or .jsonl",
-            path,
-            _line_of(text, (key, "path")),
-        )
 
 
 def _check_templates(spec: JobSpec, text: str, path: Path) -> None:

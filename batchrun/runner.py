@@ -47,7 +47,7 @@ from batchrun.errors import (
     RequestFailed,
     RetryableError,
 )
-from batchrun.job import EndpointSpec, JobSpec
+from batchrun.job import EndpointSpec, JobSpec, table_format
 from batchrun.limits import Limiter, Permit
 from batchrun.models import check_model
 from batchrun.output import build_table, write_table
@@ -195,6 +195,11 @@ def prepare(spec: JobSpec, output: Path | None = None, write: bool = True) -> Pr
     if output_path == spec.input.path.resolve():
         raise JobError("output.path is the input file; choose another path", spec.job_path)
     _check_output_folder(output_path, "--output" if output else "output.path", spec, write)
+    if output is not None:  # the job's own output.path was checked with the job
+        try:
+            table_format(output_path, spec.output.format, "--output", "output.format")
+        except ValueError as exc:
+            raise JobError(str(exc)) from None
     clash = [c for c in spec.output.include_columns if c in OUTPUT_RESULT_COLUMNS]
     if clash:
         raise JobError(
@@ -209,7 +214,7 @@ def prepare(spec: JobSpec, output: Path | None = None, write: bool = True) -> Pr
         )
     needed = {"output.include_columns": spec.output.include_columns, **prompts.needed()}
     no_nulls = prompts.columns if spec.input.on_null == "error" else ()
-    source = open_source(spec.input.path, spec.input.id_column, needed, no_nulls)
+    source = open_source(spec.input.path, spec.input.id_column, needed, no_nulls, spec.input.format)
     if prompts.messages_column:
         _check_conversations(source, prompts.messages_column, skip_nulls=spec.input.on_null == "skip")
     job = PreparedJob(spec, prompts, source, output_path)
@@ -337,7 +342,7 @@ def run_job(spec: JobSpec, options: RunOptions = RunOptions()) -> RunResult:
         table = build_table(
             job.source, spec.output.include_columns, checkpoint.results(), options.limit, spec.output.fields
         )
-        write_table(table, job.output_path)
+        write_table(table, job.output_path, spec.output.format)
         totals = checkpoint.totals()
         counts = table["status"].value_counts()
         by_status = dict(zip(counts["status"].to_list(), counts["count"].to_list(), strict=True))
