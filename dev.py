@@ -1,10 +1,12 @@
-"""The README's two commands, each setting itself up on a fresh clone (Python 3.11+ and PyPI only).
+"""The README's commands, each setting itself up on a fresh clone (Python 3.11+ and PyPI only).
 
     python3 dev.py demo     run the sample job on the built-in simulator and print its summary
     python3 dev.py test     run the test suite (the same one CI runs); extra arguments go to pytest
+    python3 dev.py check    lint and type-check: ruff check, ruff format --check, mypy --strict
 
-Both make `.venv` beside this file and install the project with its test extras into it the
-first time, and again whenever pyproject.toml changes; no shell needs a venv activated.
+Each makes `.venv` beside this file and installs the project with its dev extras (the test
+tools, ruff, mypy) into it the first time, and again whenever pyproject.toml changes; no shell
+needs a venv activated.
 """
 
 from __future__ import annotations
@@ -30,24 +32,34 @@ def ensure_venv() -> None:
     if not (BIN / "python").exists():
         print(f"dev.py: creating {VENV}", file=sys.stderr)
         venv.create(VENV, with_pip=True)
-    print("dev.py: installing batchrun with its test extras (once)", file=sys.stderr)
+    print("dev.py: installing batchrun with its dev extras (once)", file=sys.stderr)
     pip = [str(BIN / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
     quiet = {**os.environ, "PYTHONWARNINGS": "ignore"}  # setuptools' editable-install banner
     subprocess.run([*pip, "--upgrade", "pip"], check=True, env=quiet)
-    subprocess.run([*pip, "-e", f"{ROOT}[test]"], check=True, env=quiet)
+    subprocess.run([*pip, "-e", f"{ROOT}[dev]"], check=True, env=quiet)
     STAMP.write_text(wanted)
 
 
 def main(argv: list[str]) -> int:
-    commands = {
-        "demo": [str(BIN / "batchrun"), "jobs/summarize.yaml", "--simulate", "--fresh"],
-        "test": [str(BIN / "python"), "-m", "pytest", "-q"],
+    python = str(BIN / "python")
+    sources = ["batchrun", "tests", "dev.py"]
+    commands = {  # extra arguments go to the last command
+        "demo": [[str(BIN / "batchrun"), "jobs/summarize.yaml", "--simulate", "--fresh"]],
+        "test": [[python, "-m", "pytest", "-q"]],
+        "check": [
+            [python, "-m", "ruff", "check", *sources],
+            [python, "-m", "ruff", "format", "--check", *sources],
+            [python, "-m", "mypy"],  # strict, on batchrun/ (pyproject.toml's [tool.mypy])
+        ],
     }
     if not argv or argv[0] not in commands:
         print(__doc__, file=sys.stderr)
         return 2
     ensure_venv()
-    return subprocess.run([*commands[argv[0]], *argv[1:]], cwd=ROOT).returncode
+    *first, last = commands[argv[0]]
+    failed = [subprocess.run(command, cwd=ROOT).returncode for command in first]
+    failed.append(subprocess.run([*last, *argv[1:]], cwd=ROOT).returncode)
+    return next((code for code in failed if code), 0)
 
 
 if __name__ == "__main__":

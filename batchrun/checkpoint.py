@@ -186,8 +186,8 @@ class Checkpoint:
     def check(self, made_for: tuple[Fingerprint, ...], fresh: bool = False) -> None:
         """Refuse a checkpoint made for another version of the job, unless it is to be discarded."""
         old = self.fingerprint()
-        if old is None or old in made_for or fresh:
-            return
+        if old is None or old in made_for or fresh or self._empty():
+            return  # an empty checkpoint (a run stopped before any row) has nothing to protect
         closest = min(made_for, key=lambda f: sum(old.get(k) != f[k] for k in f))
         changed = [k for k in closest if old.get(k) != closest[k]]
         raise CheckpointError(
@@ -195,6 +195,9 @@ class Checkpoint:
             "made; rerun with --fresh to start over (its results will be discarded), "
             "or restore the job as it was to resume"
         )
+
+    def _empty(self) -> bool:
+        return self._db.execute("SELECT 1 FROM results LIMIT 1").fetchone() is None
 
     def bind(self, fingerprint: Fingerprint, fresh: bool) -> None:
         """Record the job version this checkpoint is for; `fresh` discards the rows recorded."""

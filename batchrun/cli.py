@@ -2,30 +2,28 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import json
 import os
-import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import click
 from click_default_group import DefaultGroup
 
-from batchrun.checkpoint import Fingerprint, open_checkpoint
-from batchrun.cost import job_price
 from batchrun.errors import BatchrunError, RequestFailed
-from batchrun.estimate import estimate_job, pilot_rows
-from batchrun.job import EndpointSpec, JobSpec, RetrySpec, load_job
-from batchrun.models import check_model, list_models
-from batchrun.plan import SIMULATED_ENDPOINT, PreparedJob, prepare
-from batchrun.report import RunResult, cost_report, format_cost_report, job_table, read_output_table
-from batchrun.runner import RunOptions, api_key, run_async
-from batchrun.simulator import SimulatorConfig, serve_forever, serve_in_thread
+
+# Commands import what they use when they run, so that `--help` and `--version` need none of
+# polars, aiohttp, pydantic or genai-prices (tests/test_startup.py).
+if TYPE_CHECKING:
+    from batchrun.checkpoint import Fingerprint
+    from batchrun.job import JobSpec
+    from batchrun.plan import PreparedJob
+    from batchrun.report import RunResult
+    from batchrun.runner import RunOptions
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -138,6 +136,9 @@ def run(
       batchrun jobs/summarize.yaml --retry-failed     # resend only failed rows
       batchrun jobs/summarize.yaml --max-cost 5       # spend at most $5 on the job
     """
+    from batchrun.job import load_job
+    from batchrun.runner import RunOptions
+
     spec = skip_model_check(load_job(job_file), no_check_model)
     if simulate_latency_ms is not None and not simulate:
         raise click.UsageError("--simulate-latency-ms goes with --simulate")
@@ -166,9 +167,13 @@ def run_in_process(spec: JobSpec, options: RunOptions) -> RunResult:
     The first SIGINT or SIGTERM stops sending and lets in-flight rows finish within the grace
     period (the output is written, exit 130); a second exits at once (the checkpoint is consistent).
     """
+    import asyncio
+    import signal
+
     from batchrun.core import Stop
     from batchrun.progress import Progress
-    from batchrun.runner import run_job
+    from batchrun.runner import run_async, run_job
+    from batchrun.simulator import SimulatorConfig, serve_in_thread
 
     progress = Progress(options.quiet)
     stop = Stop()
@@ -189,9 +194,16 @@ def run_in_process(spec: JobSpec, options: RunOptions) -> RunResult:
 
     async def main(base_url: str | None) -> RunResult:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        signals = (signal.SIGINT, signal.SIGTERM)
+        before = [signal.getsignal(sig) for sig in signals]
+        for sig in signals:
             loop.add_signal_handler(sig, on_signal, sig)
-        return await run_job(spec, options, progress, base_url=base_url, stop=stop)
+        try:
+            return await run_job(spec, options, progress, base_url=base_url, stop=stop)
+        finally:  # as they were: uvloop would leave its own behind (the CLI may run in-process)
+            for sig, handler in zip(signals, before, strict=True):
+                loop.remove_signal_handler(sig)
+                signal.signal(sig, handler)
 
     with contextlib.ExitStack() as stack:
         base_url = None
@@ -284,6 +296,9 @@ def skip_model_check(spec: JobSpec, skip: bool) -> JobSpec:
 
 def check_model_with_key(spec: JobSpec) -> None:
     """`run`'s start check, for commands that send no chat request: made when the key is set."""
+    from batchrun.models import check_model
+    from batchrun.runner import api_key
+
     if not spec.endpoint.check_model:
         return
     if not os.environ.get(spec.endpoint.api_key_env, "").strip():
@@ -303,6 +318,9 @@ def validate(job_file: Path, output: Path | None, no_check_model: bool) -> None:
     When the job's key is set, the endpoint's model list (GET /models) is also fetched to check
     the model name and the key; without the key that check is skipped.
     """
+    from batchrun.job import load_job
+    from batchrun.plan import prepare
+
     job = prepare(skip_model_check(load_job(job_file), no_check_model), output)
     check_model_with_key(job.spec)
     click.echo(
@@ -319,6 +337,11 @@ def validate(job_file: Path, output: Path | None, no_check_model: bool) -> None:
 @friendly_errors
 def status(job_file: Path, output: Path | None) -> None:
     """Show rows done / failed / pending and tokens so far, from JOB's checkpoint."""
+    from batchrun.checkpoint import open_checkpoint
+    from batchrun.cost import job_price
+    from batchrun.job import load_job
+    from batchrun.plan import prepare
+
     job = prepare(load_job(job_file), output, write=False)
     if not job.checkpoint_path.exists():
         click.echo(f"not started: 0 of {job.source.row_count} rows done")
@@ -345,6 +368,8 @@ def status(job_file: Path, output: Path | None) -> None:
 def made_for(job: PreparedJob) -> tuple[Fingerprint, Fingerprint]:
     """The job as run on its endpoint and as run with --simulate: a command that reads the
     checkpoint takes either run's (hashing the input once)."""
+    from batchrun.plan import SIMULATED_ENDPOINT
+
     fingerprint = job.fingerprint(simulate=False)
     return fingerprint, fingerprint | {"endpoint.base_url": SIMULATED_ENDPOINT}
 
@@ -357,7 +382,9 @@ def made_for(job: PreparedJob) -> tuple[Fingerprint, Fingerprint]:
     metavar="N",
     help="First send a random pilot of N rows still to do, then project from their usage.",
 )
-@click.option("-y", "--yes", is_flag=True, help="Send the --sample pilot without asking.")
+@click.option(
+    "-y", "--yes", is_flag=True, help="Send the --sample pilot without asking (needed without a terminal)."
+)
 @click.option("--simulate", is_flag=True, help="Send the pilot to the built-in simulator; use its rows.")
 @output_option
 @no_check_model_option
@@ -377,6 +404,11 @@ def estimate_command(
       batchrun estimate jobs/summarize.yaml
       batchrun estimate jobs/summarize.yaml --sample 100 --yes --simulate
     """
+    from batchrun.estimate import estimate_job, pilot_rows
+    from batchrun.job import load_job
+    from batchrun.plan import prepare
+    from batchrun.runner import RunOptions
+
     spec = skip_model_check(load_job(job_file), no_check_model)
     job = prepare(spec, output)
     if not simulate:
@@ -424,6 +456,7 @@ def _confirm(question: str) -> bool:
     type=click.Choice(["table", "csv", "json"]),
     default="table",
     show_default=True,
+    help="A table for reading, or CSV / JSON for other tools.",
 )
 @output_option
 @friendly_errors
@@ -438,6 +471,10 @@ def cost_command(path: Path, by: tuple[str, ...], fmt: str, output: Path | None)
       batchrun cost out/summaries.parquet
       batchrun cost jobs/summarize.yaml --by finish_reason --format csv
     """
+    from batchrun.job import load_job
+    from batchrun.plan import prepare
+    from batchrun.report import cost_report, format_cost_report, job_table, read_output_table
+
     if path.suffix.lower() in (".yaml", ".yml"):
         job = prepare(load_job(path), output, write=False)
         table = job_table(job, by, made_for(job))
@@ -459,6 +496,11 @@ def cost_command(path: Path, by: tuple[str, ...], fmt: str, output: Path | None)
 @friendly_errors
 def models(job_file: Path | None, simulate: bool) -> None:
     """List the models the endpoint offers to your key (GET /v1/models), one per line."""
+    from batchrun.job import EndpointSpec, RetrySpec, load_job
+    from batchrun.models import list_models
+    from batchrun.runner import api_key
+    from batchrun.simulator import SimulatorConfig, serve_in_thread
+
     spec = load_job(job_file) if job_file else None
     endpoint = spec.endpoint if spec else EndpointSpec()
     retry = spec.retry if spec else RetrySpec()
@@ -478,7 +520,7 @@ def models(job_file: Path | None, simulate: bool) -> None:
 
 
 @main.command()
-@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8787, show_default=True, type=int, help="0 picks a free port.")
 @click.option(
     "--latency-ms", default=0.0, show_default=True, type=click.FloatRange(min=0), help="Mean delay."
@@ -505,7 +547,7 @@ def models(job_file: Path | None, simulate: bool) -> None:
     show_default=True,
     help="--rpm over the last 1 s before each request (sliding), or per whole 1 s slice (fixed).",
 )
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int, help="Seeds latencies and 5xx choices.")
 @friendly_errors
 def simulate(
     host: str,
@@ -524,6 +566,9 @@ def simulate(
     answers by status; POST /simulator/reset starts the counts afresh. Point a job at it with
     `endpoint: {base_url: http://127.0.0.1:8787/v1}`.
     """
+    from batchrun.runner import run_async
+    from batchrun.simulator import SimulatorConfig, serve_forever
+
     config = SimulatorConfig(
         latency_ms=latency_ms,
         latency_sigma=latency_sigma,

@@ -53,8 +53,34 @@ KNOWN_PARAMS = (
 # Keys batchrun sets itself; a job may not override them through params.
 RESERVED_PARAMS = {"model": "model", "messages": "prompt"}  # and the job key that sets each
 
-SUPPORTED_TABLES = (".csv", ".parquet", ".jsonl", ".ndjson")
 PYTHON_JOB = Path("<python>")  # the job_path of a job built in Python, which has no file
+TableFormat = Literal["csv", "parquet", "jsonl"]
+TABLE_SUFFIXES: dict[str, TableFormat] = {
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+}
+
+
+def table_format(path: Path, given: TableFormat | None, key: str, format_key: str | None) -> TableFormat:
+    """The format of the table at `path`: `given` (input.format / output.format), else its suffix.
+
+    An unknown suffix is an error, not a guess: a table written in a format its name does not
+    say is a surprise later. ValueError names `key` (the path's key) and what would do, including
+    `format_key` (the key that can name the format) when there is one.
+    """
+    named = TABLE_SUFFIXES.get(path.suffix.lower())
+    if given is not None and named not in (None, given):
+        raise ValueError(f"{key}: {str(path)!r} is a {named} file by its name, but {format_key} is {given}")
+    found = given or named
+    if found is None:
+        hint = f", or name the format with {format_key}: csv, parquet or jsonl" if format_key else ""
+        raise ValueError(
+            f"{key}: {str(path)!r} is not a table type batchrun knows; "
+            f"use .csv, .parquet or .jsonl (or .ndjson){hint}"
+        )
+    return found
 
 
 class _Strict(BaseModel):
@@ -68,6 +94,7 @@ class InputSpec(_Strict):
     # (skip), or render it as "" (empty).
     on_null: Literal["error", "skip", "empty"] = "error"
     messages_column: str | None = None  # a column holding each row's JSON list of chat messages
+    format: TableFormat | None = None  # where path's suffix does not say it (e.g. data.csv.gz)
 
 
 class EnumField(_Strict):
@@ -92,6 +119,7 @@ def _field_type(value: Any) -> Any:
 
 class OutputSpec(_Strict):
     path: Path
+    format: TableFormat | None = None  # where path's suffix does not say it
     include_columns: tuple[str, ...] = ()  # input columns copied next to each answer
     # Typed columns parsed from each answer (JSON content, or the first tool call's arguments).
     fields: dict[str, Annotated[FieldType, BeforeValidator(_field_type)]] = {}
@@ -253,6 +281,12 @@ class JobSpec(_Strict):
     job_path: Path = Path("job.yaml")  # set by load_job, not read from the file
 
     @model_validator(mode="after")
+    def _known_table_formats(self) -> JobSpec:
+        table_format(self.input.path, self.input.format, "input.path", "input.format")
+        table_format(self.output.path, self.output.format, "output.path", "output.format")
+        return self
+
+    @model_validator(mode="after")
     def _something_to_send(self) -> JobSpec:
         prompt, column = self.prompt, self.input.messages_column
         if column is None and prompt.user is None and prompt.messages is None:
@@ -307,8 +341,6 @@ def _validated(data: dict[str, Any], text: str, path: Path, base: Path) -> JobSp
         raise _job_error(exc, text, path) from None
     _check_param_typos(spec.params, text, path)
     _check_templates(spec, text, path)
-    _check_table_suffix(spec.input.path, "input", text, path)
-    _check_table_suffix(spec.output.path, "output", text, path)
     return spec.model_copy(
         update={
             "input": spec.input.model_copy(update={"path": base / spec.input.path}),
@@ -316,16 +348,6 @@ def _validated(data: dict[str, Any], text: str, path: Path, base: Path) -> JobSp
             "job_path": path if path == PYTHON_JOB else path.resolve(),
         }
     )
-
-
-def _check_table_suffix(table: Path, key: str, text: str, path: Path) -> None:
-    if table.suffix.lower() not in SUPPORTED_TABLES:
-        raise JobError(
-            f"{key}.path {str(table)!r}: unsupported table type; use .csv, .parquet or .jsonl",
-            path,
-            _line_of(text, (key, "path")),
-            key=f"{key}.path",
-        )
 
 
 def _check_templates(spec: JobSpec, text: str, path: Path) -> None:

@@ -13,7 +13,7 @@ import orjson
 import polars as pl
 
 from batchrun.errors import BatchrunError
-from batchrun.job import FieldType
+from batchrun.job import FieldType, TableFormat, table_format
 from batchrun.results import OUTPUT_RESULT_COLUMNS, RESULT_SCHEMA
 from batchrun.sources import ROW, Source
 from batchrun.structured import polars_type
@@ -63,12 +63,15 @@ def _lists_as_json(table: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def write_table(table: pl.DataFrame, path: Path) -> None:
-    """Write as the path's suffix says (.parquet, .csv, else JSON lines), atomically."""
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
+def write_table(table: pl.DataFrame, path: Path, format: TableFormat | None = None) -> None:
+    """Write in `format` (output.format), else as the path's suffix says, atomically."""
+    try:
+        found = table_format(path, format, "output.path", "output.format")
+    except ValueError as exc:
+        raise BatchrunError(str(exc)) from None
+    if found == "parquet":
         write_atomically(path, table.write_parquet)
-    elif suffix == ".csv":
+    elif found == "csv":
         write_atomically(path, _lists_as_json(table).write_csv)
     else:
         write_atomically(path, table.write_ndjson)

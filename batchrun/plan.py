@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from batchrun.errors import InputError, JobError
-from batchrun.job import JobSpec
+from batchrun.job import JobSpec, table_format
 from batchrun.prompts import PromptTemplates, conversation
 from batchrun.results import OUTPUT_RESULT_COLUMNS
 from batchrun.sources import ROW, Source, open_source
@@ -102,6 +102,11 @@ def prepare(
     if output_path == spec.input.path.resolve():
         raise JobError("output.path is the input file; choose another path", spec.job_path)
     _check_output_folder(output_path, "--output" if output else "output.path", spec, write)
+    if output is not None:  # the job's own output.path was checked with the job
+        try:
+            table_format(output_path, spec.output.format, "--output", "output.format")
+        except ValueError as exc:
+            raise JobError(str(exc)) from None
     clash = [c for c in spec.output.include_columns if c in OUTPUT_RESULT_COLUMNS]
     if clash:
         raise JobError(
@@ -116,7 +121,7 @@ def prepare(
         )
     needed = {"output.include_columns": spec.output.include_columns, **prompts.needed()}
     no_nulls = prompts.columns if spec.input.on_null == "error" else ()
-    source = open_source(spec.input.path, spec.input.id_column, needed, no_nulls)
+    source = open_source(spec.input.path, spec.input.id_column, needed, no_nulls, spec.input.format)
     if prompts.messages_column:
         _check_conversations(source, prompts.messages_column, skip_nulls=spec.input.on_null == "skip")
     if checkpoint is not None:

@@ -52,7 +52,7 @@ class Progress:
         self.status = run.status or self.status
         self._started = time.monotonic()
         if not self._quiet and (self._notebook or self._stream.isatty()):
-            bar: type[tqdm[Never]] = tqdm
+            bar: Callable[..., tqdm[Never]] = tqdm
             if self._notebook:
                 from tqdm import auto  # a widget under Jupyter, else the terminal bar
 

@@ -159,7 +159,7 @@ async def run_job(
         table = build_table(
             job.source, spec.output.include_columns, checkpoint.results(), options.limit, spec.output.fields
         )
-        write_table(table, job.output_path)
+        write_table(table, job.output_path, spec.output.format)
         totals = checkpoint.totals()
         counts = table["status"].value_counts()
         by_status = dict(zip(counts["status"].to_list(), counts["count"].to_list(), strict=True))

@@ -11,17 +11,24 @@ from typing import Any
 import polars as pl
 
 from batchrun.errors import InputError
+from batchrun.job import TableFormat, table_format
 
 ROW = "__batchrun_row"  # the 0-based row number, carried through every stage
 BATCH_ROWS = 8192
 
 
-def scan_table(path: Path) -> pl.LazyFrame:
-    """A lazy scan of `path`, its format chosen by extension."""
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
+def scan_table(
+    path: Path, format: TableFormat | None = None, key: str = "table", format_key: str | None = None
+) -> pl.LazyFrame:
+    """A lazy scan of `path` in `format`, else the one its suffix names (compressed CSV and JSON
+    lines, e.g. `.csv.gz`, read as such given their format); `key` names the path in errors."""
+    try:
+        found = table_format(path, format, key, format_key)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    if found == "csv":
         return pl.scan_csv(path, infer_schema_length=10_000)
-    if suffix == ".parquet":
+    if found == "parquet":
         return pl.scan_parquet(path)
     return pl.scan_ndjson(path, infer_schema_length=10_000)
 
@@ -34,9 +41,10 @@ class Source:
     id_column: str | None
     columns: tuple[str, ...]  # every column of the table
     row_count: int
+    format: TableFormat | None = None  # input.format; None: the path's suffix says it
 
     def lazy(self) -> pl.LazyFrame:
-        return scan_table(self.path).with_row_index(ROW)
+        return scan_table(self.path, self.format).with_row_index(ROW)
 
     def batches(self, columns: tuple[str, ...], limit: int | None) -> Iterator[list[dict[str, Any]]]:
         """Rows as dicts holding `columns` and ROW, in input order, a batch at a time."""
@@ -57,15 +65,16 @@ def open_source(
     id_column: str | None,
     needed: dict[str, tuple[str, ...]],
     no_nulls: tuple[str, ...] = (),
+    format: TableFormat | None = None,
 ) -> Source:
     """Open and check the input; `needed` maps a job key (e.g. 'prompt.user') to its columns,
-    `no_nulls` names the columns in which an empty value is an error."""
+    `no_nulls` names the columns in which an empty value is an error, `format` is input.format."""
     if not path.exists():
         raise InputError(f"input file not found: {path}")
     if not path.is_file():
         raise InputError(f"input path is not a file: {path}")
     try:
-        columns = tuple(scan_table(path).collect_schema().names())
+        columns = tuple(scan_table(path, format, "input.path", "input.format").collect_schema().names())
     except (pl.exceptions.PolarsError, OSError) as exc:
         raise _unreadable(path, exc) from None
     for key, cols in needed.items():
@@ -84,18 +93,18 @@ def open_source(
     try:
         # Decode every value the job uses now: a bad byte or line deep in the file must stop
         # the job here, not halfway through a run (a bare row count does not parse values).
-        counts = scan_table(path).select(pl.len(), *(pl.col(c).null_count() for c in used)).collect()
+        counts = scan_table(path, format).select(pl.len(), *(pl.col(c).null_count() for c in used)).collect()
         row_count = int(counts.item(0, 0))
         if id_column is not None:
-            _check_ids(path, id_column)
+            _check_ids(path, format, id_column)
         for column in no_nulls:
             if counts[column].item():
-                _report_nulls(path, column)
+                _report_nulls(path, format, column)
     except (pl.exceptions.PolarsError, OSError) as exc:
         raise _unreadable(path, exc) from None
     if row_count == 0:
         raise InputError(f"input {path} has no rows")
-    return Source(path, id_column, columns, row_count)
+    return Source(path, id_column, columns, row_count, format)
 
 
 def _unreadable(path: Path, exc: Exception) -> InputError:
@@ -104,8 +113,8 @@ def _unreadable(path: Path, exc: Exception) -> InputError:
     return InputError(f"cannot read input {path}: {text.splitlines()[0] if text else type(exc).__name__}")
 
 
-def _report_nulls(path: Path, column: str) -> None:
-    rows = scan_table(path).select(pl.col(column)).with_row_index(ROW)
+def _report_nulls(path: Path, format: TableFormat | None, column: str) -> None:
+    rows = scan_table(path, format).select(pl.col(column)).with_row_index(ROW)
     nulls = rows.filter(pl.col(column).is_null()).select(ROW).head(5).collect()[ROW].to_list()
     shown = ", ".join(str(r + 1) for r in nulls)
     raise InputError(
@@ -114,8 +123,8 @@ def _report_nulls(path: Path, column: str) -> None:
     )
 
 
-def _check_ids(path: Path, id_column: str) -> None:
-    ids = scan_table(path).select(pl.col(id_column)).with_row_index(ROW)
+def _check_ids(path: Path, format: TableFormat | None, id_column: str) -> None:
+    ids = scan_table(path, format).select(pl.col(id_column)).with_row_index(ROW)
     nulls = ids.filter(pl.col(id_column).is_null()).select(ROW).head(5).collect()[ROW].to_list()
     if nulls:
         rows = ", ".join(str(r + 1) for r in nulls)

@@ -123,3 +123,21 @@ def test_readers_take_the_checkpoint_of_a_simulated_run(tmp_path: Path) -> None:
     assert status.exit_code == 0 and status.stdout.splitlines()[4:6] == ["pending: 4", "of: 12"]
     assert cost.exit_code == 0, cost.output
     assert pl.DataFrame(json.loads(cost.stdout)).filter(pl.col("model") == "total")["rows"].item() == 12
+
+
+def test_a_checkpoint_with_no_row_takes_the_corrected_job(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    """A run stopped before any row (here: nothing listens, model check skipped) leaves an empty
+    checkpoint bound to the wrong URL; once the URL is fixed the job runs without --fresh."""
+    rows = article_rows(5)
+    job = write_job(tmp_path, rows, "http://127.0.0.1:9/v1")
+    first = invoke("run", str(job), "--no-check-model")
+    assert first.exit_code == 4, first.output
+    assert checkpoint_path(job).exists()
+
+    write_job(tmp_path, rows, simulator.base_url)
+    second = invoke("run", str(job))
+
+    assert second.exit_code == 0, second.output
+    assert read_output(job)["status"].to_list() == ["ok"] * 5

@@ -217,13 +217,13 @@ CASES = [
     # --- the input table
     Case(
         "unsupported-input-extension",
-        "job.yaml:2: input.path 'items.xlsx': unsupported table type; use .csv, .parquet or .jsonl",
+        "job.yaml:2: input.path: 'items.xlsx' is not a table type batchrun knows; use .csv, .parquet",
         edit("path: items.csv", "path: items.xlsx"),
         files={"items.xlsx": b"PK\x03\x04 not really a workbook"},
     ),
     Case(
         "unsupported-output-extension",
-        "job.yaml:5: output.path 'out.txt': unsupported table type",
+        "job.yaml:5: output.path: 'out.txt' is not a table type batchrun knows",
         edit("path: out.csv", "path: out.txt"),
     ),
     Case("input-missing", "input file not found: ", files={}),

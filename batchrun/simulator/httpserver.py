@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import http
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -147,9 +148,7 @@ class _Connection(asyncio.Protocol):
                 self._waiting = asyncio.ensure_future(outcome)
                 self._all_waiting.add(self._waiting)
                 self._waiting.add_done_callback(self._all_waiting.discard)
-                self._waiting.add_done_callback(
-                    lambda task, keep_alive=keep_alive: self._answered(task, keep_alive)
-                )
+                self._waiting.add_done_callback(functools.partial(self._answered, keep_alive=keep_alive))
             else:
                 self._write(outcome, keep_alive)
 

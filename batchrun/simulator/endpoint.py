@@ -45,7 +45,7 @@ from typing import Any, Literal
 
 import orjson
 
-from batchrun.simulator_http import HttpServer, Outcome, Request, Response
+from batchrun.simulator.httpserver import HttpServer, Outcome, Request, Response
 
 TOKEN_RE = re.compile(r"\w+|[^\w\s]")
 _SENTENCE_END_RE = re.compile(r"[.!?]+[\"'\u201d\u2019)\]]*(?=\s|$)")
