@@ -101,7 +101,9 @@ def main() -> None:
 @click.option("--limit", type=click.IntRange(min=1), help="Only the first N rows (a pilot).")
 @click.option("--concurrency", type=click.IntRange(1, 4096), help="Requests in flight (overrides the job).")
 @output_option
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary; errors only.")
+@click.option(
+    "-q", "--quiet", is_flag=True, help="No progress bar, notes or summary; errors and warnings only."
+)
 @click.option(
     "--max-cost",
     type=click.FloatRange(min=0, min_open=True),
