@@ -1,4 +1,5 @@
-"""The output table: every input row once, in input order, written whole or not at all."""
+"""The output table: every input row once, in input order, written whole or not at all, to a
+local file (temp file + rename) or to an object-store URL (one upload, published whole)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from batchrun.errors import BatchrunError
 from batchrun.job import FieldType, TableFormat, table_format
 from batchrun.results import OUTPUT_RESULT_COLUMNS, RESULT_SCHEMA
 from batchrun.sources import ROW, Source
+from batchrun.storage import Location, Url, cloud_reason
 from batchrun.structured import polars_type
 
 
@@ -63,18 +65,46 @@ def _lists_as_json(table: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def write_table(table: pl.DataFrame, path: Path, format: TableFormat | None = None) -> None:
+def write_table(table: pl.DataFrame, path: Location, format: TableFormat | None = None) -> None:
     """Write in `format` (output.format), else as the path's suffix says, atomically."""
     try:
         found = table_format(path, format, "output.path", "output.format")
     except ValueError as exc:
         raise BatchrunError(str(exc)) from None
     if found == "parquet":
-        write_atomically(path, table.write_parquet)
+        write_to(path, table.write_parquet)
     elif found == "csv":
-        write_atomically(path, _lists_as_json(table).write_csv)
+        write_to(path, _lists_as_json(table).write_csv)
     else:
-        write_atomically(path, table.write_ndjson)
+        write_to(path, table.write_ndjson)
+
+
+def write_to(destination: Location, write: Callable[[str], object]) -> None:
+    """`write(target)` a whole table (e.g. `frame.write_parquet` or `lazy.sink_parquet`) so that a
+    reader sees the old table or the new one, never part of one: a local file through a temp file
+    and a rename; a URL by polars' own upload, which the object store publishes only once it is
+    complete (a PUT, or a multipart upload made visible by its last call)."""
+    if isinstance(destination, Path):
+        write_atomically(destination, lambda tmp: write(str(tmp)))
+        return
+    try:
+        write(str(destination))
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise BatchrunError(f"cannot write {destination}: {cloud_reason(exc)}") from None
+
+
+PROBE_NAME = ".batchrun-write-test"
+
+
+def probe_destination(url: Url) -> None:
+    """Check before the first request that the output's bucket takes writes: a one-line object
+    named PROBE_NAME beside the output (polars can write objects but not delete them, so it
+    stays, and each run writes it again)."""
+    probe = url.beside(PROBE_NAME)
+    try:
+        pl.DataFrame({"batchrun": ["write test"]}).write_csv(str(probe))
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise BatchrunError(f"cannot write to {url}: {cloud_reason(exc)}") from None
 
 
 def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
