@@ -213,3 +213,17 @@ def test_bucket_that_refuses_access_stops_before_sending(
 
     assert line == f"Error: cannot read input s3://{BUCKET}/items.parquet: AccessDenied: Access Denied"
     assert simulator.stats.requests == 0
+
+
+def test_checkpoint_key_puts_the_checkpoint_where_it_says_and_status_finds_it(tmp_path: Path) -> None:
+    pl.DataFrame(article_rows(4)).write_csv(tmp_path / "items.csv")
+    job = job_file(tmp_path, "items.csv", "out/result.csv")
+    job.write_text(job.read_text() + "checkpoint: state/items.sqlite\n")
+
+    result = invoke("run", str(job), "--simulate", "-q")
+
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "state" / "items.sqlite").is_file()
+    assert not (tmp_path / "out" / "result.csv.checkpoint.sqlite").exists()
+    status = invoke("status", str(job))
+    assert status.output.startswith("ok: 4\n"), status.output
