@@ -30,6 +30,7 @@ from batchrun.plan import SIMULATED_ENDPOINT, prepare
 from batchrun.progress import Progress
 from batchrun.report import RunResult
 from batchrun.runner import RunOptions, run_async, run_job
+from batchrun.storage import Url, location
 
 T = TypeVar("T")
 PathLike = str | Path
@@ -160,8 +161,12 @@ def _job_keys(data: Any, keys: dict[str, Any], checkpoint: Path | None, folder: 
     elif output is None and checkpoint is not None:
         keys["output"] = {"path": str(checkpoint.with_name(checkpoint.name + ".output.parquet"))}
     if data is not None:
-        # A table in memory goes beside the checkpoint, or beside the output that it goes beside.
-        beside = checkpoint or folder / keys["output"]["path"]
+        # A table in memory goes beside the checkpoint, or beside the output that it goes beside
+        # (for an output URL, where its checkpoint goes on local disk).
+        output_at = location(keys["output"]["path"])
+        beside = checkpoint or (
+            output_at.local_stem(Path.cwd()) if isinstance(output_at, Url) else folder / output_at
+        )
         given = keys.get("input")
         path = _input_path(data, beside.with_name(beside.name + ".input.parquet"))
         keys["input"] = {**(given if isinstance(given, Mapping) else {}), "path": str(path)}

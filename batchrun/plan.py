@@ -4,7 +4,6 @@ the fingerprint that decides whether a checkpoint may be resumed. Nothing here t
 from __future__ import annotations
 
 import functools
-import hashlib
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,8 +41,7 @@ class PreparedJob:
         if isinstance(output, Path):
             return output
         folder = Path.cwd() if self.spec.job_path == PYTHON_JOB else self.spec.job_path.parent
-        digest = hashlib.sha256(str(output).encode()).hexdigest()[:12]
-        return folder / ".batchrun" / f"{output.name}-{digest}"
+        return output.local_stem(folder)
 
     @property
     def checkpoint_path(self) -> Path:

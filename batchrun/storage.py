@@ -4,6 +4,7 @@ finds in the environment (AWS_*, GOOGLE_*, AZURE_*, HF_TOKEN)."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -38,6 +39,13 @@ class Url:
     @property
     def is_folder(self) -> bool:
         return self.text.endswith("/")
+
+    def local_stem(self, folder: Path) -> Path:
+        """Where files about this URL live on local disk (the checkpoint, the report): in
+        `folder/.batchrun/`, named NAME-HASH, HASH from the whole URL so that two outputs of one
+        name do not share them."""
+        digest = hashlib.sha256(self.text.encode()).hexdigest()[:12]
+        return folder / ".batchrun" / f"{self.name}-{digest}"
 
     def beside(self, name: str) -> Url:
         """The URL of `name` in the same folder."""

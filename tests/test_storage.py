@@ -227,3 +227,25 @@ def test_checkpoint_key_puts_the_checkpoint_where_it_says_and_status_finds_it(tm
     assert not (tmp_path / "out" / "result.csv.checkpoint.sqlite").exists()
     status = invoke("status", str(job))
     assert status.output.startswith("ok: 4\n"), status.output
+
+
+def test_python_api_with_a_table_in_memory_and_an_output_url(
+    tmp_path: Path, s3: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The input table is kept where the URL output's checkpoint lives, never under a path made
+    from the URL (`s3:/...`); a rerun resumes from there."""
+    import batchrun
+
+    monkeypatch.chdir(tmp_path)
+    url = f"s3://{BUCKET}/api/out.parquet"
+    df = pl.DataFrame(article_rows(6))
+    keys_ = {"model": "grok-4.3", "prompt": "{title}", "params": {"max_tokens": 20}, "output": url}
+
+    first = batchrun.run(df, simulate=True, quiet=True, **keys_)
+    again = batchrun.Job.define(df, **keys_).run(simulate=True, quiet=True)
+
+    assert first["status"].to_list() == ["ok"] * 6
+    assert pl.read_parquet(url)["status"].to_list() == ["ok"] * 6
+    assert not (tmp_path / "s3:").exists()
+    assert again.requests == 0  # resumed from the checkpoint beside the kept input
+    assert list((tmp_path / ".batchrun").glob("out.parquet-*.checkpoint.sqlite"))
