@@ -87,8 +87,8 @@ class ChatClient:
         *,
         http_client: httpx2.AsyncClient | None = None,
     ):
-        self._url = base_url.rstrip("/") + "/chat/completions"
-        self._models_url = base_url.rstrip("/") + "/models"
+        self._url = httpx2.URL(base_url.rstrip("/") + "/chat/completions")
+        self._models_url = httpx2.URL(base_url.rstrip("/") + "/models")
         self._timeout_s = timeout_s  # over the whole answer, as httpx's per-phase timeouts are not
         self._connect_timeout_s = min(CONNECT_TIMEOUT_S, timeout_s)
         self._api_key = api_key
@@ -107,7 +107,15 @@ class ChatClient:
             await self._http.aclose()
 
     def __repr__(self) -> str:
-        return f"ChatClient({self._url!r})"
+        return f"ChatClient({str(self._url)!r})"
+
+    def _request(self, method: str, url: httpx2.URL, body: dict[str, Any] | None = None) -> httpx2.Request:
+        """A given client merges its defaults (headers, params) in `build_request`; our own has
+        none worth merging, and that merge cost 0.25 ms CPU per row, as much as aiohttp's whole request."""
+        content = orjson.dumps(body) if body is not None else None
+        if self._given is not None:
+            return self._given.build_request(method, url, content=content, headers=self._headers)
+        return httpx2.Request(method, url, content=content, headers=self._headers)
 
     async def models(self) -> list[str] | None:
         """The ids `GET /models` lists for this key, None if the endpoint has no such list;
@@ -115,7 +123,7 @@ class ChatClient:
         assert self._http is not None, "use the client as `async with`"
         with self._errors():
             async with asyncio.timeout(self._timeout_s):
-                response = await self._http.get(self._models_url, headers=self._headers)
+                response = await self._http.send(self._request("GET", self._models_url))
             if response.status_code == 404:
                 return None
             if response.status_code != 200:
@@ -132,7 +140,7 @@ class ChatClient:
             async with asyncio.timeout(self._timeout_s):
                 if body.get("stream"):
                     return await self._complete_streamed(self._http, body)
-                response = await self._http.post(self._url, content=orjson.dumps(body), headers=self._headers)
+                response = await self._http.send(self._request("POST", self._url, body))
             if response.status_code != 200:
                 raise classify_status(response.status_code, response.headers, response.content)
             result = parse_completion(response.content)
@@ -144,8 +152,8 @@ class ChatClient:
         sent = time.perf_counter()
         ttft_ms = None
         stream = StreamAssembler()
-        request = http.stream("POST", self._url, content=orjson.dumps(body), headers=self._headers)
-        async with request as response:
+        response = await http.send(self._request("POST", self._url, body), stream=True)
+        try:
             if response.status_code != 200:
                 raise classify_status(response.status_code, response.headers, await response.aread())
             try:
@@ -154,6 +162,8 @@ class ChatClient:
                         ttft_ms = round((time.perf_counter() - sent) * 1000, 1)
             except httpx2.SSEError as exc:  # not an event stream at all, or an event past 1 MiB
                 raise RetryableError("invalid_response", str(exc)) from None
+        finally:
+            await response.aclose()
         content = stream.finish()
         usage = stream.usage or {}
         return ChatResult(
