@@ -173,9 +173,9 @@ def _job_keys(data: Any, keys: dict[str, Any], checkpoint: Path | None, folder: 
     return keys
 
 
-def _input_path(data: Any, path: Path) -> Path:
+def _input_path(data: Any, path: Path) -> str | Path:
     if isinstance(data, str | Path):
-        return Path(data)
+        return data  # as given: Path() would turn s3://b/k into s3:/b/k
     if isinstance(data, pl.LazyFrame):
         data = data.collect()
     if not isinstance(data, pl.DataFrame):

@@ -62,8 +62,8 @@ def friendly_errors(command: F) -> F:
 job_argument = click.argument("job_file", metavar="JOB", type=click.Path(dir_okay=False, path_type=Path))
 output_option = click.option(
     "--output",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Output table path, as given to `run --output` (overrides the job's output.path).",
+    type=click.Path(dir_okay=False),  # a str: Path() would turn s3://b/k into s3:/b/k
+    help="Output table path or URL, as given to `run --output` (overrides the job's output.path).",
 )
 no_check_model_option = click.option(
     "--no-check-model",
@@ -120,14 +120,15 @@ def run(
     retry_failed: bool,
     limit: int | None,
     concurrency: int | None,
-    output: Path | None,
+    output: str | None,
     quiet: bool,
     max_cost: float | None,
     no_check_model: bool,
 ) -> None:
     """Run JOB, resuming from its checkpoint if it was interrupted.
 
-    Every finished row is checkpointed beside the output (OUTPUT.checkpoint.sqlite); rerunning
+    Every finished row is checkpointed beside the output (OUTPUT.checkpoint.sqlite; for a URL,
+    in .batchrun/ beside JOB, or where the job's `checkpoint:` says); rerunning
     the same command sends only the rows not yet done. Changing the prompt, model, params,
     endpoint or input makes the checkpoint refuse to resume until --fresh is given.
 
@@ -314,7 +315,7 @@ def check_model_with_key(spec: JobSpec) -> None:
 @output_option
 @no_check_model_option
 @friendly_errors
-def validate(job_file: Path, output: Path | None, no_check_model: bool) -> None:
+def validate(job_file: Path, output: str | None, no_check_model: bool) -> None:
     """Check JOB and its input, and print the first request it would send; send no request.
 
     When the job's key is set, the endpoint's model list (GET /models) is also fetched to check
@@ -337,7 +338,7 @@ def validate(job_file: Path, output: Path | None, no_check_model: bool) -> None:
 @job_argument
 @output_option
 @friendly_errors
-def status(job_file: Path, output: Path | None) -> None:
+def status(job_file: Path, output: str | None) -> None:
     """Show rows done / failed / pending and tokens so far, from JOB's checkpoint."""
     from batchrun.cost import job_price
     from batchrun.job import load_job
@@ -391,7 +392,7 @@ def made_for(job: PreparedJob) -> tuple[Fingerprint, Fingerprint]:
 @no_check_model_option
 @friendly_errors
 def estimate_command(
-    job_file: Path, sample: int | None, yes: bool, simulate: bool, output: Path | None, no_check_model: bool
+    job_file: Path, sample: int | None, yes: bool, simulate: bool, output: str | None, no_check_model: bool
 ) -> None:
     """Estimate what the rows of JOB still to do will cost, before sending them.
 
@@ -461,7 +462,7 @@ def _confirm(question: str) -> bool:
 )
 @output_option
 @friendly_errors
-def cost_command(path: Path, by: tuple[str, ...], fmt: str, output: Path | None) -> None:
+def cost_command(path: Path, by: tuple[str, ...], fmt: str, output: str | None) -> None:
     """Rows, tokens and cost per model and status, from an output table or a job file.
 
     For a job file the figures come from its checkpoint (also while it runs), and --by may name

@@ -1,4 +1,5 @@
-"""The output table: every input row once, in input order, written whole or not at all."""
+"""The output table: every input row once, in input order, written whole or not at all, to a
+local file (temp file + rename) or to an object-store URL (one upload, published whole)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from batchrun.errors import BatchrunError
 from batchrun.job import FieldType, TableFormat, table_format
 from batchrun.results import OUTPUT_RESULT_COLUMNS, RESULT_SCHEMA
 from batchrun.sources import BATCH_ROWS, ROW, Source
+from batchrun.storage import Location, Url, cloud_reason
 from batchrun.structured import polars_type
 
 # Fetches the next n rows' results from the checkpoint, in row order (Checkpoint.output_rows).
@@ -26,7 +28,7 @@ def write_output(
     source: Source,
     include_columns: tuple[str, ...],
     fetch: FetchResults,
-    path: Path,
+    path: Location,
     format: TableFormat | None = None,
     *,
     limit: int | None = None,
@@ -45,11 +47,31 @@ def write_output(
         raise BatchrunError(str(exc)) from None
     counts: dict[str, int] = {}
     batches = _output_batches(source, include_columns, fetch, limit, fields or {}, counts)
-    if found == "parquet":
-        write_atomically(path, lambda tmp: _write_parquet(batches, tmp))
-    else:
-        write_atomically(path, lambda tmp: _write_text(batches, tmp, found))
+
+    def build(target: Path) -> None:
+        if found == "parquet":
+            _write_parquet(batches, target)
+        else:
+            _write_text(batches, target, found)
+
+    if isinstance(path, Path):
+        write_atomically(path, build)
+        return counts
+    with tempfile.TemporaryDirectory(prefix="batchrun-output-") as folder:  # built here, then uploaded
+        built = Path(folder) / f"output.{found}"
+        build(built)
+        write_to(path, lambda url: _upload(built, found, url))
     return counts
+
+
+def _upload(built: Path, format: TableFormat, url: str) -> None:
+    """Stream a table built locally to `url` with polars' sinks (one object, published whole)."""
+    if format == "parquet":
+        pl.scan_parquet(built).sink_parquet(url)
+    elif format == "csv":
+        pl.scan_csv(built, infer_schema=False).sink_csv(url)
+    else:
+        pl.scan_ndjson(built, infer_schema_length=None).sink_ndjson(url)
 
 
 def _output_batches(
@@ -106,6 +128,34 @@ def _lists_as_json(table: pl.DataFrame) -> pl.DataFrame:
         pl.Series(name, [None if v is None else orjson.dumps(v).decode() for v in table[name].to_list()])
         for name in lists
     )
+
+
+def write_to(destination: Location, write: Callable[[str], object]) -> None:
+    """`write(target)` a whole table (e.g. `frame.write_parquet` or `lazy.sink_parquet`) so that a
+    reader sees the old table or the new one, never part of one: a local file through a temp file
+    and a rename; a URL by polars' own upload, which the object store publishes only once it is
+    complete (a PUT, or a multipart upload made visible by its last call)."""
+    if isinstance(destination, Path):
+        write_atomically(destination, lambda tmp: write(str(tmp)))
+        return
+    try:
+        write(str(destination))
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise BatchrunError(f"cannot write {destination}: {cloud_reason(exc)}") from None
+
+
+PROBE_NAME = ".batchrun-write-test"
+
+
+def probe_destination(url: Url) -> None:
+    """Check before the first request that the output's bucket takes writes: a one-line object
+    named PROBE_NAME beside the output (polars can write objects but not delete them, so it
+    stays, and each run writes it again)."""
+    probe = url.beside(PROBE_NAME)
+    try:
+        pl.DataFrame({"batchrun": ["write test"]}).write_csv(str(probe))
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise BatchrunError(f"cannot write to {url}: {cloud_reason(exc)}") from None
 
 
 def write_atomically(path: Path, write: Callable[[Path], object]) -> None:

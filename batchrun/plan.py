@@ -24,10 +24,12 @@ import orjson
 
 from batchrun.checkpoint import Checkpoint, Fingerprint, KeyIndex, Rekey, open_checkpoint, without_input_hash
 from batchrun.errors import CheckpointError, InputError, JobError
-from batchrun.job import JobSpec, table_format
+from batchrun.job import PYTHON_JOB, JobSpec, table_format
+from batchrun.output import probe_destination
 from batchrun.prompts import PromptTemplates, conversation
 from batchrun.results import OUTPUT_RESULT_COLUMNS
 from batchrun.sources import ROW, Source, open_source
+from batchrun.storage import Location, Url, location
 from batchrun.structured import format_fallbacks
 
 DONE = ("ok", "failed", "skipped")  # statuses a resume does not send again
@@ -53,22 +55,34 @@ class PreparedJob:
     spec: JobSpec
     prompts: PromptTemplates
     source: Source
-    output_path: Path
+    output_path: Location
     checkpoint_at: Path | None = None  # where the checkpoint lives, when not beside the output
+
+    @property
+    def local_output(self) -> Path:
+        """The local stem of the checkpoint, report and estimate files: the output itself, or for
+        a URL `.batchrun/NAME-HASH` beside the job file (the current folder for a job defined
+        in Python), HASH from the whole URL so that two outputs of one name do not share it."""
+        output = self.output_path
+        if isinstance(output, Path):
+            return output
+        folder = Path.cwd() if self.spec.job_path == PYTHON_JOB else self.spec.job_path.parent
+        digest = hashlib.sha256(str(output).encode()).hexdigest()[:12]
+        return folder / ".batchrun" / f"{output.name}-{digest}"
 
     @property
     def checkpoint_path(self) -> Path:
         if self.checkpoint_at is not None:
             return self.checkpoint_at
-        return self.output_path.with_name(self.output_path.name + ".checkpoint.sqlite")
+        return self.local_output.with_name(self.local_output.name + ".checkpoint.sqlite")
 
     @property
     def report_path(self) -> Path:
-        return self.output_path.with_name(self.output_path.name + ".report.json")
+        return self.local_output.with_name(self.local_output.name + ".report.json")
 
     @property
     def estimate_path(self) -> Path:
-        return self.output_path.with_name(self.output_path.name + ".estimate.json")
+        return self.local_output.with_name(self.local_output.name + ".estimate.json")
 
     def first_request(self) -> dict[str, Any]:
         row = next(self.source.batches(self.prompts.columns, limit=1))[0]
@@ -282,15 +296,26 @@ def rekey_by_row(job: PreparedJob, made_for: tuple[Fingerprint, ...]) -> Rekey:
 
 
 def prepare(
-    spec: JobSpec, output: Path | None = None, write: bool = True, *, checkpoint: Path | None = None
+    spec: JobSpec,
+    output: str | Location | None = None,
+    write: bool = True,
+    *,
+    checkpoint: Path | None = None,
 ) -> PreparedJob:
     """Check everything that can fail before a request is sent; `write=False` for commands that
-    only read the checkpoint, so they work in a folder they cannot write."""
+    only read the checkpoint, so they work in a folder they cannot write. `output` overrides
+    output.path (a local path or a URL, as --output gives it); `checkpoint` the job's checkpoint."""
     prompts = spec.prompt_templates()
-    output_path = (output or spec.output.path).resolve()
-    if output_path == spec.input.path.resolve():
+    try:
+        given = location(output) if output is not None else spec.output.path
+    except ValueError as exc:
+        raise JobError(f"--output: {exc}") from None
+    output_path = given.resolve() if isinstance(given, Path) else given
+    input_path = spec.input.path.resolve() if isinstance(spec.input.path, Path) else spec.input.path
+    if output_path == input_path:
         raise JobError("output.path is the input file; choose another path", spec.job_path)
-    _check_output_folder(output_path, "--output" if output else "output.path", spec, write)
+    if isinstance(output_path, Path):
+        _check_output_folder(output_path, "--output" if output else "output.path", spec, write)
     if output is not None:  # the job's own output.path was checked with the job
         try:
             table_format(output_path, spec.output.format, "--output", "output.format")
@@ -313,11 +338,15 @@ def prepare(
     source = open_source(spec.input.path, spec.input.id_column, needed, no_nulls, spec.input.format)
     if prompts.messages_column:
         _check_conversations(source, prompts.messages_column, skip_nulls=spec.input.on_null == "skip")
+    checkpoint = checkpoint or spec.checkpoint
     if checkpoint is not None:
         checkpoint = checkpoint.resolve()
-        _check_output_folder(checkpoint, "checkpoint", spec, write)
     job = PreparedJob(spec, prompts, source, output_path, checkpoint)
+    if checkpoint is not None or isinstance(output_path, Url):
+        _check_output_folder(job.checkpoint_path, "checkpoint", spec, write)
     job.first_request()
+    if isinstance(output_path, Url) and write:
+        probe_destination(output_path)  # last: a check that writes comes after all that only read
     return job
 
 

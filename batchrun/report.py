@@ -22,6 +22,7 @@ from batchrun.errors import BatchrunError, InputError
 from batchrun.output import write_atomically, write_output
 from batchrun.results import ANSWER_COLUMNS, OUTPUT_RESULT_COLUMNS, RESULT_SCHEMA
 from batchrun.sources import scan_table
+from batchrun.storage import Location
 
 if TYPE_CHECKING:
     from batchrun.core import Outcome
@@ -55,7 +56,7 @@ class RunResult:
     retries: dict[str, int]
     rate_limited: int  # answers that were 429s (each retried)
     wall_s: float
-    output_path: Path
+    output_path: Location
     interrupted: bool
     cost_usd: float | None = None  # the whole job's, earlier runs included; None if unpriced
     budget_usd: float | None = None

@@ -43,7 +43,7 @@ class RunOptions:
     retry_failed: bool = False
     limit: int | None = None
     concurrency: int | None = None
-    output: Path | None = None
+    output: str | Path | None = None  # a path or a URL: overrides output.path
     quiet: bool = False
     grace_s: float = 10.0  # after a stop request, how long in-flight requests may finish
     max_cost_usd: float | None = None  # overrides the job's budget.max_cost_usd
