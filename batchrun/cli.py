@@ -129,8 +129,9 @@ def run(
 
     Every finished row is checkpointed beside the output (OUTPUT.checkpoint.sqlite; for a URL,
     in .batchrun/ beside JOB, or where the job's `checkpoint:` says); rerunning
-    the same command sends only the rows not yet done. Changing the prompt, model, params,
-    endpoint or input makes the checkpoint refuse to resume until --fresh is given.
+    the same command sends only the rows not yet done. Results are kept by the request they
+    answer: appended or edited rows are sent, reordered rows are not. Changing the prompt,
+    model, params or endpoint makes the checkpoint refuse to resume until --fresh is given.
 
     \b
     Examples:
