@@ -377,15 +377,6 @@ class Checkpoint:
         prompt, output = self._db.execute(query).fetchone()
         return int(prompt), int(output)
 
-    def prune(self) -> int:
-        """Drop the results no row of the current input uses; returns how many were dropped."""
-        with self._transaction():
-            cursor = self._db.execute(
-                "DELETE FROM results WHERE (request_key, occurrence) NOT IN"
-                " (SELECT request_key, occurrence FROM rows)"
-            )
-        return cursor.rowcount
-
     def output_rows(self) -> Callable[[int], list[tuple[Any, ...]]]:
         """Every indexed row with its result (None where it has none), in `NAMES` order and row
         order, fetched n at a time: what the output is built from, in flat memory."""
