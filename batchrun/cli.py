@@ -129,8 +129,9 @@ def run(
 
     Every finished row is checkpointed beside the output (OUTPUT.checkpoint.sqlite; for a URL,
     in .batchrun/ beside JOB, or where the job's `checkpoint:` says); rerunning
-    the same command sends only the rows not yet done. Changing the prompt, model, params,
-    endpoint or input makes the checkpoint refuse to resume until --fresh is given.
+    the same command sends only the rows not yet done. Results are kept by the request they
+    answer: appended or edited rows are sent, reordered rows are not. Changing the prompt,
+    model, params or endpoint makes the checkpoint refuse to resume until --fresh is given.
 
     \b
     Examples:
@@ -340,16 +341,15 @@ def validate(job_file: Path, output: str | None, no_check_model: bool) -> None:
 @friendly_errors
 def status(job_file: Path, output: str | None) -> None:
     """Show rows done / failed / pending and tokens so far, from JOB's checkpoint."""
-    from batchrun.checkpoint import open_checkpoint
     from batchrun.cost import job_price
     from batchrun.job import load_job
-    from batchrun.plan import prepare
+    from batchrun.plan import prepare, read_checkpoint
 
     job = prepare(load_job(job_file), output, write=False)
     if not job.checkpoint_path.exists():
         click.echo(f"not started: 0 of {job.source.row_count} rows done")
         return
-    checkpoint = open_checkpoint(job.checkpoint_path, "read", *made_for(job))
+    checkpoint = read_checkpoint(job, made_for(job))
     try:
         totals = checkpoint.totals()
         kinds = checkpoint.failures_by_kind()
@@ -370,7 +370,7 @@ def status(job_file: Path, output: str | None) -> None:
 
 def made_for(job: PreparedJob) -> tuple[Fingerprint, Fingerprint]:
     """The job as run on its endpoint and as run with --simulate: a command that reads the
-    checkpoint takes either run's (hashing the input once)."""
+    checkpoint takes either run's."""
     from batchrun.plan import SIMULATED_ENDPOINT
 
     fingerprint = job.fingerprint(simulate=False)
@@ -474,18 +474,22 @@ def cost_command(path: Path, by: tuple[str, ...], fmt: str, output: str | None) 
       batchrun cost out/summaries.parquet
       batchrun cost jobs/summarize.yaml --by finish_reason --format csv
     """
+    import tempfile
+
     from batchrun.job import load_job
     from batchrun.plan import prepare
     from batchrun.report import cost_report, format_cost_report, job_table, read_output_table
 
-    if path.suffix.lower() in (".yaml", ".yml"):
-        job = prepare(load_job(path), output, write=False)
-        table = job_table(job, by, made_for(job))
-    elif output is not None:
-        raise BatchrunError("--output goes with a job file: `batchrun cost JOB --output PATH`")
-    else:
-        table = read_output_table(path)
-    click.echo(format_cost_report(cost_report(table, by), fmt), nl=False)
+    with tempfile.TemporaryDirectory(prefix="batchrun-cost-") as workdir:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            job = prepare(load_job(path), output, write=False)
+            table = job_table(job, by, made_for(job), Path(workdir))
+        elif output is not None:
+            raise BatchrunError("--output goes with a job file: `batchrun cost JOB --output PATH`")
+        else:
+            table = read_output_table(path)
+        report = cost_report(table, by)
+    click.echo(format_cost_report(report, fmt), nl=False)
 
 
 @main.command()

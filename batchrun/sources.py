@@ -84,7 +84,7 @@ class Source:
     def fingerprint(self) -> str:
         """A hash of a single local file's bytes: results are only reused for the very same input.
         Many files or a URL are not read whole for it: their names and sizes (or the URL), columns
-        and row count stand in, until results are keyed by request (#13 item 2)."""
+        and row count stand in. Used only to migrate a checkpoint of schema 0 or 1 (keyed by row)."""
         if isinstance(self.path, Path) and self.path.is_file():
             with self.path.open("rb") as f:
                 return hashlib.file_digest(f, "sha256").hexdigest()
