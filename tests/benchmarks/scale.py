@@ -241,18 +241,18 @@ def rss_mb(pid: int) -> float:
 verdicts: list[tuple[str, bool]] = []
 
 
-def show(label: str, value: str, target: str = "", ok: bool | None = None) -> None:
-    """One figure, with its target and pass/fail when it has one."""
+def show(label: str, value: str, target: str = "", ok: bool | None = None, part: str = "") -> None:
+    """One figure, with its target and pass/fail when it has one; `part` names it in the summary."""
     mark = "" if ok is None else ("PASS" if ok else "FAIL")
     print(f"  {label:<44} {value:>16}   {target} {mark}".rstrip(), flush=True)
     if ok is not None:
-        verdicts.append((label, ok))
+        verdicts.append((f"{part} {label}".strip(), ok))
 
 
-def show_rss(run: Run, rows: int) -> None:
+def show_rss(run: Run, rows: int, part: str) -> None:
     limit = rss_target_mb(rows)
     value = f"{run.rss_mb:,.0f} MB" + (" (killed)" if run.killed_for_memory else "")
-    show("peak RSS", value, f"<= {limit:,.0f} MB", run.rss_mb <= limit and not run.killed_for_memory)
+    show("peak RSS", value, f"<= {limit:,.0f} MB", run.rss_mb <= limit and not run.killed_for_memory, part)
 
 
 def refused(run: Run) -> str:
@@ -273,7 +273,7 @@ def end_to_end(folder: Path, rows: int, base_url: str, max_rss_mb: float) -> Non
         print(f"    {refused(run)}")
     show("rows/s (whole process)", f"{rows / run.wall_s:,.0f}")
     show("wall", f"{run.wall_s:,.1f} s")
-    show_rss(run, rows)
+    show_rss(run, rows, "(a)")
     show("output build (last answer -> output)", fmt_s(run.output_build_s))
 
 
@@ -299,7 +299,7 @@ def grows_with_n(folder: Path, rows: int, base_url: str, max_rss_mb: float, incr
     )
     if first is None:
         print(f"    {refused(run)}")
-    show_rss(run, rows)
+    show_rss(run, rows, f"(b) {rows:,} resume")
 
     started = time.monotonic()
     done = fill_checkpoint(job.checkpoint_path, job, rows - 1)
@@ -317,7 +317,7 @@ def grows_with_n(folder: Path, rows: int, base_url: str, max_rss_mb: float, incr
     if run.exit_code != 0:
         print(f"    {refused(run)}")
     show("  its run: first request / wall", f"{fmt_s(run.first_request_s)} / {fmt_s(run.wall_s)}")
-    show_rss(run, rows)
+    show_rss(run, rows, f"(b) {rows:,} output build")
     if incremental:
         append_rows(folder, rows, base_url, max_rss_mb, job_path, job)
 
@@ -339,7 +339,7 @@ def append_rows(
     if run.exit_code != 0:
         print(f"    {refused(run)}")
     show("time to finish", fmt_s(run.wall_s))
-    show_rss(run, rows + APPENDED)
+    show_rss(run, rows + APPENDED, "(c)")
 
 
 def s1(folder: Path) -> None:
