@@ -1,8 +1,8 @@
 """The README's commands, each setting itself up on a fresh clone (Python 3.11+ and PyPI only).
 
     python3 dev.py demo     run the sample job on the built-in simulator and print its summary
-    python3 dev.py test     run the test suite (the same one CI runs); extra arguments go to pytest
-    python3 dev.py check    lint and type-check: ruff check, ruff format --check, mypy --strict
+    python3 dev.py test     what CI runs: the checks below, then the tests (extra arguments go to pytest)
+    python3 dev.py check    the checks alone: ruff check, ruff format --check, mypy --strict
 
 Each makes `.venv` beside this file and installs the project with its dev extras (the test
 tools, ruff, mypy) into it the first time, and again whenever pyproject.toml changes; no shell
@@ -43,14 +43,15 @@ def ensure_venv() -> None:
 def main(argv: list[str]) -> int:
     python = str(BIN / "python")
     sources = ["batchrun", "tests", "dev.py"]
+    checks = [
+        [python, "-m", "ruff", "check", *sources],
+        [python, "-m", "ruff", "format", "--check", *sources],
+        [python, "-m", "mypy"],  # strict, on batchrun/ (pyproject.toml's [tool.mypy])
+    ]
     commands = {  # extra arguments go to the last command
         "demo": [[str(BIN / "batchrun"), "jobs/summarize.yaml", "--simulate", "--fresh"]],
-        "test": [[python, "-m", "pytest", "-q"]],
-        "check": [
-            [python, "-m", "ruff", "check", *sources],
-            [python, "-m", "ruff", "format", "--check", *sources],
-            [python, "-m", "mypy"],  # strict, on batchrun/ (pyproject.toml's [tool.mypy])
-        ],
+        "test": [*checks, [python, "-m", "pytest", "-q"]],
+        "check": checks,
     }
     if not argv or argv[0] not in commands:
         print(__doc__, file=sys.stderr)
