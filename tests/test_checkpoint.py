@@ -11,7 +11,6 @@ from dataclasses import fields
 from pathlib import Path
 
 import polars as pl
-import yaml
 
 from batchrun.checkpoint import RowResult
 from batchrun.results import COLUMNS, NAMES, OUTPUT_RESULT_COLUMNS, SCHEMA_VERSION
@@ -92,26 +91,6 @@ def test_checkpoint_of_a_newer_release_is_refused(tmp_path: Path) -> None:
         refused = invoke(command, str(job), *(["--simulate"] if command == "run" else []))
         assert (refused.exit_code, refused.stderr) == (2, expected)
     assert sql(job, "SELECT COUNT(*) FROM results") == [(8,)]
-
-
-def test_every_reader_refuses_a_checkpoint_of_another_job_version(
-    tmp_path: Path, simulator: RunningSimulator
-) -> None:
-    job = write_job(tmp_path, article_rows(8), simulator.base_url)
-    assert invoke("run", str(job), "--limit", "5").exit_code == 0
-    spec = yaml.safe_load(job.read_text())
-    spec["prompt"]["user"] = "Headline only: {title}"
-    job.write_text(yaml.safe_dump(spec))
-    expected = (
-        "Error: the job's prompt changed since checkpoint result.parquet.checkpoint.sqlite was made; "
-        "rerun with --fresh to start over (its results will be discarded), or restore the job as it "
-        "was to resume\n"
-    )
-
-    for command in ("run", "status", "cost", "estimate"):
-        refused = invoke(command, str(job))
-        assert (command, refused.exit_code, refused.stderr) == (command, 2, expected)
-    assert simulator.stats.requests == 5
 
 
 def test_readers_take_the_checkpoint_of_a_simulated_run(tmp_path: Path) -> None:
