@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 from batchrun.errors import CheckpointError
-from batchrun.results import ANSWER_COLUMNS, COLUMNS, NAMES, RESULT_KEY, SCHEMA_VERSION
+from batchrun.results import ANSWER_COLUMNS, COLUMNS, NAMES, RESULT_KEY, SCHEMA_VERSION, STORED
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,9 +69,7 @@ NO_USAGE_SQL = "(prompt_tokens IS NULL OR completion_tokens IS NULL)"
 # line per result: what was paid, counted once however many rows share it).
 ROW_RESULTS = "rows r JOIN results USING (request_key, occurrence)"
 USED_RESULTS = "results WHERE (request_key, occurrence) IN (SELECT request_key, occurrence FROM rows)"
-_RESULTS_TABLE = ", ".join(
-    [*(f"{c.name} {c.sql}" for c in COLUMNS), f"PRIMARY KEY ({', '.join(RESULT_KEY)})"]
-)
+_RESULTS_TABLE = ", ".join([*(f"{c.name} {c.sql}" for c in STORED), f"PRIMARY KEY ({', '.join(RESULT_KEY)})"])
 _ROWS_TABLE = "(row INTEGER PRIMARY KEY, request_key BLOB NOT NULL, occurrence INTEGER NOT NULL)"
 
 _as_row = operator.attrgetter(*NAMES)  # dataclasses.astuple deep-copies: ~20x slower per row
@@ -173,7 +171,7 @@ class Checkpoint:
             if not self._columns:
                 self._db.execute(f"CREATE TABLE results ({_RESULTS_TABLE})")
             else:
-                for column in COLUMNS:
+                for column in STORED:
                     if column.name not in self._columns:
                         self._db.execute(f"ALTER TABLE results ADD COLUMN {column.name} {column.sql}")
             self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
@@ -384,10 +382,15 @@ class Checkpoint:
         prompt, output = self._db.execute(query).fetchone()
         return int(prompt), int(output)
 
-    def output_rows(self) -> Callable[[int], list[tuple[Any, ...]]]:
-        """Every indexed row with its result (None where it has none), in `NAMES` order and row
-        order, fetched n at a time: what the output is built from, in flat memory."""
-        select = ", ".join(f"r.{c}" if c in ("row", *RESULT_KEY) else f"s.{c}" for c in NAMES)
+    def output_rows(self, dedupe: bool = False) -> Callable[[int], list[tuple[Any, ...]]]:
+        """Every indexed row with its result (None where it has none), in `COLUMNS` order and row
+        order, fetched n at a time: what the output is built from, in flat memory. With dedupe,
+        `reused_from` is the id the result was sent for, where another row sent it."""
+        reused = "CASE WHEN s.row != r.row THEN s.id END" if dedupe else "NULL"
+        select = ", ".join(
+            f"r.{c.name}" if c.name in ("row", *RESULT_KEY) else f"s.{c.name}" if c.sql else reused
+            for c in COLUMNS
+        )
         cursor = self._db.execute(
             f"SELECT {select} FROM rows r LEFT JOIN results s USING (request_key, occurrence) ORDER BY r.row"
         )

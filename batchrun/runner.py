@@ -173,7 +173,7 @@ async def run_job(
             write_output,
             job.source,
             spec.output.include_columns,
-            checkpoint.output_rows(),
+            checkpoint.output_rows(spec.dedupe),
             job.output_path,
             spec.output.format,
             limit=options.limit,
