@@ -13,7 +13,7 @@ from pathlib import Path
 import polars as pl
 
 from batchrun.checkpoint import RowResult
-from batchrun.results import COLUMNS, NAMES, OUTPUT_RESULT_COLUMNS, SCHEMA_VERSION
+from batchrun.results import NAMES, OUTPUT_RESULT_COLUMNS, SCHEMA_VERSION, STORED
 from batchrun.simulator import RunningSimulator
 from tests.conftest import article_rows, checkpoint_path, invoke, read_output, write_job
 
@@ -36,9 +36,9 @@ def test_row_result_has_the_registry_columns_with_matching_types() -> None:
     hints = typing.get_type_hints(RowResult)
     python_type = {"INTEGER": int, "BLOB": bytes, "REAL": float, "TEXT": str}
     assert sorted(f.name for f in fields(RowResult)) == sorted(NAMES)
-    for column in COLUMNS:
+    for column in STORED:
         declared = hints[column.name]
-        assert python_type[column.sql] in (declared, *typing.get_args(declared)), column.name
+        assert column.sql is not None and python_type[column.sql] in (declared, *typing.get_args(declared)), column.name
 
 
 def test_checkpoint_of_the_previous_release_resumes(tmp_path: Path) -> None:
