@@ -38,7 +38,8 @@ def test_row_result_has_the_registry_columns_with_matching_types() -> None:
     assert sorted(f.name for f in fields(RowResult)) == sorted(NAMES)
     for column in STORED:
         declared = hints[column.name]
-        assert column.sql is not None and python_type[column.sql] in (declared, *typing.get_args(declared)), column.name
+        assert column.sql is not None, column.name
+        assert python_type[column.sql] in (declared, *typing.get_args(declared)), column.name
 
 
 def test_checkpoint_of_the_previous_release_resumes(tmp_path: Path) -> None:

@@ -4,8 +4,14 @@ changing back sends nothing; `prune` drops the answers no row uses; --fresh drop
 
 from __future__ import annotations
 
+import os
+import pty
 import re
+import select
 import sqlite3
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -145,3 +151,23 @@ def test_fresh_drops_every_answer_and_the_index(tmp_path: Path, simulator: Runni
         assert db.execute("SELECT SUM(n) FROM seen").fetchone()[0] == 4
     edit_job(job, **{"prompt.user": "{title}\n\n{text}"})
     assert sent_by(simulator, str(job), "--yes") == 4  # the first prompt's answers went with --fresh
+
+
+def test_a_terminal_is_asked(tmp_path: Path, simulator: RunningSimulator) -> None:
+    job = write_job(tmp_path, article_rows(3), simulator.base_url)
+    assert sent_by(simulator, str(job)) == 3
+    edit_job(job, **{"prompt.user": "Headline only: {title}"})
+    terminal, ours = pty.openpty()
+    process = subprocess.Popen([sys.executable, "-m", "batchrun", "run", str(job)], stdin=ours, stderr=ours)
+    os.close(ours)
+    seen = b""
+    deadline = time.monotonic() + 30
+    while b"send them? [y/N]" not in seen:
+        assert time.monotonic() < deadline and process.poll() is None, seen
+        if select.select([terminal], [], [], 0.5)[0]:
+            seen += os.read(terminal, 4096)
+    os.write(terminal, b"y\n")
+    assert process.wait(timeout=30) == 0
+    os.close(terminal)
+    assert b"3 finished rows would be sent again" in seen
+    assert simulator.stats.requests == 6
