@@ -15,6 +15,7 @@ from batchrun.errors import (
     EndpointUnavailable,
     InputError,
     JobAborted,
+    JobChanged,
     JobError,
     RequestFailed,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "InputError",
     "Job",
     "JobAborted",
+    "JobChanged",
     "JobError",
     "RequestFailed",
     "RunResult",

@@ -70,7 +70,9 @@ class Job:
     def run(self, **options: Any) -> RunResult:
         """Run (or resume) the job; the figures, with the output table as `.table`. Options:
         simulate, simulate_latency_ms, fresh, retry_failed, limit, concurrency, max_cost_usd,
-        grace_s, quiet. Job-wide errors raise BatchrunError (JobError, EndpointUnavailable...)."""
+        grace_s, quiet, yes. Job-wide errors raise BatchrunError (JobError, EndpointUnavailable...);
+        a job changed since its last run so that finished rows would be sent again raises
+        JobChanged (with .rows and .cost_usd) unless yes=True."""
         stop = Stop()
         return _in_own_thread(lambda: self._run(options, stop), stop)
 
@@ -144,6 +146,7 @@ RUN_OPTIONS = (
     "max_cost_usd",
     "grace_s",
     "quiet",
+    "yes",
 )
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 from batchrun.errors import CheckpointError
-from batchrun.results import ANSWER_COLUMNS, COLUMNS, NAMES, RESULT_KEY, SCHEMA_VERSION
+from batchrun.results import ANSWER_COLUMNS, COLUMNS, NAMES, RESULT_KEY, SCHEMA_VERSION, STORED
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,9 +69,7 @@ NO_USAGE_SQL = "(prompt_tokens IS NULL OR completion_tokens IS NULL)"
 # line per result: what was paid, counted once however many rows share it).
 ROW_RESULTS = "rows r JOIN results USING (request_key, occurrence)"
 USED_RESULTS = "results WHERE (request_key, occurrence) IN (SELECT request_key, occurrence FROM rows)"
-_RESULTS_TABLE = ", ".join(
-    [*(f"{c.name} {c.sql}" for c in COLUMNS), f"PRIMARY KEY ({', '.join(RESULT_KEY)})"]
-)
+_RESULTS_TABLE = ", ".join([*(f"{c.name} {c.sql}" for c in STORED), f"PRIMARY KEY ({', '.join(RESULT_KEY)})"])
 _ROWS_TABLE = "(row INTEGER PRIMARY KEY, request_key BLOB NOT NULL, occurrence INTEGER NOT NULL)"
 
 _as_row = operator.attrgetter(*NAMES)  # dataclasses.astuple deep-copies: ~20x slower per row
@@ -99,13 +97,14 @@ Rekey = Callable[[Fingerprint, "KeyIndex"], None]
 
 
 def open_checkpoint(path: Path, mode: Mode, *made_for: Fingerprint, rekey: Rekey | None = None) -> Checkpoint:
-    """Open a job's checkpoint if it was made for the job as it is now (one of `made_for`), else
-    refuse and name what changed; every reader and the writer check the same way.
+    """Open a job's checkpoint; the writer binds it to `made_for[0]`, the job as it is now. A job
+    changed since the last run is not refused: its rows are matched by request key (the runner
+    asks before finished rows are sent again, plan.finished_rows_to_resend).
 
-    Readers pass the job as run on its endpoint and as run with --simulate: either run's
-    checkpoint is the job's. The writer passes the one fingerprint it binds the checkpoint to.
-    A checkpoint of schema 0 or 1 (results by row position) is keyed by request with `rekey`:
-    in place for the writer, in temp tables for a reader; without `rekey` it is refused.
+    Readers pass the job as run on its endpoint and as run with --simulate. A checkpoint of
+    schema 0 or 1 (results by row position) is keyed by request with `rekey` when it was made
+    for one of `made_for`: in place for the writer, in temp tables for a reader; without `rekey`
+    it is refused.
     """
     checkpoint = Checkpoint(path, mode)
     try:
@@ -115,7 +114,6 @@ def open_checkpoint(path: Path, mode: Mode, *made_for: Fingerprint, rekey: Rekey
             checkpoint.rekey(rekey, fresh=mode == "fresh")
         if mode != "read":
             checkpoint.migrate()
-        checkpoint.check(made_for, fresh=mode == "fresh")
         if mode != "read":
             checkpoint.bind(made_for[0], fresh=mode == "fresh")
     except BaseException:
@@ -173,7 +171,7 @@ class Checkpoint:
             if not self._columns:
                 self._db.execute(f"CREATE TABLE results ({_RESULTS_TABLE})")
             else:
-                for column in COLUMNS:
+                for column in STORED:
                     if column.name not in self._columns:
                         self._db.execute(f"ALTER TABLE results ADD COLUMN {column.name} {column.sql}")
             self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
@@ -268,21 +266,6 @@ class Checkpoint:
         row = self._db.execute("SELECT value FROM meta WHERE key = 'fingerprint'").fetchone()
         return json.loads(row[0]) if row else None
 
-    def check(self, made_for: tuple[Fingerprint, ...], fresh: bool = False) -> None:
-        """Refuse a checkpoint made for another version of the job, unless it is to be discarded."""
-        old = self.fingerprint()
-        if old is not None:
-            old = without_input_hash(old)  # schema 0/1: its input was checked when it was keyed
-        if old is None or old in made_for or fresh or self._empty():
-            return  # an empty checkpoint (a run stopped before any row) has nothing to protect
-        closest = min(made_for, key=lambda f: sum(old.get(k) != f[k] for k in f))
-        changed = [k for k in closest if old.get(k) != closest[k]]
-        raise CheckpointError(
-            f"the job's {', '.join(changed)} changed since checkpoint {self.path.name} was "
-            "made; rerun with --fresh to start over (its results will be discarded), "
-            "or restore the job as it was to resume"
-        )
-
     def _empty(self) -> bool:
         return self._db.execute("SELECT 1 FROM results LIMIT 1").fetchone() is None
 
@@ -292,6 +275,7 @@ class Checkpoint:
             if fresh:
                 self._db.execute("DELETE FROM results")
                 self._db.execute("DELETE FROM rows")
+                self._db.execute("DROP TABLE IF EXISTS seen")  # made again by the next key pass
             self._db.execute(
                 "INSERT OR REPLACE INTO meta VALUES ('fingerprint', ?)",
                 (json.dumps(fingerprint, sort_keys=True),),
@@ -337,6 +321,27 @@ class Checkpoint:
             self._db.execute("INSERT OR REPLACE INTO meta VALUES ('pricing', ?)", (pricing,))
         return repriced
 
+    def last_run_finished(self, first_row: int, last_row: int) -> set[int]:
+        """The rows between `first_row` and `last_row` that the last run (as it indexed them in the
+        file's `rows`) had finished: for a reader, which rows a changed job would send again."""
+        if not self._db.execute("SELECT 1 FROM main.sqlite_master WHERE name = 'rows'").fetchone():
+            return set()
+        query = (
+            "SELECT m.row FROM main.rows m JOIN results USING (request_key, occurrence)"
+            " WHERE m.row BETWEEN ? AND ?"
+        )
+        return {row for (row,) in self._db.execute(query, (first_row, last_row))}
+
+    def prune(self) -> tuple[int, int]:
+        """Drop the results no row of the current index uses; (dropped, kept)."""
+        with self._transaction():
+            dropped = self._db.execute(
+                "DELETE FROM results WHERE (request_key, occurrence) NOT IN"
+                " (SELECT request_key, occurrence FROM rows)"
+            ).rowcount
+        kept = self._db.execute("SELECT COUNT(*) FROM results").fetchone()[0]
+        return dropped, int(kept)
+
     def spent_usd(self) -> float:
         """What the results the current rows use cost, as far as it is known (each counted once)."""
         query = f"SELECT COALESCE(SUM(cost_usd), 0) FROM {USED_RESULTS}"
@@ -377,10 +382,15 @@ class Checkpoint:
         prompt, output = self._db.execute(query).fetchone()
         return int(prompt), int(output)
 
-    def output_rows(self) -> Callable[[int], list[tuple[Any, ...]]]:
-        """Every indexed row with its result (None where it has none), in `NAMES` order and row
-        order, fetched n at a time: what the output is built from, in flat memory."""
-        select = ", ".join(f"r.{c}" if c in ("row", *RESULT_KEY) else f"s.{c}" for c in NAMES)
+    def output_rows(self, dedupe: bool = False) -> Callable[[int], list[tuple[Any, ...]]]:
+        """Every indexed row with its result (None where it has none), in `COLUMNS` order and row
+        order, fetched n at a time: what the output is built from, in flat memory. With dedupe,
+        `reused_from` is the id the result was sent for, where another row sent it."""
+        reused = "CASE WHEN s.row != r.row THEN s.id END" if dedupe else "NULL"
+        select = ", ".join(
+            f"r.{c.name}" if c.name in ("row", *RESULT_KEY) else f"s.{c.name}" if c.sql else reused
+            for c in COLUMNS
+        )
         cursor = self._db.execute(
             f"SELECT {select} FROM rows r LEFT JOIN results s USING (request_key, occurrence) ORDER BY r.row"
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 import click
 from click_default_group import DefaultGroup
 
-from batchrun.errors import BatchrunError, RequestFailed
+from batchrun.errors import BatchrunError, JobChanged, RequestFailed
 
 # Commands import what they use when they run, so that `--help` and `--version` need none of
 # polars, aiohttp, pydantic or genai-prices (tests/test_startup.py).
@@ -85,6 +86,7 @@ def main() -> None:
     batchrun models --job jobs/summarize.yaml the models the job's endpoint offers
     batchrun estimate jobs/summarize.yaml     what the rows still to do will cost
     batchrun cost out/summaries.parquet       rows, tokens and cost per model and status
+    batchrun prune jobs/summarize.yaml        drop the answers no row of the job uses
     """
 
 
@@ -110,6 +112,12 @@ def main() -> None:
     metavar="USD",
     help="Stop sending before the job's cost could pass USD (overrides budget.max_cost_usd).",
 )
+@click.option(
+    "-y",
+    "--yes",
+    is_flag=True,
+    help="Send finished rows again when the job changed since its last run (else a terminal asks).",
+)
 @no_check_model_option
 @friendly_errors
 def run(
@@ -123,6 +131,7 @@ def run(
     output: str | None,
     quiet: bool,
     max_cost: float | None,
+    yes: bool,
     no_check_model: bool,
 ) -> None:
     """Run JOB, resuming from its checkpoint if it was interrupted.
@@ -130,8 +139,11 @@ def run(
     Every finished row is checkpointed beside the output (OUTPUT.checkpoint.sqlite; for a URL,
     in .batchrun/ beside JOB, or where the job's `checkpoint:` says); rerunning
     the same command sends only the rows not yet done. Results are kept by the request they
-    answer: appended or edited rows are sent, reordered rows are not. Changing the prompt,
-    model, params or endpoint makes the checkpoint refuse to resume until --fresh is given.
+    answer: appended or edited rows are sent, reordered rows are not. After a change of the
+    prompt, model, params or endpoint, batchrun says how many finished rows it would send
+    again and what that should cost, and goes on only with --yes (a terminal asks); the old
+    answers stay, so changing back sends nothing. `batchrun prune JOB` drops answers no row
+    uses; --fresh drops them all.
 
     \b
     Examples:
@@ -156,8 +168,16 @@ def run(
         output=output,
         quiet=quiet,
         max_cost_usd=max_cost,
+        yes=yes,
     )
-    result = run_in_process(spec, options)
+    try:
+        result = run_in_process(spec, options)
+    except JobChanged as exc:
+        if not sys.stdin.isatty():
+            raise
+        if not click.confirm(f"{exc.what}; send them?", err=True):
+            sys.exit(exc.exit_code)
+        result = run_in_process(spec, dataclasses.replace(options, yes=True))
     if not quiet:
         click.echo(summary(result, job_file), err=True)
     elif result.budget_stopped:
@@ -432,7 +452,9 @@ def estimate_command(
         where = "the simulator" if simulate else spec.endpoint.base_url
         question = f"send a pilot of {len(rows)} random rows{cost} to {where}?"
         if yes or _confirm(question):
-            result = run_in_process(spec, RunOptions(simulate=simulate, rows=frozenset(rows), output=output))
+            # yes: asked above, with the pilot's cost (a changed job's finished rows among them)
+            pilot = RunOptions(simulate=simulate, rows=frozenset(rows), output=output, yes=True)
+            result = run_in_process(spec, pilot)
             click.echo(summary(result, job_file), err=True)
             if result.interrupted or result.budget_stopped:
                 sys.exit(result.exit_code)
@@ -448,6 +470,32 @@ def _confirm(question: str) -> bool:
     except click.Abort:
         click.echo(err=True)  # end the question's line
         raise BatchrunError("no answer on stdin (no terminal?): pass --yes to send the pilot") from None
+
+
+@main.command(name="prune")
+@job_argument
+@output_option
+@friendly_errors
+def prune_command(job_file: Path, output: str | None) -> None:
+    """Drop the answers in JOB's checkpoint that no row of JOB as it is now uses.
+
+    Answers to an earlier version of the job (another prompt, model, params or endpoint) and to
+    rows since removed from the input stay in the checkpoint, so changing back sends nothing;
+    prune drops them (changing back then sends those rows again). --fresh drops every answer.
+
+    \b
+    Example:
+      batchrun prune jobs/summarize.yaml
+    """
+    from batchrun.job import load_job
+    from batchrun.runner import prune
+
+    pruned = prune(load_job(job_file), output)
+    if pruned is None:
+        click.echo(f"nothing to prune: {job_file} has no checkpoint yet")
+        return
+    dropped, kept = pruned
+    click.echo(f"pruned {dropped:,} answers no row of the job uses; {kept:,} kept")
 
 
 @main.command(name="cost")

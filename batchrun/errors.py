@@ -4,6 +4,7 @@
     ├── JobError                  the job file is wrong (path, key, line)
     ├── InputError                the input table is missing, unreadable or does not fit the job
     ├── CheckpointError           the checkpoint cannot be used or written
+    ├── JobChanged                a job-level change would send finished rows again (needs --yes)
     ├── JobAborted                an answer that dooms every row (bad key, no credit, unknown model)
     ├── EndpointUnavailable       the endpoint cannot be reached, or stayed down too long (exit 4)
     └── RequestFailed             one request failed; the runner records it on the row
@@ -64,6 +65,20 @@ class InputError(BatchrunError):
 
 class CheckpointError(BatchrunError):
     """The checkpoint belongs to another job version or cannot be written."""
+
+
+class JobChanged(BatchrunError):
+    """The prompt, model, params or endpoint changed since the last run, so rows it finished would
+    be sent again: `rows` of them, expected to cost `cost_usd` (None without a price); `what`
+    says so in words, without the ways on."""
+
+    def __init__(self, what: str, rows: int, cost_usd: float | None):
+        super().__init__(
+            f"{what}; pass --yes (yes=True in Python) to send them, or restore the job as it was to send none"
+        )
+        self.what = what
+        self.rows = rows
+        self.cost_usd = cost_usd
 
 
 class JobAborted(BatchrunError):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from batchrun.checkpoint import Checkpoint, Fingerprint
+from batchrun.checkpoint import Checkpoint, Fingerprint, without_input_hash
 from batchrun.cost import ASSUMED_MAX_OUTPUT_TOKENS, Price, billed_output_tokens, job_price, output_tokens_cap
 from batchrun.plan import SIMULATED_ENDPOINT, PreparedJob, read_checkpoint
 from batchrun.prompts import text_length
@@ -65,6 +65,19 @@ class Estimate:
     high: Scenario
     worst: Scenario
     price: Price | None
+    again_rows: int = 0  # of the rows to do, those the last run finished (the job changed since)
+    again: Scenario | None = None  # what sending them again is expected to cost
+    again_worst: Scenario | None = None
+
+    def resend(self) -> str:
+        """What the job's change would send again, for the question and the error that ask."""
+        rows = f"{self.again_rows:,} finished {'row' if self.again_rows == 1 else 'rows'}"
+        if self.again is None or self.again.cost_usd is None or self.again_worst is None:
+            return f"{rows} would be sent again (cost unknown: the model has no price)"
+        return (
+            f"{rows} would be sent again, expected to cost ${self.again.cost_usd:.4f} "
+            f"(at most ${self.again_worst.cost_usd:.4f})"
+        )
 
     def lines(self) -> list[str]:
         """The estimate, for people."""
@@ -91,6 +104,8 @@ class Estimate:
         ]
         if self.price is None:
             lines.append("cost: unknown: the model has no list price; set pricing: in the job")
+            if self.again_rows:
+                lines.append(f"the job changed since its last run: {self.resend()}")
             return lines
         lines.append(f"price: {self.price.describe()}")
         rng = " (90% range)" if self.observed else ""
@@ -105,6 +120,8 @@ class Estimate:
             )
         if self.observed:
             lines.append(f"projection rests on {self.observed} finished rows")
+        if self.again_rows:
+            lines.append(f"the job changed since its last run: {self.resend()}")
         return lines
 
     def save(self, job: PreparedJob, fingerprint: dict[str, Any]) -> None:
@@ -147,28 +164,42 @@ def pilot_rows(job: PreparedJob, made_for: tuple[Fingerprint, ...], n: int) -> l
 _USAGE = "status, prompt_tokens, completion_tokens, total_tokens, cached_tokens"
 
 
-def estimate_job(job: PreparedJob, made_for: tuple[Fingerprint, ...]) -> Estimate:
-    """Project the cost of the rows not yet finished (all rows if the job never ran); the
-    checkpoint is asked a batch at a time which rows are finished, and with what usage."""
+def estimate_job(
+    job: PreparedJob,
+    made_for: tuple[Fingerprint, ...],
+    *,
+    simulate: bool | None = None,
+    limit: int | None = None,
+) -> Estimate:
+    """Project the cost of the rows not yet finished (all rows if the job never ran, the first
+    `limit` if given); the checkpoint is asked a batch at a time which rows are finished, and
+    with what usage. When the job changed since the last run (its fingerprint is none of
+    `made_for`), the rows to do that the last run finished are projected apart (`again`).
+    `simulate`: key the requests as for --simulate (default: as the last run did)."""
     price = job_price(job.spec)
-    to_do_chars = array("q")
+    to_do_chars, again_chars = array("q"), array("q")
     observed = Observed(array("q"), array("q"), array("q"), 0)
     checkpoint = read_checkpoint(job, made_for, index=False)  # indexed below, batch by batch
     try:
-        index = checkpoint.key_index(dedupe=False)
-        keys = job.keys(_simulated(checkpoint))
-        for batch in job.keyed_batches(index, keys):
+        recorded = checkpoint.fingerprint()
+        changed = recorded is not None and without_input_hash(recorded) not in made_for
+        index = checkpoint.key_index(dedupe=job.spec.dedupe)
+        keys = job.keys(_simulated(checkpoint) if simulate is None else simulate)
+        for batch in job.keyed_batches(index, keys, limit):
             finished = index.finished(*batch.row_range, columns=_USAGE)
-            for row, body in zip(batch.rows, batch.bodies, strict=True):
+            again = checkpoint.last_run_finished(*batch.row_range) if changed else set()
+            for row, body, first in zip(batch.rows, batch.bodies, batch.first, strict=True):
                 done = finished.get(row[ROW])
-                if done is None and body is None:
-                    continue  # will be recorded `skipped`, never sent
+                if done is None and (body is None or (job.spec.dedupe and not first)):
+                    continue  # recorded `skipped`, or given its first row's answer: never sent
                 if done is not None and (done[0] != "ok" or done[1] is None):
                     continue
                 assert body is not None
                 chars = text_length(body["messages"])
                 if done is None:
                     to_do_chars.append(chars)
+                    if row[ROW] in again:
+                        again_chars.append(chars)
                     continue
                 _, prompt, completion, total, cached = done
                 observed.prompt_chars.append(chars)
@@ -181,11 +212,12 @@ def estimate_job(job: PreparedJob, made_for: tuple[Fingerprint, ...]) -> Estimat
     finally:
         checkpoint.close()
     return _project(
-        total_rows=job.source.row_count,
+        total_rows=min(job.source.row_count, limit or job.source.row_count),
         done=totals.ok + totals.failed + totals.skipped,
         done_prompt_tokens=done_prompt,
         done_output_tokens=done_output,
         to_do_chars=to_do_chars,
+        again_chars=again_chars,
         observed=observed,
         cap=output_tokens_cap(job.params),
         price=price,
@@ -204,6 +236,7 @@ def _project(
     done_prompt_tokens: int,
     done_output_tokens: int,
     to_do_chars: array[int],
+    again_chars: array[int],
     observed: Observed,
     cap: int | None,
     price: Price | None,
@@ -232,6 +265,8 @@ def _project(
         _scenario(to_do_chars, r, o, cached_share, price) for r, o in zip(ratios, outputs, strict=True)
     )
     worst = _scenario(to_do_chars, ratios[1], float(out_cap), 0.0, price)
+    again = _scenario(again_chars, ratios[1], outputs[1], cached_share, price) if again_chars else None
+    again_worst = _scenario(again_chars, ratios[1], float(out_cap), 0.0, price) if again_chars else None
     return Estimate(
         total_rows=total_rows,
         to_do=to_do,
@@ -249,6 +284,9 @@ def _project(
         high=high,
         worst=worst,
         price=price,
+        again_rows=len(again_chars),
+        again=again,
+        again_worst=again_worst,
     )
 
 

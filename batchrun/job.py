@@ -286,6 +286,7 @@ class JobSpec(_Strict):
     pricing: PricingSpec | None = None  # default: the model's list price (genai-prices)
     budget: BudgetSpec | None = None
     checkpoint: Path | None = None  # default: beside a local output; for a URL output, see plan.py
+    dedupe: bool = False  # identical requests sent once; every row with one gets its answer
     job_path: Path = Path("job.yaml")  # set by load_job, not read from the file
 
     @model_validator(mode="after")

@@ -94,7 +94,7 @@ def _output_batches(
             results.height and results["row"][0] != frame[ROW][0]
         ):  # the index covers every row the run reached; the runner finishes it before this
             raise BatchrunError("the checkpoint's index of the input's rows is incomplete; rerun the job")
-        results = results.drop("id", "row", "request_key", "occurrence")
+        results = _reused(results, frame["id"].cast(pl.String)).drop("id", "row", "request_key", "occurrence")
         if fields:
             results = results.with_columns(pl.col("fields").str.json_decode(struct)).unnest("fields")
         table = pl.concat([frame.select("id", *extra), results], how="horizontal").with_columns(
@@ -103,6 +103,32 @@ def _output_batches(
         for status, n in table["status"].value_counts().iter_rows():
             counts[status] = counts.get(status, 0) + n
         yield table.select("id", *extra, *fields, *OUTPUT_RESULT_COLUMNS)
+
+
+# What a row that reused another row's answer (dedupe) was not billed for: counted once, there.
+_BILLED = (
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cached_tokens",
+    "reasoning_tokens",
+    "cost_usd",
+)
+
+
+def _reused(results: pl.DataFrame, ids: pl.Series) -> pl.DataFrame:
+    """`reused_from` where a row's answer was sent for another row (not where its own row was
+    moved in the input), and that row's cost, tokens and attempts at 0: billed once."""
+    if results["reused_from"].is_null().all():
+        return results
+    reused = pl.col("reused_from").is_not_null()
+    results = results.with_columns(
+        pl.when(pl.col("reused_from") != ids).then(pl.col("reused_from")).alias("reused_from")
+    )
+    zero = [pl.when(reused & pl.col(c).is_not_null()).then(0).otherwise(pl.col(c)).alias(c) for c in _BILLED]
+    return results.with_columns(
+        *zero, pl.when(reused).then(0).otherwise(pl.col("attempts")).alias("attempts")
+    )
 
 
 def _write_parquet(batches: Iterator[pl.DataFrame], path: Path) -> None:

@@ -254,7 +254,8 @@ class KeyedPlan:
 def index_input(job: PreparedJob, checkpoint: Checkpoint, simulate: bool, limit: int | None = None) -> None:
     """Index every row of the input (up to `limit`) in `checkpoint`, sending nothing: what the
     commands that only read (status, cost, estimate) do before asking it about the current rows."""
-    KeyedPlan(job, checkpoint.key_index(dedupe=False), job.keys(simulate), limit=limit).finish()
+    dedupe = job.spec.dedupe
+    KeyedPlan(job, checkpoint.key_index(dedupe), job.keys(simulate), limit=limit, dedupe=dedupe).finish()
 
 
 def read_checkpoint(job: PreparedJob, made_for: tuple[Fingerprint, ...], index: bool = True) -> Checkpoint:

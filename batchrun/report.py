@@ -173,7 +173,7 @@ def job_table(
     path = workdir / "table.parquet"
     checkpoint = read_checkpoint(job, made_for)
     try:
-        write_output(job.source, columns, checkpoint.output_rows(), path, "parquet")
+        write_output(job.source, columns, checkpoint.output_rows(job.spec.dedupe), path, "parquet")
     finally:
         checkpoint.close()
     return pl.scan_parquet(path)

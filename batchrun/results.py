@@ -1,6 +1,9 @@
 """The result columns, each declared once: the checkpoint's table, the output table's columns and
 their types, and the reports' sums all derive from `COLUMNS`.
 
+A column with no SQL type (`reused_from`) is not stored: it says how a row of the output came by
+its result, and is made as the output is built (Checkpoint.output_rows, output.py).
+
 Adding a column: declare it here (in its place in the output), add it to `RowResult` in
 checkpoint.py, fill it where rows finish, and bump `SCHEMA_VERSION`; existing checkpoints get the
 column in place (null for the rows they hold) when a run next opens them.
@@ -20,7 +23,7 @@ SCHEMA_VERSION = 2
 @dataclass(frozen=True)
 class Column:
     name: str
-    sql: str  # its type in the checkpoint's `results` table
+    sql: str | None  # its type in the checkpoint's `results` table; None: made as the output is built
     polars: pl.DataType  # its type in the output table
     in_output: bool  # output columns follow `id`, include_columns and fields, in `COLUMNS` order
     meaning: str
@@ -50,13 +53,15 @@ COLUMNS: tuple[Column, ...] = (
     Column("ttft_ms", _REAL, pl.Float64(), True, "time to the first token (streamed requests only)"),
     Column("model", _TEXT, pl.String(), True, "the model as the server reports it; the job's when none did"),
     Column("response_id", _TEXT, pl.String(), True, "the server's id of the answer"),
+    Column("reused_from", None, pl.String(), True, "dedupe: id of the row whose answer it got; cost 0"),
 )  # fmt: skip
 
 # A result belongs to a request: the same request again in a later input reuses it.
 RESULT_KEY = ("request_key", "occurrence")
-NAMES = tuple(c.name for c in COLUMNS)
-SQL_TYPES = {c.name: c.sql for c in COLUMNS}
-RESULT_SCHEMA = {c.name: c.polars for c in COLUMNS}
+STORED = tuple(c for c in COLUMNS if c.sql is not None)  # a result's: the checkpoint's table
+NAMES = tuple(c.name for c in STORED)
+SQL_TYPES = {c.name: c.sql for c in STORED}
+RESULT_SCHEMA = {c.name: c.polars for c in COLUMNS}  # a row's result, as Checkpoint.output_rows gives it
 OUTPUT_RESULT_COLUMNS = tuple(c.name for c in COLUMNS if c.in_output)
 
 # A row with any of these got an answer, and so was billed (ok, or failed on an answer).

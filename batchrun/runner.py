@@ -17,17 +17,18 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from batchrun.budget import BudgetGuard
-from batchrun.checkpoint import Mode, open_checkpoint
+from batchrun.checkpoint import Checkpoint, Fingerprint, Mode, open_checkpoint, without_input_hash
 from batchrun.client import ChatClient
 from batchrun.core import Core, RunStats, Stop
 from batchrun.cost import ASSUMED_MAX_OUTPUT_TOKENS, job_price, output_tokens_cap, request_cost
-from batchrun.errors import BatchrunError, CheckpointError, JobError
+from batchrun.errors import BatchrunError, CheckpointError, JobChanged, JobError
+from batchrun.estimate import estimate_job
 from batchrun.events import Events, RunStarted
 from batchrun.job import EndpointSpec, JobSpec
 from batchrun.limits import Limiter
 from batchrun.models import check_model
 from batchrun.output import write_output
-from batchrun.plan import KeyedPlan, prepare, rekey_by_row
+from batchrun.plan import SIMULATED_ENDPOINT, KeyedPlan, PreparedJob, index_input, prepare, rekey_by_row
 from batchrun.report import USAGE_COLUMNS, RunResult, write_run_report
 
 T = TypeVar("T")
@@ -49,6 +50,7 @@ class RunOptions:
     max_cost_usd: float | None = None  # overrides the job's budget.max_cost_usd
     rows: frozenset[int] | None = None  # only these rows (0-based), e.g. a random pilot
     checkpoint: Path | None = None  # where the checkpoint lives; default: beside the output
+    yes: bool = False  # send finished rows again when the job changed (else JobChanged)
 
 
 async def run_job(
@@ -83,6 +85,8 @@ async def run_job(
         model_note = await asyncio.to_thread(check_model, spec, spec.endpoint.base_url, key)
     fingerprint = job.fingerprint(options.simulate)
     made_for = (fingerprint,)
+    if not (options.fresh or options.yes or options.retry_failed):
+        await asyncio.to_thread(refuse_resend, job, fingerprint, options)
     mode: Mode = "fresh" if options.fresh else "resume"
     checkpoint = open_checkpoint(job.checkpoint_path, mode, *made_for, rekey=rekey_by_row(job, made_for))
     try:
@@ -102,11 +106,12 @@ async def run_job(
             to_send = in_scope - done
         plan = KeyedPlan(
             job,
-            checkpoint.key_index(dedupe=False),
+            checkpoint.key_index(dedupe=spec.dedupe),
             job.keys(options.simulate),
             limit=options.limit,
             retry_failed=options.retry_failed,
             only=options.rows,
+            dedupe=spec.dedupe,
         )
         url = base_url or spec.endpoint.base_url
         width = options.concurrency or spec.concurrency
@@ -168,7 +173,7 @@ async def run_job(
             write_output,
             job.source,
             spec.output.include_columns,
-            checkpoint.output_rows(),
+            checkpoint.output_rows(spec.dedupe),
             job.output_path,
             spec.output.format,
             limit=options.limit,
@@ -206,6 +211,53 @@ async def run_job(
         if cancelled:
             raise asyncio.CancelledError
         return result
+    finally:
+        checkpoint.close()
+
+
+def refuse_resend(job: PreparedJob, fingerprint: Fingerprint, options: RunOptions) -> None:
+    """Raise JobChanged if the job changed since its last run (prompt, model, params, endpoint)
+    so that rows it finished would be sent again; say how many and what they should cost. A
+    change back to an earlier version finds its answers still there, and sends nothing again."""
+    if not job.checkpoint_path.exists():
+        return
+    last = Checkpoint(job.checkpoint_path, "read")
+    try:
+        recorded = last.fingerprint()
+        by_row = last.keyed_by_row  # a 0.2 checkpoint: keyed (or refused) as the writer opens it
+    finally:
+        last.close()
+    if recorded is None or by_row or (recorded := without_input_hash(recorded)) == fingerprint:
+        return
+    projection = estimate_job(job, (fingerprint,), simulate=options.simulate, limit=options.limit)
+    if not projection.again_rows:
+        return
+    changed = ", ".join(k for k in fingerprint if recorded.get(k) != fingerprint[k])
+    raise JobChanged(
+        f"the job's {changed} changed since its last run: {projection.resend()}",
+        projection.again_rows,
+        None if projection.again is None else projection.again.cost_usd,
+    )
+
+
+def prune(spec: JobSpec, output: str | Path | None = None) -> tuple[int, int] | None:
+    """Drop the answers in the job's checkpoint that no row of the job as it is now uses (an
+    earlier prompt's, a removed row's); (dropped, kept), or None without a checkpoint. The
+    checkpoint is bound to the job as it is, keyed as its last run was (endpoint or --simulate)."""
+    job = prepare(spec, output, write=False)  # nothing is written but the local checkpoint
+    if not job.checkpoint_path.exists():
+        return None
+    last = Checkpoint(job.checkpoint_path, "read")
+    try:
+        recorded = last.fingerprint()
+    finally:
+        last.close()
+    simulate = recorded is not None and recorded.get("endpoint.base_url") == SIMULATED_ENDPOINT
+    made_for = (job.fingerprint(simulate),)
+    checkpoint = open_checkpoint(job.checkpoint_path, "resume", *made_for, rekey=rekey_by_row(job, made_for))
+    try:
+        index_input(job, checkpoint, simulate)
+        return checkpoint.prune()
     finally:
         checkpoint.close()
 

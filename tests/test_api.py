@@ -227,6 +227,7 @@ def test_all_is_exactly_the_public_names_sorted() -> None:
         "InputError",
         "Job",
         "JobAborted",
+        "JobChanged",
         "JobError",
         "RequestFailed",
         "RunResult",

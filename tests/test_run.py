@@ -163,7 +163,7 @@ def test_resume_sends_only_unfinished_rows(tmp_path: Path, simulator: RunningSim
     assert read_output(job)["id"].to_list() == [r["id"] for r in article_rows(100)]
 
 
-def test_changed_prompt_refuses_to_resume_without_fresh(tmp_path: Path, simulator: RunningSimulator) -> None:
+def test_changed_prompt_and_model_ask_before_resending(tmp_path: Path, simulator: RunningSimulator) -> None:
     job = write_job(tmp_path, article_rows(20), simulator.base_url)
     assert invoke("run", str(job), "--limit", "5").exit_code == 0
     spec = yaml.safe_load(job.read_text())
@@ -174,8 +174,8 @@ def test_changed_prompt_refuses_to_resume_without_fresh(tmp_path: Path, simulato
     refused = invoke("run", str(job))
 
     assert refused.exit_code == 2
-    assert "Error: the job's prompt, model changed since checkpoint" in refused.stderr
-    assert "--fresh" in refused.stderr
+    assert "Error: the job's prompt, model changed since its last run: 5 finished rows" in refused.stderr
+    assert "--yes" in refused.stderr
     assert simulator.stats.requests == 5
 
     fresh = invoke("run", str(job), "--fresh")
