@@ -111,6 +111,21 @@ def main() -> None:
     help="Stop sending before the job's cost could pass USD (overrides budget.max_cost_usd).",
 )
 @no_check_model_option
+@click.option(
+    "--ray",
+    "ray_address",
+    is_flag=False,
+    flag_value="",
+    default=None,
+    metavar="[ADDRESS]",
+    help="Run on Ray: join the cluster at ADDRESS (HOST:PORT or ray://HOST:PORT), or start a local "
+    "Ray without one. Needs the extra: pip install 'batchrun[ray]'.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    help="With --ray: worker actors, sharing the job's concurrency (default: one per CPU of the cluster).",
+)
 @friendly_errors
 def run(
     job_file: Path,
@@ -124,6 +139,8 @@ def run(
     quiet: bool,
     max_cost: float | None,
     no_check_model: bool,
+    ray_address: str | None,
+    workers: int | None,
 ) -> None:
     """Run JOB, resuming from its checkpoint if it was interrupted.
 
@@ -137,7 +154,18 @@ def run(
       batchrun run jobs/summarize.yaml --limit 20     # pilot on the first 20 rows
       batchrun jobs/summarize.yaml --retry-failed     # resend only failed rows
       batchrun jobs/summarize.yaml --max-cost 5       # spend at most $5 on the job
+      batchrun jobs/summarize.yaml --ray --workers 2  # on a local Ray, two workers
     """
+    if workers is not None and ray_address is None:
+        raise click.UsageError("--workers goes with --ray")
+    ray = None
+    if ray_address is not None:
+        from batchrun.distributed.cluster import import_ray
+
+        import_ray()  # before the job is read: without the extra, say so first
+        from batchrun.distributed import RayOptions
+
+        ray = RayOptions(ray_address or None, workers)
     from batchrun.job import load_job
     from batchrun.runner import RunOptions
 
@@ -155,6 +183,10 @@ def run(
         quiet=quiet,
         max_cost_usd=max_cost,
     )
+    if ray is not None:
+        from batchrun.distributed.driver import run_on_ray
+
+        run_on_ray(spec, options, ray)
     result = run_in_process(spec, options)
     if not quiet:
         click.echo(summary(result, job_file), err=True)
