@@ -182,11 +182,12 @@ def run(
         output=output,
         quiet=quiet,
         max_cost_usd=max_cost,
+        ray=ray,
     )
     if ray is not None:
-        from batchrun.distributed.driver import run_on_ray
+        from batchrun.distributed.cluster import connect
 
-        run_on_ray(spec, options, ray)
+        connect(ray.address)  # here, on the main thread, before anything is sent
     result = run_in_process(spec, options)
     if not quiet:
         click.echo(summary(result, job_file), err=True)

@@ -12,16 +12,16 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import orjson
 from tenacity import RetryCallState
 
 from batchrun.breaker import MAX_PROBE_S, Breaker, SameFailure
 from batchrun.budget import BudgetGuard
-from batchrun.checkpoint import Checkpoint, RowResult
+from batchrun.checkpoint import RowResult
 from batchrun.client import ChatClient, ChatResult
 from batchrun.cost import (
     ASSUMED_MAX_OUTPUT_TOKENS,
@@ -55,6 +55,12 @@ SAME_FAILURE_ANSWERS = 20  # this many first answers failing alike stop the job 
 MIN_PROBE_S = 0.01  # the breaker's first probe interval when retry.initial_backoff_s is 0
 
 Outcome = Literal["finished", "interrupted", "stopped_by_budget", "aborted"]
+
+
+class ResultSink(Protocol):
+    """Where finished rows go: the Checkpoint; on a Ray worker, the batch back to the driver."""
+
+    def record(self, results: list[RowResult]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -187,7 +193,7 @@ class Core:
     job: PreparedJob
     client: ChatClient
     limiter: Limiter
-    checkpoint: Checkpoint
+    checkpoint: ResultSink
     events: Events
     skip: set[int]  # rows already finished
     only: set[int] | None  # with --retry-failed (or a pilot): the rows to send
@@ -198,6 +204,7 @@ class Core:
     budget: BudgetGuard | None = None
     base_url: str = ""
     stop: Stop = field(default_factory=Stop)
+    rows: Iterator[list[dict[str, Any]]] | None = None  # batches to send instead of the input's (a shard)
     sleep: Sleep = asyncio.sleep  # the retry policy's waits
     interrupted: bool = False
     budget_stopped: bool = False
@@ -319,7 +326,7 @@ class Core:
         columns = prompt_columns = self.job.prompts.columns
         if self.job.source.id_column and self.job.source.id_column not in columns:
             columns += (self.job.source.id_column,)
-        batches = self.job.source.batches(columns, self.limit)
+        batches = self.rows if self.rows is not None else self.job.source.batches(columns, self.limit)
         id_column = self.job.source.id_column
         skip_nulls = self.job.spec.input.on_null == "skip"
         while (batch := await asyncio.to_thread(next, batches, None)) is not None:

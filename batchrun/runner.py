@@ -21,6 +21,7 @@ from batchrun.checkpoint import open_checkpoint
 from batchrun.client import ChatClient
 from batchrun.core import Core, RunStats, Stop
 from batchrun.cost import ASSUMED_MAX_OUTPUT_TOKENS, job_price, output_tokens_cap, request_cost
+from batchrun.distributed import RayOptions
 from batchrun.errors import BatchrunError, JobError
 from batchrun.events import Events, RunStarted
 from batchrun.job import EndpointSpec, JobSpec
@@ -49,6 +50,7 @@ class RunOptions:
     max_cost_usd: float | None = None  # overrides the job's budget.max_cost_usd
     rows: frozenset[int] | None = None  # only these rows (0-based), e.g. a random pilot
     checkpoint: Path | None = None  # where the checkpoint lives; default: beside the output
+    ray: RayOptions | None = None  # run on Ray (batchrun/distributed/): where, how many workers
 
 
 async def run_job(
@@ -103,35 +105,56 @@ async def run_job(
         url = base_url or spec.endpoint.base_url
         width = options.concurrency or spec.concurrency
         params = job.params
-        core = Core(
-            job,
-            ChatClient(url, key, spec.endpoint.timeout_s, width),
-            Limiter(
-                width,
-                spec.rate_limit.requests_per_minute,
-                spec.rate_limit.tokens_per_minute,
-                max_tokens=params.get("max_completion_tokens", params.get("max_tokens")),
-                max_hold_s=spec.retry.max_backoff_s,
-            ),
-            checkpoint,
-            events,
-            skip=finished,
-            only=only,
-            limit=options.limit,
-            width=width,
-            grace_s=options.grace_s,
-            price=price,
-            budget=None if max_cost is None else BudgetGuard(max_cost, spent_usd=spent),
-            base_url=url,
-            stop=stop or Stop(),
-        )
+        stop = stop or Stop()
+        budget = None if max_cost is None else BudgetGuard(max_cost, spent_usd=spent)
+        if options.ray is None:
+            core = Core(
+                job,
+                ChatClient(url, key, spec.endpoint.timeout_s, width),
+                Limiter(
+                    width,
+                    spec.rate_limit.requests_per_minute,
+                    spec.rate_limit.tokens_per_minute,
+                    max_tokens=params.get("max_completion_tokens", params.get("max_tokens")),
+                    max_hold_s=spec.retry.max_backoff_s,
+                ),
+                checkpoint,
+                events,
+                skip=finished,
+                only=only,
+                limit=options.limit,
+                width=width,
+                grace_s=options.grace_s,
+                price=price,
+                budget=budget,
+                base_url=url,
+                stop=stop,
+            )
+            describe = core.describe
+        else:
+            from batchrun.distributed.driver import ClusterRun, describe_split
+            from batchrun.distributed.worker import ShardSettings
+
+            cluster = ClusterRun(
+                job,
+                checkpoint,
+                events,
+                stop,
+                skip=finished,
+                only=only,
+                limit=options.limit,
+                width=width,
+                settings=ShardSettings(url, options.simulate, width, options.grace_s, price, max_cost),
+                spent_usd=spent,
+            )
+            describe = functools.partial(describe_split, options.ray, width)
         events.started(
             RunStarted(
                 sum(before.values()) + to_send,
                 before,
                 cost_usd=None if price is None else spent,
                 budget_usd=max_cost,
-                status=core.describe,
+                status=describe,
             )
         )
         if finished and not options.fresh:
@@ -152,7 +175,12 @@ async def run_job(
                 f"{ASSUMED_MAX_OUTPUT_TOKENS:,} output tokens per request",
                 "warning",
             )
-        stats, cancelled = await _run_to_the_end(core)
+        if options.ray is None:
+            stats, cancelled = await _run_to_the_end(core.run(), stop)
+        else:
+            from batchrun.distributed.driver import run_on_cluster
+
+            stats, cancelled = await _run_to_the_end(run_on_cluster(cluster, options.ray), stop)
         if stats.unreachable:  # nothing was answered: no output, the checkpoint as it was
             assert stats.error is not None
             raise stats.error
@@ -176,10 +204,11 @@ async def run_job(
             rate_limited=stats.rate_limited,
             wall_s=time.monotonic() - started,
             output_path=job.output_path,
-            interrupted=core.interrupted,
+            interrupted=stats.outcome == "interrupted",
             cost_usd=None if price is None else checkpoint.spent_usd(),
             budget_usd=max_cost,
-            budget_stopped=core.budget_stopped,
+            budget_stopped=stats.outcome == "stopped_by_budget",
+            workers=None if options.ray is None else [vars(t) for t in cluster.tallies],
             requests=stats.requests,
             run_tokens=stats.tokens,
             report_path=job.report_path,
@@ -198,10 +227,10 @@ async def run_job(
         checkpoint.close()
 
 
-async def _run_to_the_end(core: Core) -> tuple[RunStats, bool]:
-    """Run the core; a cancellation of the caller is a stop request (a second, a stop at once),
-    and the core still finishes, so that nothing answered is lost."""
-    task = asyncio.ensure_future(core.run())
+async def _run_to_the_end(run: Coroutine[Any, Any, RunStats], stop: Stop) -> tuple[RunStats, bool]:
+    """Run the core (or the cluster); a cancellation of the caller is a stop request (a second, a
+    stop at once), and the run still finishes, so that nothing answered is lost."""
+    task = asyncio.ensure_future(run)
     cancelled = False
     while True:
         try:
@@ -210,7 +239,7 @@ async def _run_to_the_end(core: Core) -> tuple[RunStats, bool]:
             if task.done():
                 raise
             cancelled = True
-            core.stop.request()
+            stop.request()
 
 
 def run_async(main: Coroutine[Any, Any, T]) -> T:

@@ -6,6 +6,7 @@ Tests that need Ray share one local instance (conftest.ray_session: two CPUs, fi
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import subprocess
@@ -206,3 +207,94 @@ def test_the_budget_is_one_for_every_worker(ray_session: Any) -> None:
     budgets[1].give_back()
     after = ray_session.get(actor.counts.remote())["committed_usd"]
     assert after < committed
+
+
+# --- the driver: a job on a local Ray ---------------------------------------------------------------
+
+
+def ray_job(tmp_path: Path, rows: int, base_url: str, **overrides: Any) -> Any:
+    from batchrun.api import Job
+
+    return Job.from_yaml(write_job(tmp_path, article_rows(rows), base_url, **overrides))
+
+
+def test_two_workers_finish_a_job_with_every_row_exactly_once(ray_session: Any, tmp_path: Path) -> None:
+    import json
+
+    import polars as pl
+
+    from batchrun.simulator import SimulatorConfig, serve_in_thread
+    from tests.conftest import TEST_KEY, read_output
+
+    with serve_in_thread(SimulatorConfig(api_key=TEST_KEY)) as sim:
+        result = ray_job(tmp_path, 200, sim.base_url).run(ray=True, workers=2, quiet=True)
+        paid = sim.stats.ok_by_user_message
+    assert (result.ok, result.failed, result.pending) == (200, 0, 0)
+    out = read_output(tmp_path / "job.yaml")
+    assert out["id"].sort().to_list() == list(range(1000, 1200))
+    assert out.filter(pl.col("status") == "ok").height == 200
+    assert max(paid.values()) == 1 and len(paid) == 200  # each row paid once
+    report = json.loads((tmp_path / "out" / "result.parquet.report.json").read_text())
+    workers = report["this_run"]["workers"]
+    assert len(workers) == 2 and sum(w["rows"] for w in workers) == 200
+    assert sum(w["requests"] for w in workers) == report["this_run"]["requests"] >= 200
+
+
+def test_two_workers_share_one_rate_limit(ray_session: Any, tmp_path: Path) -> None:
+    """The simulator enforces R over a sliding 1 s window; the job says R; two workers together."""
+    from batchrun.simulator import SimulatorConfig, serve_in_thread
+    from tests.conftest import TEST_KEY
+
+    rpm = 3000  # 50 a second
+    config = SimulatorConfig(api_key=TEST_KEY, rpm=rpm, window="sliding", latency_ms=20)
+    with serve_in_thread(config) as sim:
+        job = ray_job(tmp_path, 250, sim.base_url, rate_limit={"requests_per_minute": rpm}, concurrency=16)
+        result = job.run(ray=True, workers=2, quiet=True)
+        stats = sim.stats.summary()
+    assert result.ok == 250
+    refused = stats["by_status"].get("429", 0)
+    assert refused / stats["requests"] < 0.03
+    achieved = (stats["requests"] - 1) / stats["span_s"] * 60
+    assert achieved >= 0.85 * rpm, f"{achieved:.0f} of {rpm} requests/min"
+
+
+def ray_worker_pids() -> list[int]:
+    """Processes Ray titled as our worker actor (ray::Worker...)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                title = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if title.startswith(b"ray::Worker"):
+                pids.append(int(entry.name))
+    return pids
+
+
+def test_a_worker_killed_mid_run_loses_and_duplicates_nothing(ray_session: Any, tmp_path: Path) -> None:
+    import signal
+    import threading
+
+    import polars as pl
+
+    from batchrun.simulator import SimulatorConfig, serve_in_thread
+    from tests.conftest import TEST_KEY, read_output, wait_for_rows
+
+    with serve_in_thread(SimulatorConfig(api_key=TEST_KEY, latency_ms=20)) as sim:
+        job = ray_job(tmp_path, 400, sim.base_url, concurrency=4)
+        results: list[Any] = []
+        run = threading.Thread(target=lambda: results.append(job.run(ray=True, workers=2, quiet=True)))
+        run.start()
+        wait_for_rows(tmp_path / "job.yaml", 40)
+        pids = ray_worker_pids()
+        assert pids
+        os.kill(pids[0], signal.SIGKILL)
+        run.join(timeout=90)
+    assert results, "the run did not finish"
+    assert results[0].ok == 400
+    out = read_output(tmp_path / "job.yaml")
+    assert out.height == 400 and out["id"].n_unique() == 400
+    assert out.filter(pl.col("status") == "ok").height == 400
+    report = json.loads((tmp_path / "out" / "result.parquet.report.json").read_text())
+    assert sum(w["restarts"] for w in report["this_run"]["workers"]) >= 1
