@@ -14,6 +14,7 @@ output is written, then the interruption is raised again.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 import tempfile
 import threading
@@ -30,6 +31,8 @@ from batchrun.plan import SIMULATED_ENDPOINT, prepare
 from batchrun.progress import Progress
 from batchrun.report import RunResult
 from batchrun.runner import RunOptions, run_async, run_job
+from batchrun.sources import scan_table
+from batchrun.storage import Url, location
 
 T = TypeVar("T")
 PathLike = str | Path
@@ -88,9 +91,12 @@ class Job:
             progress.say(self._note, "note")
         try:
             with _simulator(self.spec, run_options) as base_url:
-                return await run_job(self.spec, run_options, progress, base_url=base_url, stop=stop)
+                result = await run_job(self.spec, run_options, progress, base_url=base_url, stop=stop)
         finally:
             progress.close()
+        # The caller asked for a table in memory: read back as written (built in flat memory).
+        table = scan_table(result.output_path, self.spec.output.format).collect()
+        return dataclasses.replace(result, table=table)
 
     def estimate(self, *, simulate: bool = False) -> Estimate:
         """What the rows still to do should cost, as `batchrun estimate` projects it."""
@@ -100,14 +106,14 @@ class Job:
 
     def status(self) -> dict[str, int]:
         """Rows by status so far, from the checkpoint (checked against the job, as `run` does)."""
-        from batchrun.checkpoint import open_checkpoint
+        from batchrun.plan import read_checkpoint
 
         job = prepare(self.spec, checkpoint=self.checkpoint, write=False)
         counts = {"ok": 0, "failed": 0, "skipped": 0}
         if job.checkpoint_path.exists():
             fingerprint = job.fingerprint(simulate=False)
             simulated = fingerprint | {"endpoint.base_url": SIMULATED_ENDPOINT}
-            checkpoint = open_checkpoint(job.checkpoint_path, "read", fingerprint, simulated)
+            checkpoint = read_checkpoint(job, (fingerprint, simulated))
             try:
                 counts.update(checkpoint.status_counts(below=job.source.row_count))
             finally:
@@ -182,17 +188,21 @@ def _job_keys(data: Any, keys: dict[str, Any], checkpoint: Path | None, folder: 
     elif output is None and checkpoint is not None:
         keys["output"] = {"path": str(checkpoint.with_name(checkpoint.name + ".output.parquet"))}
     if data is not None:
-        # A table in memory goes beside the checkpoint, or beside the output that it goes beside.
-        beside = checkpoint or folder / keys["output"]["path"]
+        # A table in memory goes beside the checkpoint, or beside the output that it goes beside
+        # (for an output URL, where its checkpoint goes on local disk).
+        output_at = location(keys["output"]["path"])
+        beside = checkpoint or (
+            output_at.local_stem(Path.cwd()) if isinstance(output_at, Url) else folder / output_at
+        )
         given = keys.get("input")
         path = _input_path(data, beside.with_name(beside.name + ".input.parquet"))
         keys["input"] = {**(given if isinstance(given, Mapping) else {}), "path": str(path)}
     return keys
 
 
-def _input_path(data: Any, path: Path) -> Path:
+def _input_path(data: Any, path: Path) -> str | Path:
     if isinstance(data, str | Path):
-        return Path(data)
+        return data  # as given: Path() would turn s3://b/k into s3:/b/k
     if isinstance(data, pl.LazyFrame):
         data = data.collect()
     if not isinstance(data, pl.DataFrame):

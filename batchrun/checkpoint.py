@@ -2,8 +2,13 @@
 
 WAL with synchronous=NORMAL survives the process being killed at any instant (a committed
 transaction is in the WAL file before commit returns); only a power loss can take back the
-last few commits. Rows are keyed by their 0-based position in the input, which is stable
-because the input's content hash is part of the job fingerprint.
+last few commits.
+
+Tables (schema 2): `results`, keyed by the request a result answers (request_key, occurrence),
+so an appended, edited or reordered input reuses every answer whose request it still makes;
+`rows`, the current input's rows by position -> (request_key, occurrence), rewritten a batch at
+a time by each run's key pass (KeyIndex); `seen`, how often each request came so far in that
+pass (the occurrence numbers, on disk); `meta`, the job fingerprint and the pricing.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 from batchrun.errors import CheckpointError
-from batchrun.results import ANSWER_COLUMNS, COLUMNS, NAMES, SCHEMA_VERSION
+from batchrun.results import ANSWER_COLUMNS, COLUMNS, NAMES, RESULT_KEY, SCHEMA_VERSION
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +53,8 @@ class RowResult:
     ttft_ms: float | None = None
     model: str | None = None
     response_id: str | None = None
+    request_key: bytes = b""  # sha256 of the request as the job declares it (plan.RequestKeys)
+    occurrence: int = 0  # identical requests before this row's in the input
 
     @property
     def answered(self) -> bool:
@@ -58,6 +65,14 @@ class RowResult:
 # Rows answered, and rows answered without usage, in SQL, for the whole checkpoint at once.
 ANSWERED_SQL = f"(status = 'ok' OR {' OR '.join(f'{c} IS NOT NULL' for c in ANSWER_COLUMNS)})"
 NO_USAGE_SQL = "(prompt_tokens IS NULL OR completion_tokens IS NULL)"
+# The current input's rows with their results (one line per row), and the results they use (one
+# line per result: what was paid, counted once however many rows share it).
+ROW_RESULTS = "rows r JOIN results USING (request_key, occurrence)"
+USED_RESULTS = "results WHERE (request_key, occurrence) IN (SELECT request_key, occurrence FROM rows)"
+_RESULTS_TABLE = ", ".join(
+    [*(f"{c.name} {c.sql}" for c in COLUMNS), f"PRIMARY KEY ({', '.join(RESULT_KEY)})"]
+)
+_ROWS_TABLE = "(row INTEGER PRIMARY KEY, request_key BLOB NOT NULL, occurrence INTEGER NOT NULL)"
 
 _as_row = operator.attrgetter(*NAMES)  # dataclasses.astuple deep-copies: ~20x slower per row
 _INSERT = f"INSERT OR REPLACE INTO results ({', '.join(NAMES)}) VALUES ({', '.join('?' for _ in NAMES)})"
@@ -78,17 +93,27 @@ class Totals:
     without_usage: int  # answered rows that reported no usage (llama.cpp's streams, for one)
 
 
-def open_checkpoint(path: Path, mode: Mode, *made_for: Fingerprint) -> Checkpoint:
+# Keys an older checkpoint's rows by request: given the fingerprint it records, fill the index
+# with the input's keys as that job made them, or raise CheckpointError (another input).
+Rekey = Callable[[Fingerprint, "KeyIndex"], None]
+
+
+def open_checkpoint(path: Path, mode: Mode, *made_for: Fingerprint, rekey: Rekey | None = None) -> Checkpoint:
     """Open a job's checkpoint if it was made for the job as it is now (one of `made_for`), else
     refuse and name what changed; every reader and the writer check the same way.
 
     Readers pass the job as run on its endpoint and as run with --simulate: either run's
     checkpoint is the job's. The writer passes the one fingerprint it binds the checkpoint to.
+    A checkpoint of schema 0 or 1 (results by row position) is keyed by request with `rekey`:
+    in place for the writer, in temp tables for a reader; without `rekey` it is refused.
     """
     checkpoint = Checkpoint(path, mode)
     try:
         if mode != "read":
             checkpoint.lock()
+        if checkpoint.keyed_by_row:
+            checkpoint.rekey(rekey, fresh=mode == "fresh")
+        if mode != "read":
             checkpoint.migrate()
         checkpoint.check(made_for, fresh=mode == "fresh")
         if mode != "read":
@@ -104,6 +129,8 @@ class Checkpoint:
 
     def __init__(self, path: Path, mode: Mode):
         self.path = path
+        self._mode = mode
+        self._key_dbs: list[sqlite3.Connection] = []
         self._lock_file: IO[str] | None = None
         try:
             if mode != "read":  # a reader makes no file and changes nothing in one
@@ -123,7 +150,7 @@ class Checkpoint:
                 f"{self._version}, this one reads up to {SCHEMA_VERSION}); upgrade batchrun to "
                 "resume it, or move it away to start over"
             )
-        if mode == "read":
+        if mode == "read" and not self.keyed_by_row:  # an older one is read as rekey() keys it
             self._read_as_current()
 
     def _read_as_current(self) -> None:
@@ -131,8 +158,7 @@ class Checkpoint:
         empty checkpoint) or a temp view over an older table, with null for the columns it lacks;
         SQLite looks names up in `temp` first."""
         if not self._columns:
-            columns = ", ".join(f"{c.name} {c.sql}" for c in COLUMNS)
-            self._db.execute(f"CREATE TEMP TABLE results ({columns})")
+            self._db.execute(f"CREATE TEMP TABLE results ({_RESULTS_TABLE})")
             self._db.execute("CREATE TEMP TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
         elif not self._columns.issuperset(NAMES):
             select = ", ".join(c if c in self._columns else f"NULL AS {c}" for c in NAMES)
@@ -145,16 +171,73 @@ class Checkpoint:
             return
         with self._transaction():
             if not self._columns:
-                columns = ", ".join(f"{c.name} {c.sql}" for c in COLUMNS)
-                self._db.execute(f"CREATE TABLE results ({columns})")
+                self._db.execute(f"CREATE TABLE results ({_RESULTS_TABLE})")
             else:
                 for column in COLUMNS:
                     if column.name not in self._columns:
                         self._db.execute(f"ALTER TABLE results ADD COLUMN {column.name} {column.sql}")
             self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+            self._db.execute(f"CREATE TABLE IF NOT EXISTS rows {_ROWS_TABLE}")
             self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         self._columns = set(NAMES)
         self._version = SCHEMA_VERSION
+
+    @property
+    def keyed_by_row(self) -> bool:
+        """Made before schema 2: results keyed by row position, not by request."""
+        return bool(self._columns) and "request_key" not in self._columns
+
+    def rekey(self, rekey: Rekey | None, fresh: bool) -> None:
+        """Key the results of a schema 0/1 checkpoint by the requests they were made from (their
+        row's keys, as `rekey` computes them for the job the checkpoint records)."""
+        writer = self._mode != "read"
+        if fresh or (writer and self._empty()):
+            with self._transaction():
+                self._db.execute("DROP TABLE results")
+            self._columns = set()
+            return
+        old = self.fingerprint()
+        if rekey is None or old is None:
+            raise CheckpointError(
+                f"checkpoint {self.path.name} keys its rows by position (made by batchrun 0.2); "
+                "rerun with --fresh to start over"
+            )
+        schema = "main" if writer else "temp"
+        if writer:
+            self._db.execute(f"CREATE TABLE IF NOT EXISTS rows {_ROWS_TABLE}")
+        rekey(old, self.key_index(dedupe=False))
+        select = ", ".join(
+            f"r.{c}" if c in RESULT_KEY else f"o.{c}" if c in self._columns else f"NULL AS {c}" for c in NAMES
+        )
+        moved = f"SELECT {select} FROM main.results o JOIN {schema}.rows r USING (row)"
+        if writer:
+            with self._transaction():
+                self._db.execute("ALTER TABLE results RENAME TO results_by_row")
+                self._db.execute(f"CREATE TABLE results ({_RESULTS_TABLE})")
+                from_old = moved.replace("main.results", "results_by_row")
+                self._db.execute(f"INSERT INTO results ({', '.join(NAMES)}) {from_old}")
+                self._db.execute("DROP TABLE results_by_row")
+                # The input hash the old fingerprint held was just checked: the job's parts remain.
+                self._db.execute(
+                    "INSERT OR REPLACE INTO meta VALUES ('fingerprint', ?)",
+                    (json.dumps(without_input_hash(old), sort_keys=True),),
+                )
+        else:
+            self._db.execute(f"CREATE TEMP TABLE results ({_RESULTS_TABLE})")
+            self._db.execute(f"INSERT INTO temp.results ({', '.join(NAMES)}) {moved}")
+        self._columns = set(NAMES)
+
+    def key_index(self, dedupe: bool) -> KeyIndex:
+        """An index of the current input's rows by request, rebuilt from its first row: for the
+        writer in the file, on a connection of its own (the key pass runs in another thread while
+        results are recorded); for a reader in temp tables on its connection."""
+        if self._mode == "read":
+            self._db.execute(f"CREATE TEMP TABLE IF NOT EXISTS rows {_ROWS_TABLE}")
+            return KeyIndex(self._db, "temp", dedupe, writer=False, path=self.path)
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        db.execute("PRAGMA synchronous=NORMAL")
+        self._key_dbs.append(db)
+        return KeyIndex(db, "main", dedupe, writer=True, path=self.path)
 
     def lock(self) -> None:
         """Become the one writer of this checkpoint; the OS drops the lock when we die."""
@@ -175,6 +258,8 @@ class Checkpoint:
         self._lock_file.flush()
 
     def close(self) -> None:
+        for db in self._key_dbs:
+            db.close()
         self._db.close()
         if self._lock_file is not None:
             self._lock_file.close()
@@ -186,6 +271,8 @@ class Checkpoint:
     def check(self, made_for: tuple[Fingerprint, ...], fresh: bool = False) -> None:
         """Refuse a checkpoint made for another version of the job, unless it is to be discarded."""
         old = self.fingerprint()
+        if old is not None:
+            old = without_input_hash(old)  # schema 0/1: its input was checked when it was keyed
         if old is None or old in made_for or fresh or self._empty():
             return  # an empty checkpoint (a run stopped before any row) has nothing to protect
         closest = min(made_for, key=lambda f: sum(old.get(k) != f[k] for k in f))
@@ -204,6 +291,7 @@ class Checkpoint:
         with self._transaction():
             if fresh:
                 self._db.execute("DELETE FROM results")
+                self._db.execute("DELETE FROM rows")
             self._db.execute(
                 "INSERT OR REPLACE INTO meta VALUES ('fingerprint', ?)",
                 (json.dumps(fingerprint, sort_keys=True),),
@@ -236,35 +324,76 @@ class Checkpoint:
         if found is not None and found[0] == pricing:
             return 0
         usage = self._db.execute(
-            "SELECT row, prompt_tokens, completion_tokens, total_tokens, cached_tokens FROM results"
+            "SELECT rowid, prompt_tokens, completion_tokens, total_tokens, cached_tokens FROM results"
             " WHERE status = 'ok'"
-        ).fetchall()
+        )
+        repriced = 0
         with self._transaction():
-            self._db.executemany(
-                "UPDATE results SET cost_usd = ? WHERE row = ?", ((cost(*u[1:]), u[0]) for u in usage)
-            )
+            for batch in iter(lambda: usage.fetchmany(10_000), []):
+                self._db.executemany(
+                    "UPDATE results SET cost_usd = ? WHERE rowid = ?", ((cost(*u[1:]), u[0]) for u in batch)
+                )
+                repriced += len(batch)
             self._db.execute("INSERT OR REPLACE INTO meta VALUES ('pricing', ?)", (pricing,))
-        return len(usage)
+        return repriced
 
     def spent_usd(self) -> float:
-        """What the recorded rows cost, as far as it is known."""
-        return float(self._db.execute("SELECT COALESCE(SUM(cost_usd), 0) FROM results").fetchone()[0])
-
-    def rows_with_status(self, *statuses: str) -> set[int]:
-        marks = ", ".join("?" for _ in statuses)
-        query = f"SELECT row FROM results WHERE status IN ({marks})"
-        return {r for (r,) in self._db.execute(query, statuses)}
+        """What the results the current rows use cost, as far as it is known (each counted once)."""
+        query = f"SELECT COALESCE(SUM(cost_usd), 0) FROM {USED_RESULTS}"
+        return float(self._db.execute(query).fetchone()[0])
 
     def status_counts(self, below: int) -> dict[str, int]:
-        """Rows finished so far among the first `below`, by status."""
-        query = "SELECT status, COUNT(*) FROM results WHERE row < ? GROUP BY 1"
+        """Rows finished so far among the first `below` of the rows last indexed, by status."""
+        query = f"SELECT status, COUNT(*) FROM {ROW_RESULTS} WHERE r.row < ? GROUP BY 1"
         return dict(self._db.execute(query, (below,)).fetchall())
 
+    def rows_without_result(self) -> sqlite3.Cursor:
+        """The indexed rows that have no result yet, in row order, one-tuples."""
+        return self._db.execute(
+            "SELECT r.row FROM rows r LEFT JOIN results s USING (request_key, occurrence)"
+            " WHERE s.status IS NULL ORDER BY r.row"
+        )
+
+    def usage_sums(self, columns: tuple[str, ...]) -> dict[str, int | None]:
+        """Token sums over the sent results (ok or failed) the current rows use; None for all of
+        them when answers came and none reported usage (unknown, not zero)."""
+        sums = ", ".join(f"COALESCE(SUM({c}), 0)" for c in columns)
+        n, without, *values = self._db.execute(
+            f"SELECT COUNT(*), COUNT(*) FILTER (WHERE {ANSWERED_SQL} AND {NO_USAGE_SQL}), {sums}"
+            f" FROM {USED_RESULTS} AND status IN ('ok', 'failed')"
+        ).fetchone()
+        unknown = bool(n) and without == n
+        return {c: None if unknown else int(v) for c, v in zip(columns, values, strict=True)}
+
+    def ok_usage(self) -> tuple[int, int]:
+        """Prompt and output tokens billed for the `ok` results the current rows use (output as
+        cost.billed_output_tokens counts it: total - prompt when the total is larger)."""
+        query = (
+            "SELECT COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(CASE WHEN total_tokens IS NOT NULL"
+            " AND prompt_tokens IS NOT NULL"
+            " THEN MAX(total_tokens - prompt_tokens, COALESCE(completion_tokens, 0))"
+            f" ELSE completion_tokens END), 0) FROM {USED_RESULTS} AND status = 'ok'"
+        )
+        prompt, output = self._db.execute(query).fetchone()
+        return int(prompt), int(output)
+
+    def output_rows(self) -> Callable[[int], list[tuple[Any, ...]]]:
+        """Every indexed row with its result (None where it has none), in `NAMES` order and row
+        order, fetched n at a time: what the output is built from, in flat memory."""
+        select = ", ".join(f"r.{c}" if c in ("row", *RESULT_KEY) else f"s.{c}" for c in NAMES)
+        cursor = self._db.execute(
+            f"SELECT {select} FROM rows r LEFT JOIN results s USING (request_key, occurrence) ORDER BY r.row"
+        )
+        return cursor.fetchmany
+
     def totals(self) -> Totals:
-        ok, failed, skipped, prompt, completion, without_usage = self._db.execute(
+        ok, failed, skipped = self._db.execute(
             "SELECT COUNT(*) FILTER (WHERE status = 'ok'), COUNT(*) FILTER (WHERE status = 'failed'),"
-            " COUNT(*) FILTER (WHERE status = 'skipped'), SUM(prompt_tokens), SUM(completion_tokens),"
-            f" COUNT(*) FILTER (WHERE {ANSWERED_SQL} AND {NO_USAGE_SQL}) FROM results"
+            f" COUNT(*) FILTER (WHERE status = 'skipped') FROM {ROW_RESULTS}"
+        ).fetchone()
+        prompt, completion, without_usage = self._db.execute(
+            "SELECT SUM(prompt_tokens), SUM(completion_tokens),"
+            f" COUNT(*) FILTER (WHERE {ANSWERED_SQL} AND {NO_USAGE_SQL}) FROM {USED_RESULTS}"
         ).fetchone()
         unknown = None if without_usage else 0  # no sum at all: unknown if answers came, else none
         return Totals(
@@ -274,18 +403,94 @@ class Checkpoint:
 
     def failures_by_kind(self) -> dict[str, int]:
         query = (
-            "SELECT error_kind, COUNT(*) FROM results WHERE status = 'failed' GROUP BY 1 ORDER BY 2 DESC, 1"
+            f"SELECT error_kind, COUNT(*) FROM {ROW_RESULTS} WHERE status = 'failed'"
+            " GROUP BY 1 ORDER BY 2 DESC, 1"
         )
         return {kind or "unknown": n for kind, n in self._db.execute(query)}
 
     def top_errors(self, n: int = 3) -> list[tuple[str, int]]:
         """The `n` commonest messages of failed rows, as recorded, with how many rows had each."""
         query = (
-            "SELECT COALESCE(error, '(no message)'), COUNT(*) FROM results WHERE status = 'failed'"
+            f"SELECT COALESCE(error, '(no message)'), COUNT(*) FROM {ROW_RESULTS} WHERE status = 'failed'"
             " GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT ?"
         )
         return self._db.execute(query, (n,)).fetchall()
 
-    def results(self) -> list[tuple[Any, ...]]:
-        """Every recorded row as a tuple in `results.NAMES` order."""
-        return self._db.execute(f"SELECT {', '.join(NAMES)} FROM results ORDER BY row").fetchall()
+
+def without_input_hash(fingerprint: Fingerprint) -> Fingerprint:
+    """A schema 0/1 fingerprint as this version's: without the input's hash (the rows are keyed
+    by request now, so the input may change)."""
+    given = fingerprint.get("input")
+    if not isinstance(given, dict) or "sha256" not in given:
+        return fingerprint
+    return {**fingerprint, "input": {k: v for k, v in given.items() if k != "sha256"}}
+
+
+class KeyIndex:
+    """The current input's rows by request, written a batch at a time as the input streams by:
+    `rows` (row -> request_key, occurrence) and `seen` (how often each request came so far), so
+    occurrence numbers and finished results are looked up on disk, never in a set of all rows."""
+
+    def __init__(self, db: sqlite3.Connection, schema: str, dedupe: bool, writer: bool, path: Path):
+        self._db = db
+        self._path = path
+        self._schema = schema
+        self._dedupe = dedupe
+        self._begin = "BEGIN IMMEDIATE" if writer else "BEGIN"
+        db.execute(f"CREATE TABLE IF NOT EXISTS {schema}.rows {_ROWS_TABLE}")
+        db.execute(
+            f"CREATE TABLE IF NOT EXISTS {schema}.seen (request_key BLOB PRIMARY KEY, n INTEGER NOT NULL)"
+            " WITHOUT ROWID"
+        )
+        db.execute("CREATE TEMP TABLE IF NOT EXISTS batch_keys (request_key BLOB PRIMARY KEY) WITHOUT ROWID")
+        with self._transaction():
+            db.execute(f"DELETE FROM {schema}.rows")
+            db.execute(f"DELETE FROM {schema}.seen")
+
+    def add(self, rows: list[int], keys: list[bytes]) -> tuple[list[int], list[bool]]:
+        """Index one batch of rows (in input order); each row's occurrence number, and whether it
+        is the first of its request in the input (with dedupe, the one row that is sent)."""
+        schema = self._schema
+        with self._transaction():
+            self._db.execute("DELETE FROM temp.batch_keys")
+            self._db.executemany("INSERT OR IGNORE INTO temp.batch_keys VALUES (?)", ((k,) for k in keys))
+            before = dict(
+                self._db.execute(
+                    f"SELECT request_key, n FROM temp.batch_keys JOIN {schema}.seen USING (request_key)"
+                )
+            )
+            counts: dict[bytes, int] = {}
+            occurrences, first = [], []
+            for key in keys:
+                n = before.get(key, 0) + counts.get(key, 0)
+                counts[key] = counts.get(key, 0) + 1
+                occurrences.append(0 if self._dedupe else n)
+                first.append(n == 0)
+            self._db.executemany(
+                f"INSERT INTO {schema}.seen VALUES (?, ?)"
+                " ON CONFLICT (request_key) DO UPDATE SET n = n + excluded.n",
+                counts.items(),
+            )
+            self._db.executemany(
+                f"INSERT INTO {schema}.rows VALUES (?, ?, ?)", zip(rows, keys, occurrences, strict=True)
+            )
+        return occurrences, first
+
+    def finished(self, first_row: int, last_row: int, columns: str = "status") -> dict[int, tuple[Any, ...]]:
+        """The rows between `first_row` and `last_row` (indexed) that have a result: row -> `columns`."""
+        query = (
+            f"SELECT r.row, {columns} FROM {self._schema}.rows r JOIN results USING (request_key, occurrence)"
+            " WHERE r.row BETWEEN ? AND ?"
+        )
+        return {row: tuple(rest) for row, *rest in self._db.execute(query, (first_row, last_row))}
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        try:
+            self._db.execute(self._begin)
+            yield
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise CheckpointError(f"cannot write checkpoint {self._path}: {exc}") from None

@@ -62,8 +62,8 @@ def friendly_errors(command: F) -> F:
 job_argument = click.argument("job_file", metavar="JOB", type=click.Path(dir_okay=False, path_type=Path))
 output_option = click.option(
     "--output",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Output table path, as given to `run --output` (overrides the job's output.path).",
+    type=click.Path(dir_okay=False),  # a str: Path() would turn s3://b/k into s3:/b/k
+    help="Output table path or URL, as given to `run --output` (overrides the job's output.path).",
 )
 no_check_model_option = click.option(
     "--no-check-model",
@@ -135,7 +135,7 @@ def run(
     retry_failed: bool,
     limit: int | None,
     concurrency: int | None,
-    output: Path | None,
+    output: str | None,
     quiet: bool,
     max_cost: float | None,
     no_check_model: bool,
@@ -144,9 +144,11 @@ def run(
 ) -> None:
     """Run JOB, resuming from its checkpoint if it was interrupted.
 
-    Every finished row is checkpointed beside the output (OUTPUT.checkpoint.sqlite); rerunning
-    the same command sends only the rows not yet done. Changing the prompt, model, params,
-    endpoint or input makes the checkpoint refuse to resume until --fresh is given.
+    Every finished row is checkpointed beside the output (OUTPUT.checkpoint.sqlite; for a URL,
+    in .batchrun/ beside JOB, or where the job's `checkpoint:` says); rerunning
+    the same command sends only the rows not yet done. Results are kept by the request they
+    answer: appended or edited rows are sent, reordered rows are not. Changing the prompt,
+    model, params or endpoint makes the checkpoint refuse to resume until --fresh is given.
 
     \b
     Examples:
@@ -347,7 +349,7 @@ def check_model_with_key(spec: JobSpec) -> None:
 @output_option
 @no_check_model_option
 @friendly_errors
-def validate(job_file: Path, output: Path | None, no_check_model: bool) -> None:
+def validate(job_file: Path, output: str | None, no_check_model: bool) -> None:
     """Check JOB and its input, and print the first request it would send; send no request.
 
     When the job's key is set, the endpoint's model list (GET /models) is also fetched to check
@@ -370,18 +372,17 @@ def validate(job_file: Path, output: Path | None, no_check_model: bool) -> None:
 @job_argument
 @output_option
 @friendly_errors
-def status(job_file: Path, output: Path | None) -> None:
+def status(job_file: Path, output: str | None) -> None:
     """Show rows done / failed / pending and tokens so far, from JOB's checkpoint."""
-    from batchrun.checkpoint import open_checkpoint
     from batchrun.cost import job_price
     from batchrun.job import load_job
-    from batchrun.plan import prepare
+    from batchrun.plan import prepare, read_checkpoint
 
     job = prepare(load_job(job_file), output, write=False)
     if not job.checkpoint_path.exists():
         click.echo(f"not started: 0 of {job.source.row_count} rows done")
         return
-    checkpoint = open_checkpoint(job.checkpoint_path, "read", *made_for(job))
+    checkpoint = read_checkpoint(job, made_for(job))
     try:
         totals = checkpoint.totals()
         kinds = checkpoint.failures_by_kind()
@@ -402,7 +403,7 @@ def status(job_file: Path, output: Path | None) -> None:
 
 def made_for(job: PreparedJob) -> tuple[Fingerprint, Fingerprint]:
     """The job as run on its endpoint and as run with --simulate: a command that reads the
-    checkpoint takes either run's (hashing the input once)."""
+    checkpoint takes either run's."""
     from batchrun.plan import SIMULATED_ENDPOINT
 
     fingerprint = job.fingerprint(simulate=False)
@@ -425,7 +426,7 @@ def made_for(job: PreparedJob) -> tuple[Fingerprint, Fingerprint]:
 @no_check_model_option
 @friendly_errors
 def estimate_command(
-    job_file: Path, sample: int | None, yes: bool, simulate: bool, output: Path | None, no_check_model: bool
+    job_file: Path, sample: int | None, yes: bool, simulate: bool, output: str | None, no_check_model: bool
 ) -> None:
     """Estimate what the rows of JOB still to do will cost, before sending them.
 
@@ -495,7 +496,7 @@ def _confirm(question: str) -> bool:
 )
 @output_option
 @friendly_errors
-def cost_command(path: Path, by: tuple[str, ...], fmt: str, output: Path | None) -> None:
+def cost_command(path: Path, by: tuple[str, ...], fmt: str, output: str | None) -> None:
     """Rows, tokens and cost per model and status, from an output table or a job file.
 
     For a job file the figures come from its checkpoint (also while it runs), and --by may name
@@ -506,18 +507,22 @@ def cost_command(path: Path, by: tuple[str, ...], fmt: str, output: Path | None)
       batchrun cost out/summaries.parquet
       batchrun cost jobs/summarize.yaml --by finish_reason --format csv
     """
+    import tempfile
+
     from batchrun.job import load_job
     from batchrun.plan import prepare
     from batchrun.report import cost_report, format_cost_report, job_table, read_output_table
 
-    if path.suffix.lower() in (".yaml", ".yml"):
-        job = prepare(load_job(path), output, write=False)
-        table = job_table(job, by, made_for(job))
-    elif output is not None:
-        raise BatchrunError("--output goes with a job file: `batchrun cost JOB --output PATH`")
-    else:
-        table = read_output_table(path)
-    click.echo(format_cost_report(cost_report(table, by), fmt), nl=False)
+    with tempfile.TemporaryDirectory(prefix="batchrun-cost-") as workdir:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            job = prepare(load_job(path), output, write=False)
+            table = job_table(job, by, made_for(job), Path(workdir))
+        elif output is not None:
+            raise BatchrunError("--output goes with a job file: `batchrun cost JOB --output PATH`")
+        else:
+            table = read_output_table(path)
+        report = cost_report(table, by)
+    click.echo(format_cost_report(report, fmt), nl=False)
 
 
 @main.command()

@@ -1,9 +1,11 @@
 """The async run of a prepared job: rows -> bounded queue -> N workers -> results -> checkpoint.
 
-`Core` takes a plan (PreparedJob), a client, a limiter, a checkpoint and a budget, and returns
-RunStats, a value describing the run. Progress, warnings and notes leave it as events (events.py).
-It installs no signal handlers, prints nothing, never exits, never starts an event loop: the
-drivers (cli.py, api.py) do those their own way, and ask it to stop through `Stop`.
+`Core` takes a job (PreparedJob), the rows to send (an async iterable of plan.Planned), a client,
+a limiter, a `record` callable that makes batches of finished rows durable (the checkpoint's
+`record`) and a budget, and returns RunStats, a value describing the run. Progress, warnings and
+notes leave it as events (events.py). It installs no signal handlers, prints nothing, never exits,
+never starts an event loop: the drivers (cli.py, api.py) do those their own way, and ask it to
+stop through `Stop`.
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import orjson
 from tenacity import RetryCallState
@@ -42,10 +44,9 @@ from batchrun.errors import (
 )
 from batchrun.events import Events
 from batchrun.limits import Limiter, Permit
-from batchrun.plan import PreparedJob
+from batchrun.plan import Planned, PreparedJob
 from batchrun.prompts import text_length
 from batchrun.retry import Sleep, row_policy
-from batchrun.sources import ROW
 from batchrun.structured import read_fields, reask_growth, reask_messages
 
 # Rows refused even without a response_format, after which the format is no longer suspected:
@@ -55,12 +56,6 @@ SAME_FAILURE_ANSWERS = 20  # this many first answers failing alike stop the job 
 MIN_PROBE_S = 0.01  # the breaker's first probe interval when retry.initial_backoff_s is 0
 
 Outcome = Literal["finished", "interrupted", "stopped_by_budget", "aborted"]
-
-
-class ResultSink(Protocol):
-    """Where finished rows go: the Checkpoint; on a Ray worker, the batch back to the driver."""
-
-    def record(self, results: list[RowResult]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -110,9 +105,17 @@ def _set_format(body: dict[str, Any], response_format: dict[str, Any] | None) ->
         body["response_format"] = response_format
 
 
-def _skipped(row: int, row_id: str, empty: list[str]) -> RowResult:
-    reason = f"empty column(s) {', '.join(empty)}; not sent (input.on_null: skip)"
-    return RowResult(row, row_id, "skipped", error_kind="null_value", error=reason)
+def _skipped(planned: Planned) -> RowResult:
+    reason = f"empty column(s) {', '.join(planned.empty)}; not sent (input.on_null: skip)"
+    return RowResult(
+        planned.row,
+        planned.id,
+        "skipped",
+        error_kind="null_value",
+        error=reason,
+        request_key=planned.request_key,
+        occurrence=planned.occurrence,
+    )
 
 
 def _row_result(
@@ -160,6 +163,8 @@ def _row_result(
         model=last.model or job_model,  # as asked, when no answer says: reports group by it
         response_id=last.response_id,
         ttft_ms=last.ttft_ms,
+        request_key=request.request_key,
+        occurrence=request.occurrence,
     )
 
 
@@ -179,6 +184,8 @@ def _tool_calls_json(calls: list[dict[str, str]]) -> str:
 class _Request:
     row: int
     id: str
+    request_key: bytes
+    occurrence: int
     body: dict[str, Any]
     chars: int  # prompt characters, for the limiter's token estimate
     attempts: int = 0
@@ -191,20 +198,17 @@ class Core:
     """One run of a prepared job; `await run()` once."""
 
     job: PreparedJob
+    planned: AsyncIterable[Planned]  # the rows to send, in order (plan.KeyedPlan.requests)
     client: ChatClient
     limiter: Limiter
-    checkpoint: ResultSink
+    record: Callable[[Sequence[RowResult]], None]  # makes finished rows durable, a batch at a time
     events: Events
-    skip: set[int]  # rows already finished
-    only: set[int] | None  # with --retry-failed (or a pilot): the rows to send
-    limit: int | None = None  # only the first N rows
     width: int = 1  # workers: requests in flight
     grace_s: float = 10.0  # after a stop request, how long in-flight requests may finish
     price: Price | None = None
     budget: BudgetGuard | None = None
     base_url: str = ""
     stop: Stop = field(default_factory=Stop)
-    rows: Iterator[list[dict[str, Any]]] | None = None  # batches to send instead of the input's (a shard)
     sleep: Sleep = asyncio.sleep  # the retry policy's waits
     interrupted: bool = False
     budget_stopped: bool = False
@@ -322,27 +326,32 @@ class Core:
         )
 
     async def _produce(self) -> None:
-        """Feed rows still to do; the bounded queue keeps memory flat however long the input."""
-        columns = prompt_columns = self.job.prompts.columns
-        if self.job.source.id_column and self.job.source.id_column not in columns:
-            columns += (self.job.source.id_column,)
-        batches = self.rows if self.rows is not None else self.job.source.batches(columns, self.limit)
-        id_column = self.job.source.id_column
-        skip_nulls = self.job.spec.input.on_null == "skip"
-        while (batch := await asyncio.to_thread(next, batches, None)) is not None:
-            for row in batch:
-                index = row[ROW]
-                wanted = index not in self.skip if self.only is None else index in self.only
-                if not wanted:
-                    continue
-                row_id = str(row[id_column]) if id_column else str(index)
-                if skip_nulls and (empty := [c for c in prompt_columns if row[c] is None]):
-                    self._results.put_nowait(_skipped(index, row_id, empty))
-                    continue
-                body = self.job.request_body(row)
-                await self._queue.put(_Request(index, row_id, body, text_length(body["messages"])))
+        """Feed rows still to do; the bounded queue keeps memory flat however long the input.
+        A plan that fails (its index cannot be written) stops the job like a worker's error."""
+        try:
+            await self._feed()
+        except BatchrunError as exc:
+            self.aborted = self.aborted or exc
+            self._stop.set()
+            return
         for _ in range(self.width):
             await self._queue.put(None)
+
+    async def _feed(self) -> None:
+        async for planned in self.planned:
+            body = planned.body
+            if body is None:
+                self._results.put_nowait(_skipped(planned))
+                continue
+            request = _Request(
+                planned.row,
+                planned.id,
+                planned.request_key,
+                planned.occurrence,
+                body,
+                text_length(body["messages"]),
+            )
+            await self._queue.put(request)
 
     async def _work(self) -> None:
         while (request := await self._queue.get()) is not None:
@@ -695,7 +704,7 @@ class Core:
                 batch.append(self._results.get_nowait())
             finished = [r for r in batch if r is not None]
             if finished:
-                self.checkpoint.record(finished)
+                self.record(finished)
                 for result in finished:
                     self._count_finished(result)
                     self.events.row_finished(result)

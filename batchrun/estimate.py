@@ -17,12 +17,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from batchrun.checkpoint import Fingerprint, open_checkpoint
+from batchrun.checkpoint import Checkpoint, Fingerprint
 from batchrun.cost import ASSUMED_MAX_OUTPUT_TOKENS, Price, billed_output_tokens, job_price, output_tokens_cap
-from batchrun.plan import DONE, PreparedJob
+from batchrun.plan import SIMULATED_ENDPOINT, PreparedJob, read_checkpoint
 from batchrun.prompts import text_length
 from batchrun.report import fingerprint_digest, write_json
-from batchrun.results import NAMES
 from batchrun.sources import ROW
 
 DEFAULT_CHARS_PER_TOKEN = 4.0  # English prose in GPT-style tokenizers; used until rows are measured
@@ -35,9 +34,9 @@ PILOT_SEED = 5  # a pilot is random but reproducible
 class Observed:
     """The finished rows' usage: what a projection rests on."""
 
-    prompt_chars: list[int]  # per finished row with a usage report: its rendered prompt's length
-    prompt_tokens: list[int]  # ... and the prompt tokens it was billed for
-    output_tokens: list[int]
+    prompt_chars: array[int]  # per finished row with a usage report: its rendered prompt's length
+    prompt_tokens: array[int]  # ... and the prompt tokens it was billed for
+    output_tokens: array[int]
     cached_tokens: int
 
 
@@ -137,66 +136,73 @@ class Estimate:
 
 def pilot_rows(job: PreparedJob, made_for: tuple[Fingerprint, ...], n: int) -> list[int]:
     """N of the rows still to do, chosen at random but the same on every call (seeded)."""
-    finished = finished_rows(job, made_for)
-    to_do = [r for r in range(job.source.row_count) if r not in finished]
+    checkpoint = read_checkpoint(job, made_for)
+    try:
+        to_do = array("q", (r for (r,) in checkpoint.rows_without_result()))
+    finally:
+        checkpoint.close()
     return sorted(random.Random(PILOT_SEED).sample(to_do, min(n, len(to_do))))
 
 
-def finished_rows(job: PreparedJob, made_for: tuple[Fingerprint, ...]) -> dict[int, dict[str, Any]]:
-    """The checkpoint's finished rows by row number; a checkpoint made for another version of
-    the job (not one of `made_for`) is refused, as `run` refuses it."""
-    if not job.checkpoint_path.exists():
-        return {}
-    checkpoint = open_checkpoint(job.checkpoint_path, "read", *made_for)
-    try:
-        rows = [dict(zip(NAMES, r, strict=True)) for r in checkpoint.results()]
-    finally:
-        checkpoint.close()
-    return {r["row"]: r for r in rows if r["status"] in DONE}
+_USAGE = "status, prompt_tokens, completion_tokens, total_tokens, cached_tokens"
 
 
 def estimate_job(job: PreparedJob, made_for: tuple[Fingerprint, ...]) -> Estimate:
-    """Project the cost of the rows not yet finished (all rows if the job never ran)."""
-    finished = finished_rows(job, made_for)
+    """Project the cost of the rows not yet finished (all rows if the job never ran); the
+    checkpoint is asked a batch at a time which rows are finished, and with what usage."""
     price = job_price(job.spec)
     to_do_chars = array("q")
-    observed = Observed([], [], [], 0)
-    prompt_columns = job.prompts.columns
-    skip_nulls = job.spec.input.on_null == "skip"
-    for batch in job.source.batches(prompt_columns, None):
-        for row in batch:
-            done = finished.get(row[ROW])
-            if done is None and skip_nulls and any(row[c] is None for c in prompt_columns):
-                continue  # will be recorded `skipped`, never sent
-            if done is not None and (done["status"] != "ok" or done["prompt_tokens"] is None):
-                continue
-            chars = text_length(job.prompts.messages(row))
-            if done is None:
-                to_do_chars.append(chars)
-                continue
-            output = billed_output_tokens(
-                done["prompt_tokens"], done["completion_tokens"], done["total_tokens"]
-            )
-            observed.prompt_chars.append(chars)
-            observed.prompt_tokens.append(max(done["prompt_tokens"], 1))
-            observed.output_tokens.append(output or 0)
-            observed.cached_tokens += done["cached_tokens"] or 0
-    cap = output_tokens_cap(job.params)
-    costs = [r["cost_usd"] for r in finished.values()]
+    observed = Observed(array("q"), array("q"), array("q"), 0)
+    checkpoint = read_checkpoint(job, made_for, index=False)  # indexed below, batch by batch
+    try:
+        index = checkpoint.key_index(dedupe=False)
+        keys = job.keys(_simulated(checkpoint))
+        for batch in job.keyed_batches(index, keys):
+            finished = index.finished(*batch.row_range, columns=_USAGE)
+            for row, body in zip(batch.rows, batch.bodies, strict=True):
+                done = finished.get(row[ROW])
+                if done is None and body is None:
+                    continue  # will be recorded `skipped`, never sent
+                if done is not None and (done[0] != "ok" or done[1] is None):
+                    continue
+                assert body is not None
+                chars = text_length(body["messages"])
+                if done is None:
+                    to_do_chars.append(chars)
+                    continue
+                _, prompt, completion, total, cached = done
+                observed.prompt_chars.append(chars)
+                observed.prompt_tokens.append(max(prompt, 1))
+                observed.output_tokens.append(billed_output_tokens(prompt, completion, total) or 0)
+                observed.cached_tokens += cached or 0
+        totals = checkpoint.totals()
+        spent = checkpoint.spent_usd()
+        done_prompt, done_output = checkpoint.ok_usage()
+    finally:
+        checkpoint.close()
     return _project(
         total_rows=job.source.row_count,
-        finished=finished,
+        done=totals.ok + totals.failed + totals.skipped,
+        done_prompt_tokens=done_prompt,
+        done_output_tokens=done_output,
         to_do_chars=to_do_chars,
         observed=observed,
-        cap=cap,
+        cap=output_tokens_cap(job.params),
         price=price,
-        spent=None if price is None else sum(c or 0.0 for c in costs),
+        spent=None if price is None else spent,
     )
+
+
+def _simulated(checkpoint: Checkpoint) -> bool:
+    recorded = checkpoint.fingerprint()
+    return recorded is not None and recorded.get("endpoint.base_url") == SIMULATED_ENDPOINT
 
 
 def _project(
     total_rows: int,
-    finished: dict[int, dict[str, Any]],
+    done: int,
+    done_prompt_tokens: int,
+    done_output_tokens: int,
     to_do_chars: array[int],
     observed: Observed,
     cap: int | None,
@@ -226,17 +232,13 @@ def _project(
         _scenario(to_do_chars, r, o, cached_share, price) for r, o in zip(ratios, outputs, strict=True)
     )
     worst = _scenario(to_do_chars, ratios[1], float(out_cap), 0.0, price)
-    done_ok = [r for r in finished.values() if r["status"] == "ok"]
     return Estimate(
         total_rows=total_rows,
         to_do=to_do,
-        done=len(finished),
+        done=done,
         spent_usd=spent,
-        done_prompt_tokens=sum(r["prompt_tokens"] or 0 for r in done_ok),
-        done_output_tokens=sum(
-            billed_output_tokens(r["prompt_tokens"], r["completion_tokens"], r["total_tokens"]) or 0
-            for r in done_ok
-        ),
+        done_prompt_tokens=done_prompt_tokens,
+        done_output_tokens=done_output_tokens,
         prompt_chars=chars,
         chars_per_token=ratios[1],
         observed=n,

@@ -17,6 +17,8 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainSerializer,
+    PlainValidator,
     ValidationError,
     field_validator,
     model_validator,
@@ -25,6 +27,7 @@ from pydantic_core import ErrorDetails
 
 from batchrun.errors import JobError
 from batchrun.prompts import PromptTemplates, compile_prompts
+from batchrun.storage import WRITE_SCHEMES, Location, Url, location
 
 # Chat-completions request keys we know by name: a `params` key close to one of these
 # but not equal is almost surely a typo, so it is rejected instead of passed through.
@@ -63,7 +66,7 @@ TABLE_SUFFIXES: dict[str, TableFormat] = {
 }
 
 
-def table_format(path: Path, given: TableFormat | None, key: str, format_key: str | None) -> TableFormat:
+def table_format(path: Location, given: TableFormat | None, key: str, format_key: str | None) -> TableFormat:
     """The format of the table at `path`: `given` (input.format / output.format), else its suffix.
 
     An unknown suffix is an error, not a guess: a table written in a format its name does not
@@ -83,12 +86,16 @@ def table_format(path: Path, given: TableFormat | None, key: str, format_key: st
     return found
 
 
+# input.path / output.path: a local path, or a URL kept as written (see storage.py).
+TablePath = Annotated[Location, PlainValidator(location), PlainSerializer(str, return_type=str)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class InputSpec(_Strict):
-    path: Path
+    path: TablePath  # a file, a glob of files, a folder of Parquet files, or a URL of one of these
     id_column: str | None = None  # without it, the 0-based row number is the id
     # A null in a prompt column: stop before sending (error), record the row `skipped` unsent
     # (skip), or render it as "" (empty).
@@ -118,7 +125,7 @@ def _field_type(value: Any) -> Any:
 
 
 class OutputSpec(_Strict):
-    path: Path
+    path: TablePath
     format: TableFormat | None = None  # where path's suffix does not say it
     include_columns: tuple[str, ...] = ()  # input columns copied next to each answer
     # Typed columns parsed from each answer (JSON content, or the first tool call's arguments).
@@ -278,11 +285,19 @@ class JobSpec(_Strict):
     stall_warning_s: float = Field(default=300.0, gt=0)  # warn when no row finished for this long
     pricing: PricingSpec | None = None  # default: the model's list price (genai-prices)
     budget: BudgetSpec | None = None
+    checkpoint: Path | None = None  # default: beside a local output; for a URL output, see plan.py
     job_path: Path = Path("job.yaml")  # set by load_job, not read from the file
 
     @model_validator(mode="after")
     def _known_table_formats(self) -> JobSpec:
-        table_format(self.input.path, self.input.format, "input.path", "input.format")
+        if self.input.path.suffix:  # else it may be a folder: sources.py checks it once it is found
+            table_format(self.input.path, self.input.format, "input.path", "input.format")
+        output = self.output.path
+        if isinstance(output, Url) and output.scheme not in WRITE_SCHEMES:
+            raise ValueError(
+                f"output.path: polars cannot write {output.scheme}:// URLs; write to s3://, gs:// or "
+                "az://, or to a local path"
+            )
         table_format(self.output.path, self.output.format, "output.path", "output.format")
         return self
 
@@ -343,11 +358,16 @@ def _validated(data: dict[str, Any], text: str, path: Path, base: Path) -> JobSp
     _check_templates(spec, text, path)
     return spec.model_copy(
         update={
-            "input": spec.input.model_copy(update={"path": base / spec.input.path}),
-            "output": spec.output.model_copy(update={"path": base / spec.output.path}),
+            "input": spec.input.model_copy(update={"path": _resolved(spec.input.path, base)}),
+            "output": spec.output.model_copy(update={"path": _resolved(spec.output.path, base)}),
+            "checkpoint": spec.checkpoint and base / spec.checkpoint,
             "job_path": path if path == PYTHON_JOB else path.resolve(),
         }
     )
+
+
+def _resolved(path: Location, base: Path) -> Location:
+    return base / path if isinstance(path, Path) else path
 
 
 def _check_templates(spec: JobSpec, text: str, path: Path) -> None:

@@ -93,6 +93,11 @@ class Limiter:
         self._chars = 0  # prompt characters and tokens of finished rows, for calibration
         self._prompt_tokens = 0
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        # What the latest x-ratelimit-* answer leaves until its reset: (requests or tokens that
+        # may still start, what had been sent when it was learnt, the reset's time).
+        self._unanswered: set[int] = set()  # the sequence numbers (sent_before) of requests in flight
+        self._requests_left: tuple[int, int, float] | None = None
+        self._tokens_left: tuple[int, int, float] | None = None
 
     @property
     def allowed(self) -> int:
@@ -132,6 +137,7 @@ class Limiter:
             self._free()
             raise
         permit = Permit(self._clock(), self._sent, self._tokens_sent, tokens, chars)
+        self._unanswered.add(self._sent)
         self._sent += 1
         self._tokens_sent += tokens
         return permit
@@ -141,6 +147,9 @@ class Limiter:
             now = self._clock()
             if self._hold_until > now:
                 await self._sleep(self._hold_until - now)
+                continue
+            if (spent_until := self._allowance_spent(tokens, now)) is not None:
+                self.hold(spent_until)
                 continue
             if not self.paced:
                 return
@@ -167,6 +176,7 @@ class Limiter:
     ) -> None:
         """Account for a finished attempt: free its slot, settle tokens, learn from the answer."""
         self._free()
+        self._unanswered.discard(permit.sent_before)
         if self._token_s:
             # Give back what was reserved but not used (all of it when the server refused).
             used = 0 if rate_limited else (total_tokens if total_tokens is not None else permit.tokens)
@@ -194,18 +204,45 @@ class Limiter:
             self._wake()
 
     def _learn(self, permit: Permit, headers: RateLimitHeaders) -> None:
-        """Hold when the remaining budget is no more than what was sent after this request.
+        """Note how much of the server's remaining budget is left for requests not yet sent,
+        and hold at once when none is.
 
-        The server counted this request but not those sent after it; they will use up the
-        remaining budget, so anything more would be refused until the reset. The reset is
-        counted from when this request left, the closest we know to when the server counted.
+        The server counted this request, but perhaps not those sent after it, nor those sent
+        before it still unanswered (requests sent together may arrive in another order); they
+        will use up part of the remaining budget, and only the rest may start before the reset.
+        The reset is counted from when this request left, the closest we know to when the
+        server counted.
         """
-        sent_after = self._sent - permit.sent_before - 1
-        if headers.remaining_requests is not None and headers.remaining_requests <= sent_after:
-            self.hold(permit.sent_at + (headers.reset_requests_s or 0.0) + RESET_MARGIN_S)
-        tokens_after = self._tokens_sent - permit.tokens_before - permit.tokens
-        if headers.remaining_tokens is not None and headers.remaining_tokens <= tokens_after:
-            self.hold(permit.sent_at + (headers.reset_tokens_s or 0.0) + RESET_MARGIN_S)
+        if headers.remaining_requests is not None:
+            before = sum(1 for sent in self._unanswered if sent < permit.sent_before)
+            sent_after = self._sent - permit.sent_before - 1 + before
+            reset_at = permit.sent_at + (headers.reset_requests_s or 0.0) + RESET_MARGIN_S
+            self._requests_left = (headers.remaining_requests - sent_after, self._sent, reset_at)
+            if headers.remaining_requests <= sent_after:
+                self.hold(reset_at)
+        if headers.remaining_tokens is not None:
+            tokens_after = self._tokens_sent - permit.tokens_before - permit.tokens
+            reset_at = permit.sent_at + (headers.reset_tokens_s or 0.0) + RESET_MARGIN_S
+            self._tokens_left = (headers.remaining_tokens - tokens_after, self._tokens_sent, reset_at)
+            if headers.remaining_tokens <= tokens_after:
+                self.hold(reset_at)
+
+    def _allowance_spent(self, tokens: int, now: float) -> float | None:
+        """The reset to wait for when what the server said remains is already spent by the
+        requests sent since (several answers can arrive before the next request leaves)."""
+        if self._requests_left is not None:
+            left, sent, reset_at = self._requests_left
+            if reset_at <= now:
+                self._requests_left = None
+            elif self._sent - sent >= left:
+                return reset_at
+        if self._tokens_left is not None:
+            left, sent, reset_at = self._tokens_left
+            if reset_at <= now:
+                self._tokens_left = None
+            elif self._tokens_sent - sent + tokens > left:
+                return reset_at
+        return None
 
     def hold(self, until: float) -> None:
         """No attempt starts before `until` (capped at max_hold_s from now); paced slots move past it."""

@@ -1,11 +1,12 @@
-"""The output table: every input row once, in input order, written whole or not at all."""
+"""The output table: every input row once, in input order, written whole or not at all, to a
+local file (temp file + rename) or to an object-store URL (one upload, published whole)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,43 +16,109 @@ import polars as pl
 from batchrun.errors import BatchrunError
 from batchrun.job import FieldType, TableFormat, table_format
 from batchrun.results import OUTPUT_RESULT_COLUMNS, RESULT_SCHEMA
-from batchrun.sources import ROW, Source
+from batchrun.sources import BATCH_ROWS, ROW, Source
+from batchrun.storage import Location, Url, cloud_reason
 from batchrun.structured import polars_type
 
+# Fetches the next n rows' results from the checkpoint, in row order (Checkpoint.output_rows).
+FetchResults = Callable[[int], list[tuple[Any, ...]]]
 
-def build_table(
+
+def write_output(
     source: Source,
     include_columns: tuple[str, ...],
-    results: list[tuple[Any, ...]],
-    limit: int | None,
+    fetch: FetchResults,
+    path: Location,
+    format: TableFormat | None = None,
+    *,
+    limit: int | None = None,
     fields: Mapping[str, FieldType] | None = None,
-) -> pl.DataFrame:
-    """Join results onto the input's rows; rows without a result are `pending`. Declared
-    output.fields become typed columns (null where a row has none)."""
-    fields = fields or {}
-    done = pl.DataFrame(results, schema=RESULT_SCHEMA, orient="row").drop("id")
-    if fields:
-        struct = pl.Struct({name: polars_type(field) for name, field in fields.items()})
-        done = done.with_columns(pl.col("fields").str.json_decode(struct)).unnest("fields")
+) -> dict[str, int]:
+    """Write the output table (every input row once, in input order, rows without a result
+    `pending`) to `path` atomically, in `format` or as its suffix says; returns rows by status.
+
+    Flat memory: the input (its id and include_columns) and the checkpoint's results are both in
+    row order, so they are zipped a batch at a time, no join and no table held whole; each batch
+    goes to the file as it is made (Parquet: parts in a temp folder, then one streaming sink).
+    """
+    try:
+        found = table_format(path, format, "output.path", "output.format")
+    except ValueError as exc:
+        raise BatchrunError(str(exc)) from None
+    counts: dict[str, int] = {}
+    batches = _output_batches(source, include_columns, fetch, limit, fields or {}, counts)
+
+    def build(target: Path) -> None:
+        if found == "parquet":
+            _write_parquet(batches, target)
+        else:
+            _write_text(batches, target, found)
+
+    if isinstance(path, Path):
+        write_atomically(path, build)
+        return counts
+    with tempfile.TemporaryDirectory(prefix="batchrun-output-") as folder:  # built here, then uploaded
+        built = Path(folder) / f"output.{found}"
+        build(built)
+        write_to(path, lambda url: _upload(built, found, url))
+    return counts
+
+
+def _upload(built: Path, format: TableFormat, url: str) -> None:
+    """Stream a table built locally to `url` with polars' sinks (one object, published whole)."""
+    if format == "parquet":
+        pl.scan_parquet(built).sink_parquet(url)
+    elif format == "csv":
+        pl.scan_csv(built, infer_schema=False).sink_csv(url)
     else:
-        done = done.drop("fields")
+        pl.scan_ndjson(built, infer_schema_length=None).sink_ndjson(url)
+
+
+def _output_batches(
+    source: Source,
+    include_columns: tuple[str, ...],
+    fetch: FetchResults,
+    limit: int | None,
+    fields: Mapping[str, FieldType],
+    counts: dict[str, int],
+) -> Iterator[pl.DataFrame]:
     id_expr = pl.col(source.id_column) if source.id_column else pl.col(ROW)
     extra = [c for c in include_columns if c != "id"]
     rows = source.lazy().select(pl.col(ROW), id_expr.alias("id"), *extra)
     if limit is not None:
         rows = rows.head(limit)
-    table = (
-        rows.join(
-            done.lazy().rename({"row": ROW}).with_columns(pl.col(ROW).cast(pl.UInt32)),
-            on=ROW,
-            how="left",
+    struct = pl.Struct({name: polars_type(field) for name, field in fields.items()})
+    for frame in rows.collect_batches(chunk_size=BATCH_ROWS):
+        results = pl.DataFrame(fetch(frame.height), schema=RESULT_SCHEMA, orient="row")
+        if results.height != frame.height or (
+            results.height and results["row"][0] != frame[ROW][0]
+        ):  # the index covers every row the run reached; the runner finishes it before this
+            raise BatchrunError("the checkpoint's index of the input's rows is incomplete; rerun the job")
+        results = results.drop("id", "row", "request_key", "occurrence")
+        if fields:
+            results = results.with_columns(pl.col("fields").str.json_decode(struct)).unnest("fields")
+        table = pl.concat([frame.select("id", *extra), results], how="horizontal").with_columns(
+            pl.col("status").fill_null("pending"), pl.col("attempts").fill_null(0)
         )
-        .with_columns(pl.col("status").fill_null("pending"), pl.col("attempts").fill_null(0))
-        .sort(ROW)
-        .select("id", *extra, *fields, *OUTPUT_RESULT_COLUMNS)
-        .collect()
-    )
-    return table
+        for status, n in table["status"].value_counts().iter_rows():
+            counts[status] = counts.get(status, 0) + n
+        yield table.select("id", *extra, *fields, *OUTPUT_RESULT_COLUMNS)
+
+
+def _write_parquet(batches: Iterator[pl.DataFrame], path: Path) -> None:
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as parts:
+        for i, batch in enumerate(batches):
+            batch.write_parquet(Path(parts) / f"{i:08d}.parquet")
+        pl.scan_parquet(Path(parts) / "*.parquet").sink_parquet(path)
+
+
+def _write_text(batches: Iterator[pl.DataFrame], path: Path, format: TableFormat) -> None:
+    with path.open("wb") as f:
+        for i, batch in enumerate(batches):
+            if format == "csv":
+                _lists_as_json(batch).write_csv(f, include_header=i == 0)
+            else:
+                batch.write_ndjson(f)
 
 
 def _lists_as_json(table: pl.DataFrame) -> pl.DataFrame:
@@ -63,18 +130,32 @@ def _lists_as_json(table: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def write_table(table: pl.DataFrame, path: Path, format: TableFormat | None = None) -> None:
-    """Write in `format` (output.format), else as the path's suffix says, atomically."""
+def write_to(destination: Location, write: Callable[[str], object]) -> None:
+    """`write(target)` a whole table (e.g. `frame.write_parquet` or `lazy.sink_parquet`) so that a
+    reader sees the old table or the new one, never part of one: a local file through a temp file
+    and a rename; a URL by polars' own upload, which the object store publishes only once it is
+    complete (a PUT, or a multipart upload made visible by its last call)."""
+    if isinstance(destination, Path):
+        write_atomically(destination, lambda tmp: write(str(tmp)))
+        return
     try:
-        found = table_format(path, format, "output.path", "output.format")
-    except ValueError as exc:
-        raise BatchrunError(str(exc)) from None
-    if found == "parquet":
-        write_atomically(path, table.write_parquet)
-    elif found == "csv":
-        write_atomically(path, _lists_as_json(table).write_csv)
-    else:
-        write_atomically(path, table.write_ndjson)
+        write(str(destination))
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise BatchrunError(f"cannot write {destination}: {cloud_reason(exc)}") from None
+
+
+PROBE_NAME = ".batchrun-write-test"
+
+
+def probe_destination(url: Url) -> None:
+    """Check before the first request that the output's bucket takes writes: a one-line object
+    named PROBE_NAME beside the output (polars can write objects but not delete them, so it
+    stays, and each run writes it again)."""
+    probe = url.beside(PROBE_NAME)
+    try:
+        pl.DataFrame({"batchrun": ["write test"]}).write_csv(str(probe))
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise BatchrunError(f"cannot write to {url}: {cloud_reason(exc)}") from None
 
 
 def write_atomically(path: Path, write: Callable[[Path], object]) -> None:

@@ -1,23 +1,51 @@
-"""What to send: a job whose spec, templates and input were all checked, its request bodies, and
-the fingerprint that decides whether a checkpoint may be resumed. Nothing here touches the network."""
+"""What to send: a job whose spec, templates and input were all checked, its request bodies and
+request keys, the rows still to do, and the fingerprint of the job. Nothing here touches the network.
+
+A row's request key is the sha256 of the canonical JSON of its request as the job declares it
+(endpoint, model, params, messages), made before anything batchrun changes per attempt (a
+response_format it drops, a re-ask's correction); with the row's occurrence number among
+identical requests it names the row's result in the checkpoint. Keys are computed a batch at a
+time as the input streams to the workers (KeyedPlan), never for the whole input up front.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import hashlib
 import tempfile
+import threading
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from batchrun.errors import InputError, JobError
-from batchrun.job import JobSpec, table_format
+import orjson
+
+from batchrun.checkpoint import Checkpoint, Fingerprint, KeyIndex, Rekey, open_checkpoint, without_input_hash
+from batchrun.errors import CheckpointError, InputError, JobError
+from batchrun.job import PYTHON_JOB, JobSpec, table_format
+from batchrun.output import probe_destination
 from batchrun.prompts import PromptTemplates, conversation
 from batchrun.results import OUTPUT_RESULT_COLUMNS
 from batchrun.sources import ROW, Source, open_source
+from batchrun.storage import Location, Url, location
 from batchrun.structured import format_fallbacks
 
 DONE = ("ok", "failed", "skipped")  # statuses a resume does not send again
-SIMULATED_ENDPOINT = "simulator"  # what the fingerprint records for --simulate's changing port
+SIMULATED_ENDPOINT = "simulator"  # what the fingerprint and the keys name --simulate's endpoint by
+
+
+@dataclass(slots=True)
+class Planned:
+    """One row to send (or to record as skipped): what the core's producer takes."""
+
+    row: int
+    id: str
+    request_key: bytes
+    occurrence: int
+    body: dict[str, Any] | None  # None: not sent, a prompt column is empty (input.on_null: skip)
+    empty: tuple[str, ...] = ()  # the empty prompt columns of a skipped row
 
 
 @dataclass(frozen=True)
@@ -27,22 +55,33 @@ class PreparedJob:
     spec: JobSpec
     prompts: PromptTemplates
     source: Source
-    output_path: Path
+    output_path: Location
     checkpoint_at: Path | None = None  # where the checkpoint lives, when not beside the output
+
+    @property
+    def local_output(self) -> Path:
+        """The local stem of the checkpoint, report and estimate files: the output itself, or for
+        a URL `.batchrun/NAME-HASH` beside the job file (the current folder for a job defined
+        in Python), HASH from the whole URL so that two outputs of one name do not share it."""
+        output = self.output_path
+        if isinstance(output, Path):
+            return output
+        folder = Path.cwd() if self.spec.job_path == PYTHON_JOB else self.spec.job_path.parent
+        return output.local_stem(folder)
 
     @property
     def checkpoint_path(self) -> Path:
         if self.checkpoint_at is not None:
             return self.checkpoint_at
-        return self.output_path.with_name(self.output_path.name + ".checkpoint.sqlite")
+        return self.local_output.with_name(self.local_output.name + ".checkpoint.sqlite")
 
     @property
     def report_path(self) -> Path:
-        return self.output_path.with_name(self.output_path.name + ".report.json")
+        return self.local_output.with_name(self.local_output.name + ".report.json")
 
     @property
     def estimate_path(self) -> Path:
-        return self.output_path.with_name(self.output_path.name + ".estimate.json")
+        return self.local_output.with_name(self.local_output.name + ".estimate.json")
 
     def first_request(self) -> dict[str, Any]:
         row = next(self.source.batches(self.prompts.columns, limit=1))[0]
@@ -76,32 +115,206 @@ class PreparedJob:
         return {"model": self.spec.model, "messages": self.prompts.messages(row), **self.params}
 
     def fingerprint(self, simulate: bool) -> dict[str, Any]:
-        """What decides a row's answer; a checkpoint is reused only while all of it holds."""
+        """The job-level parts of every row's request: when they change, every finished row's
+        request changes. The input is not in it: its rows are matched by request key."""
         spec = self.spec
         return {
             "prompt": spec.prompt.model_dump(mode="json", exclude_none=True),
             "model": spec.model,
             "params": self.params,
-            "endpoint.base_url": SIMULATED_ENDPOINT if simulate else spec.endpoint.base_url,
-            "input": {
-                "sha256": self.source.fingerprint(),
-                "id_column": self.source.id_column,
-                "messages_column": spec.input.messages_column,
-            },
+            "endpoint.base_url": _endpoint(spec.endpoint.base_url, simulate),
+            "input": {"id_column": self.source.id_column, "messages_column": spec.input.messages_column},
             "output.fields": spec.output.model_dump(mode="json")["fields"],
         }
 
+    def keys(self, simulate: bool) -> RequestKeys:
+        return RequestKeys(_endpoint(self.spec.endpoint.base_url, simulate), self.spec.model, self.params)
+
+    def keyed_batches(
+        self, index: KeyIndex, keys: RequestKeys, limit: int | None = None
+    ) -> Iterator[KeyedBatch]:
+        """The input's rows (the prompt and id columns) a batch at a time, each row rendered,
+        keyed and indexed; `index` answers which of them are finished."""
+        prompt_columns = self.prompts.columns
+        columns = prompt_columns
+        if self.source.id_column and self.source.id_column not in columns:
+            columns += (self.source.id_column,)
+        skip_nulls = self.spec.input.on_null == "skip"
+        for batch in self.source.batches(columns, limit):
+            bodies: list[dict[str, Any] | None] = []
+            row_keys = []
+            for row in batch:
+                if skip_nulls and any(row[c] is None for c in prompt_columns):
+                    bodies.append(None)  # never rendered: keyed by the values it has
+                    row_keys.append(keys.key({c: row[c] for c in prompt_columns}))
+                    continue
+                body = self.request_body(row)
+                bodies.append(body)
+                row_keys.append(keys.key(body["messages"]))
+            positions = [row[ROW] for row in batch]
+            occurrences, first = index.add(positions, row_keys)
+            yield KeyedBatch(batch, bodies, row_keys, occurrences, first)
+
+
+def _endpoint(base_url: str, simulate: bool) -> str:
+    return SIMULATED_ENDPOINT if simulate else base_url
+
+
+class RequestKeys:
+    """Request keys for one job version: sha256 over the canonical JSON (sorted keys) of the
+    job-level parts, then of the row's messages; 16 bytes. Not polars' hash(), which changes
+    between versions."""
+
+    def __init__(self, base_url: str, model: str, params: dict[str, Any]):
+        job = {"base_url": base_url, "model": model, "params": params}
+        self._job = hashlib.sha256(orjson.dumps(job, option=orjson.OPT_SORT_KEYS))
+
+    def key(self, messages: Any) -> bytes:
+        digest = self._job.copy()
+        digest.update(orjson.dumps(messages, option=orjson.OPT_SORT_KEYS))
+        return digest.digest()[:16]
+
+
+@dataclass(frozen=True, slots=True)
+class KeyedBatch:
+    rows: list[dict[str, Any]]  # the input's rows (prompt and id columns, ROW)
+    bodies: list[dict[str, Any] | None]  # the request of each; None: skipped (an empty column)
+    keys: list[bytes]
+    occurrences: list[int]
+    first: list[bool]  # the first row of its request in the input
+
+    @property
+    def row_range(self) -> tuple[int, int]:
+        return self.rows[0][ROW], self.rows[-1][ROW]
+
+
+class KeyedPlan:
+    """The rows a run sends, keyed and indexed a batch at a time as the producer asks: a row is
+    sent when its (request_key, occurrence) has no result yet (with `retry_failed`, when its
+    result failed; with `only`, when it is among those rows too); with dedupe, only the first
+    row of each request. What the producer did not reach is indexed by `finish()` (not sent), so
+    the output and reports see every row."""
+
+    def __init__(
+        self,
+        job: PreparedJob,
+        index: KeyIndex,
+        keys: RequestKeys,
+        *,
+        limit: int | None = None,
+        retry_failed: bool = False,
+        only: frozenset[int] | None = None,
+        dedupe: bool = False,
+    ):
+        self._job = job
+        self._index = index
+        self._batches = job.keyed_batches(index, keys, limit)
+        self._lock = threading.Lock()  # next() may still run in a thread the producer left
+        self._retry_failed = retry_failed
+        self._only = only
+        self._dedupe = dedupe
+
+    def next_batch(self) -> list[Planned] | None:
+        """The next batch's rows to send; None when the input is done."""
+        with self._lock:
+            batch = next(self._batches, None)
+            if batch is None:
+                return None
+            statuses = self._index.finished(*batch.row_range)
+        id_column = self._job.source.id_column
+        planned = []
+        for i, row in enumerate(batch.rows):
+            position = row[ROW]
+            status = statuses.get(position)
+            if self._retry_failed:
+                wanted = status is not None and status[0] == "failed"
+            else:
+                wanted = status is None and (self._only is None or position in self._only)
+            if not wanted or (self._dedupe and not batch.first[i]):
+                continue
+            body = batch.bodies[i]
+            empty = () if body is not None else tuple(c for c in self._job.prompts.columns if row[c] is None)
+            row_id = str(row[id_column]) if id_column else str(position)
+            planned.append(Planned(position, row_id, batch.keys[i], batch.occurrences[i], body, empty))
+        return planned
+
+    async def requests(self) -> AsyncIterator[Planned]:
+        """The rows to send, for the core's producer; each batch is keyed in a thread."""
+        while (batch := await asyncio.to_thread(self.next_batch)) is not None:
+            for planned in batch:
+                yield planned
+
+    def finish(self) -> None:
+        """Index the rows the producer did not reach, sending none of them."""
+        with self._lock:
+            for _ in self._batches:
+                pass
+
+
+def index_input(job: PreparedJob, checkpoint: Checkpoint, simulate: bool, limit: int | None = None) -> None:
+    """Index every row of the input (up to `limit`) in `checkpoint`, sending nothing: what the
+    commands that only read (status, cost, estimate) do before asking it about the current rows."""
+    KeyedPlan(job, checkpoint.key_index(dedupe=False), job.keys(simulate), limit=limit).finish()
+
+
+def read_checkpoint(job: PreparedJob, made_for: tuple[Fingerprint, ...], index: bool = True) -> Checkpoint:
+    """The job's checkpoint opened to read (refused if made for another job version, as `run`
+    refuses it), with the current input indexed in temp tables (unless not `index`): its
+    queries answer for the current rows. No checkpoint yet: an empty one in memory."""
+    exists = job.checkpoint_path.exists()
+    path = job.checkpoint_path if exists else Path(":memory:")
+    checkpoint = open_checkpoint(path, "read", *made_for, rekey=rekey_by_row(job, made_for))
+    try:
+        if index:
+            recorded = checkpoint.fingerprint()
+            simulate = recorded is not None and recorded.get("endpoint.base_url") == SIMULATED_ENDPOINT
+            index_input(job, checkpoint, simulate)
+    except BaseException:
+        checkpoint.close()
+        raise
+    return checkpoint
+
+
+def rekey_by_row(job: PreparedJob, made_for: tuple[Fingerprint, ...]) -> Rekey:
+    """The `rekey` of open_checkpoint: a schema 0/1 checkpoint (keyed by row position) made for
+    this very input and job is keyed by the requests its rows were made from."""
+
+    def rekey(old: Fingerprint, index: KeyIndex) -> None:
+        recorded = old.get("input", {}).get("sha256")
+        if recorded != job.source.fingerprint() or without_input_hash(old) not in made_for:
+            raise CheckpointError(
+                f"checkpoint {job.checkpoint_path.name} was made by batchrun 0.2 for another input or "
+                "job, and keys its rows by position; finish it with batchrun 0.2 and the input as it "
+                "was, or rerun with --fresh to start over (its results will be discarded)"
+            )
+        simulate = old.get("endpoint.base_url") == SIMULATED_ENDPOINT
+        for _ in job.keyed_batches(index, job.keys(simulate)):
+            pass
+
+    return rekey
+
 
 def prepare(
-    spec: JobSpec, output: Path | None = None, write: bool = True, *, checkpoint: Path | None = None
+    spec: JobSpec,
+    output: str | Location | None = None,
+    write: bool = True,
+    *,
+    checkpoint: Path | None = None,
 ) -> PreparedJob:
     """Check everything that can fail before a request is sent; `write=False` for commands that
-    only read the checkpoint, so they work in a folder they cannot write."""
+    only read the checkpoint, so they work in a folder they cannot write. `output` overrides
+    output.path (a local path or a URL, as --output gives it); `checkpoint` the job's checkpoint."""
     prompts = spec.prompt_templates()
-    output_path = (output or spec.output.path).resolve()
-    if output_path == spec.input.path.resolve():
+    try:
+        given = location(output) if output is not None else spec.output.path
+    except ValueError as exc:
+        raise JobError(f"--output: {exc}") from None
+    output_path = given.resolve() if isinstance(given, Path) else given
+    input_path = spec.input.path.resolve() if isinstance(spec.input.path, Path) else spec.input.path
+    if output_path == input_path:
         raise JobError("output.path is the input file; choose another path", spec.job_path)
-    _check_output_folder(output_path, "--output" if output else "output.path", spec, write)
+    if isinstance(output_path, Path):
+        _check_output_folder(output_path, "--output" if output else "output.path", spec, write)
     if output is not None:  # the job's own output.path was checked with the job
         try:
             table_format(output_path, spec.output.format, "--output", "output.format")
@@ -124,11 +337,15 @@ def prepare(
     source = open_source(spec.input.path, spec.input.id_column, needed, no_nulls, spec.input.format)
     if prompts.messages_column:
         _check_conversations(source, prompts.messages_column, skip_nulls=spec.input.on_null == "skip")
+    checkpoint = checkpoint or spec.checkpoint
     if checkpoint is not None:
         checkpoint = checkpoint.resolve()
-        _check_output_folder(checkpoint, "checkpoint", spec, write)
     job = PreparedJob(spec, prompts, source, output_path, checkpoint)
+    if checkpoint is not None or isinstance(output_path, Url):
+        _check_output_folder(job.checkpoint_path, "checkpoint", spec, write)
     job.first_request()
+    if isinstance(output_path, Url) and write:
+        probe_destination(output_path)  # last: a check that writes comes after all that only read
     return job
 
 

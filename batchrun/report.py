@@ -16,12 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
-from batchrun.checkpoint import Fingerprint, open_checkpoint
+from batchrun.checkpoint import Fingerprint
 from batchrun.cost import Price
 from batchrun.errors import BatchrunError, InputError
-from batchrun.output import build_table, write_atomically
+from batchrun.output import write_atomically, write_output
 from batchrun.results import ANSWER_COLUMNS, OUTPUT_RESULT_COLUMNS, RESULT_SCHEMA
 from batchrun.sources import scan_table
+from batchrun.storage import Location
 
 if TYPE_CHECKING:
     from batchrun.core import Outcome
@@ -55,7 +56,7 @@ class RunResult:
     retries: dict[str, int]
     rate_limited: int  # answers that were 429s (each retried)
     wall_s: float
-    output_path: Path
+    output_path: Location
     interrupted: bool
     cost_usd: float | None = None  # the whole job's, earlier runs included; None if unpriced
     budget_usd: float | None = None
@@ -86,16 +87,20 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 def write_run_report(
     job: PreparedJob,
     result: RunResult,
-    table: pl.DataFrame,
     price: Price | None,
     fingerprint: dict[str, Any],
     aborted: BatchrunError | None,
+    usage: dict[str, int | None],
 ) -> None:
-    """Write OUTPUT.report.json; scopes: the whole job (rows, tokens, cost, latency) or this run."""
+    """Write OUTPUT.report.json; scopes: the whole job (rows, tokens, cost, latency) or this run.
+    `usage`: token sums by USAGE_COLUMNS (Checkpoint.usage_sums)."""
     minutes = max(result.wall_s, 1e-9) / 60
     actual = None if result.prompt_tokens is None else result.cost_usd  # None: no usage, or unpriced
-    answered = table.filter(pl.col("status").is_in(["ok", "failed"]))
-    latency = answered["latency_ms"].drop_nulls()
+    # Read back from the output as written, one column at a time: never the whole table.
+    answered = scan_table(job.output_path, job.spec.output.format).filter(
+        pl.col("status").is_in(["ok", "failed"])
+    )
+    latency = answered.select(pl.col("latency_ms").cast(pl.Float64).drop_nulls()).collect()["latency_ms"]
     outcome = result.outcome
     report: dict[str, Any] = {
         "job": str(job.spec.job_path),
@@ -125,7 +130,7 @@ def write_run_report(
         },
         "latency_ms": {f"p{p}": _percentile(latency, p) for p in PERCENTILES},
         "tokens": {
-            **{c.removesuffix("_tokens"): _usage_sum(answered, c) for c in USAGE_COLUMNS},
+            **{c.removesuffix("_tokens"): usage[c] for c in USAGE_COLUMNS},
             "rows_without_usage": result.rows_without_usage,
         },
         "cost_usd": {
@@ -139,13 +144,6 @@ def write_run_report(
     if estimate is not None and actual is not None and estimate["expected"]:
         report["cost_usd"]["actual_vs_expected_pct"] = round(100 * (actual / estimate["expected"] - 1), 1)
     write_json(job.report_path, report)
-
-
-def _usage_sum(answered: pl.DataFrame, column: str) -> int | None:
-    """Over the rows that reported usage; None (unknown) when answers came and none did."""
-    if answered.height and answered.select(NO_USAGE.all()).item():
-        return None
-    return int(answered[column].sum())
 
 
 def _percentile(values: pl.Series, p: int) -> float | None:
@@ -164,62 +162,74 @@ def _estimate_before(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any] 
     return dict(saved.get("job", {}), made_at=saved.get("made_at"))
 
 
-def job_table(job: PreparedJob, by: tuple[str, ...], made_for: tuple[Fingerprint, ...]) -> pl.DataFrame:
-    """A job's output table as its checkpoint has it now, with the input columns named in `by`;
-    the checkpoint must be the job's (`made_for`, as `open_checkpoint` checks)."""
+def job_table(
+    job: PreparedJob, by: tuple[str, ...], made_for: tuple[Fingerprint, ...], workdir: Path
+) -> pl.LazyFrame:
+    """A job's output table as its checkpoint has it now, with the input columns named in `by`,
+    written to a Parquet file in `workdir` (flat memory) and scanned; the checkpoint must be the
+    job's (`made_for`, as `open_checkpoint` checks)."""
+    from batchrun.plan import read_checkpoint
+
     extra = [c for c in by if c in job.source.columns and c not in OUTPUT_RESULT_COLUMNS]
-    results: list[tuple[Any, ...]] = []
-    if job.checkpoint_path.exists():
-        checkpoint = open_checkpoint(job.checkpoint_path, "read", *made_for)
-        try:
-            results = checkpoint.results()
-        finally:
-            checkpoint.close()
     columns = tuple(dict.fromkeys((*job.spec.output.include_columns, *extra)))
-    return build_table(job.source, columns, results, None)
+    path = workdir / "table.parquet"
+    checkpoint = read_checkpoint(job, made_for)
+    try:
+        write_output(job.source, columns, checkpoint.output_rows(), path, "parquet")
+    finally:
+        checkpoint.close()
+    return pl.scan_parquet(path)
 
 
-def read_output_table(path: Path) -> pl.DataFrame:
-    """An output table written by batchrun, read back for a cost report."""
+def read_output_table(path: Path) -> pl.LazyFrame:
+    """An output table written by batchrun, scanned for a cost report."""
     if not path.is_file():
         raise InputError(f"output table not found: {path}")
     try:
-        table = scan_table(path).collect()
+        table = scan_table(path)
+        columns = table.collect_schema().names()
     except (pl.exceptions.PolarsError, OSError) as exc:
         raise InputError(f"cannot read {path}: {str(exc).strip().splitlines()[0]}") from None
-    missing = [c for c in ("status", "model", "prompt_tokens", "completion_tokens") if c not in table.columns]
+    missing = [c for c in ("status", "model", "prompt_tokens", "completion_tokens") if c not in columns]
     if missing:
         raise InputError(f"{path} is not a batchrun output table: it has no '{missing[0]}' column")
     summed = (*USAGE_COLUMNS, "cost_usd", *ANSWER_COLUMNS)  # an older table may lack them: null
-    return table.with_columns(
-        pl.lit(None, RESULT_SCHEMA[c]).alias(c) for c in summed if c not in table.columns
-    )
+    return table.with_columns(pl.lit(None, RESULT_SCHEMA[c]).alias(c) for c in summed if c not in columns)
 
 
-def cost_report(table: pl.DataFrame, by: tuple[str, ...]) -> pl.DataFrame:
-    """Rows, tokens and cost per (by..., model, status), and a last `total` row.
+def cost_report(table: pl.LazyFrame, by: tuple[str, ...]) -> pl.DataFrame:
+    """Rows, tokens and cost per (by..., model, status), and a last `total` row; the table is
+    summed by polars' streaming engine, never held whole.
 
     A group's cost is null when one of its answered rows has no price, and its tokens are null
     when one of them reported no usage: a partial sum would pass for the whole.
     """
+    columns = table.collect_schema().names()
     for column in by:
-        if column not in table.columns:
-            raise InputError(f"--by {column}: no such column; the columns are: {', '.join(table.columns)}")
+        if column not in columns:
+            raise InputError(f"--by {column}: no such column; the columns are: {', '.join(columns)}")
     keys = [*dict.fromkeys((*by, "model", "status"))]
+    priced = pl.when(pl.col("cost_usd").null_count() == 0).then(pl.col("cost_usd").sum()).alias("cost_usd")
     sums = [
         pl.len().alias("rows"),
         *(pl.when(NO_USAGE.sum() == 0).then(pl.col(c).sum()).alias(c) for c in USAGE_COLUMNS),
-        pl.when(pl.col("cost_usd").null_count() == 0).then(pl.col("cost_usd").sum()).alias("cost_usd"),
+        priced,
     ]
     table = table.with_columns(pl.col(k).cast(pl.String) for k in keys)
-    groups = table.group_by(keys).agg(sums).sort(keys, nulls_last=True)
-    sent = table.filter(pl.col("status").is_in(["ok", "failed"]))
-    total = table.select(sums[:-1]).with_columns(
-        pl.lit(None if sent["cost_usd"].null_count() else sent["cost_usd"].sum(), pl.Float64).alias(
-            "cost_usd"
-        ),
-        *(pl.lit("total" if k == keys[0] else None, pl.String).alias(k) for k in keys),
+    groups, total = pl.collect_all(
+        [
+            table.group_by(keys).agg(sums).sort(keys, nulls_last=True),
+            table.select(
+                *sums[:-1],
+                pl.when(pl.col("cost_usd").filter(pl.col("status").is_in(["ok", "failed"])).null_count() == 0)
+                .then(pl.col("cost_usd").filter(pl.col("status").is_in(["ok", "failed"])).sum())
+                .cast(pl.Float64)
+                .alias("cost_usd"),
+            ),
+        ],
+        engine="streaming",
     )
+    total = total.with_columns(pl.lit("total" if k == keys[0] else None, pl.String).alias(k) for k in keys)
     return pl.concat([groups, total.select(groups.columns)])
 
 

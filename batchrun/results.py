@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import polars as pl
 
 # The checkpoint's schema (SQLite `PRAGMA user_version`); 0: made before the version was recorded.
-SCHEMA_VERSION = 1
+# 2: results keyed by the request they answer (RESULT_KEY), not by row position.
+SCHEMA_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,9 @@ class Column:
 
 _INT, _REAL, _TEXT = "INTEGER", "REAL", "TEXT"
 COLUMNS: tuple[Column, ...] = (
-    Column("row", "INTEGER PRIMARY KEY", pl.Int64(), False, "0-based position in the input: the key"),
+    Column("request_key", "BLOB", pl.Binary(), False, "sha256 (16 bytes) of the request as declared"),
+    Column("occurrence", _INT, pl.Int64(), False, "identical requests before this one in the input"),
+    Column("row", _INT, pl.Int64(), False, "0-based position in the input of the row that was sent"),
     Column("id", _TEXT, pl.String(), False, "the row's id as sent; the output takes `id` from the input"),
     Column("fields", _TEXT, pl.String(), False, "JSON of the output.fields; typed columns in the output"),
     Column("content", _TEXT, pl.String(), True, "the answer's text (of the last answer kept)"),
@@ -49,6 +52,8 @@ COLUMNS: tuple[Column, ...] = (
     Column("response_id", _TEXT, pl.String(), True, "the server's id of the answer"),
 )  # fmt: skip
 
+# A result belongs to a request: the same request again in a later input reuses it.
+RESULT_KEY = ("request_key", "occurrence")
 NAMES = tuple(c.name for c in COLUMNS)
 SQL_TYPES = {c.name: c.sql for c in COLUMNS}
 RESULT_SCHEMA = {c.name: c.polars for c in COLUMNS}

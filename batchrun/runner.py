@@ -17,19 +17,19 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from batchrun.budget import BudgetGuard
-from batchrun.checkpoint import open_checkpoint
+from batchrun.checkpoint import Mode, open_checkpoint
 from batchrun.client import ChatClient
 from batchrun.core import Core, RunStats, Stop
 from batchrun.cost import ASSUMED_MAX_OUTPUT_TOKENS, job_price, output_tokens_cap, request_cost
 from batchrun.distributed import RayOptions
-from batchrun.errors import BatchrunError, JobError
+from batchrun.errors import BatchrunError, CheckpointError, JobError
 from batchrun.events import Events, RunStarted
 from batchrun.job import EndpointSpec, JobSpec
 from batchrun.limits import Limiter
 from batchrun.models import check_model
-from batchrun.output import build_table, write_table
-from batchrun.plan import DONE, prepare
-from batchrun.report import RunResult, write_run_report
+from batchrun.output import write_output
+from batchrun.plan import KeyedPlan, prepare, rekey_by_row
+from batchrun.report import USAGE_COLUMNS, RunResult, write_run_report
 
 T = TypeVar("T")
 
@@ -44,7 +44,7 @@ class RunOptions:
     retry_failed: bool = False
     limit: int | None = None
     concurrency: int | None = None
-    output: Path | None = None
+    output: str | Path | None = None  # a path or a URL: overrides output.path
     quiet: bool = False
     grace_s: float = 10.0  # after a stop request, how long in-flight requests may finish
     max_cost_usd: float | None = None  # overrides the job's budget.max_cost_usd
@@ -83,25 +83,33 @@ async def run_job(
     model_note = None
     if not options.simulate:
         model_note = await asyncio.to_thread(check_model, spec, spec.endpoint.base_url, key)
-    fingerprint = job.fingerprint(options.simulate)  # hashes the whole input: once per run
-    checkpoint = open_checkpoint(job.checkpoint_path, "fresh" if options.fresh else "resume", fingerprint)
+    fingerprint = job.fingerprint(options.simulate)
+    made_for = (fingerprint,)
+    mode: Mode = "fresh" if options.fresh else "resume"
+    checkpoint = open_checkpoint(job.checkpoint_path, mode, *made_for, rekey=rekey_by_row(job, made_for))
     try:
         repriced = checkpoint.reprice(repr(price), functools.partial(request_cost, price))
         spent = checkpoint.spent_usd()
         in_scope = min(options.limit or job.source.row_count, job.source.row_count)
-        finished = {r for r in checkpoint.rows_with_status(*DONE) if r < in_scope}
-        only: set[int] | None = None  # with --retry-failed, only the failed rows go out again
-        if options.retry_failed:
-            only = {r for r in checkpoint.rows_with_status("failed") if r < in_scope}
-            to_send = len(only)
-        elif options.rows is not None:
-            only = {r for r in options.rows if r < in_scope} - finished
-            to_send = len(only)
-        else:
-            to_send = in_scope - len(finished)
+        # As the last run indexed the input: exact for a resume of the same input (a SQL count,
+        # no set of rows); the plan below finds what is done row by row as it goes.
         before = checkpoint.status_counts(below=in_scope)
+        done = sum(before.values())
         if options.retry_failed:
+            to_send = before.get("failed", 0)
             before["failed"] = 0  # sent again: each counts once it finishes anew
+        elif options.rows is not None:
+            to_send = len(options.rows)
+        else:
+            to_send = in_scope - done
+        plan = KeyedPlan(
+            job,
+            checkpoint.key_index(dedupe=False),
+            job.keys(options.simulate),
+            limit=options.limit,
+            retry_failed=options.retry_failed,
+            only=options.rows,
+        )
         url = base_url or spec.endpoint.base_url
         width = options.concurrency or spec.concurrency
         params = job.params
@@ -110,6 +118,7 @@ async def run_job(
         if options.ray is None:
             core = Core(
                 job,
+                plan.requests(),
                 ChatClient(url, key, spec.endpoint.timeout_s, width),
                 Limiter(
                     width,
@@ -118,11 +127,8 @@ async def run_job(
                     max_tokens=params.get("max_completion_tokens", params.get("max_tokens")),
                     max_hold_s=spec.retry.max_backoff_s,
                 ),
-                checkpoint,
+                checkpoint.record,
                 events,
-                skip=finished,
-                only=only,
-                limit=options.limit,
                 width=width,
                 grace_s=options.grace_s,
                 price=price,
@@ -137,12 +143,11 @@ async def run_job(
 
             cluster = ClusterRun(
                 job,
-                checkpoint,
+                plan,
+                checkpoint.record,
                 events,
                 stop,
-                skip=finished,
-                only=only,
-                limit=options.limit,
+                to_send=to_send,
                 width=width,
                 settings=ShardSettings(url, options.simulate, width, options.grace_s, price, max_cost),
                 spent_usd=spent,
@@ -157,8 +162,8 @@ async def run_job(
                 status=describe,
             )
         )
-        if finished and not options.fresh:
-            events.say(f"resuming: {len(finished)} of {in_scope} rows already done")
+        if done and not options.fresh:
+            events.say(f"resuming: {done} of {in_scope} rows already done")
         if repriced and not options.fresh:
             events.say(f"pricing changed since the checkpoint was made: repriced {repriced} rows")
         if model_note:
@@ -181,16 +186,22 @@ async def run_job(
             from batchrun.distributed.driver import run_on_cluster
 
             stats, cancelled = await _run_to_the_end(run_on_cluster(cluster, options.ray), stop)
-        if stats.unreachable:  # nothing was answered: no output, the checkpoint as it was
+        if stats.unreachable or isinstance(stats.error, CheckpointError):
+            # Nothing was answered, or nothing more can be recorded: no output.
             assert stats.error is not None
             raise stats.error
-        table = build_table(
-            job.source, spec.output.include_columns, checkpoint.results(), options.limit, spec.output.fields
+        await asyncio.to_thread(plan.finish)  # index the rows a stopped run did not reach
+        by_status = await asyncio.to_thread(
+            write_output,
+            job.source,
+            spec.output.include_columns,
+            checkpoint.output_rows(),
+            job.output_path,
+            spec.output.format,
+            limit=options.limit,
+            fields=spec.output.fields,
         )
-        write_table(table, job.output_path, spec.output.format)
         totals = checkpoint.totals()
-        counts = table["status"].value_counts()
-        by_status = dict(zip(counts["status"].to_list(), counts["count"].to_list(), strict=True))
         result = RunResult(
             total=in_scope,
             ok=by_status.get("ok", 0),
@@ -215,9 +226,9 @@ async def run_job(
             rows_without_usage=totals.without_usage,
             top_errors=checkpoint.top_errors(),
             outcome=stats.outcome,
-            table=table,
         )
-        write_run_report(job, result, table, price, fingerprint, stats.error)
+        usage = checkpoint.usage_sums(USAGE_COLUMNS)
+        write_run_report(job, result, price, fingerprint, stats.error, usage)
         if stats.error is not None:
             raise stats.error
         if cancelled:

@@ -1,7 +1,11 @@
-"""Input tables (CSV, Parquet, JSONL): opened lazily, checked against the job, read in batches."""
+"""Input tables (CSV, Parquet, JSONL): opened lazily, checked against the job, read in batches.
+
+An input is one file, a glob of files or a folder of Parquet files (read as one table, the files
+in sorted order), local or at an object-store URL (storage.py)."""
 
 from __future__ import annotations
 
+import glob
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -12,32 +16,55 @@ import polars as pl
 
 from batchrun.errors import InputError
 from batchrun.job import TableFormat, table_format
+from batchrun.storage import Location, Url, cloud_reason, is_glob
 
 ROW = "__batchrun_row"  # the 0-based row number, carried through every stage
 BATCH_ROWS = 8192
 
 
 def scan_table(
-    path: Path, format: TableFormat | None = None, key: str = "table", format_key: str | None = None
+    path: Location, format: TableFormat | None = None, key: str = "table", format_key: str | None = None
 ) -> pl.LazyFrame:
     """A lazy scan of `path` in `format`, else the one its suffix names (compressed CSV and JSON
-    lines, e.g. `.csv.gz`, read as such given their format); `key` names the path in errors."""
+    lines, e.g. `.csv.gz`, read as such given their format); `key` names the path in errors.
+    A folder is read as its Parquet files; polars sorts the files a URL's glob or folder lists."""
+    folder = path.is_folder if isinstance(path, Url) else path.is_dir()
     try:
-        found = table_format(path, format, key, format_key)
+        found = (
+            "parquet"
+            if folder and format in (None, "parquet")
+            else table_format(path, format, key, format_key)
+        )
     except ValueError as exc:
         raise InputError(str(exc)) from None
+    source = str(path) if isinstance(path, Url) else local_files(path)
     if found == "csv":
-        return pl.scan_csv(path, infer_schema_length=10_000)
+        return pl.scan_csv(source, infer_schema_length=10_000)
     if found == "parquet":
-        return pl.scan_parquet(path)
-    return pl.scan_ndjson(path, infer_schema_length=10_000)
+        return pl.scan_parquet(source)
+    return pl.scan_ndjson(source, infer_schema_length=10_000)
+
+
+def local_files(path: Path) -> list[Path]:
+    """The files a local input names, sorted: a stable row order however they were listed."""
+    if is_glob(path):
+        files = sorted(p for p in map(Path, glob.glob(str(path))) if p.is_file())
+        if not files:
+            raise InputError(f"input {path} matches no files")
+        return files
+    if path.is_dir():
+        files = sorted(p for p in path.glob("*.parquet") if p.is_file())
+        if not files:
+            raise InputError(f"input folder {path} holds no .parquet files")
+        return files
+    return [path]
 
 
 @dataclass(frozen=True)
 class Source:
     """An input table checked against the columns the job needs."""
 
-    path: Path
+    path: Location
     id_column: str | None
     columns: tuple[str, ...]  # every column of the table
     row_count: int
@@ -55,13 +82,21 @@ class Source:
             yield batch.to_dicts()
 
     def fingerprint(self) -> str:
-        """A hash of the file's bytes: results are only reused for the very same input."""
-        with self.path.open("rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
+        """A hash of a single local file's bytes: results are only reused for the very same input.
+        Many files or a URL are not read whole for it: their names and sizes (or the URL), columns
+        and row count stand in. Used only to migrate a checkpoint of schema 0 or 1 (keyed by row)."""
+        if isinstance(self.path, Path) and self.path.is_file():
+            with self.path.open("rb") as f:
+                return hashlib.file_digest(f, "sha256").hexdigest()
+        digest = hashlib.sha256(f"{self.path}\n{self.columns}\n{self.row_count}".encode())
+        if isinstance(self.path, Path):
+            for file in local_files(self.path):
+                digest.update(f"\n{file.name} {file.stat().st_size}".encode())
+        return digest.hexdigest()
 
 
 def open_source(
-    path: Path,
+    path: Location,
     id_column: str | None,
     needed: dict[str, tuple[str, ...]],
     no_nulls: tuple[str, ...] = (),
@@ -69,10 +104,8 @@ def open_source(
 ) -> Source:
     """Open and check the input; `needed` maps a job key (e.g. 'prompt.user') to its columns,
     `no_nulls` names the columns in which an empty value is an error, `format` is input.format."""
-    if not path.exists():
+    if isinstance(path, Path) and not is_glob(path) and not path.exists():
         raise InputError(f"input file not found: {path}")
-    if not path.is_file():
-        raise InputError(f"input path is not a file: {path}")
     try:
         columns = tuple(scan_table(path, format, "input.path", "input.format").collect_schema().names())
     except (pl.exceptions.PolarsError, OSError) as exc:
@@ -107,13 +140,12 @@ def open_source(
     return Source(path, id_column, columns, row_count, format)
 
 
-def _unreadable(path: Path, exc: Exception) -> InputError:
-    """Polars errors run to many lines (and quote the data); the first says what is wrong."""
-    text = str(exc).strip()
-    return InputError(f"cannot read input {path}: {text.splitlines()[0] if text else type(exc).__name__}")
+def _unreadable(path: Location, exc: Exception) -> InputError:
+    """Polars errors run to many lines (and quote the data or the object store's XML)."""
+    return InputError(f"cannot read input {path}: {cloud_reason(exc)}")
 
 
-def _report_nulls(path: Path, format: TableFormat | None, column: str) -> None:
+def _report_nulls(path: Location, format: TableFormat | None, column: str) -> None:
     rows = scan_table(path, format).select(pl.col(column)).with_row_index(ROW)
     nulls = rows.filter(pl.col(column).is_null()).select(ROW).head(5).collect()[ROW].to_list()
     shown = ", ".join(str(r + 1) for r in nulls)
@@ -123,7 +155,7 @@ def _report_nulls(path: Path, format: TableFormat | None, column: str) -> None:
     )
 
 
-def _check_ids(path: Path, format: TableFormat | None, id_column: str) -> None:
+def _check_ids(path: Location, format: TableFormat | None, id_column: str) -> None:
     ids = scan_table(path, format).select(pl.col(id_column)).with_row_index(ROW)
     nulls = ids.filter(pl.col(id_column).is_null()).select(ROW).head(5).collect()[ROW].to_list()
     if nulls:

@@ -1,6 +1,7 @@
-"""Server-Sent Events of a streamed chat completion, assembled into one answer.
+"""A streamed chat completion's events, assembled into one answer.
 
-Kept apart from the HTTP code so the parser can be tested on any sequence of lines.
+httpx2's `EventSource` splits the body into events (lines, comments, `event:` and `id:` fields);
+this takes each event's data. Kept apart from the HTTP code so it can be tested on any sequence.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from batchrun.errors import RetryableError
 
 
 class StreamAssembler:
-    """Feed it the lines of an SSE body; `finish()` gives the answer or says it is incomplete."""
+    """Feed it the data of each event; `finish()` gives the answer or says it is incomplete."""
 
     def __init__(self) -> None:
         self.pieces: list[str] = []
@@ -25,11 +26,10 @@ class StreamAssembler:
         self.saw_content = False
         self._calls: dict[int, dict[str, str]] = {}  # tool calls by index, arguments growing
 
-    def feed(self, line: str) -> bool:
-        """Take one line; True when it carried the first piece of content (for time to first token)."""
-        if not line.startswith("data:"):
-            return False  # blank separators, comments (": keep-alive"), event: and id: fields
-        data = line[5:].strip()
+    def feed(self, data: str) -> bool:
+        """Take one event's data; True when it carried the first piece of content (time to first token)."""
+        if not data:
+            return False  # an event of only `event:` or `id:` fields
         if data == "[DONE]":
             self.done = True
             return False

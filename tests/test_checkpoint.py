@@ -35,7 +35,7 @@ def sql(job: Path, query: str) -> list[tuple[object, ...]]:
 
 def test_row_result_has_the_registry_columns_with_matching_types() -> None:
     hints = typing.get_type_hints(RowResult)
-    python_type = {"INTEGER": int, "INTEGER PRIMARY KEY": int, "REAL": float, "TEXT": str}
+    python_type = {"INTEGER": int, "BLOB": bytes, "REAL": float, "TEXT": str}
     assert sorted(f.name for f in fields(RowResult)) == sorted(NAMES)
     for column in COLUMNS:
         declared = hints[column.name]

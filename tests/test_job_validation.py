@@ -228,8 +228,18 @@ CASES = [
     ),
     Case("input-missing", "input file not found: ", files={}),
     Case(
-        "input-is-a-directory",
-        "input path is not a file: ",
+        "input-url-scheme-polars-cannot-read",
+        "job.yaml:2: input.path: polars cannot read ftp:// URLs; use a local path, or an s3://",
+        edit("path: items.csv", "path: ftp://example.com/items.csv"),
+    ),
+    Case(
+        "output-url-polars-cannot-write",
+        "job.yaml:5: output.path: polars cannot write hf:// URLs; write to s3://, gs:// or az://",
+        edit("path: out.csv", "path: hf://datasets/me/data/out.csv"),
+    ),
+    Case(
+        "input-folder-without-parquet",
+        "input folder ",
         edit("path: items.csv", "path: items.jsonl"),
         files={"items.jsonl/inner.csv": CSV},
     ),

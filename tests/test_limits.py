@@ -88,11 +88,12 @@ def test_a_429_with_retry_after_holds_every_worker(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "429s: 1" in result.output
     refused_at = next(at for at, status in sim.stats.arrivals if status == 429)
-    # The three rows sent beside the refused one were already on their way; nothing else may
-    # start, on any worker, until the 0.4 s the server asked for have passed.
-    later = [at - refused_at for at, _ in sim.stats.arrivals if at - refused_at > 0.05]
-    assert len(later) == 12 - 4 + 1
-    assert min(later) >= 0.39
+    # The three rows sent beside the refused one may have been on their way; nothing else may
+    # start, on any worker, until the 0.4 s the server asked for have passed. (A busy machine
+    # only delays arrivals, so this holds however loaded it is.)
+    assert len(sim.stats.arrivals) == 12 + 1  # every row once, and the refused one again
+    after = [at - refused_at for at, _ in sim.stats.arrivals if at > refused_at]
+    assert sum(1 for t in after if t < 0.39) <= 4 - 1
     assert read_output(job)["status"].to_list() == ["ok"] * 12
 
 

@@ -541,11 +541,15 @@ def test_stats_count_answers_and_reset_starts_them_afresh() -> None:
         root = sim.base_url.removesuffix("/v1")
         assert http.get(f"{root}/simulator/stats").json()["by_status"] == {"200": 1}
         assert http.post(f"{root}/simulator/reset").json()["requests"] == 0
+        sent_at = time.monotonic()
         post(http, chat_body(ARTICLE))
+        answered_at = time.monotonic()
         stats = http.get(f"{root}/simulator/stats").json()
 
     assert stats["requests"] == 1
     assert stats["span_s"] > 0
+    # On the clock every process shares, so another process can time its first request.
+    assert sent_at <= stats["first_arrival_monotonic"] <= stats["last_answer_monotonic"] <= answered_at
 
 
 def raw_exchange(sim: RunningSimulator, sent: bytes) -> bytes:

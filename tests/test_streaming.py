@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx2
 import orjson
 import pytest
 from hypothesis import given
@@ -68,28 +69,43 @@ def test_stream_without_usage_leaves_tokens_null_and_warns_once(
     assert "tokens: unknown (the endpoint reported no usage for 12 rows)" in result.stderr
 
 
-def sse_lines(pieces: list[str], usage: bool, noise: list[str]) -> list[str]:
-    """The lines an OpenAI-style server sends for `pieces`, with blank lines and comments mixed in."""
+def sse_body(pieces: list[str], usage: bool, noise: list[str]) -> list[str]:
+    """The events an OpenAI-style server sends for `pieces` (one string each, ending in its blank
+    line), with comments and other fields mixed in."""
     head = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "model": "m"}
     chunks = [{**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}]
     chunks += [{**head, "choices": [{"index": 0, "delta": {"content": p}}]} for p in pieces]
     chunks.append({**head, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
     if usage:
         chunks.append({**head, "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4}})
-    lines: list[str] = []
+    events = []
     for i, chunk in enumerate(chunks):
-        lines += ["data: " + orjson.dumps(chunk).decode(), noise[i % len(noise)] if noise else ""]
-    return [*lines, "data: [DONE]", ""]
+        extra = noise[i % len(noise)] + "\n" if noise else ""
+        events.append(extra + "data: " + orjson.dumps(chunk).decode() + "\n\n")
+    return [*events, "data: [DONE]\n\n"]
+
+
+def assemble(events: list[str]) -> tuple[StreamAssembler, list[bool]]:
+    """The events parsed as the client parses them (httpx2's EventSource), fed to an assembler."""
+    body = httpx2.Response(
+        200,
+        headers={"content-type": "text/event-stream"},
+        content="".join(events),
+        request=httpx2.Request("POST", "http://127.0.0.1/v1/chat/completions"),
+    )
+    stream = StreamAssembler()
+    return stream, [stream.feed(event.data) for event in httpx2.EventSource(body)]
 
 
 @given(
     pieces=st.lists(st.text(min_size=1), max_size=20),
     usage=st.booleans(),
-    noise=st.lists(st.sampled_from(["", ": keep-alive", "event: message", "id: 7"]), max_size=4),
+    noise=st.lists(
+        st.sampled_from([": keep-alive", "event: message", "id: 7", ":", "retry: 1000"]), max_size=4
+    ),
 )
 def test_assembler_rebuilds_any_stream(pieces: list[str], usage: bool, noise: list[str]) -> None:
-    stream = StreamAssembler()
-    firsts = [stream.feed(line) for line in sse_lines(pieces, usage, noise)]
+    stream, firsts = assemble(sse_body(pieces, usage, noise))
 
     assert stream.finish() == "".join(pieces)
     assert stream.finish_reason == "stop"
@@ -99,10 +115,8 @@ def test_assembler_rebuilds_any_stream(pieces: list[str], usage: bool, noise: li
 
 @given(pieces=st.lists(st.text(min_size=1), max_size=10), cut=st.integers(min_value=0))
 def test_assembler_rejects_any_stream_cut_before_done(pieces: list[str], cut: int) -> None:
-    lines = sse_lines(pieces, usage=True, noise=[])
-    stream = StreamAssembler()
-    for line in lines[: cut % (len(lines) - 1)]:  # always drops the [DONE] line
-        stream.feed(line)
+    events = sse_body(pieces, usage=True, noise=[])
+    stream, _ = assemble(events[: cut % len(events)])  # always drops the [DONE] event
     with pytest.raises(RetryableError, match="before data: \\[DONE\\]"):
         stream.finish()
 
@@ -110,10 +124,8 @@ def test_assembler_rejects_any_stream_cut_before_done(pieces: list[str], cut: in
 @given(pieces=st.lists(st.text(min_size=1), max_size=10))
 def test_assembler_rejects_a_done_that_came_before_any_finish_reason(pieces: list[str]) -> None:
     """llama.cpp's server sends `[DONE]` mid-answer when another request waits (issue #11 item 6)."""
-    lines = [line for line in sse_lines(pieces, usage=True, noise=[]) if "finish_reason" not in line]
-    stream = StreamAssembler()
-    for line in lines:
-        stream.feed(line)
+    events = [event for event in sse_body(pieces, usage=True, noise=[]) if "finish_reason" not in event]
+    stream, _ = assemble(events)
 
     assert stream.done
     with pytest.raises(RetryableError) as caught:

@@ -12,22 +12,20 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import itertools
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from batchrun.checkpoint import RowResult
-from batchrun.core import ResultSink, RunStats, Stop
+from batchrun.core import RunStats, Stop
 from batchrun.distributed import RayOptions
 from batchrun.distributed.cluster import connect
 from batchrun.distributed.limiter import ClusterLimits
 from batchrun.distributed.worker import ShardSettings, Worker
 from batchrun.errors import BatchrunError
 from batchrun.events import Events
-from batchrun.plan import PreparedJob
-from batchrun.sources import ROW
+from batchrun.plan import KeyedPlan, Planned, PreparedJob
 
 SHARDS_PER_WORKER = 4  # smaller shards: a shorter tail, and less to send again after a death
 MAX_SHARD_ROWS = 2_000
@@ -51,15 +49,15 @@ class WorkerTally:
 
 @dataclass
 class ClusterRun:
-    """What the driver needs of run_job: the plan, where rows go, and the run's settings."""
+    """What the driver needs of run_job: the plan (its key pass runs here, beside the checkpoint),
+    where finished rows go, and the run's settings."""
 
     job: PreparedJob
-    checkpoint: ResultSink
+    plan: KeyedPlan
+    record: Callable[[Sequence[RowResult]], None]  # the checkpoint's: the one writer
     events: Events
     stop: Stop
-    skip: set[int]
-    only: set[int] | None
-    limit: int | None
+    to_send: int  # about how many rows the plan will yield, to size the shards
     width: int
     settings: ShardSettings
     spent_usd: float = 0.0  # before this run, from the checkpoint
@@ -128,7 +126,7 @@ async def run_on_cluster(run: ClusterRun, ray_options: RayOptions) -> RunStats:
                     loop.call_soon_threadsafe(inbox.put_nowait, (index, kind, item))
             except ray.exceptions.RayActorError:
                 run.tallies[index].restarts += 1
-                shards.give_back([row for row in shard if row[ROW] not in received])
+                shards.give_back([planned for planned in shard if planned.row not in received])
             except BaseException as exc:
                 loop.call_soon_threadsafe(inbox.put_nowait, (index, "error", exc))
                 stopping.set()
@@ -162,7 +160,7 @@ async def _collect(run: ClusterRun, inbox: asyncio.Queue[tuple[int, str, Any]], 
         index, kind, item = await inbox.get()
         if kind == "rows":
             results: list[RowResult] = item
-            run.checkpoint.record(results)
+            run.record(results)
             run.tallies[index].rows += len(results)
             for result in results:
                 tally[result.status] += 1
@@ -208,41 +206,29 @@ async def _collect(run: ClusterRun, inbox: asyncio.Queue[tuple[int, str, Any]], 
 
 
 class _Shards:
-    """The rows still to do, read from the input as needed, cut into shards; shards given back
-    (a worker died) go out first. Thread-safe: each worker's thread takes from it."""
+    """The plan's rows, cut into shards as workers ask; shards given back (a worker died) go out
+    first. Thread-safe: each worker's thread takes from it."""
 
     def __init__(self, run: ClusterRun, workers: int):
-        job = run.job
-        columns = job.prompts.columns
-        if job.source.id_column and job.source.id_column not in columns:
-            columns += (job.source.id_column,)
-        todo = len(run.only) if run.only is not None else job.source.row_count - len(run.skip)
-        self.size = max(1, min(MAX_SHARD_ROWS, -(-todo // (workers * SHARDS_PER_WORKER))))
-        self._rows = self._wanted(job.source.batches(columns, run.limit), run.skip, run.only)
-        self._returned: collections.deque[list[dict[str, Any]]] = collections.deque()
+        self.size = max(1, min(MAX_SHARD_ROWS, -(-run.to_send // (workers * SHARDS_PER_WORKER))))
+        self._plan = run.plan
+        self._ahead: collections.deque[Planned] = collections.deque()  # planned, not yet in a shard
+        self._returned: collections.deque[list[Planned]] = collections.deque()
         self._lock = threading.Lock()
 
-    @staticmethod
-    def _wanted(
-        batches: Iterator[list[dict[str, Any]]], skip: set[int], only: set[int] | None
-    ) -> Iterator[dict[str, Any]]:
-        for batch in batches:
-            for row in batch:
-                index = row[ROW]
-                if (index not in skip) if only is None else (index in only):
-                    yield row
-
-    def take(self) -> list[dict[str, Any]] | None:
+    def take(self) -> list[Planned] | None:
         with self._lock:
             if self._returned:
                 return self._returned.popleft()
-            shard = list(itertools.islice(self._rows, self.size))
+            while len(self._ahead) < self.size and (batch := self._plan.next_batch()) is not None:
+                self._ahead.extend(batch)
+            shard = [self._ahead.popleft() for _ in range(min(self.size, len(self._ahead)))]
             return shard or None
 
-    def give_back(self, rows: list[dict[str, Any]]) -> None:
-        if rows:
+    def give_back(self, shard: list[Planned]) -> None:
+        if shard:
             with self._lock:
-                self._returned.append(rows)
+                self._returned.append(shard)
 
 
 def describe_split(options: RayOptions, width: int) -> str:

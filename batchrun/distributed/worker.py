@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +21,7 @@ from batchrun.core import Core, RunStats, Stop
 from batchrun.cost import Price
 from batchrun.distributed.limiter import ClusterBudget, ClusterLimiter
 from batchrun.events import Level, RunStarted
-from batchrun.plan import PreparedJob
+from batchrun.plan import Planned, PreparedJob
 from batchrun.runner import api_key, run_async
 
 FLUSH_S = 0.25  # finished rows reach the driver within this
@@ -46,7 +46,7 @@ class _Relay:
     def __init__(self) -> None:
         self.queue: queue.Queue[tuple[str, Any]] = queue.Queue()
 
-    def record(self, results: list[RowResult]) -> None:
+    def record(self, results: Sequence[RowResult]) -> None:
         self.queue.put(("rows", results))
 
     def started(self, run: RunStarted) -> None:
@@ -68,16 +68,17 @@ class Worker:
     runs beside `run`)."""
 
     def __init__(self) -> None:
-        self._stop: Stop | None = None
+        # One for the actor's life, not per shard: a shard that starts after the driver asked
+        # to stop (the request crossed its start) stops at once too.
+        self._stop = Stop()
 
     def stop(self, at_once: bool = False) -> None:
-        if self._stop is not None:
+        wanted = 2 if at_once else 1
+        while self._stop.requests < wanted:
             self._stop.request()
-            if at_once:
-                self._stop.request()
 
     def run(
-        self, job: PreparedJob, rows: list[dict[str, Any]], settings: ShardSettings, limits: Any
+        self, job: PreparedJob, shard: list[Planned], settings: ShardSettings, limits: Any
     ) -> Iterator[tuple[str, Any]]:
         """Send the shard; yield ("rows", [RowResult...]) and ("say", (message, level)) as they
         come, then ("stats", RunStats)."""
@@ -87,7 +88,6 @@ class Worker:
         key = "simulated" if settings.simulated else api_key(spec.endpoint)
         params = job.params
         relay = _Relay()
-        self._stop = stop = Stop()
         budget = (
             None
             if settings.max_cost_usd is None
@@ -95,6 +95,7 @@ class Worker:
         )
         core = Core(
             job,
+            _each(shard),
             ChatClient(settings.base_url, key, spec.endpoint.timeout_s, settings.width),
             ClusterLimiter(
                 limits,
@@ -104,17 +105,14 @@ class Worker:
                 max_tokens=params.get("max_completion_tokens", params.get("max_tokens")),
                 max_hold_s=spec.retry.max_backoff_s,
             ),
+            relay.record,
             relay,
-            relay,
-            skip=set(),
-            only=None,
             width=settings.width,
             grace_s=settings.grace_s,
             price=settings.price,
             budget=budget,
             base_url=settings.base_url,
-            stop=stop,
-            rows=iter([rows]),
+            stop=self._stop,
         )
         outcome: list[RunStats | BaseException] = []
 
@@ -146,7 +144,11 @@ class Worker:
                 yield "rows", batch
         if budget is not None:
             budget.give_back()
-        self._stop = None
         if isinstance(outcome[0], BaseException):
             raise outcome[0]
         yield "stats", outcome[0]
+
+
+async def _each(shard: list[Planned]) -> AsyncIterator[Planned]:
+    for planned in shard:
+        yield planned

@@ -101,6 +101,10 @@ class SimulatorStats:
             "by_status": {str(k): v for k, v in sorted(self.by_status.items())},
             # From the first request's arrival to the last answer: the client's time at the server.
             "span_s": self.last_answer_at - (self.first_arrival_at or self.last_answer_at),
+            # time.monotonic() is the system's CLOCK_MONOTONIC on Linux, one clock for every
+            # process: a benchmark subtracts the time it started a client (first request latency).
+            "first_arrival_monotonic": self.first_arrival_at,
+            "last_answer_monotonic": self.last_answer_at or None,
         }
 
 
@@ -402,6 +406,7 @@ class _Simulator:
         self.stats.ok_by_user_message.clear()
         self.stats.arrivals.clear()
         self.stats.first_arrival_at = None
+        self.stats.last_answer_at = 0.0
         self._window_start, self._window_used = -math.inf, 0
         self._log.clear()
         self._latencies = latencies(self.config.latency_ms, self.config.latency_sigma, self.config.seed)

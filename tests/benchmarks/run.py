@@ -7,13 +7,15 @@ Clients, each a separate process writing the same Parquet output:
   * batchrun: the real CLI (`batchrun JOB -q --fresh`);
   * openai SDK: AsyncOpenAI + asyncio.Semaphore + gather over all rows (peer_openai.py);
   * httpx chunked: httpx.AsyncClient + gather over chunks of C rows (peer_httpx.py).
-Scenarios (issue #4):
+Scenarios (issue #4; S4 issue #12):
   S1  no latency, 20,000 rows, 64 in flight
   S2  lognormal latency (mean 200 ms, sigma 1, seeded), 5,000 rows, 128 in flight; the bound is
       what a client with zero overhead keeping 128 in flight would do on the same latencies
   S3  a limit of 6,000 requests/min enforced over a sliding 1 s window (at most 100 requests in
       the second before each one, as many gateways count), 50 ms latency, 3,000 rows, 64 in
       flight; batchrun both with `rate_limit` set to exactly the limit and without (adaptive)
+  S4  S2's latencies with 512 in flight and 20,000 rows: the client's CPU per row decides throughput;
+      the bound is computed as S2's
 Rows/s counts rows answered (not lost) over the client process's whole life (start-up included);
 CPU is its user + sys time;
 "% of limit" and "vs zero-overhead" use the server's view (first arrival to last answer), where
@@ -71,6 +73,7 @@ SCENARIOS = {
     "S1": Scenario("S1", 20_000, 64),
     "S2": Scenario("S2", 5_000, 128, latency_ms=200, sigma=1.0),
     "S3": Scenario("S3", 3_000, 64, latency_ms=50, rpm=6000),
+    "S4": Scenario("S4", 20_000, 512, latency_ms=200, sigma=1.0),
 }
 
 
@@ -225,7 +228,7 @@ def run_scenario(s: Scenario, rows: int, folder: Path) -> list[tuple[Outcome, st
         fastest = max(o.rows_per_s for o, _ in results)
         print(f"  = {capacity / fastest:.1f}x the fastest client's rate ({fastest:,.0f} rows/s)", flush=True)
         results = [(o, f"simulator core {o.server_busy:.0%} busy") for o, _ in results]
-    if s.name == "S2":
+    if s.name in ("S2", "S4"):
         bound = zero_overhead_rows_per_s(s, rows)
         results = [
             (o, f"{rows / o.span_s / bound:.2f} of zero-overhead ({bound:.0f} rows/s)") for o, _ in results
