@@ -36,18 +36,21 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[Any]:
-    """A local Ray for the session (two CPUs, no dashboard), its files under a temp dir; the
-    workers get the test key through runtime_env, as a user's cluster would on its nodes."""
+    """A local Ray for the session (two CPUs, no dashboard), its files under a temp dir. Its
+    processes start with the test key in their environment, as a user's nodes would have it, so a
+    driver in another process (`--ray` with RAY_ADDRESS set) can join it too."""
     import ray
 
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        _temp_dir=temp,
-        runtime_env={"env_vars": {TEST_KEY_ENV: TEST_KEY}},
-    )
+    before = os.environ.get(TEST_KEY_ENV)
+    os.environ[TEST_KEY_ENV] = TEST_KEY
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp)
+    finally:
+        if before is None:
+            del os.environ[TEST_KEY_ENV]
+        else:
+            os.environ[TEST_KEY_ENV] = before
     try:
         yield ray
     finally:
