@@ -193,15 +193,16 @@ def bench_checkpoint(
     return {"rows": recorded, "batch": size, "rows_per_s": round(recorded / wall)}
 
 
-def bench_leases(ray: Any, seconds: float = 3.0) -> dict[str, float]:
-    """Calls/s and slots/s the actor grants to two adapters leasing as fast as they can (a rate
-    far above what they ask, so no slot waits): the actor's ceiling, not the pacing's."""
+def bench_leases(ray: Any, adapters: int = 2, width: int = 512, seconds: float = 3.0) -> dict[str, float]:
+    """Calls/s and slots/s the actor grants to `adapters` leasing as fast as they can (a rate far
+    above what they ask, so no slot waits): the actor's ceiling, not the pacing's. `width` 1 makes
+    every permit a lease call of its own: the actor's call rate."""
     actor = ray.remote(num_cpus=0)(ClusterLimits).remote(10**9, None)
     ray.get(actor.counts.remote())
     rpm = 60 * 1_000_000
 
     async def drive() -> int:
-        limiters = [ClusterLimiter(actor, 512, requests_per_minute=rpm) for _ in range(2)]
+        limiters = [ClusterLimiter(actor, width, requests_per_minute=rpm) for _ in range(adapters)]
         deadline = time.monotonic() + seconds
         granted = 0
 
@@ -211,7 +212,7 @@ def bench_leases(ray: Any, seconds: float = 3.0) -> dict[str, float]:
                 limiter.release(await limiter.acquire(100), ok=True)
                 granted += 1
 
-        await asyncio.gather(*(loop(limiters[i % 2]) for i in range(256)))
+        await asyncio.gather(*(loop(limiters[i % adapters]) for i in range(max(256, adapters))))
         return granted
 
     started = time.monotonic()
@@ -271,6 +272,7 @@ def main() -> None:
                 leases,
                 f"(target >= 20,000/s): {verdict(leases['permits_per_s'] >= 20_000)}",
             )
+            print("  one slot a lease, 32 workers:", bench_leases(ray, adapters=32, width=1))
     finally:
         ray.shutdown()
 
