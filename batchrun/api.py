@@ -70,10 +70,15 @@ class Job:
     def run(self, **options: Any) -> RunResult:
         """Run (or resume) the job; the figures, with the output table as `.table`. Options:
         simulate, simulate_latency_ms, fresh, retry_failed, limit, concurrency, max_cost_usd,
-        grace_s, quiet, yes. Job-wide errors raise BatchrunError (JobError, EndpointUnavailable...);
-        a job changed since its last run so that finished rows would be sent again raises
-        JobChanged (with .rows and .cost_usd) unless yes=True."""
+        grace_s, quiet, yes, ray (True, an address or RayOptions) and workers. Job-wide errors raise
+        BatchrunError (JobError, EndpointUnavailable...); a job changed since its last run so that
+        finished rows would be sent again raises JobChanged (with .rows and .cost_usd) unless
+        yes=True."""
         stop = Stop()
+        if (ray := _with_ray(options).get("ray")) is not None:
+            from batchrun.distributed.cluster import connect
+
+            connect(ray.address)  # on the caller's thread, which Ray prefers for ray.init
         return _in_own_thread(lambda: self._run(options, stop), stop)
 
     async def arun(self, **options: Any) -> RunResult:
@@ -82,7 +87,7 @@ class Job:
         return await self._run(options, Stop())
 
     async def _run(self, options: Mapping[str, Any], stop: Stop) -> RunResult:
-        run_options = RunOptions(checkpoint=self.checkpoint, **options)
+        run_options = RunOptions(checkpoint=self.checkpoint, **_with_ray(options))
         progress = Progress(run_options.quiet, notebook=_in_notebook())
         if self._note:
             progress.say(self._note, "note")
@@ -147,7 +152,24 @@ RUN_OPTIONS = (
     "grace_s",
     "quiet",
     "yes",
+    "ray",
+    "workers",
 )
+
+
+def _with_ray(options: Mapping[str, Any]) -> dict[str, Any]:
+    """`ray=True` (a local Ray), `ray="HOST:PORT"` or `ray=RayOptions(...)`, with `workers=N`."""
+    options = dict(options)
+    ray, workers = options.pop("ray", None), options.pop("workers", None)
+    if ray is None or ray is False:
+        if workers is not None:
+            raise TypeError("workers= goes with ray=")
+        return options
+    from batchrun.distributed import RayOptions
+
+    if not isinstance(ray, RayOptions):
+        ray = RayOptions(None if ray is True else str(ray), workers)
+    return {**options, "ray": ray}
 
 
 def _split(data: Any, checkpoint: PathLike | None, given: Mapping[str, Any]) -> tuple[Job, dict[str, Any]]:

@@ -119,6 +119,21 @@ def main() -> None:
     help="Send finished rows again when the job changed since its last run (else a terminal asks).",
 )
 @no_check_model_option
+@click.option(
+    "--ray",
+    "ray_address",
+    is_flag=False,
+    flag_value="",
+    default=None,
+    metavar="[ADDRESS]",
+    help="Run on Ray: join the cluster at ADDRESS (HOST:PORT or ray://HOST:PORT), or start a local "
+    "Ray without one. Needs the extra: pip install 'batchrun[ray]'.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    help="With --ray: worker actors, sharing the job's concurrency (default: one per CPU of the cluster).",
+)
 @friendly_errors
 def run(
     job_file: Path,
@@ -133,6 +148,8 @@ def run(
     max_cost: float | None,
     yes: bool,
     no_check_model: bool,
+    ray_address: str | None,
+    workers: int | None,
 ) -> None:
     """Run JOB, resuming from its checkpoint if it was interrupted.
 
@@ -151,7 +168,18 @@ def run(
       batchrun run jobs/summarize.yaml --limit 20     # pilot on the first 20 rows
       batchrun jobs/summarize.yaml --retry-failed     # resend only failed rows
       batchrun jobs/summarize.yaml --max-cost 5       # spend at most $5 on the job
+      batchrun jobs/summarize.yaml --ray --workers 2  # on a local Ray, two workers
     """
+    if workers is not None and ray_address is None:
+        raise click.UsageError("--workers goes with --ray")
+    ray = None
+    if ray_address is not None:
+        from batchrun.distributed.cluster import import_ray
+
+        import_ray()  # before the job is read: without the extra, say so first
+        from batchrun.distributed import RayOptions
+
+        ray = RayOptions(ray_address or None, workers)
     from batchrun.job import load_job
     from batchrun.runner import RunOptions
 
@@ -169,7 +197,12 @@ def run(
         quiet=quiet,
         max_cost_usd=max_cost,
         yes=yes,
+        ray=ray,
     )
+    if ray is not None:
+        from batchrun.distributed.cluster import connect
+
+        connect(ray.address)  # here, on the main thread, before anything is sent
     try:
         result = run_in_process(spec, options)
     except JobChanged as exc:

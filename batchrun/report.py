@@ -67,6 +67,7 @@ class RunResult:
     rows_without_usage: int = 0  # answered, but the endpoint reported no usage
     top_errors: list[tuple[str, int]] = field(default_factory=list)  # commonest messages of failed rows
     outcome: Outcome = "finished"
+    workers: list[dict[str, int]] | None = None  # on Ray: each worker's rows, requests, retries, 429s
     table: pl.DataFrame | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -123,6 +124,7 @@ def write_run_report(
             "retries": sum(result.retries.values()),
             "retries_by_kind": dict(result.retries),
             "responses_429": result.rate_limited,
+            **({"workers": result.workers} if result.workers is not None else {}),
             "requests_per_min": round(result.requests / minutes, 1),
             "tokens_per_min": None if result.run_tokens is None else round(result.run_tokens / minutes, 1),
         },

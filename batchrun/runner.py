@@ -21,6 +21,7 @@ from batchrun.checkpoint import Checkpoint, Fingerprint, Mode, open_checkpoint, 
 from batchrun.client import ChatClient
 from batchrun.core import Core, RunStats, Stop
 from batchrun.cost import ASSUMED_MAX_OUTPUT_TOKENS, job_price, output_tokens_cap, request_cost
+from batchrun.distributed import RayOptions
 from batchrun.errors import BatchrunError, CheckpointError, JobChanged, JobError
 from batchrun.estimate import estimate_job
 from batchrun.events import Events, RunStarted
@@ -51,6 +52,7 @@ class RunOptions:
     rows: frozenset[int] | None = None  # only these rows (0-based), e.g. a random pilot
     checkpoint: Path | None = None  # where the checkpoint lives; default: beside the output
     yes: bool = False  # send finished rows again when the job changed (else JobChanged)
+    ray: RayOptions | None = None  # run on Ray (batchrun/distributed/): where, how many workers
 
 
 async def run_job(
@@ -116,33 +118,53 @@ async def run_job(
         url = base_url or spec.endpoint.base_url
         width = options.concurrency or spec.concurrency
         params = job.params
-        core = Core(
-            job,
-            plan.requests(),
-            ChatClient(url, key, spec.endpoint.timeout_s, width),
-            Limiter(
-                width,
-                spec.rate_limit.requests_per_minute,
-                spec.rate_limit.tokens_per_minute,
-                max_tokens=params.get("max_completion_tokens", params.get("max_tokens")),
-                max_hold_s=spec.retry.max_backoff_s,
-            ),
-            checkpoint.record,
-            events,
-            width=width,
-            grace_s=options.grace_s,
-            price=price,
-            budget=None if max_cost is None else BudgetGuard(max_cost, spent_usd=spent),
-            base_url=url,
-            stop=stop or Stop(),
-        )
+        stop = stop or Stop()
+        budget = None if max_cost is None else BudgetGuard(max_cost, spent_usd=spent)
+        if options.ray is None:
+            core = Core(
+                job,
+                plan.requests(),
+                ChatClient(url, key, spec.endpoint.timeout_s, width),
+                Limiter(
+                    width,
+                    spec.rate_limit.requests_per_minute,
+                    spec.rate_limit.tokens_per_minute,
+                    max_tokens=params.get("max_completion_tokens", params.get("max_tokens")),
+                    max_hold_s=spec.retry.max_backoff_s,
+                ),
+                checkpoint.record,
+                events,
+                width=width,
+                grace_s=options.grace_s,
+                price=price,
+                budget=budget,
+                base_url=url,
+                stop=stop,
+            )
+            describe = core.describe
+        else:
+            from batchrun.distributed.driver import ClusterRun, describe_split
+            from batchrun.distributed.worker import ShardSettings
+
+            cluster = ClusterRun(
+                job,
+                plan,
+                checkpoint.record,
+                events,
+                stop,
+                to_send=to_send,
+                width=width,
+                settings=ShardSettings(url, options.simulate, width, options.grace_s, price, max_cost),
+                spent_usd=spent,
+            )
+            describe = functools.partial(describe_split, options.ray, width)
         events.started(
             RunStarted(
                 sum(before.values()) + to_send,
                 before,
                 cost_usd=None if price is None else spent,
                 budget_usd=max_cost,
-                status=core.describe,
+                status=describe,
             )
         )
         if done and not options.fresh:
@@ -163,7 +185,12 @@ async def run_job(
                 f"{ASSUMED_MAX_OUTPUT_TOKENS:,} output tokens per request",
                 "warning",
             )
-        stats, cancelled = await _run_to_the_end(core)
+        if options.ray is None:
+            stats, cancelled = await _run_to_the_end(core.run(), stop)
+        else:
+            from batchrun.distributed.driver import run_on_cluster
+
+            stats, cancelled = await _run_to_the_end(run_on_cluster(cluster, options.ray), stop)
         if stats.unreachable or isinstance(stats.error, CheckpointError):
             # Nothing was answered, or nothing more can be recorded: no output.
             assert stats.error is not None
@@ -193,10 +220,11 @@ async def run_job(
             rate_limited=stats.rate_limited,
             wall_s=time.monotonic() - started,
             output_path=job.output_path,
-            interrupted=core.interrupted,
+            interrupted=stats.outcome == "interrupted",
             cost_usd=None if price is None else checkpoint.spent_usd(),
             budget_usd=max_cost,
-            budget_stopped=core.budget_stopped,
+            budget_stopped=stats.outcome == "stopped_by_budget",
+            workers=None if options.ray is None else [vars(t) for t in cluster.tallies],
             requests=stats.requests,
             run_tokens=stats.tokens,
             report_path=job.report_path,
@@ -262,10 +290,10 @@ def prune(spec: JobSpec, output: str | Path | None = None) -> tuple[int, int] | 
         checkpoint.close()
 
 
-async def _run_to_the_end(core: Core) -> tuple[RunStats, bool]:
-    """Run the core; a cancellation of the caller is a stop request (a second, a stop at once),
-    and the core still finishes, so that nothing answered is lost."""
-    task = asyncio.ensure_future(core.run())
+async def _run_to_the_end(run: Coroutine[Any, Any, RunStats], stop: Stop) -> tuple[RunStats, bool]:
+    """Run the core (or the cluster); a cancellation of the caller is a stop request (a second, a
+    stop at once), and the run still finishes, so that nothing answered is lost."""
+    task = asyncio.ensure_future(run)
     cancelled = False
     while True:
         try:
@@ -274,7 +302,7 @@ async def _run_to_the_end(core: Core) -> tuple[RunStats, bool]:
             if task.done():
                 raise
             cancelled = True
-            core.stop.request()
+            stop.request()
 
 
 def run_async(main: Coroutine[Any, Any, T]) -> T:

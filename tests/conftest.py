@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +32,30 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
         if name.startswith(("BATCHRUN_", "RELAYDANCE_", "OPENAI_")):
             monkeypatch.delenv(name)
     monkeypatch.setenv(TEST_KEY_ENV, TEST_KEY)
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[Any]:
+    """A local Ray for the session (two CPUs, no dashboard), its files under a temp dir. Its
+    processes start with the test key in their environment, as a user's nodes would have it, so a
+    driver in another process (`--ray` with RAY_ADDRESS set) can join it too."""
+    import ray
+
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
+    before = os.environ.get(TEST_KEY_ENV)
+    os.environ[TEST_KEY_ENV] = TEST_KEY
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp)
+    finally:
+        if before is None:
+            del os.environ[TEST_KEY_ENV]
+        else:
+            os.environ[TEST_KEY_ENV] = before
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture

@@ -1,0 +1,85 @@
+"""Joining a Ray cluster, or starting a local one, with the checks `ray.init` does not make.
+
+`ray.init(address=...)` on an address where nothing listens was seen to hang for over a minute,
+so the address is first checked with a plain TCP connection; and a cluster whose nodes run
+another batchrun than the driver would run another core, so it is refused.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import socket
+from typing import Any
+
+from batchrun.errors import BatchrunError
+
+CONNECT_TIMEOUT_S = 5.0  # the TCP check of --ray ADDRESS; the whole refusal stays well under 30 s
+RAY_CLIENT_PORT = 10001  # ray://HOST without a port
+GCS_PORT = 6379  # HOST without a port: the head node's GCS
+
+
+class RayNotInstalled(BatchrunError):
+    """--ray without the batchrun[ray] extra."""
+
+
+def import_ray() -> Any:
+    """The `ray` module, or one line saying how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise RayNotInstalled(
+            "--ray needs Ray, which the base install leaves out: pip install 'batchrun[ray]'"
+        ) from None
+    return ray
+
+
+def host_and_port(address: str) -> tuple[str, int]:
+    """Where `address` (HOST[:PORT] or ray://HOST[:PORT]) should answer."""
+    client = address.startswith("ray://")
+    rest = address.removeprefix("ray://").rstrip("/")
+    host, colon, port = rest.rpartition(":")
+    if not colon or not port.isdigit():
+        host, port = rest, str(RAY_CLIENT_PORT if client else GCS_PORT)
+    return host.strip("[]"), int(port)
+
+
+def check_address(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Refuse, in at most `timeout_s`, an address where nothing accepts a TCP connection."""
+    host, port = host_and_port(address)
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+        raise BatchrunError(
+            f"no Ray cluster answers at {address} ({host}:{port}: {reason}); start one with "
+            "`ray start --head`, or leave out the address to run on a local Ray"
+        ) from None
+
+
+def batchrun_version() -> str:
+    return importlib.metadata.version("batchrun")
+
+
+def connect(address: str | None, **init: Any) -> Any:
+    """Join the cluster at `address` (checked first), or start a local Ray without one; an already
+    connected Ray (a notebook's, a test's) is used as it is. Returns the `ray` module."""
+    ray = import_ray()
+    if not ray.is_initialized():
+        if address is not None and address not in ("auto", "local"):
+            check_address(address)
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, **init)
+    check_versions(ray)
+    return ray
+
+
+def check_versions(ray: Any, ours: str | None = None) -> None:
+    """Refuse a cluster whose workers import another batchrun than this driver (`ours`)."""
+    remote_version = ray.remote(num_cpus=0, max_retries=0)(batchrun_version)
+    theirs = ray.get(remote_version.remote())
+    ours = ours or batchrun_version()
+    if theirs != ours:
+        raise BatchrunError(
+            f"the Ray cluster runs batchrun {theirs}, this driver batchrun {ours}: install the same "
+            "version on both (e.g. through the job's runtime_env or the nodes' image)"
+        )

@@ -1,0 +1,157 @@
+"""A Ray worker: the same async core as on one machine, on the shards the driver hands it.
+
+Each shard runs a Core on the worker's own thread and event loop, with its own HTTP pool, its
+share of `concurrency`, the cluster's limiter (ClusterLimiter) and budget (ClusterBudget). Rows
+finished go back to the driver in batches, one at least every FLUSH_S (the window in which rows
+answered are sent again if this worker dies); the worker writes no checkpoint. The API key is
+read here, from this worker's environment, never passed in.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from batchrun.checkpoint import RowResult
+from batchrun.client import ChatClient
+from batchrun.core import Core, RunStats, Stop
+from batchrun.cost import Price
+from batchrun.distributed.limiter import ClusterBudget, ClusterLimiter
+from batchrun.events import Level, RunStarted
+from batchrun.plan import Planned, PreparedJob
+from batchrun.runner import api_key, run_async
+
+FLUSH_S = 0.25  # finished rows reach the driver within this
+
+
+@dataclass(frozen=True)
+class ShardSettings:
+    """What a worker needs besides the job and the rows (no secret: the key is read here)."""
+
+    base_url: str
+    simulated: bool
+    width: int  # this worker's requests in flight
+    grace_s: float
+    price: Price | None
+    max_cost_usd: float | None
+
+
+class _Relay:
+    """The core's sink and events: finished rows and warnings onto a queue the shard's generator
+    drains; progress is the driver's to draw."""
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue[tuple[str, Any]] = queue.Queue()
+
+    def record(self, results: Sequence[RowResult]) -> None:
+        self.queue.put(("rows", results))
+
+    def started(self, run: RunStarted) -> None:
+        pass
+
+    def row_finished(self, result: RowResult) -> None:
+        pass
+
+    def say(self, message: str, level: Level = "info") -> None:
+        if level != "info":
+            self.queue.put(("say", (message, level)))
+
+    def status_changed(self) -> None:
+        pass
+
+
+class Worker:
+    """The actor class (made a Ray actor by the driver, with max_concurrency=2 so that `stop`
+    runs beside `run`)."""
+
+    def __init__(self) -> None:
+        # One for the actor's life, not per shard: a shard that starts after the driver asked
+        # to stop (the request crossed its start) stops at once too.
+        self._stop = Stop()
+
+    def stop(self, at_once: bool = False) -> None:
+        wanted = 2 if at_once else 1
+        while self._stop.requests < wanted:
+            self._stop.request()
+
+    def run(
+        self, job: PreparedJob, shard: list[Planned], settings: ShardSettings, limits: Any
+    ) -> Iterator[tuple[str, Any]]:
+        """Send the shard; yield ("rows", [RowResult...]) and ("say", (message, level)) as they
+        come, then ("stats", RunStats)."""
+        import ray
+
+        if self._stop.requests:  # the stop crossed this shard's start: its rows stay pending
+            yield "stats", RunStats(0, 0, 0, 0, 0, 0.0, {}, 0, 0, "interrupted")
+            return
+        spec = job.spec
+        key = "simulated" if settings.simulated else api_key(spec.endpoint)
+        params = job.params
+        relay = _Relay()
+        budget = (
+            None
+            if settings.max_cost_usd is None
+            else ClusterBudget(limits, settings.max_cost_usd, settings.width, ray.get)
+        )
+        core = Core(
+            job,
+            _each(shard),
+            ChatClient(settings.base_url, key, spec.endpoint.timeout_s, settings.width),
+            ClusterLimiter(
+                limits,
+                settings.width,
+                spec.rate_limit.requests_per_minute,
+                spec.rate_limit.tokens_per_minute,
+                max_tokens=params.get("max_completion_tokens", params.get("max_tokens")),
+                max_hold_s=spec.retry.max_backoff_s,
+            ),
+            relay.record,
+            relay,
+            width=settings.width,
+            grace_s=settings.grace_s,
+            price=settings.price,
+            budget=budget,
+            base_url=settings.base_url,
+            stop=self._stop,
+        )
+        outcome: list[RunStats | BaseException] = []
+
+        def work() -> None:
+            try:
+                outcome.append(run_async(core.run()))
+            except BaseException as exc:  # handed to the driver below
+                outcome.append(exc)
+            finally:
+                relay.queue.put(("done", None))
+
+        threading.Thread(target=work, name="batchrun-shard", daemon=True).start()
+        finished = False
+        while not finished:
+            batch: list[RowResult] = []
+            try:
+                kind, item = relay.queue.get(timeout=FLUSH_S)
+                while True:
+                    if kind == "rows":
+                        batch.extend(item)
+                    elif kind == "say":
+                        yield kind, item
+                    else:
+                        finished = True
+                    kind, item = relay.queue.get_nowait()
+            except queue.Empty:
+                pass
+            if batch:
+                yield "rows", batch
+        if budget is not None:
+            budget.give_back()
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        yield "stats", outcome[0]
+
+
+async def _each(shard: list[Planned]) -> AsyncIterator[Planned]:
+    for planned in shard:
+        yield planned

@@ -1,0 +1,432 @@
+"""The Ray driver (#14): bootstrap refusals, and the cluster's one rate limit and one budget.
+
+Tests that need Ray share one local instance (conftest.ray_session: two CPUs, files in a temp dir).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from batchrun.distributed.cluster import check_address, check_versions, host_and_port
+from batchrun.distributed.limiter import ClusterBudget, ClusterLimiter, ClusterLimits
+from batchrun.errors import BatchrunError
+from tests.conftest import article_rows, run_batchrun, write_job
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --- bad input: no Ray call is made -------------------------------------------------------------
+
+
+def test_ray_without_the_extra_says_how_to_install_it(tmp_path: Path) -> None:
+    """A `ray` that cannot be imported (as without the extra): exit 2, one line, how to install."""
+    fake = tmp_path / "site" / "ray"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('No module named ray')\n")
+    job = write_job(tmp_path, article_rows(2), "http://127.0.0.1:9/v1")
+
+    done = subprocess.run(
+        [sys.executable, "-m", "batchrun", "run", str(job), "--ray"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(tmp_path / "site")},
+    )
+    assert done.returncode == 2
+    assert done.stderr == (
+        "Error: --ray needs Ray, which the base install leaves out: pip install 'batchrun[ray]'\n"
+    )
+
+
+def test_an_address_where_no_ray_listens_is_refused_in_one_line_quickly(tmp_path: Path) -> None:
+    job = write_job(tmp_path, article_rows(2), "http://127.0.0.1:9/v1")
+    address = f"127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    done = run_batchrun("run", str(job), "--ray", address, timeout=60)
+    assert time.monotonic() - started < 30
+    assert done.returncode == 2
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: no Ray cluster answers at {address} ")
+    assert not (tmp_path / "out").exists()  # nothing sent, no checkpoint
+
+
+def test_an_address_that_never_answers_times_out() -> None:
+    """A listener that never accepts (a full backlog stands in for a dropped SYN): refused as
+    timed out, after the timeout and not much later."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(0)
+        port = server.getsockname()[1]
+        fillers = []
+        try:
+            for _ in range(8):  # fill the backlog: further connects hang
+                filler = socket.socket()
+                filler.setblocking(False)
+                filler.connect_ex(("127.0.0.1", port))
+                fillers.append(filler)
+            started = time.monotonic()
+            with pytest.raises(
+                BatchrunError, match=rf"no Ray cluster answers at 127\.0\.0\.1:{port} .*timed out"
+            ):
+                check_address(f"127.0.0.1:{port}", timeout_s=0.5)
+            assert 0.4 < time.monotonic() - started < 5
+        finally:
+            for filler in fillers:
+                filler.close()
+
+
+@pytest.mark.parametrize(
+    ("address", "where"),
+    [
+        ("10.0.0.5:6380", ("10.0.0.5", 6380)),
+        ("head", ("head", 6379)),
+        ("ray://head", ("head", 10001)),
+        ("ray://head:10002", ("head", 10002)),
+        ("[::1]:6379", ("::1", 6379)),
+    ],
+)
+def test_addresses_are_read_as_ray_reads_them(address: str, where: tuple[str, int]) -> None:
+    assert host_and_port(address) == where
+
+
+@pytest.mark.parametrize("workers", ["0", "-1"])
+def test_workers_must_be_positive(tmp_path: Path, workers: str) -> None:
+    job = write_job(tmp_path, article_rows(2), "http://127.0.0.1:9/v1")
+    done = run_batchrun("run", str(job), "--ray", "--workers", workers)
+    assert done.returncode == 2
+    assert "Invalid value for '--workers'" in done.stderr
+
+
+# --- with a local Ray -----------------------------------------------------------------------------
+
+
+def test_a_cluster_with_another_batchrun_is_refused_naming_both(ray_session: Any) -> None:
+    from batchrun.distributed.cluster import batchrun_version
+
+    check_versions(ray_session)  # the same: accepted
+    with pytest.raises(BatchrunError) as refused:
+        check_versions(ray_session, ours="0.0.1")
+    assert f"the Ray cluster runs batchrun {batchrun_version()}, this driver batchrun 0.0.1" in str(
+        refused.value
+    )
+
+
+def limits_actor(ray: Any, **kwargs: Any) -> Any:
+    """A limiter actor, started (its process takes about a second to come up)."""
+    actor = ray.remote(num_cpus=0)(ClusterLimits).remote(**kwargs)
+    ray.get(actor.counts.remote())
+    return actor
+
+
+def test_two_workers_leasing_share_one_rate(ray_session: Any) -> None:
+    """300 permits over two adapters at 200/s: together never faster than the one limit."""
+    rpm = 12_000
+    actor = limits_actor(ray_session, requests_per_minute=rpm, tokens_per_minute=None)
+
+    async def main() -> list[float]:
+        workers = [ClusterLimiter(actor, 16, requests_per_minute=rpm) for _ in range(2)]
+        times: list[float] = []
+
+        async def send(limiter: ClusterLimiter) -> None:
+            permit = await limiter.acquire(10)
+            times.append(time.monotonic())
+            limiter.release(permit, ok=True)
+
+        await asyncio.gather(*(send(workers[i % 2]) for i in range(300)))
+        return sorted(times)
+
+    times = asyncio.run(main())
+    per_s = rpm / 60
+    busiest = max(sum(1 for t in times[i:] if t < start + 1.0) for i, start in enumerate(times))
+    assert busiest <= per_s * 1.05  # transit jitter between the actor and the workers, no more
+    assert times[-1] - times[0] >= (len(times) - per_s * 1.05) / per_s
+    counts = ray_session.get(actor.counts.remote())
+    assert counts["slots"] >= 300 and counts["leases"] < 300 / 4  # leased in batches, not one by one
+
+
+def test_a_429_seen_by_one_worker_holds_the_other(ray_session: Any) -> None:
+    actor = limits_actor(ray_session, requests_per_minute=60_000, tokens_per_minute=None)
+
+    async def main() -> float:
+        told, other = (ClusterLimiter(actor, 4, requests_per_minute=60_000) for _ in range(2))
+        permit = await told.acquire(10)
+        told.release(permit, ok=False, rate_limited=True, retry_after_s=0.6)
+        started = time.monotonic()
+        other.release(await other.acquire(10), ok=True)
+        return time.monotonic() - started
+
+    assert asyncio.run(main()) >= 0.5
+
+
+def test_an_unpaced_worker_learns_of_a_hold_within_the_poll_interval(ray_session: Any) -> None:
+    """Without a rate_limit no lease is asked for: the hold comes by polling."""
+    actor = limits_actor(ray_session, requests_per_minute=None, tokens_per_minute=None)
+
+    async def main() -> list[float]:
+        told, other = ClusterLimiter(actor, 4), ClusterLimiter(actor, 4)
+        told.release(await told.acquire(10), ok=False, rate_limited=True, retry_after_s=1.0)
+        said = time.monotonic()
+        gaps = []
+        while (gap := time.monotonic() - said) < 0.9:
+            other.release(await other.acquire(10), ok=True)
+            gaps.append(gap)
+            await asyncio.sleep(0.01)
+        return gaps
+
+    gaps = asyncio.run(main())
+    assert gaps and gaps[-1] < 0.5  # some went before it polled; none after, until the hold ended
+
+
+def test_the_budget_is_one_for_every_worker(ray_session: Any) -> None:
+    actor = limits_actor(
+        ray_session, requests_per_minute=None, tokens_per_minute=None, max_cost_usd=1.0, spent_usd=0.25
+    )
+    budgets = [ClusterBudget(actor, 1.0, width=2, get=ray_session.get) for _ in range(2)]
+    reserved = 0
+    for i in range(40):  # alternate: each worker reserves from its own grants
+        if budgets[i % 2].reserve(0.05):
+            reserved += 1
+    assert reserved <= 15  # (1.00 - 0.25) / 0.05
+    assert budgets[0].stopped or budgets[1].stopped
+    committed = ray_session.get(actor.counts.remote())["committed_usd"]
+    assert committed <= 1.0 + 1e-9
+    budgets[1].settle(budgets[1].reserved_usd, 0.0)  # its rows cost nothing after all
+    budgets[1].give_back()
+    after = ray_session.get(actor.counts.remote())["committed_usd"]
+    assert after < committed
+
+
+# --- the driver: a job on a local Ray ---------------------------------------------------------------
+
+
+def ray_job(tmp_path: Path, rows: int, base_url: str, **overrides: Any) -> Any:
+    from batchrun.api import Job
+
+    return Job.from_yaml(write_job(tmp_path, article_rows(rows), base_url, **overrides))
+
+
+def test_two_workers_finish_a_job_with_every_row_exactly_once(ray_session: Any, tmp_path: Path) -> None:
+    import json
+
+    import polars as pl
+
+    from batchrun.simulator import SimulatorConfig, serve_in_thread
+    from tests.conftest import TEST_KEY, read_output
+
+    with serve_in_thread(SimulatorConfig(api_key=TEST_KEY)) as sim:
+        result = ray_job(tmp_path, 200, sim.base_url).run(ray=True, workers=2, quiet=True)
+        paid = sim.stats.ok_by_user_message
+    assert (result.ok, result.failed, result.pending) == (200, 0, 0)
+    out = read_output(tmp_path / "job.yaml")
+    assert out["id"].sort().to_list() == list(range(1000, 1200))
+    assert out.filter(pl.col("status") == "ok").height == 200
+    assert max(paid.values()) == 1 and len(paid) == 200  # each row paid once
+    report = json.loads((tmp_path / "out" / "result.parquet.report.json").read_text())
+    workers = report["this_run"]["workers"]
+    assert len(workers) == 2 and sum(w["rows"] for w in workers) == 200
+    assert sum(w["requests"] for w in workers) == report["this_run"]["requests"] >= 200
+
+
+def test_two_workers_share_one_rate_limit(ray_session: Any, tmp_path: Path) -> None:
+    """The simulator enforces R over a sliding 1 s window; the job says R; two workers together.
+    The rate is read from the second second on: a worker process starting up on a busy 2-core
+    machine can stall the first (the benchmark measures the whole run, at the strict targets)."""
+    from batchrun.simulator import SimulatorConfig, serve_in_thread
+    from tests.conftest import TEST_KEY
+
+    rpm = 3000  # 50 a second
+    config = SimulatorConfig(api_key=TEST_KEY, rpm=rpm, window="sliding", latency_ms=20)
+    with serve_in_thread(config) as sim:
+        job = ray_job(tmp_path, 300, sim.base_url, rate_limit={"requests_per_minute": rpm}, concurrency=16)
+        result = job.run(ray=True, workers=2, quiet=True)
+        stats = sim.stats.summary()
+        arrived = sorted(at for at, _ in sim.stats.arrivals)
+    assert result.ok == 300
+    refused = stats["by_status"].get("429", 0)
+    assert refused / stats["requests"] < 0.03
+    settled = arrived[rpm // 60 :]
+    achieved = (len(settled) - 1) / (settled[-1] - settled[0]) * 60
+    whole = (len(arrived) - 1) / (arrived[-1] - arrived[0]) * 60
+    print(f"\n{achieved:.0f} of {rpm} requests/min from the second second on, {whole:.0f} over the run")
+    assert achieved >= 0.85 * rpm, f"{achieved:.0f} of {rpm} requests/min"
+
+
+def ray_worker_pids() -> list[int]:
+    """Processes Ray titled as our worker actor (ray::Worker...)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                title = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if title.startswith(b"ray::Worker"):
+                pids.append(int(entry.name))
+    return pids
+
+
+def test_a_worker_killed_mid_run_loses_and_duplicates_nothing(ray_session: Any, tmp_path: Path) -> None:
+    import signal
+    import threading
+
+    import polars as pl
+
+    from batchrun.simulator import SimulatorConfig, serve_in_thread
+    from tests.conftest import TEST_KEY, read_output, wait_for_rows
+
+    with serve_in_thread(SimulatorConfig(api_key=TEST_KEY, latency_ms=20)) as sim:
+        job = ray_job(tmp_path, 400, sim.base_url, concurrency=4)
+        results: list[Any] = []
+        run = threading.Thread(target=lambda: results.append(job.run(ray=True, workers=2, quiet=True)))
+        run.start()
+        wait_for_rows(tmp_path / "job.yaml", 40)
+        pids = ray_worker_pids()
+        assert pids
+        os.kill(pids[0], signal.SIGKILL)
+        run.join(timeout=90)
+    assert results, "the run did not finish"
+    assert results[0].ok == 400
+    out = read_output(tmp_path / "job.yaml")
+    assert out.height == 400 and out["id"].n_unique() == 400
+    assert out.filter(pl.col("status") == "ok").height == 400
+    report = json.loads((tmp_path / "out" / "result.parquet.report.json").read_text())
+    assert sum(w["restarts"] for w in report["this_run"]["workers"]) >= 1
+
+
+def test_a_shard_started_after_the_stop_request_sends_nothing(ray_session: Any, tmp_path: Path) -> None:
+    """The driver's stop can reach a worker before the shard it just handed out: that shard
+    stops at once (its rows stay pending) rather than running to its end."""
+    from batchrun.distributed.worker import ShardSettings, Worker
+    from batchrun.job import load_job
+    from batchrun.plan import Planned, prepare
+    from batchrun.simulator import SimulatorConfig, serve_in_thread
+    from tests.conftest import TEST_KEY
+
+    with serve_in_thread(SimulatorConfig(api_key=TEST_KEY)) as sim:
+        job = prepare(load_job(write_job(tmp_path, article_rows(20), sim.base_url)), write=False)
+        shard = [
+            Planned(i, str(row["id"]), b"k%d" % i, 0, job.request_body(row))
+            for i, row in enumerate(article_rows(20))
+        ]
+        limits = limits_actor(ray_session, requests_per_minute=None, tokens_per_minute=None)
+        worker = ray_session.remote(num_cpus=0, max_concurrency=2)(Worker).remote()
+        ray_session.get(worker.stop.remote())
+        settings = ShardSettings(sim.base_url, False, 4, 10.0, None, None)
+        call = worker.run.options(num_returns="streaming").remote(job, shard, settings, limits)
+        items = [ray_session.get(ref) for ref in call]
+        ray_session.kill(worker)
+        sent = sim.stats.requests
+    assert [kind for kind, _ in items] == ["stats"]
+    assert items[0][1].outcome == "interrupted"
+    assert sent == 0
+
+
+def ray_driver(job: Path, ray_session: Any, log: Path) -> subprocess.Popen[str]:
+    """`batchrun run JOB --ray --workers 2` in its own process, joining the session's Ray as
+    `ray.init()` finds a running cluster (RAY_ADDRESS); its stderr in `log`."""
+    address = ray_session.get_runtime_context().gcs_address
+    with log.open("w") as stderr:
+        return subprocess.Popen(
+            [sys.executable, "-m", "batchrun", "run", str(job), "--ray", "--workers", "2"],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            text=True,
+            env={**os.environ, "RAY_ADDRESS": address},
+        )
+
+
+def wait_until(condition: Any, deadline_s: float, what: str) -> None:
+    deadline = time.monotonic() + deadline_s
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def test_rerunning_after_the_driver_is_killed_resumes(ray_session: Any, tmp_path: Path) -> None:
+    """kill -9 of the driver mid-run, then the same command: every row once in the output, and
+    only rows answered but not yet in the checkpoint (in flight) are paid twice."""
+    import polars as pl
+
+    from batchrun.simulator import SimulatorConfig, serve_in_thread
+    from tests.conftest import TEST_KEY, checkpoint_rows, read_output, wait_for_rows
+
+    rows = 300
+    with serve_in_thread(SimulatorConfig(api_key=TEST_KEY, latency_ms=20)) as sim:
+        job = write_job(tmp_path, article_rows(rows), sim.base_url, concurrency=4)
+        first = ray_driver(job, ray_session, tmp_path / "first.log")
+        try:
+            wait_for_rows(job, 40, deadline_s=60)
+        finally:
+            first.kill()
+        first.wait(timeout=30)
+        wait_until(lambda: not ray_worker_pids(), 30, "the dead driver's workers kept running")
+        wait_until(lambda: sim.stats.requests == sum(sim.stats.by_status.values()), 10, "never quiet")
+        answered = sum(sim.stats.ok_by_user_message.values())
+        kept = checkpoint_rows(job)
+        second = ray_driver(job, ray_session, tmp_path / "second.log")
+        try:
+            code = second.wait(timeout=120)
+        finally:
+            second.kill()
+        paid = dict(sim.stats.ok_by_user_message)
+    log = (tmp_path / "second.log").read_text()
+    assert code == 0, log
+    assert 40 <= kept < rows
+    assert f"resuming: {kept} of {rows} rows already done" in log
+    out = read_output(job)
+    assert out["id"].sort().to_list() == [r["id"] for r in article_rows(rows)]
+    assert out.filter(pl.col("status") == "ok").height == rows
+    assert len(paid) == rows
+    twice = sum(n - 1 for n in paid.values())
+    print(f"\ndriver killed: {kept} rows kept, {answered - kept} answered but not kept, {twice} paid twice")
+    assert twice <= answered - kept
+
+
+def test_ctrl_c_on_the_driver_stops_every_worker_and_writes_the_rest_pending(
+    ray_session: Any, tmp_path: Path
+) -> None:
+    import signal
+
+    import polars as pl
+
+    from batchrun.simulator import SimulatorConfig, serve_in_thread
+    from tests.conftest import TEST_KEY, read_output, wait_for_rows
+
+    rows = article_rows(1000)  # about 25 s of work at 4 in flight and 100 ms each
+    with serve_in_thread(SimulatorConfig(api_key=TEST_KEY, latency_ms=100)) as sim:
+        job = write_job(tmp_path, rows, sim.base_url, concurrency=4)
+        proc = ray_driver(job, ray_session, tmp_path / "driver.log")
+        try:
+            wait_for_rows(job, 20, deadline_s=60)
+            signalled = time.monotonic()
+            proc.send_signal(signal.SIGINT)
+            code = proc.wait(timeout=30)
+            exited_s = time.monotonic() - signalled
+        finally:
+            proc.kill()
+        wait_until(lambda: not ray_worker_pids(), 30, "workers outlived the driver")
+        last_sent_s = max(arrived for arrived, _ in sim.stats.arrivals) - signalled
+        answered = len(sim.stats.ok_by_user_message)
+    log = (tmp_path / "driver.log").read_text()
+    print(f"\nCtrl-C: last request {last_sent_s:.2f} s after it, driver exited after {exited_s:.2f} s")
+    assert code == 130, log
+    assert "SIGINT received" in log
+    assert last_sent_s < 3  # the grace period is 10 s; no worker went on sending
+    out = read_output(job)
+    assert out["id"].sort().to_list() == [r["id"] for r in rows]
+    assert set(out["status"]) == {"ok", "pending"}
+    assert out.filter(pl.col("status") == "ok").height == answered  # every answered row kept
