@@ -197,7 +197,7 @@ class Checkpoint:
         old = self.fingerprint()
         if rekey is None or old is None:
             raise CheckpointError(
-                f"checkpoint {self.path.name} keys its rows by position (made by batchrun 0.2); "
+                f"checkpoint {self.path.name} keys its rows by position (made by batchrun 0.1); "
                 "rerun with --fresh to start over"
             )
         schema = "main" if writer else "temp"

@@ -284,8 +284,8 @@ def rekey_by_row(job: PreparedJob, made_for: tuple[Fingerprint, ...]) -> Rekey:
         recorded = old.get("input", {}).get("sha256")
         if recorded != job.source.fingerprint() or without_input_hash(old) not in made_for:
             raise CheckpointError(
-                f"checkpoint {job.checkpoint_path.name} was made by batchrun 0.2 for another input or "
-                "job, and keys its rows by position; finish it with batchrun 0.2 and the input as it "
+                f"checkpoint {job.checkpoint_path.name} was made by batchrun 0.1 for another input or "
+                "job, and keys its rows by position; finish it with batchrun 0.1 and the input as it "
                 "was, or rerun with --fresh to start over (its results will be discarded)"
             )
         simulate = old.get("endpoint.base_url") == SIMULATED_ENDPOINT

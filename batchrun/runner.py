@@ -252,7 +252,7 @@ def refuse_resend(job: PreparedJob, fingerprint: Fingerprint, options: RunOption
     last = Checkpoint(job.checkpoint_path, "read")
     try:
         recorded = last.fingerprint()
-        by_row = last.keyed_by_row  # a 0.2 checkpoint: keyed (or refused) as the writer opens it
+        by_row = last.keyed_by_row  # a 0.1 checkpoint: keyed (or refused) as the writer opens it
     finally:
         last.close()
     if recorded is None or by_row or (recorded := without_input_hash(recorded)) == fingerprint:

@@ -80,7 +80,7 @@ def test_retry_failed_sends_the_failed_rows_only(tmp_path: Path, simulator: Runn
     assert read_output(job)["status"].to_list() == ["ok", "ok", "failed", "ok", "ok", "ok"]
 
 
-def test_a_checkpoint_of_0_2_for_another_input_is_refused(tmp_path: Path) -> None:
+def test_a_checkpoint_of_0_1_for_another_input_is_refused(tmp_path: Path) -> None:
     shutil.copytree(FIXTURE, tmp_path / "job")
     job = tmp_path / "job" / "job.yaml"
     data = tmp_path / "job" / "input.csv"
@@ -90,8 +90,8 @@ def test_a_checkpoint_of_0_2_for_another_input_is_refused(tmp_path: Path) -> Non
     status = invoke("status", str(job))
 
     expected = (
-        "Error: checkpoint result.parquet.checkpoint.sqlite was made by batchrun 0.2 for another "
-        "input or job, and keys its rows by position; finish it with batchrun 0.2 and the input as "
+        "Error: checkpoint result.parquet.checkpoint.sqlite was made by batchrun 0.1 for another "
+        "input or job, and keys its rows by position; finish it with batchrun 0.1 and the input as "
         "it was, or rerun with --fresh to start over (its results will be discarded)\n"
     )
     assert (refused.exit_code, refused.stderr) == (2, expected)
