@@ -50,6 +50,7 @@ from batchrun.checkpoint import RowResult, open_checkpoint
 from batchrun.cost import job_price, request_cost
 from batchrun.job import load_job
 from batchrun.plan import PreparedJob, prepare
+from batchrun.sources import ROW
 
 S1_README_ROWS_PER_S = 6_116  # README "Speed", S1 batchrun, before issue #13
 APPENDED = 1_000
@@ -126,7 +127,9 @@ def fill_checkpoint(
     """Record finished rows as a run on the job's endpoint would: the first `n_done` rows, or
     (pick="half") a pseudo-random half of all rows. Returns the rows recorded.
 
-    The one place that knows the checkpoint's API (open_checkpoint, reprice, record).
+    The one place that knows the checkpoint's API (open_checkpoint, reprice, key_index, record):
+    each row's result is keyed as the CLI keys it (request_key, occurrence), by the plan's own
+    key pass over the input (PreparedJob.keyed_batches into the checkpoint's KeyIndex).
     """
     price = job_price(job.spec)
     checkpoint = open_checkpoint(path, "fresh", job.fingerprint(simulate=False))
@@ -134,25 +137,36 @@ def fill_checkpoint(
         # As runner.py does first: records the price, so the CLI finds nothing to reprice.
         checkpoint.reprice(repr(price), functools.partial(request_cost, price))
         cost = request_cost(price, 90, 60, 150, None)
-        rows = pl.scan_parquet(job.spec.input.path).with_row_index("row")
-        rows = rows.select("row", "id", content=pl.col("text").str.slice(0, 280))
-        rows = rows.head(n_done) if pick == "first" else rows.filter(mix(pl.col("row")) < HALF)
+        index = checkpoint.key_index(dedupe=False)
+        limit = n_done if pick == "first" else None
         recorded = 0
-        for batch in rows.collect_batches(chunk_size=FILL_BATCH):
-            answer = functools.partial(finished, cost_usd=cost)
-            checkpoint.record(answer(*row) for row in batch.iter_rows())
-            recorded += batch.height
+        for batch in job.keyed_batches(index, job.keys(simulate=False), limit):
+            positions = pl.Series([row[ROW] for row in batch.rows], dtype=pl.UInt64)
+            keep = [True] * len(positions)
+            if pick == "half":
+                keep = pl.select(mix(pl.lit(positions)) < HALF).to_series().to_list()
+            done = [
+                finished(row[ROW], row["id"], row["text"][:280], key, occurrence, cost)
+                for row, key, occurrence, kept in zip(
+                    batch.rows, batch.keys, batch.occurrences, keep, strict=True
+                )
+                if kept
+            ]
+            checkpoint.record(done)
+            recorded += len(done)
         return recorded
     finally:
         checkpoint.close()
 
 
-def finished(row: int, row_id: int, content: str, cost_usd: float | None) -> RowResult:
+def finished(
+    row: int, row_id: int, content: str, request_key: bytes, occurrence: int, cost_usd: float | None
+) -> RowResult:
     """A row answered as the simulator answers (`max_tokens` 60 cut it short)."""
     return RowResult(
         row, str(row_id), "ok", content=content, finish_reason="length", prompt_tokens=90,
         completion_tokens=60, total_tokens=150, cost_usd=cost_usd, attempts=1, latency_ms=3.1,
-        model="grok-4.3", response_id=f"chatcmpl-{row}",
+        model="grok-4.3", response_id=f"chatcmpl-{row}", request_key=request_key, occurrence=occurrence,
     )  # fmt: skip
 
 
