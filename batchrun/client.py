@@ -4,11 +4,11 @@ The core talks httpx's API, so a Python user can hand in their own client (custo
 mTLS, `MockTransport`), and the default one puts aiohttp's connection pool under that API.
 
 Which httpx: `httpx2` (Pydantic's maintained continuation, same API; the openai SDK and
-genai-prices already depend on it) rather than `httpx` (0.28.1, no release since Dec 2024). Its
-aiohttp transport is `httpx_aiohttp.httpx2.AiohttpTransport` from `httpx-aiohttp` (by a former
-httpx maintainer; the openai SDK vendors the same module for its `aiohttp` extra). Measured here,
-64 connections, one core, CPU per request: aiohttp alone 0.10-0.12 ms; httpx2 over aiohttp's pool
-0.27-0.30; httpx over it 0.31-0.34; httpx2's own pool 1.0 (so never the default).
+genai-prices already depend on it) rather than `httpx` (0.28.1, no release since Dec 2024).
+Measured here, 64 connections, one core, CPU per request: aiohttp alone 0.10-0.12 ms; httpx2
+over aiohttp's pool 0.27-0.30; httpx over it 0.31-0.34; httpx2's own pool 1.0 (so never the
+default). `httpx-aiohttp` (by a former httpx maintainer; the openai SDK vendors the same module
+for its `aiohttp` extra) supplies the exception mapping and the event-stream wrapper.
 
 Under our own pool the transport is `AiohttpPool`, not httpx-aiohttp's `AiohttpTransport`, which
 per request builds a timeout, consults the environment for proxies and netrc in a worker thread
