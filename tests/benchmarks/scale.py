@@ -4,11 +4,12 @@
 
 One simulator process (`batchrun simulate`, pinned to core 1) serves every part; each batchrun is
 its own process pinned to core 0 (`taskset`), as in run.py. Peak RSS is the batchrun process's
-alone (wait4's ru_maxrss); a watchdog kills it above --max-rss-mb (the machine is shared), which
-is reported as a failed target. Times are on CLOCK_MONOTONIC, one clock for every process on
-Linux: "first request" is the simulator's first arrival minus the moment batchrun was started;
-"output build" is the moment the output file appeared (polled every 20 ms; it is renamed into
-place whole) minus the simulator's last answer.
+alone: its VmHWM, polled every 20 ms (not wait4's ru_maxrss, which on Linux keeps the high-water
+mark of the memory the child had before its exec: this script's own). A watchdog kills it above
+--max-rss-mb (the machine is shared), which is reported as a failed target. Times are on
+CLOCK_MONOTONIC, one clock for every process on Linux: "first request" is the simulator's first
+arrival minus the moment batchrun was started; "output build" is the moment the output file
+appeared (polled every 20 ms; it is renamed into place whole) minus the simulator's last answer.
 
   (a) end to end: N generated rows (Parquet: `id` + ~300 characters of text, deterministic),
       `batchrun run JOB -q --fresh`, concurrency 64; rows/s over the process's whole life.
@@ -205,14 +206,16 @@ def run_batchrun(
     reader.start()
     output_at = kill_at = None
     killed_for_memory = False
+    peak_mb = 0.0
     while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        pid, status, _ = os.wait4(proc.pid, os.WNOHANG)
         if pid:
             break
         now = time.monotonic()
         if output_at is None and output.exists():
             output_at = now
-        if rss_mb(proc.pid) > max_rss_mb and not killed_for_memory:
+        peak_mb = max(peak_mb, memory_mb(proc.pid, "VmHWM"))
+        if memory_mb(proc.pid, "VmRSS") > max_rss_mb and not killed_for_memory:
             killed_for_memory = True
             os.kill(proc.pid, signal.SIGKILL)
         if kill_after_first_s is not None and kill_at is None and server(base_url, "stats")["requests"]:
@@ -231,7 +234,7 @@ def run_batchrun(
     return Run(
         exit_code=proc.returncode,
         wall_s=wall,
-        rss_mb=usage.ru_maxrss / 1024,
+        rss_mb=peak_mb,
         requests=stats["requests"],
         first_request_s=None if first is None else first - started,
         output_build_s=None if output_at is None or last is None else output_at - last,
@@ -240,13 +243,14 @@ def run_batchrun(
     )
 
 
-def rss_mb(pid: int) -> float:
-    """A live process's resident set now (Linux), 0 once it is gone."""
+def memory_mb(pid: int, field: Literal["VmRSS", "VmHWM"]) -> float:
+    """A live process's resident set now (VmRSS) or at its peak so far (VmHWM) (Linux), 0 once
+    it is gone."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return 0.0
-    line = next((x for x in status.splitlines() if x.startswith("VmRSS:")), "VmRSS: 0 kB")
+    line = next((x for x in status.splitlines() if x.startswith(f"{field}:")), f"{field}: 0 kB")
     return int(line.split()[1]) / 1024
 
 
