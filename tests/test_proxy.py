@@ -151,3 +151,18 @@ def test_a_client_the_user_passes_is_used_and_left_open() -> None:
     assert asyncio.run(attempt()) == ("Mocked.", False)
     assert [str(r.url) for r in seen] == ["http://api.test/v1/chat/completions"]
     assert seen[0].headers["authorization"] == f"Bearer {TEST_KEY}"
+
+
+def test_a_netrc_entry_for_the_endpoint_leaves_the_key_in_charge(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A developer's ~/.netrc naming the endpoint's host must neither replace the API key nor
+    clash with it (aiohttp's trust_env read it for every request and refused the pair)."""
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login someone password secret\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+
+    requests = run_through(tmp_path)
+
+    assert [r.headers["authorization"] for r in requests] == [f"Bearer {TEST_KEY}"] * 3

@@ -4,11 +4,12 @@
 
 One simulator process (`batchrun simulate`, pinned to core 1) serves every part; each batchrun is
 its own process pinned to core 0 (`taskset`), as in run.py. Peak RSS is the batchrun process's
-alone (wait4's ru_maxrss); a watchdog kills it above --max-rss-mb (the machine is shared), which
-is reported as a failed target. Times are on CLOCK_MONOTONIC, one clock for every process on
-Linux: "first request" is the simulator's first arrival minus the moment batchrun was started;
-"output build" is the moment the output file appeared (polled every 20 ms; it is renamed into
-place whole) minus the simulator's last answer.
+alone: its VmHWM, polled every 20 ms (not wait4's ru_maxrss, which on Linux keeps the high-water
+mark of the memory the child had before its exec: this script's own). A watchdog kills it above
+--max-rss-mb (the machine is shared), which is reported as a failed target. Times are on
+CLOCK_MONOTONIC, one clock for every process on Linux: "first request" is the simulator's first
+arrival minus the moment batchrun was started; "output build" is the moment the output file
+appeared (polled every 20 ms; it is renamed into place whole) minus the simulator's last answer.
 
   (a) end to end: N generated rows (Parquet: `id` + ~300 characters of text, deterministic),
       `batchrun run JOB -q --fresh`, concurrency 64; rows/s over the process's whole life.
@@ -50,6 +51,7 @@ from batchrun.checkpoint import RowResult, open_checkpoint
 from batchrun.cost import job_price, request_cost
 from batchrun.job import load_job
 from batchrun.plan import PreparedJob, prepare
+from batchrun.sources import ROW
 
 S1_README_ROWS_PER_S = 6_116  # README "Speed", S1 batchrun, before issue #13
 APPENDED = 1_000
@@ -126,7 +128,9 @@ def fill_checkpoint(
     """Record finished rows as a run on the job's endpoint would: the first `n_done` rows, or
     (pick="half") a pseudo-random half of all rows. Returns the rows recorded.
 
-    The one place that knows the checkpoint's API (open_checkpoint, reprice, record).
+    The one place that knows the checkpoint's API (open_checkpoint, reprice, key_index, record):
+    each row's result is keyed as the CLI keys it (request_key, occurrence), by the plan's own
+    key pass over the input (PreparedJob.keyed_batches into the checkpoint's KeyIndex).
     """
     price = job_price(job.spec)
     checkpoint = open_checkpoint(path, "fresh", job.fingerprint(simulate=False))
@@ -134,25 +138,36 @@ def fill_checkpoint(
         # As runner.py does first: records the price, so the CLI finds nothing to reprice.
         checkpoint.reprice(repr(price), functools.partial(request_cost, price))
         cost = request_cost(price, 90, 60, 150, None)
-        rows = pl.scan_parquet(job.spec.input.path).with_row_index("row")
-        rows = rows.select("row", "id", content=pl.col("text").str.slice(0, 280))
-        rows = rows.head(n_done) if pick == "first" else rows.filter(mix(pl.col("row")) < HALF)
+        index = checkpoint.key_index(dedupe=False)
+        limit = n_done if pick == "first" else None
         recorded = 0
-        for batch in rows.collect_batches(chunk_size=FILL_BATCH):
-            answer = functools.partial(finished, cost_usd=cost)
-            checkpoint.record(answer(*row) for row in batch.iter_rows())
-            recorded += batch.height
+        for batch in job.keyed_batches(index, job.keys(simulate=False), limit):
+            positions = pl.Series([row[ROW] for row in batch.rows], dtype=pl.UInt64)
+            keep = [True] * len(positions)
+            if pick == "half":
+                keep = pl.select(mix(pl.lit(positions)) < HALF).to_series().to_list()
+            done = [
+                finished(row[ROW], row["id"], row["text"][:280], key, occurrence, cost)
+                for row, key, occurrence, kept in zip(
+                    batch.rows, batch.keys, batch.occurrences, keep, strict=True
+                )
+                if kept
+            ]
+            checkpoint.record(done)
+            recorded += len(done)
         return recorded
     finally:
         checkpoint.close()
 
 
-def finished(row: int, row_id: int, content: str, cost_usd: float | None) -> RowResult:
+def finished(
+    row: int, row_id: int, content: str, request_key: bytes, occurrence: int, cost_usd: float | None
+) -> RowResult:
     """A row answered as the simulator answers (`max_tokens` 60 cut it short)."""
     return RowResult(
         row, str(row_id), "ok", content=content, finish_reason="length", prompt_tokens=90,
         completion_tokens=60, total_tokens=150, cost_usd=cost_usd, attempts=1, latency_ms=3.1,
-        model="grok-4.3", response_id=f"chatcmpl-{row}",
+        model="grok-4.3", response_id=f"chatcmpl-{row}", request_key=request_key, occurrence=occurrence,
     )  # fmt: skip
 
 
@@ -191,14 +206,16 @@ def run_batchrun(
     reader.start()
     output_at = kill_at = None
     killed_for_memory = False
+    peak_mb = 0.0
     while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        pid, status, _ = os.wait4(proc.pid, os.WNOHANG)
         if pid:
             break
         now = time.monotonic()
         if output_at is None and output.exists():
             output_at = now
-        if rss_mb(proc.pid) > max_rss_mb and not killed_for_memory:
+        peak_mb = max(peak_mb, memory_mb(proc.pid, "VmHWM"))
+        if memory_mb(proc.pid, "VmRSS") > max_rss_mb and not killed_for_memory:
             killed_for_memory = True
             os.kill(proc.pid, signal.SIGKILL)
         if kill_after_first_s is not None and kill_at is None and server(base_url, "stats")["requests"]:
@@ -217,7 +234,7 @@ def run_batchrun(
     return Run(
         exit_code=proc.returncode,
         wall_s=wall,
-        rss_mb=usage.ru_maxrss / 1024,
+        rss_mb=peak_mb,
         requests=stats["requests"],
         first_request_s=None if first is None else first - started,
         output_build_s=None if output_at is None or last is None else output_at - last,
@@ -226,13 +243,14 @@ def run_batchrun(
     )
 
 
-def rss_mb(pid: int) -> float:
-    """A live process's resident set now (Linux), 0 once it is gone."""
+def memory_mb(pid: int, field: Literal["VmRSS", "VmHWM"]) -> float:
+    """A live process's resident set now (VmRSS) or at its peak so far (VmHWM) (Linux), 0 once
+    it is gone."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return 0.0
-    line = next((x for x in status.splitlines() if x.startswith("VmRSS:")), "VmRSS: 0 kB")
+    line = next((x for x in status.splitlines() if x.startswith(f"{field}:")), f"{field}: 0 kB")
     return int(line.split()[1]) / 1024
 
 
