@@ -70,7 +70,8 @@ class Job:
     def run(self, **options: Any) -> RunResult:
         """Run (or resume) the job; the figures, with the output table as `.table`. Options:
         simulate, simulate_latency_ms, fresh, retry_failed, limit, concurrency, max_cost_usd,
-        grace_s, quiet, yes, ray (True, an address or RayOptions) and workers. Job-wide errors raise
+        grace_s, quiet, yes, ray (True, an address or RayOptions), workers, and http_client (your
+        own httpx2.AsyncClient; with `run`, one not yet used on another loop). Job-wide errors raise
         BatchrunError (JobError, EndpointUnavailable...); a job changed since its last run so that
         finished rows would be sent again raises JobChanged (with .rows and .cost_usd) unless
         yes=True."""
@@ -154,6 +155,7 @@ RUN_OPTIONS = (
     "yes",
     "ray",
     "workers",
+    "http_client",
 )
 
 

@@ -14,7 +14,7 @@ import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from batchrun.budget import BudgetGuard
 from batchrun.checkpoint import Checkpoint, Fingerprint, Mode, open_checkpoint, without_input_hash
@@ -31,6 +31,9 @@ from batchrun.models import check_model
 from batchrun.output import write_output
 from batchrun.plan import SIMULATED_ENDPOINT, KeyedPlan, PreparedJob, index_input, prepare, rekey_by_row
 from batchrun.report import USAGE_COLUMNS, RunResult, write_run_report
+
+if TYPE_CHECKING:
+    import httpx2
 
 T = TypeVar("T")
 
@@ -53,6 +56,8 @@ class RunOptions:
     checkpoint: Path | None = None  # where the checkpoint lives; default: beside the output
     yes: bool = False  # send finished rows again when the job changed (else JobChanged)
     ray: RayOptions | None = None  # run on Ray (batchrun/distributed/): where, how many workers
+    # The caller's own client (auth, proxies, mTLS, a MockTransport), used on the run's loop.
+    http_client: httpx2.AsyncClient | None = None
 
 
 async def run_job(
@@ -82,8 +87,16 @@ async def run_job(
     # The start check, before a checkpoint exists: a run that cannot start leaves nothing that a
     # corrected base_url would have to --fresh. Not for --simulate, which serves the job's model.
     # In a thread: it runs its own event loop, and this coroutine may be on a notebook's.
+    if options.http_client is not None and options.ray is not None:
+        raise JobError(
+            "http_client= cannot be sent to Ray workers; leave it out to run on Ray", spec.job_path
+        )
     model_note = None
-    if not options.simulate:
+    if options.http_client is not None:
+        # The check runs on a loop of its own, where the caller's client cannot go: the first
+        # chat request decides instead (an endpoint that does not answer still stops the job).
+        model_note = "note: with your own http_client the model name is not checked before the run"
+    elif not options.simulate:
         model_note = await asyncio.to_thread(check_model, spec, spec.endpoint.base_url, key)
     fingerprint = job.fingerprint(options.simulate)
     made_for = (fingerprint,)
@@ -124,7 +137,7 @@ async def run_job(
             core = Core(
                 job,
                 plan.requests(),
-                ChatClient(url, key, spec.endpoint.timeout_s, width),
+                ChatClient(url, key, spec.endpoint.timeout_s, width, http_client=options.http_client),
                 Limiter(
                     width,
                     spec.rate_limit.requests_per_minute,

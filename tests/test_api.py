@@ -242,3 +242,53 @@ def test_all_is_exactly_the_public_names_sorted() -> None:
     }
     assert public - {"TYPE_CHECKING", "Any"} <= set(batchrun.__all__)
     assert batchrun.__version__[0].isdigit()
+
+
+def test_a_client_of_your_own_carries_every_request(tmp_path: Path) -> None:
+    """`http_client=`: the caller's httpx2 client (here with a MockTransport, as in a user's own
+    tests) sends every chat request, on `arun` and on `run`."""
+    import json
+
+    import httpx2
+
+    seen: list[str] = []
+
+    def answer(request: httpx2.Request) -> httpx2.Response:
+        seen.append(request.headers["authorization"])
+        body = {
+            "id": "x",
+            "object": "chat.completion",
+            "created": 0,
+            "model": "grok-4.3",
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}
+            ],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
+        }
+        return httpx2.Response(200, content=json.dumps(body).encode())
+
+    keys: dict[str, Any] = {
+        "model": "grok-4.3",
+        "prompt": "{title}",
+        "endpoint": {"api_key_env": TEST_KEY_ENV},
+        "quiet": True,
+    }
+    df = pl.DataFrame(article_rows(4))
+    out = asyncio.run(
+        batchrun.arun(
+            df,
+            checkpoint=tmp_path / "a.sqlite",
+            http_client=httpx2.AsyncClient(transport=httpx2.MockTransport(answer)),
+            **keys,
+        )
+    )
+    again = batchrun.run(
+        df,
+        checkpoint=tmp_path / "b.sqlite",
+        http_client=httpx2.AsyncClient(transport=httpx2.MockTransport(answer)),
+        **keys,
+    )
+
+    assert out["content"].to_list() == ["ok"] * 4
+    assert again["status"].to_list() == ["ok"] * 4
+    assert seen == [f"Bearer {TEST_KEY}"] * 8
