@@ -286,17 +286,8 @@ class Checkpoint:
         with self._transaction():
             self._db.executemany(_INSERT, map(_as_row, results))
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[None]:
-        """A write that lands whole or not at all; a failed write stops the job, never passes."""
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
-            yield
-            self._db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
-            raise CheckpointError(f"cannot write checkpoint {self.path}: {exc}") from None
+    def _transaction(self) -> contextlib.AbstractContextManager[None]:
+        return transaction(self._db, self.path)
 
     def reprice(self, pricing: str, cost: Callable[..., float | None]) -> int:
         """Recompute answered rows' cost if `pricing` (a description of the rates) changed since
@@ -494,13 +485,18 @@ class KeyIndex:
         )
         return {row: tuple(rest) for row, *rest in self._db.execute(query, (first_row, last_row))}
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[None]:
-        try:
-            self._db.execute(self._begin)
-            yield
-            self._db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
-            raise CheckpointError(f"cannot write checkpoint {self._path}: {exc}") from None
+    def _transaction(self) -> contextlib.AbstractContextManager[None]:
+        return transaction(self._db, self._path, self._begin)
+
+
+@contextlib.contextmanager
+def transaction(db: sqlite3.Connection, path: Path, begin: str = "BEGIN IMMEDIATE") -> Iterator[None]:
+    """A write that lands whole or not at all; a failed write stops the job, never passes."""
+    try:
+        db.execute(begin)
+        yield
+        db.execute("COMMIT")
+    except sqlite3.Error as exc:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise CheckpointError(f"cannot write checkpoint {path}: {exc}") from None
