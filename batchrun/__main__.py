@@ -1,3 +1,3 @@
 from batchrun.cli import main
 
-main()
+main(prog_name="batchrun")  # not "python -m batchrun" in --version and usage lines

@@ -25,11 +25,15 @@ TEST_KEY_ENV = "BATCHRUN_TEST_KEY"
 TEST_KEY = "sk-test-0123456789abcdef"
 
 
+# Proxies and CA files of the developer's shell would route or refuse the tests' loopback traffic.
+OUTSIDE_NETWORK = {"HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "SSL_CERT_FILE", "SSL_CERT_DIR"}
+
+
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Settings from the developer's shell must not leak into a test."""
     for name in list(os.environ):
-        if name.startswith(("BATCHRUN_", "RELAYDANCE_", "OPENAI_")):
+        if name.startswith(("BATCHRUN_", "RELAYDANCE_", "OPENAI_")) or name.upper() in OUTSIDE_NETWORK:
             monkeypatch.delenv(name)
     monkeypatch.setenv(TEST_KEY_ENV, TEST_KEY)
 
