@@ -149,30 +149,31 @@ def _history(checkpoint: Path | None) -> tuple[list[dict[str, Any]], pl.DataFram
         runs = [dict(r) for r in db.execute("SELECT * FROM runs ORDER BY run")]
         db.row_factory = None
         spans = db.execute(
-            "SELECT run, MIN(sent), MAX(MAX(answered) - MIN(sent), 1e-3) FROM attempts GROUP BY run"
+            "SELECT run, MIN(sent), MAX(MAX(answered) - MIN(sent), 1e-3), COUNT(*) FROM attempts GROUP BY run"
             " ORDER BY run DESC LIMIT ?",
             (RUNS_DRAWN,),
         ).fetchall()
         if not spans:
             return runs, empty
-        db.execute("CREATE TEMP TABLE spans (run INTEGER PRIMARY KEY, t0 REAL, span REAL)")
-        db.executemany("INSERT INTO temp.spans VALUES (?, ?, ?)", spans)
+        # A short run gets fewer bins (about 10 requests each), so that its line is not all gaps.
+        spans = [(run, t0, span, max(10, min(BINS, n // 10))) for run, t0, span, n in spans]
+        db.execute("CREATE TEMP TABLE spans (run INTEGER PRIMARY KEY, t0 REAL, span REAL, bins INTEGER)")
+        db.executemany("INSERT INTO temp.spans VALUES (?, ?, ?, ?)", spans)
         binned = db.execute(
-            "SELECT a.run, MIN(CAST((a.answered - s.t0) * ? / s.span AS INTEGER), ? - 1) AS bin,"
+            "SELECT a.run, MIN(CAST((a.answered - s.t0) * s.bins / s.span AS INTEGER), s.bins - 1) AS bin,"
             " SUM(a.final), SUM(a.attempt > 1), SUM(a.status = 429)"
-            " FROM attempts a JOIN temp.spans s USING (run) GROUP BY 1, 2",
-            (BINS, BINS),
+            " FROM attempts a JOIN temp.spans s USING (run) GROUP BY 1, 2"
         ).fetchall()
     started = {r["run"]: r for r in runs}
     counts = {(run, b): c for run, b, *c in binned}
     points: list[tuple[str, float, str, float]] = []
-    for run, _, span in spans:
+    for run, _, span, bins in spans:
         label = _run_label(started[run])
-        width = span / BINS
-        for b in range(BINS):
+        width = span / bins
+        for b in range(bins):
             finished, retries, limited = counts.get((run, b), (0, 0, 0))
             for series, n in (("rows finished", finished), ("retries", retries), ("429s", limited)):
-                points.append((label, round(b * width, 3), series, n / width))
+                points.append((label, round((b + 0.5) * width, 3), series, n / width))
     return runs, pl.DataFrame(points, schema=empty.schema, orient="row")
 
 
@@ -225,7 +226,7 @@ def _throughput_chart(points: pl.DataFrame) -> str:
 
     line = (
         alt.Chart(points, width=WIDTH, height=110)
-        .mark_line(interpolate="step-after")
+        .mark_line(interpolate="step")
         .encode(
             x=alt.X("t_s:Q", title="seconds into the run"),
             y=alt.Y("per_s:Q", title="per second"),
@@ -233,8 +234,15 @@ def _throughput_chart(points: pl.DataFrame) -> str:
         )
     )
     return _svg(
-        line.facet(row=alt.Row("run:N", title=None, sort="descending"))
-        .resolve_scale(x="independent")
+        line.facet(
+            row=alt.Row(
+                "run:N",
+                title=None,
+                sort="descending",
+                header=alt.Header(labelAngle=0, labelOrient="top", labelAnchor="start", labelFontSize=12),
+            )
+        )
+        .resolve_scale(x="independent", y="independent")
         .configure_legend(orient="top")
     )
 
