@@ -9,6 +9,7 @@ import shutil
 import sqlite3
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -217,3 +218,18 @@ def test_the_page_renders_in_chromium(tmp_path: Path, simulator: RunningSimulato
         assert 'class="mark-group role-axis"' in svg
     assert_figures_match_the_output(dom.stdout, job)
     assert TEST_KEY not in dom.stdout
+
+
+def test_a_ray_run_records_its_attempts_and_workers(ray_session: Any, tmp_path: Path) -> None:
+    from batchrun.simulator import SimulatorConfig, serve_in_thread
+    from tests.test_ray import ray_job
+
+    with serve_in_thread(SimulatorConfig(api_key=TEST_KEY)) as sim:
+        ray_job(tmp_path, 40, sim.base_url).run(ray=True, workers=2, quiet=True)
+        sent = sim.stats.requests
+    job = tmp_path / "job.yaml"
+    assert sql(job, "SELECT driver, workers, requests FROM runs") == [("ray", 2, sent)]
+    assert sql(job, "SELECT COUNT(*), SUM(final), COUNT(DISTINCT row) FROM attempts") == [(sent, 40, 40)]
+    html = page(job).read_text()
+    assert "Ray workers, last run" in html
+    assert_figures_match_the_output(html, job)
