@@ -295,7 +295,8 @@ def summary(result: RunResult, job_file: Path) -> str:
         )
     lines.append(f"output: {result.output_path}")
     if result.report_path is not None:
-        lines.append(f"report: {result.report_path}")
+        page = result.report_path.with_name(result.report_path.name.removesuffix(".json") + ".html")
+        lines.append(f"report: {result.report_path}" + (f", {page}" if page.exists() else ""))
     if result.interrupted:
         lines.append(f"interrupted: rerun `batchrun {job_file}` to resume")
     elif result.budget_stopped:
