@@ -8,7 +8,8 @@ Tables (schema 2): `results`, keyed by the request a result answers (request_key
 so an appended, edited or reordered input reuses every answer whose request it still makes;
 `rows`, the current input's rows by position -> (request_key, occurrence), rewritten a batch at
 a time by each run's key pass (KeyIndex); `seen`, how often each request came so far in that
-pass (the occurrence numbers, on disk); `meta`, the job fingerprint and the pricing.
+pass (the occurrence numbers, on disk); `meta`, the job fingerprint and the pricing. Schema 3
+adds `runs` and `attempts`, the record of how the job went (history.py).
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ import json
 import operator
 import os
 import sqlite3
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 from typing import IO, Any, Literal
 
+from batchrun import history
 from batchrun.errors import CheckpointError
+from batchrun.history import Attempt
 from batchrun.results import ANSWER_COLUMNS, COLUMNS, NAMES, RESULT_KEY, SCHEMA_VERSION, STORED
 
 
@@ -55,6 +58,7 @@ class RowResult:
     response_id: str | None = None
     request_key: bytes = b""  # sha256 of the request as the job declares it (plan.RequestKeys)
     occurrence: int = 0  # identical requests before this row's in the input
+    tries: tuple[Attempt, ...] = ()  # every request sent for it, for the `attempts` table (not a column)
 
     @property
     def answered(self) -> bool:
@@ -130,6 +134,7 @@ class Checkpoint:
         self._mode = mode
         self._key_dbs: list[sqlite3.Connection] = []
         self._lock_file: IO[str] | None = None
+        self._run = 0  # the run this writer records (begin_run); attempts are filed under it
         try:
             if mode != "read":  # a reader makes no file and changes nothing in one
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -176,6 +181,7 @@ class Checkpoint:
                         self._db.execute(f"ALTER TABLE results ADD COLUMN {column.name} {column.sql}")
             self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
             self._db.execute(f"CREATE TABLE IF NOT EXISTS rows {_ROWS_TABLE}")
+            history.create_tables(self._db)
             self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         self._columns = set(NAMES)
         self._version = SCHEMA_VERSION
@@ -276,15 +282,27 @@ class Checkpoint:
                 self._db.execute("DELETE FROM results")
                 self._db.execute("DELETE FROM rows")
                 self._db.execute("DROP TABLE IF EXISTS seen")  # made again by the next key pass
+                self._db.execute("DELETE FROM runs")
+                self._db.execute("DELETE FROM attempts")
             self._db.execute(
                 "INSERT OR REPLACE INTO meta VALUES ('fingerprint', ?)",
                 (json.dumps(fingerprint, sort_keys=True),),
             )
 
-    def record(self, results: Iterable[RowResult]) -> None:
-        """Commit a batch of finished rows in one transaction."""
+    def record(self, results: Sequence[RowResult]) -> None:
+        """Commit a batch of finished rows, and the requests sent for them, in one transaction."""
         with self._transaction():
             self._db.executemany(_INSERT, map(_as_row, results))
+            self._db.executemany(history.INSERT_ATTEMPTS, history.attempt_rows(self._run, results))
+
+    def begin_run(self, driver: str) -> None:
+        """Record that a run starts (history.py); the attempts recorded from now on are its."""
+        with self._transaction():
+            self._run = history.begin_run(self._db, driver)
+
+    def end_run(self, outcome: str, requests: int, workers: int) -> None:
+        with self._transaction():
+            history.end_run(self._db, self._run, outcome, requests, workers)
 
     def _transaction(self) -> contextlib.AbstractContextManager[None]:
         return transaction(self._db, self.path)

@@ -86,6 +86,7 @@ def main() -> None:
     batchrun models --job jobs/summarize.yaml the models the job's endpoint offers
     batchrun estimate jobs/summarize.yaml     what the rows still to do will cost
     batchrun cost out/summaries.parquet       rows, tokens and cost per model and status
+    batchrun report jobs/summarize.yaml       the run report as a page to look at (HTML)
     batchrun prune jobs/summarize.yaml        drop the answers no row of the job uses
     """
 
@@ -294,7 +295,8 @@ def summary(result: RunResult, job_file: Path) -> str:
         )
     lines.append(f"output: {result.output_path}")
     if result.report_path is not None:
-        lines.append(f"report: {result.report_path}")
+        page = result.report_path.with_name(result.report_path.name.removesuffix(".json") + ".html")
+        lines.append(f"report: {result.report_path}" + (f", {page}" if page.exists() else ""))
     if result.interrupted:
         lines.append(f"interrupted: rerun `batchrun {job_file}` to resume")
     elif result.budget_stopped:
@@ -571,6 +573,61 @@ def cost_command(path: Path, by: tuple[str, ...], fmt: str, output: str | None) 
             table = read_output_table(path)
         report = cost_report(table, by)
     click.echo(format_cost_report(report, fmt), nl=False)
+
+
+@main.command(name="report")
+@click.argument("path", metavar="JOB|OUTPUT", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--open", "open_page", is_flag=True, help="Open the page in the default web browser.")
+@click.option("--by", multiple=True, metavar="COLUMN", help="Also show cost by this column (repeatable).")
+@output_option
+@friendly_errors
+def report_command(path: Path, open_page: bool, by: tuple[str, ...], output: str | None) -> None:
+    """Draw the run report as one HTML page from a job's checkpoint, or from an output table.
+
+    Every run that sends a request writes OUTPUT.report.html beside OUTPUT.report.json; this
+    draws it again, from the checkpoint of JOB as it is now (also while it runs), or from
+    OUTPUT and the checkpoint beside it. The page shows the outcome, rows, tokens and cost,
+    throughput with retries and 429s over each run, latency, tokens per row, cost by model and
+    status, and failures with example rows. It is one file that needs no network: mail it.
+
+    \b
+    Examples:
+      batchrun report jobs/summarize.yaml --open
+      batchrun report out/summaries.parquet --by title
+    """
+    import tempfile
+    import webbrowser
+
+    from batchrun.html_report import Sources, page_path, write_page
+    from batchrun.job import load_job
+    from batchrun.plan import prepare
+    from batchrun.report import job_table, read_output_table
+
+    with tempfile.TemporaryDirectory(prefix="batchrun-report-") as workdir:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            job = prepare(load_job(path), output, write=False)
+            if job.checkpoint_path.exists():
+                table = job_table(job, by, made_for(job), Path(workdir))
+            elif isinstance(job.output_path, Path) and job.output_path.exists():
+                table = read_output_table(job.output_path)
+            else:
+                raise BatchrunError(
+                    f"{path} has no checkpoint ({job.checkpoint_path}) and no output yet: run it first"
+                )
+            sources = Sources(table, job.checkpoint_path, job.report_path, str(path), by)
+            html_path = page_path(job)
+        elif output is not None:
+            raise BatchrunError("--output goes with a job file: `batchrun report JOB --output PATH`")
+        else:
+            stem = path.with_name(path.name + ".report.json")
+            sources = Sources(
+                read_output_table(path), path.with_name(path.name + ".checkpoint.sqlite"), stem, None, by
+            )
+            html_path = stem.with_name(path.name + ".report.html")
+        size = write_page(sources, html_path)
+    click.echo(f"report: {html_path} ({size / 1024:,.0f} KiB)")
+    if open_page:
+        webbrowser.open(html_path.resolve().as_uri())
 
 
 @main.command()

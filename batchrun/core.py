@@ -2,10 +2,10 @@
 
 `Core` takes a job (PreparedJob), the rows to send (an async iterable of plan.Planned), a client,
 a limiter, a `record` callable that makes batches of finished rows durable (the checkpoint's
-`record`) and a budget, and returns RunStats, a value describing the run. Progress, warnings and
-notes leave it as events (events.py). It installs no signal handlers, prints nothing, never exits,
-never starts an event loop: the drivers (cli.py, api.py) do those their own way, and ask it to
-stop through `Stop`.
+`record`; each row carries the requests sent for it, RowResult.tries) and a budget, and returns
+RunStats, a value describing the run. Progress, warnings and notes leave it as events
+(events.py). It installs no signal handlers, prints nothing, never exits, never starts an event
+loop: the drivers (cli.py, api.py) do those their own way, and ask it to stop through `Stop`.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from batchrun.errors import (
     RetryableError,
 )
 from batchrun.events import Events
+from batchrun.history import Attempt
 from batchrun.limits import Limiter, Permit
 from batchrun.plan import Planned, PreparedJob
 from batchrun.prompts import text_length
@@ -165,6 +166,7 @@ def _row_result(
         ttft_ms=last.ttft_ms,
         request_key=request.request_key,
         occurrence=request.occurrence,
+        tries=tuple(request.tries),
     )
 
 
@@ -191,6 +193,7 @@ class _Request:
     attempts: int = 0
     outage_attempts: int = 0  # attempts an outage took, not counted against retry.max_attempts
     latency_ms: float = 0.0  # of the last attempt
+    tries: list[Attempt] = field(default_factory=list)  # every attempt that got an answer or a failure
 
 
 @dataclass
@@ -531,16 +534,20 @@ class Core:
         request.attempts += 1
         self.requests += 1
         permit = await self.limiter.acquire(request.chars)
+        sent_at = time.time()  # the record's clock (history.Attempt); perf_counter times the latency
         sent = time.perf_counter()
         try:
             answer = await self.client.complete(request.body)
         except BaseException as exc:
             self._report_failure(permit, exc)
             if isinstance(exc, RequestFailed):
+                request.tries.append(Attempt(sent_at, time.time(), exc.status, exc.kind, None, None, None))
                 self._judge(request, exc, probe)
             raise
         finally:
             request.latency_ms = (time.perf_counter() - sent) * 1000
+        tokens = answer.prompt_tokens, answer.completion_tokens
+        request.tries.append(Attempt(sent_at, time.time(), 200, None, answer.ttft_ms, *tokens))
         self.limiter.release(
             permit,
             ok=True,

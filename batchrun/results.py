@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import polars as pl
 
 # The checkpoint's schema (SQLite `PRAGMA user_version`); 0: made before the version was recorded.
-# 2: results keyed by the request they answer (RESULT_KEY), not by row position.
-SCHEMA_VERSION = 2
+# 2: results keyed by the request they answer (RESULT_KEY), not by row position. 3: the record of
+# runs and attempts (history.py).
+SCHEMA_VERSION = 3
 
 
 @dataclass(frozen=True)

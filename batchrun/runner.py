@@ -25,6 +25,7 @@ from batchrun.distributed import RayOptions
 from batchrun.errors import BatchrunError, CheckpointError, JobChanged, JobError
 from batchrun.estimate import estimate_job
 from batchrun.events import Events, RunStarted
+from batchrun.html_report import write_page_or_warn
 from batchrun.job import EndpointSpec, JobSpec
 from batchrun.limits import Limiter
 from batchrun.models import check_model
@@ -105,6 +106,7 @@ async def run_job(
     mode: Mode = "fresh" if options.fresh else "resume"
     checkpoint = open_checkpoint(job.checkpoint_path, mode, *made_for, rekey=rekey_by_row(job, made_for))
     try:
+        checkpoint.begin_run("local" if options.ray is None else "ray")
         repriced = checkpoint.reprice(repr(price), functools.partial(request_cost, price))
         spent = checkpoint.spent_usd()
         in_scope = min(options.limit or job.source.row_count, job.source.row_count)
@@ -247,6 +249,9 @@ async def run_job(
         )
         usage = checkpoint.usage_sums(USAGE_COLUMNS)
         write_run_report(job, result, price, fingerprint, stats.error, usage)
+        checkpoint.end_run(stats.outcome, stats.requests, workers=len(result.workers or [None]))
+        if stats.requests:
+            await asyncio.to_thread(write_page_or_warn, job, events)
         if stats.error is not None:
             raise stats.error
         if cancelled:

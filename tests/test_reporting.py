@@ -53,7 +53,7 @@ def bar_frames(screen: str) -> list[tuple[int, int, int, int]]:
     """(count, ok, failed, skipped) of every bar line drawn, in order."""
     frames = []
     for line in re.split(r"[\r\n]", screen):
-        if "row/s" in line or "?row" in line:
+        if "row/s" in line or "s/row" in line or "?row" in line:  # below 1 row/s tqdm shows s/row
             found = BAR.search(line)
             assert found, f"a bar line without its counts: {line!r}"
             count, _, ok, failed, skipped = (int(g or 0) for g in found.groups())

@@ -1,0 +1,481 @@
+"""The run report as a page to look at: `OUTPUT.report.html`, one file that needs no network.
+
+What it shows comes from three places, each read in flat memory however many rows the job has:
+the output table (rows by status, tokens, cost, latency, failures: polars, grouped or binned by
+its streaming engine), the checkpoint's record of runs and attempts (throughput, retries and
+429s over time, binned in SQL; history.py) and the JSON run report beside it (the estimate made
+before the run, the Ray workers' figures), when there is one. Every chart is an Altair
+(Vega-Lite) spec drawn from at most a few hundred binned points, rendered to inline SVG by
+vl-convert: no script, font or image is fetched when the page is opened. Both are imported only
+when a page is drawn.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import html
+import json
+import sqlite3
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import polars as pl
+
+from batchrun.output import write_atomically
+from batchrun.report import ANSWERED, PERCENTILES, cost_report
+from batchrun.sources import scan_table
+
+if TYPE_CHECKING:
+    import altair as alt
+
+    from batchrun.events import Events
+    from batchrun.plan import PreparedJob
+
+BINS = 60  # bars per histogram, points per throughput line
+RUNS_DRAWN = 8  # the last runs get a throughput segment each
+EXAMPLES = 3  # failed rows shown per kind
+TOP_VALUES = 15  # values of a --by column in its cost chart
+WIDTH = 640
+NO_RECORD = "No record of attempts: no checkpoint beside the output, or one made before batchrun 0.3."
+
+
+@dataclass(frozen=True)
+class Sources:
+    """Where a page's figures come from."""
+
+    table: pl.LazyFrame  # the output table (or the checkpoint's rows as one)
+    checkpoint: Path | None  # for the record of runs and attempts
+    json_report: Path | None
+    job_file: str | None  # for the command that resends failed rows
+    by: tuple[str, ...] = ()
+
+
+def page_path(job: PreparedJob) -> Path:
+    return job.report_path.with_name(job.report_path.name.removesuffix(".json") + ".html")
+
+
+def write_page_or_warn(job: PreparedJob, events: Events) -> None:
+    """A run's page; a page that cannot be drawn costs a warning, never the run's output or exit code."""
+    path = page_path(job)
+    try:
+        sources = Sources(
+            scan_table(job.output_path, job.spec.output.format),
+            job.checkpoint_path,
+            job.report_path,
+            str(job.spec.job_path),
+        )
+        write_page(sources, path)
+    except Exception as exc:  # anything at all: the run's output and exit code stand
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        events.say(f"warning: no HTML report written to {path}: {type(exc).__name__}: {reason}", "warning")
+
+
+def write_page(sources: Sources, path: Path) -> int:
+    """Draw the page and write it atomically; its size in bytes."""
+    data = render(sources).encode()
+    write_atomically(path, lambda tmp: tmp.write_bytes(data))
+    return len(data)
+
+
+def render(sources: Sources) -> str:
+    table = sources.table
+    answered = table.filter(ANSWERED)
+    sent = table.filter(pl.col("status").is_in(["ok", "failed"]))  # as the JSON report's latency
+    saved = _read_json(sources.json_report)
+    costs = cost_report(table, ())
+    by_status = costs.filter(pl.col("model") != "total").group_by("status").agg(pl.col("rows").sum())
+    rows = dict(by_status.iter_rows())
+    total = costs.row(-1, named=True)
+    runs, throughput = _history(sources.checkpoint)
+    latency = _percentiles(sent, "latency_ms")
+    ttft = _percentiles(sent, "ttft_ms")
+    sections = [
+        _summary(rows, total, saved, runs),
+        _section(
+            "Throughput",
+            _throughput_chart(throughput) if throughput.height else _note(NO_RECORD),
+            "Rows finished, retries and HTTP 429s per second, binned; each run is its own segment.",
+        ),
+        _section(
+            "Latency",
+            _distribution(sent, "latency_ms", "latency (ms)", latency)
+            + (_distribution(sent, "ttft_ms", "time to first token (ms)", ttft) if ttft else ""),
+            "Of each sent row's last request; the lines mark p50, p90 and p99.",
+        ),
+        _section(
+            "Tokens per row",
+            _distribution(answered, "prompt_tokens", "prompt tokens", {})
+            + _distribution(answered, "completion_tokens", "completion tokens", {}),
+            "Over every answer a row was billed for.",
+        ),
+        _section("Cost", _cost(costs, table, sources.by), ""),
+        _failures(table, sources.job_file),
+    ]
+    if runs:
+        sections.append(_runs_table(runs, saved))
+    title = f"batchrun report: {saved.get('output') or 'output'}"
+    return _PAGE.format(title=html.escape(title), body="\n".join(sections))
+
+
+# --- reading ----------------------------------------------------------------------------------
+
+
+def _read_json(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _history(checkpoint: Path | None) -> tuple[list[dict[str, Any]], pl.DataFrame]:
+    """The runs, and rows finished, retries and 429s per second in BINS bins of each of the last
+    RUNS_DRAWN runs that sent requests (SQL: the attempts are never read into memory)."""
+    empty = pl.DataFrame(
+        schema={"run": pl.String, "t_s": pl.Float64, "series": pl.String, "per_s": pl.Float64}
+    )
+    if checkpoint is None or not checkpoint.exists():
+        return [], empty
+    db = sqlite3.connect(f"file:{checkpoint}?mode=ro", uri=True)
+    with contextlib.closing(db):
+        tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "runs" not in tables:
+            return [], empty
+        db.row_factory = sqlite3.Row
+        runs = [dict(r) for r in db.execute("SELECT * FROM runs ORDER BY run")]
+        db.row_factory = None
+        spans = db.execute(
+            "SELECT run, MIN(sent), MAX(MAX(answered) - MIN(sent), 1e-3), COUNT(*) FROM attempts GROUP BY run"
+            " ORDER BY run DESC LIMIT ?",
+            (RUNS_DRAWN,),
+        ).fetchall()
+        if not spans:
+            return runs, empty
+        # A short run gets fewer bins (about 10 requests each), so that its line is not all gaps.
+        spans = [(run, t0, span, max(10, min(BINS, n // 10))) for run, t0, span, n in spans]
+        db.execute("CREATE TEMP TABLE spans (run INTEGER PRIMARY KEY, t0 REAL, span REAL, bins INTEGER)")
+        db.executemany("INSERT INTO temp.spans VALUES (?, ?, ?, ?)", spans)
+        binned = db.execute(
+            "SELECT a.run, MIN(CAST((a.answered - s.t0) * s.bins / s.span AS INTEGER), s.bins - 1) AS bin,"
+            " SUM(a.final), SUM(a.attempt > 1), SUM(a.status = 429)"
+            " FROM attempts a JOIN temp.spans s USING (run) GROUP BY 1, 2"
+        ).fetchall()
+    started = {r["run"]: r for r in runs}
+    counts = {(run, b): c for run, b, *c in binned}
+    points: list[tuple[str, float, str, float]] = []
+    for run, _, span, bins in spans:
+        label = _run_label(started[run])
+        width = span / bins
+        for b in range(bins):
+            finished, retries, limited = counts.get((run, b), (0, 0, 0))
+            for series, n in (("rows finished", finished), ("retries", retries), ("429s", limited)):
+                points.append((label, round((b + 0.5) * width, 3), series, n / width))
+    return runs, pl.DataFrame(points, schema=empty.schema, orient="row")
+
+
+def _run_label(run: dict[str, Any]) -> str:
+    when = datetime.fromtimestamp(run["started"]).strftime("%Y-%m-%d %H:%M:%S")
+    return f"run {run['run']}, {when}: {run['outcome'] or 'did not end'}"
+
+
+def _percentiles(answered: pl.LazyFrame, column: str) -> dict[int, float]:
+    """p50/p90/p99 as the JSON report computes them; empty when the column has no value."""
+    values = pl.col(column).cast(pl.Float64).drop_nulls()
+    found = answered.select(values.quantile(p / 100, "linear").alias(str(p)) for p in PERCENTILES)
+    row = found.collect(engine="streaming").row(0)
+    return {} if row[0] is None else {p: round(v, 1) for p, v in zip(PERCENTILES, row, strict=True)}
+
+
+def _histogram(answered: pl.LazyFrame, column: str) -> pl.DataFrame:
+    """Rows per bin of `column` (BINS equal bins from its least to its greatest value), in two
+    streaming passes: the range, then the counts."""
+    value = pl.col(column).cast(pl.Float64)
+    low, high = (
+        answered.select(value.min().alias("low"), value.max().alias("high"))
+        .collect(engine="streaming")
+        .row(0)
+    )
+    if low is None:
+        return pl.DataFrame(schema={"start": pl.Float64, "end": pl.Float64, "rows": pl.UInt32})
+    width = max((high - low) / BINS, 1e-9)
+    bin_ = ((value - low) / width).floor().clip(0, BINS - 1).alias("bin")
+    counts = answered.select(bin_).drop_nulls().group_by("bin").len().collect(engine="streaming")
+    return counts.select(
+        (pl.col("bin") * width + low).alias("start"),
+        ((pl.col("bin") + 1) * width + low).alias("end"),
+        pl.col("len").alias("rows"),
+    ).sort("start")
+
+
+# --- drawing ----------------------------------------------------------------------------------
+
+
+def _svg(chart: alt.TopLevelMixin) -> str:
+    import vl_convert
+
+    svg: str = vl_convert.vegalite_to_svg(chart.to_dict())
+    return f'<figure class="chart">{svg}</figure>'
+
+
+def _throughput_chart(points: pl.DataFrame) -> str:
+    import altair as alt
+
+    line = (
+        alt.Chart(points, width=WIDTH, height=110)
+        .mark_line(interpolate="step")
+        .encode(
+            x=alt.X("t_s:Q", title="seconds into the run"),
+            y=alt.Y("per_s:Q", title="per second"),
+            color=alt.Color("series:N", title=None, sort=["rows finished", "retries", "429s"]),
+        )
+    )
+    return _svg(
+        line.facet(
+            row=alt.Row(
+                "run:N",
+                title=None,
+                sort="descending",
+                header=alt.Header(labelAngle=0, labelOrient="top", labelAnchor="start", labelFontSize=12),
+            )
+        )
+        .resolve_scale(x="independent", y="independent")
+        .configure_legend(orient="top")
+    )
+
+
+def _distribution(answered: pl.LazyFrame, column: str, title: str, marks: dict[int, float]) -> str:
+    import altair as alt
+
+    bins = _histogram(answered, column)
+    if not bins.height:
+        return _note(f"No {title}: no answered row has one.")
+    bars = (
+        alt.Chart(bins, width=WIDTH, height=140)
+        .mark_bar(color="#4c78a8")
+        .encode(
+            x=alt.X("start:Q", title=title, bin="binned"),
+            x2="end:Q",
+            y=alt.Y("rows:Q", title="rows"),
+        )
+    )
+    if not marks:
+        return _svg(bars)
+    lines = pl.DataFrame({"at": list(marks.values()), "label": [f"p{p} {v:,.0f}" for p, v in marks.items()]})
+    rules = alt.Chart(lines).mark_rule(color="#e45756", strokeDash=[4, 3]).encode(x="at:Q")
+    labels = (
+        alt.Chart(lines)
+        .mark_text(align="left", dx=3, dy=-4, color="#e45756", baseline="top")
+        .encode(x="at:Q", y=alt.value(0), text="label:N")
+    )
+    return _svg(alt.layer(bars, rules, labels))
+
+
+def _cost(costs: pl.DataFrame, table: pl.LazyFrame, by: tuple[str, ...]) -> str:
+    import altair as alt
+
+    groups = costs.filter(pl.col("model") != "total")
+    priced = groups.filter(pl.col("cost_usd").is_not_null() & (pl.col("cost_usd") > 0))
+    parts = []
+    if priced.height:
+        bars = (
+            alt.Chart(priced, width=WIDTH, height=alt.Step(22))
+            .mark_bar()
+            .encode(
+                x=alt.X("sum(cost_usd):Q", title="cost (USD)"),
+                y=alt.Y("model:N", title=None),
+                color=alt.Color("status:N", title="status"),
+                tooltip=["model", "status", "rows", "cost_usd"],
+            )
+        )
+        parts.append(_svg(bars))
+    else:
+        parts.append(_note("No cost: the model has no price, or no answer reported usage."))
+    parts.append(_cost_table(groups))
+    for column in by:
+        parts.append(_cost_by(table, column))
+    return "\n".join(parts)
+
+
+def _cost_by(table: pl.LazyFrame, column: str) -> str:
+    import altair as alt
+
+    top = (
+        cost_report(table, (column,))
+        .filter(pl.col(column) != "total")
+        .group_by(column)
+        .agg(pl.col("cost_usd").sum(), pl.col("rows").sum())
+        .sort("cost_usd", descending=True, nulls_last=True)
+        .head(TOP_VALUES)
+    )
+    bars = (
+        alt.Chart(top, width=WIDTH, height=alt.Step(18), title=f"cost by {column} (top {TOP_VALUES})")
+        .mark_bar(color="#72b7b2")
+        .encode(
+            x=alt.X("cost_usd:Q", title="cost (USD)"),
+            y=alt.Y(f"{column}:N", sort="-x", title=None),
+        )
+    )
+    return _svg(bars)
+
+
+def _failures(table: pl.LazyFrame, job_file: str | None) -> str:
+    import altair as alt
+
+    failed = table.filter(pl.col("status") == "failed")
+    kinds = (
+        failed.group_by(pl.col("error_kind").fill_null("unknown"))
+        .agg(
+            pl.len().alias("rows"),
+            pl.col("id").cast(pl.String).head(EXAMPLES).alias("ids"),
+            pl.col("error").head(EXAMPLES).alias("errors"),
+        )
+        .sort(["rows", "error_kind"], descending=[True, False])
+        .collect(engine="streaming")
+    )
+    if not kinds.height:
+        return _section("Failures", _note("No row failed."), "")
+    chart = (
+        alt.Chart(kinds.select("error_kind", "rows"), width=WIDTH, height=alt.Step(22))
+        .mark_bar(color="#e45756")
+        .encode(x=alt.X("rows:Q", title="rows"), y=alt.Y("error_kind:N", sort="-x", title=None))
+    )
+    examples = "".join(
+        f"<tr><td>{_e(kind)}</td><td class=num>{rows:,}</td><td>{_e(row_id)}</td>"
+        f"<td>{_e(_cut(error))}</td></tr>"
+        for kind, rows, ids, errors in kinds.iter_rows()
+        for row_id, error in zip(ids, errors, strict=True)
+    )
+    resend = f"batchrun {job_file} --retry-failed" if job_file else "batchrun JOB --retry-failed"
+    body = (
+        _svg(chart)
+        + "<table>"
+        + _header_row("kind", "rows", "example id", "error")
+        + examples
+        + f"</table><p>To send the failed rows again: <code>{_e(resend)}</code></p>"
+    )
+    return _section("Failures", body, f"Up to {EXAMPLES} example rows of each kind.")
+
+
+def _summary(
+    rows: dict[str, int], total: dict[str, Any], saved: dict[str, Any], runs: list[dict[str, Any]]
+) -> str:
+    outcome = runs[-1]["outcome"] if runs and runs[-1]["outcome"] else saved.get("outcome", "unknown")
+    wall = sum((r["ended"] or r["started"]) - r["started"] for r in runs) if runs else None
+    if wall is None and isinstance(saved.get("this_run"), dict):
+        wall = saved["this_run"].get("wall_s")
+    line = f"Outcome of the last run: <b>{_e(outcome)}</b>"
+    if saved.get("error"):
+        line += f": {_e(_cut(saved['error']))}"
+    figures = [
+        *(
+            (f"rows {status}", f"rows-{status}", f"{rows.get(status, 0):,}")
+            for status in ("ok", "failed", "skipped", "pending")
+        ),
+        ("rows in all", "rows-total", f"{sum(rows.values()):,}"),
+        ("prompt tokens", "tokens-prompt", _count(total["prompt_tokens"])),
+        ("completion tokens", "tokens-completion", _count(total["completion_tokens"])),
+        ("cost", "cost-total", _usd(total["cost_usd"], "unknown")),
+    ]
+    cost = saved.get("cost_usd") or {}
+    estimate = (cost.get("estimate") or {}).get("expected")
+    if estimate is not None:
+        figures.append(("estimated cost before the run", "cost-estimate", _usd(estimate)))
+    if wall is not None:
+        figures.append(("wall time, all runs", "wall-time", f"{wall:,.1f} s"))
+    if runs:
+        figures.append(("runs", "runs", f"{len(runs)}"))
+    cells = "".join(
+        f'<tr><th>{name}</th><td id="{key}" class=num>{value}</td></tr>' for name, key, value in figures
+    )
+    return f'<h1>batchrun run report</h1><p class="outcome">{line}</p><table class="summary">{cells}</table>'
+
+
+def _cost_table(groups: pl.DataFrame) -> str:
+    head = _header_row("model", "status", "rows", "prompt", "completion", "cost")
+    body = "".join(
+        f"<tr><td>{_e(g['model'])}</td><td>{_e(g['status'])}</td><td class=num>{g['rows']:,}</td>"
+        f"<td class=num>{_count(g['prompt_tokens'])}</td><td class=num>{_count(g['completion_tokens'])}</td>"
+        f"<td class=num>{_usd(g['cost_usd'])}</td></tr>"
+        for g in groups.iter_rows(named=True)
+    )
+    return f"<table>{head}{body}</table>"
+
+
+def _runs_table(runs: list[dict[str, Any]], saved: dict[str, Any]) -> str:
+    head = _header_row("run", "started", "seconds", "outcome", "driver", "workers", "requests")
+    body = "".join(
+        f"<tr><td class=num>{r['run']}</td><td>{datetime.fromtimestamp(r['started']):%Y-%m-%d %H:%M:%S}</td>"
+        f"<td class=num>{'-' if r['ended'] is None else format(r['ended'] - r['started'], ',.1f')}</td>"
+        f"<td>{_e(r['outcome'] or 'did not end')}</td><td>{_e(r['driver'])}</td>"
+        f"<td class=num>{r['workers'] or '-'}</td><td class=num>{_count(r['requests'])}</td></tr>"
+        for r in runs
+    )
+    workers = (saved.get("this_run") or {}).get("workers")
+    extra = ""
+    if workers:
+        columns = list(workers[0])
+        extra = (
+            "<h3>Ray workers, last run</h3><table>"
+            + _header_row("worker", *columns)
+            + "".join(
+                f"<tr><td class=num>{i}</td>"
+                + "".join(f"<td class=num>{w[c]:,}</td>" for c in columns)
+                + "</tr>"
+                for i, w in enumerate(workers, 1)
+            )
+            + "</table>"
+        )
+    return _section("Runs", f"<table>{head}{body}</table>{extra}", "")
+
+
+def _header_row(*names: str) -> str:
+    return "<tr>" + "".join(f"<th>{_e(n)}</th>" for n in names) + "</tr>"
+
+
+def _section(title: str, body: str, caption: str) -> str:
+    caption_html = f"<p class=caption>{_e(caption)}</p>" if caption else ""
+    return f"<section><h2>{_e(title)}</h2>{caption_html}{body}</section>"
+
+
+def _note(text: str) -> str:
+    return f"<p class=note>{_e(text)}</p>"
+
+
+def _count(n: int | None) -> str:
+    return "unknown" if n is None else f"{n:,}"
+
+
+def _usd(value: float | None, none: str = "-") -> str:
+    return none if value is None else f"${value:,.6f}"
+
+
+def _cut(text: str | None, width: int = 200) -> str:
+    text = " ".join((text or "").split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value))
+
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{title}</title>
+<style>
+body {{ font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 760px; color: #222; }}
+body {{ padding: 0 1em; }} h1 {{ font-size: 1.5em; margin-bottom: .2em; }}
+h2 {{ font-size: 1.2em; border-bottom: 1px solid #ddd; }}
+table {{ border-collapse: collapse; margin: .5em 0; }}
+th, td {{ padding: 2px 10px 2px 0; text-align: left; vertical-align: top; }}
+td.num {{ text-align: right; font-variant-numeric: tabular-nums; }} .caption, .note {{ color: #666; }}
+figure.chart {{ margin: .5em 0; }} code {{ background: #f4f4f4; padding: 1px 4px; }}
+</style></head>
+<body>
+{body}
+</body></html>
+"""

@@ -1,0 +1,235 @@
+"""The run report as a page (#15): the record of runs and attempts in the checkpoint, the page
+written after every run that sent a request, `batchrun report`, and the page in a real browser."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sqlite3
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from batchrun.results import SCHEMA_VERSION
+from batchrun.simulator import RunningSimulator
+from tests.conftest import TEST_KEY, article_rows, checkpoint_path, invoke, read_output, write_job
+from tests.test_startup import HEAVY, imported
+
+FIXTURE_V2 = Path(__file__).parent / "fixtures" / "checkpoint_v2"
+CHROMIUM = shutil.which("chromium")
+CHARTS = 6  # throughput, latency, prompt and completion tokens, cost, failures
+
+
+def sql(job: Path, query: str) -> list[tuple[object, ...]]:
+    with sqlite3.connect(checkpoint_path(job)) as db:
+        return db.execute(query).fetchall()
+
+
+def page(job: Path) -> Path:
+    return job.parent / "out" / "result.parquet.report.html"
+
+
+def run_with_failures_retries_and_a_resume(tmp_path: Path, simulator: RunningSimulator) -> Path:
+    """Two runs of 12 rows: rows 1001 and 1004 fail (HTTP 400), 1002 gets two 503s before its
+    answer, 1007 one 429; the first run stops after 6 rows (--limit), the second does the rest."""
+    rows = article_rows(12)
+    markers = {1: "[[fail:400]]", 4: "[[fail:400]]", 2: "[[fail:503x2]]", 7: "[[fail:429x1]]"}
+    for i, marker in markers.items():
+        rows[i]["text"] += f" {marker}"
+    job = write_job(tmp_path, rows, simulator.base_url)
+    assert invoke("run", str(job), "--limit", "6").exit_code == 1
+    assert invoke("run", str(job)).exit_code == 1
+    return job
+
+
+def shown_figures(html: str) -> dict[str, str]:
+    """The summary's figures as the page shows them, by their cell's id."""
+    return dict(re.findall(r'<td id="([\w-]+)"[^>]*>([^<]*)</td>', html))
+
+
+def assert_figures_match_the_output(html: str, job: Path) -> None:
+    """The summary shows rows by status, tokens and cost as the output table itself sums them."""
+    shown = shown_figures(html)
+    out = read_output(job)
+    by_status = dict(out.group_by("status").len().iter_rows())
+    for status in ("ok", "failed", "skipped", "pending"):
+        assert shown[f"rows-{status}"] == f"{by_status.get(status, 0):,}", status
+    assert shown["rows-total"] == f"{out.height:,}"
+    assert shown["tokens-prompt"] == f"{out['prompt_tokens'].sum():,}"
+    assert shown["tokens-completion"] == f"{out['completion_tokens'].sum():,}"
+    cost = float(shown["cost-total"].removeprefix("$").replace(",", ""))
+    assert cost == pytest.approx(out["cost_usd"].sum(), abs=1e-6)  # shown to the micro-dollar
+    assert cost > 0
+
+
+def test_every_request_and_each_run_are_recorded(tmp_path: Path, simulator: RunningSimulator) -> None:
+    job = run_with_failures_retries_and_a_resume(tmp_path, simulator)
+
+    runs = sql(job, "SELECT run, outcome, driver, workers, requests, ended >= started FROM runs")
+    assert runs == [(1, "finished", "local", 1, 8, 1), (2, "finished", "local", 1, 7, 1)]
+    attempts = sql(
+        job, "SELECT run, row, attempt, final, status, error_kind FROM attempts ORDER BY run, row, attempt"
+    )
+    assert len(attempts) == simulator.stats.requests == 15  # 12 rows, two 503s and a 429 again
+    assert [a for a in attempts if a[1] == 2] == [
+        (1, 2, 1, 0, 503, "http_503"),
+        (1, 2, 2, 0, 503, "http_503"),
+        (1, 2, 3, 1, 200, None),
+    ]
+    assert [a for a in attempts if a[1] == 7] == [(2, 7, 1, 0, 429, "rate_limited"), (2, 7, 2, 1, 200, None)]
+    assert [a for a in attempts if a[1] == 1] == [(1, 1, 1, 1, 400, "http_400")]
+    tokens = sql(job, "SELECT SUM(prompt_tokens), SUM(completion_tokens) FROM attempts")
+    out = read_output(job)
+    assert tokens == [(out["prompt_tokens"].sum(), out["completion_tokens"].sum())]
+    assert sql(job, "SELECT COUNT(*) FROM attempts WHERE answered < sent") == [(0,)]
+
+
+def test_the_page_of_a_run_with_failures_retries_and_a_resume(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    job = run_with_failures_retries_and_a_resume(tmp_path, simulator)
+
+    html = page(job).read_text()
+    assert_figures_match_the_output(html, job)
+    assert html.count("<svg") == CHARTS
+    assert "run 1, " in html and "run 2, " in html  # each run its own throughput segment
+    assert "http_400" in html and "1001" in html and "1004" in html  # failures with example rows
+    assert f"batchrun {job} --retry-failed" in html
+    # Nothing outside itself: no script, stylesheet, image or font to fetch.
+    assert not re.search(r"<script|<link|<img|<iframe|@import|url\(", html, re.IGNORECASE)
+    assert not re.search(r"""(src|href)\s*=\s*["'](?!#)""", html, re.IGNORECASE)
+    assert len(html) < 200_000
+
+
+def test_a_stopped_run_writes_its_page_too(tmp_path: Path, simulator: RunningSimulator) -> None:
+    job = write_job(tmp_path, article_rows(30), simulator.base_url, concurrency=1)
+
+    result = invoke("run", str(job), "--max-cost", "0.001")
+
+    assert result.exit_code == 3, result.output
+    assert "Outcome of the last run: <b>stopped_by_budget</b>" in page(job).read_text()
+    assert sql(job, "SELECT outcome FROM runs") == [("stopped_by_budget",)]
+
+
+def test_a_page_that_cannot_be_written_costs_a_warning_not_the_run(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    job = write_job(tmp_path, article_rows(3), simulator.base_url)
+    page(job).mkdir(parents=True)  # a folder where the page goes: it cannot be replaced
+
+    result = invoke("run", str(job))
+
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if "no HTML report" in line]
+    assert len(warnings) == 1 and str(page(job)) in warnings[0]
+    assert read_output(job)["status"].to_list() == ["ok"] * 3
+
+
+def test_report_command_draws_the_page_from_the_checkpoint_or_the_output(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    job = run_with_failures_retries_and_a_resume(tmp_path, simulator)
+    page(job).unlink()
+
+    from_job = invoke("report", str(job), "--by", "title")
+
+    assert from_job.exit_code == 0, from_job.output
+    assert from_job.stdout.startswith(f"report: {page(job)} (")
+    html = page(job).read_text()
+    assert_figures_match_the_output(html, job)
+    assert "cost by title" in html and html.count("<svg") == CHARTS + 1
+
+    output = job.parent / "out" / "result.parquet"
+    from_output = invoke("report", str(output))
+    assert from_output.exit_code == 0, from_output.output
+    assert_figures_match_the_output(page(job).read_text(), job)
+
+
+@pytest.mark.parametrize("name", ["job.yaml", "out.parquet"])
+def test_report_command_without_checkpoint_or_output_names_the_path(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    if name.endswith(".yaml"):
+        path = write_job(tmp_path, article_rows(2), "http://127.0.0.1:1/v1")
+
+    result = invoke("report", str(path))
+
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("Error: ")
+    assert str(path) in result.stderr
+
+
+def test_a_schema_2_checkpoint_gets_the_record_and_resumes(tmp_path: Path) -> None:
+    shutil.copytree(FIXTURE_V2, tmp_path / "job")
+    job = tmp_path / "job" / "job.yaml"
+    assert sql(job, "PRAGMA user_version") == [(2,)]
+    assert sql(job, "SELECT name FROM sqlite_master WHERE name IN ('runs', 'attempts')") == []
+
+    resumed = invoke("run", str(job), "--simulate")
+
+    assert resumed.exit_code == 1, resumed.output  # two rows failed, as recorded
+    assert "resuming: 8 of 12 rows already done" in resumed.stderr
+    assert sql(job, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+    assert sql(job, "SELECT run, outcome, requests FROM runs") == [(1, "finished", 4)]
+    assert sql(job, "SELECT row FROM attempts ORDER BY row") == [(8,), (9,), (10,), (11,)]
+    assert read_output(job)["status"].value_counts().sort("status").rows() == [("failed", 2), ("ok", 10)]
+    assert_figures_match_the_output(page(job).read_text(), job)
+
+
+def test_report_help_imports_no_heavy_library() -> None:
+    modules = imported("-m", "batchrun", "report", "--help")
+    assert "click" in modules
+    assert modules & (HEAVY | {"altair", "vl_convert", "narwhals"}) == set()
+
+
+def chromium(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    assert CHROMIUM is not None
+    return subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+        env={**os.environ, "HOME": str(cwd)},  # its profile and crash files stay in the test's folder
+    )
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None and os.environ.get("CI") != "true",
+    reason="needs Debian's chromium (apt-get install chromium; .ci/run installs it); required when CI=true",
+)
+def test_the_page_renders_in_chromium(tmp_path: Path, simulator: RunningSimulator) -> None:
+    assert CHROMIUM is not None, "CI=true: chromium must be installed (.ci/run installs it)"
+    job = run_with_failures_retries_and_a_resume(tmp_path, simulator)
+    url = page(job).resolve().as_uri()
+
+    dom = chromium("--dump-dom", url, cwd=tmp_path)
+    shot = chromium("--window-size=800,2400", f"--screenshot={tmp_path / 'page.png'}", url, cwd=tmp_path)
+
+    assert dom.returncode == 0 and shot.returncode == 0, dom.stderr[-2000:] + shot.stderr[-2000:]
+    assert (tmp_path / "page.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "page.png").stat().st_size > 20_000  # drawn, not blank
+    svgs = re.findall(r"<svg.*?</svg>", dom.stdout, re.DOTALL)
+    assert len(svgs) == CHARTS
+    for svg in svgs:  # each chart's marks are in the document: bars or lines, with axes
+        assert re.search(r'class="mark-(rect|line)[^"]*role-mark', svg), svg[:300]
+        assert 'class="mark-group role-axis"' in svg
+    assert_figures_match_the_output(dom.stdout, job)
+    assert TEST_KEY not in dom.stdout
+
+
+def test_a_ray_run_records_its_attempts_and_workers(ray_session: Any, tmp_path: Path) -> None:
+    from batchrun.simulator import SimulatorConfig, serve_in_thread
+    from tests.test_ray import ray_job
+
+    with serve_in_thread(SimulatorConfig(api_key=TEST_KEY)) as sim:
+        ray_job(tmp_path, 40, sim.base_url).run(ray=True, workers=2, quiet=True)
+        sent = sim.stats.requests
+    job = tmp_path / "job.yaml"
+    assert sql(job, "SELECT driver, workers, requests FROM runs") == [("ray", 2, sent)]
+    assert sql(job, "SELECT COUNT(*), SUM(final), COUNT(DISTINCT row) FROM attempts") == [(sent, 40, 40)]
+    html = page(job).read_text()
+    assert "Ray workers, last run" in html
+    assert_figures_match_the_output(html, job)
