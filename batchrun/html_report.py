@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import html
 import json
+import os
 import sqlite3
 from dataclasses import dataclass
 from datetime import datetime
@@ -38,6 +39,7 @@ RUNS_DRAWN = 8  # the last runs get a throughput segment each
 EXAMPLES = 3  # failed rows shown per kind
 TOP_VALUES = 15  # values of a --by column in its cost chart
 WIDTH = 640
+PAGE_SWITCH = "BATCHRUN_REPORT_PAGE"  # "0": runs draw no page (it costs ~1.5 s; `batchrun report` draws it)
 NO_RECORD = "No record of attempts: no checkpoint beside the output, or one made before batchrun 0.3."
 
 
@@ -58,6 +60,8 @@ def page_path(job: PreparedJob) -> Path:
 
 def write_page_or_warn(job: PreparedJob, events: Events) -> None:
     """A run's page; a page that cannot be drawn costs a warning, never the run's output or exit code."""
+    if os.environ.get(PAGE_SWITCH) == "0":
+        return
     path = page_path(job)
     try:
         sources = Sources(

@@ -19,6 +19,7 @@ import yaml
 from click.testing import CliRunner, Result
 
 from batchrun.cli import main
+from batchrun.html_report import PAGE_SWITCH
 from batchrun.simulator import RunningSimulator, SimulatorConfig, serve_in_thread
 
 TEST_KEY_ENV = "BATCHRUN_TEST_KEY"
@@ -36,6 +37,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
         if name.startswith(("BATCHRUN_", "RELAYDANCE_", "OPENAI_")) or name.upper() in OUTSIDE_NETWORK:
             monkeypatch.delenv(name)
     monkeypatch.setenv(TEST_KEY_ENV, TEST_KEY)
+    monkeypatch.setenv(PAGE_SWITCH, "0")  # ~1.5 s a run; tests/test_html_report.py draws it
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from batchrun.html_report import PAGE_SWITCH
 from batchrun.results import SCHEMA_VERSION
 from batchrun.simulator import RunningSimulator
 from tests.conftest import TEST_KEY, article_rows, checkpoint_path, invoke, read_output, write_job
@@ -21,6 +22,12 @@ from tests.test_startup import HEAVY, imported
 FIXTURE_V2 = Path(__file__).parent / "fixtures" / "checkpoint_v2"
 CHROMIUM = shutil.which("chromium")
 CHARTS = 6  # throughput, latency, prompt and completion tokens, cost, failures
+
+
+@pytest.fixture(autouse=True)
+def pages_drawn(clean_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The other tests switch the page off (conftest.py); here every run draws it."""
+    monkeypatch.delenv(PAGE_SWITCH)
 
 
 def sql(job: Path, query: str) -> list[tuple[object, ...]]:
