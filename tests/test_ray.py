@@ -205,7 +205,7 @@ def test_the_budget_is_one_for_every_worker(ray_session: Any) -> None:
     committed = ray_session.get(actor.counts.remote())["committed_usd"]
     assert committed <= 1.0 + 1e-9
     budgets[1].settle(budgets[1].reserved_usd, 0.0)  # its rows cost nothing after all
-    budgets[1].give_back()
+    budgets[1].report()
     after = ray_session.get(actor.counts.remote())["committed_usd"]
     assert after < committed
 
@@ -430,3 +430,100 @@ def test_ctrl_c_on_the_driver_stops_every_worker_and_writes_the_rest_pending(
     assert out["id"].sort().to_list() == [r["id"] for r in rows]
     assert set(out["status"]) == {"ok", "pending"}
     assert out.filter(pl.col("status") == "ok").height == answered  # every answered row kept
+
+
+# --- the shared limit and budget: x-ratelimit allowance, token charges, a dead worker's grant ---------
+
+
+def test_an_allowance_from_headers_is_spent_once_by_the_whole_cluster(ray_session: Any) -> None:
+    """One worker learns `x-ratelimit-remaining-requests: 10` (reset in 1 s); both then send as
+    fast as they may: together no more than those 10 go out before the reset."""
+    from batchrun.limits import RateLimitHeaders
+
+    actor = limits_actor(ray_session, requests_per_minute=None, tokens_per_minute=None)
+
+    async def main() -> int:
+        told, other = ClusterLimiter(actor, 4), ClusterLimiter(actor, 4)
+        headers = RateLimitHeaders(remaining_requests=10, reset_requests_s=1.0)
+        told.release(await told.acquire(10), ok=True, headers=headers)
+        until = time.monotonic() + 0.8
+
+        async def spend(limiter: ClusterLimiter) -> int:
+            sent = 0
+            while (left := until - time.monotonic()) > 0:
+                try:
+                    permit = await asyncio.wait_for(limiter.acquire(10), left)
+                except TimeoutError:
+                    break
+                if time.monotonic() < until:
+                    sent += 1
+                limiter.release(permit, ok=True)
+                await asyncio.sleep(0.005)
+            return sent
+
+        return sum(await asyncio.gather(spend(told), spend(other)))
+
+    sent = asyncio.run(main())
+    assert 0 < sent <= 10
+
+
+def test_an_allowance_less_than_the_slots_in_hand_holds_every_worker(ray_session: Any) -> None:
+    """`x-ratelimit-remaining-requests: 3` while the two workers hold more leased slots than that
+    (any may go out after the request the server counted): the cluster holds until the reset; the
+    other worker spends at most the slots it had in hand before it hears (within POLL_S)."""
+    from batchrun.limits import RateLimitHeaders
+
+    actor = limits_actor(ray_session, requests_per_minute=60_000, tokens_per_minute=None)
+
+    async def main() -> int:
+        told, other = (ClusterLimiter(actor, 4, requests_per_minute=60_000) for _ in range(2))
+        other.release(await other.acquire(10), ok=True)  # it leased 4 slots: 3 in hand
+        headers = RateLimitHeaders(remaining_requests=3, reset_requests_s=0.6)
+        told.release(await told.acquire(10), ok=True, headers=headers)
+        until = time.monotonic() + 0.5
+        sent = 0
+        while (left := until - time.monotonic()) > 0:
+            try:
+                permit = await asyncio.wait_for(other.acquire(10), left)
+            except TimeoutError:
+                break
+            sent += time.monotonic() < until
+            other.release(permit, ok=True)
+            await asyncio.sleep(0.01)
+        return sent
+
+    assert asyncio.run(main()) <= 3
+
+
+def test_each_leased_permit_is_charged_its_own_tokens(ray_session: Any) -> None:
+    """A lease asked for by a short prompt, its slots taken by long ones: the token pace must be
+    that of the long ones (10,000 tokens/s; 3 x 7 requests of 1,000 tokens after each short one)."""
+    tpm, rpm = 600_000, 600_000
+    actor = limits_actor(ray_session, requests_per_minute=rpm, tokens_per_minute=tpm)
+
+    async def main() -> float:
+        limiter = ClusterLimiter(actor, 8, requests_per_minute=rpm, tokens_per_minute=tpm)
+        started = time.monotonic()
+        for _ in range(3):
+            for chars in [3] + [3000] * 7:  # 1 token, then 1,000 tokens each
+                limiter.release(await limiter.acquire(chars), ok=True)
+        return time.monotonic() - started
+
+    elapsed = asyncio.run(main())
+    tokens = 3 * 7 * 1000
+    assert elapsed >= 0.8 * (tokens - 1000) / (tpm / 60), f"{tokens} tokens in {elapsed:.2f} s"
+
+
+def test_a_dead_workers_unspent_grant_goes_back_to_the_budget(ray_session: Any) -> None:
+    """Worker A takes a grant, reserves one row and dies after reporting a batch; B can still
+    spend all the budget but A's row in flight."""
+    actor = limits_actor(ray_session, requests_per_minute=None, tokens_per_minute=None, max_cost_usd=1.0)
+    dead = ClusterBudget(actor, 1.0, width=4, get=ray_session.get)
+    assert dead.reserve(0.05)  # granted 16 rows' worth: 0.80
+    dead.report()  # what a worker does with each batch it returns; then it is killed
+    alive = ClusterBudget(actor, 1.0, width=4, get=ray_session.get)
+    reserved = 0
+    while alive.reserve(0.05):
+        reserved += 1
+    assert reserved >= 18  # (1.00 - 0.05 in flight at A) / 0.05, less rounding (before: 4)
+    assert ray_session.get(actor.counts.remote())["committed_usd"] <= 1.0 + 1e-9

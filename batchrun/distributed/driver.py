@@ -119,12 +119,13 @@ async def run_on_cluster(run: ClusterRun, ray_options: RayOptions) -> RunStats:
             received: set[int] = set()
             try:
                 call = worker.run.options(num_returns="streaming")
-                for ref in call.remote(job_ref, shard, settings, limits):
+                for ref in call.remote(job_ref, shard, settings, limits, str(index)):
                     kind, item = ray.get(ref)
                     if kind == "rows":
                         received.update(r.row for r in item)
                     loop.call_soon_threadsafe(inbox.put_nowait, (index, kind, item))
             except ray.exceptions.RayActorError:
+                limits.forget.remote(str(index))  # its leases died with it
                 run.tallies[index].restarts += 1
                 shards.give_back([planned for planned in shard if planned.row not in received])
             except BaseException as exc:
