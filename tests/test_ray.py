@@ -21,6 +21,7 @@ from batchrun.distributed.cluster import check_address, check_versions, host_and
 from batchrun.distributed.limiter import ClusterBudget, ClusterLimiter, ClusterLimits
 from batchrun.errors import BatchrunError
 from tests.conftest import article_rows, run_batchrun, write_job
+from tests.test_storage import s3_server  # noqa: F401 (a fixture: moto's S3 on loopback)
 
 
 def free_port() -> int:
@@ -335,17 +336,25 @@ def test_a_shard_started_after_the_stop_request_sends_nothing(ray_session: Any, 
     assert sent == 0
 
 
-def ray_driver(job: Path, ray_session: Any, log: Path) -> subprocess.Popen[str]:
+def ray_driver(
+    job: Path, ray_session: Any, log: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
     """`batchrun run JOB --ray --workers 2` in its own process, joining the session's Ray as
-    `ray.init()` finds a running cluster (RAY_ADDRESS); its stderr in `log`."""
+    `ray.init()` finds a running cluster (RAY_ADDRESS); its stderr in `log`. `env` is set for the
+    driver and, through the job's runtime_env, its workers (as `ray job submit
+    --runtime-env-json` would)."""
     address = ray_session.get_runtime_context().gcs_address
+    extra = {}
+    if env:
+        job_config = {"runtime_env": {"env_vars": env}}
+        extra = {**env, "RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps(job_config)}
     with log.open("w") as stderr:
         return subprocess.Popen(
             [sys.executable, "-m", "batchrun", "run", str(job), "--ray", "--workers", "2"],
             stdout=subprocess.DEVNULL,
             stderr=stderr,
             text=True,
-            env={**os.environ, "RAY_ADDRESS": address},
+            env={**os.environ, "RAY_ADDRESS": address, **extra},
         )
 
 
@@ -527,3 +536,110 @@ def test_a_dead_workers_unspent_grant_goes_back_to_the_budget(ray_session: Any) 
         reserved += 1
     assert reserved >= 18  # (1.00 - 0.05 in flight at A) / 0.05, less rounding (before: 4)
     assert ray_session.get(actor.counts.remote())["committed_usd"] <= 1.0 + 1e-9
+
+
+# --- rows from object storage: each worker reads its shard -------------------------------------------
+
+
+def s3_input(s3_server: str, rows: list[dict[str, Any]]) -> tuple[str, dict[str, str]]:
+    """`rows` as Parquet in a fresh bucket of the moto server; its URL, and the environment that
+    points polars at the server."""
+    import io
+
+    import boto3
+    import polars as pl
+
+    bucket = f"ray-{time.monotonic_ns()}"
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_server,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    )
+    client.create_bucket(Bucket=bucket)
+    data = io.BytesIO()
+    pl.DataFrame(rows).write_parquet(data)
+    client.put_object(Bucket=bucket, Key="in/articles.parquet", Body=data.getvalue())
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": s3_server,
+        "AWS_ALLOW_HTTP": "true",
+    }
+    return f"s3://{bucket}/in/articles.parquet", env
+
+
+def test_workers_read_their_rows_from_object_storage_and_a_death_loses_none(
+    ray_session: Any, tmp_path: Path, s3_server: str
+) -> None:
+    """Parquet in S3: the driver sends only which rows (and their keys); the workers read them.
+    A worker killed mid-run: every row once in the output all the same."""
+    import signal
+
+    import polars as pl
+
+    from batchrun.simulator import SimulatorConfig, serve_in_thread
+    from tests.conftest import TEST_KEY, read_output, wait_for_rows
+
+    rows = article_rows(300)
+    url, env = s3_input(s3_server, rows)
+    with serve_in_thread(SimulatorConfig(api_key=TEST_KEY, latency_ms=20)) as sim:
+        job = write_job(tmp_path, rows, sim.base_url, concurrency=4, input={"path": url, "id_column": "id"})
+        proc = ray_driver(job, ray_session, tmp_path / "driver.log", env)
+        try:
+            wait_for_rows(job, 40, deadline_s=60)
+            pids = ray_worker_pids()
+            assert pids
+            os.kill(pids[0], signal.SIGKILL)
+            code = proc.wait(timeout=120)
+        finally:
+            proc.kill()
+        paid = sim.stats.ok_by_user_message
+    log = (tmp_path / "driver.log").read_text()
+    assert code == 0, log
+    out = read_output(job)
+    assert out["id"].sort().to_list() == [r["id"] for r in rows]
+    assert out.filter(pl.col("status") == "ok").height == len(rows)
+    assert len(paid) == len(rows)
+
+
+def test_an_input_overwritten_during_the_run_stops_it(
+    ray_session: Any, tmp_path: Path, s3_server: str
+) -> None:
+    """The workers read rows the driver keyed: rows that changed since are refused, not answered
+    under another row's request key."""
+    import io
+
+    import boto3
+    import polars as pl
+
+    from batchrun.simulator import SimulatorConfig, serve_in_thread
+    from tests.conftest import TEST_KEY, checkpoint_rows, wait_for_rows
+
+    rows = article_rows(300)
+    url, env = s3_input(s3_server, rows)
+    bucket, key = url.removeprefix("s3://").split("/", 1)
+    with serve_in_thread(SimulatorConfig(api_key=TEST_KEY, latency_ms=50)) as sim:
+        job = write_job(tmp_path, rows, sim.base_url, concurrency=2, input={"path": url, "id_column": "id"})
+        proc = ray_driver(job, ray_session, tmp_path / "driver.log", env)
+        try:
+            wait_for_rows(job, 10, deadline_s=60)
+            changed = io.BytesIO()
+            pl.DataFrame([{**r, "title": r["title"] + " (v2)"} for r in rows]).write_parquet(changed)
+            client = boto3.client(
+                "s3",
+                endpoint_url=s3_server,
+                aws_access_key_id="testing",
+                aws_secret_access_key="testing",
+                region_name="us-east-1",
+            )
+            client.put_object(Bucket=bucket, Key=key, Body=changed.getvalue())
+            code = proc.wait(timeout=60)
+        finally:
+            proc.kill()
+    log = (tmp_path / "driver.log").read_text()
+    assert code != 0, log
+    assert "is not what the driver read: the input changed during the run" in log
+    assert checkpoint_rows(job) < len(rows)

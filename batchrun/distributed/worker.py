@@ -20,6 +20,8 @@ from batchrun.client import ChatClient
 from batchrun.core import Core, RunStats, Stop
 from batchrun.cost import Price
 from batchrun.distributed.limiter import ClusterBudget, ClusterLimiter
+from batchrun.distributed.shards import RowsToRead, read_rows
+from batchrun.errors import BatchrunError
 from batchrun.events import Level, RunStarted
 from batchrun.plan import Planned, PreparedJob
 from batchrun.runner import api_key, run_async
@@ -78,15 +80,27 @@ class Worker:
             self._stop.request()
 
     def run(
-        self, job: PreparedJob, shard: list[Planned], settings: ShardSettings, limits: Any, holder: str = ""
+        self,
+        job: PreparedJob,
+        shard: list[Planned] | RowsToRead,
+        settings: ShardSettings,
+        limits: Any,
+        holder: str = "",
     ) -> Iterator[tuple[str, Any]]:
-        """Send the shard; yield ("rows", [RowResult...]) and ("say", (message, level)) as they
-        come, then ("stats", RunStats). `holder` names this worker's leases to the limiter actor."""
+        """Send the shard (its rows, or which rows to read from the input: shards.py); yield
+        ("rows", [RowResult...]) and ("say", (message, level)) as they come, then ("stats",
+        RunStats). `holder` names this worker's leases to the limiter actor."""
         import ray
 
         if self._stop.requests:  # the stop crossed this shard's start: its rows stay pending
             yield "stats", RunStats(0, 0, 0, 0, 0, 0.0, {}, 0, 0, "interrupted")
             return
+        if isinstance(shard, RowsToRead):
+            try:
+                shard = read_rows(job, shard, job.keys(settings.simulated))
+            except BatchrunError as exc:  # the job stops, as on a core's error: its rows stay pending
+                yield "stats", RunStats(0, 0, 0, 0, 0, 0.0, {}, 0, 0, "aborted", error=exc)
+                return
         spec = job.spec
         key = "simulated" if settings.simulated else api_key(spec.endpoint)
         params = job.params
