@@ -13,9 +13,10 @@ it once per request:
   accounted for the whole cluster: what remained when the server counted a request, less every
   ticket that may have gone out after it, is what the cluster may still send before the reset;
   leases stop there and the cluster holds until the reset. What may have gone out after a
-  request: the tickets issued after its lease, and those of the other workers' leases still in
-  hand when it was leased (a worker leases again only once its slots are spent). So unpaced
-  workers (no rate_limit) lease too: slots without delays, a worker's width at a time.
+  request: when paced, the slots leased after its own (slots are timed in the order they are
+  leased); unpaced (no rate_limit), also those of the other workers' leases still in hand when
+  its own was leased (a worker leases again only once its slots are spent). So unpaced workers
+  lease too: slots without delays, a worker's width at a time.
 * A slot is leased at the asking request's token estimate; the request that takes it settles the
   difference: a larger one pushes this worker's later slots back at once, and the cluster's pace
   at its next lease.
@@ -108,8 +109,11 @@ class ClusterLimits:
             self.slowdown = 1.0 + (self.slowdown - 1.0) * (1 - PACED_CREEP) ** successes
         count = self._allowed(count, tokens, now)
         first = (self.issued, self.tokens_issued)
-        others = [in_hand for who, in_hand in self._in_hand.items() if who != holder]
         self._in_hand[holder] = first
+        # Paced slots go out in the order they are leased (each is timed after the one before),
+        # so only the slots leased after one may follow it; unpaced slots go whenever taken.
+        paced = self._request_s or self._token_s
+        others = [] if paced else [in_hand for who, in_hand in self._in_hand.items() if who != holder]
         delays = []
         for _ in range(count):
             slot = max(now, self._request_tat, self._token_tat, self._hold_until)
