@@ -21,6 +21,7 @@ from batchrun.distributed.cluster import check_address, check_versions, host_and
 from batchrun.distributed.limiter import ClusterBudget, ClusterLimiter, ClusterLimits
 from batchrun.errors import BatchrunError
 from tests.conftest import article_rows, run_batchrun, write_job
+from tests.test_storage import s3_server  # noqa: F401 (a fixture: moto's S3 on loopback)
 
 
 def free_port() -> int:
@@ -205,7 +206,7 @@ def test_the_budget_is_one_for_every_worker(ray_session: Any) -> None:
     committed = ray_session.get(actor.counts.remote())["committed_usd"]
     assert committed <= 1.0 + 1e-9
     budgets[1].settle(budgets[1].reserved_usd, 0.0)  # its rows cost nothing after all
-    budgets[1].give_back()
+    budgets[1].report()
     after = ray_session.get(actor.counts.remote())["committed_usd"]
     assert after < committed
 
@@ -335,17 +336,25 @@ def test_a_shard_started_after_the_stop_request_sends_nothing(ray_session: Any, 
     assert sent == 0
 
 
-def ray_driver(job: Path, ray_session: Any, log: Path) -> subprocess.Popen[str]:
+def ray_driver(
+    job: Path, ray_session: Any, log: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
     """`batchrun run JOB --ray --workers 2` in its own process, joining the session's Ray as
-    `ray.init()` finds a running cluster (RAY_ADDRESS); its stderr in `log`."""
+    `ray.init()` finds a running cluster (RAY_ADDRESS); its stderr in `log`. `env` is set for the
+    driver and, through the job's runtime_env, its workers (as `ray job submit
+    --runtime-env-json` would)."""
     address = ray_session.get_runtime_context().gcs_address
+    extra = {}
+    if env:
+        job_config = {"runtime_env": {"env_vars": env}}
+        extra = {**env, "RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps(job_config)}
     with log.open("w") as stderr:
         return subprocess.Popen(
             [sys.executable, "-m", "batchrun", "run", str(job), "--ray", "--workers", "2"],
             stdout=subprocess.DEVNULL,
             stderr=stderr,
             text=True,
-            env={**os.environ, "RAY_ADDRESS": address},
+            env={**os.environ, "RAY_ADDRESS": address, **extra},
         )
 
 
@@ -430,3 +439,207 @@ def test_ctrl_c_on_the_driver_stops_every_worker_and_writes_the_rest_pending(
     assert out["id"].sort().to_list() == [r["id"] for r in rows]
     assert set(out["status"]) == {"ok", "pending"}
     assert out.filter(pl.col("status") == "ok").height == answered  # every answered row kept
+
+
+# --- the shared limit and budget: x-ratelimit allowance, token charges, a dead worker's grant ---------
+
+
+def test_an_allowance_from_headers_is_spent_once_by_the_whole_cluster(ray_session: Any) -> None:
+    """One worker learns `x-ratelimit-remaining-requests: 10` (reset in 1 s); both then send as
+    fast as they may: together no more than those 10 go out before the reset."""
+    from batchrun.limits import RateLimitHeaders
+
+    actor = limits_actor(ray_session, requests_per_minute=None, tokens_per_minute=None)
+
+    async def main() -> int:
+        told, other = ClusterLimiter(actor, 4), ClusterLimiter(actor, 4)
+        headers = RateLimitHeaders(remaining_requests=10, reset_requests_s=1.0)
+        told.release(await told.acquire(10), ok=True, headers=headers)
+        until = time.monotonic() + 0.8
+
+        async def spend(limiter: ClusterLimiter) -> int:
+            sent = 0
+            while (left := until - time.monotonic()) > 0:
+                try:
+                    permit = await asyncio.wait_for(limiter.acquire(10), left)
+                except TimeoutError:
+                    break
+                if time.monotonic() < until:
+                    sent += 1
+                limiter.release(permit, ok=True)
+                await asyncio.sleep(0.005)
+            return sent
+
+        return sum(await asyncio.gather(spend(told), spend(other)))
+
+    sent = asyncio.run(main())
+    assert 0 < sent <= 10
+
+
+def test_an_allowance_less_than_the_slots_in_hand_holds_every_worker(ray_session: Any) -> None:
+    """`x-ratelimit-remaining-requests: 3` while the two workers hold more leased slots than that
+    (any may go out after the request the server counted): the cluster holds until the reset; the
+    other worker spends at most the slots it had in hand before it hears (within POLL_S)."""
+    from batchrun.limits import RateLimitHeaders
+
+    actor = limits_actor(ray_session, requests_per_minute=60_000, tokens_per_minute=None)
+
+    async def main() -> int:
+        told, other = (ClusterLimiter(actor, 4, requests_per_minute=60_000) for _ in range(2))
+        other.release(await other.acquire(10), ok=True)  # it leased 4 slots: 3 in hand
+        headers = RateLimitHeaders(remaining_requests=3, reset_requests_s=0.6)
+        told.release(await told.acquire(10), ok=True, headers=headers)
+        until = time.monotonic() + 0.5
+        sent = 0
+        while (left := until - time.monotonic()) > 0:
+            try:
+                permit = await asyncio.wait_for(other.acquire(10), left)
+            except TimeoutError:
+                break
+            sent += time.monotonic() < until
+            other.release(permit, ok=True)
+            await asyncio.sleep(0.01)
+        return sent
+
+    assert asyncio.run(main()) <= 3
+
+
+def test_each_leased_permit_is_charged_its_own_tokens(ray_session: Any) -> None:
+    """A lease asked for by a short prompt, its slots taken by long ones: the token pace must be
+    that of the long ones (10,000 tokens/s; 3 x 7 requests of 1,000 tokens after each short one)."""
+    tpm, rpm = 600_000, 600_000
+    actor = limits_actor(ray_session, requests_per_minute=rpm, tokens_per_minute=tpm)
+
+    async def main() -> float:
+        limiter = ClusterLimiter(actor, 8, requests_per_minute=rpm, tokens_per_minute=tpm)
+        started = time.monotonic()
+        for _ in range(3):
+            for chars in [3] + [3000] * 7:  # 1 token, then 1,000 tokens each
+                limiter.release(await limiter.acquire(chars), ok=True)
+        return time.monotonic() - started
+
+    elapsed = asyncio.run(main())
+    tokens = 3 * 7 * 1000
+    assert elapsed >= 0.8 * (tokens - 1000) / (tpm / 60), f"{tokens} tokens in {elapsed:.2f} s"
+
+
+def test_a_dead_workers_unspent_grant_goes_back_to_the_budget(ray_session: Any) -> None:
+    """Worker A takes a grant, reserves one row and dies after reporting a batch; B can still
+    spend all the budget but A's row in flight."""
+    actor = limits_actor(ray_session, requests_per_minute=None, tokens_per_minute=None, max_cost_usd=1.0)
+    dead = ClusterBudget(actor, 1.0, width=4, get=ray_session.get)
+    assert dead.reserve(0.05)  # granted 16 rows' worth: 0.80
+    dead.report()  # what a worker does with each batch it returns; then it is killed
+    alive = ClusterBudget(actor, 1.0, width=4, get=ray_session.get)
+    reserved = 0
+    while alive.reserve(0.05):
+        reserved += 1
+    assert reserved >= 18  # (1.00 - 0.05 in flight at A) / 0.05, less rounding (before: 4)
+    assert ray_session.get(actor.counts.remote())["committed_usd"] <= 1.0 + 1e-9
+
+
+# --- rows from object storage: each worker reads its shard -------------------------------------------
+
+
+def s3_input(s3_server: str, rows: list[dict[str, Any]]) -> tuple[str, dict[str, str]]:
+    """`rows` as Parquet in a fresh bucket of the moto server; its URL, and the environment that
+    points polars at the server."""
+    import io
+
+    import boto3
+    import polars as pl
+
+    bucket = f"ray-{time.monotonic_ns()}"
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_server,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    )
+    client.create_bucket(Bucket=bucket)
+    data = io.BytesIO()
+    pl.DataFrame(rows).write_parquet(data)
+    client.put_object(Bucket=bucket, Key="in/articles.parquet", Body=data.getvalue())
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": s3_server,
+        "AWS_ALLOW_HTTP": "true",
+    }
+    return f"s3://{bucket}/in/articles.parquet", env
+
+
+def test_workers_read_their_rows_from_object_storage_and_a_death_loses_none(
+    ray_session: Any, tmp_path: Path, s3_server: str
+) -> None:
+    """Parquet in S3: the driver sends only which rows (and their keys); the workers read them.
+    A worker killed mid-run: every row once in the output all the same."""
+    import signal
+
+    import polars as pl
+
+    from batchrun.simulator import SimulatorConfig, serve_in_thread
+    from tests.conftest import TEST_KEY, read_output, wait_for_rows
+
+    rows = article_rows(300)
+    url, env = s3_input(s3_server, rows)
+    with serve_in_thread(SimulatorConfig(api_key=TEST_KEY, latency_ms=20)) as sim:
+        job = write_job(tmp_path, rows, sim.base_url, concurrency=4, input={"path": url, "id_column": "id"})
+        proc = ray_driver(job, ray_session, tmp_path / "driver.log", env)
+        try:
+            wait_for_rows(job, 40, deadline_s=60)
+            pids = ray_worker_pids()
+            assert pids
+            os.kill(pids[0], signal.SIGKILL)
+            code = proc.wait(timeout=120)
+        finally:
+            proc.kill()
+        paid = sim.stats.ok_by_user_message
+    log = (tmp_path / "driver.log").read_text()
+    assert code == 0, log
+    out = read_output(job)
+    assert out["id"].sort().to_list() == [r["id"] for r in rows]
+    assert out.filter(pl.col("status") == "ok").height == len(rows)
+    assert len(paid) == len(rows)
+
+
+def test_an_input_overwritten_during_the_run_stops_it(
+    ray_session: Any, tmp_path: Path, s3_server: str
+) -> None:
+    """The workers read rows the driver keyed: rows that changed since are refused, not answered
+    under another row's request key."""
+    import io
+
+    import boto3
+    import polars as pl
+
+    from batchrun.simulator import SimulatorConfig, serve_in_thread
+    from tests.conftest import TEST_KEY, checkpoint_rows, wait_for_rows
+
+    rows = article_rows(300)
+    url, env = s3_input(s3_server, rows)
+    bucket, key = url.removeprefix("s3://").split("/", 1)
+    with serve_in_thread(SimulatorConfig(api_key=TEST_KEY, latency_ms=50)) as sim:
+        job = write_job(tmp_path, rows, sim.base_url, concurrency=2, input={"path": url, "id_column": "id"})
+        proc = ray_driver(job, ray_session, tmp_path / "driver.log", env)
+        try:
+            wait_for_rows(job, 10, deadline_s=60)
+            changed = io.BytesIO()
+            pl.DataFrame([{**r, "title": r["title"] + " (v2)"} for r in rows]).write_parquet(changed)
+            client = boto3.client(
+                "s3",
+                endpoint_url=s3_server,
+                aws_access_key_id="testing",
+                aws_secret_access_key="testing",
+                region_name="us-east-1",
+            )
+            client.put_object(Bucket=bucket, Key=key, Body=changed.getvalue())
+            code = proc.wait(timeout=60)
+        finally:
+            proc.kill()
+    log = (tmp_path / "driver.log").read_text()
+    assert code != 0, log
+    assert "is not what the driver read: the input changed during the run" in log
+    assert checkpoint_rows(job) < len(rows)

@@ -8,11 +8,13 @@ another batchrun than the driver would run another core, so it is refused.
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import socket
 from typing import Any
 
 from batchrun.errors import BatchrunError
 
+AUTH_MODE_VARIABLE = "RAY_AUTH_MODE"  # "token": this driver sends the cluster's token
 CONNECT_TIMEOUT_S = 5.0  # the TCP check of --ray ADDRESS; the whole refusal stays well under 30 s
 RAY_CLIENT_PORT = 10001  # ray://HOST without a port
 GCS_PORT = 6379  # HOST without a port: the head node's GCS
@@ -68,9 +70,24 @@ def connect(address: str | None, **init: Any) -> Any:
     if not ray.is_initialized():
         if address is not None and address not in ("auto", "local"):
             check_address(address)
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, **init)
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, **init)
+        except ConnectionError as exc:  # Ray's own, after its retries (about 20 s)
+            raise BatchrunError(f"cannot join the Ray cluster at {address}: {_why(exc)}") from None
     check_versions(ray)
     return ray
+
+
+def _why(exc: ConnectionError) -> str:
+    """Ray says only that it failed; the likely cause of a cluster that answers but refuses is
+    its token authentication, which Ray never turns on for an explicit address by itself."""
+    if os.environ.get(AUTH_MODE_VARIABLE, "").lower() == "token":
+        return str(exc).splitlines()[0]
+    return (
+        f"if it uses token authentication, set {AUTH_MODE_VARIABLE}=token "
+        "and give this machine the cluster's token (~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or "
+        "RAY_AUTH_TOKEN)"
+    )
 
 
 def check_versions(ray: Any, ours: str | None = None) -> None:

@@ -22,6 +22,7 @@ from batchrun.core import RunStats, Stop
 from batchrun.distributed import RayOptions
 from batchrun.distributed.cluster import connect
 from batchrun.distributed.limiter import ClusterLimits
+from batchrun.distributed.shards import RowsToRead, workers_read
 from batchrun.distributed.worker import ShardSettings, Worker
 from batchrun.errors import BatchrunError
 from batchrun.events import Events
@@ -93,6 +94,7 @@ async def run_on_cluster(run: ClusterRun, ray_options: RayOptions) -> RunStats:
     actor = ray.remote(num_cpus=0, max_concurrency=2)(Worker)
     workers = [actor.options(max_restarts=-1, max_task_retries=0).remote() for _ in range(workers_n)]
     job_ref = ray.put(run.job)
+    read_there = workers_read(run.job)
     run.tallies = [WorkerTally() for _ in workers]
     shards = _Shards(run, workers_n)
     loop = asyncio.get_running_loop()
@@ -117,14 +119,18 @@ async def run_on_cluster(run: ClusterRun, ray_options: RayOptions) -> RunStats:
         worker = workers[index]
         while not stopping.is_set() and (shard := shards.take()) is not None:
             received: set[int] = set()
+            sent = RowsToRead.of(shard) if read_there else shard
             try:
                 call = worker.run.options(num_returns="streaming")
-                for ref in call.remote(job_ref, shard, settings, limits):
+                for ref in call.remote(job_ref, sent, settings, limits, str(index)):
                     kind, item = ray.get(ref)
                     if kind == "rows":
                         received.update(r.row for r in item)
+                    elif kind == "stats" and item.error is not None:
+                        stopping.set()  # the job stops: no more shards
                     loop.call_soon_threadsafe(inbox.put_nowait, (index, kind, item))
             except ray.exceptions.RayActorError:
+                limits.forget.remote(str(index))  # its leases died with it
                 run.tallies[index].restarts += 1
                 shards.give_back([planned for planned in shard if planned.row not in received])
             except BaseException as exc:

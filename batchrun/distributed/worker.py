@@ -20,6 +20,8 @@ from batchrun.client import ChatClient
 from batchrun.core import Core, RunStats, Stop
 from batchrun.cost import Price
 from batchrun.distributed.limiter import ClusterBudget, ClusterLimiter
+from batchrun.distributed.shards import RowsToRead, read_rows
+from batchrun.errors import BatchrunError
 from batchrun.events import Level, RunStarted
 from batchrun.plan import Planned, PreparedJob
 from batchrun.runner import api_key, run_async
@@ -78,15 +80,27 @@ class Worker:
             self._stop.request()
 
     def run(
-        self, job: PreparedJob, shard: list[Planned], settings: ShardSettings, limits: Any
+        self,
+        job: PreparedJob,
+        shard: list[Planned] | RowsToRead,
+        settings: ShardSettings,
+        limits: Any,
+        holder: str = "",
     ) -> Iterator[tuple[str, Any]]:
-        """Send the shard; yield ("rows", [RowResult...]) and ("say", (message, level)) as they
-        come, then ("stats", RunStats)."""
+        """Send the shard (its rows, or which rows to read from the input: shards.py); yield
+        ("rows", [RowResult...]) and ("say", (message, level)) as they come, then ("stats",
+        RunStats). `holder` names this worker's leases to the limiter actor."""
         import ray
 
         if self._stop.requests:  # the stop crossed this shard's start: its rows stay pending
             yield "stats", RunStats(0, 0, 0, 0, 0, 0.0, {}, 0, 0, "interrupted")
             return
+        if isinstance(shard, RowsToRead):
+            try:
+                shard = read_rows(job, shard, job.keys(settings.simulated))
+            except BatchrunError as exc:  # the job stops, as on a core's error: its rows stay pending
+                yield "stats", RunStats(0, 0, 0, 0, 0, 0.0, {}, 0, 0, "aborted", error=exc)
+                return
         spec = job.spec
         key = "simulated" if settings.simulated else api_key(spec.endpoint)
         params = job.params
@@ -96,18 +110,20 @@ class Worker:
             if settings.max_cost_usd is None
             else ClusterBudget(limits, settings.max_cost_usd, settings.width, ray.get)
         )
+        limiter = ClusterLimiter(
+            limits,
+            settings.width,
+            spec.rate_limit.requests_per_minute,
+            spec.rate_limit.tokens_per_minute,
+            max_tokens=params.get("max_completion_tokens", params.get("max_tokens")),
+            max_hold_s=spec.retry.max_backoff_s,
+            holder=holder,
+        )
         core = Core(
             job,
             _each(shard),
             ChatClient(settings.base_url, key, spec.endpoint.timeout_s, settings.width),
-            ClusterLimiter(
-                limits,
-                settings.width,
-                spec.rate_limit.requests_per_minute,
-                spec.rate_limit.tokens_per_minute,
-                max_tokens=params.get("max_completion_tokens", params.get("max_tokens")),
-                max_hold_s=spec.retry.max_backoff_s,
-            ),
+            limiter,
             relay.record,
             relay,
             width=settings.width,
@@ -144,9 +160,12 @@ class Worker:
             except queue.Empty:
                 pass
             if batch:
+                if budget is not None:
+                    budget.report()
                 yield "rows", batch
+        limiter.close()
         if budget is not None:
-            budget.give_back()
+            budget.report()
         if isinstance(outcome[0], BaseException):
             raise outcome[0]
         yield "stats", outcome[0]

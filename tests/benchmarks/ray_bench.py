@@ -1,8 +1,9 @@
 """What a run on Ray costs and what bounds it (#14): rows/s with 1 and 2 workers against the
 simulator, the share of a cluster-wide rate limit reached under the simulator's sliding window,
-the rows/s the driver can checkpoint from workers, and the permits/s the limiter actor grants.
+the rows/s the driver can checkpoint from workers, the permits/s the limiter actor grants, and
+what a shard costs the driver per row when it sends the rows and when the workers read them.
 
-    python tests/benchmarks/ray_bench.py [--only throughput|limit|checkpoint|leases]
+    python tests/benchmarks/ray_bench.py [--only throughput|limit|checkpoint|leases|shards]
 
 Starts its own local Ray (two CPUs, files in a temp dir) and a simulator in its own process, and
 stops both. Targets (issue #14) are printed pass/fail beside the figures.
@@ -227,13 +228,101 @@ def bench_leases(ray: Any, adapters: int = 2, width: int = 512, seconds: float =
     }
 
 
+class _Taker:
+    """A worker that takes a shard and says how many rows it holds."""
+
+    def take(self, shard: Any) -> int:
+        return len(shard)
+
+
+def bench_shards(
+    ray: Any, base: Path, rows: int = 2000, chars: int = 2000, rounds: int = 5
+) -> dict[str, Any]:
+    """What reaches a worker per row when the driver sends the rows (rendered requests) and when
+    the workers read Parquet from object storage (row numbers and request keys): pickled bytes,
+    and the driver-to-worker time of one shard (Ray's serialising, transfer, unpickling); then the
+    worker's own read of that shard from moto's S3 server on loopback, the cost moved to it."""
+    import io
+    import logging
+    import pickle
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from batchrun.distributed.shards import RowsToRead, read_rows
+    from batchrun.job import load_job
+    from batchrun.plan import KeyedPlan, prepare
+
+    base.mkdir(parents=True, exist_ok=True)
+    words = "the quick brown fox jumps over a lazy dog near riverbank at dawn".split()
+    text = [" ".join(words[(i + j) % len(words)] for j in range(chars // 5))[:chars] for i in range(rows)]
+    table = pl.DataFrame({"id": range(rows), "text": text})
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's server: a line per request
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ALLOW_HTTP": "true",
+    }
+    os.environ.update(env)  # this process reads as a worker would (the actors below only unpickle)
+    try:
+        client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
+        client.create_bucket(Bucket="bench")
+        data = io.BytesIO()
+        table.write_parquet(data)
+        client.put_object(Bucket="bench", Key="in.parquet", Body=data.getvalue())
+        job_path = write_job(base, rows, "http://127.0.0.1:9", 8)
+        spec = yaml.safe_load(job_path.read_text())
+        spec["input"]["path"] = "s3://bench/in.parquet"
+        job_path.write_text(yaml.safe_dump(spec))
+        job = prepare(load_job(job_path), write=False)
+        checkpoint = open_checkpoint(base / "shards.checkpoint.sqlite", "fresh", job.fingerprint(False))
+        keys = job.keys(False)
+        plan = KeyedPlan(job, checkpoint.key_index(dedupe=False), keys)
+        planned = [p for batch in iter(plan.next_batch, None) for p in batch]
+        by_reference = RowsToRead.of(planned)
+        taker = ray.remote(num_cpus=0)(_Taker).remote()
+        ray.get(taker.take.remote([]))
+
+        def per_row_us(shard: Any) -> float:
+            started = time.perf_counter()
+            for _ in range(rounds):
+                assert ray.get(taker.take.remote(shard)) == rows
+            return round((time.perf_counter() - started) / rounds / rows * 1e6, 1)
+
+        started = time.perf_counter()
+        read = read_rows(job, by_reference, keys)
+        read_us = round((time.perf_counter() - started) / rows * 1e6, 1)
+        assert [p.body for p in read] == [p.body for p in planned]
+        figures = {
+            "rows": rows,
+            "prompt_chars": chars,
+            "rows_bytes_per_row": len(pickle.dumps(planned, protocol=5)) // rows,
+            "reference_bytes_per_row": len(pickle.dumps(by_reference, protocol=5)) // rows,
+            "rows_us_per_row": per_row_us(planned),
+            "reference_us_per_row": per_row_us(by_reference),
+            "worker_read_us_per_row": read_us,
+        }
+        ray.kill(taker)
+        checkpoint.close()
+        return figures
+    finally:
+        for name in env:
+            os.environ.pop(name, None)
+        server.stop()
+
+
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--only", choices=["throughput", "limit", "checkpoint", "leases"])
+    parser.add_argument("--only", choices=["throughput", "limit", "checkpoint", "leases", "shards"])
     only = parser.parse_args().only
     import ray
 
@@ -273,6 +362,10 @@ def main() -> None:
                 f"(target >= 20,000/s): {verdict(leases['permits_per_s'] >= 20_000)}",
             )
             print("  one slot a lease, 32 workers:", bench_leases(ray, adapters=32, width=1))
+        if only in (None, "shards"):
+            print(
+                "shards to workers (rows vs Parquet in object storage):", bench_shards(ray, base / "shards")
+            )
     finally:
         ray.shutdown()
 
