@@ -21,7 +21,6 @@ from batchrun.distributed.cluster import check_address, check_versions, host_and
 from batchrun.distributed.limiter import ClusterBudget, ClusterLimiter, ClusterLimits
 from batchrun.errors import BatchrunError
 from tests.conftest import article_rows, run_batchrun, write_job
-from tests.test_storage import s3_server  # noqa: F401 (a fixture: moto's S3 on loopback)
 
 
 def free_port() -> int:

@@ -6,7 +6,6 @@ stop the job with one line before anything is sent."""
 from __future__ import annotations
 
 import hashlib
-import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,25 +14,12 @@ import boto3
 import polars as pl
 import pytest
 import yaml
-from moto.server import ThreadedMotoServer
 
 from batchrun.simulator import RunningSimulator
 from tests.conftest import TEST_KEY, TEST_KEY_ENV, article_rows, invoke
 from tests.stub_server import Reply, Request, serve_stub
 
 BUCKET = "batchrun-test"
-
-
-@pytest.fixture(scope="module")
-def s3_server() -> Iterator[str]:
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request would mix into stderr
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
 
 
 def s3_env(monkeypatch: pytest.MonkeyPatch, endpoint: str) -> None:

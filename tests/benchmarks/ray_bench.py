@@ -254,7 +254,21 @@ def bench_shards(
     from batchrun.plan import KeyedPlan, prepare
 
     base.mkdir(parents=True, exist_ok=True)
-    words = "the quick brown fox jumps over a lazy dog near riverbank at dawn".split()
+    words = [
+        "the",
+        "quick",
+        "brown",
+        "fox",
+        "jumps",
+        "over",
+        "a",
+        "lazy",
+        "dog",
+        "near",
+        "riverbank",
+        "at",
+        "dawn",
+    ]
     text = [" ".join(words[(i + j) % len(words)] for j in range(chars // 5))[:chars] for i in range(rows)]
     table = pl.DataFrame({"id": range(rows), "text": text})
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's server: a line per request
