@@ -154,6 +154,7 @@ class PreparedJob:
             positions = [row[ROW] for row in batch]
             occurrences, first = index.add(positions, row_keys)
             yield KeyedBatch(batch, bodies, row_keys, occurrences, first)
+        index.end()
 
 
 def _endpoint(base_url: str, simulate: bool) -> str:
@@ -220,7 +221,7 @@ class KeyedPlan:
             batch = next(self._batches, None)
             if batch is None:
                 return None
-            statuses = self._index.finished(*batch.row_range)
+            statuses = self._index.finished(*batch.row_range, "status" if self._retry_failed else "")
         id_column = self._job.source.id_column
         planned = []
         for i, row in enumerate(batch.rows):
