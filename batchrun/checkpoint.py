@@ -342,6 +342,37 @@ class Checkpoint:
         query = f"SELECT COALESCE(SUM(cost_usd), 0) FROM {USED_RESULTS}"
         return float(self._db.execute(query).fetchone()[0])
 
+    def done_before(self, below: int, dedupe: bool) -> Callable[[], tuple[dict[str, int], float]]:
+        """Rows finished among the first `below` of the rows last indexed, by status, and what
+        the results the current rows use cost (spent_usd), as the checkpoint is now: the
+        snapshot is taken here, and the count (one join of rows and results, on a connection of
+        its own) is what this returns, to run in a thread while the run sends and records."""
+        try:
+            db = sqlite3.connect(self.path, check_same_thread=False)
+            db.execute("BEGIN")
+            db.execute("SELECT 1 FROM meta").fetchall()  # the snapshot starts with a read
+        except sqlite3.Error as exc:
+            raise CheckpointError(f"cannot read checkpoint {self.path}: {exc}") from None
+
+        def count() -> tuple[dict[str, int], float]:
+            try:
+                query = (
+                    f"SELECT status, COUNT(*) FILTER (WHERE r.row < ?), SUM(cost_usd) FROM {ROW_RESULTS}"
+                    " GROUP BY 1"
+                )
+                found = db.execute(query, (below,)).fetchall()
+                if dedupe:  # rows share results: each counted once
+                    spent = db.execute(f"SELECT COALESCE(SUM(cost_usd), 0) FROM {USED_RESULTS}").fetchone()[0]
+                else:  # one result per row
+                    spent = sum(cost or 0.0 for *_, cost in found)
+            except sqlite3.Error as exc:
+                raise CheckpointError(f"cannot read checkpoint {self.path}: {exc}") from None
+            finally:
+                db.close()
+            return {status: n for status, n, _ in found if n}, float(spent)
+
+        return count
+
     def status_counts(self, below: int) -> dict[str, int]:
         """Rows finished so far among the first `below` of the rows last indexed, by status."""
         query = f"SELECT status, COUNT(*) FROM {ROW_RESULTS} WHERE r.row < ? GROUP BY 1"

@@ -3,6 +3,7 @@ notebook, plain periodic lines in a log, no progress when quiet (warnings still 
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 from collections.abc import Callable
@@ -39,6 +40,7 @@ class Progress:
         self._done_at_start = 0
         self._bar: tqdm[Never] | None = None  # a bar over no iterable
         self._next_update = self._started + PLAIN_INTERVAL_S
+        self._counted: asyncio.Future[tuple[dict[str, int], float]] | None = None
 
     def started(self, run: RunStarted) -> None:
         """Rows finished before this run (a resume) start out counted."""
@@ -50,6 +52,7 @@ class Progress:
         self.cost_usd = run.cost_usd
         self._budget_usd = run.budget_usd
         self.status = run.status or self.status
+        self._counted = run.counted
         self._started = time.monotonic()
         if not self._quiet and (self._notebook or self._stream.isatty()):
             bar: Callable[..., tqdm[Never]] = tqdm
@@ -70,7 +73,30 @@ class Progress:
             )
         self._next_update = self._started + (BAR_INTERVAL_S if self._bar else PLAIN_INTERVAL_S)
 
+    def _take_counted(self) -> None:
+        """Rows finished before this run, counted while the first rows went out: counted from
+        the start, as if they had been known then (not in this run's rate)."""
+        counted, self._counted = self._counted, None
+        assert counted is not None
+        if counted.cancelled() or counted.exception() is not None:
+            return  # the runner raises it
+        counts, spent = counted.result()
+        self.ok += counts.get("ok", 0)
+        self.failed += counts.get("failed", 0)
+        self.skipped += counts.get("skipped", 0)
+        n = sum(counts.values())
+        self.done += n
+        self._done_at_start += n
+        if self.cost_usd is not None:
+            self.cost_usd += spent
+        if self._bar is not None:
+            self._bar.initial += n
+            self._bar.n += n
+            self._bar.last_print_n += n
+
     def row_finished(self, result: RowResult) -> None:
+        if self._counted is not None and self._counted.done():
+            self._take_counted()
         self.done += 1
         if result.status == "ok":
             self.ok += 1
@@ -137,6 +163,8 @@ class Progress:
             self._bar.set_postfix_str(self._counts())
 
     def close(self) -> None:
+        if self._counted is not None and self._counted.done():
+            self._take_counted()
         if self._bar is not None:
             self._draw()
             self._bar.close()
