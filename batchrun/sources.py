@@ -80,11 +80,20 @@ class Source:
 
     def batches(self, columns: tuple[str, ...], limit: int | None) -> Iterator[list[dict[str, Any]]]:
         """Rows as dicts holding `columns` and ROW, in input order, a batch at a time."""
-        frame = self.lazy().select(ROW, *columns)
-        if limit is not None:
-            frame = frame.head(limit)
-        for batch in frame.collect_batches(chunk_size=BATCH_ROWS):
+        for batch in self.frames(self.lazy().select(ROW, *columns), limit, BATCH_ROWS):
             yield batch.to_dicts()
+
+    def frames(self, query: pl.LazyFrame, limit: int | None, rows: int) -> Iterator[pl.DataFrame]:
+        """`query` (over this input, row for row) `rows` at a time, in order, in bounded memory.
+        Parquet by slices, each read from the row groups it touches: polars' collect_batches
+        reads ahead of its consumer (1.1 GB held for 10M rows of ~300 characters, 400 MB for
+        1M). CSV and JSON lines by collect_batches: a slice of them parses from the start."""
+        total = min(self.row_count, self.row_count if limit is None else limit)
+        if input_format(self.path, self.format) != "parquet":
+            yield from query.head(total).collect_batches(chunk_size=rows)
+            return
+        for offset in range(0, total, rows):
+            yield query.slice(offset, min(rows, total - offset)).collect()
 
     def fingerprint(self) -> str:
         """A hash of a single local file's bytes: results are only reused for the very same input.
