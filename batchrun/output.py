@@ -20,7 +20,7 @@ from batchrun.sources import ROW, Source
 from batchrun.storage import Location, Url, cloud_reason
 from batchrun.structured import polars_type
 
-OUTPUT_ROWS = 65_536  # rows per part of the output: the input's ids, their results, as one frame
+OUTPUT_ROWS = 16_384  # rows per part of the output: the input's ids, their results, as one frame
 # Fetches the next n rows' results from the checkpoint, in row order (Checkpoint.output_rows).
 FetchResults = Callable[[int], list[tuple[Any, ...]]]
 
