@@ -26,6 +26,8 @@ class RunStarted:
     # done_before and cost_usd still being counted (while the first rows go out): what to add
     # to them once it is done
     counted: asyncio.Future[tuple[dict[str, int], float]] | None = None
+    # rows in `total` that are never sent, found so far: they reuse another row's answer (dedupe)
+    reused: Callable[[], int] | None = None
 
 
 class Events(Protocol):

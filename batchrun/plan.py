@@ -214,6 +214,7 @@ class KeyedPlan:
         self._retry_failed = retry_failed
         self._only = only
         self._dedupe = dedupe
+        self.reused = 0  # rows not sent so far because an earlier row sends their request (dedupe)
 
     def next_batch(self) -> list[Planned] | None:
         """The next batch's rows to send; None when the input is done."""
@@ -231,7 +232,10 @@ class KeyedPlan:
                 wanted = status is not None and status[0] == "failed"
             else:
                 wanted = status is None and (self._only is None or position in self._only)
-            if not wanted or (self._dedupe and not batch.first[i]):
+            if not wanted:
+                continue
+            if self._dedupe and not batch.first[i]:
+                self.reused += 1
                 continue
             body = batch.bodies[i]
             empty = () if body is not None else tuple(c for c in self._job.prompts.columns if row[c] is None)

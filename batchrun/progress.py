@@ -41,6 +41,7 @@ class Progress:
         self._bar: tqdm[Never] | None = None  # a bar over no iterable
         self._next_update = self._started + PLAIN_INTERVAL_S
         self._counted: asyncio.Future[tuple[dict[str, int], float]] | None = None
+        self._reused: Callable[[], int] | None = None
 
     def started(self, run: RunStarted) -> None:
         """Rows finished before this run (a resume) start out counted."""
@@ -53,6 +54,7 @@ class Progress:
         self._budget_usd = run.budget_usd
         self.status = run.status or self.status
         self._counted = run.counted
+        self._reused = run.reused
         self._started = time.monotonic()
         if not self._quiet and (self._notebook or self._stream.isatty()):
             bar: Callable[..., tqdm[Never]] = tqdm
@@ -121,7 +123,7 @@ class Progress:
         elif not self._quiet:
             if now > self._started:
                 print(
-                    f"progress: {self.done}/{self.total} rows, {self._rate(now):.1f} rows/s, "
+                    f"progress: {self.shown}/{self.total} rows, {self._rate(now):.1f} rows/s, "
                     f"{self._counts()}",
                     file=self._stream,
                     flush=True,
@@ -132,11 +134,18 @@ class Progress:
         """The count and the counts in one line: the postfix first, then the update that draws."""
         assert self._bar is not None
         self._bar.set_postfix_str(self._counts(), refresh=False)
-        self._bar.update(self.done - self._bar.n)
+        self._bar.update(self.shown - self._bar.n)
+
+    @property
+    def shown(self) -> int:
+        """The bar's count: rows finished, and rows that reuse another row's answer (dedupe):
+        they are in its total and never sent."""
+        return self.done + (self._reused() if self._reused else 0)
 
     def _counts(self) -> str:
         counts = f"ok={self.ok} failed={self.failed}"
         counts += f" skipped={self.skipped}" if self.skipped else ""
+        counts += f" reused={reused}" if self._reused and (reused := self._reused()) else ""
         counts += f" tokens={self._tokens()}"
         if self.cost_usd is not None:
             counts += f" cost=${self.cost_usd:.4f}"

@@ -196,6 +196,7 @@ async def run_job(
                 budget_usd=max_cost,
                 status=describe,
                 counted=None if counted.done() else counted,
+                reused=lambda: plan.reused,
             )
         )
         if not options.fresh:
