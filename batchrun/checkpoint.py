@@ -4,16 +4,18 @@ WAL with synchronous=NORMAL survives the process being killed at any instant (a 
 transaction is in the WAL file before commit returns); only a power loss can take back the
 last few commits.
 
-Tables (schema 2): `results`, keyed by the request a result answers (request_key, occurrence),
+Tables (schema 3): `results`, keyed by the request a result answers (request_key, occurrence),
 so an appended, edited or reordered input reuses every answer whose request it still makes;
-`rows`, the current input's rows by position -> (request_key, occurrence), rewritten a batch at
-a time by each run's key pass (KeyIndex); `seen`, how often each request came so far in that
-pass (the occurrence numbers, on disk); `meta`, the job fingerprint and the pricing. Schema 3
-adds `runs` and `attempts`, the record of how the job went (history.py).
+`rows`, the current input's rows by position -> (request_key, occurrence), rewritten in place a
+batch at a time by each run's key pass (KeyIndex; until a pass ends, the rows it has not reached
+keep the last pass's entries); `meta`, the job fingerprint and the pricing. The pass counts
+identical requests (the occurrence numbers) in a temp table, `seen`: scratch, on disk, not kept.
+`runs` and `attempts` (schema 3) are the record of how the job went (history.py).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import json
@@ -75,6 +77,8 @@ ROW_RESULTS = "rows r JOIN results USING (request_key, occurrence)"
 USED_RESULTS = "results WHERE (request_key, occurrence) IN (SELECT request_key, occurrence FROM rows)"
 _RESULTS_TABLE = ", ".join([*(f"{c.name} {c.sql}" for c in STORED), f"PRIMARY KEY ({', '.join(RESULT_KEY)})"])
 _ROWS_TABLE = "(row INTEGER PRIMARY KEY, request_key BLOB NOT NULL, occurrence INTEGER NOT NULL)"
+
+SEEN_CACHE_KIB = 65536
 
 _as_row = operator.attrgetter(*NAMES)  # dataclasses.astuple deep-copies: ~20x slower per row
 _INSERT = f"INSERT OR REPLACE INTO results ({', '.join(NAMES)}) VALUES ({', '.join('?' for _ in NAMES)})"
@@ -356,6 +360,37 @@ class Checkpoint:
         query = f"SELECT COALESCE(SUM(cost_usd), 0) FROM {USED_RESULTS}"
         return float(self._db.execute(query).fetchone()[0])
 
+    def done_before(self, below: int, dedupe: bool) -> Callable[[], tuple[dict[str, int], float]]:
+        """Rows finished among the first `below` of the rows last indexed, by status, and what
+        the results the current rows use cost (spent_usd), as the checkpoint is now: the
+        snapshot is taken here, and the count (one join of rows and results, on a connection of
+        its own) is what this returns, to run in a thread while the run sends and records."""
+        try:
+            db = sqlite3.connect(self.path, check_same_thread=False)
+            db.execute("BEGIN")
+            db.execute("SELECT 1 FROM meta").fetchall()  # the snapshot starts with a read
+        except sqlite3.Error as exc:
+            raise CheckpointError(f"cannot read checkpoint {self.path}: {exc}") from None
+
+        def count() -> tuple[dict[str, int], float]:
+            try:
+                query = (
+                    f"SELECT status, COUNT(*) FILTER (WHERE r.row < ?), SUM(cost_usd) FROM {ROW_RESULTS}"
+                    " GROUP BY 1"
+                )
+                found = db.execute(query, (below,)).fetchall()
+                if dedupe:  # rows share results: each counted once
+                    spent = db.execute(f"SELECT COALESCE(SUM(cost_usd), 0) FROM {USED_RESULTS}").fetchone()[0]
+                else:  # one result per row
+                    spent = sum(cost or 0.0 for *_, cost in found)
+            except sqlite3.Error as exc:
+                raise CheckpointError(f"cannot read checkpoint {self.path}: {exc}") from None
+            finally:
+                db.close()
+            return {status: n for status, n, _ in found if n}, float(spent)
+
+        return count
+
     def status_counts(self, below: int) -> dict[str, int]:
         """Rows finished so far among the first `below` of the rows last indexed, by status."""
         query = f"SELECT status, COUNT(*) FROM {ROW_RESULTS} WHERE r.row < ? GROUP BY 1"
@@ -456,50 +491,72 @@ class KeyIndex:
         self._schema = schema
         self._dedupe = dedupe
         self._begin = "BEGIN IMMEDIATE" if writer else "BEGIN"
+        self._last_row = -1
         db.execute(f"CREATE TABLE IF NOT EXISTS {schema}.rows {_ROWS_TABLE}")
-        db.execute(
-            f"CREATE TABLE IF NOT EXISTS {schema}.seen (request_key BLOB PRIMARY KEY, n INTEGER NOT NULL)"
-            " WITHOUT ROWID"
-        )
-        db.execute("CREATE TEMP TABLE IF NOT EXISTS batch_keys (request_key BLOB PRIMARY KEY) WITHOUT ROWID")
-        with self._transaction():
+        # Scratch of one pass, so in temp: no WAL to write, nothing to keep. In the file its
+        # random-order inserts rewrote most of its pages in the WAL each batch (O(N) per batch).
+        db.execute("PRAGMA temp.journal_mode = OFF")
+        db.execute(f"PRAGMA temp.cache_size = {-SEEN_CACHE_KIB}")
+        db.execute("DROP TABLE IF EXISTS temp.seen")
+        db.execute("CREATE TEMP TABLE seen (request_key BLOB PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID")
+        db.execute(f"CREATE TEMP TABLE IF NOT EXISTS batch {_ROWS_TABLE}")
+        if writer:  # the file's seen of a checkpoint made before it moved to temp
+            with self._transaction():
+                db.execute("DROP TABLE IF EXISTS main.seen")
+        else:
             db.execute(f"DELETE FROM {schema}.rows")
-            db.execute(f"DELETE FROM {schema}.seen")
 
     def add(self, rows: list[int], keys: list[bytes]) -> tuple[list[int], list[bool]]:
         """Index one batch of rows (in input order); each row's occurrence number, and whether it
-        is the first of its request in the input (with dedupe, the one row that is sent)."""
+        is the first of its request in the input (with dedupe, the one row that is sent).
+
+        One round of Python values per batch (the rows into temp.batch); the rest is SQL over
+        it, keys in sorted order where they meet a B-tree (seen, results): ~3x fewer page visits
+        than one statement per row in input order."""
         schema = self._schema
         with self._transaction():
-            self._db.execute("DELETE FROM temp.batch_keys")
-            self._db.executemany("INSERT OR IGNORE INTO temp.batch_keys VALUES (?)", ((k,) for k in keys))
-            before = dict(
-                self._db.execute(
-                    f"SELECT request_key, n FROM temp.batch_keys JOIN {schema}.seen USING (request_key)"
-                )
-            )
-            counts: dict[bytes, int] = {}
-            occurrences, first = [], []
-            for key in keys:
-                n = before.get(key, 0) + counts.get(key, 0)
-                counts[key] = counts.get(key, 0) + 1
-                occurrences.append(0 if self._dedupe else n)
-                first.append(n == 0)
-            self._db.executemany(
-                f"INSERT INTO {schema}.seen VALUES (?, ?)"
-                " ON CONFLICT (request_key) DO UPDATE SET n = n + excluded.n",
-                counts.items(),
-            )
-            self._db.executemany(
-                f"INSERT INTO {schema}.rows VALUES (?, ?, ?)", zip(rows, keys, occurrences, strict=True)
-            )
+            self._db.execute("DELETE FROM temp.batch")
+            self._db.executemany("INSERT INTO temp.batch VALUES (?, ?, 0)", zip(rows, keys, strict=True))
+            # Each request's count so far, this batch's rows included: one visit of seen per key.
+            now = self._db.execute(
+                "INSERT INTO temp.seen SELECT request_key, COUNT(*) FROM temp.batch WHERE true"
+                " GROUP BY request_key ON CONFLICT (request_key) DO UPDATE SET n = n + excluded.n"
+                " RETURNING request_key, n"
+            ).fetchall()
+            counts = collections.Counter(keys)
+            before = {key: n - counts[key] for key, n in now if n > counts[key]}  # earlier batches'
+            repeated: list[tuple[int, int]] = []  # (occurrence, row) where not 0
+            if not before and len(counts) == len(keys):  # the common case: all new, all distinct
+                occurrences, first = [0] * len(keys), [True] * len(keys)
+            else:
+                taken: dict[bytes, int] = {}
+                occurrences, first = [], []
+                for row, key in zip(rows, keys, strict=True):
+                    n = before.get(key, 0) + taken.get(key, 0)
+                    taken[key] = taken.get(key, 0) + 1
+                    occurrences.append(0 if self._dedupe else n)
+                    first.append(n == 0)
+                    if n and not self._dedupe:
+                        repeated.append((n, row))
+            self._db.executemany("UPDATE temp.batch SET occurrence = ? WHERE row = ?", repeated)
+            # Over the last pass's entries in place (row order: pages written once, in order);
+            # those past the input's end go in end().
+            self._db.execute(f"INSERT OR REPLACE INTO {schema}.rows SELECT * FROM temp.batch")
+        self._last_row = rows[-1]
         return occurrences, first
 
+    def end(self) -> None:
+        """The pass reached the input's end (or its limit): drop the last pass's rows past it."""
+        with self._transaction():
+            self._db.execute(f"DELETE FROM {self._schema}.rows WHERE row > ?", (self._last_row,))
+
     def finished(self, first_row: int, last_row: int, columns: str = "status") -> dict[int, tuple[Any, ...]]:
-        """The rows between `first_row` and `last_row` (indexed) that have a result: row -> `columns`."""
+        """The rows between `first_row` and `last_row` of the batch last added that have a result:
+        row -> `columns` (none: the rows only, found in the results' key index alone)."""
+        select = ", ".join(["b.row", *filter(None, [columns])])
         query = (
-            f"SELECT r.row, {columns} FROM {self._schema}.rows r JOIN results USING (request_key, occurrence)"
-            " WHERE r.row BETWEEN ? AND ?"
+            f"SELECT {select} FROM temp.batch b JOIN results USING (request_key, occurrence)"
+            " WHERE b.row BETWEEN ? AND ?"
         )
         return {row: tuple(rest) for row, *rest in self._db.execute(query, (first_row, last_row))}
 

@@ -4,6 +4,7 @@ user, and a changed status. The core never prints; each driver renders these its
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -22,6 +23,11 @@ class RunStarted:
     cost_usd: float | None = None  # spent before this run; None: the model has no price
     budget_usd: float | None = None
     status: Callable[[], str] | None = None  # the limiter's or breaker's state, read when drawn
+    # done_before and cost_usd still being counted (while the first rows go out): what to add
+    # to them once it is done
+    counted: asyncio.Future[tuple[dict[str, int], float]] | None = None
+    # rows in `total` that are never sent, found so far: they reuse another row's answer (dedupe)
+    reused: Callable[[], int] | None = None
 
 
 class Events(Protocol):

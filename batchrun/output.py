@@ -16,10 +16,11 @@ import polars as pl
 from batchrun.errors import BatchrunError
 from batchrun.job import FieldType, TableFormat, table_format
 from batchrun.results import OUTPUT_RESULT_COLUMNS, RESULT_SCHEMA
-from batchrun.sources import BATCH_ROWS, ROW, Source
+from batchrun.sources import ROW, Source
 from batchrun.storage import Location, Url, cloud_reason
 from batchrun.structured import polars_type
 
+OUTPUT_ROWS = 16_384  # rows per part of the output: the input's ids, their results, as one frame
 # Fetches the next n rows' results from the checkpoint, in row order (Checkpoint.output_rows).
 FetchResults = Callable[[int], list[tuple[Any, ...]]]
 
@@ -85,10 +86,8 @@ def _output_batches(
     id_expr = pl.col(source.id_column) if source.id_column else pl.col(ROW)
     extra = [c for c in include_columns if c != "id"]
     rows = source.lazy().select(pl.col(ROW), id_expr.alias("id"), *extra)
-    if limit is not None:
-        rows = rows.head(limit)
     struct = pl.Struct({name: polars_type(field) for name, field in fields.items()})
-    for frame in rows.collect_batches(chunk_size=BATCH_ROWS):
+    for frame in source.frames(rows, limit, OUTPUT_ROWS):
         results = pl.DataFrame(fetch(frame.height), schema=RESULT_SCHEMA, orient="row")
         if results.height != frame.height or (
             results.height and results["row"][0] != frame[ROW][0]

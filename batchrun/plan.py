@@ -154,6 +154,7 @@ class PreparedJob:
             positions = [row[ROW] for row in batch]
             occurrences, first = index.add(positions, row_keys)
             yield KeyedBatch(batch, bodies, row_keys, occurrences, first)
+        index.end()
 
 
 def _endpoint(base_url: str, simulate: bool) -> str:
@@ -213,6 +214,7 @@ class KeyedPlan:
         self._retry_failed = retry_failed
         self._only = only
         self._dedupe = dedupe
+        self.reused = 0  # rows not sent so far because an earlier row sends their request (dedupe)
 
     def next_batch(self) -> list[Planned] | None:
         """The next batch's rows to send; None when the input is done."""
@@ -220,7 +222,7 @@ class KeyedPlan:
             batch = next(self._batches, None)
             if batch is None:
                 return None
-            statuses = self._index.finished(*batch.row_range)
+            statuses = self._index.finished(*batch.row_range, "status" if self._retry_failed else "")
         id_column = self._job.source.id_column
         planned = []
         for i, row in enumerate(batch.rows):
@@ -230,7 +232,10 @@ class KeyedPlan:
                 wanted = status is not None and status[0] == "failed"
             else:
                 wanted = status is None and (self._only is None or position in self._only)
-            if not wanted or (self._dedupe and not batch.first[i]):
+            if not wanted:
+                continue
+            if self._dedupe and not batch.first[i]:
+                self.reused += 1
                 continue
             body = batch.bodies[i]
             empty = () if body is not None else tuple(c for c in self._job.prompts.columns if row[c] is None)

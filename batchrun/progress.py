@@ -3,6 +3,7 @@ notebook, plain periodic lines in a log, no progress when quiet (warnings still 
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 from collections.abc import Callable
@@ -39,6 +40,8 @@ class Progress:
         self._done_at_start = 0
         self._bar: tqdm[Never] | None = None  # a bar over no iterable
         self._next_update = self._started + PLAIN_INTERVAL_S
+        self._counted: asyncio.Future[tuple[dict[str, int], float]] | None = None
+        self._reused: Callable[[], int] | None = None
 
     def started(self, run: RunStarted) -> None:
         """Rows finished before this run (a resume) start out counted."""
@@ -50,6 +53,8 @@ class Progress:
         self.cost_usd = run.cost_usd
         self._budget_usd = run.budget_usd
         self.status = run.status or self.status
+        self._counted = run.counted
+        self._reused = run.reused
         self._started = time.monotonic()
         if not self._quiet and (self._notebook or self._stream.isatty()):
             bar: Callable[..., tqdm[Never]] = tqdm
@@ -70,7 +75,30 @@ class Progress:
             )
         self._next_update = self._started + (BAR_INTERVAL_S if self._bar else PLAIN_INTERVAL_S)
 
+    def _take_counted(self) -> None:
+        """Rows finished before this run, counted while the first rows went out: counted from
+        the start, as if they had been known then (not in this run's rate)."""
+        counted, self._counted = self._counted, None
+        assert counted is not None
+        if counted.cancelled() or counted.exception() is not None:
+            return  # the runner raises it
+        counts, spent = counted.result()
+        self.ok += counts.get("ok", 0)
+        self.failed += counts.get("failed", 0)
+        self.skipped += counts.get("skipped", 0)
+        n = sum(counts.values())
+        self.done += n
+        self._done_at_start += n
+        if self.cost_usd is not None:
+            self.cost_usd += spent
+        if self._bar is not None:
+            self._bar.initial += n
+            self._bar.n += n
+            self._bar.last_print_n += n
+
     def row_finished(self, result: RowResult) -> None:
+        if self._counted is not None and self._counted.done():
+            self._take_counted()
         self.done += 1
         if result.status == "ok":
             self.ok += 1
@@ -95,7 +123,7 @@ class Progress:
         elif not self._quiet:
             if now > self._started:
                 print(
-                    f"progress: {self.done}/{self.total} rows, {self._rate(now):.1f} rows/s, "
+                    f"progress: {self.shown}/{self.total} rows, {self._rate(now):.1f} rows/s, "
                     f"{self._counts()}",
                     file=self._stream,
                     flush=True,
@@ -106,11 +134,18 @@ class Progress:
         """The count and the counts in one line: the postfix first, then the update that draws."""
         assert self._bar is not None
         self._bar.set_postfix_str(self._counts(), refresh=False)
-        self._bar.update(self.done - self._bar.n)
+        self._bar.update(self.shown - self._bar.n)
+
+    @property
+    def shown(self) -> int:
+        """The bar's count: rows finished, and rows that reuse another row's answer (dedupe):
+        they are in its total and never sent."""
+        return self.done + (self._reused() if self._reused else 0)
 
     def _counts(self) -> str:
         counts = f"ok={self.ok} failed={self.failed}"
         counts += f" skipped={self.skipped}" if self.skipped else ""
+        counts += f" reused={reused}" if self._reused and (reused := self._reused()) else ""
         counts += f" tokens={self._tokens()}"
         if self.cost_usd is not None:
             counts += f" cost=${self.cost_usd:.4f}"
@@ -137,6 +172,8 @@ class Progress:
             self._bar.set_postfix_str(self._counts())
 
     def close(self) -> None:
+        if self._counted is not None and self._counted.done():
+            self._take_counted()
         if self._bar is not None:
             self._draw()
             self._bar.close()

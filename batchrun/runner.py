@@ -8,10 +8,13 @@ the event loop, own the signals, render the events and start the simulator for -
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
+import sys
+import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -37,6 +40,8 @@ if TYPE_CHECKING:
     import httpx2
 
 T = TypeVar("T")
+COUNT_WAIT_S = 0.25  # how long the first request may wait for the count of the rows done
+BACKGROUND_NICE = 10  # the count's thread: ~10% of a core the run keeps busy, all of an idle one
 
 
 @dataclass(frozen=True)
@@ -105,14 +110,26 @@ async def run_job(
         await asyncio.to_thread(refuse_resend, job, fingerprint, options)
     mode: Mode = "fresh" if options.fresh else "resume"
     checkpoint = open_checkpoint(job.checkpoint_path, mode, *made_for, rekey=rekey_by_row(job, made_for))
+    counted: asyncio.Future[tuple[dict[str, int], float]] | None = None
     try:
         checkpoint.begin_run("local" if options.ray is None else "ray")
         repriced = checkpoint.reprice(repr(price), functools.partial(request_cost, price))
-        spent = checkpoint.spent_usd()
         in_scope = min(options.limit or job.source.row_count, job.source.row_count)
-        # As the last run indexed the input: exact for a resume of the same input (a SQL count,
-        # no set of rows); the plan below finds what is done row by row as it goes.
-        before = checkpoint.status_counts(below=in_scope)
+        # What is done, as the last run indexed the input (exact for a resume of the same input;
+        # the plan finds what is done row by row as it goes): a join over every row, so it runs
+        # beside the sending, and the bar and `resuming:` take it when it is in, unless the run
+        # needs it to start: what was spent for a budget, what to send for --retry-failed,
+        # --rows and Ray. A fresh run has nothing done.
+        counted = _in_background(checkpoint.done_before(in_scope, spec.dedupe))
+        before: dict[str, int] = {}
+        spent = 0.0
+        needed = max_cost is not None or options.rows is not None or options.ray is not None
+        if needed or options.fresh or options.retry_failed:
+            before, spent = await counted
+        else:  # in time for the first frame of the bar (any checkpoint of up to ~100k rows)
+            await asyncio.wait({counted}, timeout=COUNT_WAIT_S)
+            if counted.done():
+                before, spent = counted.result()
         done = sum(before.values())
         if options.retry_failed:
             to_send = before.get("failed", 0)
@@ -180,10 +197,12 @@ async def run_job(
                 cost_usd=None if price is None else spent,
                 budget_usd=max_cost,
                 status=describe,
+                counted=None if counted.done() else counted,
+                reused=lambda: plan.reused,
             )
         )
-        if done and not options.fresh:
-            events.say(f"resuming: {done} of {in_scope} rows already done")
+        if not options.fresh:
+            counted.add_done_callback(functools.partial(_say_resuming, events, in_scope))
         if repriced and not options.fresh:
             events.say(f"pricing changed since the checkpoint was made: repriced {repriced} rows")
         if model_note:
@@ -210,6 +229,7 @@ async def run_job(
             # Nothing was answered, or nothing more can be recorded: no output.
             assert stats.error is not None
             raise stats.error
+        await counted  # its figures are shown by now, and its error raised
         await asyncio.to_thread(plan.finish)  # index the rows a stopped run did not reach
         by_status = await asyncio.to_thread(
             write_output,
@@ -258,7 +278,52 @@ async def run_job(
             raise asyncio.CancelledError
         return result
     finally:
+        if counted is not None and not counted.done():
+            counted.cancel()  # the run ended before the count
+        elif counted is not None and not counted.cancelled():
+            counted.exception()  # retrieved: a failed count failed the run, or the run failed first
         checkpoint.close()
+
+
+def _in_background(count: Callable[[], T]) -> asyncio.Future[T]:
+    """`count()` in a thread of its own at a low priority (Linux: nice 10, that thread only), so
+    that it takes the CPU the run leaves: beside a run pinned to one core it took half of it."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def run() -> None:
+        if sys.platform == "linux":
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
+
+        def settle(result: T | None, error: Exception | None) -> None:
+            if future.cancelled():  # the run ended first
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)  # type: ignore[arg-type]
+
+        try:
+            result, error = count(), None
+        except Exception as exc:
+            result, error = None, exc
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits for it
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name="batchrun-count", daemon=True).start()
+    return future
+
+
+def _say_resuming(
+    events: Events, in_scope: int, counted: asyncio.Future[tuple[dict[str, int], float]]
+) -> None:
+    if (
+        not counted.cancelled()
+        and counted.exception() is None
+        and (done := sum(counted.result()[0].values()))
+    ):
+        events.say(f"resuming: {done} of {in_scope} rows already done")
 
 
 def refuse_resend(job: PreparedJob, fingerprint: Fingerprint, options: RunOptions) -> None:

@@ -5,14 +5,16 @@ in the output, the summary, report.json, status, `cost JOB` and the budget."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
 import batchrun
-from batchrun.simulator import RunningSimulator
-from tests.conftest import TEST_KEY_ENV, article_rows, invoke, read_output, write_job
+from batchrun.simulator import RunningSimulator, SimulatorConfig, serve_in_thread
+from tests.conftest import TEST_KEY, TEST_KEY_ENV, article_rows, invoke, read_output, write_job
+from tests.test_reporting import run_in_terminal
 
 
 def duplicated_rows() -> list[dict[str, Any]]:
@@ -79,3 +81,15 @@ def test_dedupe_is_a_python_keyword(tmp_path: Path, simulator: RunningSimulator)
 
     assert simulator.stats.requests == 3
     assert out["reused_from"].to_list() == [None, "1000", None, "1000", None, "1002"]
+
+
+def test_the_bar_ends_at_its_total_with_the_reused_rows(tmp_path: Path) -> None:
+    """Rows that reuse another row's answer are in the bar's total and never sent: the bar
+    counts them (reused=), so that it ends at its total."""
+    with serve_in_thread(SimulatorConfig(api_key=TEST_KEY, latency_ms=20)) as sim:
+        job = write_job(tmp_path, duplicated_rows(), sim.base_url, dedupe=True)
+        code, screen = run_in_terminal("run", str(job))
+
+    assert code == 0, screen
+    last = [line for line in re.split(r"[\r\n]", screen) if "row/s" in line][-1]
+    assert "6/6 [" in last and "ok=3 failed=0 reused=3" in last, last

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import polars as pl
 
+from batchrun.checkpoint import open_checkpoint
 from batchrun.simulator import RunningSimulator
 from tests.conftest import article_rows, checkpoint_path, invoke, read_output, write_job
 
@@ -99,3 +100,32 @@ def test_a_checkpoint_of_0_1_for_another_input_is_refused(tmp_path: Path) -> Non
     fresh = invoke("run", str(job), "--simulate", "--fresh")
     assert fresh.exit_code == 1, fresh.output  # rows 1001 and 1004 fail (their marker)
     assert pl.read_parquet(tmp_path / "job" / "out" / "result.parquet").height == 13
+
+
+def test_a_shorter_input_leaves_no_row_past_its_end(tmp_path: Path, simulator: RunningSimulator) -> None:
+    rows = article_rows(6)
+    job = write_job(tmp_path, rows, simulator.base_url)
+    assert sent_by(simulator, str(job)) == 6
+
+    write_job(tmp_path, rows[:4], simulator.base_url)
+    assert sent_by(simulator, str(job)) == 0
+
+    assert read_output(job)["id"].to_list() == [r["id"] for r in rows[:4]]
+    with sqlite3.connect(checkpoint_path(job)) as db:  # rewritten in place: the last 2 dropped
+        assert db.execute("SELECT COUNT(*), MAX(row) FROM rows").fetchone() == (4, 3)
+
+
+def test_occurrences_count_across_batches(tmp_path: Path) -> None:
+    """The key pass's occurrence numbers (identical requests before a row), within a batch and
+    from earlier batches; with dedupe, 0 for all and only the first of each is `first`."""
+    a, b, c = b"a" * 16, b"b" * 16, b"c" * 16
+    for dedupe, expected in ((False, ([0, 0, 1], [2, 0, 1])), (True, ([0, 0, 0], [0, 0, 0]))):
+        checkpoint = open_checkpoint(tmp_path / f"{dedupe}.sqlite", "fresh", {})
+        try:
+            index = checkpoint.key_index(dedupe)
+            first = index.add([0, 1, 2], [a, b, a])
+            second = index.add([3, 4, 5], [a, c, b])
+        finally:
+            checkpoint.close()
+        assert (first[0], second[0]) == expected
+        assert (first[1], second[1]) == ([True, True, False], [False, True, False])

@@ -148,7 +148,7 @@ def test_fresh_drops_every_answer_and_the_index(tmp_path: Path, simulator: Runni
 
     with sqlite3.connect(checkpoint_path(job)) as db:
         assert db.execute("SELECT COUNT(*) FROM results").fetchone()[0] == 4
-        assert db.execute("SELECT SUM(n) FROM seen").fetchone()[0] == 4
+        assert db.execute("SELECT COUNT(*) FROM rows").fetchone()[0] == 4
     edit_job(job, **{"prompt.user": "{title}\n\n{text}"})
     assert sent_by(simulator, str(job), "--yes") == 4  # the first prompt's answers went with --fresh
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import polars as pl
 import pytest
 
 from tests.conftest import TEST_KEY_ENV as KEY_ENV
-from tests.conftest import invoke
+from tests.conftest import invoke, write_job
 
 UNSET_KEY_ENV = "BATCHRUN_VALIDATION_NEVER_SET_KEY"
 UNREACHABLE = "http://127.0.0.1:9/v1"  # the discard port: nothing listens there
@@ -524,3 +525,33 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
 
     assert result.exit_code != 0
     assert type(result.exception).__name__ == "JobError"
+
+
+def test_a_parquet_input_is_checked_from_its_metadata_as_a_csv_is_in_full(tmp_path: Path) -> None:
+    """Nulls in a Parquet prompt column are found from its row groups' statistics, duplicate ids
+    out of order by the full check (an ascending id column is unique without one)."""
+    rows = {"id": [3, 1, 2, 5, 4, 6], "title": ["a", "b", "c", "d", None, "f"], "text": ["x"] * 6}
+    cases = {
+        "nulls": (rows, "column 'title' used by the prompt is empty in row(s) 5 of input.parquet"),
+        "dupes": (
+            {**rows, "id": [3, 1, 2, 5, 4, 1], "title": ["t"] * 6},
+            "input.id_column 'id' has duplicate ids in input.parquet: 1",
+        ),
+        "ascending": ({**rows, "id": [1, 2, 3, 4, 5, 6], "title": ["t"] * 6}, None),
+    }
+    for name, (table, error) in cases.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        job = write_job(
+            folder, [{"id": 1}], "http://127.0.0.1:9/v1", input={"path": "input.parquet", "id_column": "id"}
+        )
+        pl.DataFrame(table).write_parquet(folder / "input.parquet", row_group_size=2)
+
+        result = invoke("validate", "--no-check-model", str(job))
+
+        if error is None:
+            assert result.exit_code == 0, result.output
+        else:
+            assert (result.exit_code, result.stderr.split(";")[0].strip()) == (2, f"Error: {error}"), (
+                result.output
+            )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import io
 import json
@@ -231,3 +232,29 @@ def test_summary_status_and_report_name_the_commonest_errors(tmp_path: Path) -> 
     lines.append("  1 more row with other errors")
     for output in (result.stderr, status.stdout):
         assert "\n".join(lines) in output, output
+
+
+def test_rows_done_before_counted_after_the_start_join_the_bar_at_once() -> None:
+    """A resume of a large checkpoint counts its done rows while the first rows go out: the
+    bar takes them when they are in, as done before this run (not in its rate)."""
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    loop = asyncio.new_event_loop()
+    try:
+        counted: asyncio.Future[tuple[dict[str, int], float]] = loop.create_future()
+        screen = Terminal()
+        progress = Progress(quiet=False, stream=screen)
+        progress.started(RunStarted(10, {}, cost_usd=0.0, counted=counted))
+        progress.row_finished(RowResult(8, "i", "ok", content="x", cost_usd=0.5))
+        assert (progress.done, progress.ok) == (1, 1)
+        counted.set_result(({"ok": 6, "failed": 1}, 2.0))
+        progress.row_finished(RowResult(9, "j", "ok", content="x", cost_usd=0.5))
+        progress.close()
+    finally:
+        loop.close()
+    assert (progress.done, progress.ok, progress.failed, progress.cost_usd) == (9, 8, 1, 3.0)
+    last = screen.getvalue().rsplit("\r", 1)[-1]
+    assert "9/10 [" in last and "ok=8 failed=1 tokens=unknown cost=$3.0000]" in last, last
