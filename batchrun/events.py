@@ -38,3 +38,7 @@ class Events(Protocol):
     def say(self, message: str, level: Level = "info") -> None: ...
 
     def status_changed(self) -> None: ...
+
+    def finished(self) -> None:
+        """No more rows finish in this run: what follows is writing the output and the reports
+        (a progress bar stops its clock here, so their time is not taken for the rows')."""

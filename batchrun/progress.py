@@ -171,6 +171,9 @@ class Progress:
         if self._bar is not None:
             self._bar.set_postfix_str(self._counts())
 
+    def finished(self) -> None:
+        self.close()
+
     def close(self) -> None:
         if self._counted is not None and self._counted.done():
             self._take_counted()

@@ -230,6 +230,7 @@ async def run_job(
             assert stats.error is not None
             raise stats.error
         await counted  # its figures are shown by now, and its error raised
+        events.finished()
         await asyncio.to_thread(plan.finish)  # index the rows a stopped run did not reach
         by_status = await asyncio.to_thread(
             write_output,

@@ -19,7 +19,7 @@ from typing import Any
 from batchrun.checkpoint import RowResult
 from batchrun.events import RunStarted
 from batchrun.progress import Progress
-from batchrun.simulator import SimulatorConfig, serve_in_thread
+from batchrun.simulator import RunningSimulator, SimulatorConfig, serve_in_thread
 from tests.conftest import TEST_KEY, article_rows, invoke, write_job
 from tests.stub_server import Handler, Reply, Request, completion, serve_stub
 
@@ -258,3 +258,43 @@ def test_rows_done_before_counted_after_the_start_join_the_bar_at_once() -> None
     assert (progress.done, progress.ok, progress.failed, progress.cost_usd) == (9, 8, 1, 3.0)
     last = screen.getvalue().rsplit("\r", 1)[-1]
     assert "9/10 [" in last and "ok=8 failed=1 tokens=unknown cost=$3.0000]" in last, last
+
+
+class _Recorder:
+    """Events that note, when the run says no more rows finish, whether the output exists yet."""
+
+    def __init__(self, output: Path):
+        self.output = output
+        self.rows = 0
+        self.output_existed_when_finished: list[bool] = []
+
+    def started(self, run: RunStarted) -> None:
+        pass
+
+    def row_finished(self, result: RowResult) -> None:
+        self.rows += 1
+
+    def say(self, message: str, level: str = "info") -> None:
+        pass
+
+    def status_changed(self) -> None:
+        pass
+
+    def finished(self) -> None:
+        self.output_existed_when_finished.append(self.output.exists())
+
+
+def test_the_progress_clock_stops_before_the_output_and_reports_are_written(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    """Building the output (and the report page) is not time the rows took: the bar's rate and
+    its elapsed time end when the last row does."""
+    from batchrun.job import load_job
+    from batchrun.runner import RunOptions, run_job
+
+    job = write_job(tmp_path, article_rows(6), simulator.base_url)
+    recorder = _Recorder(job.parent / "out" / "result.parquet")
+    asyncio.run(run_job(load_job(job), RunOptions(quiet=True), recorder))
+    assert recorder.rows == 6
+    assert recorder.output_existed_when_finished == [False]
+    assert recorder.output.exists()

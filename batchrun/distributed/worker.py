@@ -64,6 +64,9 @@ class _Relay:
     def status_changed(self) -> None:
         pass
 
+    def finished(self) -> None:
+        pass
+
 
 class Worker:
     """The actor class (made a Ray actor by the driver, with max_concurrency=2 so that `stop`
