@@ -130,27 +130,30 @@ class PreparedJob:
     def keys(self, simulate: bool) -> RequestKeys:
         return RequestKeys(_endpoint(self.spec.endpoint.base_url, simulate), self.spec.model, self.params)
 
+    def keyed_body(self, row: dict[str, Any], keys: RequestKeys) -> tuple[dict[str, Any] | None, bytes]:
+        """A row's request body and key; a row with a null prompt value under `on_null: skip`
+        is never rendered (no body) and is keyed by the values it has."""
+        columns = self.prompts.columns
+        if self.spec.input.on_null == "skip" and any(row[c] is None for c in columns):
+            return None, keys.key({c: row[c] for c in columns})
+        body = self.request_body(row)
+        return body, keys.key(body["messages"])
+
     def keyed_batches(
         self, index: KeyIndex, keys: RequestKeys, limit: int | None = None
     ) -> Iterator[KeyedBatch]:
         """The input's rows (the prompt and id columns) a batch at a time, each row rendered,
         keyed and indexed; `index` answers which of them are finished."""
-        prompt_columns = self.prompts.columns
-        columns = prompt_columns
+        columns = self.prompts.columns
         if self.source.id_column and self.source.id_column not in columns:
             columns += (self.source.id_column,)
-        skip_nulls = self.spec.input.on_null == "skip"
         for batch in self.source.batches(columns, limit):
             bodies: list[dict[str, Any] | None] = []
             row_keys = []
             for row in batch:
-                if skip_nulls and any(row[c] is None for c in prompt_columns):
-                    bodies.append(None)  # never rendered: keyed by the values it has
-                    row_keys.append(keys.key({c: row[c] for c in prompt_columns}))
-                    continue
-                body = self.request_body(row)
+                body, key = self.keyed_body(row, keys)
                 bodies.append(body)
-                row_keys.append(keys.key(body["messages"]))
+                row_keys.append(key)
             positions = [row[ROW] for row in batch]
             occurrences, first = index.add(positions, row_keys)
             yield KeyedBatch(batch, bodies, row_keys, occurrences, first)

@@ -70,15 +70,13 @@ def read_rows(job: PreparedJob, shard: RowsToRead, keys: RequestKeys) -> list[Pl
             f"a worker cannot read rows {first + 1}-{last + 1} of {job.source.path}: {cloud_reason(exc)}"
         ) from None
     by_position = {row[ROW]: row for row in frame.iter_rows(named=True)}
-    skip_nulls = job.spec.input.on_null == "skip"
     planned = []
     for i, position in enumerate(shard.rows):
         row = by_position.get(position)
         if row is None:
             raise _changed(job, position)
-        empty = tuple(c for c in prompt_columns if row[c] is None) if skip_nulls else ()
-        body = None if empty else job.request_body(row)
-        key = keys.key({c: row[c] for c in prompt_columns} if body is None else body["messages"])
+        body, key = job.keyed_body(row, keys)
+        empty = () if body is not None else tuple(c for c in prompt_columns if row[c] is None)
         if key != shard.keys[i * KEY_BYTES : (i + 1) * KEY_BYTES]:
             raise _changed(job, position)
         row_id = str(row[id_column]) if id_column else str(position)
