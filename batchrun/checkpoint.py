@@ -8,7 +8,10 @@ Tables (schema 3): `results`, keyed by the request a result answers (request_key
 so an appended, edited or reordered input reuses every answer whose request it still makes;
 `rows`, the current input's rows by position -> (request_key, occurrence), rewritten in place a
 batch at a time by each run's key pass (KeyIndex; until a pass ends, the rows it has not reached
-keep the last pass's entries); `meta`, the job fingerprint and the pricing. The pass counts
+keep the last pass's entries); `meta`, the job fingerprint, the pricing, and `input`: what the
+last complete pass indexed (the input files' paths, sizes and mtimes, the request-key parts),
+written with the pass's last batch and deleted with its first, so it names a complete `rows` or
+is absent (plan.IndexedPlan trusts `rows` without a pass while it matches). The pass counts
 identical requests (the occurrence numbers) in a temp table, `seen`: scratch, on disk, not kept.
 `runs` and `attempts` (schema 3) are the record of how the job went (history.py).
 """
@@ -247,6 +250,18 @@ class Checkpoint:
         self._key_dbs.append(db)
         return KeyIndex(db, "main", dedupe, writer=True, path=self.path)
 
+    def indexed_input(self) -> str | None:
+        """What the last complete key pass indexed (KeyIndex.end), or None: no such pass."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'input'").fetchone()
+        return None if row is None else str(row[0])
+
+    def to_do(self) -> ToDo:
+        """The rows still to do, read from `rows` as the last complete pass left it, on a
+        connection of its own (read in the plan's thread while results are recorded)."""
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        self._key_dbs.append(db)
+        return ToDo(db, self.path)
+
     def lock(self) -> None:
         """Become the one writer of this checkpoint; the OS drops the lock when we die."""
         lock_path = self.path.with_name(self.path.name + ".lock")
@@ -286,6 +301,7 @@ class Checkpoint:
                 self._db.execute("DELETE FROM results")
                 self._db.execute("DELETE FROM rows")
                 self._db.execute("DROP TABLE IF EXISTS seen")  # made again by the next key pass
+                self._db.execute("DELETE FROM meta WHERE key = 'input'")
                 self._db.execute("DELETE FROM runs")
                 self._db.execute("DELETE FROM attempts")
             self._db.execute(
@@ -515,6 +531,8 @@ class KeyIndex:
         than one statement per row in input order."""
         schema = self._schema
         with self._transaction():
+            if self._last_row < 0 and schema == "main":  # `rows` is no longer what `input` names
+                self._db.execute("DELETE FROM meta WHERE key = 'input'")
             self._db.execute("DELETE FROM temp.batch")
             self._db.executemany("INSERT INTO temp.batch VALUES (?, ?, 0)", zip(rows, keys, strict=True))
             # Each request's count so far, this batch's rows included: one visit of seen per key.
@@ -545,10 +563,13 @@ class KeyIndex:
         self._last_row = rows[-1]
         return occurrences, first
 
-    def end(self) -> None:
-        """The pass reached the input's end (or its limit): drop the last pass's rows past it."""
+    def end(self, identity: str | None = None) -> None:
+        """The pass reached the input's end (or its limit): drop the last pass's rows past it,
+        and record `identity` (what was indexed; None: nothing to trust it by) with it."""
         with self._transaction():
             self._db.execute(f"DELETE FROM {self._schema}.rows WHERE row > ?", (self._last_row,))
+            if identity is not None and self._schema == "main":
+                self._db.execute("INSERT OR REPLACE INTO meta VALUES ('input', ?)", (identity,))
 
     def finished(self, first_row: int, last_row: int, columns: str = "status") -> dict[int, tuple[Any, ...]]:
         """The rows between `first_row` and `last_row` of the batch last added that have a result:
@@ -562,6 +583,30 @@ class KeyIndex:
 
     def _transaction(self) -> contextlib.AbstractContextManager[None]:
         return transaction(self._db, self._path, self._begin)
+
+
+class ToDo:
+    """The rows still to do as `rows` indexes them, a page at a time in row order: each page a
+    short read, so no snapshot outlives it (a long one would keep the WAL from being reset)."""
+
+    def __init__(self, db: sqlite3.Connection, path: Path):
+        self._db = db
+        self._path = path
+
+    def page(self, after: int, n: int, failed: bool) -> list[tuple[int, bytes, int]]:
+        """Up to `n` rows past `after` with no result (`failed`: with a failed one):
+        (row, request_key, occurrence)."""
+        where = "s.status = 'failed'" if failed else "s.status IS NULL"
+        query = (
+            "SELECT r.row, r.request_key, r.occurrence FROM rows r LEFT JOIN results s"
+            f" USING (request_key, occurrence) WHERE r.row > ? AND {where} ORDER BY r.row LIMIT ?"
+        )
+        return self._db.execute(query, (after, n)).fetchall()
+
+    def forget(self) -> None:
+        """`rows` was found not to match the input it names: the next run makes the key pass."""
+        with transaction(self._db, self._path):
+            self._db.execute("DELETE FROM meta WHERE key = 'input'")
 
 
 @contextlib.contextmanager

@@ -6,6 +6,12 @@ A row's request key is the sha256 of the canonical JSON of its request as the jo
 response_format it drops, a re-ask's correction); with the row's occurrence number among
 identical requests it names the row's result in the checkpoint. Keys are computed a batch at a
 time as the input streams to the workers (KeyedPlan), never for the whole input up front.
+
+That key pass renders and hashes every row (~20 us a row: 20 s for 1M). A resume of an input
+whose files are as the last complete pass found them (paths, sizes, mtimes; the same request-key
+parts) skips it: IndexedPlan reads the rows still to do from the checkpoint's index, renders
+only those, and checks each one's key against the index (a mismatch: the input was changed
+behind its size and mtime; the run stops and the next one makes the pass).
 """
 
 from __future__ import annotations
@@ -22,13 +28,21 @@ from typing import Any
 
 import orjson
 
-from batchrun.checkpoint import Checkpoint, Fingerprint, KeyIndex, Rekey, open_checkpoint, without_input_hash
+from batchrun.checkpoint import (
+    Checkpoint,
+    Fingerprint,
+    KeyIndex,
+    Rekey,
+    ToDo,
+    open_checkpoint,
+    without_input_hash,
+)
 from batchrun.errors import CheckpointError, InputError, JobError
 from batchrun.job import PYTHON_JOB, JobSpec, table_format
 from batchrun.output import probe_destination
 from batchrun.prompts import PromptTemplates, conversation
 from batchrun.results import OUTPUT_RESULT_COLUMNS
-from batchrun.sources import ROW, Source, open_source
+from batchrun.sources import BATCH_ROWS, ROW, Source, open_source
 from batchrun.storage import Location, Url, location
 from batchrun.structured import format_fallbacks
 
@@ -139,15 +153,42 @@ class PreparedJob:
         body = self.request_body(row)
         return body, keys.key(body["messages"])
 
-    def keyed_batches(
-        self, index: KeyIndex, keys: RequestKeys, limit: int | None = None
-    ) -> Iterator[KeyedBatch]:
-        """The input's rows (the prompt and id columns) a batch at a time, each row rendered,
-        keyed and indexed; `index` answers which of them are finished."""
+    def input_identity(self, keys: RequestKeys, dedupe: bool) -> str | None:
+        """What a complete key pass indexed: the input's files as they are now and every part
+        of a row's key that is not in the row; None for a URL (never trusted without a pass)."""
+        files = self.source.identity()
+        if files is None:
+            return None
+        identity = {
+            "files": files,
+            "rows": self.source.row_count,
+            "format": self.source.format,
+            "columns": [*self.row_columns],
+            "requests": keys.job,
+            "prompt": self.spec.prompt.model_dump(mode="json", exclude_none=True),
+            "messages_column": self.spec.input.messages_column,
+            "on_null": self.spec.input.on_null,
+            "dedupe": dedupe,
+        }
+        return orjson.dumps(identity, option=orjson.OPT_SORT_KEYS).decode()
+
+    @property
+    def row_columns(self) -> tuple[str, ...]:
+        """The columns a row is rendered and named from: the prompt's and the id."""
         columns = self.prompts.columns
         if self.source.id_column and self.source.id_column not in columns:
             columns += (self.source.id_column,)
-        for batch in self.source.batches(columns, limit):
+        return columns
+
+    def keyed_batches(
+        self, index: KeyIndex, keys: RequestKeys, limit: int | None = None, dedupe: bool = False
+    ) -> Iterator[KeyedBatch]:
+        """The input's rows (the prompt and id columns) a batch at a time, each row rendered,
+        keyed and indexed; `index` answers which of them are finished. A pass over the whole
+        input records the input's identity, taken before the first row is read, with its end."""
+        whole = limit is None or limit >= self.source.row_count
+        identity = self.input_identity(keys, dedupe) if whole else None
+        for batch in self.source.batches(self.row_columns, limit):
             bodies: list[dict[str, Any] | None] = []
             row_keys = []
             for row in batch:
@@ -157,7 +198,7 @@ class PreparedJob:
             positions = [row[ROW] for row in batch]
             occurrences, first = index.add(positions, row_keys)
             yield KeyedBatch(batch, bodies, row_keys, occurrences, first)
-        index.end()
+        index.end(identity)
 
 
 def _endpoint(base_url: str, simulate: bool) -> str:
@@ -171,6 +212,7 @@ class RequestKeys:
 
     def __init__(self, base_url: str, model: str, params: dict[str, Any]):
         job = {"base_url": base_url, "model": model, "params": params}
+        self.job = job
         self._job = hashlib.sha256(orjson.dumps(job, option=orjson.OPT_SORT_KEYS))
 
     def key(self, messages: Any) -> bytes:
@@ -212,7 +254,7 @@ class KeyedPlan:
     ):
         self._job = job
         self._index = index
-        self._batches = job.keyed_batches(index, keys, limit)
+        self._batches = job.keyed_batches(index, keys, limit, dedupe)
         self._lock = threading.Lock()  # next() may still run in a thread the producer left
         self._retry_failed = retry_failed
         self._only = only
@@ -257,6 +299,111 @@ class KeyedPlan:
         with self._lock:
             for _ in self._batches:
                 pass
+
+
+class IndexedPlan:
+    """The rows a resume of an unchanged input sends, read from the checkpoint's index (`rows`,
+    as the last complete pass wrote it) instead of keying the whole input: the rows with no
+    result (`retry_failed`: a failed one), with `only` those among them, with dedupe the first
+    of each request (the others reuse its answer, as in KeyedPlan). Only they are read from
+    the input and rendered, and each one's key must be the index's: one that is not means the
+    input changed behind its size and mtime, and the run stops (InputError) with the index's
+    identity dropped, so that the next run makes the whole pass. Stopping, not switching to a
+    pass mid-run, keeps any row in flight from being sent twice."""
+
+    def __init__(
+        self,
+        job: PreparedJob,
+        to_do: ToDo,
+        keys: RequestKeys,
+        *,
+        retry_failed: bool = False,
+        only: frozenset[int] | None = None,
+        dedupe: bool = False,
+    ):
+        self._job = job
+        self._to_do = to_do
+        self._keys = keys
+        self._retry_failed = retry_failed
+        self._only = only
+        self._dedupe = dedupe
+        self._sent: set[bytes] = set()  # dedupe: the requests sent (the rows to do, no more)
+        self._indexed: dict[int, tuple[bytes, int]] = {}
+        self._rows = job.source.rows_at(job.row_columns, self._pages())
+        self._lock = threading.Lock()
+        self.reused = 0
+
+    def _pages(self) -> Iterator[list[int]]:
+        after = -1
+        while page := self._to_do.page(after, BATCH_ROWS, self._retry_failed):
+            after = page[-1][0]
+            only = None if self._retry_failed else self._only  # as KeyedPlan: failed rows, all
+            wanted = [p for p in page if only is None or p[0] in only]
+            if self._dedupe:
+                fresh = []
+                for position, key, occurrence in wanted:
+                    if key in self._sent:
+                        self.reused += 1
+                    else:
+                        self._sent.add(key)
+                        fresh.append((position, key, occurrence))
+                wanted = fresh
+            if wanted:  # rows_at asks for the next page only when this one's rows were taken
+                self._indexed = {position: (key, occurrence) for position, key, occurrence in wanted}
+                yield [position for position, _, _ in wanted]
+
+    def next_batch(self) -> list[Planned] | None:
+        """The next rows to send; None when none is left."""
+        with self._lock:
+            rows = next(self._rows, None)
+            if rows is None:
+                return None
+            indexed = self._indexed
+        id_column = self._job.source.id_column
+        planned = []
+        for row in rows:
+            position = row[ROW]
+            body, key = self._job.keyed_body(row, self._keys)
+            if (key, indexed[position][1]) != indexed[position]:
+                self._to_do.forget()
+                raise InputError(
+                    f"input {self._job.source.path}: row {position + 1} changed while its file's size and "
+                    "modification time did not; stopped; run again to key the whole input"
+                )
+            empty = () if body is not None else tuple(c for c in self._job.prompts.columns if row[c] is None)
+            row_id = str(row[id_column]) if id_column else str(position)
+            planned.append(Planned(position, row_id, key, indexed[position][1], body, empty))
+        return planned
+
+    async def requests(self) -> AsyncIterator[Planned]:
+        """The rows to send, for the core's producer; each batch read and keyed in a thread."""
+        while (batch := await asyncio.to_thread(self.next_batch)) is not None:
+            for planned in batch:
+                yield planned
+
+    def finish(self) -> None:
+        """Nothing to index: `rows` already holds every row of the input."""
+
+
+def run_plan(
+    job: PreparedJob,
+    checkpoint: Checkpoint,
+    simulate: bool,
+    *,
+    limit: int | None = None,
+    retry_failed: bool = False,
+    only: frozenset[int] | None = None,
+) -> KeyedPlan | IndexedPlan:
+    """The plan of a run: from the index when the input is as its last complete pass found it
+    (and --limit, if given, takes every row), else the key pass over the input."""
+    dedupe = job.spec.dedupe
+    keys = job.keys(simulate)
+    whole = limit is None or limit >= job.source.row_count
+    identity = job.input_identity(keys, dedupe) if whole else None
+    if identity is not None and checkpoint.indexed_input() == identity:
+        return IndexedPlan(job, checkpoint.to_do(), keys, retry_failed=retry_failed, only=only, dedupe=dedupe)
+    index = checkpoint.key_index(dedupe)
+    return KeyedPlan(job, index, keys, limit=limit, retry_failed=retry_failed, only=only, dedupe=dedupe)
 
 
 def index_input(job: PreparedJob, checkpoint: Checkpoint, simulate: bool, limit: int | None = None) -> None:

@@ -33,7 +33,7 @@ from batchrun.job import EndpointSpec, JobSpec
 from batchrun.limits import Limiter
 from batchrun.models import check_model
 from batchrun.output import write_output
-from batchrun.plan import SIMULATED_ENDPOINT, KeyedPlan, PreparedJob, index_input, prepare, rekey_by_row
+from batchrun.plan import SIMULATED_ENDPOINT, PreparedJob, index_input, prepare, rekey_by_row, run_plan
 from batchrun.report import USAGE_COLUMNS, RunResult, write_run_report
 
 if TYPE_CHECKING:
@@ -138,14 +138,13 @@ async def run_job(
             to_send = len(options.rows)
         else:
             to_send = in_scope - done
-        plan = KeyedPlan(
+        plan = run_plan(
             job,
-            checkpoint.key_index(dedupe=spec.dedupe),
-            job.keys(options.simulate),
+            checkpoint,
+            options.simulate,
             limit=options.limit,
             retry_failed=options.retry_failed,
             only=options.rows,
-            dedupe=spec.dedupe,
         )
         url = base_url or spec.endpoint.base_url
         width = options.concurrency or spec.concurrency

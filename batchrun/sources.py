@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +95,37 @@ class Source:
             return
         for offset in range(0, total, rows):
             yield query.slice(offset, min(rows, total - offset)).collect()
+
+    def rows_at(self, columns: tuple[str, ...], pages: Iterator[list[int]]) -> Iterator[list[dict[str, Any]]]:
+        """For each page of row positions (ascending, each page past the last), those rows as
+        `batches` gives them. Parquet: each run of near positions read as one slice (only the row
+        groups it touches); CSV and JSON lines: one pass over the input, the pages picked from it."""
+        query = self.lazy().select(ROW, *columns)
+        if input_format(self.path, self.format) == "parquet":
+            for page in pages:
+                runs = [0, *(i for i in range(1, len(page)) if page[i] - page[i - 1] > BATCH_ROWS), len(page)]
+                rows: list[dict[str, Any]] = []
+                for a, b in itertools.pairwise(runs):
+                    lo, hi = page[a], page[b - 1]
+                    frame = query.slice(lo, hi - lo + 1).filter(pl.col(ROW).is_in(page[a:b])).collect()
+                    rows += frame.to_dicts()
+                yield rows
+            return
+        frames = self.frames(query, None, BATCH_ROWS)
+        frame = next(frames)
+        for page in pages:
+            picked = [frame.filter(pl.col(ROW).is_in(page))]
+            while frame.height == 0 or frame[ROW][-1] < page[-1]:
+                frame = next(frames)
+                picked.append(frame.filter(pl.col(ROW).is_in(page)))
+            yield pl.concat(picked).to_dicts()
+
+    def identity(self) -> list[tuple[str, int, int]] | None:
+        """Each local input file's path, size and mtime_ns (what rsync and make trust): while
+        they are unchanged, so is the table. None for a URL: no identity, always read whole."""
+        if isinstance(self.path, Url):
+            return None
+        return [(str(f), (st := f.stat()).st_size, st.st_mtime_ns) for f in local_files(self.path)]
 
     def fingerprint(self) -> str:
         """A hash of a single local file's bytes: results are only reused for the very same input.

@@ -26,7 +26,7 @@ from batchrun.distributed.shards import RowsToRead, workers_read
 from batchrun.distributed.worker import ShardSettings, Worker
 from batchrun.errors import BatchrunError
 from batchrun.events import Events
-from batchrun.plan import KeyedPlan, Planned, PreparedJob
+from batchrun.plan import IndexedPlan, KeyedPlan, Planned, PreparedJob
 
 SHARDS_PER_WORKER = 4  # smaller shards: a shorter tail, and less to send again after a death
 MAX_SHARD_ROWS = 2_000
@@ -54,7 +54,7 @@ class ClusterRun:
     where finished rows go, and the run's settings."""
 
     job: PreparedJob
-    plan: KeyedPlan
+    plan: KeyedPlan | IndexedPlan
     record: Callable[[Sequence[RowResult]], None]  # the checkpoint's: the one writer
     events: Events
     stop: Stop
