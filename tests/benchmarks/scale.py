@@ -130,7 +130,8 @@ def fill_checkpoint(
 
     The one place that knows the checkpoint's API (open_checkpoint, reprice, key_index, record):
     each row's result is keyed as the CLI keys it (request_key, occurrence), by the plan's own
-    key pass over the input (PreparedJob.keyed_batches into the checkpoint's KeyIndex).
+    key pass over the whole input (PreparedJob.keyed_batches into the checkpoint's KeyIndex),
+    which records the input's identity as a run's pass does: a resume then skips its pass.
     """
     price = job_price(job.spec)
     checkpoint = open_checkpoint(path, "fresh", job.fingerprint(simulate=False))
@@ -139,11 +140,11 @@ def fill_checkpoint(
         checkpoint.reprice(repr(price), functools.partial(request_cost, price))
         cost = request_cost(price, 90, 60, 150, None)
         index = checkpoint.key_index(dedupe=False)
-        limit = n_done if pick == "first" else None
         recorded = 0
-        for batch in job.keyed_batches(index, job.keys(simulate=False), limit):
+        # Every row keyed, as a run's pass keys them (and records the input's identity at its end).
+        for batch in job.keyed_batches(index, job.keys(simulate=False)):
             positions = pl.Series([row[ROW] for row in batch.rows], dtype=pl.UInt64)
-            keep = [True] * len(positions)
+            keep = (positions < n_done).to_list()
             if pick == "half":
                 keep = pl.select(mix(pl.lit(positions)) < HALF).to_series().to_list()
             done = [
