@@ -20,6 +20,7 @@ from tests.conftest import (
     read_output,
     write_job,
 )
+from tests.test_dedupe import duplicated_rows
 
 
 def sent_by(simulator: RunningSimulator, *args: str, exit_code: int = 0) -> int:
@@ -131,3 +132,22 @@ def test_a_pass_killed_leaves_no_identity(tmp_path: Path, simulator: RunningSimu
     assert indexed_input(job) is not None
     with sqlite3.connect(checkpoint_path(job)) as db:
         assert db.execute("SELECT COUNT(*), MAX(row) FROM rows").fetchone() == (8200, 8199)
+
+
+def test_dedupe_and_retry_failed_from_the_index(tmp_path: Path, simulator: RunningSimulator) -> None:
+    """The rows to do as a pass finds them: with dedupe the first row of each request (the
+    others reuse its answer); with --retry-failed the failed rows."""
+    rows = duplicated_rows()
+    rows[4] = {**rows[4], "text": rows[4]["text"][:-15] + "[[fail:400x1]]"}  # the same length
+    job = write_job(tmp_path, rows, simulator.base_url, dedupe=True)
+    run_rows(job, {0, 4})
+    edit_behind_the_mtime(job, "1000,Story 0,", "1000,Story Z,")  # done: not read again
+
+    assert sent_by(simulator, str(job), exit_code=1) == 1  # 1002 (1005 reuses it); 1004 failed
+
+    out = read_output(job)
+    assert out["reused_from"].to_list() == [None, "1000", None, "1000", None, "1002"]
+    assert out["status"].to_list() == ["ok", "ok", "ok", "ok", "failed", "ok"]
+    assert sent_by(simulator, str(job), "--retry-failed") == 1  # 1004, answered now
+    assert (read_output(job)["status"] == "ok").all()
+    assert indexed_input(job) is not None
