@@ -403,16 +403,25 @@ class Checkpoint:
             " WHERE s.status IS NULL ORDER BY r.row"
         )
 
-    def usage_sums(self, columns: tuple[str, ...]) -> dict[str, int | None]:
-        """Token sums over the sent results (ok or failed) the current rows use; None for all of
-        them when answers came and none reported usage (unknown, not zero)."""
-        sums = ", ".join(f"COALESCE(SUM({c}), 0)" for c in columns)
-        n, without, *values = self._db.execute(
-            f"SELECT COUNT(*), COUNT(*) FILTER (WHERE {ANSWERED_SQL} AND {NO_USAGE_SQL}), {sums}"
-            f" FROM {USED_RESULTS} AND status IN ('ok', 'failed')"
-        ).fetchone()
-        unknown = bool(n) and without == n
-        return {c: None if unknown else int(v) for c, v in zip(columns, values, strict=True)}
+    def used_sums(self, usage_columns: tuple[str, ...]) -> dict[str, float]:
+        """What the results the current rows use were billed, each counted once, in one pass:
+        the sums output.Tally takes from the output's rows (same names), for a dedupe job, whose
+        rows share results (the output bills a result at the row whose id sent it)."""
+        sent = "status IN ('ok', 'failed')"
+        no_usage = f"{ANSWERED_SQL} AND {NO_USAGE_SQL}"
+        sums = {
+            "cost_usd": "COALESCE(SUM(cost_usd), 0)",
+            "prompt_tokens": "COALESCE(SUM(prompt_tokens), 0)",
+            "completion_tokens": "COALESCE(SUM(completion_tokens), 0)",
+            "prompt_tokens_known": "COUNT(prompt_tokens)",
+            "completion_tokens_known": "COUNT(completion_tokens)",
+            "without_usage": f"COUNT(*) FILTER (WHERE {no_usage})",
+            "sent": f"COUNT(*) FILTER (WHERE {sent})",
+            "sent_without_usage": f"COUNT(*) FILTER (WHERE {sent} AND {no_usage})",
+            **{f"sent_{c}": f"COALESCE(SUM({c}) FILTER (WHERE {sent}), 0)" for c in usage_columns},
+        }
+        values = self._db.execute(f"SELECT {', '.join(sums.values())} FROM {USED_RESULTS}").fetchone()
+        return dict(zip(sums, values, strict=True))
 
     def ok_usage(self) -> tuple[int, int]:
         """Prompt and output tokens billed for the `ok` results the current rows use (output as
