@@ -30,7 +30,14 @@ from typing import IO, Any, Literal
 from batchrun import history
 from batchrun.errors import CheckpointError
 from batchrun.history import Attempt
-from batchrun.results import ANSWER_COLUMNS, COLUMNS, NAMES, RESULT_KEY, SCHEMA_VERSION, STORED
+from batchrun.results import (
+    ANSWER_COLUMNS,
+    NAMES,
+    OUTPUT_RESULT_COLUMNS,
+    RESULT_KEY,
+    SCHEMA_VERSION,
+    STORED,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +86,8 @@ _RESULTS_TABLE = ", ".join([*(f"{c.name} {c.sql}" for c in STORED), f"PRIMARY KE
 _ROWS_TABLE = "(row INTEGER PRIMARY KEY, request_key BLOB NOT NULL, occurrence INTEGER NOT NULL)"
 
 SEEN_CACHE_KIB = 65536
+# What output_rows gives for each row: its position, and its result as the output has it.
+OUTPUT_ROW_COLUMNS = ("row", "fields", *OUTPUT_RESULT_COLUMNS)
 
 _as_row = operator.attrgetter(*NAMES)  # dataclasses.astuple deep-copies: ~20x slower per row
 _INSERT = f"INSERT OR REPLACE INTO results ({', '.join(NAMES)}) VALUES ({', '.join('?' for _ in NAMES)})"
@@ -436,13 +445,13 @@ class Checkpoint:
         return int(prompt), int(output)
 
     def output_rows(self, dedupe: bool = False) -> Callable[[int], list[tuple[Any, ...]]]:
-        """Every indexed row with its result (None where it has none), in `COLUMNS` order and row
-        order, fetched n at a time: what the output is built from, in flat memory. With dedupe,
-        `reused_from` is the id the result was sent for, where another row sent it."""
+        """Every indexed row with its result (None where it has none), in `OUTPUT_ROW_COLUMNS`
+        order and row order, fetched n at a time: what the output is built from, in flat memory.
+        With dedupe, `reused_from` is the id the result was sent for, where another row sent it.
+        Only the columns the output has: each value is a Python object on its way to polars."""
         reused = "CASE WHEN s.row != r.row THEN s.id END" if dedupe else "NULL"
         select = ", ".join(
-            f"r.{c.name}" if c.name in ("row", *RESULT_KEY) else f"s.{c.name}" if c.sql else reused
-            for c in COLUMNS
+            "r.row" if c == "row" else reused if c == "reused_from" else f"s.{c}" for c in OUTPUT_ROW_COLUMNS
         )
         cursor = self._db.execute(
             f"SELECT {select} FROM rows r LEFT JOIN results s USING (request_key, occurrence) ORDER BY r.row"

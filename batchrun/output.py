@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 import polars as pl
 
+from batchrun.checkpoint import OUTPUT_ROW_COLUMNS
 from batchrun.errors import BatchrunError
 from batchrun.job import FieldType, TableFormat, table_format
 from batchrun.results import ANSWER_COLUMNS, OUTPUT_RESULT_COLUMNS, RESULT_SCHEMA
@@ -23,8 +24,10 @@ from batchrun.storage import Location, Url, cloud_reason
 from batchrun.structured import polars_type
 
 OUTPUT_ROWS = 16_384  # rows per part of the output: the input's ids, their results, as one frame
-# Fetches the next n rows' results from the checkpoint, in row order (Checkpoint.output_rows).
+# Fetches the next n rows' results from the checkpoint, in row order (Checkpoint.output_rows),
+# as tuples of OUTPUT_ROW_COLUMNS.
 FetchResults = Callable[[int], list[tuple[Any, ...]]]
+_FETCHED = {c: RESULT_SCHEMA[c] for c in OUTPUT_ROW_COLUMNS}
 USAGE_COLUMNS = ("prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens")
 ERRORS_KEPT = 10_000  # distinct messages of failed rows counted; past it top_errors() gives up
 
@@ -36,7 +39,7 @@ _SENT = pl.col("status").is_in(["ok", "failed"])
 
 
 def _billed_sums(own: pl.Expr) -> list[pl.Expr]:
-    """The sums of Checkpoint.USED_SUMS (same names, same meanings) over the rows where `own`:
+    """The sums of Checkpoint.used_sums (same names, same meanings) over the rows where `own`:
     each result once, where it was sent."""
     sent = own & _SENT
     return [
@@ -56,7 +59,7 @@ class Tally:
     summary and report, without another pass over the checkpoint.
 
     Rows by status, failures by kind and by message count every row (in --limit's scope).
-    Tokens and cost (`sums`, named as Checkpoint.USED_SUMS) count each result once, however many
+    Tokens and cost (`sums`, named as Checkpoint.used_sums) count each result once, however many
     rows share it: at the row it was sent for; a row that reused another's answer (dedupe)
     carries 0 and is not counted. A row without usage is unknown, not zero."""
 
@@ -180,12 +183,12 @@ def _output_batches(
     rows = source.lazy().select(pl.col(ROW), id_expr.alias("id"), *extra)
     struct = pl.Struct({name: polars_type(field) for name, field in fields.items()})
     for frame in source.frames(rows, limit, OUTPUT_ROWS):
-        results = pl.DataFrame(fetch(frame.height), schema=RESULT_SCHEMA, orient="row")
+        results = pl.DataFrame(fetch(frame.height), schema=_FETCHED, orient="row")
         if results.height != frame.height or (
             results.height and results["row"][0] != frame[ROW][0]
         ):  # the index covers every row the run reached; the runner finishes it before this
             raise BatchrunError("the checkpoint's index of the input's rows is incomplete; rerun the job")
-        results = _reused(results, frame["id"].cast(pl.String)).drop("id", "row", "request_key", "occurrence")
+        results = _reused(results, frame["id"].cast(pl.String)).drop("row")
         if fields:
             results = results.with_columns(pl.col("fields").str.json_decode(struct)).unnest("fields")
         table = pl.concat([frame.select("id", *extra), results], how="horizontal").with_columns(
