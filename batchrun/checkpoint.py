@@ -33,7 +33,14 @@ from typing import IO, Any, Literal
 from batchrun import history
 from batchrun.errors import CheckpointError
 from batchrun.history import Attempt
-from batchrun.results import ANSWER_COLUMNS, COLUMNS, NAMES, RESULT_KEY, SCHEMA_VERSION, STORED
+from batchrun.results import (
+    ANSWER_COLUMNS,
+    NAMES,
+    OUTPUT_RESULT_COLUMNS,
+    RESULT_KEY,
+    SCHEMA_VERSION,
+    STORED,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +89,8 @@ _RESULTS_TABLE = ", ".join([*(f"{c.name} {c.sql}" for c in STORED), f"PRIMARY KE
 _ROWS_TABLE = "(row INTEGER PRIMARY KEY, request_key BLOB NOT NULL, occurrence INTEGER NOT NULL)"
 
 SEEN_CACHE_KIB = 65536
+# What output_rows gives for each row: its position, and its result as the output has it.
+OUTPUT_ROW_COLUMNS = ("row", "fields", *OUTPUT_RESULT_COLUMNS)
 
 _as_row = operator.attrgetter(*NAMES)  # dataclasses.astuple deep-copies: ~20x slower per row
 _INSERT = f"INSERT OR REPLACE INTO results ({', '.join(NAMES)}) VALUES ({', '.join('?' for _ in NAMES)})"
@@ -420,16 +429,25 @@ class Checkpoint:
             " WHERE s.status IS NULL ORDER BY r.row"
         )
 
-    def usage_sums(self, columns: tuple[str, ...]) -> dict[str, int | None]:
-        """Token sums over the sent results (ok or failed) the current rows use; None for all of
-        them when answers came and none reported usage (unknown, not zero)."""
-        sums = ", ".join(f"COALESCE(SUM({c}), 0)" for c in columns)
-        n, without, *values = self._db.execute(
-            f"SELECT COUNT(*), COUNT(*) FILTER (WHERE {ANSWERED_SQL} AND {NO_USAGE_SQL}), {sums}"
-            f" FROM {USED_RESULTS} AND status IN ('ok', 'failed')"
-        ).fetchone()
-        unknown = bool(n) and without == n
-        return {c: None if unknown else int(v) for c, v in zip(columns, values, strict=True)}
+    def used_sums(self, usage_columns: tuple[str, ...]) -> dict[str, float]:
+        """What the results the current rows use were billed, each counted once, in one pass:
+        the sums output.Tally takes from the output's rows (same names), for a dedupe job, whose
+        rows share results (the output bills a result at the row whose id sent it)."""
+        sent = "status IN ('ok', 'failed')"
+        no_usage = f"{ANSWERED_SQL} AND {NO_USAGE_SQL}"
+        sums = {
+            "cost_usd": "COALESCE(SUM(cost_usd), 0)",
+            "prompt_tokens": "COALESCE(SUM(prompt_tokens), 0)",
+            "completion_tokens": "COALESCE(SUM(completion_tokens), 0)",
+            "prompt_tokens_known": "COUNT(prompt_tokens)",
+            "completion_tokens_known": "COUNT(completion_tokens)",
+            "without_usage": f"COUNT(*) FILTER (WHERE {no_usage})",
+            "sent": f"COUNT(*) FILTER (WHERE {sent})",
+            "sent_without_usage": f"COUNT(*) FILTER (WHERE {sent} AND {no_usage})",
+            **{f"sent_{c}": f"COALESCE(SUM({c}) FILTER (WHERE {sent}), 0)" for c in usage_columns},
+        }
+        values = self._db.execute(f"SELECT {', '.join(sums.values())} FROM {USED_RESULTS}").fetchone()
+        return dict(zip(sums, values, strict=True))
 
     def ok_usage(self) -> tuple[int, int]:
         """Prompt and output tokens billed for the `ok` results the current rows use (output as
@@ -444,13 +462,13 @@ class Checkpoint:
         return int(prompt), int(output)
 
     def output_rows(self, dedupe: bool = False) -> Callable[[int], list[tuple[Any, ...]]]:
-        """Every indexed row with its result (None where it has none), in `COLUMNS` order and row
-        order, fetched n at a time: what the output is built from, in flat memory. With dedupe,
-        `reused_from` is the id the result was sent for, where another row sent it."""
+        """Every indexed row with its result (None where it has none), in `OUTPUT_ROW_COLUMNS`
+        order and row order, fetched n at a time: what the output is built from, in flat memory.
+        With dedupe, `reused_from` is the id the result was sent for, where another row sent it.
+        Only the columns the output has: each value is a Python object on its way to polars."""
         reused = "CASE WHEN s.row != r.row THEN s.id END" if dedupe else "NULL"
         select = ", ".join(
-            f"r.{c.name}" if c.name in ("row", *RESULT_KEY) else f"s.{c.name}" if c.sql else reused
-            for c in COLUMNS
+            "r.row" if c == "row" else reused if c == "reused_from" else f"s.{c}" for c in OUTPUT_ROW_COLUMNS
         )
         cursor = self._db.execute(
             f"SELECT {select} FROM rows r LEFT JOIN results s USING (request_key, occurrence) ORDER BY r.row"

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
-from batchrun.output import write_atomically
-from batchrun.report import ANSWERED, PERCENTILES, cost_report
+from batchrun.output import ANSWERED, write_atomically
+from batchrun.report import PERCENTILES, cost_report
 from batchrun.sources import scan_table
 
 if TYPE_CHECKING:

@@ -6,23 +6,118 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
 import polars as pl
 
+from batchrun.checkpoint import OUTPUT_ROW_COLUMNS
 from batchrun.errors import BatchrunError
 from batchrun.job import FieldType, TableFormat, table_format
-from batchrun.results import OUTPUT_RESULT_COLUMNS, RESULT_SCHEMA
+from batchrun.results import ANSWER_COLUMNS, OUTPUT_RESULT_COLUMNS, RESULT_SCHEMA
 from batchrun.sources import ROW, Source
 from batchrun.storage import Location, Url, cloud_reason
 from batchrun.structured import polars_type
 
 OUTPUT_ROWS = 16_384  # rows per part of the output: the input's ids, their results, as one frame
-# Fetches the next n rows' results from the checkpoint, in row order (Checkpoint.output_rows).
+# Fetches the next n rows' results from the checkpoint, in row order (Checkpoint.output_rows),
+# as tuples of OUTPUT_ROW_COLUMNS.
 FetchResults = Callable[[int], list[tuple[Any, ...]]]
+_FETCHED = {c: RESULT_SCHEMA[c] for c in OUTPUT_ROW_COLUMNS}
+USAGE_COLUMNS = ("prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens")
+ERRORS_KEPT = 10_000  # distinct messages of failed rows counted; past it top_errors() gives up
+
+
+# Rows that got an answer (so were billed), and those among them without usage: as in checkpoint.py.
+ANSWERED = (pl.col("status") == "ok") | pl.any_horizontal(pl.col(c).is_not_null() for c in ANSWER_COLUMNS)
+NO_USAGE = ANSWERED & (pl.col("prompt_tokens").is_null() | pl.col("completion_tokens").is_null())
+_SENT = pl.col("status").is_in(["ok", "failed"])
+
+
+def _billed_sums(own: pl.Expr) -> list[pl.Expr]:
+    """The sums of Checkpoint.used_sums (same names, same meanings) over the rows where `own`:
+    each result once, where it was sent."""
+    sent = own & _SENT
+    return [
+        pl.col("cost_usd").filter(own).sum().alias("cost_usd"),
+        *(pl.col(c).filter(own).sum().alias(c) for c in ("prompt_tokens", "completion_tokens")),
+        *(pl.col(c).filter(own).count().alias(f"{c}_known") for c in ("prompt_tokens", "completion_tokens")),
+        (own & NO_USAGE).sum().alias("without_usage"),
+        sent.sum().alias("sent"),
+        (sent & NO_USAGE).sum().alias("sent_without_usage"),
+        *(pl.col(c).filter(sent).sum().alias(f"sent_{c}") for c in USAGE_COLUMNS),
+    ]
+
+
+@dataclass
+class Tally:
+    """What the output's rows come to, summed part by part as they are written: the run's
+    summary and report, without another pass over the checkpoint.
+
+    Rows by status, failures by kind and by message count every row (in --limit's scope).
+    Tokens and cost (`sums`, named as Checkpoint.used_sums) count each result once, however many
+    rows share it: at the row it was sent for; a row that reused another's answer (dedupe)
+    carries 0 and is not counted. A row without usage is unknown, not zero."""
+
+    by_status: Counter[str] = field(default_factory=Counter)
+    failures_by_kind: Counter[str] = field(default_factory=Counter)
+    errors: Counter[str] | None = field(default_factory=Counter)  # None: over ERRORS_KEPT messages
+    sums: dict[str, float] = field(default_factory=dict)
+
+    def add(self, table: pl.DataFrame) -> None:
+        """Count one part of the output (its `status` filled: `pending` where no result)."""
+        for status, n in table["status"].value_counts().iter_rows():
+            self.by_status[status] += n
+        own = pl.col("reused_from").is_null() & (pl.col("status") != "pending")
+        for name, value in table.select(_billed_sums(own)).row(0, named=True).items():
+            self.sums[name] = self.sums.get(name, 0) + value
+        failed = table.filter(pl.col("status") == "failed")
+        if not failed.height:
+            return
+        for kind, n in failed.group_by("error_kind").len().iter_rows():
+            self.failures_by_kind[kind or "unknown"] += n
+        if self.errors is not None:
+            for error, n in failed.group_by("error").len().iter_rows():
+                self.errors[error or "(no message)"] += n
+            if len(self.errors) > ERRORS_KEPT:
+                self.errors = None
+
+    def kinds(self) -> dict[str, int]:
+        """Failed rows by error kind, commonest first (as Checkpoint.failures_by_kind)."""
+        return dict(sorted(self.failures_by_kind.items(), key=lambda kv: (-kv[1], kv[0])))
+
+    def top_errors(self, n: int = 3) -> list[tuple[str, int]] | None:
+        """The `n` commonest messages of failed rows (as Checkpoint.top_errors); None: too many
+        distinct messages were seen to keep count of them all (ask the checkpoint)."""
+        if self.errors is None:
+            return None
+        return sorted(self.errors.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+
+    def tokens(self, column: str) -> int | None:
+        """Prompt or completion tokens of the results used (as Checkpoint.totals): None when
+        answers came and none reported them, 0 when nothing was answered."""
+        if self.sums.get(f"{column}_known"):
+            return int(self.sums[column])
+        return None if self.sums.get("without_usage") else 0
+
+    @property
+    def without_usage(self) -> int:
+        return int(self.sums.get("without_usage", 0))
+
+    @property
+    def cost_usd(self) -> float:
+        return float(self.sums.get("cost_usd", 0.0))
+
+    def usage(self) -> dict[str, int | None]:
+        """Token sums by USAGE_COLUMNS over the sent results (ok or failed): None for
+        all of them when answers came and none reported usage."""
+        sent = self.sums.get("sent", 0)
+        unknown = bool(sent) and self.sums.get("sent_without_usage") == sent
+        return {c: None if unknown else int(self.sums.get(f"sent_{c}", 0)) for c in USAGE_COLUMNS}
 
 
 def write_output(
@@ -34,9 +129,9 @@ def write_output(
     *,
     limit: int | None = None,
     fields: Mapping[str, FieldType] | None = None,
-) -> dict[str, int]:
+) -> Tally:
     """Write the output table (every input row once, in input order, rows without a result
-    `pending`) to `path` atomically, in `format` or as its suffix says; returns rows by status.
+    `pending`) to `path` atomically, in `format` or as its suffix says; returns its Tally.
 
     Flat memory: the input (its id and include_columns) and the checkpoint's results are both in
     row order, so they are zipped a batch at a time, no join and no table held whole; each batch
@@ -46,8 +141,8 @@ def write_output(
         found = table_format(path, format, "output.path", "output.format")
     except ValueError as exc:
         raise BatchrunError(str(exc)) from None
-    counts: dict[str, int] = {}
-    batches = _output_batches(source, include_columns, fetch, limit, fields or {}, counts)
+    tally = Tally()
+    batches = _output_batches(source, include_columns, fetch, limit, fields or {}, tally)
 
     def build(target: Path) -> None:
         if found == "parquet":
@@ -57,12 +152,12 @@ def write_output(
 
     if isinstance(path, Path):
         write_atomically(path, build)
-        return counts
+        return tally
     with tempfile.TemporaryDirectory(prefix="batchrun-output-") as folder:  # built here, then uploaded
         built = Path(folder) / f"output.{found}"
         build(built)
         write_to(path, lambda url: _upload(built, found, url))
-    return counts
+    return tally
 
 
 def _upload(built: Path, format: TableFormat, url: str) -> None:
@@ -81,26 +176,25 @@ def _output_batches(
     fetch: FetchResults,
     limit: int | None,
     fields: Mapping[str, FieldType],
-    counts: dict[str, int],
+    tally: Tally,
 ) -> Iterator[pl.DataFrame]:
     id_expr = pl.col(source.id_column) if source.id_column else pl.col(ROW)
     extra = [c for c in include_columns if c != "id"]
     rows = source.lazy().select(pl.col(ROW), id_expr.alias("id"), *extra)
     struct = pl.Struct({name: polars_type(field) for name, field in fields.items()})
     for frame in source.frames(rows, limit, OUTPUT_ROWS):
-        results = pl.DataFrame(fetch(frame.height), schema=RESULT_SCHEMA, orient="row")
+        results = pl.DataFrame(fetch(frame.height), schema=_FETCHED, orient="row")
         if results.height != frame.height or (
             results.height and results["row"][0] != frame[ROW][0]
         ):  # the index covers every row the run reached; the runner finishes it before this
             raise BatchrunError("the checkpoint's index of the input's rows is incomplete; rerun the job")
-        results = _reused(results, frame["id"].cast(pl.String)).drop("id", "row", "request_key", "occurrence")
+        results = _reused(results, frame["id"].cast(pl.String)).drop("row")
         if fields:
             results = results.with_columns(pl.col("fields").str.json_decode(struct)).unnest("fields")
         table = pl.concat([frame.select("id", *extra), results], how="horizontal").with_columns(
             pl.col("status").fill_null("pending"), pl.col("attempts").fill_null(0)
         )
-        for status, n in table["status"].value_counts().iter_rows():
-            counts[status] = counts.get(status, 0) + n
+        tally.add(table)
         yield table.select("id", *extra, *fields, *OUTPUT_RESULT_COLUMNS)
 
 

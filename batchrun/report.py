@@ -19,7 +19,7 @@ import polars as pl
 from batchrun.checkpoint import Fingerprint
 from batchrun.cost import Price
 from batchrun.errors import BatchrunError, InputError
-from batchrun.output import write_atomically, write_output
+from batchrun.output import NO_USAGE, USAGE_COLUMNS, write_atomically, write_output
 from batchrun.results import ANSWER_COLUMNS, OUTPUT_RESULT_COLUMNS, RESULT_SCHEMA
 from batchrun.sources import scan_table
 from batchrun.storage import Location
@@ -28,11 +28,7 @@ if TYPE_CHECKING:
     from batchrun.core import Outcome
     from batchrun.plan import PreparedJob
 
-USAGE_COLUMNS = ("prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens")
 PERCENTILES = (50, 90, 99)
-# Rows that got an answer (so were billed), and those among them without usage: as in checkpoint.py.
-ANSWERED = (pl.col("status") == "ok") | pl.any_horizontal(pl.col(c).is_not_null() for c in ANSWER_COLUMNS)
-NO_USAGE = ANSWERED & (pl.col("prompt_tokens").is_null() | pl.col("completion_tokens").is_null())
 
 
 def fingerprint_digest(fingerprint: dict[str, Any]) -> str:
@@ -93,7 +89,7 @@ def write_run_report(
     usage: dict[str, int | None],
 ) -> None:
     """Write OUTPUT.report.json; scopes: the whole job (rows, tokens, cost, latency) or this run.
-    `usage`: token sums by USAGE_COLUMNS (Checkpoint.usage_sums)."""
+    `usage`: token sums by USAGE_COLUMNS (Tally.usage)."""
     minutes = max(result.wall_s, 1e-9) / 60
     actual = None if result.prompt_tokens is None else result.cost_usd  # None: no usage, or unpriced
     # Read back from the output as written, one column at a time: never the whole table.

@@ -32,9 +32,9 @@ from batchrun.html_report import write_page_or_warn
 from batchrun.job import EndpointSpec, JobSpec
 from batchrun.limits import Limiter
 from batchrun.models import check_model
-from batchrun.output import write_output
+from batchrun.output import USAGE_COLUMNS, write_output
 from batchrun.plan import SIMULATED_ENDPOINT, PreparedJob, index_input, prepare, rekey_by_row, run_plan
-from batchrun.report import USAGE_COLUMNS, RunResult, write_run_report
+from batchrun.report import RunResult, write_run_report
 
 if TYPE_CHECKING:
     import httpx2
@@ -231,7 +231,9 @@ async def run_job(
         await counted  # its figures are shown by now, and its error raised
         events.finished()
         await asyncio.to_thread(plan.finish)  # index the rows a stopped run did not reach
-        by_status = await asyncio.to_thread(
+        # The summary's figures are summed as the output's rows are written (Tally); a dedupe
+        # job's rows share results, so what they were billed is summed over the results instead.
+        tally = await asyncio.to_thread(
             write_output,
             job.source,
             spec.output.include_columns,
@@ -241,34 +243,35 @@ async def run_job(
             limit=options.limit,
             fields=spec.output.fields,
         )
-        totals = checkpoint.totals()
+        if spec.dedupe:
+            tally.sums = await asyncio.to_thread(checkpoint.used_sums, USAGE_COLUMNS)
+        top_errors = tally.top_errors()
         result = RunResult(
             total=in_scope,
-            ok=by_status.get("ok", 0),
-            failed=by_status.get("failed", 0),
-            skipped=by_status.get("skipped", 0),
-            pending=by_status.get("pending", 0),
-            prompt_tokens=totals.prompt_tokens,
-            completion_tokens=totals.completion_tokens,
-            failures_by_kind=checkpoint.failures_by_kind(),
+            ok=tally.by_status["ok"],
+            failed=tally.by_status["failed"],
+            skipped=tally.by_status["skipped"],
+            pending=tally.by_status["pending"],
+            prompt_tokens=tally.tokens("prompt_tokens"),
+            completion_tokens=tally.tokens("completion_tokens"),
+            failures_by_kind=tally.kinds(),
             retries=stats.retries,
             rate_limited=stats.rate_limited,
             wall_s=time.monotonic() - started,
             output_path=job.output_path,
             interrupted=stats.outcome == "interrupted",
-            cost_usd=None if price is None else checkpoint.spent_usd(),
+            cost_usd=None if price is None else tally.cost_usd,
             budget_usd=max_cost,
             budget_stopped=stats.outcome == "stopped_by_budget",
             workers=None if options.ray is None else [vars(t) for t in cluster.tallies],
             requests=stats.requests,
             run_tokens=stats.tokens,
             report_path=job.report_path,
-            rows_without_usage=totals.without_usage,
-            top_errors=checkpoint.top_errors(),
+            rows_without_usage=tally.without_usage,
+            top_errors=checkpoint.top_errors() if top_errors is None else top_errors,
             outcome=stats.outcome,
         )
-        usage = checkpoint.usage_sums(USAGE_COLUMNS)
-        write_run_report(job, result, price, fingerprint, stats.error, usage)
+        write_run_report(job, result, price, fingerprint, stats.error, tally.usage())
         checkpoint.end_run(stats.outcome, stats.requests, workers=len(result.workers or [None]))
         if stats.requests:
             await asyncio.to_thread(write_page_or_warn, job, events)

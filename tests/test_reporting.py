@@ -16,8 +16,11 @@ import termios
 from pathlib import Path
 from typing import Any
 
+import polars as pl
+
 from batchrun.checkpoint import RowResult
 from batchrun.events import RunStarted
+from batchrun.output import ERRORS_KEPT, Tally
 from batchrun.progress import Progress
 from batchrun.simulator import RunningSimulator, SimulatorConfig, serve_in_thread
 from tests.conftest import TEST_KEY, article_rows, invoke, write_job
@@ -232,6 +235,26 @@ def test_summary_status_and_report_name_the_commonest_errors(tmp_path: Path) -> 
     lines.append("  1 more row with other errors")
     for output in (result.stderr, status.stdout):
         assert "\n".join(lines) in output, output
+
+
+def test_the_output_tally_counts_messages_until_too_many_differ() -> None:
+    """The summary's top errors come from the output's pass; past ERRORS_KEPT distinct messages
+    it stops counting them (memory) and says so, and the runner asks the checkpoint instead."""
+    from batchrun.results import OUTPUT_RESULT_COLUMNS, RESULT_SCHEMA
+
+    def part(errors: list[str]) -> pl.DataFrame:
+        columns = {c: pl.Series(c, [None] * len(errors), RESULT_SCHEMA[c]) for c in OUTPUT_RESULT_COLUMNS}
+        columns |= {"status": pl.Series(["failed"] * len(errors)), "error": pl.Series(errors)}
+        return pl.DataFrame(columns)
+
+    tally = Tally()
+    tally.add(part(["gone"] * 3 + ["teapot"] * 2 + ["late"]))
+    tally.add(part(["teapot"] * 2))
+    assert tally.top_errors(2) == [("teapot", 4), ("gone", 3)]
+    assert tally.kinds() == {"unknown": 8} and tally.by_status["failed"] == 8
+    assert tally.usage()["prompt_tokens"] == 0 and tally.tokens("prompt_tokens") == 0  # no answer: none due
+    tally.add(part([f"row {i} failed" for i in range(ERRORS_KEPT)]))
+    assert tally.top_errors() is None and tally.by_status["failed"] == 8 + ERRORS_KEPT
 
 
 def test_rows_done_before_counted_after_the_start_join_the_bar_at_once() -> None:
