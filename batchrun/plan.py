@@ -294,6 +294,12 @@ class KeyedPlan:
             for planned in batch:
                 yield planned
 
+    def close(self) -> None:
+        """Wait for a batch still being keyed in a thread the producer left (a stopped run), and
+        key no more: the checkpoint's connections are closed next, and SQLite must not be in use."""
+        with self._lock:
+            self._batches = iter(())
+
     def finish(self) -> None:
         """Index the rows the producer did not reach, sending none of them."""
         with self._lock:
@@ -354,11 +360,13 @@ class IndexedPlan:
 
     def next_batch(self) -> list[Planned] | None:
         """The next rows to send; None when none is left."""
-        with self._lock:
+        with self._lock:  # whole: a changed row forgets the index, in SQLite
             rows = next(self._rows, None)
             if rows is None:
                 return None
-            indexed = self._indexed
+            return self._planned(rows, self._indexed)
+
+    def _planned(self, rows: list[dict[str, Any]], indexed: dict[int, tuple[bytes, int]]) -> list[Planned]:
         id_column = self._job.source.id_column
         planned = []
         for row in rows:
@@ -380,6 +388,11 @@ class IndexedPlan:
         while (batch := await asyncio.to_thread(self.next_batch)) is not None:
             for planned in batch:
                 yield planned
+
+    def close(self) -> None:
+        """As KeyedPlan.close: wait for a batch still being read in a thread, and read no more."""
+        with self._lock:
+            self._rows = iter(())
 
     def finish(self) -> None:
         """Nothing to index: `rows` already holds every row of the input."""

@@ -33,7 +33,16 @@ from batchrun.job import EndpointSpec, JobSpec
 from batchrun.limits import Limiter
 from batchrun.models import check_model
 from batchrun.output import USAGE_COLUMNS, write_output
-from batchrun.plan import SIMULATED_ENDPOINT, PreparedJob, index_input, prepare, rekey_by_row, run_plan
+from batchrun.plan import (
+    SIMULATED_ENDPOINT,
+    IndexedPlan,
+    KeyedPlan,
+    PreparedJob,
+    index_input,
+    prepare,
+    rekey_by_row,
+    run_plan,
+)
 from batchrun.report import RunResult, write_run_report
 
 if TYPE_CHECKING:
@@ -111,6 +120,7 @@ async def run_job(
     mode: Mode = "fresh" if options.fresh else "resume"
     checkpoint = open_checkpoint(job.checkpoint_path, mode, *made_for, rekey=rekey_by_row(job, made_for))
     counted: asyncio.Future[tuple[dict[str, int], float]] | None = None
+    plan: KeyedPlan | IndexedPlan | None = None
     try:
         checkpoint.begin_run("local" if options.ray is None else "ray")
         repriced = checkpoint.reprice(repr(price), functools.partial(request_cost, price))
@@ -285,6 +295,8 @@ async def run_job(
             counted.cancel()  # the run ended before the count
         elif counted is not None and not counted.cancelled():
             counted.exception()  # retrieved: a failed count failed the run, or the run failed first
+        if plan is not None:
+            plan.close()  # a batch may still be keyed in a thread of its own: waits for it
         checkpoint.close()
 
 

@@ -129,3 +129,26 @@ def test_occurrences_count_across_batches(tmp_path: Path) -> None:
             checkpoint.close()
         assert (first[0], second[0]) == expected
         assert (first[1], second[1]) == ([True, True, False], [False, True, False])
+
+
+def test_closing_the_plan_waits_for_the_batch_being_keyed(tmp_path: Path) -> None:
+    """A stopped run leaves a batch being keyed in a thread; the checkpoint's connections close
+    only once it is done (closing SQLite under it crashed the process: a segfault in the suite)."""
+    import threading
+
+    from batchrun.job import load_job
+    from batchrun.plan import prepare, run_plan
+
+    job = prepare(load_job(write_job(tmp_path, article_rows(20_000), "http://127.0.0.1:9/v1")))
+    checkpoint = open_checkpoint(job.checkpoint_path, "fresh", job.fingerprint(False))
+    plan = run_plan(job, checkpoint, False)
+    keyed: list[int] = []
+    worker = threading.Thread(target=lambda: keyed.append(len(plan.next_batch() or [])))
+    worker.start()
+    while not plan._lock.locked() and worker.is_alive():  # the batch is being keyed
+        pass
+    plan.close()
+    checkpoint.close()  # as run_job's end: with SQLite still in use by the batch, it failed
+    worker.join()
+    assert keyed and keyed[0] > 0, "the batch being keyed when the run ended did not complete"
+    assert plan.next_batch() is None  # and no more is keyed
