@@ -295,7 +295,9 @@ def summary(result: RunResult, job_file: Path) -> str:
         )
     lines.append(f"output: {result.output_path}")
     if result.report_path is not None:
-        page = result.report_path.with_name(result.report_path.name.removesuffix(".json") + ".html")
+        from batchrun.html_report import page_path
+
+        page = page_path(result.report_path)
         lines.append(f"report: {result.report_path}" + (f", {page}" if page.exists() else ""))
     if result.interrupted:
         lines.append(f"interrupted: rerun `batchrun {job_file}` to resume")
@@ -600,7 +602,7 @@ def report_command(path: Path, open_page: bool, by: tuple[str, ...], output: str
 
     from batchrun.html_report import Sources, page_path, write_page
     from batchrun.job import load_job
-    from batchrun.plan import prepare
+    from batchrun.plan import CHECKPOINT_SUFFIX, REPORT_SUFFIX, beside, prepare
     from batchrun.report import job_table, read_output_table
 
     with tempfile.TemporaryDirectory(prefix="batchrun-report-") as workdir:
@@ -615,15 +617,13 @@ def report_command(path: Path, open_page: bool, by: tuple[str, ...], output: str
                     f"{path} has no checkpoint ({job.checkpoint_path}) and no output yet: run it first"
                 )
             sources = Sources(table, job.checkpoint_path, job.report_path, str(path), by)
-            html_path = page_path(job)
+            html_path = page_path(job.report_path)
         elif output is not None:
             raise BatchrunError("--output goes with a job file: `batchrun report JOB --output PATH`")
         else:
-            stem = path.with_name(path.name + ".report.json")
-            sources = Sources(
-                read_output_table(path), path.with_name(path.name + ".checkpoint.sqlite"), stem, None, by
-            )
-            html_path = stem.with_name(path.name + ".report.html")
+            report_json = beside(path, REPORT_SUFFIX)
+            sources = Sources(read_output_table(path), beside(path, CHECKPOINT_SUFFIX), report_json, None, by)
+            html_path = page_path(report_json)
         size = write_page(sources, html_path)
     click.echo(f"report: {html_path} ({size / 1024:,.0f} KiB)")
     if open_page:

@@ -54,15 +54,16 @@ class Sources:
     by: tuple[str, ...] = ()
 
 
-def page_path(job: PreparedJob) -> Path:
-    return job.report_path.with_name(job.report_path.name.removesuffix(".json") + ".html")
+def page_path(report_json: Path) -> Path:
+    """The page beside a run's JSON report: OUTPUT.report.html."""
+    return report_json.with_suffix(".html")
 
 
 def write_page_or_warn(job: PreparedJob, events: Events) -> None:
     """A run's page; a page that cannot be drawn costs a warning, never the run's output or exit code."""
     if os.environ.get(PAGE_SWITCH) == "0":
         return
-    path = page_path(job)
+    path = page_path(job.report_path)
     try:
         sources = Sources(
             scan_table(job.output_path, job.spec.output.format),

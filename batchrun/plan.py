@@ -21,7 +21,7 @@ import functools
 import hashlib
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +62,15 @@ class Planned:
     empty: tuple[str, ...] = ()  # the empty prompt columns of a skipped row
 
 
+# What a run leaves beside its (local) output table: OUTPUT.checkpoint.sqlite, OUTPUT.report.json.
+CHECKPOINT_SUFFIX = ".checkpoint.sqlite"
+REPORT_SUFFIX = ".report.json"
+
+
+def beside(output: Path, suffix: str) -> Path:
+    return output.with_name(output.name + suffix)
+
+
 @dataclass(frozen=True)
 class PreparedJob:
     """A job whose spec, templates and input were all checked; nothing sent yet."""
@@ -87,11 +96,11 @@ class PreparedJob:
     def checkpoint_path(self) -> Path:
         if self.checkpoint_at is not None:
             return self.checkpoint_at
-        return self.local_output.with_name(self.local_output.name + ".checkpoint.sqlite")
+        return beside(self.local_output, CHECKPOINT_SUFFIX)
 
     @property
     def report_path(self) -> Path:
-        return self.local_output.with_name(self.local_output.name + ".report.json")
+        return beside(self.local_output, REPORT_SUFFIX)
 
     @property
     def estimate_path(self) -> Path:
@@ -179,6 +188,15 @@ class PreparedJob:
         if self.source.id_column and self.source.id_column not in columns:
             columns += (self.source.id_column,)
         return columns
+
+    def planned(
+        self, row: dict[str, Any], key: bytes, occurrence: int, body: dict[str, Any] | None
+    ) -> Planned:
+        """A rendered row as the core's producer takes it: its id, and the prompt columns that
+        are empty where it was not rendered (on_null: skip)."""
+        empty = () if body is not None else tuple(c for c in self.prompts.columns if row[c] is None)
+        row_id = str(row[self.source.id_column]) if self.source.id_column else str(row[ROW])
+        return Planned(row[ROW], row_id, key, occurrence, body, empty)
 
     def keyed_batches(
         self, index: KeyIndex, keys: RequestKeys, limit: int | None = None, dedupe: bool = False
@@ -268,7 +286,6 @@ class KeyedPlan:
             if batch is None:
                 return None
             statuses = self._index.finished(*batch.row_range, "status" if self._retry_failed else "")
-        id_column = self._job.source.id_column
         planned = []
         for i, row in enumerate(batch.rows):
             position = row[ROW]
@@ -282,17 +299,12 @@ class KeyedPlan:
             if self._dedupe and not batch.first[i]:
                 self.reused += 1
                 continue
-            body = batch.bodies[i]
-            empty = () if body is not None else tuple(c for c in self._job.prompts.columns if row[c] is None)
-            row_id = str(row[id_column]) if id_column else str(position)
-            planned.append(Planned(position, row_id, batch.keys[i], batch.occurrences[i], body, empty))
+            planned.append(self._job.planned(row, batch.keys[i], batch.occurrences[i], batch.bodies[i]))
         return planned
 
-    async def requests(self) -> AsyncIterator[Planned]:
+    def requests(self) -> AsyncIterator[Planned]:
         """The rows to send, for the core's producer; each batch is keyed in a thread."""
-        while (batch := await asyncio.to_thread(self.next_batch)) is not None:
-            for planned in batch:
-                yield planned
+        return _in_threads(self.next_batch)
 
     def close(self) -> None:
         """Wait for a batch still being keyed in a thread the producer left (a stopped run), and
@@ -367,7 +379,6 @@ class IndexedPlan:
             return self._planned(rows, self._indexed)
 
     def _planned(self, rows: list[dict[str, Any]], indexed: dict[int, tuple[bytes, int]]) -> list[Planned]:
-        id_column = self._job.source.id_column
         planned = []
         for row in rows:
             position = row[ROW]
@@ -378,16 +389,12 @@ class IndexedPlan:
                     f"input {self._job.source.path}: row {position + 1} changed while its file's size and "
                     "modification time did not; stopped; run again to key the whole input"
                 )
-            empty = () if body is not None else tuple(c for c in self._job.prompts.columns if row[c] is None)
-            row_id = str(row[id_column]) if id_column else str(position)
-            planned.append(Planned(position, row_id, key, indexed[position][1], body, empty))
+            planned.append(self._job.planned(row, key, indexed[position][1], body))
         return planned
 
-    async def requests(self) -> AsyncIterator[Planned]:
+    def requests(self) -> AsyncIterator[Planned]:
         """The rows to send, for the core's producer; each batch read and keyed in a thread."""
-        while (batch := await asyncio.to_thread(self.next_batch)) is not None:
-            for planned in batch:
-                yield planned
+        return _in_threads(self.next_batch)
 
     def close(self) -> None:
         """As KeyedPlan.close: wait for a batch still being read in a thread, and read no more."""
@@ -396,6 +403,14 @@ class IndexedPlan:
 
     def finish(self) -> None:
         """Nothing to index: `rows` already holds every row of the input."""
+
+
+async def _in_threads(next_batch: Callable[[], list[Planned] | None]) -> AsyncIterator[Planned]:
+    """A plan's batches one row at a time, each batch made in a thread (SQLite and rendering
+    stay off the event loop)."""
+    while (batch := await asyncio.to_thread(next_batch)) is not None:
+        for planned in batch:
+            yield planned
 
 
 def run_plan(

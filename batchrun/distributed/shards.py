@@ -76,11 +76,9 @@ def read_rows(job: PreparedJob, shard: RowsToRead, keys: RequestKeys) -> list[Pl
         if row is None:
             raise _changed(job, position)
         body, key = job.keyed_body(row, keys)
-        empty = () if body is not None else tuple(c for c in prompt_columns if row[c] is None)
         if key != shard.keys[i * KEY_BYTES : (i + 1) * KEY_BYTES]:
             raise _changed(job, position)
-        row_id = str(row[id_column]) if id_column else str(position)
-        planned.append(Planned(position, row_id, key, shard.occurrences[i], body, empty))
+        planned.append(job.planned(row, key, shard.occurrences[i], body))
     return planned
 
 
