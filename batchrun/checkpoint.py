@@ -87,6 +87,9 @@ ROW_RESULTS = "rows r JOIN results USING (request_key, occurrence)"
 USED_RESULTS = "results WHERE (request_key, occurrence) IN (SELECT request_key, occurrence FROM rows)"
 _RESULTS_TABLE = ", ".join([*(f"{c.name} {c.sql}" for c in STORED), f"PRIMARY KEY ({', '.join(RESULT_KEY)})"])
 _ROWS_TABLE = "(row INTEGER PRIMARY KEY, request_key BLOB NOT NULL, occurrence INTEGER NOT NULL)"
+# Schema 4: results by the row they were sent for. The output build walks it in row order, so its
+# pages are read once each; a probe of the key index per row reads them at random (4x slower at 1M).
+_BY_ROW_INDEX = "CREATE INDEX IF NOT EXISTS results_by_row ON results (row, request_key, occurrence)"
 
 SEEN_CACHE_KIB = 65536
 # What output_rows gives for each row: its position, and its result as the output has it.
@@ -197,6 +200,7 @@ class Checkpoint:
                         self._db.execute(f"ALTER TABLE results ADD COLUMN {column.name} {column.sql}")
             self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
             self._db.execute(f"CREATE TABLE IF NOT EXISTS rows {_ROWS_TABLE}")
+            self._db.execute(_BY_ROW_INDEX)
             history.create_tables(self._db)
             self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         self._columns = set(NAMES)
@@ -470,9 +474,15 @@ class Checkpoint:
         select = ", ".join(
             "r.row" if c == "row" else reused if c == "reused_from" else f"s.{c}" for c in OUTPUT_ROW_COLUMNS
         )
-        cursor = self._db.execute(
-            f"SELECT {select} FROM rows r LEFT JOIN results s USING (request_key, occurrence) ORDER BY r.row"
-        )
+        join = "USING (request_key, occurrence)"  # a reader of a checkpoint older than the index
+        if self._version >= 4:  # its own row's result in row order; another row's (dedupe) by key
+            same = "request_key = r.request_key AND occurrence = r.occurrence"  # bare: the subquery's
+            join = (
+                "ON s.rowid = COALESCE("
+                f" (SELECT rowid FROM results INDEXED BY results_by_row WHERE row = r.row AND {same}),"
+                f" (SELECT rowid FROM results WHERE {same}))"
+            )
+        cursor = self._db.execute(f"SELECT {select} FROM rows r LEFT JOIN results s {join} ORDER BY r.row")
         return cursor.fetchmany
 
     def totals(self) -> Totals:

@@ -17,8 +17,9 @@ import polars as pl
 
 # The checkpoint's schema (SQLite `PRAGMA user_version`); 0: made before the version was recorded.
 # 2: results keyed by the request they answer (RESULT_KEY), not by row position. 3: the record of
-# runs and attempts (history.py).
-SCHEMA_VERSION = 3
+# runs and attempts (history.py). 4: `results_by_row`, an index of the results by the row they were
+# sent for, so the output build reads them in row order instead of probing the key index at random.
+SCHEMA_VERSION = 4
 
 
 @dataclass(frozen=True)

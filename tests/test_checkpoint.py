@@ -18,6 +18,7 @@ from batchrun.simulator import RunningSimulator
 from tests.conftest import article_rows, checkpoint_path, invoke, read_output, write_job
 
 FIXTURE = Path(__file__).parent / "fixtures" / "checkpoint_v1"
+FIXTURE_V3 = Path(__file__).parent / "fixtures" / "checkpoint_v3"
 
 
 def previous_release_job(tmp_path: Path) -> Path:
@@ -59,6 +60,32 @@ def test_checkpoint_of_the_previous_release_resumes(tmp_path: Path) -> None:
     kept = out.head(8).select("status", "response_id").rows()
     assert kept == [before[r] for r in range(8)]  # the finished rows as recorded, not sent again
     assert sql(job, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+
+
+def test_a_schema_3_checkpoint_is_read_as_it_is_and_indexed_by_row_once_resumed(tmp_path: Path) -> None:
+    shutil.copytree(FIXTURE_V3, tmp_path / "job")
+    job = tmp_path / "job" / "job.yaml"
+    by_row = "SELECT name FROM sqlite_master WHERE name = 'results_by_row'"
+    assert sql(job, "PRAGMA user_version") == [(3,)] and sql(job, by_row) == []
+
+    cost = invoke("cost", str(job), "--by", "status", "--format", "csv")  # a reader builds the table
+
+    assert cost.exit_code == 0, cost.output
+    assert [line.split(",")[:3] for line in cost.stdout.splitlines()[1:4]] == [
+        ["failed", "grok-4.3", "2"], ["ok", "grok-4.3", "6"], ["pending", "", "4"]
+    ]  # fmt: skip
+    assert sql(job, "PRAGMA user_version") == [(3,)] and sql(job, by_row) == []  # unchanged
+
+    resumed = invoke("run", str(job), "--simulate")
+
+    assert resumed.exit_code == 1, resumed.output  # two rows failed, as recorded
+    assert "resuming: 8 of 12 rows already done" in resumed.stderr
+    assert sql(job, "PRAGMA user_version") == [(SCHEMA_VERSION,)] and sql(job, by_row) == [
+        ("results_by_row",)
+    ]
+    out = read_output(job)
+    assert out["status"].to_list() == ["ok", "failed", "ok", "ok", "failed"] + ["ok"] * 7
+    assert out["id"].to_list() == list(range(1000, 1012))
 
 
 def test_a_column_new_since_the_checkpoint_is_added_in_place(tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 """Scale: what grows with the number of rows, measured through the real CLI (issue #13 item 5).
 
-    python tests/benchmarks/scale.py [--rows 1000000] [--big 10000000] [--skip-big]
+    python tests/benchmarks/scale.py [--rows 1000000] [--big 10000000] [--skip-big | --big-only]
 
 One simulator process (`batchrun simulate`, pinned to core 1) serves every part; each batchrun is
 its own process pinned to core 0 (`taskset`), as in run.py. Peak RSS is the batchrun process's
@@ -416,13 +416,14 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000, help="N of (a), (c) and the first (b)")
     parser.add_argument("--big", type=int, default=10_000_000, help="N of the second (b)")
     parser.add_argument("--skip-big", action="store_true", help="no second (b): it needs ~10 GB of disk")
+    parser.add_argument("--big-only", action="store_true", help="only the second (b): no S1, (a), (c)")
     parser.add_argument("--skip-s1", action="store_true")
     parser.add_argument("--max-rss-mb", type=float, default=4000, help="kill a batchrun above this")
     parser.add_argument("--workdir", type=Path, help="where the inputs and checkpoints go (default: TMPDIR)")
     args = parser.parse_args()
     print(f"python {sys.version.split()[0]}, polars {pl.__version__}, {os.cpu_count()} cores;", end=" ")
     print("batchrun on core 0, simulator on core 1; other sessions share the machine: figures are noisy")
-    if not args.skip_s1:
+    if not (args.skip_s1 or args.big_only):
         with tempfile.TemporaryDirectory(dir=args.workdir, prefix="batchrun-scale-") as tmp:
             s1(Path(tmp))
 
@@ -430,7 +431,8 @@ def main() -> None:
         end_to_end(folder, args.rows, base_url, args.max_rss_mb)
         grows_with_n(folder, args.rows, base_url, args.max_rss_mb, incremental=True)
 
-    at_scale(args.rows, args.workdir, at_rows)
+    if not args.big_only:
+        at_scale(args.rows, args.workdir, at_rows)
     if not args.skip_big:
         at_scale(
             args.big,
