@@ -24,7 +24,11 @@ from batchrun.sources import ROW, Source
 from batchrun.storage import Location, Url, cloud_reason
 from batchrun.structured import polars_type
 
-OUTPUT_ROWS = 16_384  # rows per part of the output: the input's ids, their results, as one frame
+# Rows per part of the output (the input's ids, their results, as one frame) and per Parquet row
+# group: a reader of the output (the run's report page, `cost`, the user's own scans) decodes a
+# few row groups at a time; at 81,920 rows a group (polars' default here) the page's scan of 1M
+# rows peaked at 418 MB, at 16,384 at 200 MB, for a file 0.3% larger.
+OUTPUT_ROWS = 16_384
 # Fetches the next n rows' results from the checkpoint, in row order (Checkpoint.output_rows),
 # as tuples of OUTPUT_ROW_COLUMNS.
 FetchResults = Callable[[int], list[tuple[Any, ...]]]
@@ -164,7 +168,7 @@ def write_output(
 def _upload(built: Path, format: TableFormat, url: str) -> None:
     """Stream a table built locally to `url` with polars' sinks (one object, published whole)."""
     if format == "parquet":
-        pl.scan_parquet(built).sink_parquet(url)
+        pl.scan_parquet(built).sink_parquet(url, row_group_size=OUTPUT_ROWS)
     elif format == "csv":
         pl.scan_csv(built, infer_schema=False).sink_csv(url)
     else:
@@ -235,7 +239,7 @@ def _write_parquet(batches: Iterator[pl.DataFrame], path: Path) -> None:
         yield first
         yield from batches
 
-    register_io_source(parts, schema=first.schema).sink_parquet(path)
+    register_io_source(parts, schema=first.schema).sink_parquet(path, row_group_size=OUTPUT_ROWS)
 
 
 def _write_text(batches: Iterator[pl.DataFrame], path: Path, format: TableFormat) -> None:

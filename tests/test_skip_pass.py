@@ -151,3 +151,20 @@ def test_dedupe_and_retry_failed_from_the_index(tmp_path: Path, simulator: Runni
     assert sent_by(simulator, str(job), "--retry-failed") == 1  # 1004, answered now
     assert (read_output(job)["status"] == "ok").all()
     assert indexed_input(job) is not None
+
+
+def test_readers_take_the_index_of_an_unchanged_input(tmp_path: Path, simulator: RunningSimulator) -> None:
+    job = write_job(tmp_path, article_rows(10), simulator.base_url)
+    run_rows(job, {0, 1, 2, 3, 4, 5, 6})
+    edit_behind_the_mtime(job, "Story 2,", "Story X,")  # what only a key pass would see
+
+    trusted = invoke("status", str(job))
+
+    assert trusted.exit_code == 0, trusted.output
+    assert trusted.stdout.splitlines()[0] == "ok: 7"  # the index as the run's pass left it
+
+    os.utime(tmp_path / "input.csv")  # a new mtime: the reader makes its own pass
+    passed = invoke("status", str(job))
+
+    assert passed.exit_code == 0, passed.output
+    assert passed.stdout.splitlines()[0] == "ok: 6"  # row 2's request changed: not done
