@@ -601,28 +601,31 @@ def report_command(path: Path, open_page: bool, by: tuple[str, ...], output: str
     import webbrowser
 
     from batchrun.html_report import Sources, page_path, write_page
-    from batchrun.job import load_job
+    from batchrun.job import TableFormat, load_job
     from batchrun.plan import CHECKPOINT_SUFFIX, REPORT_SUFFIX, beside, prepare
     from batchrun.report import job_table, read_output_table
+    from batchrun.sources import input_format
 
     with tempfile.TemporaryDirectory(prefix="batchrun-report-") as workdir:
         if path.suffix.lower() in (".yaml", ".yml"):
             job = prepare(load_job(path), output, write=False)
+            format: TableFormat = "parquet"  # as job_table builds it
             if job.checkpoint_path.exists():
                 table = job_table(job, by, made_for(job), Path(workdir))
             elif isinstance(job.output_path, Path) and job.output_path.exists():
-                table = read_output_table(job.output_path)
+                table, format = read_output_table(job.output_path), input_format(job.output_path)
             else:
                 raise BatchrunError(
                     f"{path} has no checkpoint ({job.checkpoint_path}) and no output yet: run it first"
                 )
-            sources = Sources(table, job.checkpoint_path, job.report_path, str(path), by)
+            sources = Sources(table, job.checkpoint_path, job.report_path, str(path), by, format)
             html_path = page_path(job.report_path)
         elif output is not None:
             raise BatchrunError("--output goes with a job file: `batchrun report JOB --output PATH`")
         else:
             report_json = beside(path, REPORT_SUFFIX)
-            sources = Sources(read_output_table(path), beside(path, CHECKPOINT_SUFFIX), report_json, None, by)
+            table, format = read_output_table(path), input_format(path)
+            sources = Sources(table, beside(path, CHECKPOINT_SUFFIX), report_json, None, by, format)
             html_path = page_path(report_json)
         size = write_page(sources, html_path)
     click.echo(f"report: {html_path} ({size / 1024:,.0f} KiB)")

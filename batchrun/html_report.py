@@ -2,9 +2,10 @@
 
 What it shows comes from three places, each read in flat memory however many rows the job has:
 the output table (rows by status, tokens, cost, latency, failures: polars, grouped or binned by
-its streaming engine, over a copy without the answers' text), the checkpoint's record of runs and attempts (throughput, retries and
-429s over time, binned in SQL; history.py) and the JSON run report beside it (the estimate made
-before the run, the Ray workers' figures), when there is one. Every chart is an Altair
+its streaming engine, over a copy without the answers' text), the checkpoint's record of runs
+and attempts (throughput, retries and 429s over time, binned in SQL; history.py) and the JSON
+run report beside it (the estimate made before the run, the Ray workers' figures), when there
+is one. Every chart is an Altair
 (Vega-Lite) spec drawn from at most a few hundred binned points, rendered to inline SVG by
 vl-convert: no script, font or image is fetched when the page is opened. Both are imported only
 when a page is drawn.
@@ -19,18 +20,18 @@ import json
 import os
 import sqlite3
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import polars as pl
-from polars.io.plugins import register_io_source
 
-from batchrun.output import ANSWERED, OUTPUT_ROWS, write_atomically
-from batchrun.report import PERCENTILES, cost_report
-from batchrun.sources import scan_table
+from batchrun.job import TableFormat
+from batchrun.output import ANSWERED, sink_frames, write_atomically
+from batchrun.report import PERCENTILES, cost_report, typed_output
+from batchrun.sources import input_format, scan_table
 
 if TYPE_CHECKING:
     import altair as alt
@@ -58,6 +59,7 @@ class Sources:
     json_report: Path | None
     job_file: str | None  # for the command that resends failed rows
     by: tuple[str, ...] = ()
+    format: TableFormat = "parquet"  # the table's: Parquet is read by slices, others in one pass
 
 
 def page_path(report_json: Path) -> Path:
@@ -72,10 +74,11 @@ def write_page_or_warn(job: PreparedJob, events: Events) -> None:
     path = page_path(job.report_path)
     try:
         sources = Sources(
-            scan_table(job.output_path, job.spec.output.format),
+            typed_output(scan_table(job.output_path, job.spec.output.format)),
             job.checkpoint_path,
             job.report_path,
             str(job.spec.job_path),
+            format=input_format(job.output_path, job.spec.output.format),
         )
         write_page(sources, path)
     except Exception as exc:  # anything at all: the run's output and exit code stand
@@ -86,26 +89,27 @@ def write_page_or_warn(job: PreparedJob, events: Events) -> None:
 def write_page(sources: Sources, path: Path) -> int:
     """Draw the page and write it atomically; its size in bytes."""
     with tempfile.TemporaryDirectory(prefix="batchrun-page-") as folder:
-        table = _without_answers(sources.table, Path(folder) / "table.parquet")
+        table = _without_answers(sources.table, sources.format, Path(folder) / "table.parquet")
         data = render(dataclasses.replace(sources, table=table)).encode()
     write_atomically(path, lambda tmp: tmp.write_bytes(data))
     return len(data)
 
 
-def _without_answers(table: pl.LazyFrame, path: Path) -> pl.LazyFrame:
+def _without_answers(table: pl.LazyFrame, format: TableFormat, path: Path) -> pl.LazyFrame:
     """The table as the page reads it: each answer's text and tool calls as "" (the page asks
-    only whether a row has them: ANSWERED), copied to `path` a slice at a time. Each of the
-    page's ten scans then reads a few bytes a row; a streaming scan that decodes the answers
-    held ~175 MB at 1M rows of ~300 characters, and the page peaked ~120 MB over the run."""
+    only whether a row has them: ANSWERED), copied to `path` a slice at a time (Parquet: each
+    from the row groups it touches; CSV and JSON lines, which a slice parses from the start:
+    polars' batches). Each of the page's ten scans then reads a few bytes a row; a streaming scan
+    that decodes the answers held ~175 MB at 1M rows of ~300 characters."""
     present = [c for c in ANSWER_TEXT if c in table.collect_schema()]
     marked = table.with_columns(pl.when(pl.col(c).is_not_null()).then(pl.lit("")).alias(c) for c in present)
-    rows = int(table.select(pl.len()).collect().item())
-
-    def slices(*_pushdown: object) -> Iterator[pl.DataFrame]:  # sunk whole: nothing to push down
-        for offset in range(0, rows, PAGE_SLICE_ROWS):
-            yield marked.slice(offset, PAGE_SLICE_ROWS).collect()
-
-    register_io_source(slices, schema=marked.collect_schema()).sink_parquet(path, row_group_size=OUTPUT_ROWS)
+    slices: Iterable[pl.DataFrame]
+    if format == "parquet":
+        rows = int(table.select(pl.len()).collect().item())
+        slices = (marked.slice(at, PAGE_SLICE_ROWS).collect() for at in range(0, rows, PAGE_SLICE_ROWS))
+    else:
+        slices = marked.collect_batches(chunk_size=PAGE_SLICE_ROWS)
+    sink_frames(slices, marked.collect_schema(), path)
     return pl.scan_parquet(path)
 
 

@@ -190,7 +190,15 @@ def read_output_table(path: Path) -> pl.LazyFrame:
     if missing:
         raise InputError(f"{path} is not a batchrun output table: it has no '{missing[0]}' column")
     summed = (*USAGE_COLUMNS, "cost_usd", *ANSWER_COLUMNS)  # an older table may lack them: null
-    return table.with_columns(pl.lit(None, RESULT_SCHEMA[c]).alias(c) for c in summed if c not in columns)
+    table = table.with_columns(pl.lit(None, RESULT_SCHEMA[c]).alias(c) for c in summed if c not in columns)
+    return typed_output(table)
+
+
+def typed_output(table: pl.LazyFrame) -> pl.LazyFrame:
+    """An output table read back with its result columns typed as batchrun writes them: CSV and
+    JSON lines keep no types, and a column empty throughout (`cached_tokens`) reads back as text."""
+    columns = set(table.collect_schema().names())
+    return table.with_columns(pl.col(c).cast(RESULT_SCHEMA[c]) for c in OUTPUT_RESULT_COLUMNS if c in columns)
 
 
 def cost_report(table: pl.LazyFrame, by: tuple[str, ...]) -> pl.DataFrame:

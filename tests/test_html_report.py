@@ -135,6 +135,25 @@ def test_a_page_that_cannot_be_written_costs_a_warning_not_the_run(
     assert read_output(job)["status"].to_list() == ["ok"] * 3
 
 
+@pytest.mark.parametrize("suffix", ["csv", "jsonl"])
+def test_an_output_without_types_gets_its_page_and_its_cost(
+    tmp_path: Path, simulator: RunningSimulator, suffix: str
+) -> None:
+    """CSV and JSON lines keep no types: a column empty throughout reads back as text."""
+    job = write_job(tmp_path, article_rows(5), simulator.base_url)
+    output = tmp_path / "out" / f"result.{suffix}"
+
+    result = invoke("run", str(job), "--output", str(output))
+
+    assert result.exit_code == 0, result.output
+    assert "no HTML report" not in result.stderr
+    html = Path(f"{output}.report.html").read_text()
+    assert shown_figures(html)["rows-ok"] == "5" and html.count("<svg") == CHARTS - 1  # no failures
+    cost = invoke("cost", str(output), "--format", "csv")
+    assert cost.exit_code == 0, cost.output
+    assert cost.stdout.splitlines()[-1].startswith("total,,5,")
+
+
 def test_report_command_draws_the_page_from_the_checkpoint_or_the_output(
     tmp_path: Path, simulator: RunningSimulator
 ) -> None:
