@@ -443,6 +443,21 @@ def test_ctrl_c_on_the_driver_stops_every_worker_and_writes_the_rest_pending(
 # --- the shared limit and budget: x-ratelimit allowance, token charges, a dead worker's grant ---------
 
 
+async def sent_until(limiter: ClusterLimiter, until: float, pause_s: float) -> int:
+    """Requests `limiter` lets go before `until` (monotonic), asking as fast as it lets them go
+    (one every `pause_s` at most)."""
+    sent = 0
+    while (left := until - time.monotonic()) > 0:
+        try:
+            permit = await asyncio.wait_for(limiter.acquire(10), left)
+        except TimeoutError:
+            break
+        sent += time.monotonic() < until
+        limiter.release(permit, ok=True)
+        await asyncio.sleep(pause_s)
+    return sent
+
+
 def test_an_allowance_from_headers_is_spent_once_by_the_whole_cluster(ray_session: Any) -> None:
     """One worker learns `x-ratelimit-remaining-requests: 10` (reset in 1 s); both then send as
     fast as they may: together no more than those 10 go out before the reset."""
@@ -455,21 +470,7 @@ def test_an_allowance_from_headers_is_spent_once_by_the_whole_cluster(ray_sessio
         headers = RateLimitHeaders(remaining_requests=10, reset_requests_s=1.0)
         told.release(await told.acquire(10), ok=True, headers=headers)
         until = time.monotonic() + 0.8
-
-        async def spend(limiter: ClusterLimiter) -> int:
-            sent = 0
-            while (left := until - time.monotonic()) > 0:
-                try:
-                    permit = await asyncio.wait_for(limiter.acquire(10), left)
-                except TimeoutError:
-                    break
-                if time.monotonic() < until:
-                    sent += 1
-                limiter.release(permit, ok=True)
-                await asyncio.sleep(0.005)
-            return sent
-
-        return sum(await asyncio.gather(spend(told), spend(other)))
+        return sum(await asyncio.gather(sent_until(told, until, 0.005), sent_until(other, until, 0.005)))
 
     sent = asyncio.run(main())
     assert 0 < sent <= 10
@@ -488,17 +489,7 @@ def test_an_allowance_less_than_the_slots_in_hand_holds_every_worker(ray_session
         other.release(await other.acquire(10), ok=True)  # it leased 4 slots: 3 in hand
         headers = RateLimitHeaders(remaining_requests=3, reset_requests_s=0.6)
         told.release(await told.acquire(10), ok=True, headers=headers)
-        until = time.monotonic() + 0.5
-        sent = 0
-        while (left := until - time.monotonic()) > 0:
-            try:
-                permit = await asyncio.wait_for(other.acquire(10), left)
-            except TimeoutError:
-                break
-            sent += time.monotonic() < until
-            other.release(permit, ok=True)
-            await asyncio.sleep(0.01)
-        return sent
+        return await sent_until(other, time.monotonic() + 0.5, 0.01)
 
     assert asyncio.run(main()) <= 3
 
