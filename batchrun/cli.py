@@ -16,6 +16,7 @@ import click
 from click_default_group import DefaultGroup
 
 from batchrun.errors import BatchrunError, JobChanged, RequestFailed
+from batchrun.terminal import printable
 
 # Commands import what they use when they run, so that `--help` and `--version` need none of
 # polars, aiohttp, pydantic or genai-prices (tests/test_startup.py).
@@ -52,12 +53,18 @@ def friendly_errors(command: F) -> F:
         except BatchrunError as exc:
             if debug or os.environ.get("BATCHRUN_DEBUG") == "1":
                 raise
-            click.echo(f"Error: {exc}", err=True)
+            click.echo(f"Error: {printable(str(exc), one_line=True)}", err=True)
             sys.exit(exc.exit_code)
 
     return click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")(
         wrapper
     )  # type: ignore[return-value]
+
+
+def echo(message: str | None = None, *, err: bool = False, nl: bool = True) -> None:
+    """click.echo with control characters escaped: much of what is shown came from a server or
+    an input table (an error's words, an id, a model name)."""
+    click.echo(None if message is None else printable(message), err=err, nl=nl)
 
 
 job_argument = click.argument("job_file", metavar="JOB", type=click.Path(dir_okay=False, path_type=Path))
@@ -213,9 +220,9 @@ def run(
             sys.exit(exc.exit_code)
         result = run_in_process(spec, dataclasses.replace(options, yes=True))
     if not quiet:
-        click.echo(summary(result, job_file), err=True)
+        echo(summary(result, job_file), err=True)
     elif result.budget_stopped:
-        click.echo(budget_stop(result, job_file), err=True)
+        echo(budget_stop(result, job_file), err=True)
     sys.exit(result.exit_code)
 
 
@@ -363,9 +370,9 @@ def check_model_with_key(spec: JobSpec) -> None:
     if not spec.endpoint.check_model:
         return
     if not os.environ.get(spec.endpoint.api_key_env, "").strip():
-        click.echo(f"note: {spec.endpoint.api_key_env} is not set; model name not checked", err=True)
+        echo(f"note: {spec.endpoint.api_key_env} is not set; model name not checked", err=True)
     elif note := check_model(spec, spec.endpoint.base_url, api_key(spec.endpoint)):
-        click.echo(note, err=True)
+        echo(note, err=True)
 
 
 @main.command()
@@ -384,12 +391,12 @@ def validate(job_file: Path, output: str | None, no_check_model: bool) -> None:
 
     job = prepare(skip_model_check(load_job(job_file), no_check_model), output)
     check_model_with_key(job.spec)
-    click.echo(
+    echo(
         f"ok: {job_file}: {job.source.row_count} rows from {job.source.path.name}, "
         f"model {job.spec.model}, output {job.output_path}",
         err=True,
     )
-    click.echo(json.dumps(job.first_request(), indent=2, ensure_ascii=False))
+    echo(json.dumps(job.first_request(), indent=2, ensure_ascii=False))
 
 
 @main.command()
@@ -404,7 +411,7 @@ def status(job_file: Path, output: str | None) -> None:
 
     job = prepare(load_job(job_file), output, write=False)
     if not job.checkpoint_path.exists():
-        click.echo(f"not started: 0 of {job.source.row_count} rows done")
+        echo(f"not started: 0 of {job.source.row_count} rows done")
         return
     checkpoint = read_checkpoint(job, made_for(job))
     try:
@@ -416,13 +423,13 @@ def status(job_file: Path, output: str | None) -> None:
         checkpoint.close()
     pending = job.source.row_count - totals.ok - totals.failed - totals.skipped
     failures = ", ".join(f"{k}: {n}" for k, n in kinds.items())
-    click.echo(f"ok: {totals.ok}\nfailed: {totals.failed}" + (f" ({failures})" if failures else ""))
+    echo(f"ok: {totals.ok}\nfailed: {totals.failed}" + (f" ({failures})" if failures else ""))
     for line in errors_lines(top_errors, totals.failed):
-        click.echo(line)
-    click.echo(f"skipped: {totals.skipped}\npending: {pending}\nof: {job.source.row_count}")
-    click.echo(tokens_line(totals.prompt_tokens, totals.completion_tokens, totals.without_usage))
+        echo(line)
+    echo(f"skipped: {totals.skipped}\npending: {pending}\nof: {job.source.row_count}")
+    echo(tokens_line(totals.prompt_tokens, totals.completion_tokens, totals.without_usage))
     if spent is not None:
-        click.echo(cost_line(spent, totals.prompt_tokens is None, totals.without_usage))
+        echo(cost_line(spent, totals.prompt_tokens is None, totals.without_usage))
 
 
 def made_for(job: PreparedJob) -> tuple[Fingerprint, Fingerprint]:
@@ -492,12 +499,12 @@ def estimate_command(
             # yes: asked above, with the pilot's cost (a changed job's finished rows among them)
             pilot = RunOptions(simulate=simulate, rows=frozenset(rows), output=output, yes=True)
             result = run_in_process(spec, pilot)
-            click.echo(summary(result, job_file), err=True)
+            echo(summary(result, job_file), err=True)
             if result.interrupted or result.budget_stopped:
                 sys.exit(result.exit_code)
             projection = estimate_job(job, readable)
     projection.save(job, fingerprint)
-    click.echo("\n".join(projection.lines()))
+    echo("\n".join(projection.lines()))
 
 
 def _confirm(question: str) -> bool:
@@ -505,7 +512,7 @@ def _confirm(question: str) -> bool:
     try:
         return click.confirm(question, err=True)
     except click.Abort:
-        click.echo(err=True)  # end the question's line
+        echo(err=True)  # end the question's line
         raise BatchrunError("no answer on stdin (no terminal?): pass --yes to send the pilot") from None
 
 
@@ -529,10 +536,10 @@ def prune_command(job_file: Path, output: str | None) -> None:
 
     pruned = prune(load_job(job_file), output)
     if pruned is None:
-        click.echo(f"nothing to prune: {job_file} has no checkpoint yet")
+        echo(f"nothing to prune: {job_file} has no checkpoint yet")
         return
     dropped, kept = pruned
-    click.echo(f"pruned {dropped:,} answers no row of the job uses; {kept:,} kept")
+    echo(f"pruned {dropped:,} answers no row of the job uses; {kept:,} kept")
 
 
 @main.command(name="cost")
@@ -574,7 +581,7 @@ def cost_command(path: Path, by: tuple[str, ...], fmt: str, output: str | None) 
         else:
             table = read_output_table(path)
         report = cost_report(table, by)
-    click.echo(format_cost_report(report, fmt), nl=False)
+    echo(format_cost_report(report, fmt), nl=False)
 
 
 @main.command(name="report")
@@ -628,7 +635,7 @@ def report_command(path: Path, open_page: bool, by: tuple[str, ...], output: str
             sources = Sources(table, beside(path, CHECKPOINT_SUFFIX), report_json, None, by, format)
             html_path = page_path(report_json)
         size = write_page(sources, html_path)
-    click.echo(f"report: {html_path} ({size / 1024:,.0f} KiB)")
+    echo(f"report: {html_path} ({size / 1024:,.0f} KiB)")
     if open_page:
         webbrowser.open(html_path.resolve().as_uri())
 
@@ -658,13 +665,13 @@ def models(job_file: Path | None, simulate: bool) -> None:
             endpoint = EndpointSpec(base_url=stack.enter_context(serve_in_thread(config)).base_url)
         key = "simulated" if simulate else api_key(endpoint)
         try:
-            offered = list_models(endpoint.base_url, key, endpoint.timeout_s, retry)
+            offered = list_models(endpoint.base_url, key, endpoint, retry)
         except RequestFailed as exc:
             raise BatchrunError(f"cannot list models at {endpoint.base_url}: {exc}") from None
     if offered is None:
         raise BatchrunError(f"{endpoint.base_url} offers no model list (GET /models answered 404)")
     for model in sorted(offered):
-        click.echo(model)
+        echo(model)
 
 
 @main.command()

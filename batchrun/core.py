@@ -21,10 +21,11 @@ from typing import Any, Literal
 import orjson
 from tenacity import RetryCallState
 
+from batchrun.answers import ChatResult
 from batchrun.breaker import MAX_PROBE_S, Breaker, SameFailure
 from batchrun.budget import BudgetGuard
 from batchrun.checkpoint import RowResult
-from batchrun.client import ChatClient, ChatResult
+from batchrun.client import ChatClient
 from batchrun.cost import (
     ASSUMED_MAX_OUTPUT_TOKENS,
     Price,
@@ -74,7 +75,6 @@ class RunStats:
     requests: int  # sent, retries included
     outcome: Outcome
     error: BatchrunError | None = None  # why the job stopped, when aborted
-    unreachable: bool = False  # aborted before any answer: nothing was recorded
 
 
 class Stop:
@@ -219,12 +219,11 @@ class Core:
     aborted: BatchrunError | None = None
     retries: Counter[str] = field(default_factory=Counter)
     in_flight: int = 0
-    warned_no_usage: bool = False
+    usage_warned: set[bool] = field(default_factory=set)  # said: no usage (False), usage set aside (True)
     last_error: str | None = None
     format_step: int = 0  # how far down job.format_fallbacks the endpoint's refusals have led
     format_cleared: int = 0  # rows refused without a format too: not the format's fault
     ever_answered: bool = False  # any HTTP answer, even an error: the endpoint can be reached
-    unreachable: bool = False  # stopped before any answer: no output is written
     doomed: bool = False  # the first answers all failed alike (SameFailure)
 
     def __post_init__(self) -> None:
@@ -325,7 +324,6 @@ class Core:
             requests=self.requests,
             outcome=outcome,
             error=self.aborted,
-            unreachable=self.unreachable,
         )
 
     async def _produce(self) -> None:
@@ -386,7 +384,7 @@ class Core:
         assert self.price is not None  # run_job refuses a budget without a price
         spec = self.job.spec
         output = output_tokens_cap(self.job.params) or ASSUMED_MAX_OUTPUT_TOKENS
-        prompt = prompt_tokens_ceiling(request.body)
+        prompt = prompt_tokens_ceiling(len(orjson.dumps(request.body)))
         if not spec.output.fields:
             return self.price.cost(prompt, 0, output)
         growth = output + reask_growth()  # each re-ask quotes the answer before it and says why
@@ -418,7 +416,7 @@ class Core:
                 try:
                     answer = await self._ask(request)
                 except RetryableError as first_failure:
-                    answer = await self._retry(request, first_failure)
+                    answer = await self._retry_while_silent(request, first_failure)
                 answers.append(answer)
                 if not spec.output.fields:
                     break
@@ -442,17 +440,26 @@ class Core:
             error = exc
         finally:
             self.in_flight -= 1
-        if any(a.total_tokens is None for a in answers) and not self.warned_no_usage:
-            self.warned_no_usage = True
-            self.events.say(
-                "warning: the endpoint sent no token usage; token columns and cost_usd stay empty "
-                "(null) for such rows"
-                + (", and the budget counts each at its worst case" if self.budget is not None else ""),
-                "warning",
-            )
+        self._warn_unknown_usage(answers)
         return _row_result(
             request, answers, request.attempts, request.latency_ms, self.price, spec.model, parsed, error
         )
+
+    def _warn_unknown_usage(self, answers: list[ChatResult]) -> None:
+        """Say once that answers came without usage, and once that a usage report was set aside
+        (answers.py: one no request could have been billed)."""
+        for answer in answers:
+            problem = answer.usage_problem
+            if answer.total_tokens is not None or (problem is not None) in self.usage_warned:
+                continue
+            self.usage_warned.add(problem is not None)
+            what = f"token usage that no request could be billed ({problem})" if problem else "no token usage"
+            self.events.say(
+                f"warning: the endpoint sent {what}; token columns and cost_usd stay empty (null) "
+                "for such rows"
+                + (", and the budget counts each at its worst case" if self.budget is not None else ""),
+                "warning",
+            )
 
     async def _ask(self, request: _Request) -> ChatResult:
         """One attempt; when the endpoint refuses the response_format batchrun added, the same
@@ -507,6 +514,30 @@ class Core:
             "answer and checked)",
             "warning",
         )
+
+    async def _retry_while_silent(self, request: _Request, failure: RetryableError) -> ChatResult:
+        """`_retry`, and again while the endpoint answers nothing at all: a row fails for want of
+        an answer only once something shows that the endpoint answers (another row's answer, or
+        its model list, which is not billed), so that an outage the breaker has not yet called
+        fails no row; a request that alone loses its connection every time still fails."""
+        while True:
+            try:
+                return await self._retry(request, failure)
+            except EndpointDown as exc:
+                if exc.status is not None or not self.breaker.failures or not await self._silent():
+                    raise
+                request.outage_attempts = request.attempts  # the outage's, as the breaker would count them
+                failure = exc
+
+    async def _silent(self) -> bool:
+        """Whether the endpoint answers nothing, not even a model list."""
+        try:
+            await self.client.models()
+        except EndpointDown as exc:
+            return exc.status is None
+        except BatchrunError:
+            return False
+        return False
 
     async def _retry(self, request: _Request, first_failure: RetryableError) -> ChatResult:
         """Attempts after a first failure, by the retry policy (wait, stop, counting).
@@ -622,9 +653,8 @@ class Core:
 
     def _no_answer(self, request: _Request, exc: EndpointDown, probe: bool) -> None:
         """An attempt got no answer: evidence for the breaker. The attempts that open it, and
-        every one made while it is open, are the outage's, not the rows'."""
-        if not self.ever_answered and exc.status is None:
-            self._unreachable(exc)
+        every one made while it is open, are the outage's, not the rows' (and before it decides,
+        _retry_while_silent keeps a row from failing)."""
         self._last_down = exc
         opened = self.breaker.failed(probe)
         if opened:
@@ -632,6 +662,8 @@ class Core:
                 row.outage_attempts += 1
             self._down_streak.clear()
             request.outage_attempts += 1
+            if not self.ever_answered:
+                self._unreachable(exc)
             since = time.strftime("%H:%M:%S", time.localtime(self.breaker.down_since_wall))
             self.events.say(
                 f"endpoint down since {since}: {self.breaker.failures} requests in a row got no answer "
@@ -653,8 +685,8 @@ class Core:
         self.events.status_changed()
 
     def _unreachable(self, exc: EndpointDown) -> None:
-        """No answer before any answer at all: stop now, before any row is recorded."""
-        self.unreachable = True
+        """The breaker opened before anything answered: stop now, not after retry.max_outage_s
+        (the endpoint never answered this run; the model check before it did)."""
         message = f"cannot reach {self.base_url}: {exc.what_happened}"
         if exc.config_problem:  # DNS, TLS: waiting will not cure it
             raise BatchrunError(message)

@@ -147,14 +147,3 @@ class InvalidOutput(RequestFailed):
 
     def __init__(self, message: str) -> None:
         super().__init__("invalid_output", message)
-
-
-def redact(text: str, secret: str) -> str:
-    """`text` with every occurrence of `secret` (and of its long prefixes) masked."""
-    if len(secret) < 8:
-        return text.replace(secret, "[redacted]") if secret else text
-    # A server may quote the key cut short ("sk-abc123****"): mask any 8+ char prefix of it too.
-    for size in range(len(secret), 7, -1):
-        if secret[:size] in text:
-            text = text.replace(secret[:size], "[redacted]")
-    return text

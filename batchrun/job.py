@@ -199,6 +199,8 @@ class EndpointSpec(_Strict):
     timeout_s: float = Field(default=120.0, gt=0)
     allow_insecure_http: bool = False  # plain http:// beyond loopback sends the key in clear text
     check_model: bool = True  # false: skip GET /models, for gateways that serve models they do not list
+    # An answer longer than this fails its row (response_too_large), read no further: memory stays bounded.
+    max_response_mb: float = Field(default=32.0, gt=0)
 
     @field_validator("base_url")
     @classmethod

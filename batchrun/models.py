@@ -20,7 +20,7 @@ from batchrun.errors import (
     RequestFailed,
     RetryableError,
 )
-from batchrun.job import JobSpec, RetrySpec, key_line
+from batchrun.job import EndpointSpec, JobSpec, RetrySpec, key_line
 from batchrun.retry import WaitRetryAfter
 
 LIST_TIMEOUT_S = 30.0
@@ -31,7 +31,7 @@ SKIP_HINT = (
 )
 
 
-def list_models(base_url: str, api_key: str, timeout_s: float, retry: RetrySpec) -> list[str] | None:
+def list_models(base_url: str, api_key: str, endpoint: EndpointSpec, retry: RetrySpec) -> list[str] | None:
     """The model ids the key may use; None when the endpoint offers no list (404).
 
     Raises EndpointUnavailable (exit 4) when nothing answers, BatchrunError (exit 2) when the host
@@ -40,7 +40,10 @@ def list_models(base_url: str, api_key: str, timeout_s: float, retry: RetrySpec)
     """
 
     async def fetch() -> list[str] | None:
-        async with ChatClient(base_url, api_key, min(timeout_s, LIST_TIMEOUT_S), 1) as client:
+        timeout_s = min(endpoint.timeout_s, LIST_TIMEOUT_S)
+        async with ChatClient(
+            base_url, api_key, timeout_s, 1, max_response_mb=endpoint.max_response_mb
+        ) as client:
             retrying = AsyncRetrying(
                 retry=retry_if_exception(_worth_another_attempt),
                 stop=stop_after_attempt(LIST_ATTEMPTS),
@@ -79,7 +82,7 @@ def check_model(spec: JobSpec, base_url: str, api_key: str) -> str | None:
     if not spec.endpoint.check_model:
         return None
     try:
-        offered = list_models(base_url, api_key, spec.endpoint.timeout_s, spec.retry)
+        offered = list_models(base_url, api_key, spec.endpoint, spec.retry)
     except RequestFailed as exc:
         return f"note: could not list the endpoint's models ({exc}); model name not checked"
     if not offered:

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from batchrun.checkpoint import RowResult
 from batchrun.events import Level, RunStarted
+from batchrun.terminal import printable
 
 PLAIN_INTERVAL_S = 10.0  # cron and CI logs want a line now and then, not a redrawn bar
 BAR_INTERVAL_S = 0.2
@@ -187,6 +188,7 @@ class Progress:
         the chatter, not what the user should act on."""
         if self._quiet and level != "warning":
             return
+        message = printable(message)  # it may quote a server's words
         if self._bar is not None:
             self._bar.write(message, file=self._stream)
         else:

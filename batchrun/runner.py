@@ -165,7 +165,14 @@ async def run_job(
             core = Core(
                 job,
                 plan.requests(),
-                ChatClient(url, key, spec.endpoint.timeout_s, width, http_client=options.http_client),
+                ChatClient(
+                    url,
+                    key,
+                    spec.endpoint.timeout_s,
+                    width,
+                    max_response_mb=spec.endpoint.max_response_mb,
+                    http_client=options.http_client,
+                ),
                 Limiter(
                     width,
                     spec.rate_limit.requests_per_minute,
@@ -234,9 +241,7 @@ async def run_job(
             from batchrun.distributed.driver import run_on_cluster
 
             stats, cancelled = await _run_to_the_end(run_on_cluster(cluster, options.ray), stop)
-        if stats.unreachable or isinstance(stats.error, CheckpointError):
-            # Nothing was answered, or nothing more can be recorded: no output.
-            assert stats.error is not None
+        if isinstance(stats.error, CheckpointError):  # nothing more can be recorded: no output
             raise stats.error
         await counted  # its figures are shown by now, and its error raised
         events.finished()

@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 import polars as pl
 
-from batchrun.client import ChatResult
+from batchrun.answers import ChatResult
 from batchrun.errors import InvalidOutput
 from batchrun.job import EnumField, FieldType
 

@@ -23,7 +23,8 @@ import polars as pl
 import pytest
 import trustme
 
-from batchrun.client import ChatClient, classify_status, retry_after, server_budget
+from batchrun.answers import Redactor, classify_status, retry_after, server_budget
+from batchrun.client import ChatClient
 from batchrun.errors import EndpointDown, PermanentError, RequestFailed, RetryableError
 from batchrun.limits import RateLimitHeaders
 from batchrun.simulator import SimulatorConfig, serve_in_thread
@@ -53,7 +54,9 @@ LITELLM_429 = Reply(
 
 
 def test_a_429_through_litellm_carries_its_prefixed_wait() -> None:
-    error = classify_status(429, LITELLM_429.headers, json.dumps(LITELLM_429.body).encode())
+    error = classify_status(
+        429, LITELLM_429.headers, json.dumps(LITELLM_429.body).encode(), Redactor(TEST_KEY)
+    )
 
     assert isinstance(error, RetryableError)
     assert (error.kind, error.retry_after_s) == ("rate_limited", 1.0)
@@ -221,7 +224,7 @@ def test_error_bodies_give_their_message_and_code(
 ) -> None:
     raw = body.encode() if isinstance(body, str) else json.dumps(body).encode()
 
-    error = classify_status(status, {}, raw)
+    error = classify_status(status, {}, raw, Redactor(TEST_KEY))
 
     assert type(error) is error_type
     assert isinstance(error, RequestFailed)
@@ -275,7 +278,7 @@ def test_the_servers_error_code_is_the_rows_error_kind(tmp_path: Path) -> None:
     ],
 )
 def test_only_gateway_statuses_are_an_outage(status: int, error_type: type[RequestFailed]) -> None:
-    error = classify_status(status, {}, b"")
+    error = classify_status(status, {}, b"", Redactor(TEST_KEY))
 
     assert type(error) is error_type
     assert not isinstance(error, EndpointDown) or not error.config_problem
@@ -316,7 +319,7 @@ def complete(base_url: str, timeout_s: float = 5, stream: bool = False) -> Endpo
     """One request through the real client; the EndpointDown it raised."""
 
     async def attempt() -> None:
-        async with ChatClient(base_url, TEST_KEY, timeout_s, max_connections=1) as client:
+        async with ChatClient(base_url, TEST_KEY, timeout_s, max_connections=1, max_response_mb=32) as client:
             await client.complete(
                 {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
             )
@@ -407,7 +410,7 @@ def test_a_certificate_the_client_does_not_trust_is_a_configuration_problem() ->
     async def attempt() -> None:
         server = await asyncio.start_server(lambda _r, writer: writer.close(), "127.0.0.1", 0, ssl=server_tls)
         base_url = f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
-        async with server, ChatClient(base_url, TEST_KEY, 5, max_connections=1) as client:
+        async with server, ChatClient(base_url, TEST_KEY, 5, max_connections=1, max_response_mb=32) as client:
             await client.complete({"model": "m", "messages": []})
 
     with pytest.raises(EndpointDown) as caught:

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
+from batchrun.answers import server_budget
 from batchrun.checkpoint import RowResult
-from batchrun.client import server_budget
 from batchrun.events import RunStarted
 from batchrun.limits import PACED_CREEP, PACED_EASE, Limiter, RateLimitHeaders
 from batchrun.progress import Progress

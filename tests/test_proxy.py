@@ -103,7 +103,9 @@ def test_a_proxy_that_is_down_says_so(simulator: RunningSimulator, monkeypatch: 
     monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{free_port()}")
 
     async def attempt() -> None:
-        async with ChatClient(simulator.base_url, TEST_KEY, 5, max_connections=1) as client:
+        async with ChatClient(
+            simulator.base_url, TEST_KEY, 5, max_connections=1, max_response_mb=32
+        ) as client:
             await client.complete({"model": "grok-4.3", "messages": [{"role": "user", "content": "hi"}]})
 
     with pytest.raises(EndpointDown) as caught:
@@ -118,7 +120,7 @@ async def complete_over_tls(ca: trustme.CA) -> str | None:
     stub = StubServer(lambda request: Reply(200, completion("Over TLS.")))
     server = await asyncio.start_server(stub._serve_connection, "127.0.0.1", 0, ssl=server_tls)
     base_url = f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
-    async with server, ChatClient(base_url, TEST_KEY, 5, max_connections=1) as client:
+    async with server, ChatClient(base_url, TEST_KEY, 5, max_connections=1, max_response_mb=32) as client:
         result = await client.complete({"model": "m", "messages": []})
     return result.content
 
@@ -144,7 +146,9 @@ def test_a_client_the_user_passes_is_used_and_left_open() -> None:
 
     async def attempt() -> tuple[str | None, bool]:
         async with httpx2.AsyncClient(transport=httpx2.MockTransport(answer)) as http:
-            async with ChatClient("http://api.test/v1", TEST_KEY, 5, 1, http_client=http) as client:
+            async with ChatClient(
+                "http://api.test/v1", TEST_KEY, 5, 1, max_response_mb=32, http_client=http
+            ) as client:
                 result = await client.complete({"model": "m", "messages": []})
             return result.content, http.is_closed
 

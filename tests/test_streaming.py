@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from batchrun.answers import Bounds, Redactor, StreamAssembler
 from batchrun.errors import RetryableError
 from batchrun.simulator import RunningSimulator, SimulatorConfig, serve_in_thread
-from batchrun.streaming import StreamAssembler
 from tests.conftest import TEST_KEY, article_rows, invoke, read_output, write_job
 
 PARAMS = {"temperature": 0.2, "max_tokens": 40}
@@ -93,7 +93,7 @@ def assemble(events: list[str]) -> tuple[StreamAssembler, list[bool]]:
         content="".join(events),
         request=httpx2.Request("POST", "http://127.0.0.1/v1/chat/completions"),
     )
-    stream = StreamAssembler()
+    stream = StreamAssembler(Bounds(Redactor(TEST_KEY), prompt_tokens=100, output_tokens=None))
     return stream, [stream.feed(event.data) for event in httpx2.EventSource(body)]
 
 
@@ -107,7 +107,7 @@ def assemble(events: list[str]) -> tuple[StreamAssembler, list[bool]]:
 def test_assembler_rebuilds_any_stream(pieces: list[str], usage: bool, noise: list[str]) -> None:
     stream, firsts = assemble(sse_body(pieces, usage, noise))
 
-    assert stream.finish() == "".join(pieces)
+    assert stream.finish().content == "".join(pieces)
     assert stream.finish_reason == "stop"
     assert (stream.usage is not None) == usage
     assert sum(firsts) == (1 if "".join(pieces) else 0)

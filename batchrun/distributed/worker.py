@@ -125,7 +125,13 @@ class Worker:
         core = Core(
             job,
             _each(shard),
-            ChatClient(settings.base_url, key, spec.endpoint.timeout_s, settings.width),
+            ChatClient(
+                settings.base_url,
+                key,
+                spec.endpoint.timeout_s,
+                settings.width,
+                max_response_mb=spec.endpoint.max_response_mb,
+            ),
             limiter,
             relay.record,
             relay,
