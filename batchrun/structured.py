@@ -30,7 +30,8 @@ _POLARS_TYPES: dict[str, Any] = {
 }
 _JSON_TYPES = {"string": "string", "integer": "integer", "number": "number", "boolean": "boolean"}
 # What batchrun sends as response_format while an endpoint refuses the one before: the strict
-# schema derived from output.fields, then JSON mode (llama.cpp's server takes only this), then none.
+# schema derived from output.fields, then JSON mode with that schema (llama.cpp's server and others
+# take it and keep to the schema), then plain JSON mode, then none.
 _JSON_MODE = {"type": "json_object"}
 _NOT_READ = "Not run: only the first call is read."
 _REASON_CHARS = 300  # of a reason quoted back to the model: field values can be long
@@ -65,7 +66,15 @@ def response_format(fields: Mapping[str, FieldType]) -> dict[str, Any]:
 
 def format_fallbacks(fields: Mapping[str, FieldType]) -> tuple[dict[str, Any] | None, ...]:
     """The response_formats to try in turn when the endpoint refuses one; None: send none."""
-    return response_format(fields), _JSON_MODE, None
+    return response_format(fields), {**_JSON_MODE, "schema": json_schema(fields)}, _JSON_MODE, None
+
+
+def describe_format(format: dict[str, Any] | None) -> str:
+    """A response_format in one line: a schema, which can be long, is named, not quoted."""
+    if format is None:
+        return "no response_format"
+    shown = orjson.dumps({k: v for k, v in format.items() if k != "schema"}).decode()
+    return f"response_format {shown}" + (" with the fields' schema" if "schema" in format else "")
 
 
 def read_fields(

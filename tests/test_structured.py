@@ -637,14 +637,62 @@ def test_a_response_format_the_endpoint_refuses_is_dropped_for_the_job(
     assert sent.count(kept) == rows  # every row answered once, with the format that is kept
     # The requests that met a refusal: those in flight before the fallback was known, each
     # sent once more, plus the probes; nowhere near rows x max_attempts.
-    assert len(sent) <= rows + (1 + len(refused)) * concurrency
+    steps_refused = 1 if kept else 3  # json_schema; or it and JSON mode with and without the schema
+    assert len(sent) <= rows + (1 + steps_refused) * concurrency
     warnings = [line for line in result.stderr.splitlines() if "refused the response_format" in line]
     assert len(warnings) == 1
-    instead = 'sending response_format {"type":"json_object"} instead' if kept else "sending none"
+    instead = (
+        """response_format {"type":"json_object"} with the fields' schema""" if kept else "no response_format"
+    )
     assert warnings[0] == (
         "warning: the endpoint refused the response_format batchrun adds for output.fields (http_500: "
-        f"HTTP 500: Input should be 'text' or 'json_object'); {instead} for the rest of the job (the "
-        "fields are still read from each answer and checked)"
+        f"HTTP 500: Input should be 'text' or 'json_object'); sending {instead} instead for the rest of "
+        "the job (the fields are still read from each answer and checked)"
+    )
+
+
+def llama_cpp_formats(request: Request) -> Reply:
+    """llama.cpp's server: json_schema refused (HTTP 500); JSON mode kept to the schema sent
+    with it, and without one a JSON object of the model's own choosing."""
+    response_format = request.json().get("response_format") or {}
+    if response_format.get("type") == "json_schema":
+        return LLAMA_CPP_500
+    return Reply(body=completion(GOOD_LABELS if "schema" in response_format else '{"label": "neutral"}'))
+
+
+def test_json_mode_with_the_schema_comes_before_plain_json_mode_and_the_next_run_starts_there(
+    tmp_path: Path,
+) -> None:
+    """#20 item 12: plain JSON mode lost the schema (no row had the fields); llama.cpp's server
+    takes {"type": "json_object", "schema": ...}. A later run of the job against the same
+    endpoint starts from the form it took, paying no refusal again."""
+    with serve_stub(chat(llama_cpp_formats)) as stub:
+        job = write_job(
+            tmp_path,
+            article_rows(6),
+            stub.base_url,
+            params=PARAMS,
+            output=output_spec(fields=LABEL_FIELDS),
+            concurrency=1,
+        )
+        first = invoke("run", str(job), "--limit", "3")
+        sent_first = len(stub.chat_requests())
+        second = invoke("run", str(job))
+
+    assert first.exit_code == 0, first.stderr
+    assert second.exit_code == 0, second.stderr
+    out = read_output(job)
+    assert out["status"].to_list() == ["ok"] * 6
+    assert out.select("sentiment", "score").unique().to_dicts() == [json.loads(GOOD_LABELS)]
+    formats = [r.json().get("response_format") for r in stub.chat_requests()]
+    assert formats[0]["type"] == "json_schema"  # refused: the same schema in JSON mode, then kept
+    with_schema = {"type": "json_object", "schema": formats[0]["json_schema"]["schema"]}
+    assert formats[1:sent_first] == [with_schema] * 3
+    assert formats[sent_first:] == [with_schema] * 3
+    assert "refused the response_format" not in second.stderr
+    assert (
+        """note: sending response_format {"type":"json_object"} with the fields' schema for output.fields, """
+        "as this endpoint took in an earlier run" in second.stderr
     )
 
 
@@ -683,5 +731,5 @@ def test_a_refusal_that_is_not_the_formats_costs_a_bounded_number_of_probes(tmp_
     assert read_output(job)["status"].to_list() == ["failed"] * 6 + ["ok"] * 2
     assert set(read_output(job)["error"][:6]) == {"http_400: HTTP 400: the prompt is too long"}
     sent = [sent_format(r) for r in stub.chat_requests()]
-    assert sent == ["json_schema", "json_object", None] * 3 + ["json_schema"] * 5
+    assert sent == ["json_schema", "json_object", "json_object", None] * 3 + ["json_schema"] * 5
     assert "refused the response_format" not in result.stderr
