@@ -8,7 +8,8 @@ Tables (schema 3): `results`, keyed by the request a result answers (request_key
 so an appended, edited or reordered input reuses every answer whose request it still makes;
 `rows`, the current input's rows by position -> (request_key, occurrence), rewritten in place a
 batch at a time by each run's key pass (KeyIndex; until a pass ends, the rows it has not reached
-keep the last pass's entries); `meta`, the job fingerprint, the pricing, and `input`: what the
+keep the last pass's entries); `meta`, the job fingerprint, the pricing, the response_format each
+endpoint accepted for output.fields (Checkpoint.accept_format), and `input`: what the
 last complete pass indexed (the input files' paths, sizes and mtimes, the request-key parts),
 written with the pass's last batch and deleted with its first, so it names a complete `rows` or
 is absent (plan.IndexedPlan trusts `rows` without a pass while it matches). The pass counts
@@ -127,6 +128,11 @@ class Totals:
 # Keys an older checkpoint's rows by request: given the fingerprint it records, fill the index
 # with the input's keys as that job made them, or raise CheckpointError (another input).
 Rekey = Callable[[Fingerprint, "KeyIndex"], None]
+
+
+def _format_key(base_url: str) -> str:
+    """The `meta` key of the response_format an endpoint accepted for output.fields."""
+    return f"response_format {base_url}"
 
 
 def open_checkpoint(path: Path, mode: Mode, *made_for: Fingerprint, rekey: Rekey | None = None) -> Checkpoint:
@@ -351,6 +357,7 @@ class Checkpoint:
                 self._db.execute("DELETE FROM rows")
                 self._db.execute("DROP TABLE IF EXISTS seen")  # made again by the next key pass
                 self._db.execute("DELETE FROM meta WHERE key = 'input'")
+                self._db.execute("DELETE FROM meta WHERE key LIKE ?", (_format_key("%"),))
                 self._db.execute("DELETE FROM runs")
                 self._db.execute("DELETE FROM attempts")
             self._db.execute(
@@ -398,6 +405,20 @@ class Checkpoint:
                 repriced += len(batch)
             self._db.execute("INSERT OR REPLACE INTO meta VALUES ('pricing', ?)", (pricing,))
         return repriced
+
+    def accepted_format(self, base_url: str, fallbacks: Sequence[object]) -> int:
+        """Where in `fallbacks` (the response_formats tried in turn) a run against `base_url`
+        starts: at the one it last accepted, so that each run does not pay for the refusals again."""
+        found = self._db.execute("SELECT value FROM meta WHERE key = ?", (_format_key(base_url),)).fetchone()
+        tried = [json.dumps(f, sort_keys=True) for f in fallbacks]
+        return tried.index(found[0]) if found is not None and found[0] in tried else 0
+
+    def accept_format(self, base_url: str, response_format: object) -> None:
+        with self._transaction():
+            self._db.execute(
+                "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                (_format_key(base_url), json.dumps(response_format, sort_keys=True)),
+            )
 
     def last_run_finished(self, first_row: int, last_row: int) -> set[int]:
         """The rows between `first_row` and `last_row` that the last run (as it indexed them in the

@@ -49,7 +49,7 @@ from batchrun.limits import Limiter, Permit
 from batchrun.plan import Planned, PreparedJob
 from batchrun.prompts import text_length
 from batchrun.retry import Sleep, row_policy
-from batchrun.structured import read_fields, reask_growth, reask_messages
+from batchrun.structured import describe_format, read_fields, reask_growth, reask_messages
 
 # Rows refused even without a response_format, after which the format is no longer suspected:
 # rows with other problems (a prompt too long) would otherwise each cost two requests more.
@@ -222,6 +222,7 @@ class Core:
     usage_warned: set[bool] = field(default_factory=set)  # said: no usage (False), usage set aside (True)
     last_error: str | None = None
     format_step: int = 0  # how far down job.format_fallbacks the endpoint's refusals have led
+    accept_format: Callable[[dict[str, Any] | None], None] | None = None  # keeps it for the job's next run
     format_cleared: int = 0  # rows refused without a format too: not the format's fault
     ever_answered: bool = False  # any HTTP answer, even an error: the endpoint can be reached
     doomed: bool = False  # the first answers all failed alike (SameFailure)
@@ -500,18 +501,15 @@ class Core:
             return answer
 
     def _give_up_format(self, step: int, refusal: RequestFailed | None) -> None:
-        """Send the fallback at `step` from now on, and say so once."""
+        """Send the fallback at `step` from now on (the job's next run too), and say so once."""
         self.format_step = step
         now = self.job.format_fallbacks[step]
-        instead = (
-            f"sending response_format {orjson.dumps(now).decode()} instead"
-            if now is not None
-            else "sending none"
-        )
+        if self.accept_format is not None:
+            self.accept_format(now)
         self.events.say(
             f"warning: the endpoint refused the response_format batchrun adds for output.fields "
-            f"({refusal}); {instead} for the rest of the job (the fields are still read from each "
-            "answer and checked)",
+            f"({refusal}); sending {describe_format(now)} instead for the rest of the job (the "
+            "fields are still read from each answer and checked)",
             "warning",
         )
 

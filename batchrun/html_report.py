@@ -18,6 +18,7 @@ import dataclasses
 import html
 import json
 import os
+import re
 import sqlite3
 import tempfile
 from collections.abc import Iterable
@@ -195,7 +196,9 @@ def _history(checkpoint: Path | None) -> tuple[list[dict[str, Any]], pl.DataFram
         db.executemany("INSERT INTO temp.spans VALUES (?, ?, ?, ?)", spans)
         binned = db.execute(
             "SELECT a.run, MIN(CAST((a.answered - s.t0) * s.bins / s.span AS INTEGER), s.bins - 1) AS bin,"
-            " SUM(a.final), SUM(a.attempt > 1), SUM(a.status = 429)"
+            # `IS`, not `=`: an attempt without an HTTP status (a reset, an unreadable answer)
+            # counts 0, where `=` makes the bin's sum NULL when no attempt in it had one.
+            " SUM(a.final), SUM(a.attempt > 1), SUM(a.status IS 429)"
             " FROM attempts a JOIN temp.spans s USING (run) GROUP BY 1, 2"
         ).fetchall()
     started = {r["run"]: r for r in runs}
@@ -350,10 +353,16 @@ def _cost_by(table: pl.LazyFrame, column: str) -> str:
         .mark_bar(color="#72b7b2")
         .encode(
             x=alt.X("cost_usd:Q", title="cost (USD)"),
-            y=alt.Y(f"{column}:N", sort="-x", title=None),
+            y=alt.Y(field=_vega_field(column), type="nominal", sort="-x", title=None),
         )
     )
     return _svg(bars)
+
+
+def _vega_field(column: str) -> str:
+    """A column's name as a Vega-Lite field: unescaped, a dot or bracket in it reads as nesting
+    (a column `a.b` would be charted as field b of a, which no row has)."""
+    return re.sub(r"([\\.\[\]])", r"\\\1", column)
 
 
 def _failures(table: pl.LazyFrame, job_file: str | None) -> str:

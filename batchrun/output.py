@@ -38,6 +38,18 @@ USAGE_COLUMNS = ("prompt_tokens", "cached_tokens", "completion_tokens", "reasoni
 ERRORS_KEPT = 10_000  # distinct messages of failed rows counted; past it top_errors() gives up
 
 
+def _file_mode() -> int:
+    """The mode open() gives a new file (0o666 less the umask), for files written through a temp
+    file, which mkstemp makes 0600 whatever the umask. Read once, at import: reading the umask
+    means setting it, which would race another thread creating a file while a job runs."""
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _file_mode()
+
+
 # Rows that got an answer (so were billed), and those among them without usage: as in checkpoint.py.
 ANSWERED = (pl.col("status") == "ok") | pl.any_horizontal(pl.col(c).is_not_null() for c in ANSWER_COLUMNS)
 NO_USAGE = ANSWERED & (pl.col("prompt_tokens").is_null() | pl.col("completion_tokens").is_null())
@@ -295,7 +307,8 @@ def probe_destination(url: Url) -> None:
 
 def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
     """`write(tmp)` to a temp file in the same folder, then an atomic rename onto `path`:
-    a reader sees the old file or the new one, never half of one."""
+    a reader sees the old file or the new one, never half of one. It gets _FILE_MODE, as a file
+    the user made would."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -306,6 +319,7 @@ def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
     try:
         write(tmp)
         with tmp.open("rb") as f:
+            os.fchmod(f.fileno(), _FILE_MODE)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as exc:

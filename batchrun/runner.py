@@ -44,6 +44,7 @@ from batchrun.plan import (
     run_plan,
 )
 from batchrun.report import RunResult, write_run_report
+from batchrun.structured import describe_format
 
 if TYPE_CHECKING:
     import httpx2
@@ -161,6 +162,7 @@ async def run_job(
         params = job.params
         stop = stop or Stop()
         budget = None if max_cost is None else BudgetGuard(max_cost, spent_usd=spent)
+        format_step = checkpoint.accepted_format(url, job.format_fallbacks) if options.ray is None else 0
         if options.ray is None:
             core = Core(
                 job,
@@ -188,6 +190,8 @@ async def run_job(
                 budget=budget,
                 base_url=url,
                 stop=stop,
+                format_step=format_step,
+                accept_format=functools.partial(checkpoint.accept_format, url),
             )
             describe = core.describe
         else:
@@ -223,6 +227,12 @@ async def run_job(
             events.say(f"pricing changed since the checkpoint was made: repriced {repriced} rows")
         if model_note:
             events.say(model_note, "note")
+        if format_step:
+            events.say(
+                f"note: sending {describe_format(job.format_fallbacks[format_step])} for output.fields, "
+                "as this endpoint took in an earlier run (--fresh tries the others again)",
+                "note",
+            )
         if price is None:
             events.say(
                 f"warning: no price known for model {spec.model!r}; cost_usd stays empty (null); "

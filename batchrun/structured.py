@@ -30,8 +30,10 @@ _POLARS_TYPES: dict[str, Any] = {
 }
 _JSON_TYPES = {"string": "string", "integer": "integer", "number": "number", "boolean": "boolean"}
 # What batchrun sends as response_format while an endpoint refuses the one before: the strict
-# schema derived from output.fields, then JSON mode (llama.cpp's server takes only this), then none.
+# schema derived from output.fields, then JSON mode with that schema (llama.cpp's server and others
+# take it and keep to the schema), then plain JSON mode, then none.
 _JSON_MODE = {"type": "json_object"}
+_NOT_READ = "Not run: only the first call is read."
 _REASON_CHARS = 300  # of a reason quoted back to the model: field values can be long
 
 
@@ -64,7 +66,15 @@ def response_format(fields: Mapping[str, FieldType]) -> dict[str, Any]:
 
 def format_fallbacks(fields: Mapping[str, FieldType]) -> tuple[dict[str, Any] | None, ...]:
     """The response_formats to try in turn when the endpoint refuses one; None: send none."""
-    return response_format(fields), _JSON_MODE, None
+    return response_format(fields), {**_JSON_MODE, "schema": json_schema(fields)}, _JSON_MODE, None
+
+
+def describe_format(format: dict[str, Any] | None) -> str:
+    """A response_format in one line: a schema, which can be long, is named, not quoted."""
+    if format is None:
+        return "no response_format"
+    shown = orjson.dumps({k: v for k, v in format.items() if k != "schema"}).decode()
+    return f"response_format {shown}" + (" with the fields' schema" if "schema" in format else "")
 
 
 def read_fields(
@@ -99,7 +109,9 @@ def reask_messages(
     """What follows the question in a re-ask: the answer that did not fit, then why, so that
     the model (at temperature 0 too) has a reason to answer differently.
 
-    A tool call must be answered by a tool message before anything else may follow it.
+    An assistant message with tool calls must be followed by one tool message per call id
+    (servers such as llama.cpp's refuse the conversation otherwise); a call the server sent
+    without an id gets one made up from its position, the same in both messages.
     """
     if cut_short(answer, cap) is not None:
         reason = "it was cut off at the length limit; answer more briefly"
@@ -111,18 +123,20 @@ def reask_messages(
     if not answer.tool_calls:
         said = {"role": "assistant", "content": answer.content or ""}
         return [said, {"role": "user", "content": f"Your answer did not fit: {reason}. {again}"}]
+    ids = [c["id"] or f"call_{i}" for i, c in enumerate(answer.tool_calls)]
     calls = [
-        {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
-        for c in answer.tool_calls
+        {"id": id_, "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+        for id_, c in zip(ids, answer.tool_calls, strict=True)
     ]
+    # The fields are read from the first call only: its tool message says what was wrong.
+    results = [f"Not run: the arguments did not fit: {reason}.", *(_NOT_READ for _ in ids[1:])]
     not_run = [
-        {"role": "tool", "tool_call_id": c["id"], "content": "Not run: the arguments did not fit."}
-        for c in answer.tool_calls
+        {"role": "tool", "tool_call_id": id_, "content": text} for id_, text in zip(ids, results, strict=True)
     ]
     return [
         {"role": "assistant", "content": answer.content, "tool_calls": calls},
         *not_run,
-        {"role": "user", "content": f"Your call did not fit: {reason}. {again}"},
+        {"role": "user", "content": again},
     ]
 
 

@@ -17,6 +17,7 @@ from batchrun.html_report import PAGE_SWITCH
 from batchrun.results import SCHEMA_VERSION
 from batchrun.simulator import RunningSimulator
 from tests.conftest import TEST_KEY, article_rows, checkpoint_path, invoke, read_output, write_job
+from tests.stub_server import Reply, Request, completion, serve_stub
 from tests.test_startup import HEAVY, imported
 
 FIXTURE_V2 = Path(__file__).parent / "fixtures" / "checkpoint_v2"
@@ -202,6 +203,69 @@ def test_a_schema_2_checkpoint_gets_the_record_and_resumes(tmp_path: Path) -> No
     assert sql(job, "SELECT row FROM attempts ORDER BY row") == [(8,), (9,), (10,), (11,)]
     assert read_output(job)["status"].value_counts().sort("status").rows() == [("failed", 2), ("ok", 10)]
     assert_figures_match_the_output(page(job).read_text(), job)
+
+
+# Answers that fail a row without an HTTP status on its attempts (status null in `attempts`).
+NO_STATUS = {
+    "no choices": Reply(body={"id": "x", "object": "chat.completion", "model": "m", "choices": []}),
+    "invalid UTF-8": Reply(body=b'{"choices": [{"message": {"content": "\xff\xfe"}}]}'),
+    "reset": Reply(raw=b""),
+}
+
+
+def test_attempts_without_an_http_status_get_their_page_and_report(tmp_path: Path) -> None:
+    """#20 item 6: a run whose attempts all lack a status (the first 3 rows, one run), then a
+    run of good answers: both pages are drawn and `batchrun report` exits 0."""
+    replies = list(NO_STATUS.values())
+
+    def answer(request: Request) -> Reply:
+        if request.method != "POST":
+            return Reply(404)
+        row = int(request.json()["messages"][1]["content"].split()[1])  # "Story N"
+        return replies[row] if row < len(replies) else Reply(body=completion())
+
+    with serve_stub(answer) as stub:
+        job = write_job(
+            tmp_path,
+            article_rows(6),
+            stub.base_url,
+            concurrency=1,
+            retry={"max_attempts": 2, "initial_backoff_s": 0.01, "max_backoff_s": 0.01},
+        )
+        first = invoke("run", str(job), "--limit", "3")
+        assert first.exit_code == 1, first.output
+        assert "no HTML report" not in first.stderr
+        assert page(job).exists()
+        assert sql(job, "SELECT COUNT(*), COUNT(status) FROM attempts") == [(6, 0)]
+        second = invoke("run", str(job))
+        assert second.exit_code == 1, second.output
+        assert "no HTML report" not in second.stderr
+
+    page(job).unlink()
+    report = invoke("report", str(job))
+    assert report.exit_code == 0, report.output
+    html = page(job).read_text()
+    assert_figures_match_the_output(html, job)
+    assert "invalid_response" in html and "connection" in html
+
+
+def test_a_by_column_with_a_dot_in_its_name_is_charted(tmp_path: Path, simulator: RunningSimulator) -> None:
+    """#20 item 6: Vega-Lite reads `a.b` as field b of a, which no row has: the chart said "undefined"."""
+    rows = [{**r, "a.b": f"group-{i % 2}", "x[0]": f"slot-{i % 3}"} for i, r in enumerate(article_rows(6))]
+    job = write_job(tmp_path, rows, simulator.base_url)
+    assert invoke("run", str(job)).exit_code == 0
+
+    report = invoke("report", str(job), "--by", "a.b", "--by", "x[0]")
+
+    assert report.exit_code == 0, report.output
+    html = page(job).read_text()
+    assert "cost by a.b" in html and "cost by x[0]" in html
+    assert "undefined" not in html
+    charts = re.findall(r"<figure.*?</figure>", html, re.DOTALL)
+    by_dots = next(chart for chart in charts if "cost by a.b" in chart)
+    by_brackets = next(chart for chart in charts if "cost by x[0]" in chart)
+    assert all(f"group-{i}" in by_dots for i in range(2))
+    assert all(f"slot-{i}" in by_brackets for i in range(3))
 
 
 def test_report_help_imports_no_heavy_library() -> None:

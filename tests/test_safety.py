@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import polars as pl
@@ -10,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from batchrun.cli import main
+from batchrun.html_report import PAGE_SWITCH
 from batchrun.simulator import SimulatorConfig, serve_in_thread
 from tests.conftest import (
     TEST_KEY,
@@ -67,6 +72,28 @@ def test_api_key_never_reaches_output_checkpoint_or_messages(
         assert TEST_KEY.encode() not in data, path
         assert wrong_key.encode() not in data, path
     assert TEST_KEY not in ok.output + ok.stderr
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_output_reports_and_checkpoint_follow_the_umask(tmp_path: Path, umask: int) -> None:
+    """#20 item 10: files written through a temp file (mkstemp: 0600) were 0600 whatever the umask."""
+    job = write_job(tmp_path, article_rows(3), "http://127.0.0.1:1/v1")
+    env = {k: v for k, v in os.environ.items() if k != PAGE_SWITCH}  # the page too
+    ran = subprocess.run(
+        [sys.executable, "-m", "batchrun", "run", str(job), "--simulate", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        umask=umask,
+    )
+
+    assert ran.returncode == 0, ran.stderr
+    out = tmp_path / "out"
+    names = ["result.parquet", "result.parquet.report.json", "result.parquet.report.html"]
+    modes = {name: stat.S_IMODE((out / name).stat().st_mode) for name in names}
+    assert modes == dict.fromkeys(names, 0o666 & ~umask)
+    assert stat.S_IMODE(checkpoint_path(job).stat().st_mode) == 0o644 & ~umask  # SQLite's own
 
 
 @pytest.mark.parametrize(("on_null", "status", "sent"), [("skip", "skipped", 8), ("empty", "ok", 10)])

@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 import polars as pl
 import pytest
+from click.testing import Result
 from openai import OpenAI
 
 from batchrun.errors import InvalidOutput
@@ -24,7 +25,7 @@ from batchrun.simulator import (
 )
 from batchrun.structured import parse_fields
 from tests.conftest import TEST_KEY, TEST_KEY_ENV, article_rows, invoke, read_output, write_job
-from tests.stub_server import Reply, Request, completion, serve_stub
+from tests.stub_server import Reply, Request, StubServer, completion, serve_stub
 
 PARAMS = {"temperature": 0, "max_tokens": 80}
 FACTS_TOOL = {
@@ -163,6 +164,20 @@ def chat(answer: Callable[[Request], Reply]) -> Callable[[Request], Reply]:
     return lambda request: answer(request) if request.method == "POST" else Reply(404)
 
 
+def run_on_stub(
+    tmp_path: Path,
+    answer: Callable[[Request], Reply],
+    rows: list[dict[str, Any]],
+    fields: dict[str, Any],
+    **job: Any,
+) -> tuple[StubServer, Path, Result]:
+    """`batchrun run` of a job over `rows` with output.fields, against a stub that answers its
+    chat requests with `answer`; `job` replaces top-level job keys."""
+    with serve_stub(chat(answer)) as stub:
+        path = write_job(tmp_path, rows, stub.base_url, output=output_spec(fields=fields), **job)
+        return stub, path, invoke("run", str(path))
+
+
 def question_of(request: Request) -> str:
     """The row's own user message (a re-ask adds messages after it)."""
     return str(request.json()["messages"][1]["content"])
@@ -185,16 +200,14 @@ def test_an_answer_that_never_fits_fails_with_the_reason_and_keeps_the_raw_answe
     rows[2]["text"] += " [[never]]"
     params = {**PARAMS, "tools": [FACTS_TOOL]} if tools else PARAMS
     fields = FACT_FIELDS if tools else LABEL_FIELDS
-    with serve_stub(chat(answer)) as stub:
-        job = write_job(
-            tmp_path,
-            rows,
-            stub.base_url,
-            params=params,
-            output=output_spec(fields=fields),
-            retry={"max_attempts": 2, "max_parse_attempts": 4, "initial_backoff_s": 0.01},
-        )
-        result = invoke("run", str(job))
+    stub, job, result = run_on_stub(
+        tmp_path,
+        answer,
+        rows,
+        fields,
+        params=params,
+        retry={"max_attempts": 2, "max_parse_attempts": 4, "initial_backoff_s": 0.01},
+    )
 
     assert result.exit_code == 1
     assert "failed (invalid_output: 1)" in result.stderr
@@ -216,12 +229,12 @@ def test_an_answer_that_never_fits_fails_with_the_reason_and_keeps_the_raw_answe
         call = tool_completion('{"unexpected": true}')["choices"][0]["message"]["tool_calls"]
         correction = [
             {"role": "assistant", "content": None, "tool_calls": call},
-            {"role": "tool", "tool_call_id": "call_0", "content": "Not run: the arguments did not fit."},
             {
-                "role": "user",
-                "content": "Your call did not fit: field 'place' is missing. "
-                "Call the tool again with arguments that fit.",
+                "role": "tool",
+                "tool_call_id": "call_0",
+                "content": "Not run: the arguments did not fit: field 'place' is missing.",
             },
+            {"role": "user", "content": "Call the tool again with arguments that fit."},
         ]
     else:
         correction = [
@@ -248,16 +261,14 @@ def test_an_answer_cut_at_max_tokens_says_raise_max_tokens(tmp_path: Path, tools
         return Reply(body=cut)
 
     params = {**PARAMS, "tools": [FACTS_TOOL]} if tools else PARAMS
-    with serve_stub(chat(answer)) as stub:
-        job = write_job(
-            tmp_path,
-            article_rows(1),
-            stub.base_url,
-            params=params,
-            output=output_spec(fields=FACT_FIELDS if tools else LABEL_FIELDS),
-            retry={"max_parse_attempts": 2},
-        )
-        result = invoke("run", str(job))
+    stub, job, result = run_on_stub(
+        tmp_path,
+        answer,
+        article_rows(1),
+        FACT_FIELDS if tools else LABEL_FIELDS,
+        params=params,
+        retry={"max_parse_attempts": 2},
+    )
 
     assert result.exit_code == 1
     failed = read_output(job).row(0, named=True)
@@ -265,8 +276,91 @@ def test_an_answer_cut_at_max_tokens_says_raise_max_tokens(tmp_path: Path, tools
         failed["error"]
         == "invalid_output: the answer was cut at params.max_tokens (80); raise params.max_tokens"
     )
-    reask = stub.chat_requests()[1].json()["messages"][-1]["content"]
+    reask = stub.chat_requests()[1].json()["messages"][-2 if tools else -1]["content"]  # a tool's says why
     assert "it was cut off at the length limit; answer more briefly" in reask
+
+
+def llama_cpp_conversation_error(messages: list[dict[str, Any]]) -> str | None:
+    """What llama.cpp's server says (HTTP 500) of a conversation that breaks the tool protocol:
+    an assistant message whose tool_calls, each {id, type: function, function: {name,
+    arguments}}, are not followed by one tool message per call id; None when it follows it."""
+    for at, message in enumerate(messages):
+        calls = message.get("tool_calls") or []
+        if message["role"] != "assistant" or not calls:
+            continue
+        ids = [call.get("id") for call in calls]
+        shaped = all(
+            isinstance(call.get("id"), str)
+            and call["id"]
+            and call.get("type") == "function"
+            and isinstance(call["function"].get("name"), str)
+            and isinstance(call["function"].get("arguments"), str)
+            for call in calls
+        )
+        if not shaped:
+            return "tool_calls: each needs an id, type function and string arguments"
+        after = messages[at + 1 : at + 1 + len(calls)]
+        answered = sorted(m.get("tool_call_id") for m in after if m["role"] == "tool")
+        if len(after) != len(calls) or answered != sorted(ids):
+            return "an assistant message with tool_calls must be followed by a tool message per call id"
+    return None
+
+
+def unnamed_calls(arguments: list[str], stream: bool) -> Reply:
+    """An answer of record_facts calls without ids, whole or streamed, as some servers send them."""
+    calls = [{"type": "function", "function": {"name": "record_facts", "arguments": a}} for a in arguments]
+    if not stream:
+        body = completion("", "tool_calls")
+        body["choices"][0]["message"] = {"role": "assistant", "content": None, "tool_calls": calls}
+        return Reply(body=body)
+    chunks = [
+        {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": i, **c}]}, "finish_reason": None}]}
+        for i, c in enumerate(calls)
+    ]
+    chunks.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
+    events = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+    return Reply(body=events, headers={"content-type": "text/event-stream"})
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_reask_after_tool_calls_answers_each_call_with_a_tool_message(tmp_path: Path, stream: bool) -> None:
+    """#20 item 11: jobs/extract.yaml's forced tool_choice against llama.cpp's server. The first
+    answer makes two calls without ids, the first with arguments that do not fit; the re-ask
+    must quote both calls with made-up ids and answer each with a tool message, or the server
+    answers HTTP 500 to every re-ask."""
+
+    def answer(request: Request) -> Reply:
+        messages = request.json()["messages"]
+        if (wrong := llama_cpp_conversation_error(messages)) is not None:
+            return Reply(500, {"error": {"code": 500, "message": wrong, "type": "server_error"}})
+        if len(messages) == 2:  # the question alone
+            return unnamed_calls(['{"place": "Paris"}', GOOD_FACTS], stream)
+        return unnamed_calls([GOOD_FACTS], stream)
+
+    params = {
+        **PARAMS,
+        "stream": stream,
+        "tools": [FACTS_TOOL],
+        "tool_choice": {"type": "function", "function": {"name": "record_facts"}},
+    }
+    stub, job, result = run_on_stub(
+        tmp_path,
+        answer,
+        article_rows(3),
+        FACT_FIELDS,
+        params=params,
+        retry={"max_attempts": 2, "initial_backoff_s": 0.01},
+    )
+
+    assert result.exit_code == 0, result.stderr
+    out = read_output(job)
+    assert out["status"].to_list() == ["ok"] * 3
+    assert out["place"].to_list() == ["Paris"] * 3
+    reask = next(r.json()["messages"][2:] for r in stub.chat_requests() if len(r.json()["messages"]) > 2)
+    assert [m["role"] for m in reask] == ["assistant", "tool", "tool", "user"]
+    assert [c["id"] for c in reask[0]["tool_calls"]] == ["call_0", "call_1"]
+    assert [m["tool_call_id"] for m in reask[1:3]] == ["call_0", "call_1"]
+    assert "field 'people' is missing" in reask[1]["content"]
 
 
 @pytest.mark.parametrize(
@@ -525,17 +619,15 @@ def test_a_response_format_the_endpoint_refuses_is_dropped_for_the_job(
         return LLAMA_CPP_500 if sent_format(request) in refused else Reply(body=completion(GOOD_LABELS))
 
     rows = max(20, 2 * concurrency)
-    with serve_stub(chat(answer)) as stub:
-        job = write_job(
-            tmp_path,
-            article_rows(rows),
-            stub.base_url,
-            params=PARAMS,
-            output=output_spec(fields=LABEL_FIELDS),
-            concurrency=concurrency,
-            retry={"max_attempts": 6, "initial_backoff_s": 0.01, "max_backoff_s": 0.05},
-        )
-        result = invoke("run", str(job))
+    stub, job, result = run_on_stub(
+        tmp_path,
+        answer,
+        article_rows(rows),
+        LABEL_FIELDS,
+        params=PARAMS,
+        concurrency=concurrency,
+        retry={"max_attempts": 6, "initial_backoff_s": 0.01, "max_backoff_s": 0.05},
+    )
 
     assert result.exit_code == 0, result.stderr
     out = read_output(job)
@@ -545,30 +637,76 @@ def test_a_response_format_the_endpoint_refuses_is_dropped_for_the_job(
     assert sent.count(kept) == rows  # every row answered once, with the format that is kept
     # The requests that met a refusal: those in flight before the fallback was known, each
     # sent once more, plus the probes; nowhere near rows x max_attempts.
-    assert len(sent) <= rows + (1 + len(refused)) * concurrency
+    steps_refused = 1 if kept else 3  # json_schema; or it and JSON mode with and without the schema
+    assert len(sent) <= rows + (1 + steps_refused) * concurrency
     warnings = [line for line in result.stderr.splitlines() if "refused the response_format" in line]
     assert len(warnings) == 1
-    instead = 'sending response_format {"type":"json_object"} instead' if kept else "sending none"
+    instead = (
+        """response_format {"type":"json_object"} with the fields' schema""" if kept else "no response_format"
+    )
     assert warnings[0] == (
         "warning: the endpoint refused the response_format batchrun adds for output.fields (http_500: "
-        f"HTTP 500: Input should be 'text' or 'json_object'); {instead} for the rest of the job (the "
-        "fields are still read from each answer and checked)"
+        f"HTTP 500: Input should be 'text' or 'json_object'); sending {instead} instead for the rest of "
+        "the job (the fields are still read from each answer and checked)"
+    )
+
+
+def llama_cpp_formats(request: Request) -> Reply:
+    """llama.cpp's server: json_schema refused (HTTP 500); JSON mode kept to the schema sent
+    with it, and without one a JSON object of the model's own choosing."""
+    response_format = request.json().get("response_format") or {}
+    if response_format.get("type") == "json_schema":
+        return LLAMA_CPP_500
+    return Reply(body=completion(GOOD_LABELS if "schema" in response_format else '{"label": "neutral"}'))
+
+
+def test_json_mode_with_the_schema_comes_before_plain_json_mode_and_the_next_run_starts_there(
+    tmp_path: Path,
+) -> None:
+    """#20 item 12: plain JSON mode lost the schema (no row had the fields); llama.cpp's server
+    takes {"type": "json_object", "schema": ...}. A later run of the job against the same
+    endpoint starts from the form it took, paying no refusal again."""
+    with serve_stub(chat(llama_cpp_formats)) as stub:
+        job = write_job(
+            tmp_path,
+            article_rows(6),
+            stub.base_url,
+            params=PARAMS,
+            output=output_spec(fields=LABEL_FIELDS),
+            concurrency=1,
+        )
+        first = invoke("run", str(job), "--limit", "3")
+        sent_first = len(stub.chat_requests())
+        second = invoke("run", str(job))
+
+    assert first.exit_code == 0, first.stderr
+    assert second.exit_code == 0, second.stderr
+    out = read_output(job)
+    assert out["status"].to_list() == ["ok"] * 6
+    assert out.select("sentiment", "score").unique().to_dicts() == [json.loads(GOOD_LABELS)]
+    formats = [r.json().get("response_format") for r in stub.chat_requests()]
+    assert formats[0]["type"] == "json_schema"  # refused: the same schema in JSON mode, then kept
+    with_schema = {"type": "json_object", "schema": formats[0]["json_schema"]["schema"]}
+    assert formats[1:sent_first] == [with_schema] * 3
+    assert formats[sent_first:] == [with_schema] * 3
+    assert "refused the response_format" not in second.stderr
+    assert (
+        """note: sending response_format {"type":"json_object"} with the fields' schema for output.fields, """
+        "as this endpoint took in an earlier run" in second.stderr
     )
 
 
 def test_the_jobs_own_response_format_is_never_dropped(tmp_path: Path) -> None:
     own = {"type": "json_schema", "json_schema": {"name": "mine", "schema": {"type": "object"}}}
-    with serve_stub(chat(lambda request: LLAMA_CPP_500)) as stub:
-        job = write_job(
-            tmp_path,
-            article_rows(2),
-            stub.base_url,
-            params={**PARAMS, "response_format": own},
-            output=output_spec(fields=LABEL_FIELDS),
-            concurrency=1,
-            retry={"max_attempts": 2, "initial_backoff_s": 0.01},
-        )
-        result = invoke("run", str(job))
+    stub, job, result = run_on_stub(
+        tmp_path,
+        lambda request: LLAMA_CPP_500,
+        article_rows(2),
+        LABEL_FIELDS,
+        params={**PARAMS, "response_format": own},
+        concurrency=1,
+        retry={"max_attempts": 2, "initial_backoff_s": 0.01},
+    )
 
     assert result.exit_code == 1
     assert set(read_output(job)["error_kind"]) == {"http_500"}
@@ -587,20 +725,11 @@ def test_a_refusal_that_is_not_the_formats_costs_a_bounded_number_of_probes(tmp_
     rows = article_rows(8)
     for row in rows[:6]:
         row["text"] += " [[long]]"
-    with serve_stub(chat(answer)) as stub:
-        job = write_job(
-            tmp_path,
-            rows,
-            stub.base_url,
-            params=PARAMS,
-            output=output_spec(fields=LABEL_FIELDS),
-            concurrency=1,
-        )
-        result = invoke("run", str(job))
+    stub, job, result = run_on_stub(tmp_path, answer, rows, LABEL_FIELDS, params=PARAMS, concurrency=1)
 
     assert result.exit_code == 1
     assert read_output(job)["status"].to_list() == ["failed"] * 6 + ["ok"] * 2
     assert set(read_output(job)["error"][:6]) == {"http_400: HTTP 400: the prompt is too long"}
     sent = [sent_format(r) for r in stub.chat_requests()]
-    assert sent == ["json_schema", "json_object", None] * 3 + ["json_schema"] * 5
+    assert sent == ["json_schema", "json_object", "json_object", None] * 3 + ["json_schema"] * 5
     assert "refused the response_format" not in result.stderr
