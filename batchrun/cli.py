@@ -653,6 +653,7 @@ def models(job_file: Path | None, simulate: bool) -> None:
     """List the models the endpoint offers to your key (GET /v1/models), one per line."""
     from batchrun.job import EndpointSpec, RetrySpec, load_job
     from batchrun.models import list_models
+    from batchrun.plan import SIMULATED_KEY
     from batchrun.runner import api_key
     from batchrun.simulator import SimulatorConfig, serve_in_thread
 
@@ -663,7 +664,7 @@ def models(job_file: Path | None, simulate: bool) -> None:
         if simulate:
             config = SimulatorConfig(extra_models=(spec.model,) if spec else ())  # the job's model too
             endpoint = EndpointSpec(base_url=stack.enter_context(serve_in_thread(config)).base_url)
-        key = "simulated" if simulate else api_key(endpoint)
+        key = SIMULATED_KEY if simulate else api_key(endpoint)
         try:
             offered = list_models(endpoint.base_url, key, endpoint, retry)
         except RequestFailed as exc:

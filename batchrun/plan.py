@@ -48,6 +48,8 @@ from batchrun.structured import format_fallbacks
 
 DONE = ("ok", "failed", "skipped")  # statuses a resume does not send again
 SIMULATED_ENDPOINT = "simulator"  # what the fingerprint and the keys name --simulate's endpoint by
+# The key sent to the simulator: no text a user writes, since answers are masked for the key.
+SIMULATED_KEY = "sim-4c1f9e07b2d8"
 
 
 @dataclass(slots=True)

@@ -35,6 +35,7 @@ from batchrun.models import check_model
 from batchrun.output import USAGE_COLUMNS, write_output
 from batchrun.plan import (
     SIMULATED_ENDPOINT,
+    SIMULATED_KEY,
     IndexedPlan,
     KeyedPlan,
     PreparedJob,
@@ -91,7 +92,7 @@ async def run_job(
     """
     job = await asyncio.to_thread(prepare, spec, options.output, checkpoint=options.checkpoint)
     started = time.monotonic()
-    key = "simulated" if options.simulate else api_key(spec.endpoint)
+    key = SIMULATED_KEY if options.simulate else api_key(spec.endpoint)
     price = job_price(spec)
     max_cost = options.max_cost_usd or (spec.budget.max_cost_usd if spec.budget else None)
     if max_cost is not None and price is None:

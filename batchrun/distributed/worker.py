@@ -23,7 +23,7 @@ from batchrun.distributed.limiter import ClusterBudget, ClusterLimiter
 from batchrun.distributed.shards import RowsToRead, read_rows
 from batchrun.errors import BatchrunError
 from batchrun.events import Level, RunStarted
-from batchrun.plan import Planned, PreparedJob
+from batchrun.plan import SIMULATED_KEY, Planned, PreparedJob
 from batchrun.runner import api_key, run_async
 
 FLUSH_S = 0.25  # finished rows reach the driver within this
@@ -105,7 +105,7 @@ class Worker:
                 yield "stats", RunStats(0, 0, 0, 0, 0, 0.0, {}, 0, 0, "aborted", error=exc)
                 return
         spec = job.spec
-        key = "simulated" if settings.simulated else api_key(spec.endpoint)
+        key = SIMULATED_KEY if settings.simulated else api_key(spec.endpoint)
         params = job.params
         relay = _Relay()
         budget = (
