@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import _thread
 import asyncio
+import signal
 import sqlite3
 import threading
 from pathlib import Path
@@ -35,9 +36,14 @@ class InterruptAt:
     """Interrupts the main thread (KeyboardInterrupt, as Jupyter's "interrupt kernel" does) once
     `checkpoint` holds `rows` rows. Its thread never asserts: it only acts and signals (`sent`);
     the main thread decides. The main thread calls `over()` as soon as its run returns: under one
-    lock with the interrupt, so no interrupt can land once the run is over and outside its try."""
+    lock with the interrupt, so no interrupt can land once the run is over and outside its try.
+
+    Made and ended on the main thread: meanwhile SIGINT raises KeyboardInterrupt, as in a kernel or
+    a terminal. A Python started in the background by a shell without job control (`cmd &` in a
+    script) ignores SIGINT, and interrupt_main() then does nothing at all."""
 
     def __init__(self, checkpoint: Path, rows: int) -> None:
+        self._handler = signal.signal(signal.SIGINT, signal.default_int_handler)
         self.sent = threading.Event()
         self._over = threading.Event()
         self._gate = threading.Lock()
@@ -57,6 +63,7 @@ class InterruptAt:
         with self._gate:
             self._over.set()
         self._thread.join()
+        signal.signal(signal.SIGINT, self._handler)
 
 
 def endpoint(sim: RunningSimulator) -> dict[str, Any]:
