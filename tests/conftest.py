@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -57,17 +58,27 @@ def s3_server() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def ray_session() -> Iterator[Any]:
-    """A local Ray for the session (two CPUs, no dashboard), its files under a temp dir. Its
+def ray_temp_dir() -> Iterator[Path]:
+    """The session's Ray files; its raylet's command line names it, which tells this session's
+    Ray processes from any other Ray on the machine."""
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
+    try:
+        yield Path(temp)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_session(ray_temp_dir: Path) -> Iterator[Any]:
+    """A local Ray for the session (two CPUs, no dashboard), its files under ray_temp_dir. Its
     processes start with the test key in their environment, as a user's nodes would have it, so a
     driver in another process (`--ray` with RAY_ADDRESS set) can join it too."""
     import ray
 
-    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
     before = os.environ.get(TEST_KEY_ENV)
     os.environ[TEST_KEY_ENV] = TEST_KEY
     try:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=str(ray_temp_dir))
     finally:
         if before is None:
             del os.environ[TEST_KEY_ENV]
@@ -77,7 +88,6 @@ def ray_session() -> Iterator[Any]:
         yield ray
     finally:
         ray.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture
@@ -160,6 +170,36 @@ def checkpoint_rows(job: Path) -> int:
             return int(db.execute("SELECT COUNT(*) FROM results").fetchone()[0])
     except sqlite3.OperationalError:  # the table is not created yet
         return 0
+
+
+def user_message(row: dict[str, Any]) -> str:
+    """The user message write_job's prompt makes of `row`: the simulator's key for what it answered."""
+    return f"{row['title']}\n\n{row['text']}"
+
+
+def answered_not_kept(sim: RunningSimulator, job: Path, rows: list[dict[str, Any]]) -> set[str]:
+    """The user messages the simulator has answered whose rows the checkpoint does not hold (yet):
+    the only rows a run that dies now may send again. Answers are read before the checkpoint, so
+    a row kept in between counts as not kept: the set is never too small."""
+    answered = set(sim.stats.ok_by_user_message)
+    path = checkpoint_path(job)
+    kept: set[str] = set()
+    if path.exists():
+        with sqlite3.connect(path, timeout=5) as db:
+            kept = {row_id for (row_id,) in db.execute("SELECT id FROM results WHERE status = 'ok'")}
+    return answered - {user_message(row) for row in rows if str(row["id"]) in kept}
+
+
+def wait_quiet(sim: RunningSimulator, deadline_s: float = 10) -> None:
+    """Every request a client that is gone (killed, reaped) had sent is counted and answered: one
+    round trip to the simulator first (its loop reads every connection that was readable before
+    it reads this one), then no request without its answer."""
+    with urllib.request.urlopen(f"{sim.base_url.removesuffix('/v1')}/simulator/stats", timeout=deadline_s):
+        pass
+    deadline = time.monotonic() + deadline_s
+    while sim.stats.requests != sum(sim.stats.by_status.values()):
+        assert time.monotonic() < deadline, "the simulator never answered every request it had"
+        time.sleep(0.01)
 
 
 def wait_for_rows(job: Path, at_least: int, deadline_s: float = 30) -> None:

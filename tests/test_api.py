@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import _thread
 import asyncio
-import contextlib
+import signal
 import sqlite3
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +32,38 @@ def rows_in(checkpoint: Path) -> int:
         return 0
 
 
-def wait_for(checkpoint: Path, at_least: int, deadline_s: float = 20) -> None:
-    deadline = time.monotonic() + deadline_s
-    while rows_in(checkpoint) < at_least:
-        assert time.monotonic() < deadline, f"the checkpoint never reached {at_least} rows"
-        time.sleep(0.01)
+class InterruptAt:
+    """Interrupts the main thread (KeyboardInterrupt, as Jupyter's "interrupt kernel" does) once
+    `checkpoint` holds `rows` rows. Its thread never asserts: it only acts and signals (`sent`);
+    the main thread decides. The main thread calls `over()` as soon as its run returns: under one
+    lock with the interrupt, so no interrupt can land once the run is over and outside its try.
+
+    Made and ended on the main thread: meanwhile SIGINT raises KeyboardInterrupt, as in a kernel or
+    a terminal. A Python started in the background by a shell without job control (`cmd &` in a
+    script) ignores SIGINT, and interrupt_main() then does nothing at all."""
+
+    def __init__(self, checkpoint: Path, rows: int) -> None:
+        self._handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+        self.sent = threading.Event()
+        self._over = threading.Event()
+        self._gate = threading.Lock()
+        self._thread = threading.Thread(target=self._watch, args=(checkpoint, rows), daemon=True)
+        self._thread.start()
+
+    def _watch(self, checkpoint: Path, rows: int) -> None:
+        while not self._over.wait(0.01):  # polling the checkpoint: it has no event to wait on
+            if rows_in(checkpoint) >= rows:
+                with self._gate:
+                    if not self._over.is_set():
+                        self.sent.set()
+                        _thread.interrupt_main()
+                return
+
+    def over(self) -> None:
+        with self._gate:
+            self._over.set()
+        self._thread.join()
+        signal.signal(signal.SIGINT, self._handler)
 
 
 def endpoint(sim: RunningSimulator) -> dict[str, Any]:
@@ -71,9 +97,7 @@ def test_simulate_and_every_kind_of_input(tmp_path: Path) -> None:
     df = pl.DataFrame(article_rows(5))
     csv = tmp_path / "articles.csv"
     df.write_csv(csv)
-    inputs: list[Any] = [df, df.lazy(), csv, str(csv), df.to_arrow()]
-    with contextlib.suppress(ImportError):  # pandas is optional
-        inputs.append(df.to_pandas())
+    inputs: list[Any] = [df, df.lazy(), csv, str(csv), df.to_arrow(), df.to_pandas()]  # pandas: a test extra
     for n, data in enumerate(inputs):
         out = batchrun.run(
             data, model="grok-4.3", prompt={"user": PROMPT}, simulate=True, quiet=True,
@@ -201,21 +225,24 @@ def test_keyboard_interrupt_during_run_stops_like_the_first_ctrl_c(tmp_path: Pat
     df = slow_rows(200)
     checkpoint = tmp_path / "run.sqlite"
 
-    def interrupt_when_started() -> None:
-        wait_for(checkpoint, 8)
-        _thread.interrupt_main()  # what Jupyter's "interrupt kernel" does: KeyboardInterrupt
-
     with serve_in_thread(SimulatorConfig(api_key=TEST_KEY)) as sim:
-        threading.Thread(target=interrupt_when_started, daemon=True).start()
-        with pytest.raises(KeyboardInterrupt):
+        interrupt = InterruptAt(checkpoint, 8)
+        interrupted = False
+        try:
             batchrun.run(df, model="grok-4.3", prompt=PROMPT, endpoint=endpoint(sim), concurrency=4,
                          checkpoint=checkpoint, quiet=True)  # fmt: skip
+            interrupt.over()
+        except KeyboardInterrupt:
+            interrupted = True
+        interrupt.over()
         answered = len(sim.stats.ok_by_user_message)
 
+    assert interrupt.sent.is_set(), "the run finished before the checkpoint showed 8 rows: no interrupt"
+    assert interrupted, "an interrupt was sent but batchrun.run did not raise KeyboardInterrupt"
     out = pl.read_parquet(checkpoint.with_name(checkpoint.name + ".output.parquet"))
     done = out.filter(pl.col("status") == "ok").height
     assert done == answered == rows_in(checkpoint)
-    assert 8 <= done < 200
+    assert 8 <= done < 200, f"{done} rows done: the interrupt reached the run only after it had finished"
 
 
 def test_all_is_exactly_the_public_names_sorted() -> None:

@@ -7,6 +7,7 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import polars as pl
@@ -14,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from batchrun.cli import main
+from batchrun.errors import JobAborted
 from batchrun.html_report import PAGE_SWITCH
 from batchrun.simulator import SimulatorConfig, serve_in_thread
 from tests.conftest import (
@@ -59,14 +61,18 @@ def test_api_key_never_reaches_output_checkpoint_or_messages(
         wrong_key = "sk-live-this-one-is-wrong-0042"
         monkeypatch.setenv("BATCHRUN_TEST_KEY", wrong_key)
         rejected = invoke("run", str(job), "--fresh")
-        with pytest.raises(Exception) as debug_trace:
+        with pytest.raises(JobAborted, match=r"rejected the API key") as debug_trace:
             CliRunner().invoke(main, ["run", str(job), "--debug"], catch_exceptions=False)
 
     assert ok.exit_code == 1
     assert rejected.exit_code == 2
     assert "Incorrect API key provided: [redacted]" in rejected.stderr
     assert wrong_key not in rejected.stderr
-    assert wrong_key not in str(debug_trace.value) and wrong_key not in repr(debug_trace.value)
+    # --debug shows the whole traceback, chained exceptions included: the key is in none of it.
+    shown = "".join(traceback.format_exception(debug_trace.value))
+    assert "Incorrect API key provided: [redacted]" in shown
+    for text in (shown, str(debug_trace.value), repr(debug_trace.value)):
+        assert wrong_key not in text and TEST_KEY not in text
     for path in (tmp_path / "out").iterdir():
         data = path.read_bytes()
         assert TEST_KEY.encode() not in data, path

@@ -3,7 +3,9 @@
     python peer_openai.py BASE_URL INPUT.parquet OUTPUT.parquet CONCURRENCY
 
 What a user would otherwise write; the SDK's own retries (its default, 2) are all it gets.
-A row whose request still fails is written with status `failed`.
+A row whose request still fails is written with status `failed`. Its pool keeps CONCURRENCY
+connections, as batchrun's does: the SDK's default keeps 100 alive, so at 128 or 512 in flight
+it would open a connection for every request beyond them.
 """
 
 from __future__ import annotations
@@ -12,14 +14,17 @@ import asyncio
 import sys
 from typing import Any
 
+import httpx2
 import polars as pl
-from openai import AsyncOpenAI
+from openai import AsyncOpenAI, DefaultAsyncHttpxClient
 
 
 async def main(base_url: str, path: str, out: str, concurrency: str) -> None:
     rows = pl.read_parquet(path).to_dicts()
-    client = AsyncOpenAI(base_url=base_url, api_key="bench")
-    gate = asyncio.Semaphore(int(concurrency))
+    size = int(concurrency)
+    pool = httpx2.Limits(max_connections=size, max_keepalive_connections=size)
+    client = AsyncOpenAI(base_url=base_url, api_key="bench", http_client=DefaultAsyncHttpxClient(limits=pool))
+    gate = asyncio.Semaphore(size)
 
     async def one(row: dict[str, Any]) -> dict[str, Any]:
         async with gate:

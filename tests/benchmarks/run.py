@@ -1,12 +1,18 @@
 """Throughput, CPU and rate-limit behaviour of the whole CLI against peers, same server, same run.
 
-    python tests/benchmarks/run.py [--quick] [--scenarios S1,S2,S3]
+    python tests/benchmarks/run.py [--quick] [--scenarios S1,S2,S3] [--rounds 3]
 
 The simulator runs in its own process pinned to core 1 and every client on core 0 (`taskset`).
-Clients, each a separate process writing the same Parquet output:
+Clients, each a separate process writing the same Parquet output, each with a pool of C
+connections for C in flight:
   * batchrun: the real CLI (`batchrun JOB -q --fresh`);
   * openai SDK: AsyncOpenAI + asyncio.Semaphore + gather over all rows (peer_openai.py);
   * httpx chunked: httpx.AsyncClient + gather over chunks of C rows (peer_httpx.py).
+Each scenario runs every client --rounds times, the order rotated each round (no client always
+first), each run in a folder of its own; a client's figures are those of its median run by rows/s.
+A run counts only if the client exited as it does when it finished (batchrun 0, or 1: rows
+failed, counted as lost; a peer 0) and wrote its output in that run, one row per input row;
+otherwise the table says the client failed, and why, in place of its figures.
 Scenarios (issue #4; S4 issue #12):
   S1  no latency, 20,000 rows, 64 in flight
   S2  lognormal latency (mean 200 ms, sigma 1, seeded), 5,000 rows, 128 in flight; the bound is
@@ -17,7 +23,7 @@ Scenarios (issue #4; S4 issue #12):
   S4  S2's latencies with 512 in flight and 20,000 rows: the client's CPU per row decides throughput;
       the bound is computed as S2's
 Rows/s counts rows answered (not lost) over the client process's whole life (start-up included);
-CPU is its user + sys time;
+CPU is its user + sys time; peak RSS is its own VmHWM, polled while it runs (see `watch`);
 "% of limit" and "vs zero-overhead" use the server's view (first arrival to last answer), where
 start-up does not count. Before the runs, the simulator's own capacity is measured with
 loadgen.py to show it is not the bottleneck.
@@ -30,16 +36,20 @@ import asyncio
 import heapq
 import itertools
 import json
+import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 import polars as pl
@@ -89,6 +99,7 @@ class Outcome:
     lost: int
     span_s: float
     server_busy: float  # share of its core the simulator used while this client ran
+    failure: str | None = None  # why this run's figures are not a result (a crash, no output ...)
 
     @property
     def rows_per_s(self) -> float:
@@ -147,31 +158,129 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+@dataclass(frozen=True)
+class Watched:
+    """One process run to its end: how it ended and what it used."""
+
+    exit_code: int
+    started: float  # time.monotonic() at its start: CLOCK_MONOTONIC, the simulator's clock too
+    started_wall: float  # time.time() at its start, to compare with a file's modification time
+    wall_s: float
+    cpu_s: float  # user + sys
+    rss_mb: float  # its own peak resident set (VmHWM)
+    killed_for_memory: bool
+    output_at: float | None  # time.monotonic() when `output` was first seen
+
+
+def memory_mb(pid: int, field: Literal["VmRSS", "VmHWM"]) -> float:
+    """A live process's resident set now (VmRSS) or at its peak so far (VmHWM) (Linux), 0 once
+    it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0.0
+    line = next((x for x in status.splitlines() if x.startswith(f"{field}:")), f"{field}: 0 kB")
+    return int(line.split()[1]) / 1024
+
+
+def watch(
+    cmd: list[str],
+    output: Path | None = None,
+    max_rss_mb: float = math.inf,
+    tick: Callable[[int, float], None] | None = None,
+    stderr: list[str] | None = None,
+) -> Watched:
+    """Run `cmd` (with KEY_ENV set) until it exits, polling it every 20 ms: its peak RSS by its
+    own VmHWM (not wait4's ru_maxrss, which on Linux keeps the high-water mark of the memory the
+    child had before its exec: this script's own), when `output` appeared; killed above
+    `max_rss_mb` (the machine is shared); `tick(pid, now)` on every poll; its stderr's lines
+    into `stderr` when given."""
+    started, started_wall = time.monotonic(), time.time()
+    pipe = subprocess.PIPE if stderr is not None else None
+    proc = subprocess.Popen(cmd, env={**os.environ, KEY_ENV: "bench"}, stderr=pipe, text=True)
+    reader = None
+    if stderr is not None:
+        reader = threading.Thread(target=lambda: stderr.extend(proc.stderr or ()), daemon=True)
+        reader.start()
+    output_at = None
+    killed_for_memory = False
+    peak_mb = 0.0
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        now = time.monotonic()
+        if output_at is None and output is not None and output.exists():
+            output_at = now
+        peak_mb = max(peak_mb, memory_mb(proc.pid, "VmHWM"))
+        if memory_mb(proc.pid, "VmRSS") > max_rss_mb and not killed_for_memory:
+            killed_for_memory = True
+            os.kill(proc.pid, signal.SIGKILL)
+        if tick is not None:
+            tick(proc.pid, now)
+        time.sleep(0.02)  # polling a child's state: there is no event to wait on
+    wall = time.monotonic() - started
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if output_at is None and output is not None and output.exists():
+        output_at = time.monotonic()  # appeared within the last poll interval
+    if reader is not None:
+        reader.join()
+    return Watched(
+        exit_code=proc.returncode,
+        started=started,
+        started_wall=started_wall,
+        wall_s=wall,
+        cpu_s=usage.ru_utime + usage.ru_stime,
+        rss_mb=peak_mb,
+        killed_for_memory=killed_for_memory,
+        output_at=output_at,
+    )
+
+
+def failure(run: Watched, exits: tuple[int, ...], output: Path, rows: int) -> str | None:
+    """Why a client's run is not a result, or None: an exit other than `exits`, no output, an
+    output not written by this run, or not one row per input row."""
+    if run.exit_code not in exits:
+        return f"exit {run.exit_code}"
+    if not output.exists():
+        return "no output"
+    if output.stat().st_mtime < run.started_wall:
+        return "output older than the run"
+    if (height := pl.scan_parquet(output).select(pl.len()).collect().item()) != rows:
+        return f"{height:,} rows in the output, {rows:,} expected"
+    return None
+
+
 def timed(
-    client: str, cmd: list[str], sim: subprocess.Popen[str], base_url: str, rows: int, output: Path
+    client: str,
+    cmd: list[str],
+    sim: subprocess.Popen[str],
+    base_url: str,
+    rows: int,
+    output: Path,
+    exits: tuple[int, ...] = (0,),
 ) -> Outcome:
-    """Run one client process on core 0; its wall, CPU and peak RSS, and the server's counts."""
+    """Run one client process on core 0; its wall, CPU and peak RSS, and the server's counts;
+    `failure` says why its figures are no result (`exits`: the exit codes of a finished run)."""
     server(base_url, "reset")
     server_cpu = cpu_s(sim.pid)
-    started = time.perf_counter()
-    proc = subprocess.Popen(pinned(0, cmd), env={**os.environ, KEY_ENV: "bench"})
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - started
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    server_busy = (cpu_s(sim.pid) - server_cpu) / wall
+    run = watch(pinned(0, cmd))
+    server_busy = (cpu_s(sim.pid) - server_cpu) / run.wall_s
     stats = server(base_url, "stats")
-    ok = pl.read_parquet(output).filter(pl.col("status") == "ok")["id"].n_unique() if output.exists() else 0
+    failed = failure(run, exits, output, rows)
+    ok = 0 if failed else pl.read_parquet(output).filter(pl.col("status") == "ok")["id"].n_unique()
     return Outcome(
         client=client,
         rows=rows,
-        wall_s=wall,
-        cpu_s=usage.ru_utime + usage.ru_stime,
-        rss_mb=usage.ru_maxrss / 1024,
+        wall_s=run.wall_s,
+        cpu_s=run.cpu_s,
+        rss_mb=run.rss_mb,
         requests=stats["requests"],
         rate_limited=stats["by_status"].get("429", 0),
         lost=rows - ok,
         span_s=stats["span_s"],
         server_busy=server_busy,
+        failure=failed,
     )
 
 
@@ -190,65 +299,112 @@ def simulator_capacity(base_url: str, job: Path, requests: int) -> float:
     return rate
 
 
-def run_scenario(s: Scenario, rows: int, folder: Path) -> list[tuple[Outcome, str]]:
+BATCHRUN_EXITS = (0, 1)  # 1: finished, some rows failed (counted as lost)
+
+
+def clients(s: Scenario, input_path: Path, base_url: str) -> list[tuple[str, Callable[[Path], list[str]]]]:
+    """Each client's name, and its command for a run writing into a folder of its own (whose
+    output is `output_of(name, folder)`)."""
+
+    def batchrun(rpm: int | None) -> Callable[[Path], list[str]]:
+        def command(folder: Path) -> list[str]:
+            job = write_job(folder, input_path, base_url, s.concurrency, rpm)
+            return [sys.executable, "-m", "batchrun", "run", str(job), "-q", "--fresh"]
+
+        return command
+
+    def peer(script: str) -> Callable[[Path], list[str]]:
+        def command(folder: Path) -> list[str]:
+            output = str(folder / "out.parquet")
+            return [sys.executable, str(HERE / script), base_url, str(input_path), output, str(s.concurrency)]
+
+        return command
+
+    named = [("batchrun (adaptive)" if s.rpm else "batchrun", batchrun(None))]
+    if s.rpm:
+        named.insert(0, ("batchrun (rate_limit set)", batchrun(s.rpm)))
+    named += [
+        ("openai SDK + semaphore", peer("peer_openai.py")),
+        ("httpx chunked gather", peer("peer_httpx.py")),
+    ]
+    return named
+
+
+def output_of(client: str, folder: Path) -> Path:
+    return folder / ("batchrun.parquet" if client.startswith("batchrun") else "out.parquet")
+
+
+def median_run(runs: list[Outcome]) -> Outcome:
+    """The run with the median rows/s (the lower of the two middle ones), or the first that failed:
+    a client that failed once has no figure."""
+    failed = [o for o in runs if o.failure]
+    if failed:
+        return failed[0]
+    return sorted(runs, key=lambda o: o.rows_per_s)[(len(runs) - 1) // 2]
+
+
+def run_scenario(s: Scenario, rows: int, folder: Path, rounds: int) -> list[tuple[Outcome, str]]:
     input_path = make_input(rows, folder)
     sim, base_url = start_simulator(s)
-    results: list[tuple[Outcome, str]] = []
+    named = clients(s, input_path, base_url)
+    runs: dict[str, list[Outcome]] = {name: [] for name, _ in named}
     try:
-        job = write_job(folder, input_path, base_url, s.concurrency, None)
         if s.name == "S1":
+            probe = folder / f"{s.name}-capacity"
+            probe.mkdir()
+            job = write_job(probe, input_path, base_url, s.concurrency, None)
             capacity = simulator_capacity(base_url, job, max(rows, 20_000))
             print(f"simulator capacity on core 1: {capacity:,.0f} requests/s", flush=True)
-        out = folder / "batchrun.parquet"
-        variants = [("batchrun (adaptive)" if s.rpm else "batchrun", job)]
-        if s.rpm:
-            paced = write_job(folder, input_path, base_url, s.concurrency, s.rpm)
-            variants.insert(0, ("batchrun (rate_limit set)", paced))
-        for name, job_path in variants:
-            cmd = [sys.executable, "-m", "batchrun", "run", str(job_path), "-q", "--fresh"]
-            results.append((timed(name, cmd, sim, base_url, rows, out), ""))
-        for name, script in (
-            ("openai SDK + semaphore", "peer_openai.py"),
-            ("httpx chunked gather", "peer_httpx.py"),
-        ):
-            peer_out = folder / f"{script}.parquet"
-            cmd = [
-                sys.executable,
-                str(HERE / script),
-                base_url,
-                str(input_path),
-                str(peer_out),
-                str(s.concurrency),
-            ]
-            results.append((timed(name, cmd, sim, base_url, rows, peer_out), ""))
+        numbered = list(enumerate(named))
+        for r in range(rounds):
+            turn = r % len(numbered)
+            for n, (name, command) in numbered[turn:] + numbered[:turn]:  # rotated: nobody always first
+                run_folder = folder / f"{s.name}-round{r + 1}-client{n}"  # fresh: no output of another run
+                run_folder.mkdir()
+                exits = BATCHRUN_EXITS if name.startswith("batchrun") else (0,)
+                output = output_of(name, run_folder)
+                outcome = timed(name, command(run_folder), sim, base_url, rows, output, exits)
+                runs[name].append(outcome)
+                said = (
+                    f"failed: {outcome.failure}" if outcome.failure else f"{outcome.rows_per_s:,.0f} rows/s"
+                )
+                print(f"  round {r + 1}: {name}: {said}", flush=True)
     finally:
         sim.terminate()
         sim.wait()
-    if s.name == "S1":
-        fastest = max(o.rows_per_s for o, _ in results)
+    results = [median_run(runs[name]) for name, _ in named]
+    done = [o for o in results if not o.failure]
+    if s.name == "S1" and done:
+        fastest = max(o.rows_per_s for o in done)
         print(f"  = {capacity / fastest:.1f}x the fastest client's rate ({fastest:,.0f} rows/s)", flush=True)
-        results = [(o, f"simulator core {o.server_busy:.0%} busy") for o, _ in results]
+    return [(o, "" if o.failure else note(s, rows, o)) for o in results]
+
+
+def note(s: Scenario, rows: int, o: Outcome) -> str:
+    """The scenario's own figure for a client's (finished) run."""
     if s.name in ("S2", "S4"):
         bound = zero_overhead_rows_per_s(s, rows)
-        results = [
-            (o, f"{rows / o.span_s / bound:.2f} of zero-overhead ({bound:.0f} rows/s)") for o, _ in results
-        ]
+        return f"{rows / o.span_s / bound:.2f} of zero-overhead ({bound:.0f} rows/s)"
     if s.rpm:
         limit = s.rpm / 60
-        results = [
-            (o, f"{(rows - o.lost) / o.span_s / limit:.1%} of limit, {o.rate_limited / o.requests:.2%} 429s")
-            for o, _ in results
-        ]
-    return results
+        return f"{(rows - o.lost) / o.span_s / limit:.1%} of limit, {o.rate_limited / o.requests:.2%} 429s"
+    if s.name == "S1":
+        return f"simulator core {o.server_busy:.0%} busy"
+    return ""
 
 
 def print_table(scenario: str, results: list[tuple[Outcome, str]]) -> None:
+    """One line per client: its median run's figures, or that it failed (and why) and no figure."""
     peers = {o.client: o for o, _ in results}
     sdk, chunked = peers["openai SDK + semaphore"], peers["httpx chunked gather"]
     for o, note in results:
-        cells = [scenario, o.client, f"{o.rows_per_s:,.0f}", f"{o.cpu_s * 1000 / o.rows:.2f}"]
-        cells += [f"{o.rss_mb:.0f}", f"{o.rate_limited:,}", f"{o.lost:,}"]
-        cells += [f"{o.rows_per_s / p.rows_per_s:.2f}x" for p in (sdk, chunked)] + [note]
+        if o.failure:
+            cells = [scenario, o.client, f"FAILED ({o.failure}): no figures", *[""] * 6]
+        else:
+            cells = [scenario, o.client, f"{o.rows_per_s:,.0f}", f"{o.cpu_s * 1000 / o.rows:.2f}"]
+            cells += [f"{o.rss_mb:.0f}", f"{o.rate_limited:,}", f"{o.lost:,}"]
+            cells += ["-" if p.failure else f"{o.rows_per_s / p.rows_per_s:.2f}x" for p in (sdk, chunked)]
+            cells += [note]
         print("| " + " | ".join(cells) + " |", flush=True)
 
 
@@ -256,8 +412,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a fifth of the rows")
     parser.add_argument("--scenarios", default="S1,S2,S3")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each client; its median is shown")
     args = parser.parse_args()
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores; client on core 0, simulator on core 1")
+    print(f"each client {args.rounds} times, the order rotated each round; figures: its median run by rows/s")
     header = (
         "| scenario | client | rows/s | CPU ms/row | peak RSS MB | 429s | rows lost | vs SDK | vs chunked | |"
     )
@@ -267,7 +425,7 @@ def main() -> None:
             s = SCENARIOS[name]
             rows = s.rows // 5 if args.quick else s.rows
             print(f"{name}: {rows:,} rows, {s.concurrency} in flight", flush=True)
-            tables.append((name, run_scenario(s, rows, Path(tmp))))
+            tables.append((name, run_scenario(s, rows, Path(tmp), args.rounds)))
         print(header)
         print("|" + "---|" * 10)
         for name, results in tables:

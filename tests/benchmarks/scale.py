@@ -30,10 +30,8 @@ import functools
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,7 +42,7 @@ import polars as pl
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from run import KEY_ENV, REPO, SCENARIOS, make_input, pinned, server, start_simulator, timed
+from run import KEY_ENV, REPO, SCENARIOS, make_input, pinned, server, start_simulator, timed, watch
 from run import write_job as write_s1_job
 
 from batchrun.checkpoint import RowResult, open_checkpoint
@@ -195,64 +193,34 @@ def run_batchrun(
     args: list[str], base_url: str, output: Path, max_rss_mb: float, kill_after_first_s: float | None = None
 ) -> Run:
     """Run `batchrun ARGS` on core 0 until it exits (or is killed `kill_after_first_s` after its
-    first request reached the simulator, or for memory), polling its RSS and the output file."""
+    first request reached the simulator, or for memory), watched by run.watch."""
     output.unlink(missing_ok=True)
     server(base_url, "reset")
-    cmd = pinned(0, [sys.executable, "-m", "batchrun", "run", *args])
-    started = time.monotonic()
-    proc = subprocess.Popen(cmd, env={**os.environ, KEY_ENV: "bench"}, stderr=subprocess.PIPE, text=True)
-    stderr: list[str] = []
-    assert proc.stderr is not None
-    reader = threading.Thread(target=lambda: stderr.extend(proc.stderr or ()), daemon=True)
-    reader.start()
-    output_at = kill_at = None
-    killed_for_memory = False
-    peak_mb = 0.0
-    while True:
-        pid, status, _ = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        now = time.monotonic()
-        if output_at is None and output.exists():
-            output_at = now
-        peak_mb = max(peak_mb, memory_mb(proc.pid, "VmHWM"))
-        if memory_mb(proc.pid, "VmRSS") > max_rss_mb and not killed_for_memory:
-            killed_for_memory = True
-            os.kill(proc.pid, signal.SIGKILL)
+    kill_at: float | None = None
+
+    def tick(pid: int, now: float) -> None:
+        nonlocal kill_at
         if kill_after_first_s is not None and kill_at is None and server(base_url, "stats")["requests"]:
             kill_at = now + kill_after_first_s
         if kill_at is not None and now >= kill_at:
-            os.kill(proc.pid, signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
             kill_at = float("inf")
-        time.sleep(0.02)  # polling a child's state: there is no event to wait on
-    wall = time.monotonic() - started
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if output_at is None and output.exists():
-        output_at = time.monotonic()  # appeared within the last poll interval
-    reader.join()
+
+    stderr: list[str] = []
+    cmd = pinned(0, [sys.executable, "-m", "batchrun", "run", *args])
+    run = watch(cmd, output=output, max_rss_mb=max_rss_mb, tick=tick, stderr=stderr)
     stats = server(base_url, "stats")
     first, last = stats.get("first_arrival_monotonic"), stats.get("last_answer_monotonic")
     return Run(
-        exit_code=proc.returncode,
-        wall_s=wall,
-        rss_mb=peak_mb,
+        exit_code=run.exit_code,
+        wall_s=run.wall_s,
+        rss_mb=run.rss_mb,
         requests=stats["requests"],
-        first_request_s=None if first is None else first - started,
-        output_build_s=None if output_at is None or last is None else output_at - last,
-        killed_for_memory=killed_for_memory,
+        first_request_s=None if first is None else first - run.started,
+        output_build_s=None if run.output_at is None or last is None else run.output_at - last,
+        killed_for_memory=run.killed_for_memory,
         stderr=[line.rstrip("\n") for line in stderr],
     )
-
-
-def memory_mb(pid: int, field: Literal["VmRSS", "VmHWM"]) -> float:
-    """A live process's resident set now (VmRSS) or at its peak so far (VmHWM) (Linux), 0 once
-    it is gone."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return 0.0
-    line = next((x for x in status.splitlines() if x.startswith(f"{field}:")), f"{field}: 0 kB")
-    return int(line.split()[1]) / 1024
 
 
 # --- report ----------------------------------------------------------------------------------
@@ -377,12 +345,11 @@ def s1(folder: Path) -> None:
         sim.terminate()
         sim.wait()
     low = S1_README_ROWS_PER_S * 0.85
-    show(
-        "S1 rows/s",
-        f"{outcome.rows_per_s:,.0f}",
-        f">= {low:,.0f} (README {S1_README_ROWS_PER_S:,} - 15%)",
-        outcome.rows_per_s >= low,
-    )
+    target = f">= {low:,.0f} (README {S1_README_ROWS_PER_S:,} - 15%)"
+    if outcome.failure:  # a run that did not finish has no figure
+        show("S1 rows/s", f"failed: {outcome.failure}", target, False)
+        return
+    show("S1 rows/s", f"{outcome.rows_per_s:,.0f}", target, outcome.rows_per_s >= low)
 
 
 def fmt_s(seconds: float | None) -> str:
