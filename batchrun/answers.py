@@ -7,10 +7,10 @@ fields are short, and the API key is masked in every letter case. Nothing past t
 distrusts a value, and nothing before it writes to the checkpoint, a table, a terminal or the
 budget. The client (client.py) bounds the bytes read; this module bounds what they may say.
 
-Usage a request could not have been billed for (negative, fractional, out of range, a prompt
-longer than the request's bytes, more output than its max_tokens, totals that contradict their
-parts) is set aside as unknown: the budget then counts the request at its worst case, and sums
-show it as without usage, so no answer can lower spending or lift a budget.
+Usage a request could not have been billed for (negative, fractional, out of range, more
+output than its max_tokens, totals that contradict their parts) is set aside as unknown: the
+budget then counts the request at its worst case, and sums show it as without usage, so no
+answer can lower spending or lift a budget.
 """
 
 from __future__ import annotations
@@ -95,7 +95,6 @@ class Bounds:
     """What an answer must fit: the request it answers, and the key to mask."""
 
     redact: Redactor
-    prompt_tokens: int  # more than the request can be billed for (cost.prompt_tokens_ceiling)
     output_tokens: int | None  # the request's max_tokens (or max_completion_tokens), if set
 
 
@@ -229,8 +228,6 @@ def _check_usage(usage: Usage, bounds: Bounds) -> None:
     prompt + completion + reasoning` holds for both. max_tokens bounds what is generated,
     reasoning included."""
     prompt, completion, total = usage.prompt_tokens, usage.completion_tokens, usage.total_tokens
-    if prompt is not None and prompt > bounds.prompt_tokens:
-        raise _BadUsage(f"prompt_tokens {prompt} is more than a request of its size can hold")
     if usage.cached_tokens is not None and usage.cached_tokens > (prompt or 0):
         raise _BadUsage(f"cached_tokens {usage.cached_tokens} is more than prompt_tokens {prompt}")
     parts = None if prompt is None or completion is None else prompt + completion

@@ -48,7 +48,7 @@ from batchrun.answers import (
     read_models,
     server_budget,
 )
-from batchrun.cost import output_tokens_cap, prompt_tokens_ceiling
+from batchrun.cost import output_tokens_cap
 from batchrun.errors import EndpointDown, PermanentError
 
 CONNECT_TIMEOUT_S = 10.0  # a server that does not accept a connection this soon is down, not slow
@@ -139,9 +139,7 @@ class ChatClient:
     async def complete(self, body: dict[str, Any]) -> ChatResult:
         """Send one request; raise RetryableError, PermanentError or JobAborted on failure."""
         content = orjson.dumps(body)
-        # What an answer to it may claim: no more prompt tokens than its size allows, no more
-        # output than its max_tokens.
-        bounds = Bounds(self._redact, prompt_tokens_ceiling(len(content)), output_tokens_cap(body))
+        bounds = Bounds(self._redact, output_tokens_cap(body))  # an answer claims no more output
         with self._errors():
             async with asyncio.timeout(self._timeout_s):
                 sent = time.perf_counter()

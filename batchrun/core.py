@@ -385,7 +385,7 @@ class Core:
         assert self.price is not None  # run_job refuses a budget without a price
         spec = self.job.spec
         output = output_tokens_cap(self.job.params) or ASSUMED_MAX_OUTPUT_TOKENS
-        prompt = prompt_tokens_ceiling(len(orjson.dumps(request.body)))
+        prompt = prompt_tokens_ceiling(request.body)
         if not spec.output.fields:
             return self.price.cost(prompt, 0, output)
         growth = output + reask_growth()  # each re-ask quotes the answer before it and says why

@@ -15,6 +15,8 @@ from decimal import Decimal
 from importlib.metadata import version
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 from batchrun.job import JobSpec
 
 if TYPE_CHECKING:  # genai-prices is imported when a price is first looked up: it takes 0.2 s
@@ -82,9 +84,6 @@ def _usd(rate: float) -> str:
     return f"${rate:.2f}" if round(rate, 2) == rate else f"${rate:g}"
 
 
-CHAT_TEMPLATE_TOKENS = 128  # text a server's chat template may add to a prompt
-
-
 def billed_output_tokens(
     prompt_tokens: int | None, completion_tokens: int | None, total_tokens: int | None
 ) -> int | None:
@@ -112,16 +111,14 @@ def request_cost(
     return price.cost(prompt_tokens, cached_tokens or 0, output)
 
 
-def prompt_tokens_ceiling(body_bytes: int) -> int:
-    """More prompt tokens than a request of `body_bytes` (its JSON) can be billed for.
+def prompt_tokens_ceiling(body: dict[str, Any]) -> int:
+    """More prompt tokens than a request can be billed for: the bytes of its body as JSON.
 
     A token covers at least one byte of text in byte-level BPE tokenizers, and the JSON (role
     names, quotes, braces) outweighs the few framing tokens each message adds; tools and
-    response_format schemas, billed as prompt too, are in the body. A chat template may add
-    text of its own (Llama 3.1's dates), hence the allowance. The budget reserves this much,
-    and answers.py sets aside a usage report claiming more.
+    response_format schemas, billed as prompt too, are in the body.
     """
-    return body_bytes + CHAT_TEMPLATE_TOKENS
+    return len(orjson.dumps(body))
 
 
 def output_tokens_cap(params: dict[str, Any]) -> int | None:

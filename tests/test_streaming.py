@@ -93,7 +93,7 @@ def assemble(events: list[str]) -> tuple[StreamAssembler, list[bool]]:
         content="".join(events),
         request=httpx2.Request("POST", "http://127.0.0.1/v1/chat/completions"),
     )
-    stream = StreamAssembler(Bounds(Redactor(TEST_KEY), prompt_tokens=100, output_tokens=None))
+    stream = StreamAssembler(Bounds(Redactor(TEST_KEY), output_tokens=None))
     return stream, [stream.feed(event.data) for event in httpx2.EventSource(body)]
 
 
