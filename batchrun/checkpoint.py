@@ -27,13 +27,12 @@ import operator
 import os
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import KW_ONLY, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal
 
 from batchrun import history
 from batchrun.errors import CheckpointError
-from batchrun.history import Attempt
 from batchrun.results import (
     ANSWER_COLUMNS,
     NAMES,
@@ -41,43 +40,8 @@ from batchrun.results import (
     RESULT_KEY,
     SCHEMA_VERSION,
     STORED,
+    RowResult,
 )
-
-
-@dataclass(frozen=True, slots=True)
-class RowResult:
-    """What one row came to: a row of the registry's columns (results.py; a test keeps them equal)."""
-
-    row: int
-    id: str
-    status: str  # ok | failed | skipped
-    _: KW_ONLY
-    fields: str | None = None  # JSON text: the parsed output.fields, typed columns in the output
-    content: str | None = None
-    tool_calls: str | None = None  # JSON text: [{id, name, arguments}]
-    finish_reason: str | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    total_tokens: int | None = None
-    cached_tokens: int | None = None
-    reasoning_tokens: int | None = None
-    cost_usd: float | None = None
-    error_kind: str | None = None
-    error: str | None = None
-    attempts: int = 0
-    latency_ms: float | None = None
-    ttft_ms: float | None = None
-    model: str | None = None
-    response_id: str | None = None
-    request_key: bytes = b""  # sha256 of the request as the job declares it (plan.RequestKeys)
-    occurrence: int = 0  # identical requests before this row's in the input
-    tries: tuple[Attempt, ...] = ()  # every request sent for it, for the `attempts` table (not a column)
-
-    @property
-    def answered(self) -> bool:
-        """Whether the row got an answer (ok, or failed on one), and so was billed."""
-        return self.status == "ok" or any(getattr(self, c) is not None for c in ANSWER_COLUMNS)
-
 
 # Rows answered, and rows answered without usage, in SQL, for the whole checkpoint at once.
 ANSWERED_SQL = f"(status = 'ok' OR {' OR '.join(f'{c} IS NOT NULL' for c in ANSWER_COLUMNS)})"

@@ -24,7 +24,6 @@ from tenacity import RetryCallState
 from batchrun.answers import ChatResult
 from batchrun.breaker import MAX_PROBE_S, Breaker, SameFailure
 from batchrun.budget import BudgetGuard
-from batchrun.checkpoint import RowResult
 from batchrun.client import ChatClient
 from batchrun.cost import (
     ASSUMED_MAX_OUTPUT_TOKENS,
@@ -44,10 +43,10 @@ from batchrun.errors import (
     RetryableError,
 )
 from batchrun.events import Events
-from batchrun.history import Attempt
 from batchrun.limits import Limiter, Permit
 from batchrun.plan import Planned, PreparedJob
 from batchrun.prompts import text_length
+from batchrun.results import Attempt, RowResult, RowTally, Status
 from batchrun.retry import Sleep, row_policy
 from batchrun.structured import describe_format, read_fields, reask_growth, reask_messages
 
@@ -111,7 +110,7 @@ def _skipped(planned: Planned) -> RowResult:
     return RowResult(
         planned.row,
         planned.id,
-        "skipped",
+        Status.SKIPPED,
         error_kind="null_value",
         error=reason,
         request_key=planned.request_key,
@@ -146,7 +145,7 @@ def _row_result(
     return RowResult(
         request.row,
         request.id,
-        "failed" if error else "ok",
+        Status.FAILED if error else Status.OK,
         content=last.content,
         tool_calls=_tool_calls_json(last.tool_calls) if last.tool_calls else None,
         fields=orjson.dumps(fields).decode() if fields is not None else None,
@@ -240,10 +239,7 @@ class Core:
         self._last_down: EndpointDown | None = None
         self.same_failure = SameFailure(SAME_FAILURE_ANSWERS)
         self._held: list[RowResult] = []  # failed rows kept back while the first answers may doom the job
-        self._tally = Counter[str]()  # this run's finished rows by status, and their usage
-        self._tokens = 0
-        self._without_usage = 0
-        self._cost_usd = 0.0
+        self._tally = RowTally()  # this run's finished rows
 
     def describe(self) -> str:
         """The state worth showing beside the progress: the breaker's when open, else the limiter's."""
@@ -314,12 +310,12 @@ class Core:
             else "finished"
         )
         return RunStats(
-            ok=self._tally["ok"],
-            failed=self._tally["failed"],
-            skipped=self._tally["skipped"],
-            tokens=None if self._without_usage and not self._tokens else self._tokens,
-            rows_without_usage=self._without_usage,
-            cost_usd=self._cost_usd,
+            ok=self._tally.by_status[Status.OK],
+            failed=self._tally.by_status[Status.FAILED],
+            skipped=self._tally.by_status[Status.SKIPPED],
+            tokens=self._tally.known_tokens,
+            rows_without_usage=self._tally.without_usage,
+            cost_usd=self._tally.cost_usd,
             retries=dict(self.retries),
             rate_limited=self.limiter.rate_limited,
             requests=self.requests,
@@ -369,7 +365,7 @@ class Core:
                 return
             if self.budget is not None:
                 self.budget.settle(worst, result.cost_usd)
-            if result.status == "failed" and self.same_failure.undecided:
+            if result.status == Status.FAILED and self.same_failure.undecided:
                 self._held.append(result)  # recorded once the job is known not to be doomed
             else:
                 self._results.put_nowait(result)
@@ -724,9 +720,9 @@ class Core:
         """Say so when nothing has finished for a while: a hang must never pass silently."""
         quiet_s = self.job.spec.stall_warning_s
         while True:
-            seen = sum(self._tally.values())
+            seen = self._tally.rows
             await asyncio.sleep(quiet_s)
-            if sum(self._tally.values()) == seen and self.in_flight and not self.breaker.is_open:
+            if self._tally.rows == seen and self.in_flight and not self.breaker.is_open:
                 self.events.say(
                     f"warning: no row finished in the last {quiet_s:g} s; {self.in_flight} "
                     f"request(s) in flight; last error: {self.last_error or 'none'}",
@@ -743,18 +739,10 @@ class Core:
             if finished:
                 self.record(finished)
                 for result in finished:
-                    self._count_finished(result)
+                    self._tally.add(result)
                     self.events.row_finished(result)
             if len(finished) < len(batch):
                 return
-
-    def _count_finished(self, result: RowResult) -> None:
-        self._tally[result.status] += 1
-        if result.prompt_tokens is not None and result.completion_tokens is not None:
-            self._tokens += result.total_tokens or result.prompt_tokens + result.completion_tokens
-        elif result.answered:
-            self._without_usage += 1
-        self._cost_usd += result.cost_usd or 0.0
 
     async def _wind_down(
         self,

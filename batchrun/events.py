@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from batchrun.checkpoint import RowResult
+from batchrun.results import RowResult
 
 # info: how the run goes (resuming, a stop); note: something the user may want to know;
 # warning: something the user should act on, shown even when quiet.

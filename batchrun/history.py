@@ -16,27 +16,11 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any
 
 import polars as pl
 
-from batchrun.results import Column
-
-if TYPE_CHECKING:
-    from batchrun.checkpoint import RowResult
-
-
-class Attempt(NamedTuple):
-    """One request sent for a row, as the core saw it (a tuple: one per request, on 10M rows)."""
-
-    sent: float  # Unix seconds
-    answered: float  # when its answer or failure came (Unix seconds)
-    status: int | None  # the HTTP status; None: no answer (refused, reset, timed out)
-    error_kind: str | None  # None: answered and read; else as RowResult.error_kind
-    ttft_ms: float | None  # streamed requests only
-    prompt_tokens: int | None
-    completion_tokens: int | None
-
+from batchrun.results import Column, RowResult
 
 _INT, _REAL, _TEXT = "INTEGER", "REAL", "TEXT"
 ATTEMPT_COLUMNS: tuple[Column, ...] = (

@@ -41,12 +41,11 @@ from batchrun.errors import CheckpointError, InputError, JobError
 from batchrun.job import PYTHON_JOB, JobSpec, table_format
 from batchrun.output import probe_destination
 from batchrun.prompts import PromptTemplates, conversation
-from batchrun.results import OUTPUT_RESULT_COLUMNS
+from batchrun.results import OUTPUT_RESULT_COLUMNS, Status
 from batchrun.sources import BATCH_ROWS, ROW, Source, open_source
 from batchrun.storage import Location, Url, location
 from batchrun.structured import format_fallbacks
 
-DONE = ("ok", "failed", "skipped")  # statuses a resume does not send again
 SIMULATED_ENDPOINT = "simulator"  # what the fingerprint and the keys name --simulate's endpoint by
 # The key sent to the simulator: no text a user writes, since answers are masked for the key.
 SIMULATED_KEY = "sim-4c1f9e07b2d8"
@@ -293,7 +292,7 @@ class KeyedPlan:
             position = row[ROW]
             status = statuses.get(position)
             if self._retry_failed:
-                wanted = status is not None and status[0] == "failed"
+                wanted = status is not None and status[0] == Status.FAILED
             else:
                 wanted = status is None and (self._only is None or position in self._only)
             if not wanted:

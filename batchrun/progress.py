@@ -11,8 +11,8 @@ from typing import Never, TextIO
 
 from tqdm import tqdm
 
-from batchrun.checkpoint import RowResult
 from batchrun.events import Level, RunStarted
+from batchrun.results import RowResult, RowTally, Status
 from batchrun.terminal import printable
 
 PLAIN_INTERVAL_S = 10.0  # cron and CI logs want a line now and then, not a redrawn bar
@@ -29,8 +29,7 @@ class Progress:
     def __init__(self, quiet: bool, stream: TextIO | None = None, *, notebook: bool = False):
         self.total = 0
         self.ok = self.failed = self.skipped = self.done = 0
-        self.tokens = 0  # of this run's answers that reported usage
-        self.without_usage = 0  # this run's answers that reported none
+        self.run = RowTally()  # this run's rows (tokens: this run's only; the rest counts all)
         self.status: Callable[[], str] | None = None  # more to show, e.g. the in-flight limit
         self.cost_usd: float | None = None
         self._budget_usd: float | None = None
@@ -47,9 +46,9 @@ class Progress:
     def started(self, run: RunStarted) -> None:
         """Rows finished before this run (a resume) start out counted."""
         self.total = run.total
-        self.ok = run.done_before.get("ok", 0)
-        self.failed = run.done_before.get("failed", 0)
-        self.skipped = run.done_before.get("skipped", 0)
+        self.ok = run.done_before.get(Status.OK, 0)
+        self.failed = run.done_before.get(Status.FAILED, 0)
+        self.skipped = run.done_before.get(Status.SKIPPED, 0)
         self.done = self._done_at_start = self.ok + self.failed + self.skipped
         self.cost_usd = run.cost_usd
         self._budget_usd = run.budget_usd
@@ -84,9 +83,9 @@ class Progress:
         if counted.cancelled() or counted.exception() is not None:
             return  # the runner raises it
         counts, spent = counted.result()
-        self.ok += counts.get("ok", 0)
-        self.failed += counts.get("failed", 0)
-        self.skipped += counts.get("skipped", 0)
+        self.ok += counts.get(Status.OK, 0)
+        self.failed += counts.get(Status.FAILED, 0)
+        self.skipped += counts.get(Status.SKIPPED, 0)
         n = sum(counts.values())
         self.done += n
         self._done_at_start += n
@@ -101,16 +100,13 @@ class Progress:
         if self._counted is not None and self._counted.done():
             self._take_counted()
         self.done += 1
-        if result.status == "ok":
+        self.run.add(result)
+        if result.status == Status.OK:
             self.ok += 1
-        elif result.status == "skipped":
+        elif result.status == Status.SKIPPED:
             self.skipped += 1
         else:
             self.failed += 1
-        if result.prompt_tokens is not None and result.completion_tokens is not None:
-            self.tokens += result.total_tokens or result.prompt_tokens + result.completion_tokens
-        elif result.answered:
-            self.without_usage += 1
         if self.cost_usd is not None:
             self.cost_usd += result.cost_usd or 0.0
         now = time.monotonic()
@@ -156,13 +152,13 @@ class Progress:
     @property
     def run_tokens(self) -> int | None:
         """This run's tokens; None when answers came and none reported usage."""
-        return None if self.without_usage and not self.tokens else self.tokens
+        return self.run.known_tokens
 
     def _tokens(self) -> str:
         """Unknown when no answer reported usage; `N+` when some did not (their share is missing)."""
         if self.run_tokens is None:
             return "unknown"
-        return f"{self.tokens:,}+" if self.without_usage else f"{self.tokens:,}"
+        return f"{self.run.tokens:,}+" if self.run.without_usage else f"{self.run.tokens:,}"
 
     def _rate(self, now: float) -> float:
         return (self.done - self._done_at_start) / max(now - self._started, 1e-9)

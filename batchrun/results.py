@@ -1,17 +1,23 @@
-"""The result columns, each declared once: the checkpoint's table, the output table's columns and
-their types, and the reports' sums all derive from `COLUMNS`.
+"""The one record of a row: its result (RowResult), each request sent for it (Attempt), its status,
+and the result columns, each declared once: the checkpoint's table, the output table's columns
+and their types, and the reports' sums all derive from `COLUMNS`. Every executor hands the
+checkpoint RowResults, and every count of finished rows adds them up by one rule (RowTally).
+No batchrun import, so that the core, the storage and the drivers can all share it.
 
 A column with no SQL type (`reused_from`) is not stored: it says how a row of the output came by
 its result, and is made as the output is built (Checkpoint.output_rows, output.py).
 
-Adding a column: declare it here (in its place in the output), add it to `RowResult` in
-checkpoint.py, fill it where rows finish, and bump `SCHEMA_VERSION`; existing checkpoints get the
+Adding a column: declare it here (in its place in the output), add it to `RowResult` below,
+fill it where rows finish, and bump `SCHEMA_VERSION`; existing checkpoints get the
 column in place (null for the rows they hold) when a run next opens them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import KW_ONLY, dataclass, field
+from enum import StrEnum
+from typing import NamedTuple
 
 import polars as pl
 
@@ -68,3 +74,88 @@ OUTPUT_RESULT_COLUMNS = tuple(c.name for c in COLUMNS if c.in_output)
 
 # A row with any of these got an answer, and so was billed (ok, or failed on an answer).
 ANSWER_COLUMNS = ("content", "tool_calls", "finish_reason")
+
+
+class Status(StrEnum):
+    """A row's status: in the checkpoint (ok, failed, skipped) and in the output (pending too)."""
+
+    OK = "ok"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    PENDING = "pending"  # no result yet: only in the output
+
+
+class Attempt(NamedTuple):
+    """One request sent for a row, as the core saw it (a tuple: one per request, on 10M rows)."""
+
+    sent: float  # Unix seconds
+    answered: float  # when its answer or failure came (Unix seconds)
+    status: int | None  # the HTTP status; None: no answer (refused, reset, timed out)
+    error_kind: str | None  # None: answered and read; else as RowResult.error_kind
+    ttft_ms: float | None  # streamed requests only
+    prompt_tokens: int | None
+    completion_tokens: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class RowResult:
+    """What one row came to: a row of COLUMNS (a test keeps them equal)."""
+
+    row: int
+    id: str
+    status: str  # Status.OK, FAILED or SKIPPED
+    _: KW_ONLY
+    fields: str | None = None  # JSON text: the parsed output.fields, typed columns in the output
+    content: str | None = None
+    tool_calls: str | None = None  # JSON text: [{id, name, arguments}]
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+    cached_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    cost_usd: float | None = None
+    error_kind: str | None = None
+    error: str | None = None
+    attempts: int = 0
+    latency_ms: float | None = None
+    ttft_ms: float | None = None
+    model: str | None = None
+    response_id: str | None = None
+    request_key: bytes = b""  # sha256 of the request as the job declares it (plan.RequestKeys)
+    occurrence: int = 0  # identical requests before this row's in the input
+    tries: tuple[Attempt, ...] = ()  # every request sent for it, for the `attempts` table (not a column)
+
+    @property
+    def answered(self) -> bool:
+        """Whether the row got an answer (ok, or failed on one), and so was billed."""
+        return self.status == Status.OK or any(getattr(self, c) is not None for c in ANSWER_COLUMNS)
+
+
+@dataclass
+class RowTally:
+    """Finished rows added up one by one, by one rule wherever they are counted (the core, the Ray
+    driver, the progress line): tokens where usage came, `without_usage` for answers without it
+    (unknown, not zero), cost where priced."""
+
+    by_status: Counter[str] = field(default_factory=Counter)
+    tokens: int = 0
+    without_usage: int = 0
+    cost_usd: float = 0.0
+
+    def add(self, result: RowResult) -> None:
+        self.by_status[result.status] += 1
+        if result.prompt_tokens is not None and result.completion_tokens is not None:
+            self.tokens += result.total_tokens or result.prompt_tokens + result.completion_tokens
+        elif result.answered:
+            self.without_usage += 1
+        self.cost_usd += result.cost_usd or 0.0
+
+    @property
+    def rows(self) -> int:
+        return sum(self.by_status.values())
+
+    @property
+    def known_tokens(self) -> int | None:
+        """The tokens, or None when answers came and none reported usage."""
+        return None if self.without_usage and not self.tokens else self.tokens

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import polars as pl
 
-from batchrun.checkpoint import RowResult
-from batchrun.results import NAMES, OUTPUT_RESULT_COLUMNS, SCHEMA_VERSION, STORED
+from batchrun.results import NAMES, OUTPUT_RESULT_COLUMNS, SCHEMA_VERSION, STORED, RowResult
 from batchrun.simulator import RunningSimulator
 from tests.conftest import article_rows, checkpoint_path, invoke, read_output, write_job
 

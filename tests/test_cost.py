@@ -21,12 +21,12 @@ from click.testing import CliRunner
 from genai_prices import data_snapshot
 
 from batchrun.budget import BudgetGuard
-from batchrun.checkpoint import RowResult
 from batchrun.cli import main
 from batchrun.cost import Price, Rates, billed_output_tokens, job_price, list_price
 from batchrun.events import RunStarted
 from batchrun.job import load_job
 from batchrun.progress import Progress
+from batchrun.results import RowResult
 from batchrun.simulator import RunningSimulator, count_tokens
 from tests.conftest import TEST_KEY, article_rows, invoke, read_output, write_job
 from tests.stub_server import Reply, completion, serve_stub

@@ -20,10 +20,10 @@ from typing import Any
 import pytest
 
 from batchrun.answers import server_budget
-from batchrun.checkpoint import RowResult
 from batchrun.events import RunStarted
 from batchrun.limits import PACED_CREEP, PACED_EASE, Limiter, RateLimitHeaders
 from batchrun.progress import Progress
+from batchrun.results import RowResult
 from batchrun.simulator import SimulatorConfig, serve_in_thread
 from tests.conftest import TEST_KEY, article_rows, invoke, read_output, run_batchrun, write_job
 

@@ -18,10 +18,10 @@ from typing import Any
 
 import polars as pl
 
-from batchrun.checkpoint import RowResult
 from batchrun.events import RunStarted
 from batchrun.output import ERRORS_KEPT, Tally
 from batchrun.progress import Progress
+from batchrun.results import RowResult
 from batchrun.simulator import RunningSimulator, SimulatorConfig, serve_in_thread
 from tests.conftest import TEST_KEY, article_rows, invoke, write_job
 from tests.stub_server import Handler, Reply, Request, completion, serve_stub

@@ -17,7 +17,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from batchrun.checkpoint import RowResult
 from batchrun.core import RunStats, Stop
 from batchrun.distributed import RayOptions
 from batchrun.distributed.cluster import connect
@@ -27,6 +26,7 @@ from batchrun.distributed.worker import ShardSettings, Worker
 from batchrun.errors import BatchrunError
 from batchrun.events import Events
 from batchrun.plan import IndexedPlan, KeyedPlan, Planned, PreparedJob
+from batchrun.results import RowResult, RowTally, Status
 
 SHARDS_PER_WORKER = 4  # smaller shards: a shorter tail, and less to send again after a death
 MAX_SHARD_ROWS = 2_000
@@ -155,10 +155,9 @@ async def run_on_cluster(run: ClusterRun, ray_options: RayOptions) -> RunStats:
 
 async def _collect(run: ClusterRun, inbox: asyncio.Queue[tuple[int, str, Any]], workers_n: int) -> RunStats:
     """The one writer: every batch a worker returns goes into the checkpoint as it comes."""
-    tally: collections.Counter[str] = collections.Counter()
-    totals = {"requests": 0, "rate_limited": 0, "tokens": 0, "without_usage": 0}
+    tally = RowTally()  # counted as the core counts its own: a local run reports the same
+    totals = {"requests": 0, "rate_limited": 0}
     retries: collections.Counter[str] = collections.Counter()
-    cost = 0.0
     outcome = "finished"
     error: BatchrunError | None = None
     idle = 0
@@ -169,12 +168,7 @@ async def _collect(run: ClusterRun, inbox: asyncio.Queue[tuple[int, str, Any]], 
             run.record(results)
             run.tallies[index].rows += len(results)
             for result in results:
-                tally[result.status] += 1
-                cost += result.cost_usd or 0.0
-                if result.total_tokens is not None:
-                    totals["tokens"] += result.total_tokens
-                elif result.answered:
-                    totals["without_usage"] += 1
+                tally.add(result)
                 run.events.row_finished(result)
         elif kind == "say":
             run.events.say(*item)
@@ -197,12 +191,12 @@ async def _collect(run: ClusterRun, inbox: asyncio.Queue[tuple[int, str, Any]], 
     if error is not None:
         outcome = "aborted"
     return RunStats(
-        ok=tally["ok"],
-        failed=tally["failed"],
-        skipped=tally["skipped"],
-        tokens=None if totals["without_usage"] and not totals["tokens"] else totals["tokens"],
-        rows_without_usage=totals["without_usage"],
-        cost_usd=cost,
+        ok=tally.by_status[Status.OK],
+        failed=tally.by_status[Status.FAILED],
+        skipped=tally.by_status[Status.SKIPPED],
+        tokens=tally.known_tokens,
+        rows_without_usage=tally.without_usage,
+        cost_usd=tally.cost_usd,
         retries=dict(retries),
         rate_limited=totals["rate_limited"],
         requests=totals["requests"],

@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from batchrun.checkpoint import RowResult
 from batchrun.client import ChatClient
 from batchrun.core import Core, RunStats, Stop
 from batchrun.cost import Price
@@ -24,6 +23,7 @@ from batchrun.distributed.shards import RowsToRead, read_rows
 from batchrun.errors import BatchrunError
 from batchrun.events import Level, RunStarted
 from batchrun.plan import SIMULATED_KEY, Planned, PreparedJob
+from batchrun.results import RowResult
 from batchrun.runner import api_key, run_async
 
 FLUSH_S = 0.25  # finished rows reach the driver within this

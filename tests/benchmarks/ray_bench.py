@@ -32,8 +32,9 @@ import polars as pl
 import yaml
 
 from batchrun.api import Job
-from batchrun.checkpoint import RowResult, open_checkpoint
+from batchrun.checkpoint import open_checkpoint
 from batchrun.distributed.limiter import ClusterLimiter, ClusterLimits
+from batchrun.results import RowResult
 
 KEY_ENV = "RAY_BENCH_KEY"  # set in the nodes' environment before Ray starts, as on a cluster
 

@@ -45,10 +45,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from run import KEY_ENV, REPO, SCENARIOS, make_input, pinned, server, start_simulator, timed, watch
 from run import write_job as write_s1_job
 
-from batchrun.checkpoint import RowResult, open_checkpoint
+from batchrun.checkpoint import open_checkpoint
 from batchrun.cost import job_price, request_cost
 from batchrun.job import load_job
 from batchrun.plan import PreparedJob, prepare
+from batchrun.results import RowResult
 from batchrun.sources import ROW
 
 S1_README_ROWS_PER_S = 6_116  # README "Speed", S1 batchrun, before issue #13
