@@ -27,10 +27,11 @@ import polars as pl
 from batchrun.core import Stop
 from batchrun.estimate import Estimate, estimate_job
 from batchrun.job import JobSpec, job_from_mapping, load_job
+from batchrun.loop import run_async
 from batchrun.plan import SIMULATED_ENDPOINT, prepare
 from batchrun.progress import Progress
 from batchrun.report import RunResult
-from batchrun.runner import RunOptions, run_async, run_job
+from batchrun.runner import RunOptions, run_job
 from batchrun.sources import scan_table
 from batchrun.storage import Url, location
 

@@ -236,8 +236,9 @@ def run_in_process(spec: JobSpec, options: RunOptions) -> RunResult:
     import signal
 
     from batchrun.core import Stop
+    from batchrun.loop import run_async
     from batchrun.progress import Progress
-    from batchrun.runner import run_async, run_job
+    from batchrun.runner import run_job
     from batchrun.simulator import SimulatorConfig, serve_in_thread
 
     progress = Progress(options.quiet)
@@ -364,8 +365,8 @@ def skip_model_check(spec: JobSpec, skip: bool) -> JobSpec:
 
 def check_model_with_key(spec: JobSpec) -> None:
     """`run`'s start check, for commands that send no chat request: made when the key is set."""
+    from batchrun.executors import api_key
     from batchrun.models import check_model
-    from batchrun.runner import api_key
 
     if not spec.endpoint.check_model:
         return
@@ -651,10 +652,10 @@ def report_command(path: Path, open_page: bool, by: tuple[str, ...], output: str
 @friendly_errors
 def models(job_file: Path | None, simulate: bool) -> None:
     """List the models the endpoint offers to your key (GET /v1/models), one per line."""
+    from batchrun.executors import api_key
     from batchrun.job import EndpointSpec, RetrySpec, load_job
     from batchrun.models import list_models
     from batchrun.plan import SIMULATED_KEY
-    from batchrun.runner import api_key
     from batchrun.simulator import SimulatorConfig, serve_in_thread
 
     spec = load_job(job_file) if job_file else None
@@ -722,7 +723,7 @@ def simulate(
     answers by status; POST /simulator/reset starts the counts afresh. Point a job at it with
     `endpoint: {base_url: http://127.0.0.1:8787/v1}`.
     """
-    from batchrun.runner import run_async
+    from batchrun.loop import run_async
     from batchrun.simulator import SimulatorConfig, serve_forever
 
     config = SimulatorConfig(

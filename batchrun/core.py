@@ -14,9 +14,9 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import AsyncIterable, Callable, Sequence
+from collections.abc import AsyncIterable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import orjson
 from tenacity import RetryCallState
@@ -24,7 +24,6 @@ from tenacity import RetryCallState
 from batchrun.answers import ChatResult
 from batchrun.breaker import MAX_PROBE_S, Breaker, SameFailure
 from batchrun.budget import BudgetGuard
-from batchrun.client import ChatClient
 from batchrun.cost import (
     ASSUMED_MAX_OUTPUT_TOKENS,
     Price,
@@ -43,6 +42,7 @@ from batchrun.errors import (
     RetryableError,
 )
 from batchrun.events import Events
+from batchrun.job import FieldType, RetrySpec
 from batchrun.limits import Limiter, Permit
 from batchrun.plan import Planned, PreparedJob
 from batchrun.prompts import text_length
@@ -195,45 +195,123 @@ class _Request:
     tries: list[Attempt] = field(default_factory=list)  # every attempt that got an answer or a failure
 
 
-@dataclass
-class Core:
-    """One run of a prepared job; `await run()` once."""
+class Backend(Protocol):
+    """One chat request in, one answer or a RequestFailed out: client.ChatClient, or a fake."""
 
-    job: PreparedJob
-    planned: AsyncIterable[Planned]  # the rows to send, in order (plan.KeyedPlan.requests)
-    client: ChatClient
-    limiter: Limiter
-    record: Callable[[Sequence[RowResult]], None]  # makes finished rows durable, a batch at a time
-    events: Events
+    async def __aenter__(self) -> Any: ...
+
+    async def __aexit__(self, *exc: object) -> None: ...
+
+    async def complete(self, body: dict[str, Any]) -> ChatResult: ...
+
+    async def models(self) -> list[str] | None: ...
+
+
+@dataclass(frozen=True)
+class Clock:
+    """The core's time: monotonic seconds for intervals and latency, wall seconds for the record."""
+
+    monotonic: Callable[[], float] = time.perf_counter
+    wall: Callable[[], float] = time.time
+
+
+@dataclass(frozen=True)
+class CoreSettings:
+    """What the core reads of a job and its run, and no more (not the job's input or plan)."""
+
+    model: str  # the job's: a row's model when no answer names one
+    retry: RetrySpec
+    fields: Mapping[str, FieldType]  # output.fields; empty: the answer's text is the result
+    tools: bool  # the job offers tools: output.fields come as a tool call's arguments
+    output_cap: tuple[str, int] | None  # the params key capping output, and its value
+    format_fallbacks: tuple[dict[str, Any] | None, ...]  # response_format, then what to try instead
+    output_tokens: int | None  # params' max_tokens, for a request's worst-case cost
+    stall_warning_s: float
     width: int = 1  # workers: requests in flight
     grace_s: float = 10.0  # after a stop request, how long in-flight requests may finish
+    base_url: str = ""  # for messages
     price: Price | None = None
-    budget: BudgetGuard | None = None
-    base_url: str = ""
-    stop: Stop = field(default_factory=Stop)
-    sleep: Sleep = asyncio.sleep  # the retry policy's waits
-    interrupted: bool = False
-    budget_stopped: bool = False
-    requests: int = 0
-    aborted: BatchrunError | None = None
-    retries: Counter[str] = field(default_factory=Counter)
-    in_flight: int = 0
-    usage_warned: set[bool] = field(default_factory=set)  # said: no usage (False), usage set aside (True)
-    last_error: str | None = None
-    format_step: int = 0  # how far down job.format_fallbacks the endpoint's refusals have led
-    accept_format: Callable[[dict[str, Any] | None], None] | None = None  # keeps it for the job's next run
-    format_cleared: int = 0  # rows refused without a format too: not the format's fault
-    ever_answered: bool = False  # any HTTP answer, even an error: the endpoint can be reached
-    doomed: bool = False  # the first answers all failed alike (SameFailure)
 
-    def __post_init__(self) -> None:
-        retry = self.job.spec.retry
-        self.breaker = Breaker(
-            threshold=max(10, self.width),
-            first_probe_s=max(retry.initial_backoff_s, MIN_PROBE_S),
-            max_outage_s=retry.max_outage_s,
-            max_probe_s=min(MAX_PROBE_S, retry.max_backoff_s),
+    @classmethod
+    def of(
+        cls, job: PreparedJob, width: int, grace_s: float, base_url: str, price: Price | None
+    ) -> CoreSettings:
+        spec = job.spec
+        return cls(
+            model=spec.model,
+            retry=spec.retry,
+            fields=spec.output.fields or {},
+            tools=bool(spec.params.tools),
+            output_cap=job.output_cap,
+            format_fallbacks=job.format_fallbacks,
+            output_tokens=output_tokens_cap(job.params),
+            stall_warning_s=spec.stall_warning_s,
+            width=width,
+            grace_s=grace_s,
+            base_url=base_url,
+            price=price,
         )
+
+
+def outage_breaker(settings: CoreSettings, clock: Clock) -> Breaker:
+    """The breaker a run of these settings uses: opens after max(10, width) failures in a row."""
+    retry = settings.retry
+    return Breaker(
+        threshold=max(10, settings.width),
+        first_probe_s=max(retry.initial_backoff_s, MIN_PROBE_S),
+        max_outage_s=retry.max_outage_s,
+        max_probe_s=min(MAX_PROBE_S, retry.max_backoff_s),
+        clock=clock.monotonic,
+        wall=clock.wall,
+    )
+
+
+class Core:
+    """One run of a job's rows; `await run()` once. Its inputs are narrow and its seams injected
+    (the backend, the clock, the retry policy's sleep, the breaker), so tests/test_core.py runs it
+    with none of the network, the checkpoint or the wall clock."""
+
+    def __init__(
+        self,
+        settings: CoreSettings,
+        planned: AsyncIterable[Planned],  # the rows to send, in order (plan.KeyedPlan.requests)
+        backend: Backend,
+        limiter: Limiter,
+        record: Callable[[Sequence[RowResult]], None],  # makes finished rows durable, a batch at a time
+        events: Events,
+        *,
+        budget: BudgetGuard | None = None,
+        stop: Stop | None = None,
+        sleep: Sleep = asyncio.sleep,  # the retry policy's waits
+        clock: Clock = Clock(),
+        breaker: Breaker | None = None,
+        format_step: int = 0,  # how far down format_fallbacks the endpoint's refusals have led
+        accept_format: Callable[[dict[str, Any] | None], None] | None = None,  # kept for the next run
+    ):
+        self.settings = settings
+        self.planned = planned
+        self.client = backend
+        self.limiter = limiter
+        self.record = record
+        self.events = events
+        self.budget = budget
+        self.stop = stop or Stop()
+        self.sleep = sleep
+        self.clock = clock
+        self.breaker = breaker or outage_breaker(settings, clock)
+        self.format_step = format_step
+        self.accept_format = accept_format
+        self.interrupted = False
+        self.budget_stopped = False
+        self.requests = 0
+        self.aborted: BatchrunError | None = None
+        self.retries: Counter[str] = Counter()
+        self.in_flight = 0
+        self.usage_warned: set[bool] = set()  # said: no usage (False), usage set aside (True)
+        self.last_error: str | None = None
+        self.format_cleared = 0  # rows refused without a format too: not the format's fault
+        self.ever_answered = False  # any HTTP answer, even an error: the endpoint can be reached
+        self.doomed = False  # the first answers all failed alike (SameFailure)
         self._breaker_changed = asyncio.Event()
         self._down_streak: list[_Request] = []  # rows whose attempts failed in the current run of failures
         self._last_down: EndpointDown | None = None
@@ -249,10 +327,10 @@ class Core:
         """Send every row still to do, or until stopped; every finished row is checkpointed."""
         self._stop = asyncio.Event()
         self._at_once = asyncio.Event()
-        self._queue: asyncio.Queue[_Request | None] = asyncio.Queue(maxsize=self.width * 2)
+        self._queue: asyncio.Queue[_Request | None] = asyncio.Queue(maxsize=self.settings.width * 2)
         self._results: asyncio.Queue[RowResult | None] = asyncio.Queue()
         self._retrying = row_policy(
-            self.job.spec.retry,
+            self.settings.retry,
             holding=lambda: self.breaker.is_open,  # the wait is for the next probe (in _attempt)
             before_sleep=self._count_retry,
             sleep=self.sleep,
@@ -280,7 +358,7 @@ class Core:
     async def _run(self) -> None:
         async with self.client:
             producer = asyncio.create_task(self._produce())
-            workers = [asyncio.create_task(self._work()) for _ in range(self.width)]
+            workers = [asyncio.create_task(self._work()) for _ in range(self.settings.width)]
             writer = asyncio.create_task(self._write())
             watchdog = asyncio.create_task(self._watch_for_stalls())
             # asyncio.wait, not gather: worker errors are read below, never left unretrieved.
@@ -332,7 +410,7 @@ class Core:
             self.aborted = self.aborted or exc
             self._stop.set()
             return
-        for _ in range(self.width):
+        for _ in range(self.settings.width):
             await self._queue.put(None)
 
     async def _feed(self) -> None:
@@ -378,15 +456,16 @@ class Core:
     def _worst_cost(self, request: _Request) -> float:
         """The most this row can cost: a prompt-size ceiling and a full-length answer, for each
         answer it may be asked for (re-asks for output.fields are billed too, and longer)."""
-        assert self.price is not None  # run_job refuses a budget without a price
-        spec = self.job.spec
-        output = output_tokens_cap(self.job.params) or ASSUMED_MAX_OUTPUT_TOKENS
+        settings = self.settings
+        price = settings.price
+        assert price is not None  # run_job refuses a budget without a price
+        output = settings.output_tokens or ASSUMED_MAX_OUTPUT_TOKENS
         prompt = prompt_tokens_ceiling(request.body)
-        if not spec.output.fields:
-            return self.price.cost(prompt, 0, output)
+        if not settings.fields:
+            return price.cost(prompt, 0, output)
         growth = output + reask_growth()  # each re-ask quotes the answer before it and says why
-        asks = range(spec.retry.max_parse_attempts)
-        return sum(self.price.cost(prompt + asked * growth, 0, output) for asked in asks)
+        asks = range(settings.retry.max_parse_attempts)
+        return sum(price.cost(prompt + asked * growth, 0, output) for asked in asks)
 
     def _stop_for_budget(self) -> None:
         if self.budget_stopped:
@@ -402,34 +481,32 @@ class Core:
     async def _send(self, request: _Request) -> RowResult:
         """One row through retries, and re-asks while its answer lacks output.fields, to a result;
         JobAborted passes through."""
-        spec = self.job.spec
+        settings = self.settings
         answers: list[ChatResult] = []  # every billed answer, for the row's token counts
         parsed: dict[str, Any] | None = None
         error: RequestFailed | None = None
         question = request.body["messages"]
         self.in_flight += 1
         try:
-            for asked in range(1, spec.retry.max_parse_attempts + 1):
+            for asked in range(1, settings.retry.max_parse_attempts + 1):
                 try:
                     answer = await self._ask(request)
                 except RetryableError as first_failure:
                     answer = await self._retry_while_silent(request, first_failure)
                 answers.append(answer)
-                if not spec.output.fields:
+                if not settings.fields:
                     break
                 try:
-                    parsed = read_fields(
-                        spec.output.fields, answer, bool(spec.params.tools), self.job.output_cap
-                    )
+                    parsed = read_fields(settings.fields, answer, settings.tools, settings.output_cap)
                     break
                 except InvalidOutput as exc:
-                    if asked == spec.retry.max_parse_attempts:
+                    if asked == settings.retry.max_parse_attempts:
                         raise
                     self._count(exc)
                     # The correction is this attempt's only: the row's question stays the same.
                     messages = [
                         *question,
-                        *reask_messages(answer, exc, bool(spec.params.tools), self.job.output_cap),
+                        *reask_messages(answer, exc, settings.tools, settings.output_cap),
                     ]
                     request.body = {**request.body, "messages": messages}
                     request.chars = text_length(messages)
@@ -439,7 +516,14 @@ class Core:
             self.in_flight -= 1
         self._warn_unknown_usage(answers)
         return _row_result(
-            request, answers, request.attempts, request.latency_ms, self.price, spec.model, parsed, error
+            request,
+            answers,
+            request.attempts,
+            request.latency_ms,
+            settings.price,
+            settings.model,
+            parsed,
+            error,
         )
 
     def _warn_unknown_usage(self, answers: list[ChatResult]) -> None:
@@ -468,7 +552,7 @@ class Core:
         such rows the format is no longer suspected. Rows in flight with a format given up in the
         meantime are sent again with the current one.
         """
-        fallbacks = self.job.format_fallbacks
+        fallbacks = self.settings.format_fallbacks
         step = self.format_step
         refusal: RequestFailed | None = None  # the first, while fallbacks are tried
         while True:
@@ -499,7 +583,7 @@ class Core:
     def _give_up_format(self, step: int, refusal: RequestFailed | None) -> None:
         """Send the fallback at `step` from now on (the job's next run too), and say so once."""
         self.format_step = step
-        now = self.job.format_fallbacks[step]
+        now = self.settings.format_fallbacks[step]
         if self.accept_format is not None:
             self.accept_format(now)
         self.events.say(
@@ -540,7 +624,7 @@ class Core:
         when nothing fails; its failure is raised again here as tenacity's attempt 1.
         """
         failure: RetryableError | None = first_failure
-        max_attempts = self.job.spec.retry.max_attempts
+        max_attempts = self.settings.retry.max_attempts
         # Attempts an outage took (see _no_answer) do not count against the row.
         retrying = self._retrying.copy(
             stop=lambda _: request.attempts - request.outage_attempts >= max_attempts
@@ -559,20 +643,22 @@ class Core:
         request.attempts += 1
         self.requests += 1
         permit = await self.limiter.acquire(request.chars)
-        sent_at = time.time()  # the record's clock (history.Attempt); perf_counter times the latency
-        sent = time.perf_counter()
+        sent_at = self.clock.wall()  # the record's clock (results.Attempt)
+        sent = self.clock.monotonic()
         try:
             answer = await self.client.complete(request.body)
         except BaseException as exc:
             self._report_failure(permit, exc)
             if isinstance(exc, RequestFailed):
-                request.tries.append(Attempt(sent_at, time.time(), exc.status, exc.kind, None, None, None))
+                request.tries.append(
+                    Attempt(sent_at, self.clock.wall(), exc.status, exc.kind, None, None, None)
+                )
                 self._judge(request, exc, probe)
             raise
         finally:
-            request.latency_ms = (time.perf_counter() - sent) * 1000
+            request.latency_ms = (self.clock.monotonic() - sent) * 1000
         tokens = answer.prompt_tokens, answer.completion_tokens
-        request.tries.append(Attempt(sent_at, time.time(), 200, None, answer.ttft_ms, *tokens))
+        request.tries.append(Attempt(sent_at, self.clock.wall(), 200, None, answer.ttft_ms, *tokens))
         self.limiter.release(
             permit,
             ok=True,
@@ -604,13 +690,13 @@ class Core:
             self._no_answer(request, exc, probe)
             return
         self._answered()
-        max_outage_s = self.job.spec.retry.max_outage_s
+        max_outage_s = self.settings.retry.max_outage_s
         if exc.status == 429 and exc.retry_after_s is not None and exc.retry_after_s > max_outage_s:
             raise EndpointUnavailable(
-                f"{self.base_url} asks to wait {exc.retry_after_s:,.0f} s (HTTP 429 Retry-After), longer "
-                f"than retry.max_outage_s ({max_outage_s:g} s), a quota for the day?; the checkpoint is "
-                "kept: rerun later",
-                self.base_url,
+                f"{self.settings.base_url} asks to wait {exc.retry_after_s:,.0f} s (HTTP 429 "
+                f"Retry-After), longer than retry.max_outage_s ({max_outage_s:g} s), a quota for the "
+                "day?; the checkpoint is kept: rerun later",
+                self.settings.base_url,
             )
 
     def _failed_alike(self, exc: RequestFailed) -> None:
@@ -640,7 +726,7 @@ class Core:
         if not self.breaker.failures:  # the common case, on every answer: nothing to do
             return
         self._down_streak.clear()
-        outage_s = time.monotonic() - self.breaker.down_since
+        outage_s = self.clock.monotonic() - self.breaker.down_since
         if self.breaker.answered():
             self.events.say(f"endpoint answered again after {outage_s:.1f} s; resuming")
             self._wake_held()
@@ -681,18 +767,18 @@ class Core:
     def _unreachable(self, exc: EndpointDown) -> None:
         """The breaker opened before anything answered: stop now, not after retry.max_outage_s
         (the endpoint never answered this run; the model check before it did)."""
-        message = f"cannot reach {self.base_url}: {exc.what_happened}"
+        message = f"cannot reach {self.settings.base_url}: {exc.what_happened}"
         if exc.config_problem:  # DNS, TLS: waiting will not cure it
             raise BatchrunError(message)
-        raise EndpointUnavailable(message, self.base_url)
+        raise EndpointUnavailable(message, self.settings.base_url)
 
     def _outage_too_long(self) -> EndpointUnavailable:
         since = time.strftime("%H:%M:%S", time.localtime(self.breaker.down_since_wall))
         last = f" (last: {self._last_down})" if self._last_down else ""
         return EndpointUnavailable(
-            f"{self.base_url} has not answered since {since}{last}, longer than retry.max_outage_s "
+            f"{self.settings.base_url} has not answered since {since}{last}, longer than retry.max_outage_s "
             f"({self.breaker.max_outage_s:g} s); the checkpoint is kept: rerun later",
-            self.base_url,
+            self.settings.base_url,
         )
 
     def _report_failure(self, permit: Permit, exc: BaseException) -> None:
@@ -718,7 +804,7 @@ class Core:
 
     async def _watch_for_stalls(self) -> None:
         """Say so when nothing has finished for a while: a hang must never pass silently."""
-        quiet_s = self.job.spec.stall_warning_s
+        quiet_s = self.settings.stall_warning_s
         while True:
             seen = self._tally.rows
             await asyncio.sleep(quiet_s)
@@ -760,7 +846,7 @@ class Core:
             self._queue.get_nowait()
         for _ in workers:
             self._queue.put_nowait(None)
-        grace: float | None = self.grace_s
+        grace: float | None = self.settings.grace_s
         if at_once or self.aborted is not None:
             grace = 0.0
         elif self.budget_stopped and not self.interrupted:

@@ -15,27 +15,24 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from batchrun.budget import BudgetGuard
 from batchrun.checkpoint import Checkpoint, Fingerprint, Mode, open_checkpoint, without_input_hash
-from batchrun.client import ChatClient
-from batchrun.core import Core, RunStats, Stop
-from batchrun.cost import ASSUMED_MAX_OUTPUT_TOKENS, job_price, output_tokens_cap, request_cost
+from batchrun.core import RunStats, Stop
+from batchrun.cost import ASSUMED_MAX_OUTPUT_TOKENS, Price, job_price, output_tokens_cap, request_cost
 from batchrun.distributed import RayOptions
-from batchrun.errors import BatchrunError, CheckpointError, JobChanged, JobError
+from batchrun.errors import CheckpointError, JobChanged, JobError
 from batchrun.estimate import estimate_job
 from batchrun.events import Events, RunStarted
+from batchrun.executors import LOCAL, Execution, Executor, ExecutorKind, api_key
 from batchrun.html_report import write_page_or_warn
-from batchrun.job import EndpointSpec, JobSpec
-from batchrun.limits import Limiter
+from batchrun.job import JobSpec
 from batchrun.models import check_model
 from batchrun.output import USAGE_COLUMNS, write_output
 from batchrun.plan import (
     SIMULATED_ENDPOINT,
-    SIMULATED_KEY,
     IndexedPlan,
     KeyedPlan,
     PreparedJob,
@@ -45,6 +42,7 @@ from batchrun.plan import (
     run_plan,
 )
 from batchrun.report import RunResult, write_run_report
+from batchrun.results import Status
 from batchrun.structured import describe_format
 
 if TYPE_CHECKING:
@@ -87,12 +85,49 @@ async def run_job(
 ) -> RunResult:
     """Run (or resume) a job to the end, or until stopped; write the output table.
 
+    In phases: preflight (the job, its input, the endpoint) -> open (the checkpoint, what is
+    done, the plan) -> execute (an executor sends the rows) -> finish (the output, the reports).
     Cancelling the task that awaits this stops like a first stop request: in-flight rows finish
     within the grace period, the output is written, then CancelledError is raised again.
     """
-    job = await asyncio.to_thread(prepare, spec, options.output, checkpoint=options.checkpoint)
     started = time.monotonic()
-    key = SIMULATED_KEY if options.simulate else api_key(spec.endpoint)
+    checked = await preflight(spec, options)
+    opened = await open_run(checked, options)
+    try:
+        stop = stop or Stop()
+        execution = opened.execution(checked, options, events, stop, base_url)
+        executor = checked.kind.executor(execution)
+        announce(checked, opened, execution, options.fresh, executor)
+        stats, cancelled = await _run_to_the_end(executor.run(), stop)
+        result = await finish(checked, opened, options, events, stats, executor.workers(), started)
+        if stats.error is not None:
+            raise stats.error
+        if cancelled:
+            raise asyncio.CancelledError
+        return result
+    finally:
+        opened.close()
+
+
+@dataclass(frozen=True)
+class Checked:
+    """What preflight found: the job as it will run, before anything is opened or sent."""
+
+    job: PreparedJob
+    kind: ExecutorKind
+    price: Price | None
+    max_cost_usd: float | None
+    fingerprint: Fingerprint
+    model_note: str | None
+
+
+async def preflight(spec: JobSpec, options: RunOptions) -> Checked:
+    """Check the job, its input and the endpoint. A run that cannot start leaves nothing that a
+    corrected base_url would have to --fresh; the endpoint check runs in a thread (its own event
+    loop: this coroutine may be on a notebook's). Not for --simulate, which serves the job's model."""
+    job = await asyncio.to_thread(prepare, spec, options.output, checkpoint=options.checkpoint)
+    kind = options.ray or LOCAL
+    kind.check(options.http_client)
     price = job_price(spec)
     max_cost = options.max_cost_usd or (spec.budget.max_cost_usd if spec.budget else None)
     if max_cost is not None and price is None:
@@ -101,56 +136,103 @@ async def run_job(
             "pricing: {input_per_million: ..., output_per_million: ...} to the job",
             spec.job_path,
         )
-    # The start check, before a checkpoint exists: a run that cannot start leaves nothing that a
-    # corrected base_url would have to --fresh. Not for --simulate, which serves the job's model.
-    # In a thread: it runs its own event loop, and this coroutine may be on a notebook's.
-    if options.http_client is not None and options.ray is not None:
-        raise JobError(
-            "http_client= cannot be sent to Ray workers; leave it out to run on Ray", spec.job_path
-        )
     model_note = None
     if options.http_client is not None:
         # The check runs on a loop of its own, where the caller's client cannot go: the first
         # chat request decides instead (an endpoint that does not answer still stops the job).
         model_note = "note: with your own http_client the model name is not checked before the run"
     elif not options.simulate:
+        key = api_key(spec.endpoint)
         model_note = await asyncio.to_thread(check_model, spec, spec.endpoint.base_url, key)
     fingerprint = job.fingerprint(options.simulate)
-    made_for = (fingerprint,)
     if not (options.fresh or options.yes or options.retry_failed):
         await asyncio.to_thread(refuse_resend, job, fingerprint, options)
-    mode: Mode = "fresh" if options.fresh else "resume"
-    checkpoint = open_checkpoint(job.checkpoint_path, mode, *made_for, rekey=rekey_by_row(job, made_for))
+    return Checked(job, kind, price, max_cost, fingerprint, model_note)
+
+
+@dataclass
+class Opened:
+    """The checkpoint, what it holds, and the plan of what to send."""
+
+    checkpoint: Checkpoint
     counted: asyncio.Future[tuple[dict[str, int], float]] | None = None
     plan: KeyedPlan | IndexedPlan | None = None
+    in_scope: int = 0
+    before: dict[str, int] = field(default_factory=dict)  # rows done before this run, by status
+    spent_usd: float = 0.0
+    to_send: int = 0
+    repriced: int = 0
+
+    def execution(
+        self, checked: Checked, options: RunOptions, events: Events, stop: Stop, base_url: str | None
+    ) -> Execution:
+        assert self.plan is not None
+        url = base_url or checked.job.spec.endpoint.base_url
+        return Execution(
+            checked.job,
+            self.plan,
+            self.checkpoint.record,
+            events,
+            stop,
+            base_url=url,
+            simulated=options.simulate,
+            width=options.concurrency or checked.job.spec.concurrency,
+            grace_s=options.grace_s,
+            price=checked.price,
+            max_cost_usd=checked.max_cost_usd,
+            spent_usd=self.spent_usd,
+            to_send=self.to_send,
+            format_step=self.checkpoint.accepted_format(url, checked.job.format_fallbacks),
+            accept_format=functools.partial(self.checkpoint.accept_format, url),
+            http_client=options.http_client,
+        )
+
+    def close(self) -> None:
+        counted = self.counted
+        if counted is not None and not counted.done():
+            counted.cancel()  # the run ended before the count
+        elif counted is not None and not counted.cancelled():
+            counted.exception()  # retrieved: a failed count failed the run, or the run failed first
+        if self.plan is not None:
+            self.plan.close()  # a batch may still be keyed in a thread of its own: waits for it
+        self.checkpoint.close()
+
+
+async def open_run(checked: Checked, options: RunOptions) -> Opened:
+    """Open the checkpoint as the run's one writer and plan what to send.
+
+    What is done, as the last run indexed the input (exact for a resume of the same input; the
+    plan finds what is done row by row as it goes), is a join over every row, so it is counted
+    beside the sending, and the bar and `resuming:` take it when it is in, unless the run needs it
+    to start: what was spent for a budget, what to send for --retry-failed, --rows, and an
+    executor that sizes its work by it. A fresh run has nothing done.
+    """
+    job, spec = checked.job, checked.job.spec
+    made_for = (checked.fingerprint,)
+    mode: Mode = "fresh" if options.fresh else "resume"
+    opened = Opened(open_checkpoint(job.checkpoint_path, mode, *made_for, rekey=rekey_by_row(job, made_for)))
     try:
-        checkpoint.begin_run("local" if options.ray is None else "ray")
-        repriced = checkpoint.reprice(repr(price), functools.partial(request_cost, price))
-        in_scope = min(options.limit or job.source.row_count, job.source.row_count)
-        # What is done, as the last run indexed the input (exact for a resume of the same input;
-        # the plan finds what is done row by row as it goes): a join over every row, so it runs
-        # beside the sending, and the bar and `resuming:` take it when it is in, unless the run
-        # needs it to start: what was spent for a budget, what to send for --retry-failed,
-        # --rows and Ray. A fresh run has nothing done.
-        counted = _in_background(checkpoint.done_before(in_scope, spec.dedupe))
-        before: dict[str, int] = {}
-        spent = 0.0
-        needed = max_cost is not None or options.rows is not None or options.ray is not None
+        checkpoint = opened.checkpoint
+        checkpoint.begin_run(checked.kind.name)
+        price = checked.price
+        opened.repriced = checkpoint.reprice(repr(price), functools.partial(request_cost, price))
+        opened.in_scope = min(options.limit or job.source.row_count, job.source.row_count)
+        counted = opened.counted = _in_background(checkpoint.done_before(opened.in_scope, spec.dedupe))
+        needed = checked.max_cost_usd is not None or options.rows is not None or checked.kind.needs_counts
         if needed or options.fresh or options.retry_failed:
-            before, spent = await counted
+            opened.before, opened.spent_usd = await counted
         else:  # in time for the first frame of the bar (any checkpoint of up to ~100k rows)
             await asyncio.wait({counted}, timeout=COUNT_WAIT_S)
             if counted.done():
-                before, spent = counted.result()
-        done = sum(before.values())
+                opened.before, opened.spent_usd = counted.result()
         if options.retry_failed:
-            to_send = before.get("failed", 0)
-            before["failed"] = 0  # sent again: each counts once it finishes anew
+            opened.to_send = opened.before.get(Status.FAILED, 0)
+            opened.before[Status.FAILED] = 0  # sent again: each counts once it finishes anew
         elif options.rows is not None:
-            to_send = len(options.rows)
+            opened.to_send = len(options.rows)
         else:
-            to_send = in_scope - done
-        plan = run_plan(
+            opened.to_send = opened.in_scope - sum(opened.before.values())
+        opened.plan = run_plan(
             job,
             checkpoint,
             options.simulate,
@@ -158,162 +240,117 @@ async def run_job(
             retry_failed=options.retry_failed,
             only=options.rows,
         )
-        url = base_url or spec.endpoint.base_url
-        width = options.concurrency or spec.concurrency
-        params = job.params
-        stop = stop or Stop()
-        budget = None if max_cost is None else BudgetGuard(max_cost, spent_usd=spent)
-        format_step = checkpoint.accepted_format(url, job.format_fallbacks) if options.ray is None else 0
-        if options.ray is None:
-            core = Core(
-                job,
-                plan.requests(),
-                ChatClient(
-                    url,
-                    key,
-                    spec.endpoint.timeout_s,
-                    width,
-                    max_response_mb=spec.endpoint.max_response_mb,
-                    http_client=options.http_client,
-                ),
-                Limiter(
-                    width,
-                    spec.rate_limit.requests_per_minute,
-                    spec.rate_limit.tokens_per_minute,
-                    max_tokens=params.get("max_completion_tokens", params.get("max_tokens")),
-                    max_hold_s=spec.retry.max_backoff_s,
-                ),
-                checkpoint.record,
-                events,
-                width=width,
-                grace_s=options.grace_s,
-                price=price,
-                budget=budget,
-                base_url=url,
-                stop=stop,
-                format_step=format_step,
-                accept_format=functools.partial(checkpoint.accept_format, url),
-            )
-            describe = core.describe
-        else:
-            from batchrun.distributed.driver import ClusterRun, describe_split
-            from batchrun.distributed.worker import ShardSettings
+        return opened
+    except BaseException:
+        opened.close()
+        raise
 
-            cluster = ClusterRun(
-                job,
-                plan,
-                checkpoint.record,
-                events,
-                stop,
-                to_send=to_send,
-                width=width,
-                settings=ShardSettings(url, options.simulate, width, options.grace_s, price, max_cost),
-                spent_usd=spent,
-            )
-            describe = functools.partial(describe_split, options.ray, width)
-        events.started(
-            RunStarted(
-                sum(before.values()) + to_send,
-                before,
-                cost_usd=None if price is None else spent,
-                budget_usd=max_cost,
-                status=describe,
-                counted=None if counted.done() else counted,
-                reused=lambda: plan.reused,
-            )
-        )
-        if not options.fresh:
-            counted.add_done_callback(functools.partial(_say_resuming, events, in_scope))
-        if repriced and not options.fresh:
-            events.say(f"pricing changed since the checkpoint was made: repriced {repriced} rows")
-        if model_note:
-            events.say(model_note, "note")
-        if format_step:
-            events.say(
-                f"note: sending {describe_format(job.format_fallbacks[format_step])} for output.fields, "
-                "as this endpoint took in an earlier run (--fresh tries the others again)",
-                "note",
-            )
-        if price is None:
-            events.say(
-                f"warning: no price known for model {spec.model!r}; cost_usd stays empty (null); "
-                "set pricing: {input_per_million: ..., output_per_million: ...} to price it",
-                "warning",
-            )
-        if max_cost is not None and output_tokens_cap(params) is None:
-            events.say(
-                f"warning: params.max_tokens is not set; the budget assumes up to "
-                f"{ASSUMED_MAX_OUTPUT_TOKENS:,} output tokens per request",
-                "warning",
-            )
-        if options.ray is None:
-            stats, cancelled = await _run_to_the_end(core.run(), stop)
-        else:
-            from batchrun.distributed.driver import run_on_cluster
 
-            stats, cancelled = await _run_to_the_end(run_on_cluster(cluster, options.ray), stop)
-        if isinstance(stats.error, CheckpointError):  # nothing more can be recorded: no output
-            raise stats.error
-        await counted  # its figures are shown by now, and its error raised
-        events.finished()
-        await asyncio.to_thread(plan.finish)  # index the rows a stopped run did not reach
-        # The summary's figures are summed as the output's rows are written (Tally); a dedupe
-        # job's rows share results, so what they were billed is summed over the results instead.
-        tally = await asyncio.to_thread(
-            write_output,
-            job.source,
-            spec.output.include_columns,
-            checkpoint.output_rows(spec.dedupe),
-            job.output_path,
-            spec.output.format,
-            limit=options.limit,
-            fields=spec.output.fields,
+def announce(checked: Checked, opened: Opened, execution: Execution, fresh: bool, executor: Executor) -> None:
+    """The run's start, with what the user should know before the first row."""
+    job, spec, plan, events = checked.job, checked.job.spec, opened.plan, execution.events
+    assert opened.counted is not None and plan is not None
+    events.started(
+        RunStarted(
+            sum(opened.before.values()) + opened.to_send,
+            opened.before,
+            cost_usd=None if checked.price is None else opened.spent_usd,
+            budget_usd=checked.max_cost_usd,
+            status=executor.describe,
+            counted=None if opened.counted.done() else opened.counted,
+            reused=lambda: plan.reused,
         )
-        if spec.dedupe:
-            tally.sums = await asyncio.to_thread(checkpoint.used_sums, USAGE_COLUMNS)
-        top_errors = tally.top_errors()
-        result = RunResult(
-            total=in_scope,
-            ok=tally.by_status["ok"],
-            failed=tally.by_status["failed"],
-            skipped=tally.by_status["skipped"],
-            pending=tally.by_status["pending"],
-            prompt_tokens=tally.tokens("prompt_tokens"),
-            completion_tokens=tally.tokens("completion_tokens"),
-            failures_by_kind=tally.kinds(),
-            retries=stats.retries,
-            rate_limited=stats.rate_limited,
-            wall_s=time.monotonic() - started,
-            output_path=job.output_path,
-            interrupted=stats.outcome == "interrupted",
-            cost_usd=None if price is None else tally.cost_usd,
-            budget_usd=max_cost,
-            budget_stopped=stats.outcome == "stopped_by_budget",
-            workers=None if options.ray is None else [vars(t) for t in cluster.tallies],
-            requests=stats.requests,
-            run_tokens=stats.tokens,
-            report_path=job.report_path,
-            rows_without_usage=tally.without_usage,
-            top_errors=checkpoint.top_errors() if top_errors is None else top_errors,
-            outcome=stats.outcome,
+    )
+    if not fresh:
+        opened.counted.add_done_callback(functools.partial(_say_resuming, events, opened.in_scope))
+    if opened.repriced and not fresh:
+        events.say(f"pricing changed since the checkpoint was made: repriced {opened.repriced} rows")
+    if checked.model_note:
+        events.say(checked.model_note, "note")
+    if format_step := execution.format_step:
+        events.say(
+            f"note: sending {describe_format(job.format_fallbacks[format_step])} for output.fields, "
+            "as this endpoint took in an earlier run (--fresh tries the others again)",
+            "note",
         )
-        write_run_report(job, result, price, fingerprint, stats.error, tally.usage())
-        checkpoint.end_run(stats.outcome, stats.requests, workers=len(result.workers or [None]))
-        if stats.requests:
-            await asyncio.to_thread(write_page_or_warn, job, events)
-        if stats.error is not None:
-            raise stats.error
-        if cancelled:
-            raise asyncio.CancelledError
-        return result
-    finally:
-        if counted is not None and not counted.done():
-            counted.cancel()  # the run ended before the count
-        elif counted is not None and not counted.cancelled():
-            counted.exception()  # retrieved: a failed count failed the run, or the run failed first
-        if plan is not None:
-            plan.close()  # a batch may still be keyed in a thread of its own: waits for it
-        checkpoint.close()
+    if checked.price is None:
+        events.say(
+            f"warning: no price known for model {spec.model!r}; cost_usd stays empty (null); "
+            "set pricing: {input_per_million: ..., output_per_million: ...} to price it",
+            "warning",
+        )
+    if checked.max_cost_usd is not None and output_tokens_cap(job.params) is None:
+        events.say(
+            f"warning: params.max_tokens is not set; the budget assumes up to "
+            f"{ASSUMED_MAX_OUTPUT_TOKENS:,} output tokens per request",
+            "warning",
+        )
+
+
+async def finish(
+    checked: Checked,
+    opened: Opened,
+    options: RunOptions,
+    events: Events,
+    stats: RunStats,
+    workers: list[dict[str, int]] | None,
+    started: float,
+) -> RunResult:
+    """Write the output table (every row: its result, or `pending`) and the reports.
+
+    The summary's figures are summed as the output's rows are written (Tally); a dedupe job's
+    rows share results, so what they were billed is summed over the results instead.
+    """
+    if isinstance(stats.error, CheckpointError):  # nothing more can be recorded: no output
+        raise stats.error
+    job, spec, checkpoint = checked.job, checked.job.spec, opened.checkpoint
+    assert opened.counted is not None and opened.plan is not None
+    await opened.counted  # its figures are shown by now, and its error raised
+    events.finished()
+    await asyncio.to_thread(opened.plan.finish)  # index the rows a stopped run did not reach
+    tally = await asyncio.to_thread(
+        write_output,
+        job.source,
+        spec.output.include_columns,
+        checkpoint.output_rows(spec.dedupe),
+        job.output_path,
+        spec.output.format,
+        limit=options.limit,
+        fields=spec.output.fields,
+    )
+    if spec.dedupe:
+        tally.sums = await asyncio.to_thread(checkpoint.used_sums, USAGE_COLUMNS)
+    top_errors = tally.top_errors()
+    result = RunResult(
+        total=opened.in_scope,
+        ok=tally.by_status[Status.OK],
+        failed=tally.by_status[Status.FAILED],
+        skipped=tally.by_status[Status.SKIPPED],
+        pending=tally.by_status[Status.PENDING],
+        prompt_tokens=tally.tokens("prompt_tokens"),
+        completion_tokens=tally.tokens("completion_tokens"),
+        failures_by_kind=tally.kinds(),
+        retries=stats.retries,
+        rate_limited=stats.rate_limited,
+        wall_s=time.monotonic() - started,
+        output_path=job.output_path,
+        interrupted=stats.outcome == "interrupted",
+        cost_usd=None if checked.price is None else tally.cost_usd,
+        budget_usd=checked.max_cost_usd,
+        budget_stopped=stats.outcome == "stopped_by_budget",
+        workers=workers,
+        requests=stats.requests,
+        run_tokens=stats.tokens,
+        report_path=job.report_path,
+        rows_without_usage=tally.without_usage,
+        top_errors=checkpoint.top_errors() if top_errors is None else top_errors,
+        outcome=stats.outcome,
+    )
+    write_run_report(job, result, checked.price, checked.fingerprint, stats.error, tally.usage())
+    checkpoint.end_run(stats.outcome, stats.requests, workers=len(workers or [None]))
+    if stats.requests:
+        await asyncio.to_thread(write_page_or_warn, job, events)
+    return result
 
 
 def _in_background(count: Callable[[], T]) -> asyncio.Future[T]:
@@ -417,24 +454,3 @@ async def _run_to_the_end(run: Coroutine[Any, Any, RunStats], stop: Stop) -> tup
                 raise
             cancelled = True
             stop.request()
-
-
-def run_async(main: Coroutine[Any, Any, T]) -> T:
-    """Run `main` on uvloop when installed: it cuts the loop's CPU per request (README, Speed)."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(main)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(main)
-
-
-def api_key(endpoint: EndpointSpec) -> str:
-    """The key, read from the environment at the last moment and never stored."""
-    name = endpoint.api_key_env
-    key = os.environ.get(name, "").strip()
-    if not key:
-        raise BatchrunError(
-            f"{name} is not set: export your API key as {name}, or try the job offline with --simulate"
-        )
-    return key

@@ -663,3 +663,40 @@ def test_an_input_overwritten_during_the_run_stops_it(
     assert code != 0, log
     assert "is not what the driver read: the input changed during the run" in log
     assert checkpoint_rows(job) < len(rows)
+
+
+def test_a_local_and_a_ray_run_of_the_same_rows_report_the_same_figures(
+    ray_session: Any, tmp_path: Path
+) -> None:
+    """One tally rule for every executor (results.RowTally): rows, tokens, rows without usage
+    and cost agree, in the RunResult and in report.json."""
+    import json
+
+    from batchrun.simulator import SimulatorConfig, serve_in_thread
+    from tests.conftest import TEST_KEY
+
+    rows = article_rows(60)
+    for i in (5, 17):
+        rows[i]["text"] += " [[fail:400]]"
+    figures = []
+    with serve_in_thread(SimulatorConfig(api_key=TEST_KEY)) as sim:
+        for where, on_ray in (("local", False), ("ray", True)):
+            folder = tmp_path / where
+            folder.mkdir()
+            from batchrun.api import Job
+
+            job = Job.from_yaml(write_job(folder, rows, sim.base_url))
+            result = job.run(ray=on_ray, workers=2, quiet=True) if on_ray else job.run(quiet=True)
+            report = json.loads((folder / "out" / "result.parquet.report.json").read_text())
+            figures.append(
+                (
+                    (result.ok, result.failed, result.pending, result.run_tokens, result.rows_without_usage),
+                    report["rows"],
+                    report["tokens"],
+                    report["cost_usd"]["actual"],
+                    report["this_run"]["requests"],
+                )
+            )
+
+    assert figures[0] == figures[1]
+    assert figures[0][0][:2] == (58, 2)

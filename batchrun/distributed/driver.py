@@ -15,18 +15,21 @@ import collections
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from batchrun.core import RunStats, Stop
-from batchrun.distributed import RayOptions
 from batchrun.distributed.cluster import connect
 from batchrun.distributed.limiter import ClusterLimits
 from batchrun.distributed.shards import RowsToRead, workers_read
 from batchrun.distributed.worker import ShardSettings, Worker
 from batchrun.errors import BatchrunError
 from batchrun.events import Events
+from batchrun.executors import Execution
 from batchrun.plan import IndexedPlan, KeyedPlan, Planned, PreparedJob
 from batchrun.results import RowResult, RowTally, Status
+
+if TYPE_CHECKING:
+    from batchrun.distributed import RayOptions
 
 SHARDS_PER_WORKER = 4  # smaller shards: a shorter tail, and less to send again after a death
 MAX_SHARD_ROWS = 2_000
@@ -229,6 +232,41 @@ class _Shards:
         if shard:
             with self._lock:
                 self._returned.append(shard)
+
+
+class RayExecutor:
+    """The rows sent by worker actors on a Ray cluster, each running the same core as Local."""
+
+    def __init__(self, execution: Execution, options: RayOptions):
+        self._options = options
+        self._run = ClusterRun(
+            execution.job,
+            execution.plan,
+            execution.record,
+            execution.events,
+            execution.stop,
+            to_send=execution.to_send,
+            width=execution.width,
+            settings=ShardSettings(
+                execution.base_url,
+                execution.simulated,
+                execution.width,
+                execution.grace_s,
+                execution.price,
+                execution.max_cost_usd,
+                execution.format_step,
+            ),
+            spent_usd=execution.spent_usd,
+        )
+
+    def describe(self) -> str:
+        return describe_split(self._options, self._run.width)
+
+    async def run(self) -> RunStats:
+        return await run_on_cluster(self._run, self._options)
+
+    def workers(self) -> list[dict[str, int]]:
+        return [vars(tally) for tally in self._run.tallies]
 
 
 def describe_split(options: RayOptions, width: int) -> str:

@@ -15,16 +15,16 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from batchrun.client import ChatClient
-from batchrun.core import Core, RunStats, Stop
+from batchrun.core import CoreSettings, RunStats, Stop
 from batchrun.cost import Price
 from batchrun.distributed.limiter import ClusterBudget, ClusterLimiter
 from batchrun.distributed.shards import RowsToRead, read_rows
 from batchrun.errors import BatchrunError
 from batchrun.events import Level, RunStarted
-from batchrun.plan import SIMULATED_KEY, Planned, PreparedJob
+from batchrun.executors import build_core
+from batchrun.loop import run_async
+from batchrun.plan import Planned, PreparedJob
 from batchrun.results import RowResult
-from batchrun.runner import api_key, run_async
 
 FLUSH_S = 0.25  # finished rows reach the driver within this
 
@@ -39,6 +39,7 @@ class ShardSettings:
     grace_s: float
     price: Price | None
     max_cost_usd: float | None
+    format_step: int = 0  # the response_format the endpoint took in an earlier run
 
 
 class _Relay:
@@ -105,7 +106,6 @@ class Worker:
                 yield "stats", RunStats(0, 0, 0, 0, 0, 0.0, {}, 0, 0, "aborted", error=exc)
                 return
         spec = job.spec
-        key = SIMULATED_KEY if settings.simulated else api_key(spec.endpoint)
         params = job.params
         relay = _Relay()
         budget = (
@@ -122,25 +122,17 @@ class Worker:
             max_hold_s=spec.retry.max_backoff_s,
             holder=holder,
         )
-        core = Core(
+        core = build_core(
             job,
             _each(shard),
-            ChatClient(
-                settings.base_url,
-                key,
-                spec.endpoint.timeout_s,
-                settings.width,
-                max_response_mb=spec.endpoint.max_response_mb,
-            ),
             limiter,
             relay.record,
             relay,
-            width=settings.width,
-            grace_s=settings.grace_s,
-            price=settings.price,
+            CoreSettings.of(job, settings.width, settings.grace_s, settings.base_url, settings.price),
+            simulated=settings.simulated,
             budget=budget,
-            base_url=settings.base_url,
             stop=self._stop,
+            format_step=settings.format_step,
         )
         outcome: list[RunStats | BaseException] = []
 
@@ -153,31 +145,37 @@ class Worker:
                 relay.queue.put(("done", None))
 
         threading.Thread(target=work, name="batchrun-shard", daemon=True).start()
-        finished = False
-        while not finished:
-            batch: list[RowResult] = []
-            try:
-                kind, item = relay.queue.get(timeout=FLUSH_S)
-                while True:
-                    if kind == "rows":
-                        batch.extend(item)
-                    elif kind == "say":
-                        yield kind, item
-                    else:
-                        finished = True
-                    kind, item = relay.queue.get_nowait()
-            except queue.Empty:
-                pass
-            if batch:
-                if budget is not None:
-                    budget.report()
-                yield "rows", batch
+        yield from _drain(relay, budget)
         limiter.close()
         if budget is not None:
             budget.report()
         if isinstance(outcome[0], BaseException):
             raise outcome[0]
         yield "stats", outcome[0]
+
+
+def _drain(relay: _Relay, budget: ClusterBudget | None) -> Iterator[tuple[str, Any]]:
+    """What the core relays, until it is done: its rows in batches of up to FLUSH_S, its words
+    as they come; the budget's spending reported to the cluster with each batch."""
+    finished = False
+    while not finished:
+        batch: list[RowResult] = []
+        try:
+            kind, item = relay.queue.get(timeout=FLUSH_S)
+            while True:
+                if kind == "rows":
+                    batch.extend(item)
+                elif kind == "say":
+                    yield kind, item
+                else:
+                    finished = True
+                kind, item = relay.queue.get_nowait()
+        except queue.Empty:
+            pass
+        if batch:
+            if budget is not None:
+                budget.report()
+            yield "rows", batch
 
 
 async def _each(shard: list[Planned]) -> AsyncIterator[Planned]:
