@@ -25,7 +25,7 @@ from batchrun.client import ChatClient
 from batchrun.core import Core, RunStats, Stop
 from batchrun.cost import ASSUMED_MAX_OUTPUT_TOKENS, job_price, output_tokens_cap, request_cost
 from batchrun.distributed import RayOptions
-from batchrun.errors import BatchrunError, CheckpointError, JobChanged, JobError
+from batchrun.errors import BatchrunError, CheckpointError, JobChanged, JobError, Remedy
 from batchrun.estimate import estimate_job
 from batchrun.events import Events, RunStarted
 from batchrun.html_report import write_page_or_warn
@@ -231,7 +231,7 @@ async def run_job(
         if format_step:
             events.say(
                 f"note: sending {describe_format(job.format_fallbacks[format_step])} for output.fields, "
-                "as this endpoint took in an earlier run (--fresh tries the others again)",
+                "as this endpoint took in an earlier run (a fresh run tries the others again)",
                 "note",
             )
         if price is None:
@@ -435,6 +435,7 @@ def api_key(endpoint: EndpointSpec) -> str:
     key = os.environ.get(name, "").strip()
     if not key:
         raise BatchrunError(
-            f"{name} is not set: export your API key as {name}, or try the job offline with --simulate"
+            f"{name} is not set: export your API key as {name}",
+            remedy=Remedy("simulate", True, "to try the job offline"),
         )
     return key
