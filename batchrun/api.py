@@ -4,6 +4,9 @@
     out = await batchrun.arun(df, ...)                  # the same, in async code
     job = batchrun.Job.from_yaml("jobs/summarize.yaml"); job.run(); job.estimate(); job.status()
 
+`Job` does what each command of the CLI does (run, validate, status, estimate with a pilot, cost,
+report, prune, models); the CLI only parses flags and renders what it returns.
+
 Every job-file key is a keyword argument with the same meaning, checked by the same validators
 (job.job_from_mapping). `run` works inside a running event loop (a Jupyter cell is one): the run
 gets a thread and a loop of its own. A KeyboardInterrupt or a cancelled `arun` stops like the
@@ -15,41 +18,71 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Coroutine, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import polars as pl
 
 from batchrun.core import Stop
-from batchrun.estimate import Estimate, estimate_job
-from batchrun.job import JobSpec, job_from_mapping, load_job
+from batchrun.errors import BatchrunError, RequestFailed
+from batchrun.estimate import Estimate, Pilot, estimate_job, plan_pilot
+from batchrun.executors import api_key
+from batchrun.job import EndpointSpec, JobSpec, RetrySpec, TableFormat, job_from_mapping, load_job
 from batchrun.loop import run_async
-from batchrun.plan import SIMULATED_ENDPOINT, prepare
+from batchrun.models import check_model, list_models, without_model_check
+from batchrun.plan import SIMULATED_KEY, PreparedJob, prepare
 from batchrun.progress import Progress
-from batchrun.report import RunResult
-from batchrun.runner import RunOptions, run_job
-from batchrun.sources import scan_table
-from batchrun.storage import Url, location
+from batchrun.report import RunResult, cost_report, job_table, read_output_table
+from batchrun.runner import RunOptions, prune, run_job
+from batchrun.sources import input_format, scan_table
+from batchrun.status import Status, job_status, made_for
+from batchrun.storage import Location, Url, location
 
 T = TypeVar("T")
 PathLike = str | Path
 
 
+@dataclass(frozen=True)
+class Validation:
+    """What `Job.validate` found: the rows, where they come from and go, the first request the job
+    would send, and a note when the model name could not be checked."""
+
+    rows: int
+    input: Location
+    model: str
+    output: Location
+    first_request: dict[str, Any]
+    note: str | None
+
+
 class Job:
     """A validated job: from a job file (`Job.from_yaml`) or from keyword arguments (`Job.define`)."""
 
-    def __init__(self, spec: JobSpec, checkpoint: PathLike | None = None, note: str | None = None):
+    def __init__(
+        self,
+        spec: JobSpec,
+        checkpoint: PathLike | None = None,
+        note: str | None = None,
+        *,
+        output: str | None = None,
+    ):
         self.spec = spec
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None  # None: beside the output
+        self.output = output  # None: output.path
         self._note = note  # said when the job runs
 
     @classmethod
-    def from_yaml(cls, path: PathLike, *, checkpoint: PathLike | None = None) -> Job:
-        return cls(load_job(path), checkpoint)
+    def from_yaml(
+        cls, path: PathLike, *, checkpoint: PathLike | None = None, output: str | None = None
+    ) -> Job:
+        """The job in a job file; `output` (a path or URL) in place of its output.path."""
+        return cls(load_job(path), checkpoint, output=output)
 
     @classmethod
     def define(
@@ -72,10 +105,11 @@ class Job:
         """Run (or resume) the job; the figures, with the output table as `.table`. Options:
         simulate, simulate_latency_ms, fresh, retry_failed, limit, concurrency, max_cost_usd,
         grace_s, quiet, yes, ray (True, an address or RayOptions), workers, and http_client (your
-        own httpx2.AsyncClient; with `run`, one not yet used on another loop). Job-wide errors raise
-        BatchrunError (JobError, EndpointUnavailable...); a job changed since its last run so that
-        finished rows would be sent again raises JobChanged (with .rows and .cost_usd) unless
-        yes=True."""
+        own httpx2.AsyncClient; with `run`, one not yet used on another loop), check_model=False
+        (as endpoint.check_model: false). Job-wide errors raise BatchrunError (JobError,
+        EndpointUnavailable...), whose `remedy` names the option that gets past it, if one does; a
+        job changed since its last run so that finished rows would be sent again raises JobChanged
+        (with .rows and .cost_usd) unless yes=True."""
         stop = Stop()
         if (ray := _with_ray(options).get("ray")) is not None:
             from batchrun.distributed.cluster import connect
@@ -89,41 +123,141 @@ class Job:
         return await self._run(options, Stop())
 
     async def _run(self, options: Mapping[str, Any], stop: Stop) -> RunResult:
-        run_options = RunOptions(checkpoint=self.checkpoint, **_with_ray(options))
+        options = dict(options)
+        spec = self.checked(options.pop("check_model", True))
+        run_options = RunOptions(checkpoint=self.checkpoint, **{"output": self.output, **_with_ray(options)})
         progress = Progress(run_options.quiet, notebook=_in_notebook())
         if self._note:
             progress.say(self._note, "note")
         try:
-            with _simulator(self.spec, run_options) as base_url:
-                result = await run_job(self.spec, run_options, progress, base_url=base_url, stop=stop)
+            with _simulator(spec, run_options) as base_url:
+                result = await run_job(spec, run_options, progress, base_url=base_url, stop=stop)
         finally:
             progress.close()
         # The caller asked for a table in memory: read back as written (built in flat memory).
-        table = scan_table(result.output_path, self.spec.output.format).collect()
+        table = scan_table(result.output_path, spec.output.format).collect()
         return dataclasses.replace(result, table=table)
 
-    def estimate(self, *, simulate: bool = False) -> Estimate:
-        """What the rows still to do should cost, as `batchrun estimate` projects it."""
-        job = prepare(self.spec, checkpoint=self.checkpoint, write=False)
-        fingerprint = job.fingerprint(simulate=False)
-        return estimate_job(job, (fingerprint, fingerprint | {"endpoint.base_url": SIMULATED_ENDPOINT}))
+    def checked(self, check_model: bool) -> JobSpec:
+        """The job, with the model check off when `check_model` is False."""
+        return self.spec if check_model else without_model_check(self.spec)
 
-    def status(self) -> dict[str, int]:
-        """Rows by status so far, from the checkpoint (checked against the job, as `run` does)."""
-        from batchrun.plan import read_checkpoint
+    def prepared(self, write: bool = False, check_model: bool = True) -> PreparedJob:
+        """The job checked as a run checks it before sending; `write`: its output folder too."""
+        return prepare(self.checked(check_model), self.output, write, checkpoint=self.checkpoint)
 
-        job = prepare(self.spec, checkpoint=self.checkpoint, write=False)
-        counts = {"ok": 0, "failed": 0, "skipped": 0}
-        if job.checkpoint_path.exists():
-            fingerprint = job.fingerprint(simulate=False)
-            simulated = fingerprint | {"endpoint.base_url": SIMULATED_ENDPOINT}
-            checkpoint = read_checkpoint(job, (fingerprint, simulated))
-            try:
-                counts.update(checkpoint.status_counts(below=job.source.row_count))
-            finally:
-                checkpoint.close()
-        done = sum(counts.values())
-        return {**counts, "pending": job.source.row_count - done, "total": job.source.row_count}
+    def validate(self, *, check_model: bool = True) -> Validation:
+        """Check the job and its input as `run` does before sending, and the model against the
+        endpoint's list when the key is set (unless check_model=False); send no chat request."""
+        job = self.prepared(write=True, check_model=check_model)
+        return Validation(
+            rows=job.source.row_count,
+            input=job.source.path,
+            model=job.spec.model,
+            output=job.output_path,
+            first_request=job.first_request(),
+            note=model_note(job.spec),
+        )
+
+    def status(self) -> Status:
+        """Rows by status, failures, tokens and cost so far, from the checkpoint (checked against
+        the job, as `run` does)."""
+        return job_status(self.prepared())
+
+    def estimate(
+        self,
+        *,
+        sample: int | None = None,
+        simulate: bool = False,
+        send: Callable[[Pilot], RunResult | None] | None = None,
+    ) -> Estimate:
+        """What the rows still to do should cost, saved beside the output for the next run's
+        report to compare with. `sample=N` first sends a random pilot of N rows still to do (to
+        the simulator with simulate=True) and projects from their usage: `send` sends it (by
+        default `run(rows=pilot.rows, simulate=simulate, yes=True)`) or declines (returns None).
+        The model is not checked here: `validate` checks it."""
+        job = self.prepared(write=True)
+        readable = made_for(job)
+        projection = estimate_job(job, readable)
+        if sample is not None and (pilot := plan_pilot(job, readable, projection, sample)):
+            send = send or (lambda p: self.run(rows=p.rows, simulate=simulate, yes=True))
+            if send(pilot) is not None:
+                projection = estimate_job(job, readable)
+        projection.save(job, readable[1] if simulate else readable[0])
+        return projection
+
+    def cost(self, by: Sequence[str] = ()) -> pl.DataFrame:
+        """Rows, tokens and cost per (by..., model, status) from the checkpoint, also while the
+        job runs; `by` may name any column of the input."""
+        job = self.prepared()
+        with tempfile.TemporaryDirectory(prefix="batchrun-cost-") as workdir:
+            return cost_report(job_table(job, tuple(by), made_for(job), Path(workdir)), tuple(by))
+
+    def report(self, by: Sequence[str] = ()) -> Path:
+        """Draw the run report page (OUTPUT.report.html) again from the checkpoint as it is now,
+        or from the output without one; where it is."""
+        from batchrun.html_report import Sources, page_path, write_page
+
+        job = self.prepared()
+        format: TableFormat = "parquet"  # as job_table builds it
+        with tempfile.TemporaryDirectory(prefix="batchrun-report-") as workdir:
+            if job.checkpoint_path.exists():
+                table = job_table(job, tuple(by), made_for(job), Path(workdir))
+            elif isinstance(job.output_path, Path) and job.output_path.exists():
+                table, format = read_output_table(job.output_path), input_format(job.output_path)
+            else:
+                raise BatchrunError(
+                    f"{self.spec.job_path} has no checkpoint ({job.checkpoint_path}) and no output "
+                    "yet: run it first"
+                )
+            job_file = str(self.spec.job_path)
+            sources = Sources(table, job.checkpoint_path, job.report_path, job_file, tuple(by), format)
+            html_path = page_path(job.report_path)
+            write_page(sources, html_path)
+        return html_path
+
+    def prune(self) -> tuple[int, int] | None:
+        """Drop the answers in the checkpoint that no row of the job as it is now uses (an earlier
+        prompt's, a removed row's); (dropped, kept), or None without a checkpoint."""
+        spec = self.spec
+        if self.checkpoint is not None:
+            spec = spec.model_copy(update={"checkpoint": self.checkpoint})
+        return prune(spec, self.output)
+
+    def models(self, *, simulate: bool = False) -> list[str]:
+        """The models the job's endpoint offers to its key (the simulator's with simulate=True)."""
+        return offered_models(self.spec, simulate)
+
+
+def model_note(spec: JobSpec) -> str | None:
+    """`run`'s start check, for commands that send no chat request: made when the key is set;
+    a note when the model name was not checked."""
+    if not spec.endpoint.check_model:
+        return None
+    if not os.environ.get(spec.endpoint.api_key_env, "").strip():
+        return f"note: {spec.endpoint.api_key_env} is not set; model name not checked"
+    return check_model(spec, spec.endpoint.base_url, api_key(spec.endpoint))
+
+
+def offered_models(spec: JobSpec | None, simulate: bool = False) -> list[str]:
+    """The models a job's endpoint (without a job: RelayDance's) offers to the key, sorted; with
+    `simulate`, the simulator's and the job's."""
+    from batchrun.simulator import SimulatorConfig, serve_in_thread
+
+    endpoint = spec.endpoint if spec else EndpointSpec()
+    retry = spec.retry if spec else RetrySpec()
+    with contextlib.ExitStack() as stack:
+        if simulate:
+            config = SimulatorConfig(extra_models=(spec.model,) if spec else ())  # the job's model too
+            endpoint = EndpointSpec(base_url=stack.enter_context(serve_in_thread(config)).base_url)
+        key = SIMULATED_KEY if simulate else api_key(endpoint)
+        try:
+            offered = list_models(endpoint.base_url, key, endpoint, retry)
+        except RequestFailed as exc:
+            raise BatchrunError(f"cannot list models at {endpoint.base_url}: {exc}") from None
+    if offered is None:
+        raise BatchrunError(f"{endpoint.base_url} offers no model list (GET /models answered 404)")
+    return sorted(offered)
 
 
 def run(data: Any = None, /, *, checkpoint: PathLike | None = None, **keys_and_options: Any) -> pl.DataFrame:
@@ -157,6 +291,7 @@ RUN_OPTIONS = (
     "ray",
     "workers",
     "http_client",
+    "check_model",
 )
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 from batchrun import history
-from batchrun.errors import CheckpointError
+from batchrun.errors import CheckpointError, Remedy
 from batchrun.results import (
     ANSWER_COLUMNS,
     NAMES,
@@ -203,8 +203,8 @@ class Checkpoint:
         old = self.fingerprint()
         if rekey is None or old is None:
             raise CheckpointError(
-                f"checkpoint {self.path.name} keys its rows by position (made by batchrun 0.1); "
-                "rerun with --fresh to start over"
+                f"checkpoint {self.path.name} keys its rows by position (made by batchrun 0.1)",
+                remedy=Remedy("fresh", True, "to start over"),
             )
         schema = "main" if writer else "temp"
         if writer:

@@ -15,32 +15,33 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 import click
 from click_default_group import DefaultGroup
 
-from batchrun.errors import BatchrunError, JobChanged, RequestFailed
+from batchrun.errors import BatchrunError, ExitCode, JobChanged, Remedy
 from batchrun.terminal import printable
 
 # Commands import what they use when they run, so that `--help` and `--version` need none of
 # polars, aiohttp, pydantic or genai-prices (tests/test_startup.py).
 if TYPE_CHECKING:
-    from batchrun.checkpoint import Fingerprint
+    from batchrun.estimate import Pilot
     from batchrun.job import JobSpec
-    from batchrun.plan import PreparedJob
     from batchrun.report import RunResult
     from batchrun.runner import RunOptions
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-EXIT_CODES = """\b
-Exit codes:
-  0    every row ok
-  1    finished, some rows failed (see the output's `status` and `error`)
-  2    bad job, input or usage, or a job-wide error such as a rejected key
-  3    stopped by the budget (rerun with a larger --max-cost to resume)
-  4    the endpoint is unavailable (unreachable, or down past retry.max_outage_s);
-       nothing was lost: rerun later to resume
-  130  interrupted (checkpoint kept: rerun to resume)"""
-
+EXIT_MEANINGS = {
+    ExitCode.OK: "every row ok",
+    ExitCode.ROWS_FAILED: "finished, some rows failed (see the output's `status` and `error`)",
+    ExitCode.USAGE: "bad job, input or usage, or a job-wide error such as a rejected key",
+    ExitCode.BUDGET: "stopped by the budget (rerun with a larger --max-cost to resume)",
+    ExitCode.UNAVAILABLE: "the endpoint is unavailable (unreachable, or down past retry.max_outage_s);\n"
+    "       nothing was lost: rerun later to resume",
+    ExitCode.INTERRUPTED: "interrupted (checkpoint kept: rerun to resume)",
+}
+# Every code, from the enum: one without a meaning above fails at import (tests/test_startup.py).
+EXIT_CODES = "\b\nExit codes:\n" + "\n".join(f"  {code.value:<4} {EXIT_MEANINGS[code]}" for code in ExitCode)
 
 ERROR_WIDTH = 200  # an error message in the summary; report.json has it whole
+DEBUG = "batchrun.debug"  # click's context meta: --debug or BATCHRUN_DEBUG=1
 
 
 def friendly_errors(command: F) -> F:
@@ -48,17 +49,29 @@ def friendly_errors(command: F) -> F:
 
     @functools.wraps(command)
     def wrapper(*args: Any, debug: bool, **kwargs: Any) -> Any:
+        debug = debug or os.environ.get("BATCHRUN_DEBUG") == "1"
+        click.get_current_context().meta[DEBUG] = debug
         try:
             return command(*args, **kwargs)
         except BatchrunError as exc:
-            if debug or os.environ.get("BATCHRUN_DEBUG") == "1":
+            if debug:
                 raise
-            click.echo(f"Error: {printable(str(exc), one_line=True)}", err=True)
+            click.echo(f"Error: {printable(exc.describe(flag), one_line=True)}", err=True)
             sys.exit(exc.exit_code)
 
     return click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")(
         wrapper
     )  # type: ignore[return-value]
+
+
+def flag(remedy: Remedy) -> str:
+    """A remedy as a flag of the CLI: yes=True is --yes, check_model=False --no-check-model."""
+    name = remedy.option.replace("_", "-")
+    if remedy.value is True:
+        return f"--{name}"
+    if remedy.value is False:
+        return f"--no-{name}"
+    return f"--{name} {remedy.value}"
 
 
 def echo(message: str | None = None, *, err: bool = False, nl: bool = True) -> None:
@@ -188,10 +201,9 @@ def run(
         from batchrun.distributed import RayOptions
 
         ray = RayOptions(ray_address or None, workers)
-    from batchrun.job import load_job
     from batchrun.runner import RunOptions
 
-    spec = skip_model_check(load_job(job_file), no_check_model)
+    spec = load_spec(job_file, no_check_model)
     if simulate_latency_ms is not None and not simulate:
         raise click.UsageError("--simulate-latency-ms goes with --simulate")
     options = RunOptions(
@@ -210,13 +222,14 @@ def run(
     if ray is not None:
         from batchrun.distributed.cluster import connect
 
-        connect(ray.address)  # here, on the main thread, before anything is sent
+        # here, on the main thread, before anything is sent; Ray's own log lines only with --debug
+        connect(ray.address, debug=click.get_current_context().meta[DEBUG])
     try:
         result = run_in_process(spec, options)
     except JobChanged as exc:
         if not sys.stdin.isatty():
             raise
-        if not click.confirm(f"{exc.what}; send them?", err=True):
+        if not click.confirm(f"{exc.what()}; send them?", err=True):
             sys.exit(exc.exit_code)
         result = run_in_process(spec, dataclasses.replace(options, yes=True))
     if not quiet:
@@ -251,7 +264,7 @@ def run_in_process(spec: JobSpec, options: RunOptions) -> RunResult:
                 file=sys.stderr,
                 flush=True,
             )
-            os._exit(130)
+            os._exit(ExitCode.INTERRUPTED)
         progress.say(
             f"batchrun: {sig.name} received: finishing in-flight requests "
             f"(up to {options.grace_s:g} s; press Ctrl-C again to stop at once)"
@@ -356,24 +369,13 @@ def budget_stop(result: RunResult, job_file: Path) -> str:
     )
 
 
-def skip_model_check(spec: JobSpec, skip: bool) -> JobSpec:
-    """The job with endpoint.check_model off when --no-check-model says so."""
-    if not skip:
-        return spec
-    return spec.model_copy(update={"endpoint": spec.endpoint.model_copy(update={"check_model": False})})
+def load_spec(job_file: Path, no_check_model: bool) -> JobSpec:
+    """The job in JOB, with endpoint.check_model off when --no-check-model says so."""
+    from batchrun.job import load_job
+    from batchrun.models import without_model_check
 
-
-def check_model_with_key(spec: JobSpec) -> None:
-    """`run`'s start check, for commands that send no chat request: made when the key is set."""
-    from batchrun.executors import api_key
-    from batchrun.models import check_model
-
-    if not spec.endpoint.check_model:
-        return
-    if not os.environ.get(spec.endpoint.api_key_env, "").strip():
-        echo(f"note: {spec.endpoint.api_key_env} is not set; model name not checked", err=True)
-    elif note := check_model(spec, spec.endpoint.base_url, api_key(spec.endpoint)):
-        echo(note, err=True)
+    spec = load_job(job_file)
+    return without_model_check(spec) if no_check_model else spec
 
 
 @main.command()
@@ -387,17 +389,17 @@ def validate(job_file: Path, output: str | None, no_check_model: bool) -> None:
     When the job's key is set, the endpoint's model list (GET /models) is also fetched to check
     the model name and the key; without the key that check is skipped.
     """
-    from batchrun.job import load_job
-    from batchrun.plan import prepare
+    from batchrun.api import Job
 
-    job = prepare(skip_model_check(load_job(job_file), no_check_model), output)
-    check_model_with_key(job.spec)
+    checked = Job(load_spec(job_file, no_check_model), output=output).validate()
+    if checked.note:
+        echo(checked.note, err=True)
     echo(
-        f"ok: {job_file}: {job.source.row_count} rows from {job.source.path.name}, "
-        f"model {job.spec.model}, output {job.output_path}",
+        f"ok: {job_file}: {checked.rows} rows from {checked.input.name}, "
+        f"model {checked.model}, output {checked.output}",
         err=True,
     )
-    echo(json.dumps(job.first_request(), indent=2, ensure_ascii=False))
+    echo(json.dumps(checked.first_request, indent=2, ensure_ascii=False))
 
 
 @main.command()
@@ -406,40 +408,20 @@ def validate(job_file: Path, output: str | None, no_check_model: bool) -> None:
 @friendly_errors
 def status(job_file: Path, output: str | None) -> None:
     """Show rows done / failed / pending and tokens so far, from JOB's checkpoint."""
-    from batchrun.cost import job_price
-    from batchrun.job import load_job
-    from batchrun.plan import prepare, read_checkpoint
+    from batchrun.api import Job
 
-    job = prepare(load_job(job_file), output, write=False)
-    if not job.checkpoint_path.exists():
-        echo(f"not started: 0 of {job.source.row_count} rows done")
+    status = Job.from_yaml(job_file, output=output).status()
+    if not status.started:
+        echo(f"not started: 0 of {status.total} rows done")
         return
-    checkpoint = read_checkpoint(job, made_for(job))
-    try:
-        totals = checkpoint.totals()
-        kinds = checkpoint.failures_by_kind()
-        top_errors = checkpoint.top_errors()
-        spent = checkpoint.spent_usd() if job_price(job.spec) is not None else None
-    finally:
-        checkpoint.close()
-    pending = job.source.row_count - totals.ok - totals.failed - totals.skipped
-    failures = ", ".join(f"{k}: {n}" for k, n in kinds.items())
-    echo(f"ok: {totals.ok}\nfailed: {totals.failed}" + (f" ({failures})" if failures else ""))
-    for line in errors_lines(top_errors, totals.failed):
+    failures = ", ".join(f"{k}: {n}" for k, n in status.failures_by_kind.items())
+    echo(f"ok: {status.ok}\nfailed: {status.failed}" + (f" ({failures})" if failures else ""))
+    for line in errors_lines(status.top_errors, status.failed):
         echo(line)
-    echo(f"skipped: {totals.skipped}\npending: {pending}\nof: {job.source.row_count}")
-    echo(tokens_line(totals.prompt_tokens, totals.completion_tokens, totals.without_usage))
-    if spent is not None:
-        echo(cost_line(spent, totals.prompt_tokens is None, totals.without_usage))
-
-
-def made_for(job: PreparedJob) -> tuple[Fingerprint, Fingerprint]:
-    """The job as run on its endpoint and as run with --simulate: a command that reads the
-    checkpoint takes either run's."""
-    from batchrun.plan import SIMULATED_ENDPOINT
-
-    fingerprint = job.fingerprint(simulate=False)
-    return fingerprint, fingerprint | {"endpoint.base_url": SIMULATED_ENDPOINT}
+    echo(f"skipped: {status.skipped}\npending: {status.pending}\nof: {status.total}")
+    echo(tokens_line(status.prompt_tokens, status.completion_tokens, status.rows_without_usage))
+    if status.spent_usd is not None:
+        echo(cost_line(status.spent_usd, status.prompt_tokens is None, status.rows_without_usage))
 
 
 @main.command(name="estimate")
@@ -472,39 +454,31 @@ def estimate_command(
       batchrun estimate jobs/summarize.yaml
       batchrun estimate jobs/summarize.yaml --sample 100 --yes --simulate
     """
-    from batchrun.estimate import estimate_job, pilot_rows
-    from batchrun.job import load_job
-    from batchrun.plan import prepare
+    from batchrun.api import Job, model_note
     from batchrun.runner import RunOptions
 
-    spec = skip_model_check(load_job(job_file), no_check_model)
-    job = prepare(spec, output)
-    if not simulate:
-        check_model_with_key(spec)
-    readable = made_for(job)
-    fingerprint = readable[1] if simulate else readable[0]
-    projection = estimate_job(job, readable)
-    if sample is not None and projection.to_do:
-        rows = pilot_rows(job, readable, sample)
-        share = len(rows) / projection.to_do
-        if projection.expected.cost_usd is not None and projection.worst.cost_usd is not None:
-            cost = (
-                f" (about ${projection.expected.cost_usd * share:.4f}, "
-                f"at most ${projection.worst.cost_usd * share:.4f})"
-            )
-        else:
-            cost = ""
-        where = "the simulator" if simulate else spec.endpoint.base_url
-        question = f"send a pilot of {len(rows)} random rows{cost} to {where}?"
-        if yes or _confirm(question):
-            # yes: asked above, with the pilot's cost (a changed job's finished rows among them)
-            pilot = RunOptions(simulate=simulate, rows=frozenset(rows), output=output, yes=True)
-            result = run_in_process(spec, pilot)
-            echo(summary(result, job_file), err=True)
-            if result.interrupted or result.budget_stopped:
-                sys.exit(result.exit_code)
-            projection = estimate_job(job, readable)
-    projection.save(job, fingerprint)
+    job = Job(load_spec(job_file, no_check_model), output=output)
+    if not simulate and (note := model_note(job.spec)):
+        echo(note, err=True)
+
+    def send(pilot: Pilot) -> RunResult | None:
+        """Ask (unless --yes), then send the pilot with progress and the process's signals."""
+        cost = ""
+        if pilot.expected_usd is not None and pilot.worst_usd is not None:
+            cost = f" (about ${pilot.expected_usd:.4f}, at most ${pilot.worst_usd:.4f})"
+        where = "the simulator" if simulate else job.spec.endpoint.base_url
+        if not (yes or _confirm(f"send a pilot of {len(pilot.rows)} random rows{cost} to {where}?")):
+            return None
+        # yes: asked above, with the pilot's cost (a changed job's finished rows among them)
+        result = run_in_process(
+            job.spec, RunOptions(simulate=simulate, rows=pilot.rows, output=output, yes=True)
+        )
+        echo(summary(result, job_file), err=True)
+        if result.interrupted or result.budget_stopped:
+            sys.exit(result.exit_code)
+        return result
+
+    projection = job.estimate(sample=sample, simulate=simulate, send=send)
     echo("\n".join(projection.lines()))
 
 
@@ -514,7 +488,9 @@ def _confirm(question: str) -> bool:
         return click.confirm(question, err=True)
     except click.Abort:
         echo(err=True)  # end the question's line
-        raise BatchrunError("no answer on stdin (no terminal?): pass --yes to send the pilot") from None
+        raise BatchrunError(
+            "no answer on stdin (no terminal?)", remedy=Remedy("yes", True, "to send the pilot")
+        ) from None
 
 
 @main.command(name="prune")
@@ -532,10 +508,9 @@ def prune_command(job_file: Path, output: str | None) -> None:
     Example:
       batchrun prune jobs/summarize.yaml
     """
-    from batchrun.job import load_job
-    from batchrun.runner import prune
+    from batchrun.api import Job
 
-    pruned = prune(load_job(job_file), output)
+    pruned = Job.from_yaml(job_file, output=output).prune()
     if pruned is None:
         echo(f"nothing to prune: {job_file} has no checkpoint yet")
         return
@@ -567,21 +542,16 @@ def cost_command(path: Path, by: tuple[str, ...], fmt: str, output: str | None) 
       batchrun cost out/summaries.parquet
       batchrun cost jobs/summarize.yaml --by finish_reason --format csv
     """
-    import tempfile
+    from batchrun.report import cost_report, format_cost_report, read_output_table
 
-    from batchrun.job import load_job
-    from batchrun.plan import prepare
-    from batchrun.report import cost_report, format_cost_report, job_table, read_output_table
+    if path.suffix.lower() in (".yaml", ".yml"):
+        from batchrun.api import Job
 
-    with tempfile.TemporaryDirectory(prefix="batchrun-cost-") as workdir:
-        if path.suffix.lower() in (".yaml", ".yml"):
-            job = prepare(load_job(path), output, write=False)
-            table = job_table(job, by, made_for(job), Path(workdir))
-        elif output is not None:
-            raise BatchrunError("--output goes with a job file: `batchrun cost JOB --output PATH`")
-        else:
-            table = read_output_table(path)
-        report = cost_report(table, by)
+        report = Job.from_yaml(path, output=output).cost(by)
+    elif output is not None:
+        raise BatchrunError("--output goes with a job file: `batchrun cost JOB --output PATH`")
+    else:
+        report = cost_report(read_output_table(path), by)
     echo(format_cost_report(report, fmt), nl=False)
 
 
@@ -605,40 +575,34 @@ def report_command(path: Path, open_page: bool, by: tuple[str, ...], output: str
       batchrun report jobs/summarize.yaml --open
       batchrun report out/summaries.parquet --by title
     """
-    import tempfile
     import webbrowser
 
-    from batchrun.html_report import Sources, page_path, write_page
-    from batchrun.job import TableFormat, load_job
-    from batchrun.plan import CHECKPOINT_SUFFIX, REPORT_SUFFIX, beside, prepare
-    from batchrun.report import job_table, read_output_table
-    from batchrun.sources import input_format
+    if path.suffix.lower() in (".yaml", ".yml"):
+        from batchrun.api import Job
 
-    with tempfile.TemporaryDirectory(prefix="batchrun-report-") as workdir:
-        if path.suffix.lower() in (".yaml", ".yml"):
-            job = prepare(load_job(path), output, write=False)
-            format: TableFormat = "parquet"  # as job_table builds it
-            if job.checkpoint_path.exists():
-                table = job_table(job, by, made_for(job), Path(workdir))
-            elif isinstance(job.output_path, Path) and job.output_path.exists():
-                table, format = read_output_table(job.output_path), input_format(job.output_path)
-            else:
-                raise BatchrunError(
-                    f"{path} has no checkpoint ({job.checkpoint_path}) and no output yet: run it first"
-                )
-            sources = Sources(table, job.checkpoint_path, job.report_path, str(path), by, format)
-            html_path = page_path(job.report_path)
-        elif output is not None:
-            raise BatchrunError("--output goes with a job file: `batchrun report JOB --output PATH`")
-        else:
-            report_json = beside(path, REPORT_SUFFIX)
-            table, format = read_output_table(path), input_format(path)
-            sources = Sources(table, beside(path, CHECKPOINT_SUFFIX), report_json, None, by, format)
-            html_path = page_path(report_json)
-        size = write_page(sources, html_path)
-    echo(f"report: {html_path} ({size / 1024:,.0f} KiB)")
+        html_path = Job.from_yaml(path, output=output).report(by)
+    elif output is not None:
+        raise BatchrunError("--output goes with a job file: `batchrun report JOB --output PATH`")
+    else:
+        html_path = output_report(path, by)
+    echo(f"report: {html_path} ({html_path.stat().st_size / 1024:,.0f} KiB)")
     if open_page:
         webbrowser.open(html_path.resolve().as_uri())
+
+
+def output_report(path: Path, by: tuple[str, ...]) -> Path:
+    """The run report page of an output table, from it and the checkpoint beside it."""
+    from batchrun.html_report import Sources, page_path, write_page
+    from batchrun.plan import CHECKPOINT_SUFFIX, REPORT_SUFFIX, beside
+    from batchrun.report import read_output_table
+    from batchrun.sources import input_format
+
+    report_json = beside(path, REPORT_SUFFIX)
+    table, format = read_output_table(path), input_format(path)
+    sources = Sources(table, beside(path, CHECKPOINT_SUFFIX), report_json, None, by, format)
+    html_path = page_path(report_json)
+    write_page(sources, html_path)
+    return html_path
 
 
 @main.command()
@@ -652,27 +616,10 @@ def report_command(path: Path, open_page: bool, by: tuple[str, ...], output: str
 @friendly_errors
 def models(job_file: Path | None, simulate: bool) -> None:
     """List the models the endpoint offers to your key (GET /v1/models), one per line."""
-    from batchrun.executors import api_key
-    from batchrun.job import EndpointSpec, RetrySpec, load_job
-    from batchrun.models import list_models
-    from batchrun.plan import SIMULATED_KEY
-    from batchrun.simulator import SimulatorConfig, serve_in_thread
+    from batchrun.api import offered_models
+    from batchrun.job import load_job
 
-    spec = load_job(job_file) if job_file else None
-    endpoint = spec.endpoint if spec else EndpointSpec()
-    retry = spec.retry if spec else RetrySpec()
-    with contextlib.ExitStack() as stack:
-        if simulate:
-            config = SimulatorConfig(extra_models=(spec.model,) if spec else ())  # the job's model too
-            endpoint = EndpointSpec(base_url=stack.enter_context(serve_in_thread(config)).base_url)
-        key = SIMULATED_KEY if simulate else api_key(endpoint)
-        try:
-            offered = list_models(endpoint.base_url, key, endpoint, retry)
-        except RequestFailed as exc:
-            raise BatchrunError(f"cannot list models at {endpoint.base_url}: {exc}") from None
-    if offered is None:
-        raise BatchrunError(f"{endpoint.base_url} offers no model list (GET /models answered 404)")
-    for model in sorted(offered):
+    for model in offered_models(load_job(job_file) if job_file else None, simulate):
         echo(model)
 
 

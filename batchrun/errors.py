@@ -4,7 +4,7 @@
     ├── JobError                  the job file is wrong (path, key, line)
     ├── InputError                the input table is missing, unreadable or does not fit the job
     ├── CheckpointError           the checkpoint cannot be used or written
-    ├── JobChanged                a job-level change would send finished rows again (needs --yes)
+    ├── JobChanged                a job-level change would send finished rows again (needs yes=True)
     ├── JobAborted                an answer that dooms every row (bad key, no credit, unknown model)
     ├── EndpointUnavailable       the endpoint cannot be reached, or stayed down too long (exit 4)
     └── RequestFailed             one request failed; the runner records it on the row
@@ -13,11 +13,16 @@
         ├── PermanentError        the same request would fail again (400, 422, ...)
         └── InvalidOutput         answered, but without the job's output.fields (asked again, billed)
 
-Retry decisions look at these types, never at message text.
+Retry decisions look at these types, never at message text. Messages name no command-line flag:
+an error that a setting of the run would get past carries it as a `Remedy`, which the CLI names
+as a flag (`--yes`) and Python as a keyword (`yes=True`).
 """
 
 from __future__ import annotations
 
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,10 +30,53 @@ if TYPE_CHECKING:
     from batchrun.limits import RateLimitHeaders
 
 
-class BatchrunError(Exception):
-    """Root of every error batchrun raises on purpose."""
+class ExitCode(enum.IntEnum):
+    """How a command ended, as its exit status: the one list the CLI exits with and documents."""
 
-    exit_code = 2
+    OK = 0  # every row ok
+    ROWS_FAILED = 1  # finished, some rows failed (or are still pending)
+    USAGE = 2  # bad job, input or usage, or a job-wide error such as a rejected key
+    BUDGET = 3  # stopped by the budget
+    UNAVAILABLE = 4  # the endpoint is unavailable; nothing was lost
+    INTERRUPTED = 130  # interrupted; the checkpoint is kept
+
+
+@dataclass(frozen=True)
+class Remedy:
+    """A setting of the run that gets past an error: `option`, as a keyword of `Job` (and, spelt
+    as a flag, of the CLI), set to `value`, `effect` saying what that does ("to start over")."""
+
+    option: str
+    value: object
+    effect: str
+
+    def keyword(self) -> str:
+        """As Python passes it: `yes=True`."""
+        return f"{self.option}={self.value!r}"
+
+
+class BatchrunError(Exception):
+    """Root of every error batchrun raises on purpose; `remedy`, when a setting gets past it."""
+
+    exit_code = ExitCode.USAGE
+
+    def __init__(self, message: str, *, remedy: Remedy | None = None):
+        super().__init__(message)
+        self.remedy = remedy
+
+    def __str__(self) -> str:
+        return self.describe(Remedy.keyword)
+
+    def describe(self, name: Callable[[Remedy], str]) -> str:
+        """The error in one line, its remedy named by `name` (Python's keyword, the CLI's flag)."""
+        text = self.what()
+        if self.remedy is None:
+            return text
+        return f"{text}; pass {name(self.remedy)} {self.remedy.effect}"
+
+    def what(self) -> str:
+        """What went wrong, without the remedy."""
+        return str(self.args[0]) if self.args else ""
 
 
 class JobError(BatchrunError):
@@ -52,7 +100,7 @@ class JobError(BatchrunError):
         self.line = line
         self.key = key
 
-    def __str__(self) -> str:
+    def what(self) -> str:
         if self.path is None:
             return self.message
         where = f"{self.path}:{self.line}" if self.line is not None else str(self.path)
@@ -69,14 +117,13 @@ class CheckpointError(BatchrunError):
 
 class JobChanged(BatchrunError):
     """The prompt, model, params or endpoint changed since the last run, so rows it finished would
-    be sent again: `rows` of them, expected to cost `cost_usd` (None without a price); `what`
+    be sent again: `rows` of them, expected to cost `cost_usd` (None without a price); `what()`
     says so in words, without the ways on."""
 
     def __init__(self, what: str, rows: int, cost_usd: float | None):
         super().__init__(
-            f"{what}; pass --yes (yes=True in Python) to send them, or restore the job as it was to send none"
+            what, remedy=Remedy("yes", True, "to send them, or restore the job as it was to send none")
         )
-        self.what = what
         self.rows = rows
         self.cost_usd = cost_usd
 
@@ -91,7 +138,7 @@ class EndpointUnavailable(BatchrunError):
     Exit code 4 tells a wrapper "rerun later", apart from 2's "fix the job".
     """
 
-    exit_code = 4
+    exit_code = ExitCode.UNAVAILABLE
 
     def __init__(self, message: str, url: str | None = None):
         super().__init__(message)

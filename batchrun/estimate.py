@@ -93,7 +93,7 @@ class Estimate:
             per_row = self.expected.output_tokens / max(self.to_do, 1)
             output_basis = f"{per_row:.1f} per row, observed over {self.observed} finished rows"
         else:
-            basis = "uncalibrated default; a pilot (--sample N) measures it"
+            basis = "uncalibrated default; a pilot of sample rows measures it"
             output_basis = "assumed: half of max_tokens, until rows are measured"
         lines = [
             f"rows: {self.to_do:,} to do of {self.total_rows:,}{done}",
@@ -149,6 +149,31 @@ class Estimate:
                 },
             },
         )
+
+
+@dataclass(frozen=True)
+class Pilot:
+    """A random sample of the rows still to do, sent before projecting from their usage, and its
+    share of the projection's expected and worst-case cost (None without a price)."""
+
+    rows: frozenset[int]
+    expected_usd: float | None
+    worst_usd: float | None
+
+
+def plan_pilot(
+    job: PreparedJob, made_for: tuple[Fingerprint, ...], projection: Estimate, n: int
+) -> Pilot | None:
+    """A pilot of N rows still to do, priced as their share of `projection`; None with none to do."""
+    if not projection.to_do:
+        return None
+    rows = pilot_rows(job, made_for, n)
+    share = len(rows) / projection.to_do
+
+    def part(scenario: Scenario) -> float | None:
+        return None if scenario.cost_usd is None else scenario.cost_usd * share
+
+    return Pilot(frozenset(rows), part(projection.expected), part(projection.worst))
 
 
 def pilot_rows(job: PreparedJob, made_for: tuple[Fingerprint, ...], n: int) -> list[int]:

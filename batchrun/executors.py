@@ -19,7 +19,7 @@ from batchrun.budget import BudgetGuard
 from batchrun.client import ChatClient
 from batchrun.core import Core, CoreSettings, RunStats, Stop
 from batchrun.cost import Price
-from batchrun.errors import BatchrunError
+from batchrun.errors import BatchrunError, Remedy
 from batchrun.events import Events
 from batchrun.job import EndpointSpec
 from batchrun.limits import Limiter
@@ -88,7 +88,8 @@ def api_key(endpoint: EndpointSpec) -> str:
     key = os.environ.get(name, "").strip()
     if not key:
         raise BatchrunError(
-            f"{name} is not set: export your API key as {name}, or try the job offline with --simulate"
+            f"{name} is not set: export your API key as {name}",
+            remedy=Remedy("simulate", True, "to try the job offline"),
         )
     return key
 

@@ -398,7 +398,8 @@ def _failures(table: pl.LazyFrame, job_file: str | None) -> str:
         + "<table>"
         + _header_row("kind", "rows", "example id", "error")
         + examples
-        + f"</table><p>To send the failed rows again: <code>{_e(resend)}</code></p>"
+        + f"</table><p>To send the failed rows again: <code>{_e(resend)}</code>, "
+        "or <code>job.run(retry_failed=True)</code> in Python</p>"
     )
     return _section("Failures", body, f"Up to {EXAMPLES} example rows of each kind.")
 

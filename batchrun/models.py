@@ -17,6 +17,7 @@ from batchrun.errors import (
     JobAborted,
     JobError,
     PermanentError,
+    Remedy,
     RequestFailed,
     RetryableError,
 )
@@ -25,9 +26,11 @@ from batchrun.retry import WaitRetryAfter
 
 LIST_TIMEOUT_S = 30.0
 LIST_ATTEMPTS = 3  # a few: the whole job waits on this one request
-SKIP_HINT = (
-    "(to skip this check where a gateway serves models it does not list: "
-    "endpoint.check_model: false or --no-check-model)"
+SKIP = Remedy(
+    "check_model",
+    False,
+    "to skip this check (endpoint.check_model: false in the job), as for a gateway that serves "
+    "models it does not list",
 )
 
 
@@ -92,4 +95,11 @@ def check_model(spec: JobSpec, base_url: str, api_key: str) -> str | None:
     close = difflib.get_close_matches(spec.model, offered, n=1, cutoff=0.6)
     hint = f"did you mean '{close[0]}'?" if close else f"it offers: {', '.join(sorted(offered)[:20])}"
     line = key_line(spec.job_path, ("model",))
-    raise JobError(f"model '{spec.model}' not offered by {base_url}; {hint} {SKIP_HINT}", spec.job_path, line)
+    error = JobError(f"model '{spec.model}' not offered by {base_url} ({hint})", spec.job_path, line)
+    error.remedy = SKIP
+    raise error
+
+
+def without_model_check(spec: JobSpec) -> JobSpec:
+    """The job with endpoint.check_model off (`check_model=False`, the CLI's --no-check-model)."""
+    return spec.model_copy(update={"endpoint": spec.endpoint.model_copy(update={"check_model": False})})

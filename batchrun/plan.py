@@ -37,7 +37,7 @@ from batchrun.checkpoint import (
     open_checkpoint,
     without_input_hash,
 )
-from batchrun.errors import CheckpointError, InputError, JobError
+from batchrun.errors import CheckpointError, InputError, JobError, Remedy
 from batchrun.job import PYTHON_JOB, JobSpec, table_format
 from batchrun.output import probe_destination
 from batchrun.prompts import PromptTemplates, conversation
@@ -471,8 +471,9 @@ def rekey_by_row(job: PreparedJob, made_for: tuple[Fingerprint, ...]) -> Rekey:
         if recorded != job.source.fingerprint() or without_input_hash(old) not in made_for:
             raise CheckpointError(
                 f"checkpoint {job.checkpoint_path.name} was made by batchrun 0.1 for another input or "
-                "job, and keys its rows by position; finish it with batchrun 0.1 and the input as it "
-                "was, or rerun with --fresh to start over (its results will be discarded)"
+                "job, and keys its rows by position (finish it with batchrun 0.1 and the input as it "
+                "was)",
+                remedy=Remedy("fresh", True, "to start over (its results will be discarded)"),
             )
         simulate = old.get("endpoint.base_url") == SIMULATED_ENDPOINT
         for _ in job.keyed_batches(index, job.keys(simulate)):
@@ -495,16 +496,16 @@ def prepare(
     try:
         given = location(output) if output is not None else spec.output.path
     except ValueError as exc:
-        raise JobError(f"--output: {exc}") from None
+        raise JobError(f"output: {exc}") from None
     output_path = given.resolve() if isinstance(given, Path) else given
     input_path = spec.input.path.resolve() if isinstance(spec.input.path, Path) else spec.input.path
     if output_path == input_path:
         raise JobError("output.path is the input file; choose another path", spec.job_path)
     if isinstance(output_path, Path):
-        _check_output_folder(output_path, "--output" if output else "output.path", spec, write)
+        _check_output_folder(output_path, "output" if output else "output.path", spec, write)
     if output is not None:  # the job's own output.path was checked with the job
         try:
-            table_format(output_path, spec.output.format, "--output", "output.format")
+            table_format(output_path, spec.output.format, "output", "output.format")
         except ValueError as exc:
             raise JobError(str(exc)) from None
     clash = [c for c in spec.output.include_columns if c in OUTPUT_RESULT_COLUMNS]

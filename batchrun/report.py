@@ -18,7 +18,7 @@ import polars as pl
 
 from batchrun.checkpoint import Fingerprint
 from batchrun.cost import Price
-from batchrun.errors import BatchrunError, InputError
+from batchrun.errors import BatchrunError, ExitCode, InputError
 from batchrun.output import NO_USAGE, USAGE_COLUMNS, write_atomically, write_output
 from batchrun.results import ANSWER_COLUMNS, OUTPUT_RESULT_COLUMNS, RESULT_SCHEMA
 from batchrun.sources import scan_table
@@ -67,12 +67,12 @@ class RunResult:
     table: pl.DataFrame | None = field(default=None, repr=False, compare=False)
 
     @property
-    def exit_code(self) -> int:
+    def exit_code(self) -> ExitCode:
         if self.interrupted:
-            return 130
+            return ExitCode.INTERRUPTED
         if self.budget_stopped:
-            return 3
-        return 1 if self.failed or self.pending else 0
+            return ExitCode.BUDGET
+        return ExitCode.ROWS_FAILED if self.failed or self.pending else ExitCode.OK
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -211,7 +211,7 @@ def cost_report(table: pl.LazyFrame, by: tuple[str, ...]) -> pl.DataFrame:
     columns = table.collect_schema().names()
     for column in by:
         if column not in columns:
-            raise InputError(f"--by {column}: no such column; the columns are: {', '.join(columns)}")
+            raise InputError(f"no column {column} to group by; the columns are: {', '.join(columns)}")
     keys = [*dict.fromkeys((*by, "model", "status"))]
     priced = pl.when(pl.col("cost_usd").null_count() == 0).then(pl.col("cost_usd").sum()).alias("cost_usd")
     sums = [

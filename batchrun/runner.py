@@ -270,7 +270,7 @@ def announce(checked: Checked, opened: Opened, execution: Execution, fresh: bool
     if format_step := execution.format_step:
         events.say(
             f"note: sending {describe_format(job.format_fallbacks[format_step])} for output.fields, "
-            "as this endpoint took in an earlier run (--fresh tries the others again)",
+            "as this endpoint took in an earlier run (a fresh run tries the others again)",
             "note",
         )
     if checked.price is None:

@@ -172,7 +172,8 @@ def test_job_from_yaml_runs_estimates_and_reports_status(tmp_path: Path) -> None
         )
     )  # fmt: skip
     job = batchrun.Job.from_yaml(job_file)
-    assert job.status() == {"ok": 0, "failed": 0, "skipped": 0, "pending": 6, "total": 6}
+    status = job.status()
+    assert (status.ok, status.failed, status.skipped, status.pending, status.total) == (0, 0, 0, 6, 6)
     assert job.estimate().to_do == 6
 
     result = job.run(simulate=True, quiet=True)
@@ -181,7 +182,8 @@ def test_job_from_yaml_runs_estimates_and_reports_status(tmp_path: Path) -> None
     assert (result.ok, result.failed, result.pending, result.outcome) == (6, 0, 0, "finished")
     assert result.requests == 6 and result.run_tokens
     assert result.table is not None and result.table.height == 6
-    assert job.status() == {"ok": 6, "failed": 0, "skipped": 0, "pending": 0, "total": 6}
+    status = job.status()
+    assert (status.ok, status.failed, status.skipped, status.pending, status.total) == (6, 0, 0, 0, 6)
     assert job.estimate().to_do == 0
 
 

@@ -500,7 +500,7 @@ def test_cost_report_table_and_errors(tmp_path: Path, simulator: RunningSimulato
         "total     -          1       8       0           4          0  $0.0120\n"
     )
     assert unknown_column.exit_code == 2
-    assert "Error: --by topic: no such column; the columns are: id, title, content" in unknown_column.stderr
+    assert "Error: no column topic to group by; the columns are: id, title, content" in unknown_column.stderr
     assert not_a_table.exit_code == 2
     assert "is not a batchrun output table: it has no 'status' column" in not_a_table.stderr
 

@@ -27,7 +27,7 @@ def test_run_with_output_of_unknown_suffix_stops_before_sending(
 
     assert result.exit_code == 2
     assert result.stderr == (
-        f"Error: --output: '{target}' is not a table type batchrun knows; {KNOWN}, "
+        f"Error: output: '{target}' is not a table type batchrun knows; {KNOWN}, "
         "or name the format with output.format: csv, parquet or jsonl\n"
     )
     assert simulator.stats.requests == 0

@@ -92,8 +92,8 @@ def test_a_checkpoint_of_0_1_for_another_input_is_refused(tmp_path: Path) -> Non
 
     expected = (
         "Error: checkpoint result.parquet.checkpoint.sqlite was made by batchrun 0.1 for another "
-        "input or job, and keys its rows by position; finish it with batchrun 0.1 and the input as "
-        "it was, or rerun with --fresh to start over (its results will be discarded)\n"
+        "input or job, and keys its rows by position (finish it with batchrun 0.1 and the input as "
+        "it was); pass --fresh to start over (its results will be discarded)\n"
     )
     assert (refused.exit_code, refused.stderr) == (2, expected)
     assert (status.exit_code, status.stderr) == (2, expected)

@@ -24,7 +24,7 @@ from tests.conftest import article_rows, checkpoint_path, invoke, read_output, w
 
 RESEND = (
     r"Error: the job's prompt changed since its last run: (\d+) finished rows would be sent again, "
-    r"expected to cost \$(\d+\.\d{4}) \(at most \$(\d+\.\d{4})\); pass --yes \(yes=True in Python\) "
+    r"expected to cost \$(\d+\.\d{4}) \(at most \$(\d+\.\d{4})\); pass --yes "
     r"to send them, or restore the job as it was to send none\n"
 )
 

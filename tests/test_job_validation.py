@@ -359,8 +359,8 @@ CASES = [
     # --- only `run` needs the key
     Case(
         "api-key-unset",
-        f"{UNSET_KEY_ENV} is not set: export your API key as {UNSET_KEY_ENV}, "
-        "or try the job offline with --simulate",
+        f"{UNSET_KEY_ENV} is not set: export your API key as {UNSET_KEY_ENV}; "
+        "pass --simulate to try the job offline",
         edit(f"api_key_env: {KEY_ENV}", f"api_key_env: {UNSET_KEY_ENV}"),
         commands=("run",),
     ),

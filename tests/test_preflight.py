@@ -26,6 +26,10 @@ from tests.conftest import (
 from tests.stub_server import Reply, Request, completion, serve_stub
 
 ENDPOINT = {"api_key_env": TEST_KEY_ENV, "timeout_s": 10}
+SKIP = (
+    "pass --no-check-model to skip this check (endpoint.check_model: false in the job), as for a "
+    "gateway that serves models it does not list"
+)
 # LiteLLM 1.108 without its database, asked with a key it cannot check: on GET /models and on chat.
 NO_DB = Reply(400, {"error": {"type": "no_db_connection", "message": "No connected db."}})
 # A LiteLLM wildcard route (`model_name: "*"`) lists its provider's names, not what it serves.
@@ -68,7 +72,7 @@ def test_output_under_a_file_is_one_line_and_exit_2(
     assert simulator.stats.requests == 0
 
 
-def test_output_flag_under_a_file_is_named_as_the_flag(tmp_path: Path, simulator: RunningSimulator) -> None:
+def test_output_under_a_file_is_named_as_the_option(tmp_path: Path, simulator: RunningSimulator) -> None:
     (tmp_path / "afile.txt").write_text("not a folder")
     job = write_job(tmp_path, article_rows(3), simulator.base_url)
 
@@ -76,8 +80,7 @@ def test_output_flag_under_a_file_is_named_as_the_flag(tmp_path: Path, simulator
 
     assert result.exit_code == 2, result.output
     assert one_error_line(result.stderr) == (
-        f"Error: --output {tmp_path}/afile.txt/deeper/out.csv: "
-        f"{tmp_path}/afile.txt is a file, not a directory"
+        f"Error: output {tmp_path}/afile.txt/deeper/out.csv: {tmp_path}/afile.txt is a file, not a directory"
     )
     assert simulator.stats.requests == 0
 
@@ -314,8 +317,8 @@ def test_a_model_the_list_does_not_name_names_the_way_out(tmp_path: Path) -> Non
 
     assert result.exit_code == 2
     line = one_error_line(result.stderr)
-    assert f"model 'grok-4.3' not offered by {stub.base_url}; it offers: " in line
-    assert line.endswith("endpoint.check_model: false or --no-check-model)")
+    assert f"model 'grok-4.3' not offered by {stub.base_url} (it offers: " in line
+    assert line.endswith(f"; {SKIP}")
     assert stub.chat_requests() == []
 
 
@@ -345,7 +348,7 @@ def test_estimate_sample_without_a_terminal_asks_for_yes(tmp_path: Path, simulat
     assert result.exit_code == 2, result.output
     question, error = result.stderr.splitlines()
     assert question.startswith("send a pilot of 5 random rows")
-    assert error == "Error: no answer on stdin (no terminal?): pass --yes to send the pilot"
+    assert error == "Error: no answer on stdin (no terminal?); pass --yes to send the pilot"
     assert simulator.stats.requests == 0
     assert checkpoint_rows(job) == 0
 

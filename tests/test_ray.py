@@ -48,7 +48,7 @@ def test_ray_without_the_extra_says_how_to_install_it(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert done.stderr == (
-        "Error: --ray needs Ray, which the base install leaves out: pip install 'batchrun[ray]'\n"
+        "Error: running on Ray needs Ray, which the base install leaves out: pip install 'batchrun[ray]'\n"
     )
 
 
@@ -383,6 +383,22 @@ def ray_driver(
             text=True,
             env={**os.environ, "RAY_ADDRESS": address, **extra},
         )
+
+
+def test_ray_logs_stay_off_the_terminal(ray_session: Any, tmp_path: Path) -> None:
+    """A driver's stderr holds batchrun's progress and summary, and none of Ray's own lines (its
+    INFO lines, `(raylet) worker_pool.cc: Started worker process ...`): those stay in Ray's logs."""
+    from batchrun.simulator import SimulatorConfig, serve_in_thread
+    from tests.conftest import TEST_KEY
+
+    with serve_in_thread(SimulatorConfig(api_key=TEST_KEY)) as sim:
+        job = write_job(tmp_path, article_rows(40), sim.base_url)
+        driver = ray_driver(job, ray_session, tmp_path / "driver.log")
+        assert driver.wait(timeout=120) == 0
+    lines = (tmp_path / "driver.log").read_text().splitlines()
+    assert lines[0].startswith("rows: 40 ok, 0 failed"), lines
+    ray_lines = [line for line in lines if any(w in line for w in ("(raylet)", "worker_pool", " INFO "))]
+    assert ray_lines == []
 
 
 def wait_until(condition: Any, deadline_s: float, what: str) -> None:

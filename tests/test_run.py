@@ -146,9 +146,9 @@ def test_unknown_model_stops_before_any_row_is_sent(tmp_path: Path, simulator: R
 
     assert result.exit_code == 2
     assert result.stderr == (
-        f"Error: {job}:8: model 'grok-4-3' not offered by {simulator.base_url}; did you mean 'grok-4.3'? "
-        "(to skip this check where a gateway serves models it does not list: "
-        "endpoint.check_model: false or --no-check-model)\n"
+        f"Error: {job}:8: model 'grok-4-3' not offered by {simulator.base_url} (did you mean 'grok-4.3'?); "
+        "pass --no-check-model to skip this check (endpoint.check_model: false in the job), as for a "
+        "gateway that serves models it does not list\n"
     )
     assert simulator.stats.requests == 0
 

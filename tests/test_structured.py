@@ -490,9 +490,9 @@ def test_models_lists_the_endpoint_models_and_validate_checks_the_job_model(
 
     assert result.exit_code == 2
     assert result.stderr.endswith(
-        f"job.yaml:8: model 'grok4.3-mini' not offered by {simulator.base_url}; "
-        "did you mean 'grok-4.3-mini'? (to skip this check where a gateway serves models it does not "
-        "list: endpoint.check_model: false or --no-check-model)\n"
+        f"job.yaml:8: model 'grok4.3-mini' not offered by {simulator.base_url} "
+        "(did you mean 'grok-4.3-mini'?); pass --no-check-model to skip this check "
+        "(endpoint.check_model: false in the job), as for a gateway that serves models it does not list\n"
     )
     assert simulator.stats.requests == 0
 

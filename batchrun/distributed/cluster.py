@@ -7,9 +7,12 @@ another batchrun than the driver would run another core, so it is refused.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+import logging
 import os
 import socket
+from collections.abc import Iterator
 from typing import Any
 
 from batchrun.errors import BatchrunError
@@ -18,10 +21,11 @@ AUTH_MODE_VARIABLE = "RAY_AUTH_MODE"  # "token": this driver sends the cluster's
 CONNECT_TIMEOUT_S = 5.0  # the TCP check of --ray ADDRESS; the whole refusal stays well under 30 s
 RAY_CLIENT_PORT = 10001  # ray://HOST without a port
 GCS_PORT = 6379  # HOST without a port: the head node's GCS
+LOG_TO_STDERR = "RAY_LOG_TO_STDERR"  # "1": a local Ray's processes log to the stderr they inherit
 
 
 class RayNotInstalled(BatchrunError):
-    """--ray without the batchrun[ray] extra."""
+    """Ray asked for without the batchrun[ray] extra."""
 
 
 def import_ray() -> Any:
@@ -30,7 +34,7 @@ def import_ray() -> Any:
         import ray
     except ImportError:
         raise RayNotInstalled(
-            "--ray needs Ray, which the base install leaves out: pip install 'batchrun[ray]'"
+            "running on Ray needs Ray, which the base install leaves out: pip install 'batchrun[ray]'"
         ) from None
     return ray
 
@@ -63,19 +67,44 @@ def batchrun_version() -> str:
     return importlib.metadata.version("batchrun")
 
 
-def connect(address: str | None, **init: Any) -> Any:
+def connect(address: str | None, *, debug: bool = False, **init: Any) -> Any:
     """Join the cluster at `address` (checked first), or start a local Ray without one; an already
-    connected Ray (a notebook's, a test's) is used as it is. Returns the `ray` module."""
+    connected Ray (a notebook's, a test's) is used as it is. Returns the `ray` module.
+
+    Ray's own log lines (its INFO lines, the raylet's `worker_pool.cc: Started worker process`,
+    the workers' output) stay in Ray's log files, off the terminal where the progress is drawn,
+    unless `debug`."""
     ray = import_ray()
     if not ray.is_initialized():
         if address is not None and address not in ("auto", "local"):
             check_address(address)
         try:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False, **init)
+            with _logs_to_files(debug):
+                ray.init(
+                    address=address,
+                    include_dashboard=False,
+                    log_to_driver=debug,
+                    logging_level=logging.INFO if debug else logging.WARNING,
+                    **init,
+                )
         except ConnectionError as exc:  # Ray's own, after its retries (about 20 s)
             raise BatchrunError(f"cannot join the Ray cluster at {address}: {_why(exc)}") from None
     check_versions(ray)
     return ray
+
+
+@contextlib.contextmanager
+def _logs_to_files(debug: bool) -> Iterator[None]:
+    """Without `debug`, the processes of a local Ray started here write their logs to its session
+    folder even where RAY_LOG_TO_STDERR=1 would send them to this process's stderr."""
+    given = os.environ.get(LOG_TO_STDERR)
+    if not debug:
+        os.environ.pop(LOG_TO_STDERR, None)
+    try:
+        yield
+    finally:
+        if given is not None:
+            os.environ[LOG_TO_STDERR] = given
 
 
 def _why(exc: ConnectionError) -> str:
