@@ -4,9 +4,9 @@ their types, and the reports' sums all derive from `COLUMNS`.
 A column with no SQL type (`reused_from`) is not stored: it says how a row of the output came by
 its result, and is made as the output is built (Checkpoint.output_rows, output.py).
 
-Adding a column: declare it here (in its place in the output), add it to `RowResult` in
-checkpoint.py, fill it where rows finish, and bump `SCHEMA_VERSION`; existing checkpoints get the
-column in place (null for the rows they hold) when a run next opens them.
+Adding a column: declare it here (in its place in the output), add it to `RowResult`, fill it
+where rows finish, and append a step that adds it to migrations.MIGRATIONS; existing checkpoints
+get the column (null for the rows they hold) when they are next opened.
 """
 
 from __future__ import annotations
@@ -14,12 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import polars as pl
-
-# The checkpoint's schema (SQLite `PRAGMA user_version`); 0: made before the version was recorded.
-# 2: results keyed by the request they answer (RESULT_KEY), not by row position. 3: the record of
-# runs and attempts (history.py). 4: `results_by_row`, an index of the results by the row they were
-# sent for, so the output build reads them in row order instead of probing the key index at random.
-SCHEMA_VERSION = 4
 
 
 @dataclass(frozen=True)
