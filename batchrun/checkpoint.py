@@ -14,7 +14,8 @@ last complete pass indexed (the input files' paths, sizes and mtimes, the reques
 written with the pass's last batch and deleted with its first, so it names a complete `rows` or
 is absent (plan.IndexedPlan trusts `rows` without a pass while it matches). The pass counts
 identical requests (the occurrence numbers) in a temp table, `seen`: scratch, on disk, not kept.
-`runs` and `attempts` (schema 3) are the record of how the job went (history.py).
+`runs` and `attempts` (schema 3) are the record of how the job went (history.py). The schema
+is made and brought up to date by the steps in migrations.py, for writers and readers alike.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import fcntl
+import functools
 import json
 import operator
 import os
@@ -31,40 +33,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from batchrun import history
+from batchrun import history, migrations
 from batchrun.errors import CheckpointError, Remedy
-from batchrun.results import (
-    ANSWER_COLUMNS,
-    NAMES,
-    OUTPUT_RESULT_COLUMNS,
-    RESULT_KEY,
-    SCHEMA_VERSION,
-    STORED,
-    RowResult,
-)
+from batchrun.migrations import ROWS_TABLE, SCHEMA_VERSION
+from batchrun.results import ANSWER_COLUMNS, NAMES, OUTPUT_RESULT_COLUMNS, RowResult
 
 # Rows answered, and rows answered without usage, in SQL, for the whole checkpoint at once.
 ANSWERED_SQL = f"(status = 'ok' OR {' OR '.join(f'{c} IS NOT NULL' for c in ANSWER_COLUMNS)})"
 NO_USAGE_SQL = "(prompt_tokens IS NULL OR completion_tokens IS NULL)"
-# The current input's rows with their results (one line per row), and the results they use (one
-# line per result: what was paid, counted once however many rows share it), in a checkpoint
-# before schema 4: by key, a probe of the results' key index per row, at random.
-ROW_RESULTS = "rows r JOIN results USING (request_key, occurrence)"
-USED_RESULTS = "results WHERE (request_key, occurrence) IN (SELECT request_key, occurrence FROM rows)"
-# Schema 4: the rowid of row r's result: its own, found in `results_by_row` in row order (its
-# pages read once each), else the one another row sent (dedupe), by key. At 1M rows, 4x faster
-# than ROW_RESULTS, 8x than USED_RESULTS.
+# The rowid of row r's result: its own, found in `results_by_row` in row order (its pages read
+# once each), else the one another row sent (dedupe), by key. At 1M rows, 4x faster than a join
+# by key (a probe of the results' key index per row, at random), 8x for the results used.
 _SAME = "request_key = r.request_key AND occurrence = r.occurrence"  # bare names: the subquery's
 RESULT_OF_ROW = (
     f"COALESCE((SELECT rowid FROM results INDEXED BY results_by_row WHERE row = r.row AND {_SAME}),"
     f" (SELECT rowid FROM results WHERE {_SAME}))"
 )
-ROW_RESULTS_BY_ROW = f"rows r JOIN results s ON s.rowid = {RESULT_OF_ROW}"
-USED_RESULTS_BY_ROW = f"results WHERE rowid IN (SELECT {RESULT_OF_ROW} FROM rows r)"
-_RESULTS_TABLE = ", ".join([*(f"{c.name} {c.sql}" for c in STORED), f"PRIMARY KEY ({', '.join(RESULT_KEY)})"])
-_ROWS_TABLE = "(row INTEGER PRIMARY KEY, request_key BLOB NOT NULL, occurrence INTEGER NOT NULL)"
-# Schema 4: results by the row they were sent for (RESULT_OF_ROW).
-_BY_ROW_INDEX = "CREATE INDEX IF NOT EXISTS results_by_row ON results (row, request_key, occurrence)"
+# The current input's rows with their results (one line per row), and the results they use (one
+# line per result: what was paid, counted once however many rows share it).
+ROW_RESULTS = f"rows r JOIN results s ON s.rowid = {RESULT_OF_ROW}"
+USED_RESULTS = f"results WHERE rowid IN (SELECT {RESULT_OF_ROW} FROM rows r)"
 
 SEEN_CACHE_KIB = 65536
 # What output_rows gives for each row: its position, and its result as the output has it.
@@ -75,7 +63,7 @@ _INSERT = f"INSERT OR REPLACE INTO results ({', '.join(NAMES)}) VALUES ({', '.jo
 
 Fingerprint = dict[str, Any]
 # read: look, never write (status, cost, estimate); resume / fresh: become the one writer, bring
-# the table up to this version's columns, and keep (resume) or discard (fresh) the rows recorded.
+# the schema up to this version's, and keep (resume) or discard (fresh) the rows recorded.
 Mode = Literal["read", "resume", "fresh"]
 
 
@@ -104,19 +92,16 @@ def open_checkpoint(path: Path, mode: Mode, *made_for: Fingerprint, rekey: Rekey
     changed since the last run is not refused: its rows are matched by request key (the runner
     asks before finished rows are sent again, plan.finished_rows_to_resend).
 
-    Readers pass the job as run on its endpoint and as run with --simulate. A checkpoint of
-    schema 0 or 1 (results by row position) is keyed by request with `rekey` when it was made
-    for one of `made_for`: in place for the writer, in temp tables for a reader; without `rekey`
-    it is refused.
+    Readers pass the job as run on its endpoint and as run with --simulate. Either way the
+    checkpoint is brought to the current schema (Checkpoint.migrate); one of schema 0 or 1
+    (results by row position) is keyed by request with `rekey` when it was made for one of
+    `made_for`, and is refused without it.
     """
     checkpoint = Checkpoint(path, mode)
     try:
         if mode != "read":
             checkpoint.lock()
-        if checkpoint.keyed_by_row:
-            checkpoint.rekey(rekey, fresh=mode == "fresh")
-        if mode != "read":
-            checkpoint.migrate()
+        checkpoint.migrate(rekey)
         if mode != "read":
             checkpoint.bind(made_for[0], fresh=mode == "fresh")
     except BaseException:
@@ -126,7 +111,9 @@ def open_checkpoint(path: Path, mode: Mode, *made_for: Fingerprint, rekey: Rekey
 
 
 class Checkpoint:
-    """One job's finished rows and the fingerprint of the job that produced them."""
+    """One job's finished rows and the fingerprint of the job that produced them. Its rows are
+    read once open_checkpoint has brought it to the current schema (migrate); constructed alone,
+    before that, it answers `fingerprint` and `keyed_by_row`, which every schema can."""
 
     def __init__(self, path: Path, mode: Mode):
         self.path = path
@@ -141,64 +128,38 @@ class Checkpoint:
             if mode != "read":
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=NORMAL")
-            self._version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
-            self._columns = {name for _, name, *_ in self._db.execute("PRAGMA table_info(results)")}
+            version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
         except sqlite3.Error as exc:
             raise CheckpointError(f"cannot open checkpoint {path}: {exc}") from None
-        if self._version > SCHEMA_VERSION:
+        if version > SCHEMA_VERSION:
             self._db.close()
             raise CheckpointError(
                 f"checkpoint {path.name} was made by a newer batchrun (checkpoint schema "
-                f"{self._version}, this one reads up to {SCHEMA_VERSION}); upgrade batchrun to "
+                f"{version}, this one reads up to {SCHEMA_VERSION}); upgrade batchrun to "
                 "resume it, or move it away to start over"
             )
-        if mode == "read" and not self.keyed_by_row:  # an older one is read as rekey() keys it
-            self._read_as_current()
 
-    def _read_as_current(self) -> None:
-        """Let a reader see this version's columns without changing the file: temp tables (an
-        empty checkpoint) or a temp view over an older table, with null for the columns it lacks;
-        SQLite looks names up in `temp` first."""
-        if not self._columns:
-            self._db.execute(f"CREATE TEMP TABLE results ({_RESULTS_TABLE})")
-            self._db.execute("CREATE TEMP TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
-        elif not self._columns.issuperset(NAMES):
-            select = ", ".join(c if c in self._columns else f"NULL AS {c}" for c in NAMES)
-            self._db.execute(f"CREATE TEMP VIEW results AS SELECT {select} FROM main.results")
-
-    def migrate(self) -> None:
-        """Bring the table to this version's columns in place: a new column is added (null for
-        the rows already recorded), so a checkpoint of an older version resumes."""
-        if self._version == SCHEMA_VERSION and self._columns:
+    def migrate(self, rekey: Rekey | None) -> None:
+        """Apply the migration steps this checkpoint lacks (migrations.py): a writer in place; a
+        reader in a private copy of the file (SQLite's temporary database, on disk, deleted when
+        it closes) that it reads from then on, so that every query reads the current schema."""
+        if not migrations.pending(self._db):
             return
-        with self._transaction():
-            if not self._columns:
-                self._db.execute(f"CREATE TABLE results ({_RESULTS_TABLE})")
-            else:
-                for column in STORED:
-                    if column.name not in self._columns:
-                        self._db.execute(f"ALTER TABLE results ADD COLUMN {column.name} {column.sql}")
-            self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
-            self._db.execute(f"CREATE TABLE IF NOT EXISTS rows {_ROWS_TABLE}")
-            self._db.execute(_BY_ROW_INDEX)
-            history.create_tables(self._db)
-            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        self._columns = set(NAMES)
-        self._version = SCHEMA_VERSION
+        if self._mode == "read":
+            copy = sqlite3.connect("", isolation_level=None, check_same_thread=False)
+            try:
+                self._db.backup(copy)
+            except sqlite3.Error as exc:
+                copy.close()
+                raise CheckpointError(f"cannot read checkpoint {self.path}: {exc}") from None
+            self._db.close()
+            self._db = copy
+        migrations.apply(self._db, self._transaction, functools.partial(self._key_rows, rekey))
 
-    @property
-    def keyed_by_row(self) -> bool:
-        """Made before schema 2: results keyed by row position, not by request."""
-        return bool(self._columns) and "request_key" not in self._columns
-
-    def rekey(self, rekey: Rekey | None, fresh: bool) -> None:
-        """Key the results of a schema 0/1 checkpoint by the requests they were made from (their
-        row's keys, as `rekey` computes them for the job the checkpoint records)."""
-        writer = self._mode != "read"
-        if fresh or (writer and self._empty()):
-            with self._transaction():
-                self._db.execute("DROP TABLE results")
-            self._columns = set()
+    def _key_rows(self, rekey: Rekey | None) -> None:
+        """Migrations' KeyRows: index the input by request as the job this checkpoint records made
+        it (`rekey`), in the step's transaction; `fresh` discards the rows, so it indexes none."""
+        if self._mode == "fresh":
             return
         old = self.fingerprint()
         if rekey is None or old is None:
@@ -206,37 +167,24 @@ class Checkpoint:
                 f"checkpoint {self.path.name} keys its rows by position (made by batchrun 0.1)",
                 remedy=Remedy("fresh", True, "to start over"),
             )
-        schema = "main" if writer else "temp"
-        if writer:
-            self._db.execute(f"CREATE TABLE IF NOT EXISTS rows {_ROWS_TABLE}")
-        rekey(old, self.key_index(dedupe=False))
-        select = ", ".join(
-            f"r.{c}" if c in RESULT_KEY else f"o.{c}" if c in self._columns else f"NULL AS {c}" for c in NAMES
+        rekey(old, KeyIndex(self._db, "main", dedupe=False, writer=True, path=self.path))
+        # The input hash the old fingerprint held was just checked: the job's parts remain.
+        self._db.execute(
+            "INSERT OR REPLACE INTO meta VALUES ('fingerprint', ?)",
+            (json.dumps(without_input_hash(old), sort_keys=True),),
         )
-        moved = f"SELECT {select} FROM main.results o JOIN {schema}.rows r USING (row)"
-        if writer:
-            with self._transaction():
-                self._db.execute("ALTER TABLE results RENAME TO results_by_row")
-                self._db.execute(f"CREATE TABLE results ({_RESULTS_TABLE})")
-                from_old = moved.replace("main.results", "results_by_row")
-                self._db.execute(f"INSERT INTO results ({', '.join(NAMES)}) {from_old}")
-                self._db.execute("DROP TABLE results_by_row")
-                # The input hash the old fingerprint held was just checked: the job's parts remain.
-                self._db.execute(
-                    "INSERT OR REPLACE INTO meta VALUES ('fingerprint', ?)",
-                    (json.dumps(without_input_hash(old), sort_keys=True),),
-                )
-        else:
-            self._db.execute(f"CREATE TEMP TABLE results ({_RESULTS_TABLE})")
-            self._db.execute(f"INSERT INTO temp.results ({', '.join(NAMES)}) {moved}")
-        self._columns = set(NAMES)
+
+    @property
+    def keyed_by_row(self) -> bool:
+        """Made before schema 2: results keyed by row position, which opening it keys by request."""
+        return any(step.apply is migrations.key_by_request for step in migrations.pending(self._db))
 
     def key_index(self, dedupe: bool) -> KeyIndex:
         """An index of the current input's rows by request, rebuilt from its first row: for the
         writer in the file, on a connection of its own (the key pass runs in another thread while
         results are recorded); for a reader in temp tables on its connection."""
         if self._mode == "read":
-            self._db.execute(f"CREATE TEMP TABLE IF NOT EXISTS rows {_ROWS_TABLE}")
+            self._db.execute(f"CREATE TEMP TABLE IF NOT EXISTS rows {ROWS_TABLE}")
             return KeyIndex(self._db, "temp", dedupe, writer=False, path=self.path)
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
         db.execute("PRAGMA synchronous=NORMAL")
@@ -247,19 +195,6 @@ class Checkpoint:
         """What the last complete key pass indexed (KeyIndex.end), or None: no such pass."""
         row = self._db.execute("SELECT value FROM meta WHERE key = 'input'").fetchone()
         return None if row is None else str(row[0])
-
-    @property
-    def _by_row(self) -> bool:
-        """The results are indexed by row (schema 4): a reader of an older one joins by key."""
-        return self._version >= 4
-
-    @property
-    def _row_results(self) -> str:
-        return ROW_RESULTS_BY_ROW if self._by_row else ROW_RESULTS
-
-    @property
-    def _used_results(self) -> str:
-        return USED_RESULTS_BY_ROW if self._by_row else USED_RESULTS
 
     def read_as_indexed(self, identity: str | None) -> bool:
         """For a reader: whether the file's `rows` index the input as it is now (its last
@@ -309,9 +244,6 @@ class Checkpoint:
     def fingerprint(self) -> Fingerprint | None:
         row = self._db.execute("SELECT value FROM meta WHERE key = 'fingerprint'").fetchone()
         return json.loads(row[0]) if row else None
-
-    def _empty(self) -> bool:
-        return self._db.execute("SELECT 1 FROM results LIMIT 1").fetchone() is None
 
     def bind(self, fingerprint: Fingerprint, fresh: bool) -> None:
         """Record the job version this checkpoint is for; `fresh` discards the rows recorded."""
@@ -387,8 +319,6 @@ class Checkpoint:
     def last_run_finished(self, first_row: int, last_row: int) -> set[int]:
         """The rows between `first_row` and `last_row` that the last run (as it indexed them in the
         file's `rows`) had finished: for a reader, which rows a changed job would send again."""
-        if not self._db.execute("SELECT 1 FROM main.sqlite_master WHERE name = 'rows'").fetchone():
-            return set()
         query = (
             "SELECT m.row FROM main.rows m JOIN results USING (request_key, occurrence)"
             " WHERE m.row BETWEEN ? AND ?"
@@ -407,7 +337,7 @@ class Checkpoint:
 
     def spent_usd(self) -> float:
         """What the results the current rows use cost, as far as it is known (each counted once)."""
-        query = f"SELECT COALESCE(SUM(cost_usd), 0) FROM {self._used_results}"
+        query = f"SELECT COALESCE(SUM(cost_usd), 0) FROM {USED_RESULTS}"
         return float(self._db.execute(query).fetchone()[0])
 
     def done_before(self, below: int, dedupe: bool) -> Callable[[], tuple[dict[str, int], float]]:
@@ -426,13 +356,11 @@ class Checkpoint:
             try:
                 query = (
                     "SELECT status, COUNT(*) FILTER (WHERE r.row < ?), SUM(cost_usd)"
-                    f" FROM {self._row_results} GROUP BY 1"
+                    f" FROM {ROW_RESULTS} GROUP BY 1"
                 )
                 found = db.execute(query, (below,)).fetchall()
                 if dedupe:  # rows share results: each counted once
-                    spent = db.execute(
-                        f"SELECT COALESCE(SUM(cost_usd), 0) FROM {self._used_results}"
-                    ).fetchone()[0]
+                    spent = db.execute(f"SELECT COALESCE(SUM(cost_usd), 0) FROM {USED_RESULTS}").fetchone()[0]
                 else:  # one result per row
                     spent = sum(cost or 0.0 for *_, cost in found)
             except sqlite3.Error as exc:
@@ -445,7 +373,7 @@ class Checkpoint:
 
     def status_counts(self, below: int) -> dict[str, int]:
         """Rows finished so far among the first `below` of the rows last indexed, by status."""
-        query = f"SELECT status, COUNT(*) FROM {self._row_results} WHERE r.row < ? GROUP BY 1"
+        query = f"SELECT status, COUNT(*) FROM {ROW_RESULTS} WHERE r.row < ? GROUP BY 1"
         return dict(self._db.execute(query, (below,)).fetchall())
 
     def rows_without_result(self) -> sqlite3.Cursor:
@@ -472,7 +400,7 @@ class Checkpoint:
             "sent_without_usage": f"COUNT(*) FILTER (WHERE {sent} AND {no_usage})",
             **{f"sent_{c}": f"COALESCE(SUM({c}) FILTER (WHERE {sent}), 0)" for c in usage_columns},
         }
-        values = self._db.execute(f"SELECT {', '.join(sums.values())} FROM {self._used_results}").fetchone()
+        values = self._db.execute(f"SELECT {', '.join(sums.values())} FROM {USED_RESULTS}").fetchone()
         return dict(zip(sums, values, strict=True))
 
     def ok_usage(self) -> tuple[int, int]:
@@ -482,7 +410,7 @@ class Checkpoint:
             "SELECT COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(CASE WHEN total_tokens IS NOT NULL"
             " AND prompt_tokens IS NOT NULL"
             " THEN MAX(total_tokens - prompt_tokens, COALESCE(completion_tokens, 0))"
-            f" ELSE completion_tokens END), 0) FROM {self._used_results} AND status = 'ok'"
+            f" ELSE completion_tokens END), 0) FROM {USED_RESULTS} AND status = 'ok'"
         )
         prompt, output = self._db.execute(query).fetchone()
         return int(prompt), int(output)
@@ -496,18 +424,18 @@ class Checkpoint:
         select = ", ".join(
             "r.row" if c == "row" else reused if c == "reused_from" else f"s.{c}" for c in OUTPUT_ROW_COLUMNS
         )
-        join = f"ON s.rowid = {RESULT_OF_ROW}" if self._by_row else "USING (request_key, occurrence)"
+        join = f"ON s.rowid = {RESULT_OF_ROW}"
         cursor = self._db.execute(f"SELECT {select} FROM rows r LEFT JOIN results s {join} ORDER BY r.row")
         return cursor.fetchmany
 
     def totals(self) -> Totals:
         ok, failed, skipped = self._db.execute(
             "SELECT COUNT(*) FILTER (WHERE status = 'ok'), COUNT(*) FILTER (WHERE status = 'failed'),"
-            f" COUNT(*) FILTER (WHERE status = 'skipped') FROM {self._row_results}"
+            f" COUNT(*) FILTER (WHERE status = 'skipped') FROM {ROW_RESULTS}"
         ).fetchone()
         prompt, completion, without_usage = self._db.execute(
             "SELECT SUM(prompt_tokens), SUM(completion_tokens),"
-            f" COUNT(*) FILTER (WHERE {ANSWERED_SQL} AND {NO_USAGE_SQL}) FROM {self._used_results}"
+            f" COUNT(*) FILTER (WHERE {ANSWERED_SQL} AND {NO_USAGE_SQL}) FROM {USED_RESULTS}"
         ).fetchone()
         unknown = None if without_usage else 0  # no sum at all: unknown if answers came, else none
         return Totals(
@@ -517,7 +445,7 @@ class Checkpoint:
 
     def failures_by_kind(self) -> dict[str, int]:
         query = (
-            f"SELECT error_kind, COUNT(*) FROM {self._row_results} WHERE status = 'failed'"
+            f"SELECT error_kind, COUNT(*) FROM {ROW_RESULTS} WHERE status = 'failed'"
             " GROUP BY 1 ORDER BY 2 DESC, 1"
         )
         return {kind or "unknown": n for kind, n in self._db.execute(query)}
@@ -526,7 +454,7 @@ class Checkpoint:
         """The `n` commonest messages of failed rows, as recorded, with how many rows had each."""
         query = (
             "SELECT COALESCE(error, '(no message)'), COUNT(*)"
-            f" FROM {self._row_results} WHERE status = 'failed' GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT ?"
+            f" FROM {ROW_RESULTS} WHERE status = 'failed' GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT ?"
         )
         return self._db.execute(query, (n,)).fetchall()
 
@@ -552,14 +480,14 @@ class KeyIndex:
         self._dedupe = dedupe
         self._begin = "BEGIN IMMEDIATE" if writer else "BEGIN"
         self._last_row = -1
-        db.execute(f"CREATE TABLE IF NOT EXISTS {schema}.rows {_ROWS_TABLE}")
+        db.execute(f"CREATE TABLE IF NOT EXISTS {schema}.rows {ROWS_TABLE}")
         # Scratch of one pass, so in temp: no WAL to write, nothing to keep. In the file its
         # random-order inserts rewrote most of its pages in the WAL each batch (O(N) per batch).
         db.execute("PRAGMA temp.journal_mode = OFF")
         db.execute(f"PRAGMA temp.cache_size = {-SEEN_CACHE_KIB}")
         db.execute("DROP TABLE IF EXISTS temp.seen")
         db.execute("CREATE TEMP TABLE seen (request_key BLOB PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID")
-        db.execute(f"CREATE TEMP TABLE IF NOT EXISTS batch {_ROWS_TABLE}")
+        db.execute(f"CREATE TEMP TABLE IF NOT EXISTS batch {ROWS_TABLE}")
         if writer:  # the file's seen of a checkpoint made before it moved to temp
             with self._transaction():
                 db.execute("DROP TABLE IF EXISTS main.seen")
@@ -660,12 +588,18 @@ class ToDo:
 
 @contextlib.contextmanager
 def transaction(db: sqlite3.Connection, path: Path, begin: str = "BEGIN IMMEDIATE") -> Iterator[None]:
-    """A write that lands whole or not at all; a failed write stops the job, never passes."""
+    """A write that lands whole or not at all; a failed write stops the job, never passes. One
+    begun inside another (a migration step's key pass) is part of it, and lands with it."""
+    if db.in_transaction:
+        yield
+        return
     try:
         db.execute(begin)
         yield
         db.execute("COMMIT")
-    except sqlite3.Error as exc:
+    except BaseException as exc:  # a migration step's refusal too: nothing of it stays
         if db.in_transaction:
             db.execute("ROLLBACK")
-        raise CheckpointError(f"cannot write checkpoint {path}: {exc}") from None
+        if isinstance(exc, sqlite3.Error):
+            raise CheckpointError(f"cannot write checkpoint {path}: {exc}") from None
+        raise

@@ -8,7 +8,7 @@ The HTML report (html_report.py) draws throughput, retries and 429s over time fr
 core knows none of this: it hands each row's attempts over on the row (RowResult.tries).
 
 Both tables are declared here the way results.py declares the results' columns; a checkpoint of
-schema 2 gets them, empty, when a run next opens it (Checkpoint.migrate).
+schema 2 gets them, empty, when it is next opened (the migration step runs_and_attempts).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ INSERT_ATTEMPTS = f"INSERT INTO attempts VALUES ({', '.join('?' for _ in ATTEMPT
 
 
 def create_tables(db: sqlite3.Connection) -> None:
-    """The tables, where missing (a new checkpoint, or one of schema 2); in the caller's transaction."""
+    """The tables, where missing; in the caller's transaction (a migration step's)."""
     for name, columns in TABLES.items():
         db.execute(f"CREATE TABLE IF NOT EXISTS {name} ({columns})")
 

@@ -444,9 +444,10 @@ def index_input(job: PreparedJob, checkpoint: Checkpoint, simulate: bool, limit:
 
 def read_checkpoint(job: PreparedJob, made_for: tuple[Fingerprint, ...], index: bool = True) -> Checkpoint:
     """The job's checkpoint opened to read (refused if made for another job version, as `run`
-    refuses it), with the current input indexed (unless not `index`): by the last run's key pass
-    when the input is as that pass found it, else in temp tables. Its queries answer for the
-    current rows. No checkpoint yet: an empty one in memory."""
+    refuses it) and brought to the current schema (an older one in a private copy), with the
+    current input indexed (unless not `index`): by the last run's key pass when the input is as
+    that pass found it, else in temp tables. Its queries answer for the current rows. No
+    checkpoint yet: an empty one in memory."""
     exists = job.checkpoint_path.exists()
     path = job.checkpoint_path if exists else Path(":memory:")
     checkpoint = open_checkpoint(path, "read", *made_for, rekey=rekey_by_row(job, made_for))

@@ -7,9 +7,9 @@ No batchrun import, so that the core, the storage and the drivers can all share 
 A column with no SQL type (`reused_from`) is not stored: it says how a row of the output came by
 its result, and is made as the output is built (Checkpoint.output_rows, output.py).
 
-Adding a column: declare it here (in its place in the output), add it to `RowResult` below,
-fill it where rows finish, and bump `SCHEMA_VERSION`; existing checkpoints get the
-column in place (null for the rows they hold) when a run next opens them.
+Adding a column: declare it here (in its place in the output), add it to `RowResult` below, fill it
+where rows finish, and append a step that adds it to migrations.MIGRATIONS; existing checkpoints
+get the column (null for the rows they hold) when they are next opened.
 """
 
 from __future__ import annotations
@@ -20,12 +20,6 @@ from enum import StrEnum
 from typing import NamedTuple
 
 import polars as pl
-
-# The checkpoint's schema (SQLite `PRAGMA user_version`); 0: made before the version was recorded.
-# 2: results keyed by the request they answer (RESULT_KEY), not by row position. 3: the record of
-# runs and attempts (history.py). 4: `results_by_row`, an index of the results by the row they were
-# sent for, so the output build reads them in row order instead of probing the key index at random.
-SCHEMA_VERSION = 4
 
 
 @dataclass(frozen=True)

@@ -11,13 +11,15 @@ from dataclasses import fields
 from pathlib import Path
 
 import polars as pl
+import pytest
 
-from batchrun.results import NAMES, OUTPUT_RESULT_COLUMNS, SCHEMA_VERSION, STORED, RowResult
+from batchrun.checkpoint import open_checkpoint
+from batchrun.migrations import MIGRATIONS, SCHEMA_VERSION
+from batchrun.results import NAMES, OUTPUT_RESULT_COLUMNS, STORED, RowResult
 from batchrun.simulator import RunningSimulator
 from tests.conftest import article_rows, checkpoint_path, invoke, read_output, write_job
 
 FIXTURE = Path(__file__).parent / "fixtures" / "checkpoint_v1"
-FIXTURE_V3 = Path(__file__).parent / "fixtures" / "checkpoint_v3"
 
 
 def previous_release_job(tmp_path: Path) -> Path:
@@ -42,10 +44,41 @@ def test_row_result_has_the_registry_columns_with_matching_types() -> None:
         assert python_type[column.sql] in (declared, *typing.get_args(declared)), column.name
 
 
-def test_checkpoint_of_the_previous_release_resumes(tmp_path: Path) -> None:
-    job = previous_release_job(tmp_path)
-    before = dict(((r, (s, rid)) for r, s, rid in sql(job, "SELECT row, status, response_id FROM results")))
-    assert sql(job, "PRAGMA user_version") == [(0,)] and len(before) == 8
+# tests/fixtures/checkpoint_vN: made by batchrun 0.N, which had the first N steps of migrations.py.
+RELEASES = range(1, 5)
+
+
+def schema(db_path: Path) -> dict[str, object]:
+    """A checkpoint's tables (each with its columns as PRAGMA table_info gives them) and indexes."""
+    with sqlite3.connect(db_path) as db:
+        found = db.execute("SELECT name, type FROM sqlite_master WHERE tbl_name != 'migrations'").fetchall()
+        return {name: db.execute(f"PRAGMA table_info({name})").fetchall() or kind for name, kind in found}
+
+
+@pytest.mark.parametrize("steps", RELEASES, ids=[f"0.{n}" for n in RELEASES])
+def test_a_checkpoint_of_each_release_is_read_then_resumed_into_the_current_schema(
+    tmp_path: Path, steps: int
+) -> None:
+    """Rows 0-7 done (1001 and 1004 failed with HTTP 400), rows 8-11 pending; made with --simulate."""
+    shutil.copytree(Path(__file__).parent / "fixtures" / f"checkpoint_v{steps}", tmp_path / "job")
+    job = tmp_path / "job" / "job.yaml"
+    before = {r: (s, rid) for r, s, rid in sql(job, "SELECT row, status, response_id FROM results")}
+    recorded = checkpoint_path(job).read_bytes()
+
+    status = invoke("status", str(job))  # readers migrate a private copy: the file stays as it was
+    cost = invoke("cost", str(job), "--by", "status", "--format", "csv")
+    page = invoke("report", str(job))
+
+    assert status.exit_code == 0, status.output
+    assert status.stdout.splitlines()[:2] + status.stdout.splitlines()[4:6] == [
+        "ok: 6", "failed: 2 (http_400: 2)", "pending: 4", "of: 12"
+    ]  # fmt: skip
+    assert cost.exit_code == 0, cost.output
+    assert [line.split(",")[:3] for line in cost.stdout.splitlines()[1:4]] == [
+        ["failed", "grok-4.3", "2"], ["ok", "grok-4.3", "6"], ["pending", "", "4"]
+    ]  # fmt: skip
+    assert page.exit_code == 0, page.output
+    assert checkpoint_path(job).read_bytes() == recorded
 
     resumed = invoke("run", str(job), "--simulate")
 
@@ -55,36 +88,31 @@ def test_checkpoint_of_the_previous_release_resumes(tmp_path: Path) -> None:
     assert report["this_run"]["requests"] == 4  # only the pending rows were sent
     out = read_output(job)
     assert out.columns == ["id", "title", *OUTPUT_RESULT_COLUMNS]
-    assert out["status"].to_list() == ["ok", "failed", "ok", "ok", "failed"] + ["ok"] * 7
-    kept = out.head(8).select("status", "response_id").rows()
-    assert kept == [before[r] for r in range(8)]  # the finished rows as recorded, not sent again
-    assert sql(job, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
-
-
-def test_a_schema_3_checkpoint_is_read_as_it_is_and_indexed_by_row_once_resumed(tmp_path: Path) -> None:
-    shutil.copytree(FIXTURE_V3, tmp_path / "job")
-    job = tmp_path / "job" / "job.yaml"
-    by_row = "SELECT name FROM sqlite_master WHERE name = 'results_by_row'"
-    assert sql(job, "PRAGMA user_version") == [(3,)] and sql(job, by_row) == []
-
-    cost = invoke("cost", str(job), "--by", "status", "--format", "csv")  # a reader builds the table
-
-    assert cost.exit_code == 0, cost.output
-    assert [line.split(",")[:3] for line in cost.stdout.splitlines()[1:4]] == [
-        ["failed", "grok-4.3", "2"], ["ok", "grok-4.3", "6"], ["pending", "", "4"]
-    ]  # fmt: skip
-    assert sql(job, "PRAGMA user_version") == [(3,)] and sql(job, by_row) == []  # unchanged
-
-    resumed = invoke("run", str(job), "--simulate")
-
-    assert resumed.exit_code == 1, resumed.output  # two rows failed, as recorded
-    assert "resuming: 8 of 12 rows already done" in resumed.stderr
-    assert sql(job, "PRAGMA user_version") == [(SCHEMA_VERSION,)] and sql(job, by_row) == [
-        ("results_by_row",)
-    ]
-    out = read_output(job)
-    assert out["status"].to_list() == ["ok", "failed", "ok", "ok", "failed"] + ["ok"] * 7
     assert out["id"].to_list() == list(range(1000, 1012))
+    assert out["status"].to_list() == ["ok", "failed", "ok", "ok", "failed"] + ["ok"] * 7
+    assert out.head(8).select("status", "response_id").rows() == [before[r] for r in range(8)]
+    new = open_checkpoint(tmp_path / "new.sqlite", "fresh", {})
+    new.close()
+    assert schema(checkpoint_path(job)) == schema(tmp_path / "new.sqlite")
+    assert sql(job, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+    if steps < len(MIGRATIONS):  # the steps it had, undated, then those applied now
+        applied = sql(job, "SELECT name, applied IS NOT NULL FROM migrations ORDER BY rowid")
+        assert applied == [(m.name, n >= steps) for n, m in enumerate(MIGRATIONS)]
+
+
+def test_each_migration_is_applied_once_and_recorded(tmp_path: Path) -> None:
+    path = tmp_path / "c.sqlite"
+    open_checkpoint(path, "fresh", {}).close()
+    with sqlite3.connect(path) as db:
+        applied = db.execute("SELECT name, applied FROM migrations ORDER BY rowid").fetchall()
+
+    open_checkpoint(path, "resume", {}).close()
+    open_checkpoint(path, "read", {}).close()
+
+    assert [name for name, _ in applied] == [m.name for m in MIGRATIONS]
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT name, applied FROM migrations ORDER BY rowid").fetchall() == applied
+        assert db.execute("PRAGMA user_version").fetchone() == (len(MIGRATIONS),)
 
 
 def test_a_column_new_since_the_checkpoint_is_added_in_place(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from batchrun.html_report import PAGE_SWITCH
-from batchrun.results import SCHEMA_VERSION
+from batchrun.migrations import SCHEMA_VERSION
 from batchrun.simulator import RunningSimulator
 from tests.conftest import TEST_KEY, article_rows, checkpoint_path, invoke, read_output, write_job
 from tests.stub_server import Reply, Request, completion, serve_stub

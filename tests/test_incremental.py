@@ -97,6 +97,13 @@ def test_a_checkpoint_of_0_1_for_another_input_is_refused(tmp_path: Path) -> Non
     )
     assert (refused.exit_code, refused.stderr) == (2, expected)
     assert (status.exit_code, status.stderr) == (2, expected)
+    with sqlite3.connect(tmp_path / "job" / "out" / "result.parquet.checkpoint.sqlite") as db:
+        # The refused migration step (its key pass too) rolled back whole: the file is as 0.1 left it.
+        assert db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall() == [
+            ("results",),
+            ("meta",),
+        ]
+        assert db.execute("PRAGMA user_version").fetchone() == (0,)
     fresh = invoke("run", str(job), "--simulate", "--fresh")
     assert fresh.exit_code == 1, fresh.output  # rows 1001 and 1004 fail (their marker)
     assert pl.read_parquet(tmp_path / "job" / "out" / "result.parquet").height == 13
