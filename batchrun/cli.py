@@ -21,6 +21,7 @@ from batchrun.terminal import printable
 # Commands import what they use when they run, so that `--help` and `--version` need none of
 # polars, aiohttp, pydantic or genai-prices (tests/test_startup.py).
 if TYPE_CHECKING:
+    from batchrun.distributed import RayOptions
     from batchrun.estimate import Pilot
     from batchrun.job import JobSpec
     from batchrun.report import RunResult
@@ -191,16 +192,7 @@ def run(
       batchrun jobs/summarize.yaml --max-cost 5       # spend at most $5 on the job
       batchrun jobs/summarize.yaml --ray --workers 2  # on a local Ray, two workers
     """
-    if workers is not None and ray_address is None:
-        raise click.UsageError("--workers goes with --ray")
-    ray = None
-    if ray_address is not None:
-        from batchrun.distributed.cluster import import_ray
-
-        import_ray()  # before the job is read: without the extra, say so first
-        from batchrun.distributed import RayOptions
-
-        ray = RayOptions(ray_address or None, workers)
+    ray = ray_options(ray_address, workers)
     from batchrun.runner import RunOptions
 
     spec = load_spec(job_file, no_check_model)
@@ -237,6 +229,20 @@ def run(
     elif result.budget_stopped:
         echo(budget_stop(result, job_file), err=True)
     sys.exit(result.exit_code)
+
+
+def ray_options(address: str | None, workers: int | None) -> RayOptions | None:
+    """--ray and --workers; Ray is imported before the job is read: without the extra, say so first."""
+    if workers is not None and address is None:
+        raise click.UsageError("--workers goes with --ray")
+    if address is None:
+        return None
+    from batchrun.distributed.cluster import import_ray
+
+    import_ray()
+    from batchrun.distributed import RayOptions
+
+    return RayOptions(address or None, workers)
 
 
 def run_in_process(spec: JobSpec, options: RunOptions) -> RunResult:
