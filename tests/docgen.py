@@ -1,0 +1,257 @@
+"""The generated parts of docs/: run by cog (`cog -r docs/*.md`), checked by tests/test_docs.py.
+
+- `job_keys()`: every key of the job file, walked from the pydantic models of batchrun/job.py
+  (type, default and bounds come from the schema; what a key does from `MEANING` below);
+- `output_columns()`: the output table's columns, from batchrun/results.py's `COLUMNS`;
+- `cli_reference()`: the commands' `--help`, as click prints it.
+
+A key in the schema without a line in `MEANING`, or a line for a key the schema lacks, raises, so
+`cog --check` (and the test running it) fails until both agree.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import annotated_types
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
+
+# What each job key does, for users. Keys as dotted paths; `[]` is an item of a list, `NAME` a
+# key the user chooses, `*` any other key.
+MEANING = {
+    "input": "Where the rows come from.",
+    "input.path": "A `.csv`, `.parquet` or `.jsonl` / `.ndjson` file, a glob of them "
+    "(`data/part-*.parquet`), a folder of `.parquet` files, or an `s3://`, `gs://`, `az://` or `hf://` "
+    "URL of one of these. Relative to the job file.",
+    "input.id_column": "The column that names each row in the output; without it, the 0-based row "
+    "number is the id.",
+    "input.on_null": "A null in a column the prompt uses: `error` stops before sending and names the "
+    'rows, `skip` records the row `skipped` without sending it, `empty` renders it as `""`.',
+    "input.messages_column": "A column holding each row's whole conversation, a list of `{role, "
+    "content}` (JSON text in CSV). Replaces `prompt.user` and `prompt.messages`.",
+    "input.format": "`csv`, `parquet` or `jsonl`, where the path's suffix does not say it "
+    "(`articles.csv.gz`).",
+    "output": "Where the output table goes.",
+    "output.path": "A `.parquet`, `.csv` or `.jsonl` file, or an `s3://`, `gs://` or `az://` URL. "
+    "The checkpoint and reports go beside a local path.",
+    "output.format": "As `input.format`, where the suffix does not say it.",
+    "output.include_columns": "Input columns copied into the output beside each answer.",
+    "output.fields": "Typed columns read from each answer (JSON in the content, or the first tool "
+    "call's arguments); an answer that does not fit is asked for again.",
+    "output.fields.NAME": "The column's type: `string`, `integer`, `number`, `boolean`, `list` (of "
+    "strings), or `{enum: [a, b, ...]}`.",
+    "model": "The model name sent with every request; checked against the endpoint's `GET /models` "
+    "before anything is sent.",
+    "prompt": "The messages sent for each row: `system` and `user`, or `messages`.",
+    "prompt.system": "The system message (a template, like `user`).",
+    "prompt.user": "The user message: `{column}` is replaced by the row's value; `{{` and `}}` are "
+    "literal braces.",
+    "prompt.messages": "A whole conversation of templates (few-shot), instead of `system` / `user`.",
+    "prompt.messages[].role": "`system`, `user`, `assistant` or `tool`.",
+    "prompt.messages[].content": "A template, like `prompt.user`.",
+    "params": "Merged into each request body; a key close to a known parameter's name is refused as a "
+    "typo, and `model` and `messages` cannot be set here.",
+    "params.temperature": "Sampling temperature.",
+    "params.max_tokens": "The longest answer; also what the budget and token pacing reserve.",
+    "params.top_p": "Nucleus sampling.",
+    "params.stop": "A string, or 1 to 4 strings, that end the answer.",
+    "params.tools": "OpenAI function tools: `[{type: function, function: {name, description, "
+    "parameters}}]`. With `output.fields`, the fields are read from the first tool call.",
+    "params.*": "Any other key (`seed`, `stream`, `tool_choice`, `response_format`, ...) passes "
+    "through unchanged. `stream: true` adds `stream_options.include_usage`.",
+    "endpoint": "The OpenAI-compatible server.",
+    "endpoint.base_url": "Its URL, up to `/v1`.",
+    "endpoint.api_key_env": "The environment variable that holds the key.",
+    "endpoint.timeout_s": "Seconds per request.",
+    "endpoint.allow_insecure_http": "Allow plain `http://` to a host other than this machine (the "
+    "key would travel in clear text).",
+    "endpoint.check_model": "`false` skips the `GET /models` check, for a gateway that serves models "
+    "its list does not name.",
+    "endpoint.max_response_mb": "A longer answer fails its row (`response_too_large`), read no further.",
+    "concurrency": "Requests in flight at most (on Ray: across the whole cluster).",
+    "retry": "How failed requests are tried again.",
+    "retry.max_attempts": "Requests per row at most.",
+    "retry.max_parse_attempts": "Answers asked for per row while `output.fields` do not fit.",
+    "retry.initial_backoff_s": "The first backoff; it doubles, with full jitter.",
+    "retry.max_backoff_s": "The longest backoff; also caps a server's `Retry-After`.",
+    "retry.max_outage_s": "An outage (no answer at all, or 502/503/504) this long stops the job with exit 4.",
+    "rate_limit": "Your key's limits; without them batchrun adapts to 429s.",
+    "rate_limit.requests_per_minute": "Requests paced evenly over the minute, with no bursts.",
+    "rate_limit.tokens_per_minute": "Each request reserves its estimated prompt tokens plus "
+    "`max_tokens`; the usage settles the difference.",
+    "stall_warning_s": "Warn when no row has finished for this long.",
+    "pricing": "Your prices, instead of the model's list price (from the `genai-prices` package).",
+    "pricing.input_per_million": "USD per million prompt tokens.",
+    "pricing.output_per_million": "USD per million completion tokens (reasoning included).",
+    "pricing.cached_input_per_million": "USD per million cached prompt tokens; default: the input rate.",
+    "pricing.discount": "A fraction off every list rate (`0.3`: 30% off); instead of the rates.",
+    "budget": "A spending limit.",
+    "budget.max_cost_usd": "The whole job's spending at most, earlier runs included (exit 3 when reached).",
+    "checkpoint": "Where the checkpoint lives; default: `OUTPUT.checkpoint.sqlite` beside a local "
+    "output, `.batchrun/` beside the job file for a URL output.",
+    "dedupe": "Send identical requests once; every row with one gets its answer (`reused_from`).",
+}
+
+HIDDEN = {"job_path"}  # set by batchrun, refused in a job file
+
+
+def _unwrap(annotation: Any) -> tuple[Any, bool]:
+    """The annotation without `| None`, and whether None was allowed."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return (rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]), True  # noqa: UP007
+    return annotation, False
+
+
+def _model(annotation: Any) -> type[BaseModel] | None:
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def _type_name(annotation: Any) -> str:
+    annotation, _ = _unwrap(annotation)
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return "path or URL" if args[0].__name__ == "Location" else _type_name(args[0])
+    if origin is Literal:
+        return " \\| ".join(f"`{a}`" for a in args)
+    if origin in (typing.Union, types.UnionType):
+        if {getattr(a, "__name__", "") for a in args} == {"Path", "Url"}:
+            return "path or URL"  # storage.Location
+        return " or ".join(_type_name(a) for a in args)
+    if origin is tuple:
+        return f"list of {_type_name(args[0])}s" if _model(args[0]) is None else "list"
+    if origin is dict:
+        return "mapping"
+    if _model(annotation) is not None:
+        return "section"
+    names = {str: "string", int: "integer", float: "number", bool: "boolean", Path: "path"}
+    if annotation in names:
+        return names[annotation]
+    if getattr(annotation, "__name__", "") == "Location":
+        return "path or URL"
+    raise ValueError(f"no name for the type {annotation!r}")
+
+
+def _bounds(metadata: list[Any]) -> str:
+    found = []
+    for item in metadata:
+        for kind, attribute, sign in (
+            (annotated_types.Ge, "ge", ">="),
+            (annotated_types.Gt, "gt", ">"),
+            (annotated_types.Le, "le", "<="),
+            (annotated_types.Lt, "lt", "<"),
+        ):
+            if isinstance(item, kind):
+                found.append(f"{sign} {getattr(item, attribute)}")
+    return ", ".join(found)
+
+
+def _default(field: Any, optional: bool) -> str:
+    if field.is_required():
+        return "required"
+    default = field.default
+    if default is PydanticUndefined or default is None or default == () or default == {}:
+        return "-" if optional or default is None else "empty"
+    if isinstance(default, BaseModel):
+        return "-"
+    if isinstance(default, bool):
+        return f"`{str(default).lower()}`"
+    if isinstance(default, float) and default.is_integer():
+        return f"`{int(default)}`"
+    return f"`{default}`"
+
+
+def _rows(model: type[BaseModel], prefix: str) -> Iterator[tuple[str, str, str]]:
+    """(key, type with bounds, default) for each key under `model`, sections before their keys."""
+    for name, field in model.model_fields.items():
+        if name in HIDDEN:
+            continue
+        key = f"{prefix}{name}"
+        annotation, optional = _unwrap(field.annotation)
+        bounds = _bounds(field.metadata)
+        type_text = _type_name(annotation) + (f" ({bounds})" if bounds else "")
+        yield key, type_text, _default(field, optional)
+        inner = _model(annotation)
+        if inner is not None:
+            yield from _rows(inner, f"{key}.")
+            if inner.model_config.get("extra") == "allow":
+                yield f"{key}.*", "any", "-"
+        elif typing.get_origin(annotation) is tuple and _model(typing.get_args(annotation)[0]):
+            yield from _rows(typing.get_args(annotation)[0], f"{key}[].")
+        elif typing.get_origin(annotation) is dict:
+            yield f"{key}.NAME", "field type", "-"
+
+
+def job_keys() -> str:
+    """The job file's keys as a Markdown table; raises when MEANING and the schema disagree."""
+    from batchrun.job import JobSpec
+
+    rows = list(_rows(JobSpec, ""))
+    keys = [key for key, _, _ in rows]
+    missing, stale = set(keys) - set(MEANING), set(MEANING) - set(keys)
+    if missing or stale:
+        raise ValueError(
+            f"tests/docgen.py MEANING: describe {sorted(missing)}; drop {sorted(stale)} (not in job.py)"
+        )
+    lines = ["| key | type | default | what it does |", "|---|---|---|---|"]
+    lines += [f"| `{key}` | {kind} | {default} | {MEANING[key]} |" for key, kind, default in rows]
+    return "\n".join(lines)
+
+
+def job_key_paths() -> set[str]:
+    """Every dotted key of the job file (`params.*`, `output.fields.NAME` as written in MEANING)."""
+    from batchrun.job import JobSpec
+
+    return {key for key, _, _ in _rows(JobSpec, "")}
+
+
+def output_columns() -> str:
+    """The output table's columns as a Markdown table, from results.COLUMNS."""
+    from batchrun.results import COLUMNS
+
+    lines = [
+        "| column | type | what it holds |",
+        "|---|---|---|",
+        "| `id` | as the input's `id_column`, else integer | the row's id: `input.id_column`, or its "
+        "0-based row number |",
+        "| *`include_columns`* | as in the input | the input columns `output.include_columns` names |",
+        "| *`output.fields`* | as declared | one typed column per field (a `list` is JSON text in CSV) |",
+    ]
+    for column in COLUMNS:
+        if column.in_output:
+            lines.append(f"| `{column.name}` | {_dtype(column.polars)} | {column.meaning} |")
+    return "\n".join(lines)
+
+
+def _dtype(dtype: Any) -> str:
+    return {"String": "string", "Int64": "integer", "Float64": "float"}.get(str(dtype), str(dtype))
+
+
+def cli_reference() -> str:
+    """Each command's `--help`, as a section with its usage and help text."""
+    import click
+
+    from batchrun.cli import main
+
+    def context(command: click.Command, name: str, parent: click.Context | None = None) -> click.Context:
+        return click.Context(command, info_name=name, parent=parent, terminal_width=100)
+
+    top = context(main, "batchrun")
+    out = ["| command | what it does |", "|---|---|"]
+    for name, command in main.commands.items():
+        usage = " ".join(command.collect_usage_pieces(context(command, name, top))).replace("|", "\\|")
+        default = " (or `batchrun JOB`)" if name == main.default_cmd_name else ""
+        short = command.get_short_help_str(limit=200).replace("|", "\\|")
+        out.append(f"| [`batchrun {name} {usage}`](#batchrun-{name}){default} | {short} |")
+    out.append("")
+    for name, command in [("", main), *main.commands.items()]:
+        ctx = context(command, name, top) if name else top
+        out.append(f"## batchrun {name}".rstrip() + "\n")
+        out.append(f"```text\n{command.get_help(ctx)}\n```\n")
+    return "\n".join(out).rstrip()
