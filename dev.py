@@ -1,7 +1,8 @@
 """The README's commands, each setting itself up on a fresh clone (Python 3.11+ and PyPI only).
 
     python3 dev.py demo     run the sample job on the built-in simulator and print its summary
-    python3 dev.py test     what CI runs: the checks below, then the tests (extra arguments go to pytest)
+    python3 dev.py test     what CI runs: the checks below, the docs build, then the tests (extra
+                            arguments go to pytest)
     python3 dev.py check    the checks alone: ruff check, ruff format --check, mypy --strict
 
 Each makes `.venv` beside this file and installs the project with its dev extras (the test
@@ -48,9 +49,22 @@ def main(argv: list[str]) -> int:
         [python, "-m", "ruff", "format", "--check", *sources],
         [python, "-m", "mypy"],  # strict, on batchrun/ (pyproject.toml's [tool.mypy])
     ]
+    # The docs site (mkdocs.yml): a broken link, reference or docstring fails it. Built into the
+    # git-ignored build/site; `mkdocs serve` shows it while editing.
+    docs = [
+        python,
+        "-m",
+        "mkdocs",
+        "build",
+        "--strict",
+        "--quiet",
+        "--site-dir",
+        str(ROOT / "build" / "site"),
+    ]
+    os.environ.setdefault("NO_MKDOCS_2_WARNING", "1")  # Material's banner about its successor
     commands = {  # extra arguments go to the last command
         "demo": [[str(BIN / "batchrun"), "jobs/summarize.yaml", "--simulate", "--fresh"]],
-        "test": [*checks, [python, "-m", "pytest", "-q"]],
+        "test": [*checks, docs, [python, "-m", "pytest", "-q"]],
         "check": checks,
     }
     if not argv or argv[0] not in commands:
