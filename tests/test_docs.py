@@ -104,7 +104,7 @@ def prose(page: Path) -> str:
     text = page.read_text()
     text = re.sub(r"<!-- \[\[\[cog.*?\[\[\[end\]\]\] -->", "", text, flags=re.S)
     text = re.sub(r"<!--.*?-->", "", text, flags=re.S)
-    return re.sub(r"^(\s*)(```+).*?^\1\2\s*$", "", text, flags=re.S | re.M)
+    return re.sub(r"^([ \t]*)(```+).*?^\1\2[ \t]*$", "", text, flags=re.S | re.M)
 
 
 def spans(page: Path) -> list[str]:
