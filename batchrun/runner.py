@@ -136,13 +136,13 @@ async def preflight(spec: JobSpec, options: RunOptions) -> Checked:
             "pricing: {input_per_million: ..., output_per_million: ...} to the job",
             spec.job_path,
         )
+    key = None if options.simulate else api_key(spec.endpoint)  # a key not set stops it here
     model_note = None
     if options.http_client is not None:
         # The check runs on a loop of its own, where the caller's client cannot go: the first
         # chat request decides instead (an endpoint that does not answer still stops the job).
         model_note = "note: with your own http_client the model name is not checked before the run"
-    elif not options.simulate:
-        key = api_key(spec.endpoint)
+    elif key is not None:
         model_note = await asyncio.to_thread(check_model, spec, spec.endpoint.base_url, key)
     fingerprint = job.fingerprint(options.simulate)
     if not (options.fresh or options.yes or options.retry_failed):
