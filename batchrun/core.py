@@ -46,7 +46,7 @@ from batchrun.job import FieldType, RetrySpec
 from batchrun.limits import Limiter, Permit
 from batchrun.plan import Planned, PreparedJob
 from batchrun.prompts import text_length
-from batchrun.results import Attempt, RowResult, RowTally, Status
+from batchrun.results import Attempt, RowResult, RowStatus, RowTally
 from batchrun.retry import Sleep, row_policy
 from batchrun.structured import describe_format, read_fields, reask_growth, reask_messages
 
@@ -110,7 +110,7 @@ def _skipped(planned: Planned) -> RowResult:
     return RowResult(
         planned.row,
         planned.id,
-        Status.SKIPPED,
+        RowStatus.SKIPPED,
         error_kind="null_value",
         error=reason,
         request_key=planned.request_key,
@@ -145,7 +145,7 @@ def _row_result(
     return RowResult(
         request.row,
         request.id,
-        Status.FAILED if error else Status.OK,
+        RowStatus.FAILED if error else RowStatus.OK,
         content=last.content,
         tool_calls=_tool_calls_json(last.tool_calls) if last.tool_calls else None,
         fields=orjson.dumps(fields).decode() if fields is not None else None,
@@ -388,9 +388,9 @@ class Core:
             else "finished"
         )
         return RunStats(
-            ok=self._tally.by_status[Status.OK],
-            failed=self._tally.by_status[Status.FAILED],
-            skipped=self._tally.by_status[Status.SKIPPED],
+            ok=self._tally.by_status[RowStatus.OK],
+            failed=self._tally.by_status[RowStatus.FAILED],
+            skipped=self._tally.by_status[RowStatus.SKIPPED],
             tokens=self._tally.known_tokens,
             rows_without_usage=self._tally.without_usage,
             cost_usd=self._tally.cost_usd,
@@ -443,7 +443,7 @@ class Core:
                 return
             if self.budget is not None:
                 self.budget.settle(worst, result.cost_usd)
-            if result.status == Status.FAILED and self.same_failure.undecided:
+            if result.status == RowStatus.FAILED and self.same_failure.undecided:
                 self._held.append(result)  # recorded once the job is known not to be doomed
             else:
                 self._results.put_nowait(result)

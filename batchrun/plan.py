@@ -41,7 +41,7 @@ from batchrun.errors import CheckpointError, InputError, JobError, Remedy
 from batchrun.job import PYTHON_JOB, JobSpec, table_format
 from batchrun.output import probe_destination
 from batchrun.prompts import PromptTemplates, conversation
-from batchrun.results import OUTPUT_RESULT_COLUMNS, Status
+from batchrun.results import OUTPUT_RESULT_COLUMNS, RowStatus
 from batchrun.sources import BATCH_ROWS, ROW, Source, open_source
 from batchrun.storage import Location, Url, location
 from batchrun.structured import format_fallbacks
@@ -292,7 +292,7 @@ class KeyedPlan:
             position = row[ROW]
             status = statuses.get(position)
             if self._retry_failed:
-                wanted = status is not None and status[0] == Status.FAILED
+                wanted = status is not None and status[0] == RowStatus.FAILED
             else:
                 wanted = status is None and (self._only is None or position in self._only)
             if not wanted:

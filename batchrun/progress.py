@@ -12,7 +12,7 @@ from typing import Never, TextIO
 from tqdm import tqdm
 
 from batchrun.events import Level, RunStarted
-from batchrun.results import RowResult, RowTally, Status
+from batchrun.results import RowResult, RowStatus, RowTally
 from batchrun.terminal import printable
 
 PLAIN_INTERVAL_S = 10.0  # cron and CI logs want a line now and then, not a redrawn bar
@@ -46,9 +46,9 @@ class Progress:
     def started(self, run: RunStarted) -> None:
         """Rows finished before this run (a resume) start out counted."""
         self.total = run.total
-        self.ok = run.done_before.get(Status.OK, 0)
-        self.failed = run.done_before.get(Status.FAILED, 0)
-        self.skipped = run.done_before.get(Status.SKIPPED, 0)
+        self.ok = run.done_before.get(RowStatus.OK, 0)
+        self.failed = run.done_before.get(RowStatus.FAILED, 0)
+        self.skipped = run.done_before.get(RowStatus.SKIPPED, 0)
         self.done = self._done_at_start = self.ok + self.failed + self.skipped
         self.cost_usd = run.cost_usd
         self._budget_usd = run.budget_usd
@@ -83,9 +83,9 @@ class Progress:
         if counted.cancelled() or counted.exception() is not None:
             return  # the runner raises it
         counts, spent = counted.result()
-        self.ok += counts.get(Status.OK, 0)
-        self.failed += counts.get(Status.FAILED, 0)
-        self.skipped += counts.get(Status.SKIPPED, 0)
+        self.ok += counts.get(RowStatus.OK, 0)
+        self.failed += counts.get(RowStatus.FAILED, 0)
+        self.skipped += counts.get(RowStatus.SKIPPED, 0)
         n = sum(counts.values())
         self.done += n
         self._done_at_start += n
@@ -101,9 +101,9 @@ class Progress:
             self._take_counted()
         self.done += 1
         self.run.add(result)
-        if result.status == Status.OK:
+        if result.status == RowStatus.OK:
             self.ok += 1
-        elif result.status == Status.SKIPPED:
+        elif result.status == RowStatus.SKIPPED:
             self.skipped += 1
         else:
             self.failed += 1

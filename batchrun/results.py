@@ -70,7 +70,7 @@ OUTPUT_RESULT_COLUMNS = tuple(c.name for c in COLUMNS if c.in_output)
 ANSWER_COLUMNS = ("content", "tool_calls", "finish_reason")
 
 
-class Status(StrEnum):
+class RowStatus(StrEnum):
     """A row's status: in the checkpoint (ok, failed, skipped) and in the output (pending too)."""
 
     OK = "ok"
@@ -97,7 +97,7 @@ class RowResult:
 
     row: int
     id: str
-    status: str  # Status.OK, FAILED or SKIPPED
+    status: str  # RowStatus.OK, FAILED or SKIPPED
     _: KW_ONLY
     fields: str | None = None  # JSON text: the parsed output.fields, typed columns in the output
     content: str | None = None
@@ -123,7 +123,7 @@ class RowResult:
     @property
     def answered(self) -> bool:
         """Whether the row got an answer (ok, or failed on one), and so was billed."""
-        return self.status == Status.OK or any(getattr(self, c) is not None for c in ANSWER_COLUMNS)
+        return self.status == RowStatus.OK or any(getattr(self, c) is not None for c in ANSWER_COLUMNS)
 
 
 @dataclass

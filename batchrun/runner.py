@@ -42,7 +42,7 @@ from batchrun.plan import (
     run_plan,
 )
 from batchrun.report import RunResult, write_run_report
-from batchrun.results import Status
+from batchrun.results import RowStatus
 from batchrun.structured import describe_format
 
 if TYPE_CHECKING:
@@ -226,8 +226,8 @@ async def open_run(checked: Checked, options: RunOptions) -> Opened:
             if counted.done():
                 opened.before, opened.spent_usd = counted.result()
         if options.retry_failed:
-            opened.to_send = opened.before.get(Status.FAILED, 0)
-            opened.before[Status.FAILED] = 0  # sent again: each counts once it finishes anew
+            opened.to_send = opened.before.get(RowStatus.FAILED, 0)
+            opened.before[RowStatus.FAILED] = 0  # sent again: each counts once it finishes anew
         elif options.rows is not None:
             opened.to_send = len(options.rows)
         else:
@@ -323,10 +323,10 @@ async def finish(
     top_errors = tally.top_errors()
     result = RunResult(
         total=opened.in_scope,
-        ok=tally.by_status[Status.OK],
-        failed=tally.by_status[Status.FAILED],
-        skipped=tally.by_status[Status.SKIPPED],
-        pending=tally.by_status[Status.PENDING],
+        ok=tally.by_status[RowStatus.OK],
+        failed=tally.by_status[RowStatus.FAILED],
+        skipped=tally.by_status[RowStatus.SKIPPED],
+        pending=tally.by_status[RowStatus.PENDING],
         prompt_tokens=tally.tokens("prompt_tokens"),
         completion_tokens=tally.tokens("completion_tokens"),
         failures_by_kind=tally.kinds(),

@@ -24,7 +24,7 @@ from batchrun.events import Level, RunStarted
 from batchrun.job import RetrySpec
 from batchrun.limits import Limiter
 from batchrun.plan import Planned
-from batchrun.results import RowResult, Status
+from batchrun.results import RowResult, RowStatus
 from batchrun.structured import format_fallbacks
 
 Answer = Callable[[dict[str, Any], int], ChatResult]  # (request body, call number) -> answer, or raise
@@ -224,7 +224,12 @@ def test_a_row_whose_request_alone_gets_no_answer_fails_once_the_endpoint_is_see
     events = run(settings(width=1), FakeBackend(reply), 4).events
 
     by_row = {r.row: r for r in events.rows}
-    assert [by_row[i].status for i in range(4)] == [Status.OK, Status.OK, Status.FAILED, Status.OK]
+    assert [by_row[i].status for i in range(4)] == [
+        RowStatus.OK,
+        RowStatus.OK,
+        RowStatus.FAILED,
+        RowStatus.OK,
+    ]
     assert by_row[2].attempts == RETRY.max_attempts
     assert by_row[2].error_kind == "connection"
 

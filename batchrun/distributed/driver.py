@@ -26,7 +26,7 @@ from batchrun.errors import BatchrunError
 from batchrun.events import Events
 from batchrun.executors import Execution
 from batchrun.plan import IndexedPlan, KeyedPlan, Planned, PreparedJob
-from batchrun.results import RowResult, RowTally, Status
+from batchrun.results import RowResult, RowStatus, RowTally
 
 if TYPE_CHECKING:
     from batchrun.distributed import RayOptions
@@ -194,9 +194,9 @@ async def _collect(run: ClusterRun, inbox: asyncio.Queue[tuple[int, str, Any]], 
     if error is not None:
         outcome = "aborted"
     return RunStats(
-        ok=tally.by_status[Status.OK],
-        failed=tally.by_status[Status.FAILED],
-        skipped=tally.by_status[Status.SKIPPED],
+        ok=tally.by_status[RowStatus.OK],
+        failed=tally.by_status[RowStatus.FAILED],
+        skipped=tally.by_status[RowStatus.SKIPPED],
         tokens=tally.known_tokens,
         rows_without_usage=tally.without_usage,
         cost_usd=tally.cost_usd,
