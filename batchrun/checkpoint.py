@@ -36,11 +36,11 @@ from typing import IO, Any, Literal
 from batchrun import history, migrations
 from batchrun.errors import CheckpointError, Remedy
 from batchrun.migrations import ROWS_TABLE, SCHEMA_VERSION
-from batchrun.results import ANSWER_COLUMNS, NAMES, OUTPUT_RESULT_COLUMNS, RowResult
+from batchrun.results import ANSWER_COLUMNS, NAMES, OUTPUT_RESULT_COLUMNS, USAGE_REPORTED, RowResult
 
 # Rows answered, and rows answered without usage, in SQL, for the whole checkpoint at once.
 ANSWERED_SQL = f"(status = 'ok' OR {' OR '.join(f'{c} IS NOT NULL' for c in ANSWER_COLUMNS)})"
-NO_USAGE_SQL = "(prompt_tokens IS NULL OR completion_tokens IS NULL)"
+NO_USAGE_SQL = f"({' OR '.join(f'{c} IS NULL' for c in USAGE_REPORTED)})"
 # The rowid of row r's result: its own, found in `results_by_row` in row order (its pages read
 # once each), else the one another row sent (dedupe), by key. At 1M rows, 4x faster than a join
 # by key (a probe of the results' key index per row, at random), 8x for the results used.

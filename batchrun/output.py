@@ -20,7 +20,7 @@ from polars.io.plugins import register_io_source
 from batchrun.checkpoint import OUTPUT_ROW_COLUMNS
 from batchrun.errors import BatchrunError
 from batchrun.job import FieldType, TableFormat, table_format
-from batchrun.results import ANSWER_COLUMNS, OUTPUT_RESULT_COLUMNS, RESULT_SCHEMA
+from batchrun.results import ANSWER_COLUMNS, OUTPUT_RESULT_COLUMNS, RESULT_SCHEMA, USAGE_REPORTED
 from batchrun.sources import ROW, Source
 from batchrun.storage import Location, Url, cloud_reason
 from batchrun.structured import polars_type
@@ -52,7 +52,7 @@ _FILE_MODE = _file_mode()
 
 # Rows that got an answer (so were billed), and those among them without usage: as in checkpoint.py.
 ANSWERED = (pl.col("status") == "ok") | pl.any_horizontal(pl.col(c).is_not_null() for c in ANSWER_COLUMNS)
-NO_USAGE = ANSWERED & (pl.col("prompt_tokens").is_null() | pl.col("completion_tokens").is_null())
+NO_USAGE = ANSWERED & pl.any_horizontal(pl.col(c).is_null() for c in USAGE_REPORTED)
 _SENT = pl.col("status").is_in(["ok", "failed"])
 
 
@@ -62,8 +62,8 @@ def _billed_sums(own: pl.Expr) -> list[pl.Expr]:
     sent = own & _SENT
     return [
         pl.col("cost_usd").filter(own).sum().alias("cost_usd"),
-        *(pl.col(c).filter(own).sum().alias(c) for c in ("prompt_tokens", "completion_tokens")),
-        *(pl.col(c).filter(own).count().alias(f"{c}_known") for c in ("prompt_tokens", "completion_tokens")),
+        *(pl.col(c).filter(own).sum().alias(c) for c in USAGE_REPORTED),
+        *(pl.col(c).filter(own).count().alias(f"{c}_known") for c in USAGE_REPORTED),
         (own & NO_USAGE).sum().alias("without_usage"),
         sent.sum().alias("sent"),
         (sent & NO_USAGE).sum().alias("sent_without_usage"),

@@ -68,6 +68,9 @@ OUTPUT_RESULT_COLUMNS = tuple(c.name for c in COLUMNS if c.in_output)
 
 # A row with any of these got an answer, and so was billed (ok, or failed on an answer).
 ANSWER_COLUMNS = ("content", "tool_calls", "finish_reason")
+# An answered row reported usage when both of these came; else it is "without usage" (unknown, not
+# zero). One rule, for RowTally here, the checkpoint's SQL and the output's polars sums.
+USAGE_REPORTED = ("prompt_tokens", "completion_tokens")
 
 
 class RowStatus(StrEnum):
@@ -139,8 +142,9 @@ class RowTally:
 
     def add(self, result: RowResult) -> None:
         self.by_status[result.status] += 1
-        if result.prompt_tokens is not None and result.completion_tokens is not None:
-            self.tokens += result.total_tokens or result.prompt_tokens + result.completion_tokens
+        prompt, completion = result.prompt_tokens, result.completion_tokens  # USAGE_REPORTED
+        if prompt is not None and completion is not None:
+            self.tokens += result.total_tokens or prompt + completion
         elif result.answered:
             self.without_usage += 1
         self.cost_usd += result.cost_usd or 0.0
