@@ -13,7 +13,7 @@ for its `aiohttp` extra) supplies the exception mapping and the event-stream wra
 Under our own pool the transport is `AiohttpPool`, not httpx-aiohttp's `AiohttpTransport`, which
 per request builds a timeout, consults the environment for proxies and netrc in a worker thread
 (aiohttp's `trust_env`), filters cookies and wraps the body in a stream: together ~0.2 ms CPU per
-row (README, Speed). `AiohttpPool` reads the proxy variables (HTTP_PROXY, HTTPS_PROXY, NO_PROXY)
+row (docs/benchmarks.md). `AiohttpPool` reads the proxy variables (HTTP_PROXY, HTTPS_PROXY, NO_PROXY)
 once, for the one endpoint it serves; httpx2 builds the TLS context (SSL_CERT_FILE, SSL_CERT_DIR,
 else the system's store).
 """

@@ -10,7 +10,7 @@ T = TypeVar("T")
 
 
 def run_async(main: Coroutine[Any, Any, T]) -> T:
-    """Run `main` on uvloop when installed: it cuts the loop's CPU per request (README, Speed)."""
+    """Run `main` on uvloop when installed: it cuts the loop's CPU per request (docs/benchmarks.md)."""
     try:
         import uvloop
     except ImportError:
