@@ -22,6 +22,12 @@ from batchrun.distributed.limiter import ClusterBudget, ClusterLimiter, ClusterL
 from batchrun.errors import BatchrunError
 from tests.conftest import article_rows, run_batchrun, write_job
 
+# How long a wait for Ray's processes may take before it is a hang: a Ray worker starts in a few
+# seconds on an idle machine and in a minute or more on a loaded one (seen: a clean-clone CI run
+# beside two CPU-bound processes and another test suite). Each test gets that and more.
+LOADED_S = 150
+pytestmark = pytest.mark.timeout(LOADED_S + 150)
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -318,7 +324,7 @@ def test_a_worker_killed_mid_run_loses_nothing_and_resends_only_what_it_had_not_
         results: list[Any] = []
         run = threading.Thread(target=lambda: results.append(job.run(ray=True, workers=2, quiet=True)))
         run.start()
-        wait_for_rows(tmp_path / "job.yaml", 40)
+        wait_for_rows(tmp_path / "job.yaml", 40, deadline_s=LOADED_S)
         pids = ray_worker_pids(ray_temp_dir)
         assert pids
         os.kill(pids[0], signal.SIGKILL)
@@ -427,11 +433,13 @@ def test_rerunning_after_the_driver_is_killed_resumes(
         job = write_job(tmp_path, article_rows(rows), sim.base_url, concurrency=4)
         first = ray_driver(job, ray_session, tmp_path / "first.log")
         try:
-            wait_for_rows(job, 40, deadline_s=60)
+            wait_for_rows(job, 40, deadline_s=LOADED_S)
         finally:
             first.kill()
         first.wait(timeout=30)
-        wait_until(lambda: not ray_worker_pids(ray_temp_dir), 30, "the dead driver's workers kept running")
+        wait_until(
+            lambda: not ray_worker_pids(ray_temp_dir), LOADED_S, "the dead driver's workers kept running"
+        )
         wait_quiet(sim)
         answered = sum(sim.stats.ok_by_user_message.values())
         kept = checkpoint_rows(job)
@@ -469,14 +477,14 @@ def test_ctrl_c_on_the_driver_stops_every_worker_and_writes_the_rest_pending(
         job = write_job(tmp_path, rows, sim.base_url, concurrency=4)
         proc = ray_driver(job, ray_session, tmp_path / "driver.log")
         try:
-            wait_for_rows(job, 20, deadline_s=60)
+            wait_for_rows(job, 20, deadline_s=LOADED_S)
             signalled = time.monotonic()
             proc.send_signal(signal.SIGINT)
             code = proc.wait(timeout=30)
             exited_s = time.monotonic() - signalled
         finally:
             proc.kill()
-        wait_until(lambda: not ray_worker_pids(ray_temp_dir), 30, "workers outlived the driver")
+        wait_until(lambda: not ray_worker_pids(ray_temp_dir), LOADED_S, "workers outlived the driver")
         last_sent_s = max(arrived for arrived, _ in sim.stats.arrivals) - signalled
         answered = len(sim.stats.ok_by_user_message)
     log = (tmp_path / "driver.log").read_text()
@@ -629,7 +637,7 @@ def test_workers_read_their_rows_from_object_storage_and_a_death_loses_none(
         job = write_job(tmp_path, rows, sim.base_url, concurrency=4, input={"path": url, "id_column": "id"})
         proc = ray_driver(job, ray_session, tmp_path / "driver.log", env)
         try:
-            wait_for_rows(job, 40, deadline_s=60)
+            wait_for_rows(job, 40, deadline_s=LOADED_S)
             pids = ray_worker_pids(ray_temp_dir)
             assert pids
             os.kill(pids[0], signal.SIGKILL)
@@ -665,7 +673,7 @@ def test_an_input_overwritten_during_the_run_stops_it(
         job = write_job(tmp_path, rows, sim.base_url, concurrency=2, input={"path": url, "id_column": "id"})
         proc = ray_driver(job, ray_session, tmp_path / "driver.log", env)
         try:
-            wait_for_rows(job, 10, deadline_s=60)
+            wait_for_rows(job, 10, deadline_s=LOADED_S)
             changed = io.BytesIO()
             pl.DataFrame([{**r, "title": r["title"] + " (v2)"} for r in rows]).write_parquet(changed)
             client = boto3.client(
