@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from batchrun.budget import BudgetGuard
 from batchrun.client import ChatClient
 from batchrun.core import Core, CoreSettings, RunStats, Stop
-from batchrun.cost import Price
+from batchrun.cost import Price, output_tokens_cap
 from batchrun.errors import BatchrunError, Remedy
 from batchrun.events import Events
 from batchrun.job import EndpointSpec
@@ -154,7 +154,7 @@ class LocalExecutor:
             width,
             spec.rate_limit.requests_per_minute,
             spec.rate_limit.tokens_per_minute,
-            max_tokens=params.get("max_completion_tokens", params.get("max_tokens")),
+            max_tokens=output_tokens_cap(params),
             max_hold_s=spec.retry.max_backoff_s,
         )
         max_cost = execution.max_cost_usd

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from batchrun.core import CoreSettings, RunStats, Stop
-from batchrun.cost import Price
+from batchrun.cost import Price, output_tokens_cap
 from batchrun.distributed.limiter import ClusterBudget, ClusterLimiter
 from batchrun.distributed.shards import RowsToRead, read_rows
 from batchrun.errors import BatchrunError
@@ -118,7 +118,7 @@ class Worker:
             settings.width,
             spec.rate_limit.requests_per_minute,
             spec.rate_limit.tokens_per_minute,
-            max_tokens=params.get("max_completion_tokens", params.get("max_tokens")),
+            max_tokens=output_tokens_cap(params),
             max_hold_s=spec.retry.max_backoff_s,
             holder=holder,
         )
