@@ -72,6 +72,7 @@ class ChatResult:
     total_tokens: int | None
     model: str | None
     response_id: str | None
+    system_fingerprint: str | None = None  # the server's build that answered
     ttft_ms: float | None = None  # time to the first content piece, when streamed
     cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens
     reasoning_tokens: int | None = None  # usage.completion_tokens_details.reasoning_tokens
@@ -271,6 +272,7 @@ def read_completion(raw: bytes, bounds: Bounds, budget: RateLimitHeaders | None 
         finish_reason=finish_reason,
         model=_short(data.get("model"), "model", bounds),
         response_id=_short(data.get("id"), "id", bounds),
+        system_fingerprint=_short(data.get("system_fingerprint"), "system_fingerprint", bounds),
         tool_calls=_tool_calls(message.get("tool_calls"), bounds),
         budget=budget,
         **dataclasses.asdict(read_usage(data.get("usage"), bounds)),
@@ -288,6 +290,7 @@ class StreamAssembler:
         self.usage: object = None  # the last usage sent (vLLM sends a running one on every chunk)
         self.model: str | None = None
         self.response_id: str | None = None
+        self.system_fingerprint: str | None = None
         self.done = False
         self.saw_content = False
         self._calls: dict[int, dict[str, str]] = {}  # tool calls by index, arguments growing
@@ -308,6 +311,8 @@ class StreamAssembler:
             raise _server_error(chunk["error"], self._bounds)
         self.response_id = self.response_id or _short(chunk.get("id"), "id", self._bounds)
         self.model = self.model or _short(chunk.get("model"), "model", self._bounds)
+        fingerprint = _short(chunk.get("system_fingerprint"), "system_fingerprint", self._bounds)
+        self.system_fingerprint = self.system_fingerprint or fingerprint
         if chunk.get("usage"):
             self.usage = chunk["usage"]
         choices = chunk.get("choices") or []
@@ -362,6 +367,7 @@ class StreamAssembler:
             finish_reason=self.finish_reason,
             model=self.model,
             response_id=self.response_id,
+            system_fingerprint=self.system_fingerprint,
             ttft_ms=ttft_ms,
             budget=budget,
             tool_calls=[{**call, "arguments": redact(call["arguments"])} for call in calls] or None,

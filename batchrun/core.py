@@ -108,9 +108,9 @@ def _set_format(body: dict[str, Any], response_format: dict[str, Any] | None) ->
 def _skipped(planned: Planned) -> RowResult:
     reason = f"empty column(s) {', '.join(planned.empty)}; not sent (input.on_null: skip)"
     return RowResult(
-        planned.row,
-        planned.id,
-        RowStatus.SKIPPED,
+        row=planned.row,
+        id=planned.id,
+        status=RowStatus.SKIPPED,
         error_kind="null_value",
         error=reason,
         request_key=planned.request_key,
@@ -143,9 +143,9 @@ def _row_result(
     ]
 
     return RowResult(
-        request.row,
-        request.id,
-        RowStatus.FAILED if error else RowStatus.OK,
+        row=request.row,
+        id=request.id,
+        status=RowStatus.FAILED if error else RowStatus.OK,
         content=last.content,
         tool_calls=_tool_calls_json(last.tool_calls) if last.tool_calls else None,
         fields=orjson.dumps(fields).decode() if fields is not None else None,
@@ -162,6 +162,7 @@ def _row_result(
         latency_ms=round(latency_ms, 1),
         model=last.model or job_model,  # as asked, when no answer says: reports group by it
         response_id=last.response_id,
+        system_fingerprint=last.system_fingerprint,
         ttft_ms=last.ttft_ms,
         request_key=request.request_key,
         occurrence=request.occurrence,

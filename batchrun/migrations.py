@@ -9,8 +9,8 @@ list reads it to refuse a checkpoint newer than itself, and in a checkpoint made
 it says which steps it has (the first user_version of them; 0 with a `results` table: the first).
 
 A released step never changes: it names the columns it made, so an old checkpoint and a new one
-reach the same schema by the same steps. Adding a result column: declare it in results.COLUMNS
-and append a step that adds it (ALTER TABLE results ADD COLUMN, null for the rows recorded).
+reach the same schema by the same steps. Adding a result column: declare it as a field of
+results.RowResult and append `added_column(name)` (null for the rows recorded).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class Migration:
 
 
 def declared(names: Collection[str]) -> list[str]:
-    """`name TYPE` of the result columns `names`, as results.COLUMNS declares them, in its order."""
+    """`name TYPE` of the result columns `names`, as results.RowResult declares them, in its order."""
     return [f"{c.name} {c.sql}" for c in STORED if c.name in names]
 
 
@@ -87,11 +87,21 @@ def _results_by_row(db: sqlite3.Connection, _: KeyRows) -> None:
     db.execute("CREATE INDEX results_by_row ON results (row, request_key, occurrence)")
 
 
+def added_column(name: str) -> Migration:
+    """The step that adds the result column `name`, as results.RowResult declares it."""
+
+    def add(db: sqlite3.Connection, _: KeyRows) -> None:
+        db.execute(f"ALTER TABLE results ADD COLUMN {declared([name])[0]}")
+
+    return Migration(f"add_{name}", add)
+
+
 MIGRATIONS = (
     Migration("results_by_position", _results_by_position),
     Migration("results_keyed_by_request", key_by_request),
     Migration("runs_and_attempts", _runs_and_attempts),
     Migration("results_by_row", _results_by_row),
+    added_column("system_fingerprint"),
 )
 SCHEMA_VERSION = len(MIGRATIONS)  # PRAGMA user_version of a checkpoint with every step applied
 

@@ -1,23 +1,27 @@
 """The one record of a row: its result (RowResult), each request sent for it (Attempt), its status,
-and the result columns, each declared once: the checkpoint's table, the output table's columns
-and their types, and the reports' sums all derive from `COLUMNS`. Every executor hands the
-checkpoint RowResults, and every count of finished rows adds them up by one rule (RowTally).
-No batchrun import, so that the core, the storage and the drivers can all share it.
+and the result columns, each declared once, as a field of RowResult: the checkpoint's table, the
+output table's columns and their types, the reports' sums and the docs' column table all derive
+from them (`COLUMNS`). Every executor hands the checkpoint RowResults, and every count of finished
+rows adds them up by one rule (RowTally). No batchrun import, so that the core, the storage and
+the drivers can all share it.
 
 A column with no SQL type (`reused_from`) is not stored: it says how a row of the output came by
 its result, and is made as the output is built (Checkpoint.output_rows, output.py).
 
-Adding a column: declare it here (in its place in the output), add it to `RowResult` below, fill it
-where rows finish, and append a step that adds it to migrations.MIGRATIONS; existing checkpoints
-get the column (null for the rows they hold) when they are next opened.
+Adding a column: declare it as a field of RowResult (in its place in the output), append
+`migrations.added_column("name")` to migrations.MIGRATIONS, and fill it where rows finish;
+existing checkpoints get the column (null for the rows they hold) when they are next opened.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import typing
 from collections import Counter
-from dataclasses import KW_ONLY, dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
-from typing import NamedTuple
+from typing import Annotated, NamedTuple
 
 import polars as pl
 
@@ -32,39 +36,21 @@ class Column:
 
 
 _INT, _REAL, _TEXT = "INTEGER", "REAL", "TEXT"
-COLUMNS: tuple[Column, ...] = (
-    Column("request_key", "BLOB", pl.Binary(), False, "sha256 (16 bytes) of the request as declared"),
-    Column("occurrence", _INT, pl.Int64(), False, "identical requests before this one in the input"),
-    Column("row", _INT, pl.Int64(), False, "0-based position in the input of the row that was sent"),
-    Column("id", _TEXT, pl.String(), False, "the row's id as sent; the output takes `id` from the input"),
-    Column("fields", _TEXT, pl.String(), False, "JSON of the output.fields; typed columns in the output"),
-    Column("content", _TEXT, pl.String(), True, "the answer's text (of the last answer kept)"),
-    Column("tool_calls", _TEXT, pl.String(), True, "JSON list of {id, name, arguments} the answer called"),
-    Column("finish_reason", _TEXT, pl.String(), True, "why the answer ended: stop, length, tool_calls ..."),
-    Column("prompt_tokens", _INT, pl.Int64(), True, "prompt tokens billed, over every answer of the row"),
-    Column("completion_tokens", _INT, pl.Int64(), True, "completion tokens billed, over every answer"),
-    Column("total_tokens", _INT, pl.Int64(), True, "total tokens billed, over every answer"),
-    Column("cached_tokens", _INT, pl.Int64(), True, "prompt tokens billed at the cached-input rate"),
-    Column("reasoning_tokens", _INT, pl.Int64(), True, "completion tokens spent on reasoning"),
-    Column("cost_usd", _REAL, pl.Float64(), True, "what the row's answers cost; null without a price"),
-    Column("status", _TEXT, pl.String(), True, "ok, failed or skipped; pending in the output: none yet"),
-    Column("error_kind", _TEXT, pl.String(), True, "why a row failed, as a code: http_400, timeout ..."),
-    Column("error", _TEXT, pl.String(), True, "why a row failed or was skipped, in words"),
-    Column("attempts", _INT, pl.Int64(), True, "requests sent for the row"),
-    Column("latency_ms", _REAL, pl.Float64(), True, "time the last attempt took"),
-    Column("ttft_ms", _REAL, pl.Float64(), True, "time to the first token (streamed requests only)"),
-    Column("model", _TEXT, pl.String(), True, "the model as the server reports it; the job's when none did"),
-    Column("response_id", _TEXT, pl.String(), True, "the server's id of the answer"),
-    Column("reused_from", None, pl.String(), True, "dedupe: id of the row whose answer it got; cost 0"),
-)  # fmt: skip
 
-# A result belongs to a request: the same request again in a later input reuses it.
-RESULT_KEY = ("request_key", "occurrence")
-STORED = tuple(c for c in COLUMNS if c.sql is not None)  # a result's: the checkpoint's table
-NAMES = tuple(c.name for c in STORED)
-SQL_TYPES = {c.name: c.sql for c in STORED}
-RESULT_SCHEMA = {c.name: c.polars for c in COLUMNS}  # a row's result, as Checkpoint.output_rows gives it
-OUTPUT_RESULT_COLUMNS = tuple(c.name for c in COLUMNS if c.in_output)
+
+_POLARS = {"BLOB": pl.Binary(), _INT: pl.Int64(), _REAL: pl.Float64(), _TEXT: pl.String()}
+
+
+def _column(sql: str, meaning: str, in_output: bool = True) -> Column:
+    """A RowResult field's column (named after the field as COLUMNS is built)."""
+    return Column("", sql, _POLARS[sql], in_output, meaning)
+
+
+_blob, _int, _real, _text = (functools.partial(_column, sql) for sql in ("BLOB", _INT, _REAL, _TEXT))
+OptionalStr: typing.TypeAlias = str | None
+OptionalInt: typing.TypeAlias = int | None
+OptionalFloat: typing.TypeAlias = float | None
+
 
 # A row with any of these got an answer, and so was billed (ok, or failed on an answer).
 ANSWER_COLUMNS = ("content", "tool_calls", "finish_reason")
@@ -94,39 +80,68 @@ class Attempt(NamedTuple):
     completion_tokens: int | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RowResult:
-    """What one row came to: a row of COLUMNS (a test keeps them equal)."""
+    """What one row came to. Each field but `tries` declares the result column of its name, in
+    the output's order: the checkpoint's table, the output's columns and types, the reports' sums
+    and the docs' column table all derive from these declarations (COLUMNS)."""
 
-    row: int
-    id: str
-    status: str  # RowStatus.OK, FAILED or SKIPPED
-    _: KW_ONLY
-    fields: str | None = None  # JSON text: the parsed output.fields, typed columns in the output
-    content: str | None = None
-    tool_calls: str | None = None  # JSON text: [{id, name, arguments}]
-    finish_reason: str | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    total_tokens: int | None = None
-    cached_tokens: int | None = None
-    reasoning_tokens: int | None = None
-    cost_usd: float | None = None
-    error_kind: str | None = None
-    error: str | None = None
-    attempts: int = 0
-    latency_ms: float | None = None
-    ttft_ms: float | None = None
-    model: str | None = None
-    response_id: str | None = None
-    request_key: bytes = b""  # sha256 of the request as the job declares it (plan.RequestKeys)
-    occurrence: int = 0  # identical requests before this row's in the input
-    tries: tuple[Attempt, ...] = ()  # every request sent for it, for the `attempts` table (not a column)
+    request_key: Annotated[bytes, _blob("sha256 (16 bytes) of the request as declared", False)] = b""
+    occurrence: Annotated[int, _int("identical requests before this one in the input", False)] = 0
+    row: Annotated[int, _int("0-based position in the input of the row that was sent", False)]
+    id: Annotated[str, _text("the row's id as sent; the output takes `id` from the input", False)]
+    fields: Annotated[str | None, _text("JSON of the output.fields; typed columns in the output", False)] = (
+        None
+    )
+    content: Annotated[OptionalStr, _text("the answer's text (of the last answer kept)")] = None
+    tool_calls: Annotated[str | None, _text("JSON list of {id, name, arguments} the answer called")] = None
+    finish_reason: Annotated[str | None, _text("why the answer ended: stop, length, tool_calls ...")] = None
+    prompt_tokens: Annotated[int | None, _int("prompt tokens billed, over every answer of the row")] = None
+    completion_tokens: Annotated[OptionalInt, _int("completion tokens billed, over every answer")] = None
+    total_tokens: Annotated[OptionalInt, _int("total tokens billed, over every answer")] = None
+    cached_tokens: Annotated[OptionalInt, _int("prompt tokens billed at the cached-input rate")] = None
+    reasoning_tokens: Annotated[OptionalInt, _int("completion tokens spent on reasoning")] = None
+    cost_usd: Annotated[OptionalFloat, _real("what the row's answers cost; null without a price")] = None
+    status: Annotated[str, _text("ok, failed or skipped; pending in the output: none yet")]
+    error_kind: Annotated[str | None, _text("why a row failed, as a code: http_400, timeout ...")] = None
+    error: Annotated[OptionalStr, _text("why a row failed or was skipped, in words")] = None
+    attempts: Annotated[int, _int("requests sent for the row")] = 0
+    latency_ms: Annotated[OptionalFloat, _real("time the last attempt took")] = None
+    ttft_ms: Annotated[OptionalFloat, _real("time to the first token (streamed requests only)")] = None
+    model: Annotated[str | None, _text("the model as the server reports it; the job's when none did")] = None
+    response_id: Annotated[OptionalStr, _text("the server's id of the answer")] = None
+    system_fingerprint: Annotated[str | None, _text("the server's build that answered, when it says")] = None
+    tries: tuple[Attempt, ...] = ()  # every request sent for the row, for the `attempts` table (not a column)
 
     @property
     def answered(self) -> bool:
         """Whether the row got an answer (ok, or failed on one), and so was billed."""
         return self.status == RowStatus.OK or any(getattr(self, c) is not None for c in ANSWER_COLUMNS)
+
+
+def _declared_columns() -> tuple[Column, ...]:
+    """RowResult's columns, in its order, then the output's own (`reused_from`)."""
+    hints = typing.get_type_hints(RowResult, include_extras=True)
+    declared = [
+        dataclasses.replace(column, name=f.name)
+        for f in fields(RowResult)
+        for column in getattr(hints[f.name], "__metadata__", ())
+    ]
+    reused = Column(
+        "reused_from", None, pl.String(), True, "dedupe: id of the row whose answer it got; cost 0"
+    )
+    return (*declared, reused)
+
+
+COLUMNS = _declared_columns()
+
+# A result belongs to a request: the same request again in a later input reuses it.
+RESULT_KEY = ("request_key", "occurrence")
+STORED = tuple(c for c in COLUMNS if c.sql is not None)  # a result's: the checkpoint's table
+NAMES = tuple(c.name for c in STORED)
+SQL_TYPES = {c.name: c.sql for c in STORED}
+RESULT_SCHEMA = {c.name: c.polars for c in COLUMNS}  # a row's result, as Checkpoint.output_rows gives it
+OUTPUT_RESULT_COLUMNS = tuple(c.name for c in COLUMNS if c.in_output)
 
 
 @dataclass

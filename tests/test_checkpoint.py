@@ -17,6 +17,7 @@ from batchrun.checkpoint import open_checkpoint
 from batchrun.migrations import MIGRATIONS, SCHEMA_VERSION
 from batchrun.results import NAMES, OUTPUT_RESULT_COLUMNS, STORED, RowResult
 from batchrun.simulator import RunningSimulator
+from batchrun.simulator.endpoint import SYSTEM_FINGERPRINT
 from tests.conftest import article_rows, checkpoint_path, invoke, read_output, write_job
 
 FIXTURE = Path(__file__).parent / "fixtures" / "checkpoint_v1"
@@ -34,10 +35,10 @@ def sql(job: Path, query: str) -> list[tuple[object, ...]]:
         return db.execute(query).fetchall()
 
 
-def test_row_result_has_the_registry_columns_with_matching_types() -> None:
+def test_each_stored_column_has_the_python_type_of_its_sql_type() -> None:
     hints = typing.get_type_hints(RowResult)
     python_type = {"INTEGER": int, "BLOB": bytes, "REAL": float, "TEXT": str}
-    assert sorted(f.name for f in fields(RowResult) if f.name != "tries") == sorted(NAMES)
+    assert [f.name for f in fields(RowResult) if f.name != "tries"] == list(NAMES)
     for column in STORED:
         declared = hints[column.name]
         assert column.sql is not None, column.name
@@ -116,21 +117,22 @@ def test_each_migration_is_applied_once_and_recorded(tmp_path: Path) -> None:
 
 
 def test_a_column_new_since_the_checkpoint_is_added_in_place(tmp_path: Path) -> None:
-    job = previous_release_job(tmp_path)
-    sql(job, "ALTER TABLE results DROP COLUMN latency_ms")  # as if the column were new
+    """0.4 wrote no system_fingerprint: a reader reads the file as it is; the writer adds the column."""
+    shutil.copytree(Path(__file__).parent / "fixtures" / "checkpoint_v4", tmp_path / "job")
+    job = tmp_path / "job" / "job.yaml"
 
-    status = invoke("status", str(job))  # a reader reads it as it is, and changes nothing
+    status = invoke("status", str(job))
 
     assert status.exit_code == 0, status.output
     assert status.stdout.splitlines()[:2] == ["ok: 6", "failed: 2 (http_400: 2)"]
-    assert "latency_ms" not in {c for _, c, *_ in sql(job, "PRAGMA table_info(results)")}
+    assert "system_fingerprint" not in {c for _, c, *_ in sql(job, "PRAGMA table_info(results)")}
 
     resumed = invoke("run", str(job), "--simulate")
 
     assert resumed.exit_code == 1, resumed.output
-    assert sql(job, "SELECT COUNT(*), COUNT(latency_ms) FROM results") == [(12, 4)]
+    assert sql(job, "SELECT COUNT(*), COUNT(system_fingerprint) FROM results") == [(12, 4)]
     out = read_output(job)
-    assert out["latency_ms"].is_null().to_list() == [True] * 8 + [False] * 4  # old rows: unknown
+    assert out["system_fingerprint"].to_list() == [None] * 8 + [SYSTEM_FINGERPRINT] * 4  # old rows: unknown
     assert out["response_id"].null_count() == 2  # the failed rows; the others kept theirs
 
 

@@ -237,8 +237,8 @@ def test_progress_shows_the_running_cost() -> None:
     screen = Terminal()
     progress = Progress(quiet=False, stream=screen)
     progress.started(RunStarted(3, {}, cost_usd=0.5, budget_usd=2.0))
-    progress.row_finished(RowResult(0, "a", "ok", total_tokens=10, cost_usd=0.25))
-    progress.row_finished(RowResult(1, "b", "failed", cost_usd=0.0))
+    progress.row_finished(RowResult(row=0, id="a", status="ok", total_tokens=10, cost_usd=0.25))
+    progress.row_finished(RowResult(row=1, id="b", status="failed", cost_usd=0.0))
     progress.close()
     assert "cost=$0.7500 of $2" in screen.getvalue()
 

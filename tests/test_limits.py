@@ -350,7 +350,7 @@ def test_progress_bar_shows_the_in_flight_limit() -> None:
     terminal = _Terminal()
     progress = Progress(quiet=False, stream=terminal)
     progress.started(RunStarted(total=2, done_before={}, status=Limiter(concurrency=16).describe))
-    progress.row_finished(RowResult(0, "a", "ok"))
+    progress.row_finished(RowResult(row=0, id="a", status="ok"))
     progress.close()
 
     assert "in_flight=0/16" in terminal.getvalue()

@@ -181,16 +181,20 @@ def test_progress_shows_tokens_unknown_until_an_answer_reports_usage() -> None:
     screen = Terminal()
     progress = Progress(quiet=False, stream=screen)
     progress.started(RunStarted(3, {}))
-    progress.row_finished(RowResult(0, "a", "ok", content="x"))
-    progress.row_finished(RowResult(1, "b", "failed", error_kind="http_400"))  # no answer: no usage due
+    progress.row_finished(RowResult(row=0, id="a", status="ok", content="x"))
+    progress.row_finished(
+        RowResult(row=1, id="b", status="failed", error_kind="http_400")
+    )  # no answer: no usage due
     progress.close()
     assert progress.run_tokens is None
     assert screen.getvalue().rstrip().endswith("ok=1 failed=1 tokens=unknown]")
 
     progress = Progress(quiet=False, stream=screen)
     progress.started(RunStarted(3, {}))
-    progress.row_finished(RowResult(0, "a", "ok", content="x"))
-    progress.row_finished(RowResult(1, "b", "ok", prompt_tokens=7, completion_tokens=2, total_tokens=9))
+    progress.row_finished(RowResult(row=0, id="a", status="ok", content="x"))
+    progress.row_finished(
+        RowResult(row=1, id="b", status="ok", prompt_tokens=7, completion_tokens=2, total_tokens=9)
+    )
     assert progress.run_tokens == 9
     progress.close()
     assert screen.getvalue().rstrip().endswith("ok=2 failed=0 tokens=9+]")
@@ -271,10 +275,10 @@ def test_rows_done_before_counted_after_the_start_join_the_bar_at_once() -> None
         screen = Terminal()
         progress = Progress(quiet=False, stream=screen)
         progress.started(RunStarted(10, {}, cost_usd=0.0, counted=counted))
-        progress.row_finished(RowResult(8, "i", "ok", content="x", cost_usd=0.5))
+        progress.row_finished(RowResult(row=8, id="i", status="ok", content="x", cost_usd=0.5))
         assert (progress.done, progress.ok) == (1, 1)
         counted.set_result(({"ok": 6, "failed": 1}, 2.0))
-        progress.row_finished(RowResult(9, "j", "ok", content="x", cost_usd=0.5))
+        progress.row_finished(RowResult(row=9, id="j", status="ok", content="x", cost_usd=0.5))
         progress.close()
     finally:
         loop.close()

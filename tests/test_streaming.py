@@ -30,8 +30,16 @@ def test_streamed_rows_match_plain_rows_and_record_ttft(tmp_path: Path) -> None:
         assert invoke("run", str(streamed)).exit_code == 0
 
     a, b = read_output(plain), read_output(streamed)
-    for column in ("id", "content", "finish_reason", "prompt_tokens", "completion_tokens"):
+    for column in (
+        "id",
+        "content",
+        "finish_reason",
+        "prompt_tokens",
+        "completion_tokens",
+        "system_fingerprint",
+    ):
         assert a[column].to_list() == b[column].to_list(), column
+    assert a["system_fingerprint"].null_count() == 0
     assert a["ttft_ms"].null_count() == 40
     assert b["ttft_ms"].null_count() == 0
     assert (b["ttft_ms"] >= 30).all()

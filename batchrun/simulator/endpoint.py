@@ -57,6 +57,8 @@ _ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate
 _STREAM_PIECE_TOKENS = 4
 _MODELS_CREATED = 1_735_689_600
 
+SYSTEM_FINGERPRINT = "fp_simulator"  # the build that answers, as OpenAI and xAI name theirs
+
 
 @dataclass(frozen=True)
 class SimulatorConfig:
@@ -515,6 +517,7 @@ class _Simulator:
             "object": "chat.completion",
             "created": int(time.time()),
             "model": chat.model,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
         }
         if fault in (None, "badoutput"):
             self.stats.ok_by_user_message[chat.last_user] += 1

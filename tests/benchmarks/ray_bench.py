@@ -143,9 +143,9 @@ class _Returner:
                 "rows",
                 [
                     RowResult(
-                        row,
-                        str(row),
-                        "ok",
+                        row=row,
+                        id=str(row),
+                        status="ok",
                         content="Row. A second sentence.",
                         finish_reason="stop",
                         prompt_tokens=20,

@@ -165,7 +165,7 @@ def finished(
 ) -> RowResult:
     """A row answered as the simulator answers (`max_tokens` 60 cut it short)."""
     return RowResult(
-        row, str(row_id), "ok", content=content, finish_reason="length", prompt_tokens=90,
+        row=row, id=str(row_id), status="ok", content=content, finish_reason="length", prompt_tokens=90,
         completion_tokens=60, total_tokens=150, cost_usd=cost_usd, attempts=1, latency_ms=3.1,
         model="grok-4.3", response_id=f"chatcmpl-{row}", request_key=request_key, occurrence=occurrence,
     )  # fmt: skip
