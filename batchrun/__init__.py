@@ -21,7 +21,7 @@ from batchrun.errors import (
 )
 
 if TYPE_CHECKING:
-    from batchrun.api import Job, arun, run
+    from batchrun.api import Job, arun, cost_table, draw_report, run
     from batchrun.report import RunResult
 
 __all__ = [
@@ -37,10 +37,14 @@ __all__ = [
     "RunResult",
     "__version__",
     "arun",
+    "cost_table",
+    "draw_report",
     "run",
 ]
 
-_LAZY = {"Job": "batchrun.api", "arun": "batchrun.api", "run": "batchrun.api", "RunResult": "batchrun.report"}
+_LAZY = {name: "batchrun.api" for name in ("Job", "arun", "cost_table", "draw_report", "run")} | {
+    "RunResult": "batchrun.report"
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -5,7 +5,8 @@
     job = batchrun.Job.from_yaml("jobs/summarize.yaml"); job.run(); job.estimate(); job.status()
 
 `Job` does what each command of the CLI does (run, validate, status, estimate with a pilot, cost,
-report, prune, models); the CLI only parses flags and renders what it returns.
+report, prune, models), and `cost_table` and `draw_report` take an output table too; the CLI only parses
+flags and renders what they return.
 
 Every job-file key is a keyword argument with the same meaning, checked by the same validators
 (job.job_from_mapping). `run` works inside a running event loop (a Jupyter cell is one): the run
@@ -36,7 +37,7 @@ from batchrun.executors import api_key
 from batchrun.job import EndpointSpec, JobSpec, RetrySpec, TableFormat, job_from_mapping, load_job
 from batchrun.loop import run_async
 from batchrun.models import check_model, list_models, without_model_check
-from batchrun.plan import SIMULATED_KEY, PreparedJob, prepare
+from batchrun.plan import CHECKPOINT_SUFFIX, REPORT_SUFFIX, SIMULATED_KEY, PreparedJob, beside, prepare
 from batchrun.progress import Progress
 from batchrun.report import RunResult, cost_report, job_table, read_output_table
 from batchrun.runner import RunOptions, prune, run_job
@@ -258,6 +259,41 @@ def offered_models(spec: JobSpec | None, simulate: bool = False) -> list[str]:
     if offered is None:
         raise BatchrunError(f"{endpoint.base_url} offers no model list (GET /models answered 404)")
     return sorted(offered)
+
+
+def cost_table(path: PathLike, by: Sequence[str] = (), *, output: str | None = None) -> pl.DataFrame:
+    """Rows, tokens and cost per (by..., model, status), as `batchrun cost` gives them: of a job
+    file, from its checkpoint (`output` as in Job.from_yaml), or of an output table."""
+    if _is_job_file(path):
+        return Job.from_yaml(path, output=output).cost(by)
+    _no_output_for_a_table(path, output)
+    return cost_report(read_output_table(Path(path)), tuple(by))
+
+
+def draw_report(path: PathLike, by: Sequence[str] = (), *, output: str | None = None) -> Path:
+    """Draw the run report page again, as `batchrun report` does: of a job file, from its
+    checkpoint, or of an output table and the checkpoint beside it; where the page is."""
+    if _is_job_file(path):
+        return Job.from_yaml(path, output=output).report(by)
+    _no_output_for_a_table(path, output)
+    from batchrun.html_report import Sources, page_path, write_page
+
+    table_path = Path(path)
+    report_json = beside(table_path, REPORT_SUFFIX)
+    table, format = read_output_table(table_path), input_format(table_path)
+    sources = Sources(table, beside(table_path, CHECKPOINT_SUFFIX), report_json, None, tuple(by), format)
+    html_path = page_path(report_json)
+    write_page(sources, html_path)
+    return html_path
+
+
+def _is_job_file(path: PathLike) -> bool:
+    return Path(path).suffix.lower() in (".yaml", ".yml")
+
+
+def _no_output_for_a_table(path: PathLike, output: str | None) -> None:
+    if output is not None:
+        raise BatchrunError(f"{path} is an output table: `output=` goes with a job file")
 
 
 def run(data: Any = None, /, *, checkpoint: PathLike | None = None, **keys_and_options: Any) -> pl.DataFrame:

@@ -524,6 +524,11 @@ def prune_command(job_file: Path, output: str | None) -> None:
     echo(f"pruned {dropped:,} answers no row of the job uses; {kept:,} kept")
 
 
+def _output_with_a_job_file(command: str, path: Path, output: str | None) -> None:
+    if output is not None and path.suffix.lower() not in (".yaml", ".yml"):
+        raise BatchrunError(f"--output goes with a job file: `batchrun {command} JOB --output PATH`")
+
+
 @main.command(name="cost")
 @click.argument("path", metavar="PATH", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--by", multiple=True, metavar="COLUMN", help="Also group by this column (repeatable).")
@@ -548,16 +553,11 @@ def cost_command(path: Path, by: tuple[str, ...], fmt: str, output: str | None) 
       batchrun cost out/summaries.parquet
       batchrun cost jobs/summarize.yaml --by finish_reason --format csv
     """
-    from batchrun.report import cost_report, format_cost_report, read_output_table
+    from batchrun.api import cost_table
+    from batchrun.report import format_cost_report
 
-    if path.suffix.lower() in (".yaml", ".yml"):
-        from batchrun.api import Job
-
-        report = Job.from_yaml(path, output=output).cost(by)
-    elif output is not None:
-        raise BatchrunError("--output goes with a job file: `batchrun cost JOB --output PATH`")
-    else:
-        report = cost_report(read_output_table(path), by)
+    _output_with_a_job_file("cost", path, output)
+    report = cost_table(path, by, output=output)
     echo(format_cost_report(report, fmt), nl=False)
 
 
@@ -583,32 +583,13 @@ def report_command(path: Path, open_page: bool, by: tuple[str, ...], output: str
     """
     import webbrowser
 
-    if path.suffix.lower() in (".yaml", ".yml"):
-        from batchrun.api import Job
+    from batchrun.api import draw_report
 
-        html_path = Job.from_yaml(path, output=output).report(by)
-    elif output is not None:
-        raise BatchrunError("--output goes with a job file: `batchrun report JOB --output PATH`")
-    else:
-        html_path = output_report(path, by)
+    _output_with_a_job_file("report", path, output)
+    html_path = draw_report(path, by, output=output)
     echo(f"report: {html_path} ({html_path.stat().st_size / 1024:,.0f} KiB)")
     if open_page:
         webbrowser.open(html_path.resolve().as_uri())
-
-
-def output_report(path: Path, by: tuple[str, ...]) -> Path:
-    """The run report page of an output table, from it and the checkpoint beside it."""
-    from batchrun.html_report import Sources, page_path, write_page
-    from batchrun.plan import CHECKPOINT_SUFFIX, REPORT_SUFFIX, beside
-    from batchrun.report import read_output_table
-    from batchrun.sources import input_format
-
-    report_json = beside(path, REPORT_SUFFIX)
-    table, format = read_output_table(path), input_format(path)
-    sources = Sources(table, beside(path, CHECKPOINT_SUFFIX), report_json, None, by, format)
-    html_path = page_path(report_json)
-    write_page(sources, html_path)
-    return html_path
 
 
 @main.command()

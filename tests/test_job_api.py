@@ -8,7 +8,8 @@ from pathlib import Path
 import click
 import pytest
 
-from batchrun import Job, JobChanged
+import batchrun
+from batchrun import BatchrunError, Job, JobChanged
 from batchrun.cli import EXIT_CODES, flag, main
 from batchrun.errors import ExitCode, Remedy
 from batchrun.simulator import RunningSimulator
@@ -51,6 +52,27 @@ def test_status_cost_report_and_prune_read_what_a_run_left(
     page = job.report()
     assert page.exists() and page.read_text().startswith("<!DOCTYPE html>")
     assert job.prune() == (0, ROWS)
+
+
+def test_cost_and_report_of_an_output_table_match_those_of_its_job(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    job = job_of(tmp_path, simulator)
+    job.run(quiet=True)
+    table = tmp_path / "out" / "result.parquet"
+
+    by_table, by_job = batchrun.cost_table(table), batchrun.cost_table(job.spec.job_path)
+
+    assert (
+        by_table.select("status", "model", "rows", "cost_usd").rows()
+        == by_job.select("status", "model", "rows", "cost_usd").rows()
+    )
+    assert by_table.row(-1, named=True)["rows"] == ROWS
+    page = batchrun.draw_report(table, by=["title"])
+    assert page == tmp_path / "out" / "result.parquet.report.html"
+    assert page.read_text().startswith("<!DOCTYPE html>")
+    with pytest.raises(BatchrunError, match="is an output table: `output=` goes with a job file"):
+        batchrun.cost_table(table, output=str(tmp_path / "other.parquet"))
 
 
 def test_estimate_sends_a_pilot_then_projects_from_it(tmp_path: Path, simulator: RunningSimulator) -> None:
