@@ -78,6 +78,8 @@ class SimulatorConfig:
     models: tuple[str, ...] = ("grok-4.3", "grok-4.3-mini", "grok-3")
     # Offered besides `models`: a job's own model, so any job can be tried with --simulate.
     extra_models: tuple[str, ...] = ()
+    # The rpm window's clock: tests whose subject is the window inject one they move by hand.
+    clock: Callable[[], float] = time.monotonic
 
     @property
     def offered(self) -> tuple[str, ...]:
@@ -359,7 +361,7 @@ class _Simulator:
         """
         if not self._per_window:
             return True, {}
-        now = time.monotonic()
+        now = self.config.clock()
         if self.config.window == "sliding":
             while self._log and self._log[0] <= now - 1.0:
                 self._log.popleft()
