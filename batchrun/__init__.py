@@ -43,6 +43,11 @@ __all__ = [
 _LAZY = {"Job": "batchrun.api", "arun": "batchrun.api", "run": "batchrun.api", "RunResult": "batchrun.report"}
 
 
+def __dir__() -> list[str]:
+    """The lazy names too, so that `batchrun.r<TAB>` offers `run`."""
+    return sorted({*globals(), *__all__})
+
+
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
