@@ -102,8 +102,8 @@ async def run_job(
         result = await finish(checked, opened, options, events, stats, executor.workers(), started)
         if stats.error is not None:
             raise stats.error
-        if cancelled:
-            raise asyncio.CancelledError
+        if cancelled:  # saying what was kept and how to resume
+            raise asyncio.CancelledError(result.interrupted_message())
         return result
     finally:
         opened.close()
@@ -345,6 +345,7 @@ async def finish(
         rows_without_usage=tally.without_usage,
         top_errors=checkpoint.top_errors() if top_errors is None else top_errors,
         outcome=stats.outcome,
+        checkpoint_path=job.checkpoint_path,
     )
     write_run_report(job, result, checked.price, checked.fingerprint, stats.error, tally.usage())
     checkpoint.end_run(stats.outcome, stats.requests, workers=len(workers or [None]))
