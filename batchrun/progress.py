@@ -29,7 +29,8 @@ class Progress:
     def __init__(self, quiet: bool, stream: TextIO | None = None, *, notebook: bool = False):
         self.total = 0
         self.ok = self.failed = self.skipped = self.done = 0
-        self.run = RowTally()  # this run's rows (tokens: this run's only; the rest counts all)
+        self.run = RowTally()  # this run's rows
+        self.earlier = RowTally()  # tokens used before this run, counted as cost_usd is
         self.status: Callable[[], str] | None = None  # more to show, e.g. the in-flight limit
         self.cost_usd: float | None = None
         self._budget_usd: float | None = None
@@ -40,7 +41,7 @@ class Progress:
         self._done_at_start = 0
         self._bar: tqdm[Never] | None = None  # a bar over no iterable
         self._next_update = self._started + PLAIN_INTERVAL_S
-        self._counted: asyncio.Future[tuple[dict[str, int], float]] | None = None
+        self._counted: asyncio.Future[RowTally] | None = None
         self._reused: Callable[[], int] | None = None
 
     def started(self, run: RunStarted) -> None:
@@ -51,6 +52,7 @@ class Progress:
         self.skipped = run.done_before.get(RowStatus.SKIPPED, 0)
         self.done = self._done_at_start = self.ok + self.failed + self.skipped
         self.cost_usd = run.cost_usd
+        self.earlier = RowTally(tokens=run.tokens, without_usage=run.without_usage)
         self._budget_usd = run.budget_usd
         self.status = run.status or self.status
         self._counted = run.counted
@@ -82,7 +84,8 @@ class Progress:
         assert counted is not None
         if counted.cancelled() or counted.exception() is not None:
             return  # the runner raises it
-        counts, spent = counted.result()
+        done = counted.result()
+        counts = done.by_status
         self.ok += counts.get(RowStatus.OK, 0)
         self.failed += counts.get(RowStatus.FAILED, 0)
         self.skipped += counts.get(RowStatus.SKIPPED, 0)
@@ -90,7 +93,9 @@ class Progress:
         self.done += n
         self._done_at_start += n
         if self.cost_usd is not None:
-            self.cost_usd += spent
+            self.cost_usd += done.cost_usd
+        self.earlier.tokens += done.tokens
+        self.earlier.without_usage += done.without_usage
         if self._bar is not None:
             self._bar.initial += n
             self._bar.n += n
@@ -155,10 +160,13 @@ class Progress:
         return self.run.known_tokens
 
     def _tokens(self) -> str:
-        """Unknown when no answer reported usage; `N+` when some did not (their share is missing)."""
-        if self.run_tokens is None:
+        """The job's tokens, as cost= is the job's (a resume's earlier rows too): unknown when no
+        answer reported usage; `N+` when some did not (their share is missing)."""
+        tokens = self.earlier.tokens + self.run.tokens
+        without_usage = self.earlier.without_usage + self.run.without_usage
+        if without_usage and not tokens:
             return "unknown"
-        return f"{self.run.tokens:,}+" if self.run.without_usage else f"{self.run.tokens:,}"
+        return f"{tokens:,}+" if without_usage else f"{tokens:,}"
 
     def _rate(self, now: float) -> float:
         return (self.done - self._done_at_start) / max(now - self._started, 1e-9)
