@@ -7,13 +7,16 @@ import asyncio
 import sys
 import time
 from collections.abc import Callable
-from typing import Never, TextIO
+from typing import TYPE_CHECKING, Any, Never, TextIO
 
 from tqdm import tqdm
 
 from batchrun.events import Level, RunStarted
 from batchrun.results import RowResult, RowStatus, RowTally
 from batchrun.terminal import printable
+
+if TYPE_CHECKING:
+    from IPython.display import DisplayHandle
 
 PLAIN_INTERVAL_S = 10.0  # cron and CI logs want a line now and then, not a redrawn bar
 BAR_INTERVAL_S = 0.2
@@ -43,6 +46,8 @@ class Progress:
         self._next_update = self._started + PLAIN_INTERVAL_S
         self._counted: asyncio.Future[RowTally] | None = None
         self._reused: Callable[[], int] | None = None
+        self._shown: DisplayHandle | None = None  # the notebook widget's display, and the widget
+        self._widget: Any = None
 
     def started(self, run: RunStarted) -> None:
         """Rows finished before this run (a resume) start out counted."""
@@ -59,23 +64,36 @@ class Progress:
         self._reused = run.reused
         self._started = time.monotonic()
         if not self._quiet and (self._notebook or self._stream.isatty()):
-            bar: Callable[..., tqdm[Never]] = tqdm
-            if self._notebook:
-                from tqdm import auto  # a widget under Jupyter, else the terminal bar
-
-                bar = auto.tqdm
-            self._bar = bar(
-                total=self.total,
-                initial=self.done,
-                postfix=self._counts(),
-                unit="row",
-                file=self._stream,
-                dynamic_ncols=True,
-                smoothing=0.1,
-                mininterval=0,  # update() is called only when a line is due, and draws it
-                miniters=1,  # nor does tqdm's monitor thread redraw on its own
-            )
+            self._bar = self._open_bar()
         self._next_update = self._started + (BAR_INTERVAL_S if self._bar else PLAIN_INTERVAL_S)
+
+    def _open_bar(self) -> tqdm[Never]:
+        """The terminal's bar, or under Jupyter tqdm.auto's widget, shown with a display id: a
+        saved notebook keeps the widget's text form, which close() then updates to the end."""
+        options: dict[str, Any] = {
+            "total": self.total,
+            "initial": self.done,
+            "postfix": self._counts(),
+            "unit": "row",
+            "file": self._stream,
+            "dynamic_ncols": True,
+            "smoothing": 0.1,
+            "mininterval": 0,  # update() is called only when a line is due, and draws it
+            "miniters": 1,  # nor does tqdm's monitor thread redraw on its own
+        }
+        if not self._notebook:
+            return tqdm(**options)
+        from tqdm import auto, notebook
+
+        if not issubclass(auto.tqdm, notebook.tqdm_notebook):  # no ipywidgets: the terminal's bar
+            return auto.tqdm(**options)
+        from IPython.display import display
+
+        bar = auto.tqdm(display=False, **options)
+        assert isinstance(bar, notebook.tqdm_notebook)
+        self._widget = bar.container
+        self._shown = display(self._widget, display_id=True)  # type: ignore[no-untyped-call]  # IPython's
+        return bar
 
     def _take_counted(self) -> None:
         """Rows finished before this run, counted while the first rows went out: counted from
@@ -185,6 +203,8 @@ class Progress:
         if self._bar is not None:
             self._draw()
             self._bar.close()
+            if self._shown is not None:  # without the widget's state, a notebook shows its text
+                self._shown.update(self._widget)  # type: ignore[no-untyped-call]  # IPython's, unannotated
             self._bar = None
 
     def say(self, message: str, level: Level = "info") -> None:
