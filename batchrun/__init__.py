@@ -47,6 +47,11 @@ _LAZY = {name: "batchrun.api" for name in ("Job", "arun", "cost_table", "draw_re
 }
 
 
+def __dir__() -> list[str]:
+    """The lazy names too, so that `batchrun.r<TAB>` offers `run`."""
+    return sorted({*globals(), *__all__})
+
+
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib

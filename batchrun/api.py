@@ -9,7 +9,9 @@ report, prune, models), and `cost_table` and `draw_report` take an output table 
 flags and renders what they return.
 
 Every job-file key is a keyword argument with the same meaning, checked by the same validators
-(job.job_from_mapping). `run` works inside a running event loop (a Jupyter cell is one): the run
+(job.job_from_mapping), and so is every run option (RunOptions): named, typed and explained in the
+signatures and docstrings that cog writes from the schema (tests/docgen.py), for help(), IDEs and
+mypy. `run` works inside a running event loop (a Jupyter cell is one): the run
 gets a thread and a loop of its own. A KeyboardInterrupt or a cancelled `arun` stops like the
 CLI's first Ctrl-C: in-flight rows finish within the grace period and are checkpointed, the
 output is written, then the interruption is raised again.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import os
 import sys
 import tempfile
@@ -26,7 +29,7 @@ import threading
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import polars as pl
 
@@ -45,7 +48,13 @@ from batchrun.sources import input_format, scan_table
 from batchrun.status import Status, job_status, made_for
 from batchrun.storage import Location, Url, location
 
+if TYPE_CHECKING:
+    import httpx2
+
+    from batchrun.distributed import RayOptions
+
 T = TypeVar("T")
+P = ParamSpec("P")
 PathLike = str | Path
 
 
@@ -60,6 +69,19 @@ class Validation:
     output: Location
     first_request: dict[str, Any]
     note: str | None
+
+
+def _keywords_of(
+    function: Callable[P, Any],
+) -> Callable[[Callable[..., Coroutine[Any, Any, T]]], Callable[P, Coroutine[Any, Any, T]]]:
+    """The async twin of `function` takes its keywords: one signature (generated), which help(),
+    editors and mypy show for both."""
+
+    def twin(coroutine: Callable[..., Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+        coroutine.__signature__ = inspect.signature(function)  # type: ignore[attr-defined]
+        return coroutine
+
+    return twin
 
 
 class Job:
@@ -85,15 +107,56 @@ class Job:
         """The job in a job file; `output` (a path or URL) in place of its output.path."""
         return cls(load_job(path), checkpoint, output=output)
 
+    # [[[cog from tests.docgen import python_api; python_api("Job.define")]]]
     @classmethod
     def define(
-        cls, data: Any = None, *, checkpoint: PathLike | None = None, folder: PathLike = ".", **keys: Any
+        cls,
+        data: Any = None,
+        *,
+        input: Mapping[str, Any] | None = None,
+        output: Mapping[str, Any] | PathLike | None = None,
+        model: str | None = None,
+        prompt: Mapping[str, Any] | str | None = None,
+        params: Mapping[str, Any] | None = None,
+        endpoint: Mapping[str, Any] | None = None,
+        concurrency: int | None = None,
+        retry: Mapping[str, Any] | None = None,
+        rate_limit: Mapping[str, Any] | None = None,
+        stall_warning_s: float | None = None,
+        pricing: Mapping[str, Any] | None = None,
+        budget: Mapping[str, Any] | None = None,
+        checkpoint: PathLike | None = None,
+        dedupe: bool | None = None,
+        folder: PathLike = ".",
     ) -> Job:
-        """A job from job-file keys given as arguments; `data` is the input (a path, a polars
-        DataFrame or LazyFrame, a pandas DataFrame or a pyarrow Table), relative paths are
-        resolved against `folder`. Without `checkpoint`, it goes beside `output` when given,
-        else to a temporary folder (a note says where)."""
-        folder = Path(folder).resolve()
+        """A job from job-file keys given as arguments, checked as a job file is; a job key left out (None)
+        takes the job file's default.
+
+        Args:
+            data: The rows: a path or URL, a polars DataFrame or LazyFrame, a pandas DataFrame or pyarrow
+                Table.
+            input: Where the rows come from. Keys: path, id_column, on_null, messages_column, format.
+            output: Where the output table goes: a path or URL, or `{path, format, include_columns, fields}`.
+            model: The model name sent with every request. Required.
+            prompt: The user template alone (`"Summarize: {text}"`), or `{system, user}` or `{messages}`.
+            params: Merged into each request body. Keys: temperature, max_tokens, top_p, stop, tools.
+            endpoint: The OpenAI-compatible server. Keys: base_url, api_key_env, timeout_s,
+                allow_insecure_http, check_model, max_response_mb.
+            concurrency: Requests in flight at most (on Ray: across the whole cluster). Default: `16`.
+            retry: How failed requests are tried again. Keys: max_attempts, max_parse_attempts,
+                initial_backoff_s, max_backoff_s, max_outage_s.
+            rate_limit: Your key's limits. Keys: requests_per_minute, tokens_per_minute.
+            stall_warning_s: Warn when no row has finished for this long. Default: `300`.
+            pricing: Your prices, instead of the model's list price (from the `genai-prices` package). Keys:
+                input_per_million, output_per_million, cached_input_per_million, discount.
+            budget: A spending limit. Keys: max_cost_usd.
+            checkpoint: Where the checkpoint lives (default: beside `output`, else in a temporary folder).
+            dedupe: Send identical requests once. Default: `false`.
+            folder: What relative paths (input, output, checkpoint) are relative to.
+        """
+        # [[[end]]]
+        keys = _given(locals())
+        folder, checkpoint = Path(keys.pop("folder")).resolve(), keys.pop("checkpoint", None)
         note = None
         if checkpoint is None and keys.get("output") is None:
             checkpoint = Path(tempfile.mkdtemp(prefix="batchrun-")) / "checkpoint.sqlite"
@@ -102,15 +165,52 @@ class Job:
             checkpoint = folder / checkpoint
         return cls(job_from_mapping(_job_keys(data, keys, checkpoint, folder), folder), checkpoint, note)
 
-    def run(self, **options: Any) -> RunResult:
-        """Run (or resume) the job; the figures, with the output table as `.table`. Options:
-        simulate, simulate_latency_ms, fresh, retry_failed, limit, concurrency, max_cost_usd,
-        grace_s, quiet, yes, ray (True, an address or RayOptions), workers, and http_client (your
-        own httpx2.AsyncClient; with `run`, one not yet used on another loop), check_model=False
-        (as endpoint.check_model: false). Job-wide errors raise BatchrunError (JobError,
-        EndpointUnavailable...), whose `remedy` names the option that gets past it, if one does; a
-        job changed since its last run so that finished rows would be sent again raises JobChanged
-        (with .rows and .cost_usd) unless yes=True."""
+    # [[[cog from tests.docgen import python_api; python_api("Job.run")]]]
+    def run(
+        self,
+        *,
+        simulate: bool = False,
+        simulate_latency_ms: float = 0.0,
+        fresh: bool = False,
+        retry_failed: bool = False,
+        limit: int | None = None,
+        concurrency: int | None = None,
+        output: str | Path | None = None,
+        quiet: bool = False,
+        grace_s: float = 10.0,
+        max_cost_usd: float | None = None,
+        rows: frozenset[int] | None = None,
+        yes: bool = False,
+        ray: RayOptions | bool | str | None = None,
+        http_client: httpx2.AsyncClient | None = None,
+        workers: int | None = None,
+        check_model: bool = True,
+    ) -> RunResult:
+        """Run (or resume) the job; the figures, with the output table as `.table`. Job-wide errors raise
+        BatchrunError (JobError, EndpointUnavailable...), whose `remedy` names the option that gets past it,
+        if one does; a job changed since its last run so that finished rows would be sent again raises
+        JobChanged (with .rows and .cost_usd) unless yes=True.
+
+        Args:
+            simulate: Send to the built-in simulator instead of the endpoint (`--simulate`).
+            simulate_latency_ms: With `simulate`: each answer's delay.
+            fresh: Drop the checkpoint's answers and send every row again.
+            retry_failed: Send only the rows recorded as failed again.
+            limit: Only the first N rows (a pilot).
+            concurrency: Requests in flight at most, in place of the job's `concurrency`.
+            output: An output path or URL in place of the job's `output.path`.
+            quiet: No progress and no notes; warnings still show.
+            grace_s: After an interrupt, how long the requests in flight may finish.
+            max_cost_usd: The whole job's spending at most, in place of `budget.max_cost_usd`.
+            rows: Only these rows (0-based), e.g. a random pilot.
+            yes: Send finished rows again when the job changed since its last run (else `JobChanged`).
+            ray: Run on Ray: `True` (a local Ray), `"HOST:PORT"`, or `RayOptions`.
+            http_client: Your own `httpx2.AsyncClient` (for `run`: one not yet used on another event loop).
+            workers: With `ray`: worker actors, sharing the job's concurrency.
+            check_model: `False` skips the `GET /models` check, as `endpoint.check_model: false`.
+        """
+        # [[[end]]]
+        options = _given(locals())
         stop = Stop()
         if (ray := _with_ray(options).get("ray")) is not None:
             from batchrun.distributed.cluster import connect
@@ -118,9 +218,11 @@ class Job:
             connect(ray.address)  # on the caller's thread, which Ray prefers for ray.init
         return _in_own_thread(lambda: self._run(options, stop), stop)
 
+    @_keywords_of(run)
     async def arun(self, **options: Any) -> RunResult:
-        """`run` for async code: awaited on the caller's loop. Cancelling it stops the run as a
-        first Ctrl-C does, and CancelledError is raised once the output is written."""
+        """`run` for async code, with its keywords: awaited on the caller's loop. Cancelling it
+        stops the run as a first Ctrl-C does, and CancelledError is raised once the output is
+        written."""
         return await self._run(options, Stop())
 
     async def _run(self, options: Mapping[str, Any], stop: Stop) -> RunResult:
@@ -296,39 +398,108 @@ def _no_output_for_a_table(path: PathLike, output: str | None) -> None:
         raise BatchrunError(f"{path} is an output table: `output=` goes with a job file")
 
 
-def run(data: Any = None, /, *, checkpoint: PathLike | None = None, **keys_and_options: Any) -> pl.DataFrame:
-    """Run a job given as keyword arguments over `data`; the output table, one row per input row."""
-    job, options = _split(data, checkpoint, keys_and_options)
+# [[[cog from tests.docgen import python_api; python_api("run")]]]
+def run(
+    data: Any = None,
+    /,
+    *,
+    input: Mapping[str, Any] | None = None,
+    output: Mapping[str, Any] | PathLike | None = None,
+    model: str | None = None,
+    prompt: Mapping[str, Any] | str | None = None,
+    params: Mapping[str, Any] | None = None,
+    endpoint: Mapping[str, Any] | None = None,
+    concurrency: int | None = None,
+    retry: Mapping[str, Any] | None = None,
+    rate_limit: Mapping[str, Any] | None = None,
+    stall_warning_s: float | None = None,
+    pricing: Mapping[str, Any] | None = None,
+    budget: Mapping[str, Any] | None = None,
+    checkpoint: PathLike | None = None,
+    dedupe: bool | None = None,
+    folder: PathLike = ".",
+    simulate: bool = False,
+    simulate_latency_ms: float = 0.0,
+    fresh: bool = False,
+    retry_failed: bool = False,
+    limit: int | None = None,
+    quiet: bool = False,
+    grace_s: float = 10.0,
+    max_cost_usd: float | None = None,
+    rows: frozenset[int] | None = None,
+    yes: bool = False,
+    ray: RayOptions | bool | str | None = None,
+    http_client: httpx2.AsyncClient | None = None,
+    workers: int | None = None,
+    check_model: bool = True,
+) -> pl.DataFrame:
+    """Run (or resume) a job over `data`; the output table. A job key left out takes its default.
+
+    Args:
+        data: The rows: a path or URL, a polars DataFrame or LazyFrame, a pandas DataFrame or pyarrow Table.
+        input: Where the rows come from. Keys: path, id_column, on_null, messages_column, format.
+        output: Where the output table goes: a path or URL, or `{path, format, include_columns, fields}`.
+        model: The model name sent with every request. Required.
+        prompt: The user template alone (`"Summarize: {text}"`), or `{system, user}` or `{messages}`.
+        params: Merged into each request body. Keys: temperature, max_tokens, top_p, stop, tools.
+        endpoint: The OpenAI-compatible server. Keys: base_url, api_key_env, timeout_s, allow_insecure_http,
+            check_model, max_response_mb.
+        concurrency: Requests in flight at most (on Ray: across the whole cluster). Default: `16`.
+        retry: How failed requests are tried again. Keys: max_attempts, max_parse_attempts, initial_backoff_s,
+            max_backoff_s, max_outage_s.
+        rate_limit: Your key's limits. Keys: requests_per_minute, tokens_per_minute.
+        stall_warning_s: Warn when no row has finished for this long. Default: `300`.
+        pricing: Your prices, instead of the model's list price (from the `genai-prices` package). Keys:
+            input_per_million, output_per_million, cached_input_per_million, discount.
+        budget: A spending limit. Keys: max_cost_usd.
+        checkpoint: Where the checkpoint lives (default: beside `output`, else in a temporary folder).
+        dedupe: Send identical requests once. Default: `false`.
+        folder: What relative paths (input, output, checkpoint) are relative to.
+        simulate: Send to the built-in simulator instead of the endpoint (`--simulate`).
+        simulate_latency_ms: With `simulate`: each answer's delay.
+        fresh: Drop the checkpoint's answers and send every row again.
+        retry_failed: Send only the rows recorded as failed again.
+        limit: Only the first N rows (a pilot).
+        quiet: No progress and no notes; warnings still show.
+        grace_s: After an interrupt, how long the requests in flight may finish.
+        max_cost_usd: The whole job's spending at most, in place of `budget.max_cost_usd`.
+        rows: Only these rows (0-based), e.g. a random pilot.
+        yes: Send finished rows again when the job changed since its last run (else `JobChanged`).
+        ray: Run on Ray: `True` (a local Ray), `"HOST:PORT"`, or `RayOptions`.
+        http_client: Your own `httpx2.AsyncClient` (for `run`: one not yet used on another event loop).
+        workers: With `ray`: worker actors, sharing the job's concurrency.
+        check_model: `False` skips the `GET /models` check, as `endpoint.check_model: false`.
+    """
+    # [[[end]]]
+    job, options = _split(data, _given(locals()))
     table = job.run(**options).table
     assert table is not None
     return table
 
 
-async def arun(
-    data: Any = None, /, *, checkpoint: PathLike | None = None, **keys_and_options: Any
-) -> pl.DataFrame:
-    """`run` for async code (a notebook cell can `await` it)."""
-    job, options = _split(data, checkpoint, keys_and_options)
+@_keywords_of(run)
+async def arun(data: Any = None, /, **keys: Any) -> pl.DataFrame:
+    """`run` for async code (a notebook cell can `await` it), with its keywords."""
+    job, options = _split(data, keys)
     table = (await job.arun(**options)).table
     assert table is not None
     return table
 
 
-RUN_OPTIONS = (
-    "simulate",
-    "simulate_latency_ms",
-    "fresh",
-    "retry_failed",
-    "limit",
-    "max_cost_usd",
-    "grace_s",
-    "quiet",
-    "yes",
-    "ray",
-    "workers",
-    "http_client",
-    "check_model",
-)
+def _given(arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """The keywords a function of the API was given (its `locals()` as it starts): those left
+    out (None) dropped, as a job file leaves a key out."""
+    return {k: v for k, v in arguments.items() if v is not None and k not in ("self", "cls", "data")}
+
+
+def _keywords(function: Callable[..., Any]) -> frozenset[str]:
+    return frozenset(
+        p.name for p in inspect.signature(function).parameters.values() if p.kind is p.KEYWORD_ONLY
+    )
+
+
+# run()'s keywords that are not job keys (concurrency and output are: run() takes them as such).
+RUN_OPTIONS = _keywords(Job.run) - _keywords(Job.define)
 
 
 def _with_ray(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -346,10 +517,10 @@ def _with_ray(options: Mapping[str, Any]) -> dict[str, Any]:
     return {**options, "ray": ray}
 
 
-def _split(data: Any, checkpoint: PathLike | None, given: Mapping[str, Any]) -> tuple[Job, dict[str, Any]]:
+def _split(data: Any, given: Mapping[str, Any]) -> tuple[Job, dict[str, Any]]:
     options = {k: v for k, v in given.items() if k in RUN_OPTIONS}
     keys = {k: v for k, v in given.items() if k not in RUN_OPTIONS}
-    return Job.define(data, checkpoint=checkpoint, **keys), options
+    return Job.define(data, **keys), options
 
 
 def _job_keys(data: Any, keys: dict[str, Any], checkpoint: Path | None, folder: Path) -> dict[str, Any]:

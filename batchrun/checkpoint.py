@@ -36,7 +36,7 @@ from typing import IO, Any, Literal
 from batchrun import history, migrations
 from batchrun.errors import CheckpointError, Remedy
 from batchrun.migrations import ROWS_TABLE, SCHEMA_VERSION
-from batchrun.results import ANSWER_COLUMNS, NAMES, OUTPUT_RESULT_COLUMNS, USAGE_REPORTED, RowResult
+from batchrun.results import ANSWER_COLUMNS, NAMES, OUTPUT_RESULT_COLUMNS, USAGE_REPORTED, RowResult, RowTally
 
 # Rows answered, and rows answered without usage, in SQL, for the whole checkpoint at once.
 ANSWERED_SQL = f"(status = 'ok' OR {' OR '.join(f'{c} IS NOT NULL' for c in ANSWER_COLUMNS)})"
@@ -340,34 +340,39 @@ class Checkpoint:
         query = f"SELECT COALESCE(SUM(cost_usd), 0) FROM {USED_RESULTS}"
         return float(self._db.execute(query).fetchone()[0])
 
-    def done_before(self, below: int, dedupe: bool) -> Callable[[], tuple[dict[str, int], float]]:
+    def done_before(self, below: int, dedupe: bool) -> Callable[[], RowTally]:
         """Rows finished among the first `below` of the rows last indexed, by status, and what
-        the results the current rows use cost (spent_usd), as the checkpoint is now: the
-        snapshot is taken here, and the count (one join of rows and results, on a connection of
-        its own) is what this returns, to run in a thread while the run sends and records."""
+        the results the current rows use cost and used (spent_usd, tokens, answers without
+        usage), as the checkpoint is now: the snapshot is taken here, and the count (one join of
+        rows and results, on a connection of its own) is what this returns, to run in a thread
+        while the run sends and records."""
         try:
             db = sqlite3.connect(self.path, check_same_thread=False)
             db.execute("BEGIN")
             db.execute("SELECT 1 FROM meta").fetchall()  # the snapshot starts with a read
         except sqlite3.Error as exc:
             raise CheckpointError(f"cannot read checkpoint {self.path}: {exc}") from None
+        # as RowTally adds a result: tokens where usage came, answers without it apart
+        used = (
+            "SUM(cost_usd), SUM(COALESCE(total_tokens, prompt_tokens + completion_tokens))"
+            f" FILTER (WHERE NOT {NO_USAGE_SQL}), COUNT(*) FILTER (WHERE {ANSWERED_SQL} AND {NO_USAGE_SQL})"
+        )
 
-        def count() -> tuple[dict[str, int], float]:
+        def count() -> RowTally:
             try:
-                query = (
-                    "SELECT status, COUNT(*) FILTER (WHERE r.row < ?), SUM(cost_usd)"
-                    f" FROM {ROW_RESULTS} GROUP BY 1"
-                )
-                found = db.execute(query, (below,)).fetchall()
+                by_status = f"SELECT status, COUNT(*) FILTER (WHERE r.row < ?), {used} FROM {ROW_RESULTS}"
+                found = db.execute(f"{by_status} GROUP BY 1", (below,)).fetchall()
                 if dedupe:  # rows share results: each counted once
-                    spent = db.execute(f"SELECT COALESCE(SUM(cost_usd), 0) FROM {USED_RESULTS}").fetchone()[0]
+                    sums = db.execute(f"SELECT {used} FROM {USED_RESULTS}").fetchone()
                 else:  # one result per row
-                    spent = sum(cost or 0.0 for *_, cost in found)
+                    sums = [sum(n or 0 for n in column) for column in list(zip(*found, strict=True))[2:]]
             except sqlite3.Error as exc:
                 raise CheckpointError(f"cannot read checkpoint {self.path}: {exc}") from None
             finally:
                 db.close()
-            return {status: n for status, n, _ in found if n}, float(spent)
+            spent, tokens, without_usage = (n or 0 for n in (sums or (0, 0, 0)))
+            counts = collections.Counter({status: n for status, n, *_ in found if n})
+            return RowTally(counts, int(tokens), int(without_usage), float(spent))
 
         return count
 

@@ -41,7 +41,6 @@ EXIT_MEANINGS = {
 # Every code, from the enum: one without a meaning above fails at import (tests/test_startup.py).
 EXIT_CODES = "\b\nExit codes:\n" + "\n".join(f"  {code.value:<4} {EXIT_MEANINGS[code]}" for code in ExitCode)
 
-ERROR_WIDTH = 200  # an error message in the summary; report.json has it whole
 DEBUG = "batchrun.debug"  # click's context meta: --debug or BATCHRUN_DEBUG=1
 
 
@@ -302,25 +301,7 @@ def run_in_process(spec: JobSpec, options: RunOptions) -> RunResult:
 
 
 def summary(result: RunResult, job_file: Path) -> str:
-    failures = ", ".join(f"{kind}: {n}" for kind, n in result.failures_by_kind.items())
-    lines = [
-        f"rows: {result.ok} ok, {result.failed} failed"
-        + (f" ({failures})" if failures else "")
-        + (f", {result.skipped} skipped" if result.skipped else "")
-        + (f", {result.pending} pending" if result.pending else "")
-        + f" of {result.total}",
-        *errors_lines(result.top_errors, result.failed),
-        tokens_line(result.prompt_tokens, result.completion_tokens, result.rows_without_usage),
-        f"time: {result.wall_s:.1f} s"
-        + (f"; retries: {sum(result.retries.values())}" if result.retries else "")
-        + (f"; 429s: {result.rate_limited}" if result.rate_limited else ""),
-    ]
-    if result.cost_usd is not None:
-        budget = f" of a ${result.budget_usd:g} budget" if result.budget_usd is not None else ""
-        lines.append(
-            cost_line(result.cost_usd, result.prompt_tokens is None, result.rows_without_usage) + budget
-        )
-    lines.append(f"output: {result.output_path}")
+    lines = result.figures()
     if result.report_path is not None:
         from batchrun.html_report import page_path
 
@@ -333,38 +314,6 @@ def summary(result: RunResult, job_file: Path) -> str:
     elif result.failed:
         lines.append(f"to resend the failed rows: batchrun {job_file} --retry-failed")
     return "\n".join(lines)
-
-
-def errors_lines(top_errors: list[tuple[str, int]], failed: int) -> list[str]:
-    """Why rows failed, not only how many: the commonest messages, each cut to a line."""
-    lines = [f"  {n} {'row' if n == 1 else 'rows'}: {_one_line(error)}" for error, n in top_errors]
-    if rest := failed - sum(n for _, n in top_errors):
-        lines.append(f"  {rest} more {'row' if rest == 1 else 'rows'} with other errors")
-    return lines
-
-
-def _one_line(text: str, width: int = ERROR_WIDTH) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def tokens_line(prompt: int | None, completion: int | None, without_usage: int) -> str:
-    """Tokens as far as the endpoint reported them: a missing count is unknown, never 0."""
-    if prompt is None or completion is None:
-        return f"tokens: unknown (the endpoint reported no usage for {without_usage:,} rows)"
-    line = f"tokens: {prompt:,} prompt + {completion:,} completion"
-    if without_usage:
-        line += f", and {without_usage:,} rows without usage (the endpoint reported none)"
-    return line
-
-
-def cost_line(cost_usd: float, usage_unknown: bool, without_usage: int) -> str:
-    """Cost as far as usage was reported: rows without usage have no cost to add."""
-    if usage_unknown:
-        return "cost: unknown (no usage reported)"
-    return f"cost: ${cost_usd:.4f}" + (
-        f" (not counting {without_usage:,} rows without usage)" if without_usage else ""
-    )
 
 
 def budget_stop(result: RunResult, job_file: Path) -> str:
@@ -416,18 +365,8 @@ def status(job_file: Path, output: str | None) -> None:
     """Show rows done / failed / pending and tokens so far, from JOB's checkpoint."""
     from batchrun.api import Job
 
-    status = Job.from_yaml(job_file, output=output).status()
-    if not status.started:
-        echo(f"not started: 0 of {status.total} rows done")
-        return
-    failures = ", ".join(f"{k}: {n}" for k, n in status.failures_by_kind.items())
-    echo(f"ok: {status.ok}\nfailed: {status.failed}" + (f" ({failures})" if failures else ""))
-    for line in errors_lines(status.top_errors, status.failed):
+    for line in Job.from_yaml(job_file, output=output).status().figures():
         echo(line)
-    echo(f"skipped: {status.skipped}\npending: {status.pending}\nof: {status.total}")
-    echo(tokens_line(status.prompt_tokens, status.completion_tokens, status.rows_without_usage))
-    if status.spent_usd is not None:
-        echo(cost_line(status.spent_usd, status.prompt_tokens is None, status.rows_without_usage))
 
 
 @main.command(name="estimate")
@@ -485,7 +424,7 @@ def estimate_command(
         return result
 
     projection = job.estimate(sample=sample, simulate=simulate, send=send)
-    echo("\n".join(projection.lines()))
+    echo("\n".join(projection.figures()))
 
 
 def _confirm(question: str) -> bool:

@@ -19,6 +19,7 @@ from typing import Any
 
 from batchrun.checkpoint import Checkpoint, Fingerprint, without_input_hash
 from batchrun.cost import ASSUMED_MAX_OUTPUT_TOKENS, Price, billed_output_tokens, job_price, output_tokens_cap
+from batchrun.display import Shown
 from batchrun.plan import SIMULATED_ENDPOINT, PreparedJob, read_checkpoint
 from batchrun.prompts import text_length
 from batchrun.report import fingerprint_digest, write_json
@@ -47,8 +48,11 @@ class Scenario:
     cost_usd: float | None
 
 
-@dataclass(frozen=True)
-class Estimate:
+@dataclass(frozen=True, repr=False)
+class Estimate(Shown):
+    """What the rows still to do should cost: low, expected, high and worst case, and what the
+    projection rests on. Shown as lines (repr) and as a table in a notebook."""
+
     total_rows: int
     to_do: int
     done: int
@@ -79,8 +83,11 @@ class Estimate:
             f"(at most ${self.again_worst.cost_usd:.4f})"
         )
 
-    def lines(self) -> list[str]:
-        """The estimate, for people."""
+    def title(self) -> str:
+        return "Estimate"
+
+    def figures(self) -> list[str]:
+        """The estimate, for people (as `batchrun estimate` prints it)."""
         done = ""
         if self.done:
             spent = f", ${self.spent_usd:.4f} spent" if self.spent_usd is not None else ""

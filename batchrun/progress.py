@@ -7,13 +7,16 @@ import asyncio
 import sys
 import time
 from collections.abc import Callable
-from typing import Never, TextIO
+from typing import TYPE_CHECKING, Any, Never, TextIO
 
 from tqdm import tqdm
 
 from batchrun.events import Level, RunStarted
 from batchrun.results import RowResult, RowStatus, RowTally
 from batchrun.terminal import printable
+
+if TYPE_CHECKING:
+    from IPython.display import DisplayHandle
 
 PLAIN_INTERVAL_S = 10.0  # cron and CI logs want a line now and then, not a redrawn bar
 BAR_INTERVAL_S = 0.2
@@ -29,7 +32,8 @@ class Progress:
     def __init__(self, quiet: bool, stream: TextIO | None = None, *, notebook: bool = False):
         self.total = 0
         self.ok = self.failed = self.skipped = self.done = 0
-        self.run = RowTally()  # this run's rows (tokens: this run's only; the rest counts all)
+        self.run = RowTally()  # this run's rows
+        self.earlier = RowTally()  # tokens used before this run, counted as cost_usd is
         self.status: Callable[[], str] | None = None  # more to show, e.g. the in-flight limit
         self.cost_usd: float | None = None
         self._budget_usd: float | None = None
@@ -40,8 +44,10 @@ class Progress:
         self._done_at_start = 0
         self._bar: tqdm[Never] | None = None  # a bar over no iterable
         self._next_update = self._started + PLAIN_INTERVAL_S
-        self._counted: asyncio.Future[tuple[dict[str, int], float]] | None = None
+        self._counted: asyncio.Future[RowTally] | None = None
         self._reused: Callable[[], int] | None = None
+        self._shown: DisplayHandle | None = None  # the notebook widget's display, and the widget
+        self._widget: Any = None
 
     def started(self, run: RunStarted) -> None:
         """Rows finished before this run (a resume) start out counted."""
@@ -51,29 +57,43 @@ class Progress:
         self.skipped = run.done_before.get(RowStatus.SKIPPED, 0)
         self.done = self._done_at_start = self.ok + self.failed + self.skipped
         self.cost_usd = run.cost_usd
+        self.earlier = RowTally(tokens=run.tokens, without_usage=run.without_usage)
         self._budget_usd = run.budget_usd
         self.status = run.status or self.status
         self._counted = run.counted
         self._reused = run.reused
         self._started = time.monotonic()
         if not self._quiet and (self._notebook or self._stream.isatty()):
-            bar: Callable[..., tqdm[Never]] = tqdm
-            if self._notebook:
-                from tqdm import auto  # a widget under Jupyter, else the terminal bar
-
-                bar = auto.tqdm
-            self._bar = bar(
-                total=self.total,
-                initial=self.done,
-                postfix=self._counts(),
-                unit="row",
-                file=self._stream,
-                dynamic_ncols=True,
-                smoothing=0.1,
-                mininterval=0,  # update() is called only when a line is due, and draws it
-                miniters=1,  # nor does tqdm's monitor thread redraw on its own
-            )
+            self._bar = self._open_bar()
         self._next_update = self._started + (BAR_INTERVAL_S if self._bar else PLAIN_INTERVAL_S)
+
+    def _open_bar(self) -> tqdm[Never]:
+        """The terminal's bar, or under Jupyter tqdm.auto's widget, shown with a display id: a
+        saved notebook keeps the widget's text form, which close() then updates to the end."""
+        options: dict[str, Any] = {
+            "total": self.total,
+            "initial": self.done,
+            "postfix": self._counts(),
+            "unit": "row",
+            "file": self._stream,
+            "dynamic_ncols": True,
+            "smoothing": 0.1,
+            "mininterval": 0,  # update() is called only when a line is due, and draws it
+            "miniters": 1,  # nor does tqdm's monitor thread redraw on its own
+        }
+        if not self._notebook:
+            return tqdm(**options)
+        from tqdm import auto, notebook
+
+        if not issubclass(auto.tqdm, notebook.tqdm_notebook):  # no ipywidgets: the terminal's bar
+            return auto.tqdm(**options)
+        from IPython.display import display
+
+        bar = auto.tqdm(display=False, **options)
+        assert isinstance(bar, notebook.tqdm_notebook)
+        self._widget = bar.container
+        self._shown = display(self._widget, display_id=True)  # type: ignore[no-untyped-call]  # IPython's
+        return bar
 
     def _take_counted(self) -> None:
         """Rows finished before this run, counted while the first rows went out: counted from
@@ -82,7 +102,8 @@ class Progress:
         assert counted is not None
         if counted.cancelled() or counted.exception() is not None:
             return  # the runner raises it
-        counts, spent = counted.result()
+        done = counted.result()
+        counts = done.by_status
         self.ok += counts.get(RowStatus.OK, 0)
         self.failed += counts.get(RowStatus.FAILED, 0)
         self.skipped += counts.get(RowStatus.SKIPPED, 0)
@@ -90,7 +111,9 @@ class Progress:
         self.done += n
         self._done_at_start += n
         if self.cost_usd is not None:
-            self.cost_usd += spent
+            self.cost_usd += done.cost_usd
+        self.earlier.tokens += done.tokens
+        self.earlier.without_usage += done.without_usage
         if self._bar is not None:
             self._bar.initial += n
             self._bar.n += n
@@ -155,10 +178,13 @@ class Progress:
         return self.run.known_tokens
 
     def _tokens(self) -> str:
-        """Unknown when no answer reported usage; `N+` when some did not (their share is missing)."""
-        if self.run_tokens is None:
+        """The job's tokens, as cost= is the job's (a resume's earlier rows too): unknown when no
+        answer reported usage; `N+` when some did not (their share is missing)."""
+        tokens = self.earlier.tokens + self.run.tokens
+        without_usage = self.earlier.without_usage + self.run.without_usage
+        if without_usage and not tokens:
             return "unknown"
-        return f"{self.run.tokens:,}+" if self.run.without_usage else f"{self.run.tokens:,}"
+        return f"{tokens:,}+" if without_usage else f"{tokens:,}"
 
     def _rate(self, now: float) -> float:
         return (self.done - self._done_at_start) / max(now - self._started, 1e-9)
@@ -177,6 +203,8 @@ class Progress:
         if self._bar is not None:
             self._draw()
             self._bar.close()
+            if self._shown is not None:  # without the widget's state, a notebook shows its text
+                self._shown.update(self._widget)  # type: ignore[no-untyped-call]  # IPython's, unannotated
             self._bar = None
 
     def say(self, message: str, level: Level = "info") -> None:

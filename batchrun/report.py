@@ -18,6 +18,7 @@ import polars as pl
 
 from batchrun.checkpoint import Fingerprint
 from batchrun.cost import Price
+from batchrun.display import Shown, cost_line, errors_lines, tokens_line
 from batchrun.errors import BatchrunError, ExitCode, InputError
 from batchrun.output import NO_USAGE, USAGE_COLUMNS, write_atomically, write_output
 from batchrun.results import ANSWER_COLUMNS, OUTPUT_RESULT_COLUMNS, RESULT_SCHEMA
@@ -36,10 +37,14 @@ def fingerprint_digest(fingerprint: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
 
 
-@dataclass(frozen=True)
-class RunResult:
+OUTCOMES = {"stopped_by_budget": "stopped by the budget"}  # Outcome in words, where they differ
+
+
+@dataclass(frozen=True, repr=False)
+class RunResult(Shown):
     """A job's figures after a run: rows by status (the whole job), this run's requests, retries
-    and tokens, cost, and how the run ended; `table` is the output table as written."""
+    and tokens, cost, and how the run ended; `table` is the output table as written. Shown as
+    lines (repr) and as a table in a notebook."""
 
     total: int
     ok: int
@@ -64,6 +69,7 @@ class RunResult:
     top_errors: list[tuple[str, int]] = field(default_factory=list)  # commonest messages of failed rows
     outcome: Outcome = "finished"
     workers: list[dict[str, int]] | None = None  # on Ray: each worker's rows, requests, retries, 429s
+    checkpoint_path: Path | None = None
     table: pl.DataFrame | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -73,6 +79,50 @@ class RunResult:
         if self.budget_stopped:
             return ExitCode.BUDGET
         return ExitCode.ROWS_FAILED if self.failed or self.pending else ExitCode.OK
+
+    def figures(self) -> list[str]:
+        """Rows by status and why rows failed, tokens, time, cost and the output: the CLI's
+        summary, less what to do next (which the CLI and Python say each their own way)."""
+        failures = ", ".join(f"{kind}: {n}" for kind, n in self.failures_by_kind.items())
+        lines = [
+            f"rows: {self.ok} ok, {self.failed} failed"
+            + (f" ({failures})" if failures else "")
+            + (f", {self.skipped} skipped" if self.skipped else "")
+            + (f", {self.pending} pending" if self.pending else "")
+            + f" of {self.total}",
+            *errors_lines(self.top_errors, self.failed),
+            tokens_line(self.prompt_tokens, self.completion_tokens, self.rows_without_usage),
+            f"time: {self.wall_s:.1f} s"
+            + (f"; retries: {sum(self.retries.values())}" if self.retries else "")
+            + (f"; 429s: {self.rate_limited}" if self.rate_limited else ""),
+        ]
+        if self.cost_usd is not None:
+            budget = f" of a ${self.budget_usd:g} budget" if self.budget_usd is not None else ""
+            cost = cost_line(self.cost_usd, self.prompt_tokens is None, self.rows_without_usage)
+            lines.append(cost + budget)
+        lines.append(f"output: {self.output_path}")
+        return lines
+
+    def title(self) -> str:
+        return f"RunResult: {OUTCOMES.get(self.outcome, self.outcome)}"
+
+    def next_step(self) -> str | None:
+        if self.budget_stopped:
+            return (
+                f"stopped by the budget: {self.pending} rows pending; run the cell again with a "
+                "larger max_cost_usd= to resume"
+            )
+        if self.pending:
+            return f"pending: {self.pending} rows; run the cell again to resume"
+        if self.failed:
+            return "to resend the failed rows: run again with retry_failed=True"
+        return None
+
+    def interrupted_message(self) -> str:
+        """What a KeyboardInterrupt says once the run it stopped has written what it had."""
+        done = self.ok + self.failed + self.skipped
+        where = f" in {self.checkpoint_path}" if self.checkpoint_path is not None else ""
+        return f"{done} of {self.total} rows done, checkpointed{where}; run again to resume"
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

@@ -42,7 +42,7 @@ from batchrun.plan import (
     run_plan,
 )
 from batchrun.report import RunResult, write_run_report
-from batchrun.results import RowStatus
+from batchrun.results import RowStatus, RowTally
 from batchrun.structured import describe_format
 
 if TYPE_CHECKING:
@@ -102,8 +102,8 @@ async def run_job(
         result = await finish(checked, opened, options, events, stats, executor.workers(), started)
         if stats.error is not None:
             raise stats.error
-        if cancelled:
-            raise asyncio.CancelledError
+        if cancelled:  # saying what was kept and how to resume
+            raise asyncio.CancelledError(result.interrupted_message())
         return result
     finally:
         opened.close()
@@ -155,13 +155,18 @@ class Opened:
     """The checkpoint, what it holds, and the plan of what to send."""
 
     checkpoint: Checkpoint
-    counted: asyncio.Future[tuple[dict[str, int], float]] | None = None
+    counted: asyncio.Future[RowTally] | None = None
     plan: KeyedPlan | IndexedPlan | None = None
     in_scope: int = 0
     before: dict[str, int] = field(default_factory=dict)  # rows done before this run, by status
     spent_usd: float = 0.0
+    used_before: RowTally = field(default_factory=RowTally)  # what they used: tokens, cost
     to_send: int = 0
     repriced: int = 0
+
+    def take(self, done: RowTally) -> None:
+        """What was done before this run, counted."""
+        self.before, self.spent_usd, self.used_before = dict(done.by_status), done.cost_usd, done
 
     def execution(
         self, checked: Checked, options: RunOptions, events: Events, stop: Stop, base_url: str | None
@@ -220,11 +225,11 @@ async def open_run(checked: Checked, options: RunOptions) -> Opened:
         counted = opened.counted = _in_background(checkpoint.done_before(opened.in_scope, spec.dedupe))
         needed = checked.max_cost_usd is not None or options.rows is not None or checked.kind.needs_counts
         if needed or options.fresh or options.retry_failed:
-            opened.before, opened.spent_usd = await counted
+            opened.take(await counted)
         else:  # in time for the first frame of the bar (any checkpoint of up to ~100k rows)
             await asyncio.wait({counted}, timeout=COUNT_WAIT_S)
             if counted.done():
-                opened.before, opened.spent_usd = counted.result()
+                opened.take(counted.result())
         if options.retry_failed:
             opened.to_send = opened.before.get(RowStatus.FAILED, 0)
             opened.before[RowStatus.FAILED] = 0  # sent again: each counts once it finishes anew
@@ -255,6 +260,8 @@ def announce(checked: Checked, opened: Opened, execution: Execution, fresh: bool
             sum(opened.before.values()) + opened.to_send,
             opened.before,
             cost_usd=None if checked.price is None else opened.spent_usd,
+            tokens=opened.used_before.tokens,
+            without_usage=opened.used_before.without_usage,
             budget_usd=checked.max_cost_usd,
             status=executor.describe,
             counted=None if opened.counted.done() else opened.counted,
@@ -345,6 +352,7 @@ async def finish(
         rows_without_usage=tally.without_usage,
         top_errors=checkpoint.top_errors() if top_errors is None else top_errors,
         outcome=stats.outcome,
+        checkpoint_path=job.checkpoint_path,
     )
     write_run_report(job, result, checked.price, checked.fingerprint, stats.error, tally.usage())
     checkpoint.end_run(stats.outcome, stats.requests, workers=len(workers or [None]))
@@ -383,14 +391,8 @@ def _in_background(count: Callable[[], T]) -> asyncio.Future[T]:
     return future
 
 
-def _say_resuming(
-    events: Events, in_scope: int, counted: asyncio.Future[tuple[dict[str, int], float]]
-) -> None:
-    if (
-        not counted.cancelled()
-        and counted.exception() is None
-        and (done := sum(counted.result()[0].values()))
-    ):
+def _say_resuming(events: Events, in_scope: int, counted: asyncio.Future[RowTally]) -> None:
+    if not counted.cancelled() and counted.exception() is None and (done := counted.result().rows):
         events.say(f"resuming: {done} of {in_scope} rows already done")
 
 

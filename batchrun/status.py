@@ -4,16 +4,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from batchrun.checkpoint import Fingerprint
 from batchrun.cost import job_price
+from batchrun.display import Shown, cost_line, errors_lines, tokens_line
 from batchrun.plan import SIMULATED_ENDPOINT, PreparedJob, read_checkpoint
 
 
-@dataclass(frozen=True)
-class Status:
+@dataclass(frozen=True, repr=False)
+class Status(Shown):
     """Rows by status (the whole job), why rows failed, tokens as far as the endpoint reported
-    them, and what was spent (None: the model has no price)."""
+    them, and what was spent (None: the model has no price). Shown as lines (repr) and as a
+    table in a notebook."""
 
     total: int
     ok: int = 0
@@ -26,10 +29,27 @@ class Status:
     failures_by_kind: dict[str, int] = field(default_factory=dict)
     top_errors: list[tuple[str, int]] = field(default_factory=list)  # commonest messages of failed rows
     started: bool = False  # False: no checkpoint yet
+    checkpoint_path: Path | None = None
 
     @property
     def pending(self) -> int:
         return self.total - self.ok - self.failed - self.skipped
+
+    def figures(self) -> list[str]:
+        """What `batchrun status` prints."""
+        if not self.started:
+            return [f"not started: 0 of {self.total} rows done"]
+        failures = ", ".join(f"{k}: {n}" for k, n in self.failures_by_kind.items())
+        lines = [f"ok: {self.ok}", f"failed: {self.failed}" + (f" ({failures})" if failures else "")]
+        lines += errors_lines(self.top_errors, self.failed)
+        lines += [f"skipped: {self.skipped}", f"pending: {self.pending}", f"of: {self.total}"]
+        lines.append(tokens_line(self.prompt_tokens, self.completion_tokens, self.rows_without_usage))
+        if self.spent_usd is not None:
+            lines.append(cost_line(self.spent_usd, self.prompt_tokens is None, self.rows_without_usage))
+        return lines
+
+    def title(self) -> str:
+        return f"Status: {self.total - self.pending} of {self.total} rows done"
 
 
 def made_for(job: PreparedJob) -> tuple[Fingerprint, Fingerprint]:
@@ -42,7 +62,7 @@ def made_for(job: PreparedJob) -> tuple[Fingerprint, Fingerprint]:
 def job_status(job: PreparedJob) -> Status:
     """The job's figures as its checkpoint has them now (checked against the job, as a run does)."""
     if not job.checkpoint_path.exists():
-        return Status(total=job.source.row_count)
+        return Status(total=job.source.row_count, checkpoint_path=job.checkpoint_path)
     checkpoint = read_checkpoint(job, made_for(job))
     try:
         totals = checkpoint.totals()
@@ -58,6 +78,7 @@ def job_status(job: PreparedJob) -> Status:
             failures_by_kind=checkpoint.failures_by_kind(),
             top_errors=checkpoint.top_errors(),
             started=True,
+            checkpoint_path=job.checkpoint_path,
         )
     finally:
         checkpoint.close()

@@ -255,3 +255,165 @@ def cli_reference() -> str:
         out.append(f"## batchrun {name}".rstrip() + "\n")
         out.append(f"```text\n{command.get_help(ctx)}\n```\n")
     return "\n".join(out).rstrip()
+
+
+# --- The Python API's keywords: batchrun/api.py's run, Job.define and Job.run (and arun and
+# Job.arun, which take run's and Job.run's) take every job key and every run option as a named,
+# typed keyword; cog writes their signatures and docstrings from the schema, RunOptions and the
+# meanings here (`python -m cogapp -r batchrun/api.py`).
+
+# Keywords of the Python API that are no job key nor RunOptions field: (type, default, meaning).
+PYTHON_KEYWORDS = {
+    "folder": ("PathLike", '"."', "What relative paths (input, output, checkpoint) are relative to."),
+    "workers": ("int | None", "None", "With `ray`: worker actors, sharing the job's concurrency."),
+    "check_model": (
+        "bool",
+        "True",
+        "`False` skips the `GET /models` check, as `endpoint.check_model: false`.",
+    ),
+}
+# What each run option does (RunOptions' fields, the options of `batchrun run`).
+OPTION_MEANING = {
+    "simulate": "Send to the built-in simulator instead of the endpoint (`--simulate`).",
+    "simulate_latency_ms": "With `simulate`: each answer's delay.",
+    "fresh": "Drop the checkpoint's answers and send every row again.",
+    "retry_failed": "Send only the rows recorded as failed again.",
+    "limit": "Only the first N rows (a pilot).",
+    "concurrency": "Requests in flight at most, in place of the job's `concurrency`.",
+    "output": "An output path or URL in place of the job's `output.path`.",
+    "quiet": "No progress and no notes; warnings still show.",
+    "grace_s": "After an interrupt, how long the requests in flight may finish.",
+    "max_cost_usd": "The whole job's spending at most, in place of `budget.max_cost_usd`.",
+    "rows": "Only these rows (0-based), e.g. a random pilot.",
+    "checkpoint": "Where the checkpoint lives.",
+    "yes": "Send finished rows again when the job changed since its last run (else `JobChanged`).",
+    "ray": 'Run on Ray: `True` (a local Ray), `"HOST:PORT"`, or `RayOptions`.',
+    "http_client": "Your own `httpx2.AsyncClient` (for `run`: one not yet used on another event loop).",
+}
+OPTION_TYPES = {"ray": "RayOptions | bool | str | None"}  # wider than RunOptions': api.py makes one
+# Job keys that the Python API takes in more forms than a job file, and what they mean there.
+KEY_FORMS = {
+    "output": (
+        "Mapping[str, Any] | PathLike | None",
+        "Where the output table goes: a path or URL, or `{path, format, include_columns, fields}`.",
+    ),
+    "prompt": (
+        "Mapping[str, Any] | str | None",
+        'The user template alone (`"Summarize: {text}"`), or `{system, user}` or `{messages}`.',
+    ),
+    "checkpoint": (
+        "PathLike | None",
+        "Where the checkpoint lives (default: beside `output`, else in a temporary folder).",
+    ),
+}
+DATA = "The rows: a path or URL, a polars DataFrame or LazyFrame, a pandas DataFrame or pyarrow Table."
+# What each function is, before its keywords; its return type.
+PYTHON_FUNCTIONS = {
+    "run": (
+        "pl.DataFrame",
+        "Run (or resume) a job over `data`; the output table. A job key left out takes its default.",
+    ),
+    "Job.define": (
+        "Job",
+        "A job from job-file keys given as arguments, checked as a job file is; a job key left out "
+        "(None) takes the job file's default.",
+    ),
+    "Job.run": (
+        "RunResult",
+        "Run (or resume) the job; the figures, with the output table as `.table`. Job-wide errors "
+        "raise BatchrunError (JobError, EndpointUnavailable...), whose `remedy` names the option "
+        "that gets past it, if one does; a job changed since its last run so that finished rows "
+        "would be sent again raises JobChanged (with .rows and .cost_usd) unless yes=True.",
+    ),
+}
+
+
+def _python_type(annotation: Any) -> str:
+    """A job key's type in a Python signature: a section is a mapping of its keys."""
+    annotation, _ = _unwrap(annotation)
+    if _model(annotation) is not None:
+        return "Mapping[str, Any] | None"
+    names = {str: "str", int: "int", float: "float", bool: "bool"}
+    return f"{names[annotation]} | None"
+
+
+def _job_keywords() -> Iterator[tuple[str, str, str, str]]:
+    """(name, type, default, meaning) for each job key: the top-level keys of the schema."""
+    from batchrun.job import JobSpec
+
+    for name, field in JobSpec.model_fields.items():
+        if name in HIDDEN:
+            continue
+        if name in KEY_FORMS:
+            yield name, *KEY_FORMS[name][:1], "None", KEY_FORMS[name][1]
+            continue
+        meaning = MEANING[name].split("; ")[0].removesuffix(".") + "."  # the rest is in job-file.md
+        inner, default = _model(_unwrap(field.annotation)[0]), _default(field, optional=True)
+        if inner is not None:
+            meaning += f" Keys: {', '.join(inner.model_fields)}."
+        elif default == "required":
+            meaning += " Required."
+        elif default != "-":
+            meaning += f" Default: {default}."
+        yield name, _python_type(field.annotation), "None", meaning
+
+
+def _option_keywords() -> Iterator[tuple[str, str, str, str]]:
+    """(name, type, default, meaning) for each run option: RunOptions' fields, then PYTHON_KEYWORDS'."""
+    import dataclasses
+
+    from batchrun.runner import RunOptions
+
+    fields = {f.name: f for f in dataclasses.fields(RunOptions)}
+    if set(fields) != set(OPTION_MEANING):
+        raise ValueError(
+            f"tests/docgen.py OPTION_MEANING: describe {sorted(set(fields) - set(OPTION_MEANING))}; "
+            f"drop {sorted(set(OPTION_MEANING) - set(fields))} (not in RunOptions)"
+        )
+    for name, field in fields.items():
+        yield name, OPTION_TYPES.get(name, str(field.type)), repr(field.default), OPTION_MEANING[name]
+    for name in ("workers", "check_model"):
+        yield name, *PYTHON_KEYWORDS[name]
+
+
+def python_keywords(function: str) -> list[tuple[str, str, str, str]]:
+    """The keywords of an API function (a key of PYTHON_FUNCTIONS): (name, type, default, meaning)."""
+    folder = ("folder", *PYTHON_KEYWORDS["folder"])
+    options = [o for o in _option_keywords() if o[0] != "checkpoint"]  # the Job's own
+    if function == "Job.run":
+        return options
+    keys = [*_job_keywords(), folder]
+    if function == "Job.define":
+        return keys
+    return keys + [o for o in options if o[0] not in {k[0] for k in keys}]  # a job key as such
+
+
+def python_api(function: str) -> None:
+    """Print (to cog) the signature and docstring of an API function, indented as a method's when
+    it is one; the body follows the generated block."""
+    import textwrap
+
+    import cog
+
+    returns, intro = PYTHON_FUNCTIONS[function]
+    method = function.startswith("Job.")
+    name = function.removeprefix("Job.")
+    first = {"Job.define": ["cls", "data: Any = None"], "Job.run": ["self"]}
+    first_params = first.get(function, ["data: Any = None", "/"])
+    params = [
+        *first_params,
+        "*",
+        *(f"{n}: {kind} = {default}" for n, kind, default, _ in python_keywords(function)),
+    ]
+    lines = ["@classmethod"] if name == "define" else []
+    lines += [f"def {name}(", *(f"    {p}," for p in params), f") -> {returns}:"]
+    width = 110 - (8 if method else 4)  # ruff's line length, less the docstring's indent
+    doc = textwrap.wrap(intro, width, initial_indent='"""')
+    args = [("data", DATA)] if "data: Any = None" in first_params else []
+    args += [(n, meaning) for n, _, _, meaning in python_keywords(function)]
+    doc += ["", "Args:"]
+    for arg, meaning in args:
+        doc += textwrap.wrap(f"{arg}: {meaning}", width, initial_indent="    ", subsequent_indent="        ")
+    doc += ['"""']
+    lines += [f"    {line}" if line else "" for line in doc]
+    cog.outl("\n".join(lines))

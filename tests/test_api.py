@@ -262,6 +262,8 @@ def test_all_is_exactly_the_public_names_sorted() -> None:
         "RunResult",
         "__version__",
         "arun",
+        "cost_table",
+        "draw_report",
         "run",
     ]
     for name in batchrun.__all__:

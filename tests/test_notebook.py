@@ -1,5 +1,6 @@
 """A notebook session, in a real Jupyter kernel (nbclient driving ipykernel) against the simulator:
-run, rerun, await, pandas in and out, a mistake, an interrupt and a resume, as a user meets them."""
+run, rerun, await, pandas in and out, a mistake, an interrupt and a resume, as a user meets them;
+and the notebook it saves, read back as a viewer without the widgets' state reads it."""
 
 from __future__ import annotations
 
@@ -19,6 +20,12 @@ from tests.conftest import TEST_KEY, TEST_KEY_ENV, article_rows
 
 ROWS = 200
 CHECKPOINT = "runs/summaries.sqlite"
+WIDGET = "application/vnd.jupyter.widget-view+json"
+
+
+@pytest.fixture(autouse=True)
+def platform_dirs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("JUPYTER_PLATFORM_DIRS", "1")  # else jupyter_core warns that paths move
 
 
 @pytest.fixture
@@ -142,3 +149,30 @@ def test_a_notebook_session_runs_resumes_and_explains_itself(
     assert text_of(cells["resumed"]).strip().endswith(str(ROWS))
     sent_on_resume = cells["requests_after_resume"] - cells["requests_before_resume"]
     assert sent_on_resume == ROWS - cells["done_before_resume"]
+
+
+def test_the_saved_progress_and_result_show_the_runs_end(tmp_path: Path) -> None:
+    source = f"""
+import batchrun
+import polars as pl
+
+job = batchrun.Job.define(pl.DataFrame({article_rows(12)!r}), model="grok-4.3",
+                          prompt="Summarize: {{text}}", checkpoint="run.sqlite")
+job.run(simulate=True)
+"""
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source)])
+    NotebookClient(notebook, timeout=120, resources={"metadata": {"path": str(tmp_path)}}).execute()
+    saved = tmp_path / "saved.ipynb"
+    nbformat.write(notebook, saved)
+    outputs = nbformat.read(saved, as_version=4).cells[0].outputs
+
+    bars = [o["data"]["text/plain"] for o in outputs if WIDGET in o.get("data", {})]
+    assert len(bars) == 1, outputs
+    assert "100%" in bars[0] and "12/12" in bars[0] and "ok=12 failed=0" in bars[0], bars[0]
+    result = outputs[-1]
+    assert result["output_type"] == "execute_result", outputs
+    assert result["data"]["text/plain"].splitlines()[:2] == [
+        "RunResult: finished",
+        "rows: 12 ok, 0 failed of 12",
+    ]
+    assert '<th style="text-align:left">checkpoint</th>' in result["data"]["text/html"]

@@ -13,6 +13,7 @@ import struct
 import subprocess
 import sys
 import termios
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import polars as pl
 from batchrun.events import RunStarted
 from batchrun.output import ERRORS_KEPT, Tally
 from batchrun.progress import Progress
-from batchrun.results import RowResult
+from batchrun.results import RowResult, RowTally
 from batchrun.simulator import RunningSimulator, SimulatorConfig, serve_in_thread
 from tests.conftest import TEST_KEY, article_rows, invoke, write_job
 from tests.stub_server import Handler, Reply, Request, completion, serve_stub
@@ -91,6 +92,25 @@ def test_bar_count_is_ok_plus_failed_plus_skipped_in_every_frame(tmp_path: Path)
     assert frames[0] == (30, 28, 1, 1)  # the resumed rows, counted from the first frame
     assert frames[-1] == (150, 144, 3, 3)
     assert "rows: 144 ok, 3 failed (http_400: 3), 3 skipped of 150" in screen
+
+
+def test_a_resumed_bar_counts_tokens_as_it_counts_cost_the_whole_jobs(tmp_path: Path) -> None:
+    """A rerun of a finished job sends nothing: its bar still shows the job's tokens beside the
+    job's cost, not 0 beside what earlier runs spent."""
+    tokens = re.compile(r"tokens=([\d,]+) cost=\$(\d+\.\d+)")
+    with serve_in_thread(SimulatorConfig(api_key=TEST_KEY)) as sim:
+        job = write_job(tmp_path, article_rows(12), sim.base_url)
+        first_code, first = run_in_terminal("run", str(job), "--limit", "8")
+        code, again = run_in_terminal("run", str(job))
+        _, finished = run_in_terminal("run", str(job))
+
+    assert (first_code, code) == (0, 0), again
+    at_8 = tokens.findall(first)[-1]
+    at_12 = tokens.findall(again)[-1]
+    assert int(at_8[0].replace(",", "")) > 0 and float(at_8[1]) > 0
+    assert int(at_12[0].replace(",", "")) > int(at_8[0].replace(",", ""))  # the first 8 rows' too
+    assert tokens.findall(again)[0][0] != "0"  # counted from the start of the resume
+    assert tokens.findall(finished)[-1] == at_12  # nothing sent: the job's figures, both
 
 
 def test_retry_failed_bar_counts_the_resent_rows_once(tmp_path: Path) -> None:
@@ -271,20 +291,21 @@ def test_rows_done_before_counted_after_the_start_join_the_bar_at_once() -> None
 
     loop = asyncio.new_event_loop()
     try:
-        counted: asyncio.Future[tuple[dict[str, int], float]] = loop.create_future()
+        counted: asyncio.Future[RowTally] = loop.create_future()
         screen = Terminal()
         progress = Progress(quiet=False, stream=screen)
         progress.started(RunStarted(10, {}, cost_usd=0.0, counted=counted))
         progress.row_finished(RowResult(row=8, id="i", status="ok", content="x", cost_usd=0.5))
         assert (progress.done, progress.ok) == (1, 1)
-        counted.set_result(({"ok": 6, "failed": 1}, 2.0))
+        counted.set_result(RowTally(Counter({"ok": 6, "failed": 1}), tokens=50, cost_usd=2.0))
         progress.row_finished(RowResult(row=9, id="j", status="ok", content="x", cost_usd=0.5))
         progress.close()
     finally:
         loop.close()
     assert (progress.done, progress.ok, progress.failed, progress.cost_usd) == (9, 8, 1, 3.0)
     last = screen.getvalue().rsplit("\r", 1)[-1]
-    assert "9/10 [" in last and "ok=8 failed=1 tokens=unknown cost=$3.0000]" in last, last
+    # tokens as cost: the job's (the two rows of this run reported no usage: 50 and more)
+    assert "9/10 [" in last and "ok=8 failed=1 tokens=50+ cost=$3.0000]" in last, last
 
 
 class _Recorder:
