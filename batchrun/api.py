@@ -19,12 +19,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import signal
 import sys
 import tempfile
 import threading
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any, TypeVar
 
 import polars as pl
@@ -378,11 +380,14 @@ def _simulator(spec: JobSpec, options: RunOptions) -> Iterator[str | None]:
 
 def _in_own_thread(make: Callable[[], Coroutine[Any, Any, T]], stop: Stop) -> T:
     """Run a coroutine on a thread with its own event loop, so that it works whether or not this
-    thread runs a loop (a notebook's). A KeyboardInterrupt here asks the run to stop (a second, at
-    once), waits for it to write what it has, and is raised again."""
+    thread runs a loop (a notebook's). An interrupt meanwhile (Ctrl-C, a kernel's "interrupt")
+    asks the run to stop (a second, at once); once the run has written what it has,
+    KeyboardInterrupt is raised here."""
     outcome: list[T] = []
     failure: list[BaseException] = []
-    finished = threading.Event()  # not thread.join(): a KeyboardInterrupt inside join breaks is_alive()
+    done = threading.Event()  # only read here: an interrupt inside Event.wait can leave its lock held
+    wake = threading.Lock()  # what this thread waits on; the worker releases it when done
+    wake.acquire()
 
     def work() -> None:
         try:
@@ -390,21 +395,47 @@ def _in_own_thread(make: Callable[[], Coroutine[Any, Any, T]], stop: Stop) -> T:
         except BaseException as exc:  # handed to the caller's thread
             failure.append(exc)
         finally:
-            finished.set()
+            done.set()
+            wake.release()
 
-    threading.Thread(target=work, name="batchrun", daemon=True).start()
-    interrupted: KeyboardInterrupt | None = None
-    while not finished.is_set():
-        try:
-            finished.wait(0.1)
-        except KeyboardInterrupt as exc:
-            interrupted = exc
-            stop.request()
-    if interrupted is not None:
-        raise interrupted
+    with _interrupts_stop(stop) as interrupts:
+        threading.Thread(target=work, name="batchrun", daemon=True).start()
+        while not done.is_set():
+            try:
+                wake.acquire(timeout=0.1)  # interrupt_main() trips no OS signal that would wake it
+            except KeyboardInterrupt as exc:  # from a SIGINT handler of the caller's
+                interrupts.append(exc)
+                stop.request()
+    if interrupts:
+        raise interrupts[0]
     if failure:
         raise failure[0]
     return outcome[0]
+
+
+@contextlib.contextmanager
+def _interrupts_stop(stop: Stop) -> Iterator[list[KeyboardInterrupt]]:
+    """The interrupts that come within the block, each a stop request. On the main thread with
+    Python's own SIGINT handler, a handler of ours takes them (as asyncio.Runner does): one raised
+    wherever this thread happened to be could be lost (inside a finalizer, Python prints and drops
+    it) or could escape before the run has stopped."""
+    interrupts: list[KeyboardInterrupt] = []
+
+    def on_sigint(signum: int, frame: FrameType | None) -> None:
+        interrupts.append(KeyboardInterrupt())
+        stop.request()
+
+    ours = (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    )
+    if ours:
+        signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield interrupts
+    finally:
+        if ours:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _in_notebook() -> bool:
