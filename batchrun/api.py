@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -27,7 +29,7 @@ from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import polars as pl
 
@@ -41,13 +43,47 @@ from batchrun.models import check_model, list_models, without_model_check
 from batchrun.plan import SIMULATED_KEY, PreparedJob, prepare
 from batchrun.progress import Progress
 from batchrun.report import RunResult, cost_report, job_table, read_output_table
+from batchrun.results import OUTPUT_RESULT_COLUMNS
 from batchrun.runner import RunOptions, prune, run_job
 from batchrun.sources import input_format, scan_table
 from batchrun.status import Status, job_status, made_for
 from batchrun.storage import Location, Url, location
+from batchrun.tables import Given, ReturnType, beside, checked_return_type, given, own_id
 
 T = TypeVar("T")
+P = ParamSpec("P")
 PathLike = str | Path
+
+
+def _raised_here(call: Callable[P, T]) -> Callable[P, T]:
+    """`call`, raising batchrun's errors from itself with the frames beneath it cut: a notebook
+    shows the message and the line that called batchrun (every frame with BATCHRUN_DEBUG=1)."""
+
+    @functools.wraps(call)
+    def called(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return call(*args, **kwargs)
+        except BatchrunError as exc:
+            raise _cut(exc) from None
+
+    return called
+
+
+def _araised_here(call: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+    """`_raised_here` for a coroutine function."""
+
+    @functools.wraps(call)
+    async def called(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await call(*args, **kwargs)
+        except BatchrunError as exc:
+            raise _cut(exc) from None
+
+    return called
+
+
+def _cut(exc: BatchrunError) -> BatchrunError:
+    return exc if os.environ.get("BATCHRUN_DEBUG") == "1" else exc.with_traceback(None)
 
 
 @dataclass(frozen=True)
@@ -78,8 +114,10 @@ class Job:
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None  # None: beside the output
         self.output = output  # None: output.path
         self._note = note  # said when the job runs
+        self._input_name: str | None = None  # how errors call a table given in memory
 
     @classmethod
+    @_raised_here
     def from_yaml(
         cls, path: PathLike, *, checkpoint: PathLike | None = None, output: str | None = None
     ) -> Job:
@@ -87,22 +125,49 @@ class Job:
         return cls(load_job(path), checkpoint, output=output)
 
     @classmethod
+    @_raised_here
     def define(
         cls, data: Any = None, *, checkpoint: PathLike | None = None, folder: PathLike = ".", **keys: Any
     ) -> Job:
         """A job from job-file keys given as arguments; `data` is the input (a path, a polars
         DataFrame or LazyFrame, a pandas DataFrame or a pyarrow Table), relative paths are
         resolved against `folder`. Without `checkpoint`, it goes beside `output` when given,
-        else to a temporary folder (a note says where)."""
+        else to a temporary folder (a note says where). A table in memory is checked against
+        the job here, and its own `id` column, when it has one, names its rows."""
         folder = Path(folder).resolve()
+        table = given(data)
         note = None
         if checkpoint is None and keys.get("output") is None:
             checkpoint = Path(tempfile.mkdtemp(prefix="batchrun-")) / "checkpoint.sqlite"
             note = f"note: no checkpoint= given; checkpointing in {checkpoint} (pass checkpoint= to resume)"
         elif checkpoint is not None:
             checkpoint = folder / checkpoint
-        return cls(job_from_mapping(_job_keys(data, keys, checkpoint, folder), folder), checkpoint, note)
+        try:
+            spec = job_from_mapping(_job_keys(data, table, keys, checkpoint, folder), folder)
+            job = cls(spec, checkpoint, note)
+            if table is not None:
+                job._take(table)
+        except BaseException:
+            if note is not None and checkpoint is not None:  # the temporary folder made for it
+                shutil.rmtree(checkpoint.parent, ignore_errors=True)
+            raise
+        return job
 
+    def _take(self, table: Given) -> None:
+        """Write a table given in memory where the job reads its input, and check the job against
+        it as a run does before sending; one that does not fit leaves no file behind."""
+        path = self.spec.input.path
+        assert isinstance(path, Path)  # _job_keys put it beside the checkpoint
+        path.parent.mkdir(parents=True, exist_ok=True)
+        table.frame.write_parquet(path)
+        self._input_name = table.called
+        try:
+            self.prepared()
+        except BatchrunError:
+            path.unlink(missing_ok=True)
+            raise
+
+    @_raised_here
     def run(self, **options: Any) -> RunResult:
         """Run (or resume) the job; the figures, with the output table as `.table`. Options:
         simulate, simulate_latency_ms, fresh, retry_failed, limit, concurrency, max_cost_usd,
@@ -119,6 +184,7 @@ class Job:
             connect(ray.address)  # on the caller's thread, which Ray prefers for ray.init
         return _in_own_thread(lambda: self._run(options, stop), stop)
 
+    @_araised_here
     async def arun(self, **options: Any) -> RunResult:
         """`run` for async code: awaited on the caller's loop. Cancelling it stops the run as a
         first Ctrl-C does, and CancelledError is raised once the output is written."""
@@ -146,8 +212,10 @@ class Job:
 
     def prepared(self, write: bool = False, check_model: bool = True) -> PreparedJob:
         """The job checked as a run checks it before sending; `write`: its output folder too."""
-        return prepare(self.checked(check_model), self.output, write, checkpoint=self.checkpoint)
+        spec = self.checked(check_model)
+        return prepare(spec, self.output, write, checkpoint=self.checkpoint, input_name=self._input_name)
 
+    @_raised_here
     def validate(self, *, check_model: bool = True) -> Validation:
         """Check the job and its input as `run` does before sending, and the model against the
         endpoint's list when the key is set (unless check_model=False); send no chat request."""
@@ -161,11 +229,13 @@ class Job:
             note=model_note(job.spec),
         )
 
+    @_raised_here
     def status(self) -> Status:
         """Rows by status, failures, tokens and cost so far, from the checkpoint (checked against
         the job, as `run` does)."""
         return job_status(self.prepared())
 
+    @_raised_here
     def estimate(
         self,
         *,
@@ -188,6 +258,7 @@ class Job:
         projection.save(job, readable[1] if simulate else readable[0])
         return projection
 
+    @_raised_here
     def cost(self, by: Sequence[str] = ()) -> pl.DataFrame:
         """Rows, tokens and cost per (by..., model, status) from the checkpoint, also while the
         job runs; `by` may name any column of the input."""
@@ -195,6 +266,7 @@ class Job:
         with tempfile.TemporaryDirectory(prefix="batchrun-cost-") as workdir:
             return cost_report(job_table(job, tuple(by), made_for(job), Path(workdir)), tuple(by))
 
+    @_raised_here
     def report(self, by: Sequence[str] = ()) -> Path:
         """Draw the run report page (OUTPUT.report.html) again from the checkpoint as it is now,
         or from the output without one; where it is."""
@@ -218,6 +290,7 @@ class Job:
             write_page(sources, html_path)
         return html_path
 
+    @_raised_here
     def prune(self) -> tuple[int, int] | None:
         """Drop the answers in the checkpoint that no row of the job as it is now uses (an earlier
         prompt's, a removed row's); (dropped, kept), or None without a checkpoint."""
@@ -226,6 +299,7 @@ class Job:
             spec = spec.model_copy(update={"checkpoint": self.checkpoint})
         return prune(spec, self.output)
 
+    @_raised_here
     def models(self, *, simulate: bool = False) -> list[str]:
         """The models the job's endpoint offers to its key (the simulator's with simulate=True)."""
         return offered_models(self.spec, simulate)
@@ -262,22 +336,32 @@ def offered_models(spec: JobSpec | None, simulate: bool = False) -> list[str]:
     return sorted(offered)
 
 
-def run(data: Any = None, /, *, checkpoint: PathLike | None = None, **keys_and_options: Any) -> pl.DataFrame:
-    """Run a job given as keyword arguments over `data`; the output table, one row per input row."""
-    job, options = _split(data, checkpoint, keys_and_options)
-    table = job.run(**options).table
-    assert table is not None
-    return table
+@_raised_here
+def run(data: Any = None, /, *, checkpoint: PathLike | None = None, **keys_and_options: Any) -> Any:
+    """Run a job given as keyword arguments over `data`; the rows given, in order, with the result
+    columns beside them (as `with_columns` puts them): a pandas DataFrame for a pandas DataFrame,
+    a pyarrow Table for a Table, else a polars DataFrame, or as `return_type=` says ("polars",
+    "pandas" or "pyarrow")."""
+    job, options, return_type = _split(data, checkpoint, keys_and_options)
+    return _beside_input(data, job, job.run(**options), return_type)
 
 
-async def arun(
-    data: Any = None, /, *, checkpoint: PathLike | None = None, **keys_and_options: Any
-) -> pl.DataFrame:
+@_araised_here
+async def arun(data: Any = None, /, *, checkpoint: PathLike | None = None, **keys_and_options: Any) -> Any:
     """`run` for async code (a notebook cell can `await` it)."""
-    job, options = _split(data, checkpoint, keys_and_options)
-    table = (await job.arun(**options)).table
-    assert table is not None
-    return table
+    job, options, return_type = _split(data, checkpoint, keys_and_options)
+    return _beside_input(data, job, await job.arun(**options), return_type)
+
+
+def _beside_input(data: Any, job: Job, result: RunResult, return_type: ReturnType | None) -> Any:
+    """The input's rows with the run's result columns beside them (not the output's `id` and
+    include_columns: the input's own columns are all there)."""
+    assert result.table is not None
+    spec = job.spec
+    results = result.table.select(*spec.output.fields, *OUTPUT_RESULT_COLUMNS)
+    return beside(
+        data, results, lambda n: scan_table(spec.input.path, spec.input.format).head(n).collect(), return_type
+    )
 
 
 RUN_OPTIONS = (
@@ -312,16 +396,22 @@ def _with_ray(options: Mapping[str, Any]) -> dict[str, Any]:
     return {**options, "ray": ray}
 
 
-def _split(data: Any, checkpoint: PathLike | None, given: Mapping[str, Any]) -> tuple[Job, dict[str, Any]]:
-    options = {k: v for k, v in given.items() if k in RUN_OPTIONS}
-    keys = {k: v for k, v in given.items() if k not in RUN_OPTIONS}
-    return Job.define(data, checkpoint=checkpoint, **keys), options
+def _split(
+    data: Any, checkpoint: PathLike | None, arguments: Mapping[str, Any]
+) -> tuple[Job, dict[str, Any], ReturnType | None]:
+    return_type = checked_return_type(arguments.get("return_type"))
+    options = {k: v for k, v in arguments.items() if k in RUN_OPTIONS}
+    keys = {k: v for k, v in arguments.items() if k not in (*RUN_OPTIONS, "return_type")}
+    return Job.define(data, checkpoint=checkpoint, **keys), options, return_type
 
 
-def _job_keys(data: Any, keys: dict[str, Any], checkpoint: Path | None, folder: Path) -> dict[str, Any]:
+def _job_keys(
+    data: Any, table: Given | None, keys: dict[str, Any], checkpoint: Path | None, folder: Path
+) -> dict[str, Any]:
     """Job-file keys from the arguments: `prompt` may be the user template alone, `output` a
-    path alone, and `data` fills input.path (a table in memory is written beside the checkpoint,
-    byte for byte the same on a rerun, so the checkpoint's input hash still matches)."""
+    path alone, and `data` fills input.path. A table in memory is to be written beside the
+    checkpoint (byte for byte the same on a rerun, so the checkpoint's input hash still matches),
+    and named by its own `id` column when it has one and input.id_column names none."""
     keys = dict(keys)
     if isinstance(keys.get("prompt"), str):
         keys["prompt"] = {"user": keys["prompt"]}
@@ -330,39 +420,22 @@ def _job_keys(data: Any, keys: dict[str, Any], checkpoint: Path | None, folder: 
         keys["output"] = {"path": str(output)}
     elif output is None and checkpoint is not None:
         keys["output"] = {"path": str(checkpoint.with_name(checkpoint.name + ".output.parquet"))}
-    if data is not None:
-        # A table in memory goes beside the checkpoint, or beside the output that it goes beside
-        # (for an output URL, where its checkpoint goes on local disk).
-        output_at = location(keys["output"]["path"])
-        beside = checkpoint or (
-            output_at.local_stem(Path.cwd()) if isinstance(output_at, Url) else folder / output_at
-        )
-        given = keys.get("input")
-        path = _input_path(data, beside.with_name(beside.name + ".input.parquet"))
-        keys["input"] = {**(given if isinstance(given, Mapping) else {}), "path": str(path)}
+    if data is None:
+        return keys
+    given_input = keys.get("input")
+    fields = dict(given_input) if isinstance(given_input, Mapping) else {}
+    if table is None:
+        fields["path"] = str(data)  # as given: Path() would turn s3://b/k into s3:/b/k
+    else:
+        # Beside the checkpoint, or beside the output that it goes beside (for an output URL,
+        # where its checkpoint goes on local disk).
+        out = location(keys["output"]["path"])
+        at = checkpoint or (out.local_stem(Path.cwd()) if isinstance(out, Url) else folder / out)
+        fields["path"] = str(at.with_name(at.name + ".input.parquet"))
+        if fields.get("id_column") is None and (own := own_id(table)) is not None:
+            fields["id_column"] = own
+    keys["input"] = fields
     return keys
-
-
-def _input_path(data: Any, path: Path) -> str | Path:
-    if isinstance(data, str | Path):
-        return data  # as given: Path() would turn s3://b/k into s3:/b/k
-    if isinstance(data, pl.LazyFrame):
-        data = data.collect()
-    if not isinstance(data, pl.DataFrame):
-        module = type(data).__module__.split(".")[0]
-        if module == "pandas":
-            data = pl.from_pandas(data)
-        elif module == "pyarrow":
-            data = pl.from_arrow(data)
-        else:
-            raise TypeError(
-                f"batchrun cannot read a {type(data).__name__}: give a path, a polars DataFrame or "
-                "LazyFrame, a pandas DataFrame or a pyarrow Table"
-            )
-    assert isinstance(data, pl.DataFrame)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data.write_parquet(path)
-    return path
 
 
 @contextlib.contextmanager

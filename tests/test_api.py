@@ -105,7 +105,7 @@ def test_run_returns_one_row_per_input_row_and_a_rerun_resumes(tmp_path: Path) -
 
     assert isinstance(out, pl.DataFrame)
     assert out.height == df.height
-    assert out["id"].to_list() == list(range(12))
+    assert out.select(df.columns).equals(df)  # the rows given, with the results beside them
     assert set(out["status"]) == {"ok"}
     assert out["content"].null_count() == 0
     assert again.equals(out)
@@ -115,22 +115,28 @@ def test_simulate_and_every_kind_of_input(tmp_path: Path) -> None:
     df = pl.DataFrame(article_rows(5))
     csv = tmp_path / "articles.csv"
     df.write_csv(csv)
-    inputs: list[Any] = [df, df.lazy(), csv, str(csv), df.to_arrow(), df.to_pandas()]  # pandas: a test extra
+    inputs: list[Any] = [df, df.lazy(), csv, str(csv), df.to_arrow(), df.to_pandas()]
     for n, data in enumerate(inputs):
         out = batchrun.run(
             data, model="grok-4.3", prompt={"user": PROMPT}, simulate=True, quiet=True,
             checkpoint=tmp_path / f"run{n}.sqlite",
         )  # fmt: skip
-        assert out.height == 5, type(data)
-        assert set(out["status"]) == {"ok"}, type(data)
+        same = type(data) if type(data).__module__.split(".")[0] in ("pandas", "pyarrow") else pl.DataFrame
+        assert type(out) is same, type(data)
+        table = pl.DataFrame(out)
+        assert table.height == 5, type(data)
+        assert set(table["status"]) == {"ok"}, type(data)
 
 
 def test_output_is_written_and_the_checkpoint_goes_beside_it(tmp_path: Path) -> None:
+    df = pl.DataFrame(article_rows(3))
     out = batchrun.run(
-        pl.DataFrame(article_rows(3)), model="grok-4.3", prompt=PROMPT, simulate=True, quiet=True,
+        df, model="grok-4.3", prompt=PROMPT, simulate=True, quiet=True,
         output=tmp_path / "out" / "summaries.parquet",
     )  # fmt: skip
-    assert pl.read_parquet(tmp_path / "out" / "summaries.parquet").equals(out)
+    written = pl.read_parquet(tmp_path / "out" / "summaries.parquet")
+    assert written["id"].to_list() == df["id"].to_list()  # the input's own id names its rows
+    assert written.drop("id").equals(out.drop(df.columns))
     assert (tmp_path / "out" / "summaries.parquet.checkpoint.sqlite").exists()
 
 
