@@ -8,8 +8,9 @@
 report, prune, models); the CLI only parses flags and renders what it returns.
 
 Every job-file key is a keyword argument with the same meaning, checked by the same validators
-(job.job_from_mapping). `run` works inside a running event loop (a Jupyter cell is one): the run
-gets a thread and a loop of its own. A KeyboardInterrupt or a cancelled `arun` stops like the
+(job.job_from_mapping). `run` returns the rows given with the result columns beside them, as the
+kind of table given (tables.py). It works inside a running event loop (a Jupyter cell is one):
+the run gets a thread and a loop of its own. A KeyboardInterrupt or a cancelled `arun` stops like the
 CLI's first Ctrl-C: in-flight rows finish within the grace period and are checkpointed, the
 output is written, then the interruption is raised again.
 """
@@ -158,12 +159,12 @@ class Job:
         it as a run does before sending; one that does not fit leaves no file behind."""
         path = self.spec.input.path
         assert isinstance(path, Path)  # _job_keys put it beside the checkpoint
-        path.parent.mkdir(parents=True, exist_ok=True)
-        table.frame.write_parquet(path)
         self._input_name = table.called
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            table.frame.write_parquet(path)
             self.prepared()
-        except BatchrunError:
+        except BaseException:  # refused, or interrupted
             path.unlink(missing_ok=True)
             raise
 
