@@ -11,8 +11,9 @@ flags and renders what they return.
 Every job-file key is a keyword argument with the same meaning, checked by the same validators
 (job.job_from_mapping), and so is every run option (RunOptions): named, typed and explained in the
 signatures and docstrings that cog writes from the schema (tests/docgen.py), for help(), IDEs and
-mypy. `run` works inside a running event loop (a Jupyter cell is one): the run
-gets a thread and a loop of its own. A KeyboardInterrupt or a cancelled `arun` stops like the
+mypy. `run` returns the rows given with the result columns beside them, as the kind of table
+given (tables.py). It works inside a running event loop (a Jupyter cell is one): the run gets a
+thread and a loop of its own. A KeyboardInterrupt or a cancelled `arun` stops like the
 CLI's first Ctrl-C: in-flight rows finish within the grace period and are checkpointed, the
 output is written, then the interruption is raised again.
 """
@@ -21,14 +22,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import os
+import shutil
+import signal
 import sys
 import tempfile
 import threading
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import polars as pl
@@ -40,13 +45,16 @@ from batchrun.executors import api_key
 from batchrun.job import EndpointSpec, JobSpec, RetrySpec, TableFormat, job_from_mapping, load_job
 from batchrun.loop import run_async
 from batchrun.models import check_model, list_models, without_model_check
-from batchrun.plan import CHECKPOINT_SUFFIX, REPORT_SUFFIX, SIMULATED_KEY, PreparedJob, beside, prepare
+from batchrun.plan import CHECKPOINT_SUFFIX, REPORT_SUFFIX, SIMULATED_KEY, PreparedJob, prepare
+from batchrun.plan import beside as next_to
 from batchrun.progress import Progress
 from batchrun.report import RunResult, cost_report, job_table, read_output_table
+from batchrun.results import OUTPUT_RESULT_COLUMNS
 from batchrun.runner import RunOptions, prune, run_job
 from batchrun.sources import input_format, scan_table
 from batchrun.status import Status, job_status, made_for
 from batchrun.storage import Location, Url, location
+from batchrun.tables import Given, ReturnType, beside, checked_return_type, given, own_id
 
 if TYPE_CHECKING:
     import httpx2
@@ -56,6 +64,37 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 P = ParamSpec("P")
 PathLike = str | Path
+
+
+def _raised_here(call: Callable[P, T]) -> Callable[P, T]:
+    """`call`, raising batchrun's errors from itself with the frames beneath it cut: a notebook
+    shows the message and the line that called batchrun (every frame with BATCHRUN_DEBUG=1)."""
+
+    @functools.wraps(call)
+    def called(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return call(*args, **kwargs)
+        except BatchrunError as exc:
+            raise _cut(exc) from None
+
+    return called
+
+
+def _araised_here(call: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+    """`_raised_here` for a coroutine function."""
+
+    @functools.wraps(call)
+    async def called(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await call(*args, **kwargs)
+        except BatchrunError as exc:
+            raise _cut(exc) from None
+
+    return called
+
+
+def _cut(exc: BatchrunError) -> BatchrunError:
+    return exc if os.environ.get("BATCHRUN_DEBUG") == "1" else exc.with_traceback(None)
 
 
 @dataclass(frozen=True)
@@ -99,8 +138,10 @@ class Job:
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None  # None: beside the output
         self.output = output  # None: output.path
         self._note = note  # said when the job runs
+        self._input_name: str | None = None  # how errors call a table given in memory
 
     @classmethod
+    @_raised_here
     def from_yaml(
         cls, path: PathLike, *, checkpoint: PathLike | None = None, output: str | None = None
     ) -> Job:
@@ -109,6 +150,7 @@ class Job:
 
     # [[[cog from tests.docgen import python_api; python_api("Job.define")]]]
     @classmethod
+    @_raised_here
     def define(
         cls,
         data: Any = None,
@@ -157,15 +199,40 @@ class Job:
         # [[[end]]]
         keys = _given(locals())
         folder, checkpoint = Path(keys.pop("folder")).resolve(), keys.pop("checkpoint", None)
+        table = given(data)
         note = None
         if checkpoint is None and keys.get("output") is None:
             checkpoint = Path(tempfile.mkdtemp(prefix="batchrun-")) / "checkpoint.sqlite"
             note = f"note: no checkpoint= given; checkpointing in {checkpoint} (pass checkpoint= to resume)"
         elif checkpoint is not None:
             checkpoint = folder / checkpoint
-        return cls(job_from_mapping(_job_keys(data, keys, checkpoint, folder), folder), checkpoint, note)
+        try:
+            spec = job_from_mapping(_job_keys(data, table, keys, checkpoint, folder), folder)
+            job = cls(spec, checkpoint, note)
+            if table is not None:
+                job._take(table)
+        except BaseException:
+            if note is not None and checkpoint is not None:  # the temporary folder made for it
+                shutil.rmtree(checkpoint.parent, ignore_errors=True)
+            raise
+        return job
+
+    def _take(self, table: Given) -> None:
+        """Write a table given in memory where the job reads its input, and check the job against
+        it as a run does before sending; one that does not fit leaves no file behind."""
+        path = self.spec.input.path
+        assert isinstance(path, Path)  # _job_keys put it beside the checkpoint
+        self._input_name = table.called
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            table.frame.write_parquet(path)
+            self.prepared()
+        except BaseException:  # refused, or interrupted
+            path.unlink(missing_ok=True)
+            raise
 
     # [[[cog from tests.docgen import python_api; python_api("Job.run")]]]
+    @_raised_here
     def run(
         self,
         *,
@@ -218,6 +285,7 @@ class Job:
             connect(ray.address)  # on the caller's thread, which Ray prefers for ray.init
         return _in_own_thread(lambda: self._run(options, stop), stop)
 
+    @_araised_here
     @_keywords_of(run)
     async def arun(self, **options: Any) -> RunResult:
         """`run` for async code, with its keywords: awaited on the caller's loop. Cancelling it
@@ -247,8 +315,10 @@ class Job:
 
     def prepared(self, write: bool = False, check_model: bool = True) -> PreparedJob:
         """The job checked as a run checks it before sending; `write`: its output folder too."""
-        return prepare(self.checked(check_model), self.output, write, checkpoint=self.checkpoint)
+        spec = self.checked(check_model)
+        return prepare(spec, self.output, write, checkpoint=self.checkpoint, input_name=self._input_name)
 
+    @_raised_here
     def validate(self, *, check_model: bool = True) -> Validation:
         """Check the job and its input as `run` does before sending, and the model against the
         endpoint's list when the key is set (unless check_model=False); send no chat request."""
@@ -262,11 +332,13 @@ class Job:
             note=model_note(job.spec),
         )
 
+    @_raised_here
     def status(self) -> Status:
         """Rows by status, failures, tokens and cost so far, from the checkpoint (checked against
         the job, as `run` does)."""
         return job_status(self.prepared())
 
+    @_raised_here
     def estimate(
         self,
         *,
@@ -289,6 +361,7 @@ class Job:
         projection.save(job, readable[1] if simulate else readable[0])
         return projection
 
+    @_raised_here
     def cost(self, by: Sequence[str] = ()) -> pl.DataFrame:
         """Rows, tokens and cost per (by..., model, status) from the checkpoint, also while the
         job runs; `by` may name any column of the input."""
@@ -296,6 +369,7 @@ class Job:
         with tempfile.TemporaryDirectory(prefix="batchrun-cost-") as workdir:
             return cost_report(job_table(job, tuple(by), made_for(job), Path(workdir)), tuple(by))
 
+    @_raised_here
     def report(self, by: Sequence[str] = ()) -> Path:
         """Draw the run report page (OUTPUT.report.html) again from the checkpoint as it is now,
         or from the output without one; where it is."""
@@ -319,6 +393,7 @@ class Job:
             write_page(sources, html_path)
         return html_path
 
+    @_raised_here
     def prune(self) -> tuple[int, int] | None:
         """Drop the answers in the checkpoint that no row of the job as it is now uses (an earlier
         prompt's, a removed row's); (dropped, kept), or None without a checkpoint."""
@@ -327,6 +402,7 @@ class Job:
             spec = spec.model_copy(update={"checkpoint": self.checkpoint})
         return prune(spec, self.output)
 
+    @_raised_here
     def models(self, *, simulate: bool = False) -> list[str]:
         """The models the job's endpoint offers to its key (the simulator's with simulate=True)."""
         return offered_models(self.spec, simulate)
@@ -363,6 +439,7 @@ def offered_models(spec: JobSpec | None, simulate: bool = False) -> list[str]:
     return sorted(offered)
 
 
+@_raised_here
 def cost_table(path: PathLike, by: Sequence[str] = (), *, output: str | None = None) -> pl.DataFrame:
     """Rows, tokens and cost per (by..., model, status), as `batchrun cost` gives them: of a job
     file, from its checkpoint (`output` as in Job.from_yaml), or of an output table."""
@@ -372,6 +449,7 @@ def cost_table(path: PathLike, by: Sequence[str] = (), *, output: str | None = N
     return cost_report(read_output_table(Path(path)), tuple(by))
 
 
+@_raised_here
 def draw_report(path: PathLike, by: Sequence[str] = (), *, output: str | None = None) -> Path:
     """Draw the run report page again, as `batchrun report` does: of a job file, from its
     checkpoint, or of an output table and the checkpoint beside it; where the page is."""
@@ -381,9 +459,9 @@ def draw_report(path: PathLike, by: Sequence[str] = (), *, output: str | None = 
     from batchrun.html_report import Sources, page_path, write_page
 
     table_path = Path(path)
-    report_json = beside(table_path, REPORT_SUFFIX)
+    report_json = next_to(table_path, REPORT_SUFFIX)
     table, format = read_output_table(table_path), input_format(table_path)
-    sources = Sources(table, beside(table_path, CHECKPOINT_SUFFIX), report_json, None, tuple(by), format)
+    sources = Sources(table, next_to(table_path, CHECKPOINT_SUFFIX), report_json, None, tuple(by), format)
     html_path = page_path(report_json)
     write_page(sources, html_path)
     return html_path
@@ -399,6 +477,7 @@ def _no_output_for_a_table(path: PathLike, output: str | None) -> None:
 
 
 # [[[cog from tests.docgen import python_api; python_api("run")]]]
+@_raised_here
 def run(
     data: Any = None,
     /,
@@ -432,8 +511,10 @@ def run(
     http_client: httpx2.AsyncClient | None = None,
     workers: int | None = None,
     check_model: bool = True,
-) -> pl.DataFrame:
-    """Run (or resume) a job over `data`; the output table. A job key left out takes its default.
+    return_type: ReturnType | None = None,
+) -> Any:
+    """Run (or resume) a job over `data`; the rows given, in their order, with the result columns beside them
+    (as `with_columns` puts them), as the kind of table given. A job key left out takes its default.
 
     Args:
         data: The rows: a path or URL, a polars DataFrame or LazyFrame, a pandas DataFrame or pyarrow Table.
@@ -469,21 +550,31 @@ def run(
         http_client: Your own `httpx2.AsyncClient` (for `run`: one not yet used on another event loop).
         workers: With `ray`: worker actors, sharing the job's concurrency.
         check_model: `False` skips the `GET /models` check, as `endpoint.check_model: false`.
+        return_type: The kind of table returned, `"polars"`, `"pandas"` or `"pyarrow"`, in place of the kind
+            given.
     """
     # [[[end]]]
-    job, options = _split(data, _given(locals()))
-    table = job.run(**options).table
-    assert table is not None
-    return table
+    job, options, return_type = _split(data, _given(locals()))
+    return _beside_input(data, job, job.run(**options), return_type)
 
 
+@_araised_here
 @_keywords_of(run)
-async def arun(data: Any = None, /, **keys: Any) -> pl.DataFrame:
+async def arun(data: Any = None, /, **keys: Any) -> Any:
     """`run` for async code (a notebook cell can `await` it), with its keywords."""
-    job, options = _split(data, keys)
-    table = (await job.arun(**options)).table
-    assert table is not None
-    return table
+    job, options, return_type = _split(data, keys)
+    return _beside_input(data, job, await job.arun(**options), return_type)
+
+
+def _beside_input(data: Any, job: Job, result: RunResult, return_type: ReturnType | None) -> Any:
+    """The input's rows with the run's result columns beside them (not the output's `id` and
+    include_columns: the input's own columns are all there)."""
+    assert result.table is not None
+    spec = job.spec
+    results = result.table.select(*spec.output.fields, *OUTPUT_RESULT_COLUMNS)
+    return beside(
+        data, results, lambda n: scan_table(spec.input.path, spec.input.format).head(n).collect(), return_type
+    )
 
 
 def _given(arguments: Mapping[str, Any]) -> dict[str, Any]:
@@ -517,16 +608,20 @@ def _with_ray(options: Mapping[str, Any]) -> dict[str, Any]:
     return {**options, "ray": ray}
 
 
-def _split(data: Any, given: Mapping[str, Any]) -> tuple[Job, dict[str, Any]]:
+def _split(data: Any, given: Mapping[str, Any]) -> tuple[Job, dict[str, Any], ReturnType | None]:
+    return_type = checked_return_type(given.get("return_type"))
     options = {k: v for k, v in given.items() if k in RUN_OPTIONS}
-    keys = {k: v for k, v in given.items() if k not in RUN_OPTIONS}
-    return Job.define(data, **keys), options
+    keys = {k: v for k, v in given.items() if k not in (*RUN_OPTIONS, "return_type")}
+    return Job.define(data, **keys), options, return_type
 
 
-def _job_keys(data: Any, keys: dict[str, Any], checkpoint: Path | None, folder: Path) -> dict[str, Any]:
+def _job_keys(
+    data: Any, table: Given | None, keys: dict[str, Any], checkpoint: Path | None, folder: Path
+) -> dict[str, Any]:
     """Job-file keys from the arguments: `prompt` may be the user template alone, `output` a
-    path alone, and `data` fills input.path (a table in memory is written beside the checkpoint,
-    byte for byte the same on a rerun, so the checkpoint's input hash still matches)."""
+    path alone, and `data` fills input.path. A table in memory is to be written beside the
+    checkpoint (byte for byte the same on a rerun, so the checkpoint's input hash still matches),
+    and named by its own `id` column when it has one and input.id_column names none."""
     keys = dict(keys)
     if isinstance(keys.get("prompt"), str):
         keys["prompt"] = {"user": keys["prompt"]}
@@ -535,39 +630,22 @@ def _job_keys(data: Any, keys: dict[str, Any], checkpoint: Path | None, folder: 
         keys["output"] = {"path": str(output)}
     elif output is None and checkpoint is not None:
         keys["output"] = {"path": str(checkpoint.with_name(checkpoint.name + ".output.parquet"))}
-    if data is not None:
-        # A table in memory goes beside the checkpoint, or beside the output that it goes beside
-        # (for an output URL, where its checkpoint goes on local disk).
-        output_at = location(keys["output"]["path"])
-        beside = checkpoint or (
-            output_at.local_stem(Path.cwd()) if isinstance(output_at, Url) else folder / output_at
-        )
-        given = keys.get("input")
-        path = _input_path(data, beside.with_name(beside.name + ".input.parquet"))
-        keys["input"] = {**(given if isinstance(given, Mapping) else {}), "path": str(path)}
+    if data is None:
+        return keys
+    given_input = keys.get("input")
+    fields = dict(given_input) if isinstance(given_input, Mapping) else {}
+    if table is None:
+        fields["path"] = str(data)  # as given: Path() would turn s3://b/k into s3:/b/k
+    else:
+        # Beside the checkpoint, or beside the output that it goes beside (for an output URL,
+        # where its checkpoint goes on local disk).
+        out = location(keys["output"]["path"])
+        at = checkpoint or (out.local_stem(Path.cwd()) if isinstance(out, Url) else folder / out)
+        fields["path"] = str(at.with_name(at.name + ".input.parquet"))
+        if fields.get("id_column") is None and (own := own_id(table)) is not None:
+            fields["id_column"] = own
+    keys["input"] = fields
     return keys
-
-
-def _input_path(data: Any, path: Path) -> str | Path:
-    if isinstance(data, str | Path):
-        return data  # as given: Path() would turn s3://b/k into s3:/b/k
-    if isinstance(data, pl.LazyFrame):
-        data = data.collect()
-    if not isinstance(data, pl.DataFrame):
-        module = type(data).__module__.split(".")[0]
-        if module == "pandas":
-            data = pl.from_pandas(data)
-        elif module == "pyarrow":
-            data = pl.from_arrow(data)
-        else:
-            raise TypeError(
-                f"batchrun cannot read a {type(data).__name__}: give a path, a polars DataFrame or "
-                "LazyFrame, a pandas DataFrame or a pyarrow Table"
-            )
-    assert isinstance(data, pl.DataFrame)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data.write_parquet(path)
-    return path
 
 
 @contextlib.contextmanager
@@ -585,11 +663,14 @@ def _simulator(spec: JobSpec, options: RunOptions) -> Iterator[str | None]:
 
 def _in_own_thread(make: Callable[[], Coroutine[Any, Any, T]], stop: Stop) -> T:
     """Run a coroutine on a thread with its own event loop, so that it works whether or not this
-    thread runs a loop (a notebook's). A KeyboardInterrupt here asks the run to stop (a second, at
-    once), waits for it to write what it has, and is raised again."""
+    thread runs a loop (a notebook's). An interrupt meanwhile (Ctrl-C, a kernel's "interrupt")
+    asks the run to stop (a second, at once); once the run has written what it has,
+    KeyboardInterrupt is raised here."""
     outcome: list[T] = []
     failure: list[BaseException] = []
-    finished = threading.Event()  # not thread.join(): a KeyboardInterrupt inside join breaks is_alive()
+    done = threading.Event()  # only read here: an interrupt inside Event.wait can leave its lock held
+    wake = threading.Lock()  # what this thread waits on; the worker releases it when done
+    wake.acquire()
 
     def work() -> None:
         try:
@@ -597,21 +678,47 @@ def _in_own_thread(make: Callable[[], Coroutine[Any, Any, T]], stop: Stop) -> T:
         except BaseException as exc:  # handed to the caller's thread
             failure.append(exc)
         finally:
-            finished.set()
+            done.set()
+            wake.release()
 
-    threading.Thread(target=work, name="batchrun", daemon=True).start()
-    interrupted: KeyboardInterrupt | None = None
-    while not finished.is_set():
-        try:
-            finished.wait(0.1)
-        except KeyboardInterrupt as exc:
-            interrupted = exc
-            stop.request()
-    if interrupted is not None:
-        raise interrupted
+    with _interrupts_stop(stop) as interrupts:
+        threading.Thread(target=work, name="batchrun", daemon=True).start()
+        while not done.is_set():
+            try:
+                wake.acquire(timeout=0.1)  # interrupt_main() trips no OS signal that would wake it
+            except KeyboardInterrupt as exc:  # from a SIGINT handler of the caller's
+                interrupts.append(exc)
+                stop.request()
+    if interrupts:
+        raise interrupts[0]
     if failure:
         raise failure[0]
     return outcome[0]
+
+
+@contextlib.contextmanager
+def _interrupts_stop(stop: Stop) -> Iterator[list[KeyboardInterrupt]]:
+    """The interrupts that come within the block, each a stop request. On the main thread with
+    Python's own SIGINT handler, a handler of ours takes them (as asyncio.Runner does): one raised
+    wherever this thread happened to be could be lost (inside a finalizer, Python prints and drops
+    it) or could escape before the run has stopped."""
+    interrupts: list[KeyboardInterrupt] = []
+
+    def on_sigint(signum: int, frame: FrameType | None) -> None:
+        interrupts.append(KeyboardInterrupt())
+        stop.request()
+
+    ours = (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    )
+    if ours:
+        signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield interrupts
+    finally:
+        if ours:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _in_notebook() -> bool:

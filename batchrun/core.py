@@ -88,9 +88,27 @@ class Stop:
     def request(self) -> int:
         """Ask once more; returns how many times it was asked."""
         self.requests += 1
-        if self._notify is not None:
-            self._notify()
+        notify = self._notify  # read once: the run may stop watching in between
+        if notify is not None:
+            notify()
         return self.requests
+
+    def watch(self, on_request: Callable[[], None]) -> None:
+        """Call `on_request` on the running loop at each request from now on (and at once for one
+        made before), until `unwatch`."""
+        loop = asyncio.get_running_loop()
+
+        def notify() -> None:
+            # A request that comes as the run ends may find its loop closed: nothing left to stop.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(on_request)
+
+        self._notify = notify
+        if self.requests:
+            on_request()
+
+    def unwatch(self) -> None:
+        self._notify = None
 
 
 def _refuses(exc: RequestFailed) -> bool:
@@ -336,18 +354,11 @@ class Core:
             before_sleep=self._count_retry,
             sleep=self.sleep,
         )
-        loop = asyncio.get_running_loop()
-
-        def notify() -> None:
-            loop.call_soon_threadsafe(self._stop_requested)
-
-        self.stop._notify = notify
-        if self.stop.requests:
-            self._stop_requested()
+        self.stop.watch(self._stop_requested)
         try:
             await self._run()
         finally:
-            self.stop._notify = None
+            self.stop.unwatch()
         return self._stats()
 
     def _stop_requested(self) -> None:

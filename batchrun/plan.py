@@ -489,10 +489,12 @@ def prepare(
     write: bool = True,
     *,
     checkpoint: Path | None = None,
+    input_name: str | None = None,
 ) -> PreparedJob:
     """Check everything that can fail before a request is sent; `write=False` for commands that
     only read the checkpoint, so they work in a folder they cannot write. `output` overrides
-    output.path (a local path or a URL, as --output gives it); `checkpoint` the job's checkpoint."""
+    output.path (a local path or a URL, as --output gives it); `checkpoint` the job's checkpoint;
+    `input_name` how errors call the input ("the DataFrame"), by default its file's name."""
     prompts = spec.prompt_templates()
     try:
         given = location(output) if output is not None else spec.output.path
@@ -523,7 +525,9 @@ def prepare(
         )
     needed = {"output.include_columns": spec.output.include_columns, **prompts.needed()}
     no_nulls = prompts.columns if spec.input.on_null == "error" else ()
-    source = open_source(spec.input.path, spec.input.id_column, needed, no_nulls, spec.input.format)
+    source = open_source(
+        spec.input.path, spec.input.id_column, needed, no_nulls, spec.input.format, input_name
+    )
     if prompts.messages_column:
         _check_conversations(source, prompts.messages_column, skip_nulls=spec.input.on_null == "skip")
     checkpoint = checkpoint or spec.checkpoint
@@ -569,5 +573,5 @@ def _check_conversations(source: Source, column: str, skip_nulls: bool) -> None:
                 conversation(row[column])
             except ValueError as exc:
                 raise InputError(
-                    f"input.messages_column '{column}', row {row[ROW] + 1} of {source.path.name}: {exc}"
+                    f"input.messages_column '{column}', row {row[ROW] + 1} of {source.name}: {exc}"
                 ) from None

@@ -5,6 +5,7 @@ in sorted order), local or at an object-store URL (storage.py)."""
 
 from __future__ import annotations
 
+import difflib
 import glob
 import hashlib
 import itertools
@@ -74,6 +75,7 @@ class Source:
     id_column: str | None
     columns: tuple[str, ...]  # every column of the table
     row_count: int
+    name: str  # how messages name it: its file's name, or "the DataFrame" for a table given in Python
     format: TableFormat | None = None  # input.format; None: the path's suffix says it
 
     def lazy(self) -> pl.LazyFrame:
@@ -147,9 +149,12 @@ def open_source(
     needed: dict[str, tuple[str, ...]],
     no_nulls: tuple[str, ...] = (),
     format: TableFormat | None = None,
+    name: str | None = None,
 ) -> Source:
     """Open and check the input; `needed` maps a job key (e.g. 'prompt.user') to its columns,
-    `no_nulls` names the columns in which an empty value is an error, `format` is input.format."""
+    `no_nulls` names the columns in which an empty value is an error, `format` is input.format,
+    `name` how messages call the input (by default, its file's name)."""
+    called = name or path.name
     if isinstance(path, Path) and not is_glob(path) and not path.exists():
         raise InputError(f"input file not found: {path}")
     try:
@@ -160,13 +165,11 @@ def open_source(
         for col in cols:
             if col not in columns:
                 raise InputError(
-                    f"{key} names column '{col}', which {path.name} does not have; "
-                    f"its columns are: {', '.join(columns)}"
+                    f"{key} names column '{col}', which {called} does not have; {_hint(col, columns)}"
                 )
     if id_column is not None and id_column not in columns:
         raise InputError(
-            f"input.id_column '{id_column}' is not a column of {path.name}; "
-            f"its columns are: {', '.join(columns)}"
+            f"input.id_column '{id_column}' is not a column of {called}; {_hint(id_column, columns)}"
         )
     used = dict.fromkeys([*(c for cols in needed.values() for c in cols), *filter(None, [id_column])])
     try:
@@ -186,14 +189,20 @@ def open_source(
             row_count = int(counts.item(0, 0))
             nulls = [c for c in no_nulls if counts[c].item()]
         if id_column is not None:
-            _check_ids(path, format, id_column)
+            _check_ids(path, format, id_column, called)
         for column in nulls[:1]:
-            _report_nulls(path, format, column)
+            _report_nulls(path, format, column, called)
     except (pl.exceptions.PolarsError, OSError) as exc:
         raise _unreadable(path, exc) from None
     if row_count == 0:
-        raise InputError(f"input {path} has no rows")
-    return Source(path, id_column, columns, row_count, format)
+        raise InputError(f"{name or f'input {path}'} has no rows")
+    return Source(path, id_column, columns, row_count, called, format)
+
+
+def _hint(column: str, columns: tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(column, columns, n=1, cutoff=0.6)
+    mean = f"did you mean '{close[0]}'? " if close else ""
+    return f"{mean}its columns are: {', '.join(columns)}"
 
 
 def _unreadable(path: Location, exc: Exception) -> InputError:
@@ -201,25 +210,25 @@ def _unreadable(path: Location, exc: Exception) -> InputError:
     return InputError(f"cannot read input {path}: {cloud_reason(exc)}")
 
 
-def _report_nulls(path: Location, format: TableFormat | None, column: str) -> None:
+def _report_nulls(path: Location, format: TableFormat | None, column: str, called: str) -> None:
     rows = scan_table(path, format).select(pl.col(column)).with_row_index(ROW)
     nulls = rows.filter(pl.col(column).is_null()).select(ROW).head(5).collect()[ROW].to_list()
     shown = ", ".join(str(r + 1) for r in nulls)
     raise InputError(
-        f"column '{column}' used by the prompt is empty in row(s) {shown} of {path.name}; fill it, "
+        f"column '{column}' used by the prompt is empty in row(s) {shown} of {called}; fill it, "
         "or set input.on_null: skip (leave those rows unsent) or empty (render as '')"
     )
 
 
-def _check_ids(path: Location, format: TableFormat | None, id_column: str) -> None:
+def _check_ids(path: Location, format: TableFormat | None, id_column: str, called: str) -> None:
     ids = scan_table(path, format).select(pl.col(id_column)).with_row_index(ROW)
     nulls = ids.filter(pl.col(id_column).is_null()).select(ROW).head(5).collect()[ROW].to_list()
     if nulls:
         rows = ", ".join(str(r + 1) for r in nulls)
-        raise InputError(f"input.id_column '{id_column}' is empty in row(s) {rows} of {path.name}")
+        raise InputError(f"input.id_column '{id_column}' is empty in row(s) {rows} of {called}")
     if ids.select((pl.col(id_column) > pl.col(id_column).shift(1)).all()).collect().item():
         return  # ascending, as ids mostly are: no two alike, found without a table of them
     dupes = ids.group_by(id_column).agg(pl.len().alias("n")).filter(pl.col("n") > 1).head(3).collect()
     if dupes.height:
         shown = ", ".join(repr(v) for v in dupes[id_column].to_list())
-        raise InputError(f"input.id_column '{id_column}' has duplicate ids in {path.name}: {shown}")
+        raise InputError(f"input.id_column '{id_column}' has duplicate ids in {called}: {shown}")

@@ -266,6 +266,11 @@ def cli_reference() -> str:
 PYTHON_KEYWORDS = {
     "folder": ("PathLike", '"."', "What relative paths (input, output, checkpoint) are relative to."),
     "workers": ("int | None", "None", "With `ray`: worker actors, sharing the job's concurrency."),
+    "return_type": (
+        "ReturnType | None",
+        "None",
+        'The kind of table returned, `"polars"`, `"pandas"` or `"pyarrow"`, in place of the kind given.',
+    ),
     "check_model": (
         "bool",
         "True",
@@ -310,8 +315,10 @@ DATA = "The rows: a path or URL, a polars DataFrame or LazyFrame, a pandas DataF
 # What each function is, before its keywords; its return type.
 PYTHON_FUNCTIONS = {
     "run": (
-        "pl.DataFrame",
-        "Run (or resume) a job over `data`; the output table. A job key left out takes its default.",
+        "Any",
+        "Run (or resume) a job over `data`; the rows given, in their order, with the result columns "
+        "beside them (as `with_columns` puts them), as the kind of table given. A job key left out "
+        "takes its default.",
     ),
     "Job.define": (
         "Job",
@@ -385,7 +392,8 @@ def python_keywords(function: str) -> list[tuple[str, str, str, str]]:
     keys = [*_job_keywords(), folder]
     if function == "Job.define":
         return keys
-    return keys + [o for o in options if o[0] not in {k[0] for k in keys}]  # a job key as such
+    returned = ("return_type", *PYTHON_KEYWORDS["return_type"])
+    return [*keys, *(o for o in options if o[0] not in {k[0] for k in keys}), returned]  # a job key as such
 
 
 def python_api(function: str) -> None:
@@ -406,6 +414,7 @@ def python_api(function: str) -> None:
         *(f"{n}: {kind} = {default}" for n, kind, default, _ in python_keywords(function)),
     ]
     lines = ["@classmethod"] if name == "define" else []
+    lines += ["@_raised_here"]  # a mistake shows as one line from the call
     lines += [f"def {name}(", *(f"    {p}," for p in params), f") -> {returns}:"]
     width = 110 - (8 if method else 4)  # ruff's line length, less the docstring's indent
     doc = textwrap.wrap(intro, width, initial_indent='"""')

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import _thread
 import asyncio
+import contextlib
 import signal
 import sqlite3
 import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,38 +35,53 @@ def rows_in(checkpoint: Path) -> int:
         return 0
 
 
-class InterruptAt:
-    """Interrupts the main thread (KeyboardInterrupt, as Jupyter's "interrupt kernel" does) once
-    `checkpoint` holds `rows` rows. Its thread never asserts: it only acts and signals (`sent`);
-    the main thread decides. The main thread calls `over()` as soon as its run returns: under one
-    lock with the interrupt, so no interrupt can land once the run is over and outside its try.
+class InterruptOnAnswer:
+    """The caller's own http client (`http_client=`) to the simulator, which interrupts the main
+    thread (KeyboardInterrupt, as Jupyter's "interrupt kernel" does) once `at` answers have come,
+    and from then on holds every request before it is sent: the run cannot end with a row left
+    unsent unless it has seen the interrupt, stopped, and cancelled them at the end of its grace
+    period. Its hooks never assert: they act, and signal (`sent`); the main thread decides. A
+    held request goes on after HOLD_S, so that a lost interrupt fails the test instead of
+    hanging it."""
 
-    Made and ended on the main thread: meanwhile SIGINT raises KeyboardInterrupt, as in a kernel or
-    a terminal. A Python started in the background by a shell without job control (`cmd &` in a
-    script) ignores SIGINT, and interrupt_main() then does nothing at all."""
+    HOLD_S = 60.0
 
-    def __init__(self, checkpoint: Path, rows: int) -> None:
-        self._handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    def __init__(self, at: int) -> None:
+        self.at = at
+        self.answers = 0
         self.sent = threading.Event()
-        self._over = threading.Event()
-        self._gate = threading.Lock()
-        self._thread = threading.Thread(target=self._watch, args=(checkpoint, rows), daemon=True)
-        self._thread.start()
+        self._until = 0.0
 
-    def _watch(self, checkpoint: Path, rows: int) -> None:
-        while not self._over.wait(0.01):  # polling the checkpoint: it has no event to wait on
-            if rows_in(checkpoint) >= rows:
-                with self._gate:
-                    if not self._over.is_set():
-                        self.sent.set()
-                        _thread.interrupt_main()
-                return
+    def client(self) -> Any:
+        import httpx2
 
-    def over(self) -> None:
-        with self._gate:
-            self._over.set()
-        self._thread.join()
-        signal.signal(signal.SIGINT, self._handler)
+        hooks: dict[str, list[Any]] = {"request": [self._hold], "response": [self._count]}
+        # No connection kept open: batchrun leaves the caller's client open, and run()'s loop closes.
+        return httpx2.AsyncClient(event_hooks=hooks, limits=httpx2.Limits(max_keepalive_connections=0))
+
+    async def _count(self, response: Any) -> None:
+        self.answers += 1
+        if self.answers == self.at:
+            self._until = time.monotonic() + self.HOLD_S
+            self.sent.set()
+            _thread.interrupt_main()
+
+    async def _hold(self, request: Any) -> None:
+        if self.sent.is_set():
+            with contextlib.suppress(TimeoutError):  # never set: only a cancellation ends it early
+                await asyncio.wait_for(asyncio.Event().wait(), self._until - time.monotonic())
+
+
+@contextlib.contextmanager
+def sigint_raises() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt meanwhile, as in a kernel or a terminal. A Python started in
+    the background by a shell without job control (`cmd &` in a script) ignores SIGINT, and
+    interrupt_main() then does nothing at all."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def endpoint(sim: RunningSimulator) -> dict[str, Any]:
@@ -87,7 +105,7 @@ def test_run_returns_one_row_per_input_row_and_a_rerun_resumes(tmp_path: Path) -
 
     assert isinstance(out, pl.DataFrame)
     assert out.height == df.height
-    assert out["id"].to_list() == list(range(12))
+    assert out.select(df.columns).equals(df)  # the rows given, with the results beside them
     assert set(out["status"]) == {"ok"}
     assert out["content"].null_count() == 0
     assert again.equals(out)
@@ -97,22 +115,28 @@ def test_simulate_and_every_kind_of_input(tmp_path: Path) -> None:
     df = pl.DataFrame(article_rows(5))
     csv = tmp_path / "articles.csv"
     df.write_csv(csv)
-    inputs: list[Any] = [df, df.lazy(), csv, str(csv), df.to_arrow(), df.to_pandas()]  # pandas: a test extra
+    inputs: list[Any] = [df, df.lazy(), csv, str(csv), df.to_arrow(), df.to_pandas()]
     for n, data in enumerate(inputs):
         out = batchrun.run(
             data, model="grok-4.3", prompt={"user": PROMPT}, simulate=True, quiet=True,
             checkpoint=tmp_path / f"run{n}.sqlite",
         )  # fmt: skip
-        assert out.height == 5, type(data)
-        assert set(out["status"]) == {"ok"}, type(data)
+        same = type(data) if type(data).__module__.split(".")[0] in ("pandas", "pyarrow") else pl.DataFrame
+        assert type(out) is same, type(data)
+        table = pl.DataFrame(out)
+        assert table.height == 5, type(data)
+        assert set(table["status"]) == {"ok"}, type(data)
 
 
 def test_output_is_written_and_the_checkpoint_goes_beside_it(tmp_path: Path) -> None:
+    df = pl.DataFrame(article_rows(3))
     out = batchrun.run(
-        pl.DataFrame(article_rows(3)), model="grok-4.3", prompt=PROMPT, simulate=True, quiet=True,
+        df, model="grok-4.3", prompt=PROMPT, simulate=True, quiet=True,
         output=tmp_path / "out" / "summaries.parquet",
     )  # fmt: skip
-    assert pl.read_parquet(tmp_path / "out" / "summaries.parquet").equals(out)
+    written = pl.read_parquet(tmp_path / "out" / "summaries.parquet")
+    assert written["id"].to_list() == df["id"].to_list()  # the input's own id names its rows
+    assert written.drop("id").equals(out.drop(df.columns))
     assert (tmp_path / "out" / "summaries.parquet.checkpoint.sqlite").exists()
 
 
@@ -223,28 +247,32 @@ def test_cancelling_arun_stops_like_the_first_ctrl_c(tmp_path: Path) -> None:
         assert sim.stats.requests == 200  # the rerun sent only the rows not done
 
 
-def test_keyboard_interrupt_during_run_stops_like_the_first_ctrl_c(tmp_path: Path) -> None:
-    df = slow_rows(200)
+@pytest.mark.parametrize("at", [1, 40], ids=["at-the-first-answer", "at-the-last-answer"])
+def test_keyboard_interrupt_during_run_stops_like_the_first_ctrl_c(tmp_path: Path, at: int) -> None:
+    """Whenever it comes (as the run starts, or as its last row is answered, when the run may be
+    over already), an interrupt is raised once the run has written what it has: never lost."""
+    df = pl.DataFrame(article_rows(40))
     checkpoint = tmp_path / "run.sqlite"
+    interrupt = InterruptOnAnswer(at)
 
-    with serve_in_thread(SimulatorConfig(api_key=TEST_KEY)) as sim:
-        interrupt = InterruptAt(checkpoint, 8)
+    with serve_in_thread(SimulatorConfig(api_key=TEST_KEY)) as sim, sigint_raises():
         interrupted = False
         try:
             batchrun.run(df, model="grok-4.3", prompt=PROMPT, endpoint=endpoint(sim), concurrency=4,
-                         checkpoint=checkpoint, quiet=True)  # fmt: skip
-            interrupt.over()
+                         grace_s=5, http_client=interrupt.client(), checkpoint=checkpoint,
+                         quiet=True)  # fmt: skip
         except KeyboardInterrupt:
             interrupted = True
-        interrupt.over()
         answered = len(sim.stats.ok_by_user_message)
 
-    assert interrupt.sent.is_set(), "the run finished before the checkpoint showed 8 rows: no interrupt"
+    assert interrupt.sent.is_set()
     assert interrupted, "an interrupt was sent but batchrun.run did not raise KeyboardInterrupt"
     out = pl.read_parquet(checkpoint.with_name(checkpoint.name + ".output.parquet"))
     done = out.filter(pl.col("status") == "ok").height
-    assert done == answered == rows_in(checkpoint)
-    assert 8 <= done < 200, f"{done} rows done: the interrupt reached the run only after it had finished"
+    assert done == answered == rows_in(checkpoint)  # every answered row was kept
+    assert at <= done <= 40
+    if at < 40:
+        assert done < 40, "rows were sent after the interrupt"
 
 
 def test_all_is_exactly_the_public_names_sorted() -> None:

@@ -17,7 +17,7 @@ import pytest
 
 from batchrun.answers import ChatResult
 from batchrun.budget import BudgetGuard
-from batchrun.core import Clock, Core, CoreSettings, RunStats
+from batchrun.core import Clock, Core, CoreSettings, RunStats, Stop
 from batchrun.cost import list_price
 from batchrun.errors import EndpointDown, JobAborted, PermanentError, RetryableError
 from batchrun.events import Level, RunStarted
@@ -262,3 +262,18 @@ def test_the_budget_stops_before_a_request_could_pass_it(width: int) -> None:
     assert budget.spent_usd <= budget.limit_usd
     assert 1 <= stats.ok < 50
     assert stats.ok == len(backend.bodies)  # every request sent was settled, none lost
+
+
+def test_a_stop_request_as_a_run_ends_reaches_it_or_is_harmless() -> None:
+    """A request made before the run watches is seen at once; one made after its loop has closed
+    (an interrupt as the run returns) raises nothing in the thread that made it."""
+    stop, seen = Stop(), []
+    stop.request()
+
+    async def run() -> None:
+        stop.watch(lambda: seen.append(stop.requests))  # left watching: the loop closes under it
+
+    asyncio.run(run())
+    assert seen == [1]
+    assert stop.request() == 2
+    assert seen == [1]

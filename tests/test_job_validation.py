@@ -291,7 +291,8 @@ CASES = [
     # --- the templates against the input
     Case(
         "template-missing-column",
-        "prompt.user names column 'titel', which items.csv does not have; its columns are: id, title, body",
+        "prompt.user names column 'titel', which items.csv does not have; did you mean 'title'? "
+        "its columns are: id, title, body",
         edit("Summarise {title}", "Summarise {titel}"),
     ),
     Case(
@@ -327,7 +328,8 @@ CASES = [
     # --- ids and output columns against the input
     Case(
         "id-column-missing",
-        "input.id_column 'uid' is not a column of items.csv; its columns are: id, title, body",
+        "input.id_column 'uid' is not a column of items.csv; did you mean 'id'? "
+        "its columns are: id, title, body",
         edit("id_column: id", "id_column: uid"),
     ),
     Case(

@@ -39,7 +39,11 @@ def keywords(function: Callable[..., Any]) -> dict[str, inspect.Parameter]:
 def test_the_keywords_are_the_job_keys_and_the_run_options() -> None:
     assert set(keywords(batchrun.Job.define)) == JOB_KEYS | {"folder"}
     assert set(keywords(batchrun.Job.run)) == set(keywords(batchrun.Job.arun)) == OPTIONS
-    assert set(keywords(batchrun.run)) == set(keywords(batchrun.arun)) == JOB_KEYS | {"folder"} | OPTIONS
+    assert (
+        set(keywords(batchrun.run))
+        == set(keywords(batchrun.arun))
+        == JOB_KEYS | {"folder", "return_type"} | OPTIONS
+    )
 
 
 def test_a_keyword_has_one_type_and_default_wherever_it_is_taken() -> None:
@@ -48,7 +52,8 @@ def test_a_keyword_has_one_type_and_default_wherever_it_is_taken() -> None:
     define, job_run = keywords(batchrun.Job.define), keywords(batchrun.Job.run)
     for function in (batchrun.run, batchrun.arun):
         for name, parameter in keywords(function).items():
-            assert parameter == define.get(name, job_run.get(name)), (function.__name__, name)
+            if name != "return_type":  # run's own
+                assert parameter == define.get(name, job_run.get(name)), (function.__name__, name)
     # the async twins take the same keywords, shown by help() as theirs
     assert inspect.signature(batchrun.arun) == inspect.signature(batchrun.run)
     assert inspect.signature(batchrun.Job.arun) == inspect.signature(batchrun.Job.run)

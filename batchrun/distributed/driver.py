@@ -110,12 +110,7 @@ async def run_on_cluster(run: ClusterRun, ray_options: RayOptions) -> RunStats:
         for worker in workers:
             worker.stop.remote(at_once)
 
-    def notify() -> None:
-        loop.call_soon_threadsafe(on_stop)
-
-    run.stop._notify = notify
-    if run.stop.requests:
-        on_stop()
+    run.stop.watch(on_stop)
 
     def drive(index: int) -> None:
         """One worker's loop, on a thread: shards in, batches out to the inbox."""
@@ -148,7 +143,7 @@ async def run_on_cluster(run: ClusterRun, ray_options: RayOptions) -> RunStats:
     try:
         return await _collect(run, inbox, workers_n)
     finally:
-        run.stop._notify = None
+        run.stop.unwatch()
         stopping.set()
         for thread in threads:
             await asyncio.to_thread(thread.join)
