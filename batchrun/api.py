@@ -283,7 +283,7 @@ class Job:
             from batchrun.distributed.cluster import connect
 
             connect(ray.address)  # on the caller's thread, which Ray prefers for ray.init
-        return _in_own_thread(lambda: self._run(options, stop), stop)
+        return _in_own_thread(lambda: self._run(options, stop), stop, RunResult.interrupted_message)
 
     @_araised_here
     @_keywords_of(run)
@@ -661,7 +661,9 @@ def _simulator(spec: JobSpec, options: RunOptions) -> Iterator[str | None]:
         yield sim.base_url
 
 
-def _in_own_thread(make: Callable[[], Coroutine[Any, Any, T]], stop: Stop) -> T:
+def _in_own_thread(
+    make: Callable[[], Coroutine[Any, Any, T]], stop: Stop, interrupted: Callable[[T], str]
+) -> T:
     """Run a coroutine on a thread with its own event loop, so that it works whether or not this
     thread runs a loop (a notebook's). An interrupt meanwhile (Ctrl-C, a kernel's "interrupt")
     asks the run to stop (a second, at once); once the run has written what it has,
@@ -689,6 +691,8 @@ def _in_own_thread(make: Callable[[], Coroutine[Any, Any, T]], stop: Stop) -> T:
             except KeyboardInterrupt as exc:  # from a SIGINT handler of the caller's
                 interrupts.append(exc)
                 stop.request()
+    if interrupts and outcome:  # stopped, and what it had is written: say what and how to resume
+        raise KeyboardInterrupt(interrupted(outcome[0])) from None
     if interrupts:
         raise interrupts[0]
     if failure:

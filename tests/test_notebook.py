@@ -1,13 +1,16 @@
 """A notebook session, in a real Jupyter kernel (nbclient driving ipykernel) against the simulator:
-run, rerun, await, pandas in and out, a mistake, an interrupt and a resume, as a user meets them;
-and the notebook it saves, read back as a viewer without the widgets' state reads it."""
+the Python API page's session (run, rerun, await, pandas in and out, a mistake, an interrupt and
+a resume) runs cell by cell and shows what the page shows; and the notebook a run saves, read
+back as a viewer without the widgets' state reads it."""
 
 from __future__ import annotations
 
 import asyncio
-import json
+import os
+import re
+import shutil
 import sqlite3
-from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,37 +18,19 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from batchrun.simulator import RunningSimulator, SimulatorConfig, serve_in_thread
-from tests.conftest import TEST_KEY, TEST_KEY_ENV, article_rows
+from tests.conftest import article_rows
+from tests.test_docs import ROOT, Block, blocks, masked, matches
 
-ROWS = 200
-CHECKPOINT = "runs/summaries.sqlite"
+PAGE = ROOT / "docs" / "python-api.md"
+UPDATE = os.environ.get("BATCHRUN_UPDATE_DOCS") == "1"  # read before conftest clears the environment
+
+CHECKPOINT = "runs/articles.sqlite"  # as the page's session names it
 WIDGET = "application/vnd.jupyter.widget-view+json"
 
 
 @pytest.fixture(autouse=True)
 def platform_dirs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("JUPYTER_PLATFORM_DIRS", "1")  # else jupyter_core warns that paths move
-
-
-@pytest.fixture
-def slow_simulator() -> Iterator[RunningSimulator]:
-    """50 ms an answer: an interrupted run is still running when the interrupt lands."""
-    with serve_in_thread(SimulatorConfig(api_key=TEST_KEY, latency_ms=50)) as sim:
-        yield sim
-
-
-def setup_cell(sim: RunningSimulator) -> str:
-    endpoint = {"base_url": sim.base_url, "api_key_env": TEST_KEY_ENV}
-    return "\n".join(
-        [
-            "import batchrun",
-            "import polars as pl",
-            f"df = pl.DataFrame({json.dumps(article_rows(ROWS))})",
-            f"keys = dict(model='grok-4.3', prompt='Summarize: {{text}}', endpoint={endpoint!r},",
-            f"            params={{'max_tokens': 40}}, checkpoint={CHECKPOINT!r})",
-        ]
-    )
 
 
 def rows_in(checkpoint: Path) -> int:
@@ -56,22 +41,6 @@ def rows_in(checkpoint: Path) -> int:
             return int(db.execute("SELECT COUNT(*) FROM results").fetchone()[0])
     except sqlite3.OperationalError:
         return 0
-
-
-def text_of(cell: Any) -> str:
-    """What a cell showed: its printed text and the text/plain of its result."""
-    parts = []
-    for output in cell.outputs:
-        if output.output_type == "stream":
-            parts.append(output.text)
-        elif output.output_type in ("execute_result", "display_data"):
-            parts.append(output.data.get("text/plain", ""))
-    return "".join(parts)
-
-
-def error_of(cell: Any) -> Any:
-    errors = [o for o in cell.outputs if o.output_type == "error"]
-    return errors[0] if errors else None
 
 
 class Session:
@@ -105,50 +74,93 @@ class Session:
         return await running
 
 
-def test_a_notebook_session_runs_resumes_and_explains_itself(
-    tmp_path: Path, slow_simulator: RunningSimulator
-) -> None:
-    sim = slow_simulator
+@dataclass
+class Cell:
+    source: str
+    out: Block | None  # what the page shows it printed
+
+
+def session_cells() -> list[Cell]:
+    """The page's notebook session: its `In [n]` cells, each with the `Out` block after it."""
+    found = blocks(PAGE)
+    cells = []
+    for i, block in enumerate(found):
+        if block.lang == "python" and 'title="In' in block.info:
+            after = found[i + 1] if i + 1 < len(found) else None
+            cells.append(Cell(block.body, after if after and 'title="Out"' in after.info else None))
+    return cells
+
+
+def shown(cell: Any) -> str:
+    """What a cell showed a reader: its printed lines, its result's text, or its error in a line
+    (not the progress widget, nor the notes on stderr)."""
+    parts = []
+    for output in cell.outputs:
+        if output.output_type == "stream" and output.name == "stdout":
+            parts.append(output.text)
+        elif output.output_type == "execute_result":
+            parts.append(output.data["text/plain"] + "\n")
+        elif output.output_type == "error":
+            parts.append(f"{output.ename}: {output.evalue}\n")
+    return "".join(parts)
+
+
+def normal(text: str, folder: Path) -> list[str]:
+    """As test_docs masks a page's output, and the count an interrupt found done."""
+    return masked(re.sub(r"\b\d+ of (\d+) rows done", r"N of \1 rows done", text), folder)
+
+
+def requests_per_run(checkpoint: Path) -> list[int]:
+    with sqlite3.connect(checkpoint) as db:
+        return [n for (n,) in db.execute("SELECT requests FROM runs ORDER BY run")]
+
+
+def test_the_python_api_pages_notebook_session_runs_as_shown(tmp_path: Path) -> None:
+    """Each `In` cell of the page's session runs in a kernel and shows the page's `Out`; the
+    interrupted cell is interrupted once 40 rows are done. BATCHRUN_UPDATE_DOCS=1 writes what
+    the cells showed into the page instead."""
+    shutil.copytree(ROOT / "sample_data", tmp_path / "sample_data")
+    cells = session_cells()
     session = Session(tmp_path)
 
-    async def drive() -> dict[str, Any]:
-        cells: dict[str, Any] = {}
+    async def drive() -> list[Any]:
+        ran = []
         async with session.client.async_setup_kernel():
-            cells["setup"] = await session.run(setup_cell(sim))
-            cells["first"] = await session.run("out = batchrun.run(df.head(20), **keys)\nout.columns")
-            cells["requests_after_first"] = sim.stats.requests
-            cells["rerun"] = await session.run("out = batchrun.run(df.head(20), **keys)\nout.height")
-            cells["requests_after_rerun"] = sim.stats.requests
-            cells["await"] = await session.run("out = await batchrun.arun(df.head(20), **keys)\nout.height")
-            cells["pandas"] = await session.run(
-                "p = batchrun.run(df.head(20).to_pandas(), **keys)\ntype(p).__module__.split('.')[0]"
-            )
-            cells["mistake"] = await session.run(
-                "batchrun.run(df.head(5), **{**keys, 'prompt': 'Summarize: {txt}'})"
-            )
-            cells["interrupted"] = await session.interrupt_at("big = batchrun.run(df, **keys)", rows=40)
-            cells["done_before_resume"] = rows_in(tmp_path / CHECKPOINT)
-            cells["requests_before_resume"] = sim.stats.requests
-            cells["resumed"] = await session.run("big = batchrun.run(df, **keys)\nbig.height")
-            cells["requests_after_resume"] = sim.stats.requests
-        return cells
+            for cell in cells:
+                interrupted = cell.out is not None and cell.out.body.startswith("KeyboardInterrupt")
+                if interrupted:
+                    ran.append(await session.interrupt_at(cell.source, rows=40))
+                else:
+                    ran.append(await session.run(cell.source))
+        return ran
 
-    cells = asyncio.run(drive())
+    ran = asyncio.run(drive())
 
-    for name in ("setup", "first", "rerun", "await", "pandas", "resumed"):
-        assert error_of(cells[name]) is None, (name, error_of(cells[name]))
-    assert "'content'" in text_of(cells["first"])
-    assert cells["requests_after_first"] == 20
-    assert text_of(cells["rerun"]).strip().endswith("20")
-    assert cells["requests_after_rerun"] == 20  # the rerun sent nothing
-    assert text_of(cells["await"]).strip().endswith("20")
-    mistake = error_of(cells["mistake"])
-    assert mistake is not None and "txt" in mistake.evalue
-    interrupted = error_of(cells["interrupted"])
-    assert interrupted is not None and interrupted.ename == "KeyboardInterrupt"
-    assert text_of(cells["resumed"]).strip().endswith(str(ROWS))
-    sent_on_resume = cells["requests_after_resume"] - cells["requests_before_resume"]
-    assert sent_on_resume == ROWS - cells["done_before_resume"]
+    got = [shown(cell) for cell in ran]
+    if UPDATE:
+        text = PAGE.read_text().splitlines(keepends=True)
+        for cell, printed in reversed(list(zip(cells, got, strict=True))):  # later lines first
+            if cell.out is not None:
+                end = cell.out.line + cell.out.body.count("\n")
+                text[cell.out.line : end] = [line + "\n" for line in masked(printed, tmp_path)]
+        PAGE.write_text("".join(text))
+    for cell, printed in zip(cells, got, strict=True):
+        if cell.out is not None:
+            assert matches(normal(cell.out.body, tmp_path), normal(printed, tmp_path)), (cell.source, printed)
+    errors = [c for c in ran if any(o.output_type == "error" for o in c.outputs)]
+    assert len(errors) == 2  # the mistake and the interrupt
+    mistake = next(o for o in errors[0].outputs if o.output_type == "error")
+    frames = [
+        f
+        for f in (re.sub(r"\x1b\[[\d;]*m", "", t) for t in mistake.traceback)
+        if f.startswith(("Cell", "File"))
+    ]
+    assert len(frames) == 2, mistake.traceback  # the cell's line, and batchrun's one frame
+    assert not list((tmp_path / "runs").glob("*.input.parquet.*"))  # nothing left half-written
+    runs = requests_per_run(tmp_path / CHECKPOINT)
+    assert runs[:2] == [20, 0]  # the first run, then the awaited rerun: nothing sent
+    assert runs[2] == 0  # pandas: the same rows, already done
+    assert sum(runs) == 300 and len(runs) == 5  # the interrupted run and the resume sent the rest once
 
 
 def test_the_saved_progress_and_result_show_the_runs_end(tmp_path: Path) -> None:
