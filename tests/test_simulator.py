@@ -19,6 +19,7 @@ import pytest
 from openai import OpenAI
 
 from batchrun.simulator import RunningSimulator, SimulatorConfig, latencies, serve_forever, serve_in_thread
+from batchrun.simulator.endpoint import SYSTEM_FINGERPRINT
 from tests.conftest import article_rows, invoke, read_output, write_job
 
 ARTICLE = "The cat sat on the mat. It purred loudly! Then it left the room."
@@ -63,6 +64,7 @@ def test_answer_is_the_lead_sentences_with_openai_shape_and_usage(client: httpx.
         "object": "chat.completion",
         "created": data["created"],
         "model": "grok-4.3",
+        "system_fingerprint": SYSTEM_FINGERPRINT,
         "choices": [
             {
                 "index": 0,
