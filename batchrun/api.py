@@ -58,8 +58,9 @@ class Validation:
     input: Location
     model: str
     output: Location
-    first_request: dict[str, Any]
+    first_request: dict[str, Any]  # an image's data URL cut short
     note: str | None
+    image_problems: tuple[str, ...] = ()  # the first rows' images that would fail their row, by row
 
 
 class Job:
@@ -91,8 +92,9 @@ class Job:
     ) -> Job:
         """A job from job-file keys given as arguments; `data` is the input (a path, a polars
         DataFrame or LazyFrame, a pandas DataFrame or a pyarrow Table), relative paths are
-        resolved against `folder`. Without `checkpoint`, it goes beside `output` when given,
-        else to a temporary folder (a note says where)."""
+        resolved against `folder` (so are the image paths of a table in memory). Without
+        `checkpoint`, it goes beside `output` when given, else to a temporary folder (a note says
+        where)."""
         folder = Path(folder).resolve()
         note = None
         if checkpoint is None and keys.get("output") is None:
@@ -100,7 +102,10 @@ class Job:
             note = f"note: no checkpoint= given; checkpointing in {checkpoint} (pass checkpoint= to resume)"
         elif checkpoint is not None:
             checkpoint = folder / checkpoint
-        return cls(job_from_mapping(_job_keys(data, keys, checkpoint, folder), folder), checkpoint, note)
+        spec = job_from_mapping(_job_keys(data, keys, checkpoint, folder), folder)
+        if data is not None and not isinstance(data, str | Path):  # a table in memory: paths are ours
+            spec = spec.model_copy(update={"image_folder": folder})
+        return cls(spec, checkpoint, note)
 
     def run(self, **options: Any) -> RunResult:
         """Run (or resume) the job; the figures, with the output table as `.table`. Options:
@@ -151,13 +156,15 @@ class Job:
         """Check the job and its input as `run` does before sending, and the model against the
         endpoint's list when the key is set (unless check_model=False); send no chat request."""
         job = self.prepared(write=True, check_model=check_model)
+        first_request, image_problems = job.shown_request()
         return Validation(
             rows=job.source.row_count,
             input=job.source.path,
             model=job.spec.model,
             output=job.output_path,
-            first_request=job.first_request(),
+            first_request=first_request,
             note=model_note(job.spec),
+            image_problems=image_problems,
         )
 
     def status(self) -> Status:
