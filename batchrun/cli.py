@@ -400,13 +400,13 @@ def validate(job_file: Path, output: str | None, no_check_model: bool) -> None:
     checked = Job(load_spec(job_file, no_check_model), output=output).validate()
     if checked.note:
         echo(checked.note, err=True)
-    for problem in checked.image_problems:
-        echo(f"warning: {printable(problem, one_line=True)} (the row would fail, unsent)", err=True)
     echo(
         f"ok: {job_file}: {checked.rows} rows from {checked.input.name}, "
         f"model {checked.model}, output {checked.output}",
         err=True,
     )
+    for problem in checked.image_problems:
+        echo(f"warning: {printable(problem, one_line=True)} (the row would fail, unsent)", err=True)
     echo(json.dumps(checked.first_request, indent=2, ensure_ascii=False))
 
 

@@ -223,7 +223,7 @@ class ImageSettings:
             data = _resized(data, self.max_side)
         if len(data) > self.max_mb * MB:
             raise ImageProblem(
-                f"{len(data) / MB:,.1f} MB as sent, more than images.max_mb ({self.max_mb:g} MB)"
+                f"{size_text(len(data))} as sent, more than images.max_mb ({self.max_mb:g} MB)"
             )
         return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
@@ -316,14 +316,18 @@ def _chunks(source: Path | Url | str | None, cap: int, settings: ImageSettings) 
     raise ImageProblem("nothing to read")
 
 
+def size_text(size: int) -> str:
+    return f"{size / MB:,.1f} MB" if size >= MB / 10 else f"{size:,} bytes"
+
+
 def _check_size(size: int, cap: int, settings: ImageSettings) -> None:
     if size <= cap:
         return
     if settings.max_side:
         raise ImageProblem(
-            f"{size / MB:,.1f} MB, more than {RESIZE_READ_FACTOR} x images.max_mb ({cap / MB:g} MB) to resize"
+            f"{size_text(size)}, more than {RESIZE_READ_FACTOR} x images.max_mb ({cap / MB:g} MB) to resize"
         )
-    raise ImageProblem(f"{size / MB:,.1f} MB, more than images.max_mb ({settings.max_mb:g} MB)")
+    raise ImageProblem(f"{size_text(size)}, more than images.max_mb ({settings.max_mb:g} MB)")
 
 
 def _file_chunks(path: Path, cap: int, settings: ImageSettings) -> Iterable[bytes]:
@@ -383,7 +387,9 @@ def _http_client() -> Any:
 
     with _client_lock:
         if _client is None:
-            _client = httpx2.Client(timeout=FETCH_TIMEOUT_S, follow_redirects=True)
+            # One client for its TLS setup, no connection kept between images: it is never closed.
+            limits = httpx2.Limits(max_keepalive_connections=0)
+            _client = httpx2.Client(timeout=FETCH_TIMEOUT_S, follow_redirects=True, limits=limits)
         return _client
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import polars as pl
 
 from batchrun.checkpoint import (
     Checkpoint,
@@ -575,6 +576,8 @@ def prepare(
     source = open_source(spec.input.path, spec.input.id_column, needed, no_nulls, spec.input.format)
     if prompts.messages_column:
         _check_conversations(source, prompts.messages_column, skip_nulls=spec.input.on_null == "skip")
+    if prompts.images:
+        _check_image_columns(source, prompts.images.columns)
     checkpoint = checkpoint or spec.checkpoint
     if checkpoint is not None:
         checkpoint = checkpoint.resolve()
@@ -606,6 +609,19 @@ def _check_output_folder(path: Path, key: str, spec: JobSpec, write: bool) -> No
             raise JobError(
                 f"{key} {path}: the folder {folder} is not writable ({exc.strerror or exc})", job_path
             ) from None
+
+
+def _check_image_columns(source: Source, columns: tuple[str, ...]) -> None:
+    """An image column holds text (paths, URLs), bytes, or lists of either."""
+    schema = source.lazy().collect_schema()
+    for column in columns:
+        dtype = schema[column]
+        inner = dtype.inner if isinstance(dtype, pl.List) else dtype
+        if not isinstance(inner, pl.String | pl.Binary | pl.Null):
+            raise InputError(
+                f"prompt.images names column '{column}', which holds {dtype}, not paths, URLs or image "
+                "bytes (or lists of them)"
+            )
 
 
 def _check_conversations(source: Source, column: str, skip_nulls: bool) -> None:
