@@ -508,3 +508,63 @@ def test_ray_workers_read_and_send_the_images_themselves(ray_session: Any, tmp_p
     assert (result.ok, result.failed) == (4, 1)
     assert {parts[1]["image_url"]["url"] for parts in got.values()} == {data_url(image(), "image/png")}
     assert output(job)["error"][4] == "input_error: photos/gone.png: no such file"
+
+
+def test_with_prompt_messages_the_images_go_in_the_last_user_message(
+    tmp_path: Path, sim: RunningSimulator
+) -> None:
+    messages = [
+        {"role": "system", "content": "You describe products."},
+        {"role": "user", "content": "An example."},
+        {"role": "assistant", "content": "A red square."},
+        {"role": "user", "content": "Describe {title}."},
+    ]
+    job = job_file(tmp_path, [{"id": 1, "title": "it", "photo": image()}], sim.base_url)
+    spec = yaml.safe_load(job.read_text())
+    spec["prompt"] = {"messages": messages, "images": ["photo"]}
+    job.write_text(yaml.safe_dump(spec))
+
+    run_ok(job)
+
+    sent = json.loads(sim.stats.bodies[0])["messages"]
+    assert [m["content"] for m in sent[:3]] == ["You describe products.", "An example.", "A red square."]
+    assert sent[3]["content"] == [
+        {"type": "text", "text": "Describe it."},
+        {"type": "image_url", "image_url": {"url": data_url(image(), "image/png")}},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"prompt": {"messages": [{"role": "system", "content": "{title}"}], "images": ["photo"]}},
+            "prompt.images: prompt.messages has no user message to hold the images",
+        ),
+        (
+            {
+                "prompt": {"images": ["photo"]},
+                "input": {"path": "data/items.parquet", "messages_column": "title"},
+            },
+            "prompt.images: the images go in the job's user message; input.messages_column holds each "
+            "row's whole conversation, as text",
+        ),
+        ({"image_folder": "/tmp"}, "unknown key 'image_folder'"),
+        (
+            {"images": {"detail": "medium"}},
+            "images.detail: Input should be 'low', 'high' or 'auto' (got 'medium')",
+        ),
+    ],
+)
+def test_image_keys_that_cannot_work_are_refused_naming_the_key(
+    tmp_path: Path, change: dict[str, Any], message: str
+) -> None:
+    job = job_file(tmp_path, [{"id": 1, "title": "t", "photo": image()}], "http://127.0.0.1:9/v1")
+    job.write_text(yaml.safe_dump({**yaml.safe_load(job.read_text()), **change}))
+
+    result = invoke("validate", str(job))
+
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"Error: {job}:") and result.stderr.rstrip().endswith(message), (
+        result.stderr
+    )
