@@ -418,7 +418,7 @@ _opening = threading.Lock()  # warnings filters are process-wide: one image is o
 
 def _resized(data: bytes, max_side: int) -> bytes:
     """The image with its longer side at most `max_side`, in its own format; as it was if it fits."""
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     try:
         with _opening, warnings.catch_warnings():
@@ -427,11 +427,13 @@ def _resized(data: bytes, max_side: int) -> bytes:
         if max(image.size) <= max_side:
             return data
         format = image.format or "PNG"
-        image.thumbnail((max_side, max_side))
+        # Saving drops the EXIF orientation a camera left: turn the pixels as it says first.
+        turned = ImageOps.exif_transpose(image)
+        turned.thumbnail((max_side, max_side))
         out = io.BytesIO()
-        image.save(out, format=format, **({"quality": 90} if format in ("JPEG", "WEBP") else {}))
+        turned.save(out, format=format, **({"quality": 90} if format in ("JPEG", "WEBP") else {}))
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
         raise ImageProblem("has too many pixels to resize") from None
-    except (OSError, ValueError, SyntaxError) as exc:  # Pillow's errors for broken images
-        raise ImageProblem(f"cannot be decoded to resize ({exc})") from None
+    except Exception as exc:  # a broken file makes Pillow raise most kinds (OSError, struct.error...)
+        raise ImageProblem(f"cannot be decoded to resize ({type(exc).__name__}: {exc})") from None
     return out.getvalue()
