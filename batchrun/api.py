@@ -106,8 +106,9 @@ class Validation:
     input: Location
     model: str
     output: Location
-    first_request: dict[str, Any]
+    first_request: dict[str, Any]  # an image's data URL cut short
     note: str | None
+    image_problems: tuple[str, ...] = ()  # the first rows' images that would fail their row, by row
 
 
 def _keywords_of(
@@ -169,6 +170,7 @@ class Job:
         budget: Mapping[str, Any] | None = None,
         checkpoint: PathLike | None = None,
         dedupe: bool | None = None,
+        images: Mapping[str, Any] | None = None,
         folder: PathLike = ".",
     ) -> Job:
         """A job from job-file keys given as arguments, checked as a job file is; a job key left out (None)
@@ -194,6 +196,9 @@ class Job:
             budget: A spending limit. Keys: max_cost_usd.
             checkpoint: Where the checkpoint lives (default: beside `output`, else in a temporary folder).
             dedupe: Send identical requests once. Default: `false`.
+            images: How the images of `prompt.images` are read and sent. Files, bytes and object-store images
+                go inline as `data:` URLs (PNG, JPEG, WebP or GIF, told by their bytes). Keys: detail,
+                max_side, fetch, max_mb.
             folder: What relative paths (input, output, checkpoint) are relative to.
         """
         # [[[end]]]
@@ -208,6 +213,8 @@ class Job:
             checkpoint = folder / checkpoint
         try:
             spec = job_from_mapping(_job_keys(data, table, keys, checkpoint, folder), folder)
+            if table is not None:  # a table in memory: its image paths are relative to `folder`
+                spec = spec.model_copy(update={"image_folder": folder})
             job = cls(spec, checkpoint, note)
             if table is not None:
                 job._take(table)
@@ -323,13 +330,15 @@ class Job:
         """Check the job and its input as `run` does before sending, and the model against the
         endpoint's list when the key is set (unless check_model=False); send no chat request."""
         job = self.prepared(write=True, check_model=check_model)
+        first_request, image_problems = job.shown_request()
         return Validation(
             rows=job.source.row_count,
             input=job.source.path,
             model=job.spec.model,
             output=job.output_path,
-            first_request=job.first_request(),
+            first_request=first_request,
             note=model_note(job.spec),
+            image_problems=image_problems,
         )
 
     @_raised_here
@@ -496,6 +505,7 @@ def run(
     budget: Mapping[str, Any] | None = None,
     checkpoint: PathLike | None = None,
     dedupe: bool | None = None,
+    images: Mapping[str, Any] | None = None,
     folder: PathLike = ".",
     simulate: bool = False,
     simulate_latency_ms: float = 0.0,
@@ -535,6 +545,9 @@ def run(
         budget: A spending limit. Keys: max_cost_usd.
         checkpoint: Where the checkpoint lives (default: beside `output`, else in a temporary folder).
         dedupe: Send identical requests once. Default: `false`.
+        images: How the images of `prompt.images` are read and sent. Files, bytes and object-store images go
+            inline as `data:` URLs (PNG, JPEG, WebP or GIF, told by their bytes). Keys: detail, max_side,
+            fetch, max_mb.
         folder: What relative paths (input, output, checkpoint) are relative to.
         simulate: Send to the built-in simulator instead of the endpoint (`--simulate`).
         simulate_latency_ms: With `simulate`: each answer's delay.

@@ -354,6 +354,8 @@ def validate(job_file: Path, output: str | None, no_check_model: bool) -> None:
         f"model {checked.model}, output {checked.output}",
         err=True,
     )
+    for problem in checked.image_problems:
+        echo(f"warning: {printable(problem, one_line=True)} (the row would fail, unsent)", err=True)
     echo(json.dumps(checked.first_request, indent=2, ensure_ascii=False))
 
 

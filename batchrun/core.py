@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import AsyncIterable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterable, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -40,6 +40,7 @@ from batchrun.errors import (
     PermanentError,
     RequestFailed,
     RetryableError,
+    RowInputError,
 )
 from batchrun.events import Events
 from batchrun.job import FieldType, RetrySpec
@@ -214,6 +215,11 @@ class _Request:
     tries: list[Attempt] = field(default_factory=list)  # every attempt that got an answer or a failure
 
 
+# Makes a planned body the one sent, once per row before its first attempt; RowInputError fails
+# the row unsent (nothing counted against the endpoint, the limiter or the retry policy).
+Resolve = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
 class Backend(Protocol):
     """One chat request in, one answer or a RequestFailed out: client.ChatClient, or a fake."""
 
@@ -306,6 +312,7 @@ class Core:
         breaker: Breaker | None = None,
         format_step: int = 0,  # how far down format_fallbacks the endpoint's refusals have led
         accept_format: Callable[[dict[str, Any] | None], None] | None = None,  # kept for the next run
+        resolve: Resolve | None = None,  # a row's body as sent (its images read: images.ImageSender)
     ):
         self.settings = settings
         self.planned = planned
@@ -320,6 +327,7 @@ class Core:
         self.breaker = breaker or outage_breaker(settings, clock)
         self.format_step = format_step
         self.accept_format = accept_format
+        self.resolve = resolve
         self.interrupted = False
         self.budget_stopped = False
         self.requests = 0
@@ -455,7 +463,7 @@ class Core:
                 return
             if self.budget is not None:
                 self.budget.settle(worst, result.cost_usd)
-            if result.status == RowStatus.FAILED and self.same_failure.undecided:
+            if result.status == RowStatus.FAILED and result.attempts and self.same_failure.undecided:
                 self._held.append(result)  # recorded once the job is known not to be doomed
             else:
                 self._results.put_nowait(result)
@@ -497,6 +505,11 @@ class Core:
         answers: list[ChatResult] = []  # every billed answer, for the row's token counts
         parsed: dict[str, Any] | None = None
         error: RequestFailed | None = None
+        if self.resolve is not None:
+            try:
+                request.body = await self.resolve(request.body)
+            except RowInputError as exc:
+                return _row_result(request, [], 0, 0.0, settings.price, settings.model, error=exc)
         question = request.body["messages"]
         self.in_flight += 1
         try:

@@ -11,7 +11,8 @@
         ├── RetryableError        worth another attempt (429, 408, 409, 5xx, timeouts, resets, bad bodies)
         │   └── EndpointDown      no answer at all, or a gateway's 502/503/504: the circuit breaker's evidence
         ├── PermanentError        the same request would fail again (400, 422, ...)
-        └── InvalidOutput         answered, but without the job's output.fields (asked again, billed)
+        ├── InvalidOutput         answered, but without the job's output.fields (asked again, billed)
+        └── RowInputError         the row's own input cannot be sent (an image missing, too large...)
 
 Retry decisions look at these types, never at message text. Messages name no command-line flag:
 an error that a setting of the run would get past carries it as a `Remedy`, which the CLI names
@@ -194,3 +195,11 @@ class InvalidOutput(RequestFailed):
 
     def __init__(self, message: str) -> None:
         super().__init__("invalid_output", message)
+
+
+class RowInputError(RequestFailed):
+    """A row's own input cannot make its request (an image missing, unreadable, not an image, too
+    large): the row fails unsent, and the job goes on."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("input_error", message)

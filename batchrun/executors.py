@@ -21,6 +21,7 @@ from batchrun.core import Core, CoreSettings, RunStats, Stop
 from batchrun.cost import Price, output_tokens_cap
 from batchrun.errors import BatchrunError, Remedy
 from batchrun.events import Events
+from batchrun.images import ImageSender
 from batchrun.job import EndpointSpec
 from batchrun.limits import Limiter
 from batchrun.plan import SIMULATED_KEY, IndexedPlan, KeyedPlan, Planned, PreparedJob
@@ -109,7 +110,8 @@ def build_core(
     format_step: int = 0,
     accept_format: Callable[[dict[str, Any] | None], None] | None = None,
 ) -> Core:
-    """The async core over the job's endpoint, as every executor runs it."""
+    """The async core over the job's endpoint, as every executor runs it; a job with images
+    has each row's images read, checked and inlined as the row is sent (images.ImageSender)."""
     endpoint = job.spec.endpoint
     client = ChatClient(
         settings.base_url,
@@ -119,6 +121,7 @@ def build_core(
         max_response_mb=endpoint.max_response_mb,
         http_client=http_client,
     )
+    images = job.prompts.images
     return Core(
         settings,
         planned,
@@ -130,6 +133,7 @@ def build_core(
         stop=stop,
         format_step=format_step,
         accept_format=accept_format,
+        resolve=ImageSender(images, settings.width) if images else None,
     )
 
 

@@ -26,6 +26,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 
 from batchrun.errors import JobError
+from batchrun.images import ImageSettings
 from batchrun.prompts import PromptTemplates, compile_prompts
 from batchrun.storage import WRITE_SCHEMES, Location, Url, location
 
@@ -143,12 +144,23 @@ class PromptSpec(_Strict):
     system: str | None = None
     user: str | None = None  # `{column}` placeholders; `{{` and `}}` for literal braces
     messages: tuple[MessageTemplate, ...] | None = Field(default=None, min_length=1)
+    # Columns holding images, sent after the text of the (last) user message, in this order.
+    images: tuple[str, ...] | None = Field(default=None, min_length=1)
 
     @model_validator(mode="after")
     def _one_form(self) -> PromptSpec:
         if self.messages is not None and (self.user is not None or self.system is not None):
             raise ValueError("give either messages or system/user, not both")
         return self
+
+
+class ImagesSpec(_Strict):
+    """How the cells of prompt.images are read and sent."""
+
+    detail: Literal["low", "high", "auto"] | None = None  # sent as image_url.detail; default: not sent
+    max_side: int | None = Field(default=None, ge=1)  # resized (Pillow) so the longer side is at most this
+    fetch: bool = False  # download http(s) URLs and send them inline, instead of the URL
+    max_mb: float = Field(default=20.0, gt=0)  # an image larger than this, as sent, fails its row
 
 
 class Params(BaseModel):
@@ -289,7 +301,11 @@ class JobSpec(_Strict):
     budget: BudgetSpec | None = None
     checkpoint: Path | None = None  # default: beside a local output; for a URL output, see plan.py
     dedupe: bool = False  # identical requests sent once; every row with one gets its answer
+    images: ImagesSpec | None = None  # how prompt.images are read and sent
     job_path: Path = Path("job.yaml")  # set by load_job, not read from the file
+    # Set by the Python API for a table in memory (its relative image paths are the caller's);
+    # None: relative image paths are read from the folder that holds the input.
+    image_folder: Path | None = None
 
     @model_validator(mode="after")
     def _known_table_formats(self) -> JobSpec:
@@ -318,9 +334,47 @@ class JobSpec(_Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _images_in_a_user_message(self) -> JobSpec:
+        prompt = self.prompt
+        if prompt.images is None:
+            return self
+        if self.input.messages_column is not None:
+            raise ValueError(
+                "prompt.images: the images go in the job's user message; input.messages_column "
+                "holds each row's whole conversation, as text"
+            )
+        if prompt.messages is not None and not any(m.role == "user" for m in prompt.messages):
+            raise ValueError("prompt.images: prompt.messages has no user message to hold the images")
+        return self
+
     def prompt_templates(self) -> PromptTemplates:
         messages = [(m.role, m.content) for m in self.prompt.messages or ()]
-        return compile_prompts(self.prompt.system, self.prompt.user, messages, self.input.messages_column)
+        images = self.image_settings() if self.prompt.images else None
+        return compile_prompts(
+            self.prompt.system, self.prompt.user, messages, self.input.messages_column, images
+        )
+
+    def image_settings(self) -> ImageSettings:
+        given = self.images or ImagesSpec()
+        return ImageSettings(
+            self.prompt.images or (),
+            self.image_folder or input_folder(self.input.path),
+            given.detail,
+            given.max_side,
+            given.fetch,
+            given.max_mb,
+        )
+
+
+HIDDEN_KEYS = ("job_path", "image_folder")  # set by batchrun, refused in a job file
+
+
+def input_folder(path: Location) -> Location:
+    """The folder that holds the input (a file, a glob, a folder): relative image paths start there."""
+    if isinstance(path, Url):
+        return Url(path.text[: path.text.rstrip("/").rfind("/") + 1])
+    return path.parent
 
 
 def load_job(path: Path | str) -> JobSpec:
@@ -351,8 +405,9 @@ def job_from_mapping(data: Mapping[str, Any], folder: Path) -> JobSpec:
 
 
 def _validated(data: dict[str, Any], text: str, path: Path, base: Path) -> JobSpec:
-    if "job_path" in data:
-        raise JobError("unknown key 'job_path'", path, _line_of(text, ("job_path",)))
+    for hidden in HIDDEN_KEYS:
+        if hidden in data:
+            raise JobError(f"unknown key '{hidden}'", path, _line_of(text, (hidden,)))
     try:
         spec = JobSpec.model_validate(data)
     except ValidationError as exc:
@@ -449,7 +504,7 @@ def _problem(err: ErrorDetails) -> _Problem:
         keys = (*scope, str(key))
         if err["type"] == "invalid_key":
             return _Problem(keys, f"key {key!r}{where} is not a string", err["type"])
-        allowed = [k for k in model.model_fields if k != "job_path"] if model else []
+        allowed = [k for k in model.model_fields if k not in HIDDEN_KEYS] if model else []
         close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
         hint = f"; did you mean '{close[0]}'?" if close else f"; expected one of: {', '.join(allowed)}"
         meant = (*scope, close[0]) if close else None

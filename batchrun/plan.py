@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import polars as pl
 
 from batchrun.checkpoint import (
     Checkpoint,
@@ -37,8 +38,9 @@ from batchrun.checkpoint import (
     open_checkpoint,
     without_input_hash,
 )
-from batchrun.errors import CheckpointError, InputError, JobError, Remedy
-from batchrun.job import PYTHON_JOB, JobSpec, table_format
+from batchrun.errors import CheckpointError, InputError, JobError, Remedy, RowInputError
+from batchrun.images import pillow_missing, shown
+from batchrun.job import PYTHON_JOB, ImagesSpec, JobSpec, table_format
 from batchrun.output import probe_destination
 from batchrun.prompts import PromptTemplates, conversation
 from batchrun.results import OUTPUT_RESULT_COLUMNS, RowStatus
@@ -49,6 +51,10 @@ from batchrun.structured import format_fallbacks
 SIMULATED_ENDPOINT = "simulator"  # what the fingerprint and the keys name --simulate's endpoint by
 # The key sent to the simulator: no text a user writes, since answers are masked for the key.
 SIMULATED_KEY = "sim-4c1f9e07b2d8"
+# A key-pass batch of a job with images: every image of a batch is read (streamed) before its
+# first row is sent, and a binary column's images are held with their batch.
+IMAGE_BATCH_ROWS = 256
+IMAGE_CHECK_ROWS = 10  # the first rows whose images `validate` reads, as their run would
 
 
 @dataclass(slots=True)
@@ -108,8 +114,29 @@ class PreparedJob:
         return self.local_output.with_name(self.local_output.name + ".estimate.json")
 
     def first_request(self) -> dict[str, Any]:
+        """The first row's request, its images unread."""
         row = next(self.source.batches(self.prompts.columns, limit=1))[0]
         return self.request_body(row)
+
+    def shown_request(self) -> tuple[dict[str, Any], tuple[str, ...]]:
+        """The first request as `validate` shows it (its images read, checked and inlined as a
+        run would send them, each data URL cut short), and the images of the first rows that
+        would fail their row, by row."""
+        images = self.prompts.images
+        if images is None:
+            return self.first_request(), ()
+        problems = []
+        first = None
+        for row in next(self.source.batches(self.prompts.columns, limit=IMAGE_CHECK_ROWS)):
+            body = self.rendered(row)
+            if body is None:  # not sent (input.on_null: skip)
+                continue
+            try:
+                body = images.inline(body)
+            except RowInputError as exc:
+                problems.append(f"row {row[ROW] + 1}: {exc}")
+            first = first or body
+        return shown(first or self.first_request()), tuple(problems)
 
     @functools.cached_property
     def params(self) -> dict[str, Any]:
@@ -149,25 +176,38 @@ class PreparedJob:
             "endpoint.base_url": _endpoint(spec.endpoint.base_url, simulate),
             "input": {"id_column": self.source.id_column, "messages_column": spec.input.messages_column},
             "output.fields": spec.output.model_dump(mode="json")["fields"],
-        }
+        } | ({"images": (spec.images or ImagesSpec()).model_dump(mode="json")} if spec.prompt.images else {})
 
     def keys(self, simulate: bool) -> RequestKeys:
         return RequestKeys(_endpoint(self.spec.endpoint.base_url, simulate), self.spec.model, self.params)
 
     def keyed_body(self, row: dict[str, Any], keys: RequestKeys) -> tuple[dict[str, Any] | None, bytes]:
         """A row's request body and key; a row with a null prompt value under `on_null: skip`
-        is never rendered (no body) and is keyed by the values it has."""
+        is never rendered (no body) and is keyed by the values it has. Its images are read for
+        their sha256, which the key hashes (images.py)."""
+        body = self.rendered(row)
+        if body is not None and self.prompts.images:
+            self.prompts.images.digest_all([body])
+        return body, self.key_of(row, body, keys)
+
+    def rendered(self, row: dict[str, Any]) -> dict[str, Any] | None:
+        """A row's request body, its images unread; None under `on_null: skip` with a null value."""
         columns = self.prompts.columns
         if self.spec.input.on_null == "skip" and any(row[c] is None for c in columns):
-            return None, keys.key({c: row[c] for c in columns})
-        body = self.request_body(row)
-        return body, keys.key(body["messages"])
+            return None
+        return self.request_body(row)
+
+    def key_of(self, row: dict[str, Any], body: dict[str, Any] | None, keys: RequestKeys) -> bytes:
+        """The key of a rendered row (its images read): of its messages, or of a skipped row's values."""
+        if body is not None:
+            return keys.key(body["messages"])
+        return keys.key({c: _keyable(row[c]) for c in self.prompts.columns})
 
     def input_identity(self, keys: RequestKeys, dedupe: bool) -> str | None:
         """What a complete key pass indexed: the input's files as they are now and every part
         of a row's key that is not in the row; None for a URL (never trusted without a pass)."""
         files = self.source.identity()
-        if files is None:
+        if files is None or self.prompts.images:  # images may change while the table does not
             return None
         identity = {
             "files": files,
@@ -207,17 +247,25 @@ class PreparedJob:
         input records the input's identity, taken before the first row is read, with its end."""
         whole = limit is None or limit >= self.source.row_count
         identity = self.input_identity(keys, dedupe) if whole else None
-        for batch in self.source.batches(self.row_columns, limit):
-            bodies: list[dict[str, Any] | None] = []
-            row_keys = []
-            for row in batch:
-                body, key = self.keyed_body(row, keys)
-                bodies.append(body)
-                row_keys.append(key)
+        images = self.prompts.images
+        for batch in self.source.batches(self.row_columns, limit, IMAGE_BATCH_ROWS if images else BATCH_ROWS):
+            bodies = [self.rendered(row) for row in batch]
+            if images:
+                images.digest_all(bodies)
+            row_keys = [self.key_of(row, body, keys) for row, body in zip(batch, bodies, strict=True)]
             positions = [row[ROW] for row in batch]
             occurrences, first = index.add(positions, row_keys)
             yield KeyedBatch(batch, bodies, row_keys, occurrences, first)
         index.end(identity)
+
+
+def _keyable(value: Any) -> Any:
+    """A skipped row's value as its key hashes it: image bytes by their sha256."""
+    if isinstance(value, bytes):
+        return "sha256:" + hashlib.sha256(value).hexdigest()
+    if isinstance(value, list):
+        return [_keyable(v) for v in value]
+    return value
 
 
 def _endpoint(base_url: str, simulate: bool) -> str:
@@ -496,6 +544,8 @@ def prepare(
     output.path (a local path or a URL, as --output gives it); `checkpoint` the job's checkpoint;
     `input_name` how errors call the input ("the DataFrame"), by default its file's name."""
     prompts = spec.prompt_templates()
+    if prompts.images and (missing := pillow_missing(prompts.images)):
+        raise JobError(missing, spec.job_path)
     try:
         given = location(output) if output is not None else spec.output.path
     except ValueError as exc:
@@ -530,6 +580,8 @@ def prepare(
     )
     if prompts.messages_column:
         _check_conversations(source, prompts.messages_column, skip_nulls=spec.input.on_null == "skip")
+    if prompts.images:
+        _check_image_columns(source, prompts.images.columns)
     checkpoint = checkpoint or spec.checkpoint
     if checkpoint is not None:
         checkpoint = checkpoint.resolve()
@@ -561,6 +613,19 @@ def _check_output_folder(path: Path, key: str, spec: JobSpec, write: bool) -> No
             raise JobError(
                 f"{key} {path}: the folder {folder} is not writable ({exc.strerror or exc})", job_path
             ) from None
+
+
+def _check_image_columns(source: Source, columns: tuple[str, ...]) -> None:
+    """An image column holds text (paths, URLs), bytes, or lists of either."""
+    schema = source.lazy().collect_schema()
+    for column in columns:
+        dtype = schema[column]
+        inner = dtype.inner if isinstance(dtype, pl.List) else dtype
+        if not isinstance(inner, pl.String | pl.Binary | pl.Null):
+            raise InputError(
+                f"prompt.images names column '{column}', which holds {dtype}, not paths, URLs or image "
+                "bytes (or lists of them)"
+            )
 
 
 def _check_conversations(source: Source, column: str, skip_nulls: bool) -> None:

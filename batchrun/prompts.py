@@ -1,4 +1,5 @@
-"""Prompt templates: `{column}` placeholders over a row, checked before anything is sent."""
+"""Prompt templates: `{column}` placeholders over a row, checked before anything is sent; a row's
+images (prompt.images, images.py) follow the text of the last user message as content parts."""
 
 from __future__ import annotations
 
@@ -6,9 +7,12 @@ import json
 import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from batchrun.errors import JobError
+
+if TYPE_CHECKING:
+    from batchrun.images import ImageSettings
 
 
 @dataclass(frozen=True)
@@ -71,12 +75,15 @@ class PromptTemplates:
 
     templates: tuple[tuple[str, str, Template], ...]  # (job key, role, template), in order
     messages_column: str | None = None
+    images: ImageSettings | None = None  # prompt.images, in the last user message
 
     @property
     def columns(self) -> tuple[str, ...]:
         cols = [c for _, _, t in self.templates for c in t.columns]
         if self.messages_column:
             cols.append(self.messages_column)
+        if self.images:
+            cols += self.images.columns
         return tuple(dict.fromkeys(cols))
 
     def needed(self) -> dict[str, tuple[str, ...]]:
@@ -84,6 +91,8 @@ class PromptTemplates:
         keys = {key: t.columns for key, _, t in self.templates}
         if self.messages_column:
             keys["input.messages_column"] = (self.messages_column,)
+        if self.images:
+            keys["prompt.images"] = self.images.columns
         return keys
 
     def messages(self, row: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -92,6 +101,10 @@ class PromptTemplates:
         ]
         if self.messages_column:
             rendered += conversation(row[self.messages_column])
+        if self.images:
+            last = max(i for i, (_, role, _) in enumerate(self.templates) if role == "user")
+            text = {"type": "text", "text": rendered[last]["content"]}
+            rendered[last]["content"] = [text, *self.images.parts(row)]
         return rendered
 
 
@@ -136,6 +149,7 @@ def compile_prompts(
     user: str | None,
     messages: Sequence[tuple[str, str]] = (),
     messages_column: str | None = None,
+    images: ImageSettings | None = None,
 ) -> PromptTemplates:
     """Templates from the job's prompt: system and user, or a list of (role, content) messages."""
     templates = []
@@ -146,4 +160,4 @@ def compile_prompts(
     for i, (role, content) in enumerate(messages):
         key = f"prompt.messages[{i}].content"
         templates.append((key, role, compile_template(content, key)))
-    return PromptTemplates(tuple(templates), messages_column)
+    return PromptTemplates(tuple(templates), messages_column, images)

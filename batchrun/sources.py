@@ -81,9 +81,11 @@ class Source:
     def lazy(self) -> pl.LazyFrame:
         return scan_table(self.path, self.format).with_row_index(ROW)
 
-    def batches(self, columns: tuple[str, ...], limit: int | None) -> Iterator[list[dict[str, Any]]]:
-        """Rows as dicts holding `columns` and ROW, in input order, a batch at a time."""
-        for batch in self.frames(self.lazy().select(ROW, *columns), limit, BATCH_ROWS):
+    def batches(
+        self, columns: tuple[str, ...], limit: int | None, rows: int = BATCH_ROWS
+    ) -> Iterator[list[dict[str, Any]]]:
+        """Rows as dicts holding `columns` and ROW, in input order, `rows` at a time."""
+        for batch in self.frames(self.lazy().select(ROW, *columns), limit, rows):
             yield batch.to_dicts()
 
     def frames(self, query: pl.LazyFrame, limit: int | None, rows: int) -> Iterator[pl.DataFrame]:

@@ -57,6 +57,32 @@ def s3_server() -> Iterator[str]:
         server.stop()
 
 
+BUCKET = "batchrun-test"
+
+
+def s3_env(monkeypatch: pytest.MonkeyPatch, endpoint: str) -> None:
+    """The variables polars (object_store) reads, as a user would set them for an S3-compatible store."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("AWS_ALLOW_HTTP", "true")
+
+
+@pytest.fixture
+def s3(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A client of a fresh, empty bucket (BUCKET), with the environment pointing polars at the server."""
+    import boto3
+
+    s3_env(monkeypatch, s3_server)
+    client = boto3.client("s3", endpoint_url=s3_server)
+    client.create_bucket(Bucket=BUCKET)
+    yield client
+    for item in client.list_objects_v2(Bucket=BUCKET).get("Contents", []):
+        client.delete_object(Bucket=BUCKET, Key=item["Key"])
+    client.delete_bucket(Bucket=BUCKET)
+
+
 @pytest.fixture(scope="session")
 def ray_temp_dir() -> Iterator[Path]:
     """The session's Ray files; its raylet's command line names it, which tells this session's

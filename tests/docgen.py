@@ -54,6 +54,10 @@ MEANING = {
     "prompt.messages": "A whole conversation of templates (few-shot), instead of `system` / `user`.",
     "prompt.messages[].role": "`system`, `user`, `assistant` or `tool`.",
     "prompt.messages[].content": "A template, like `prompt.user`.",
+    "prompt.images": "Columns holding images, sent after the text of the user message (with "
+    "`messages`, the last user message), in this order. A cell holds a path (relative to the "
+    "input's folder), an `http(s)://` URL, an `s3://`, `gs://` or `az://` URL, image bytes, or a "
+    "list of these; a null follows `input.on_null` (`empty`: no image). See `images`.",
     "params": "Merged into each request body; a key close to a known parameter's name is refused as a "
     "typo, and `model` and `messages` cannot be set here.",
     "params.temperature": "Sampling temperature.",
@@ -95,9 +99,18 @@ MEANING = {
     "checkpoint": "Where the checkpoint lives; default: `OUTPUT.checkpoint.sqlite` beside a local "
     "output, `.batchrun/` beside the job file for a URL output.",
     "dedupe": "Send identical requests once; every row with one gets its answer (`reused_from`).",
+    "images": "How the images of `prompt.images` are read and sent. Files, bytes and object-store "
+    "images go inline as `data:` URLs (PNG, JPEG, WebP or GIF, told by their bytes); an image that "
+    "cannot be sent fails its row (`input_error`).",
+    "images.detail": "`low`, `high` or `auto`, sent as `image_url.detail`; not sent by default.",
+    "images.max_side": "Resize each image so that its longer side is at most this many pixels "
+    "(needs `pip install 'batchrun[images]'`); by default images are sent as they are.",
+    "images.fetch": "Download `http(s)://` images and send them inline, instead of their URL.",
+    "images.max_mb": "An image larger than this, as sent (after `max_side`), fails its row unsent; "
+    "a URL sent as it is is not measured.",
 }
 
-HIDDEN = {"job_path"}  # set by batchrun, refused in a job file
+HIDDEN = {"job_path", "image_folder"}  # set by batchrun, refused in a job file
 
 
 def _unwrap(annotation: Any) -> tuple[Any, bool]:

@@ -57,13 +57,21 @@ def test_no_module_imports_one_that_imports_it_back() -> None:
     assert circles == []
 
 
-def test_no_function_is_longer_than_80_lines() -> None:
+def code_lines(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    """A function's lines from its first statement after the docstring to its end: its signature
+    and docstring (which cog writes for the Python API's functions) are not what makes it long."""
+    body = node.body
+    if len(body) > 1 and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]
+    assert node.end_lineno is not None
+    return node.end_lineno - body[0].lineno + 1
+
+
+def test_no_function_body_is_longer_than_80_lines() -> None:
     long = [
-        f"{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines"
+        f"{name}.{node.name}: {code_lines(node)} lines"
         for name, tree in modules().items()
         for node in ast.walk(tree)
-        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
-        and node.end_lineno is not None
-        and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and code_lines(node) > MAX_FUNCTION_LINES
     ]
     assert long == []

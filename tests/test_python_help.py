@@ -25,7 +25,7 @@ from batchrun.runner import RunOptions
 from .conftest import article_rows
 from .test_api import rows_in
 
-JOB_KEYS = set(JobSpec.model_fields) - {"job_path"}  # job_path is set by batchrun
+JOB_KEYS = set(JobSpec.model_fields) - {"job_path", "image_folder"}  # both set by batchrun
 # RunOptions' fields (its checkpoint is the Job's), and two that api.py turns into them
 OPTIONS = {f.name for f in dataclasses.fields(RunOptions)} - {"checkpoint"} | {"workers", "check_model"}
 DOCUMENTED: list[Callable[..., Any]] = [batchrun.run, batchrun.Job.define, batchrun.Job.run]

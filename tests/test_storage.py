@@ -6,41 +6,16 @@ stop the job with one line before anything is sent."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import polars as pl
 import pytest
 import yaml
 
 from batchrun.simulator import RunningSimulator
-from tests.conftest import TEST_KEY, TEST_KEY_ENV, article_rows, invoke
+from tests.conftest import BUCKET, TEST_KEY, TEST_KEY_ENV, article_rows, invoke, s3_env
 from tests.stub_server import Reply, Request, serve_stub
-
-BUCKET = "batchrun-test"
-
-
-def s3_env(monkeypatch: pytest.MonkeyPatch, endpoint: str) -> None:
-    """The variables polars (object_store) reads, as a user would set them for an S3-compatible store."""
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
-    monkeypatch.setenv("AWS_ALLOW_HTTP", "true")
-
-
-@pytest.fixture
-def s3(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    """A client of a fresh, empty bucket, with the environment pointing polars at the server."""
-    s3_env(monkeypatch, s3_server)
-    client = boto3.client("s3", endpoint_url=s3_server)
-    client.create_bucket(Bucket=BUCKET)
-    yield client
-    for item in client.list_objects_v2(Bucket=BUCKET).get("Contents", []):
-        client.delete_object(Bucket=BUCKET, Key=item["Key"])
-    client.delete_bucket(Bucket=BUCKET)
 
 
 def keys(client: Any) -> list[str]:

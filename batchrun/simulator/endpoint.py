@@ -80,6 +80,7 @@ class SimulatorConfig:
     extra_models: tuple[str, ...] = ()
     # The rpm window's clock: tests whose subject is the window inject one they move by hand.
     clock: Callable[[], float] = time.monotonic
+    keep_bodies: bool = False  # keep each chat request's body in stats.bodies, for tests
 
     @property
     def offered(self) -> tuple[str, ...]:
@@ -96,6 +97,7 @@ class SimulatorStats:
     ok_by_user_message: collections.Counter[str] = field(default_factory=collections.Counter)
     arrivals: list[tuple[float, int]] = field(default_factory=list)  # (time.monotonic(), status)
     first_arrival_at: float | None = None  # arrivals is in order of answer, not of arrival
+    bodies: list[bytes] = field(default_factory=list)  # with SimulatorConfig.keep_bodies, in arrival order
     last_answer_at: float = 0.0
 
     def summary(self) -> dict[str, Any]:
@@ -409,6 +411,7 @@ class _Simulator:
         self.stats.by_status.clear()
         self.stats.ok_by_user_message.clear()
         self.stats.arrivals.clear()
+        self.stats.bodies.clear()
         self.stats.first_arrival_at = None
         self.stats.last_answer_at = 0.0
         self._window_start, self._window_used = -math.inf, 0
@@ -418,6 +421,8 @@ class _Simulator:
 
     def chat(self, request: Request) -> Outcome | Coroutine[Any, Any, Outcome]:
         self.stats.requests += 1
+        if self.config.keep_bodies:
+            self.stats.bodies.append(request.body)
         arrived = time.monotonic()
         if self.stats.first_arrival_at is None:
             self.stats.first_arrival_at = arrived
