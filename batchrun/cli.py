@@ -639,6 +639,20 @@ def models(job_file: Path | None, simulate: bool) -> None:
     help="--rpm over the last 1 s before each request (sliding), or per whole 1 s slice (fixed).",
 )
 @click.option("--seed", default=0, show_default=True, type=int, help="Seeds latencies and 5xx choices.")
+@click.option(
+    "--batch-s",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="How long a batch of the Batch API takes, from its creation to its end.",
+)
+@click.option(
+    "--batch-api",
+    type=click.Choice(["openai", "none"]),
+    default="openai",
+    show_default=True,
+    help="The Batch API offered (/v1/files and /v1/batches); none answers them 404.",
+)
 @friendly_errors
 def simulate(
     host: str,
@@ -649,12 +663,15 @@ def simulate(
     rpm: int | None,
     window: Literal["sliding", "fixed"],
     seed: int,
+    batch_s: float,
+    batch_api: Literal["openai", "none"],
 ) -> None:
     """Serve a simulated OpenAI-compatible endpoint until Ctrl-C.
 
     Deterministic answers (the lead sentences of the last user message, cut to max_tokens),
-    token usage, latency, injected 5xx and 429s with Retry-After. GET /simulator/stats counts
-    answers by status; POST /simulator/reset starts the counts afresh. Point a job at it with
+    token usage, latency, injected 5xx and 429s with Retry-After, and a Batch API (files and
+    batches, OpenAI's shape) whose batches take --batch-s. GET /simulator/stats counts answers by
+    status; POST /simulator/reset starts the counts afresh. Point a job at it with
     `endpoint: {base_url: http://127.0.0.1:8787/v1}`.
     """
     from batchrun.loop import run_async
@@ -667,6 +684,8 @@ def simulate(
         rpm=rpm,
         window=window,
         seed=seed,
+        batch_api=batch_api,
+        batch_s=batch_s,
     )
     ready = functools.partial(click.echo, err=True)
     try:

@@ -1,0 +1,153 @@
+"""Provider batch mode: the simulator's Batch API (checked with the openai SDK, whose models are
+OpenAI's shapes), and jobs run through it end to end against the simulator on loopback."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from openai import BadRequestError, NotFoundError, OpenAI
+
+from batchrun.simulator import RunningSimulator, SimulatorConfig, serve_in_thread
+from tests.conftest import TEST_KEY
+
+
+def chat_line(custom_id: str, user: str, model: str = "grok-4.3") -> dict[str, Any]:
+    body = {"model": model, "messages": [{"role": "user", "content": user}], "max_tokens": 40}
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body}
+
+
+def jsonl(lines: list[dict[str, Any]]) -> io.BytesIO:
+    return io.BytesIO("".join(json.dumps(line) + "\n" for line in lines).encode())
+
+
+@pytest.fixture
+def batch_sim() -> Iterator[RunningSimulator]:
+    with serve_in_thread(SimulatorConfig(api_key=TEST_KEY)) as sim:
+        yield sim
+
+
+@pytest.fixture
+def sdk(batch_sim: RunningSimulator) -> Iterator[OpenAI]:
+    with OpenAI(base_url=batch_sim.base_url, api_key=TEST_KEY, max_retries=0) as client:
+        yield client
+
+
+def until(sdk: OpenAI, batch_id: str, *statuses: str) -> Any:
+    """Poll a batch until its status is one of `statuses` (the simulator's time is short)."""
+    deadline = time.monotonic() + 10
+    while (batch := sdk.batches.retrieve(batch_id)).status not in statuses:
+        assert time.monotonic() < deadline, f"batch stayed {batch.status}"
+    return batch
+
+
+def submit(sdk: OpenAI, lines: list[dict[str, Any]]) -> Any:
+    uploaded = sdk.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
+    return sdk.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+
+
+def result_lines(sdk: OpenAI, file_id: str | None) -> dict[str, dict[str, Any]]:
+    if file_id is None:
+        return {}
+    text = sdk.files.content(file_id).text
+    return {line["custom_id"]: line for line in map(json.loads, text.splitlines())}
+
+
+def test_simulator_batch_answers_each_line_as_the_chat_endpoint_does(
+    sdk: OpenAI, batch_sim: RunningSimulator
+) -> None:
+    lines = [
+        chat_line("a", "First sentence. Second one. Third."),
+        chat_line("b", "Fails once. [[fail:500x1]]"),
+        chat_line("c", "Bad request. [[fail:400]]"),
+    ]
+    created = submit(sdk, lines)
+    assert created.status == "validating"
+    done = until(sdk, created.id, "completed")
+
+    assert done.request_counts is not None
+    assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (3, 1, 2)
+    output, errors = result_lines(sdk, done.output_file_id), result_lines(sdk, done.error_file_id)
+    online = sdk.chat.completions.create(**lines[0]["body"])
+    answer = output["a"]["response"]
+    assert answer["status_code"] == 200
+    assert answer["body"]["choices"][0]["message"]["content"] == online.choices[0].message.content
+    assert answer["body"]["usage"]["prompt_tokens"] == online.usage.prompt_tokens
+    assert {k: v["response"]["status_code"] for k, v in errors.items()} == {"b": 500, "c": 400}
+    assert errors["c"]["response"]["body"]["error"]["message"] == "Simulated HTTP 400 error."
+    assert batch_sim.stats.batch_lines == 3 and batch_sim.stats.uploads == 1
+
+    again = until(sdk, submit(sdk, [lines[1]]).id, "completed")  # [[fail:500x1]] is spent
+    assert result_lines(sdk, again.output_file_id)["b"]["response"]["status_code"] == 200
+    for file_id in (done.input_file_id, done.output_file_id):
+        assert file_id is not None and sdk.files.delete(file_id).deleted
+    with pytest.raises(NotFoundError):
+        sdk.files.content(done.input_file_id)
+
+
+def test_simulator_batch_takes_its_time_and_passes_through_every_status() -> None:
+    with (
+        serve_in_thread(SimulatorConfig(batch_s=0.3)) as sim,
+        OpenAI(base_url=sim.base_url, api_key="k") as sdk,
+    ):
+        created = submit(sdk, [chat_line(str(i), f"Row {i}.") for i in range(30)])
+        seen = [created.status]
+        while seen[-1] != "completed":
+            batch = sdk.batches.retrieve(created.id)
+            assert batch.request_counts is not None
+            if batch.status != seen[-1]:
+                seen.append(batch.status)
+            assert batch.request_counts.completed <= 30
+        assert seen == ["validating", "in_progress", "finalizing", "completed"]
+        assert [b.id for b in sdk.batches.list().data] == [created.id]
+
+
+def test_simulator_batch_cancel_keeps_what_was_answered() -> None:
+    with (
+        serve_in_thread(SimulatorConfig(batch_s=60)) as sim,
+        OpenAI(base_url=sim.base_url, api_key="k") as slow,
+    ):
+        created = submit(slow, [chat_line(str(i), f"Row {i}.") for i in range(5)])
+        assert slow.batches.cancel(created.id).status == "cancelling"
+        cancelled = until(slow, created.id, "cancelled")
+        assert cancelled.output_file_id is None and cancelled.request_counts is not None
+        assert cancelled.request_counts.completed == 0
+        with pytest.raises(Exception, match="409"):
+            slow.batches.cancel(created.id)
+
+
+def test_simulator_batch_expiry_and_validation_failure(sdk: OpenAI) -> None:
+    expiring = [chat_line("a", "Answered."), chat_line("b", "Too late. [[batch:expirex1]]")]
+    expired = until(sdk, submit(sdk, expiring).id, "expired")
+    errors = result_lines(sdk, expired.error_file_id)
+    assert errors["b"]["error"]["code"] == "batch_expired" and errors["b"]["response"] is None
+    assert set(result_lines(sdk, expired.output_file_id)) == {"a"}
+    assert until(sdk, submit(sdk, expiring[1:]).id, "completed", "expired").status == "completed"
+
+    mixed = [chat_line("a", "One."), chat_line("b", "Two.", model="grok-3"), chat_line("a", "Dup.")]
+    failed = until(sdk, submit(sdk, mixed).id, "failed")
+    assert failed.errors is not None and failed.errors.data is not None
+    assert [(e.code, e.line) for e in failed.errors.data] == [
+        ("invalid_custom_id", 3),
+        ("mismatched_model", None),
+    ]
+    with pytest.raises(BadRequestError, match="completion_window"):
+        window: Any = "1h"
+        sdk.batches.create(
+            input_file_id=failed.input_file_id, endpoint="/v1/chat/completions", completion_window=window
+        )
+
+
+def test_simulator_without_a_batch_api_answers_404() -> None:
+    with (
+        serve_in_thread(SimulatorConfig(batch_api="none")) as sim,
+        OpenAI(base_url=sim.base_url, api_key="k") as sdk,
+        pytest.raises(NotFoundError),
+    ):
+        sdk.batches.list()
