@@ -105,7 +105,8 @@ class Job:
     def run(self, **options: Any) -> RunResult:
         """Run (or resume) the job; the figures, with the output table as `.table`. Options:
         simulate, simulate_latency_ms, fresh, retry_failed, limit, concurrency, max_cost_usd,
-        grace_s, quiet, yes, ray (True, an address or RayOptions), workers, and http_client (your
+        grace_s, quiet, yes, ray (True, an address or RayOptions), workers, batch (True, or
+        BatchOptions: through the provider's Batch API), and http_client (your
         own httpx2.AsyncClient; with `run`, one not yet used on another loop), check_model=False
         (as endpoint.check_model: false). Job-wide errors raise BatchrunError (JobError,
         EndpointUnavailable...), whose `remedy` names the option that gets past it, if one does; a
@@ -326,6 +327,7 @@ RUN_OPTIONS = (
     "yes",
     "ray",
     "workers",
+    "batch",
     "http_client",
     "check_model",
 )

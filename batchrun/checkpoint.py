@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from batchrun import history, migrations
+from batchrun import history, ledger, migrations
 from batchrun.errors import CheckpointError, Remedy
 from batchrun.migrations import ROWS_TABLE, SCHEMA_VERSION
 from batchrun.results import ANSWER_COLUMNS, NAMES, OUTPUT_RESULT_COLUMNS, USAGE_REPORTED, RowResult
@@ -268,9 +268,26 @@ class Checkpoint:
             self._db.executemany(history.INSERT_ATTEMPTS, history.attempt_rows(self._run, results))
 
     def begin_run(self, driver: str) -> None:
-        """Record that a run starts (history.py); the attempts recorded from now on are its."""
+        """Record that a run starts (history.py); the attempts recorded from now on are its. A
+        run that does not collect batches is refused while the provider holds live ones: it
+        would send their rows again."""
+        if driver != "batch" and (live := self.live_batches()):
+            rows = sum(s.lines for s in live)
+            raise CheckpointError(
+                f"{len(live)} provider batch(es) of this job ({rows:,} rows) are still live at the "
+                "provider; collect them first, or cancel them",
+                remedy=Remedy("batch", True, "to collect them"),
+            )
         with self._transaction():
             self._run = history.begin_run(self._db, driver)
+
+    def live_batches(self) -> list[ledger.Submission]:
+        """The provider batches still live (submitted, or being submitted when a run stopped)."""
+        return ledger.live_batches(self._db)
+
+    def ledger(self) -> ledger.Ledger:
+        """The writer's record of provider batches, in this checkpoint's transactions."""
+        return ledger.Ledger(self._db, self._transaction, self._run)
 
     def end_run(self, outcome: str, requests: int, workers: int) -> None:
         with self._transaction():

@@ -21,6 +21,7 @@ from batchrun.terminal import printable
 # Commands import what they use when they run, so that `--help` and `--version` need none of
 # polars, aiohttp, pydantic or genai-prices (tests/test_startup.py).
 if TYPE_CHECKING:
+    from batchrun.batch import BatchOptions
     from batchrun.distributed import RayOptions
     from batchrun.estimate import Pilot
     from batchrun.job import JobSpec
@@ -156,6 +157,17 @@ def main() -> None:
     type=click.IntRange(min=1),
     help="With --ray: worker actors, sharing the job's concurrency (default: one per CPU of the cluster).",
 )
+@click.option(
+    "--batch",
+    is_flag=True,
+    help="Send the rows through the provider's Batch API (as `mode: batch` does): cheaper, answers "
+    "within 24 h.",
+)
+@click.option(
+    "--no-wait",
+    is_flag=True,
+    help="In batch mode: submit the batches and exit; a later run collects their answers.",
+)
 @friendly_errors
 def run(
     job_file: Path,
@@ -172,6 +184,8 @@ def run(
     no_check_model: bool,
     ray_address: str | None,
     workers: int | None,
+    batch: bool,
+    no_wait: bool,
 ) -> None:
     """Run JOB, resuming from its checkpoint if it was interrupted.
 
@@ -191,6 +205,7 @@ def run(
       batchrun jobs/summarize.yaml --retry-failed     # resend only failed rows
       batchrun jobs/summarize.yaml --max-cost 5       # spend at most $5 on the job
       batchrun jobs/summarize.yaml --ray --workers 2  # on a local Ray, two workers
+      batchrun jobs/summarize.yaml --batch --no-wait  # submit batches; rerun to collect
     """
     ray = ray_options(ray_address, workers)
     from batchrun.runner import RunOptions
@@ -198,6 +213,10 @@ def run(
     spec = load_spec(job_file, no_check_model)
     if simulate_latency_ms is not None and not simulate:
         raise click.UsageError("--simulate-latency-ms goes with --simulate")
+    if no_wait and not (batch or spec.mode == "batch"):
+        raise click.UsageError("--no-wait goes with --batch (or the job's `mode: batch`)")
+    if no_wait and simulate:
+        raise click.UsageError("--no-wait cannot go with --simulate: the simulator ends with this run")
     options = RunOptions(
         simulate=simulate,
         simulate_latency_ms=simulate_latency_ms or 0.0,
@@ -210,6 +229,7 @@ def run(
         max_cost_usd=max_cost,
         yes=yes,
         ray=ray,
+        batch=batch_options(batch, no_wait),
     )
     if ray is not None:
         from batchrun.distributed.cluster import connect
@@ -243,6 +263,15 @@ def ray_options(address: str | None, workers: int | None) -> RayOptions | None:
     from batchrun.distributed import RayOptions
 
     return RayOptions(address or None, workers)
+
+
+def batch_options(batch: bool, no_wait: bool) -> BatchOptions | bool:
+    """--batch and --no-wait; False: as the job's `mode` says."""
+    if not (batch or no_wait):
+        return False
+    from batchrun.batch import BatchOptions
+
+    return BatchOptions(wait=not no_wait)
 
 
 def run_in_process(spec: JobSpec, options: RunOptions) -> RunResult:
@@ -428,6 +457,38 @@ def status(job_file: Path, output: str | None) -> None:
     echo(tokens_line(status.prompt_tokens, status.completion_tokens, status.rows_without_usage))
     if status.spent_usd is not None:
         echo(cost_line(status.spent_usd, status.prompt_tokens is None, status.rows_without_usage))
+    for batch in status.live_batches:
+        counts = f", {batch.done or 0:,} of {batch.lines:,} rows done" + (
+            f", {batch.failed:,} failed" if batch.failed else ""
+        )
+        name = batch.batch_id or "(being submitted)"
+        echo(f"batch {name}: {batch.status or batch.state}{counts} (as last seen)")
+    if status.live_batches:
+        echo(f"to collect them: batchrun {job_file} --batch; to cancel them: batchrun cancel {job_file}")
+
+
+@main.command(name="cancel")
+@job_argument
+@output_option
+@friendly_errors
+def cancel_command(job_file: Path, output: str | None) -> None:
+    """Cancel JOB's live provider batches; collect what they answered, the rest goes back to pending.
+
+    Waits for the provider to end each batch (Ctrl-C leaves them cancelling: a later run in batch
+    mode collects them), then writes the output as `run` does. Rows answered before the cancel
+    are kept, and paid for; a rerun sends the others again.
+
+    \b
+    Example:
+      batchrun cancel jobs/summarize.yaml
+    """
+    from batchrun.batch import BatchOptions
+    from batchrun.runner import RunOptions
+
+    options = RunOptions(output=output, batch=BatchOptions(cancel=True), yes=True)
+    result = run_in_process(load_spec(job_file, no_check_model=True), options)
+    echo(summary(result, job_file), err=True)
+    sys.exit(result.exit_code)
 
 
 @main.command(name="estimate")

@@ -105,7 +105,8 @@ def _set_format(body: dict[str, Any], response_format: dict[str, Any] | None) ->
         body["response_format"] = response_format
 
 
-def _skipped(planned: Planned) -> RowResult:
+def skipped(planned: Planned) -> RowResult:
+    """The record of a row not sent: a prompt column is empty (input.on_null: skip)."""
     reason = f"empty column(s) {', '.join(planned.empty)}; not sent (input.on_null: skip)"
     return RowResult(
         row=planned.row,
@@ -167,6 +168,31 @@ def _row_result(
         request_key=request.request_key,
         occurrence=request.occurrence,
         tries=tuple(request.tries),
+    )
+
+
+def answered_row(
+    sent: tuple[int, str, bytes, int],
+    answer: ChatResult | None,
+    error: RequestFailed | None,
+    settings: CoreSettings,
+    tries: Sequence[Attempt],
+    latency_ms: float,
+) -> RowResult:
+    """A row's record from one answer got outside the core (a provider batch's line), by the
+    core's rules: output.fields read and checked (an answer without them fails the row, as after
+    the last re-ask), tokens and cost as _row_result counts them. `sent`: the row, its id, request
+    key and occurrence; `tries`: every request sent for it."""
+    fields = None
+    if answer is not None and error is None and settings.fields:
+        try:
+            fields = read_fields(settings.fields, answer, settings.tools, settings.output_cap)
+        except InvalidOutput as exc:
+            error = exc
+    request = _Request(*sent, body={}, chars=0, tries=list(tries))
+    answers = [] if answer is None else [answer]
+    return _row_result(
+        request, answers, len(tries), latency_ms, settings.price, settings.model, fields, error
     )
 
 
@@ -418,7 +444,7 @@ class Core:
         async for planned in self.planned:
             body = planned.body
             if body is None:
-                self._results.put_nowait(_skipped(planned))
+                self._results.put_nowait(skipped(planned))
                 continue
             request = _Request(
                 planned.row,

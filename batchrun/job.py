@@ -268,6 +268,14 @@ class PricingSpec(_Strict):
         return self
 
 
+class BatchSpec(_Strict):
+    """Batch mode (mode: batch): how batches are made and looked after."""
+
+    poll_s: float = Field(default=60.0, gt=0)  # the longest wait between looks at live batches
+    max_lines: int = Field(default=50_000, ge=1)  # lines per batch file (OpenAI's limit)
+    max_mb: float = Field(default=200.0, gt=0)  # a batch file's size (OpenAI's limit)
+
+
 class BudgetSpec(_Strict):
     max_cost_usd: float = Field(gt=0)  # the whole job's spending, resumed runs included
 
@@ -289,6 +297,8 @@ class JobSpec(_Strict):
     budget: BudgetSpec | None = None
     checkpoint: Path | None = None  # default: beside a local output; for a URL output, see plan.py
     dedupe: bool = False  # identical requests sent once; every row with one gets its answer
+    mode: Literal["online", "batch"] = "online"  # batch: through the provider's Batch API
+    batch: BatchSpec = BatchSpec()
     job_path: Path = Path("job.yaml")  # set by load_job, not read from the file
 
     @model_validator(mode="after")

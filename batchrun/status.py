@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from batchrun.checkpoint import Fingerprint
 from batchrun.cost import job_price
+from batchrun.ledger import Submission
 from batchrun.plan import SIMULATED_ENDPOINT, PreparedJob, read_checkpoint
 
 
@@ -26,6 +27,7 @@ class Status:
     failures_by_kind: dict[str, int] = field(default_factory=dict)
     top_errors: list[tuple[str, int]] = field(default_factory=list)  # commonest messages of failed rows
     started: bool = False  # False: no checkpoint yet
+    live_batches: list[Submission] = field(default_factory=list)  # provider batches still live
 
     @property
     def pending(self) -> int:
@@ -58,6 +60,7 @@ def job_status(job: PreparedJob) -> Status:
             failures_by_kind=checkpoint.failures_by_kind(),
             top_errors=checkpoint.top_errors(),
             started=True,
+            live_batches=checkpoint.live_batches(),
         )
     finally:
         checkpoint.close()

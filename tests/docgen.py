@@ -95,6 +95,13 @@ MEANING = {
     "checkpoint": "Where the checkpoint lives; default: `OUTPUT.checkpoint.sqlite` beside a local "
     "output, `.batchrun/` beside the job file for a URL output.",
     "dedupe": "Send identical requests once; every row with one gets its answer (`reused_from`).",
+    "mode": "`online` sends each row as a chat request; `batch` sends the rows through the provider's "
+    "Batch API, as `--batch` does.",
+    "batch": "How batch mode makes its batches and looks after them.",
+    "batch.poll_s": "The longest wait between looks at the live batches (the first look comes after 1 s, "
+    "then the wait doubles).",
+    "batch.max_lines": "Rows per batch at most; more rows make more batches.",
+    "batch.max_mb": "A batch file's size at most, in MB.",
 }
 
 HIDDEN = {"job_path"}  # set by batchrun, refused in a job file

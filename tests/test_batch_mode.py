@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import io
 import json
+import sqlite3
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from openai import BadRequestError, NotFoundError, OpenAI
 
 from batchrun.simulator import RunningSimulator, SimulatorConfig, serve_in_thread
-from tests.conftest import TEST_KEY
+from tests.conftest import TEST_KEY, article_rows, checkpoint_path, invoke, read_output, write_job
 
 
 def chat_line(custom_id: str, user: str, model: str = "grok-4.3") -> dict[str, Any]:
@@ -151,3 +153,34 @@ def test_simulator_without_a_batch_api_answers_404() -> None:
         pytest.raises(NotFoundError),
     ):
         sdk.batches.list()
+
+
+# Jobs in batch mode, end to end.
+
+
+def batch_job(tmp_path: Path, sim: RunningSimulator, rows: list[dict[str, Any]], **overrides: Any) -> Path:
+    """A job over `rows` against `sim`, looking at its batches every 20 ms."""
+    return write_job(tmp_path, rows, sim.base_url, batch={"poll_s": 0.02}, **overrides)
+
+
+def sql(job: Path, query: str) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(checkpoint_path(job)) as db:
+        return db.execute(query).fetchall()
+
+
+def test_batch_submits_waits_and_collects_every_row(tmp_path: Path, batch_sim: RunningSimulator) -> None:
+    rows = article_rows(12)
+    job = batch_job(tmp_path, batch_sim, rows)
+
+    result = invoke(str(job), "--batch")
+
+    assert result.exit_code == 0, result.output
+    assert "submitted batch batch_sim" in result.output
+    out = read_output(job).sort("id")
+    assert out["status"].to_list() == ["ok"] * 12
+    assert out["content"][0] == "Story 0 Lead sentence of story 0. A second sentence follows."
+    assert batch_sim.stats.requests == 0  # no chat request: every row went in the batch
+    assert batch_sim.stats.batch_lines == 12 and batch_sim.stats.uploads == 1
+    assert sql(job, "SELECT state, lines FROM batches") == [("collected", 12)]
+    assert sql(job, "SELECT driver, outcome FROM runs") == [("batch", "finished")]
+    assert invoke(str(job), "--batch").output.count("submitted") == 0  # nothing left to do
