@@ -75,6 +75,31 @@ class RunStats:
     outcome: Outcome
     error: BatchrunError | None = None  # why the job stopped, when aborted
 
+    @classmethod
+    def of(
+        cls,
+        tally: RowTally,
+        retries: dict[str, int],
+        rate_limited: int,
+        requests: int,
+        outcome: Outcome,
+        error: BatchrunError | None,
+    ) -> RunStats:
+        """A run's figures from its finished rows (`tally`) and what it sent."""
+        return cls(
+            ok=tally.by_status[RowStatus.OK],
+            failed=tally.by_status[RowStatus.FAILED],
+            skipped=tally.by_status[RowStatus.SKIPPED],
+            tokens=tally.known_tokens,
+            rows_without_usage=tally.without_usage,
+            cost_usd=tally.cost_usd,
+            retries=retries,
+            rate_limited=rate_limited,
+            requests=requests,
+            outcome=outcome,
+            error=error,
+        )
+
 
 class Stop:
     """A request to stop a run, made from outside it: a signal handler, another thread, a
@@ -414,18 +439,8 @@ class Core:
             if self.budget_stopped
             else "finished"
         )
-        return RunStats(
-            ok=self._tally.by_status[RowStatus.OK],
-            failed=self._tally.by_status[RowStatus.FAILED],
-            skipped=self._tally.by_status[RowStatus.SKIPPED],
-            tokens=self._tally.known_tokens,
-            rows_without_usage=self._tally.without_usage,
-            cost_usd=self._tally.cost_usd,
-            retries=dict(self.retries),
-            rate_limited=self.limiter.rate_limited,
-            requests=self.requests,
-            outcome=outcome,
-            error=self.aborted,
+        return RunStats.of(
+            self._tally, dict(self.retries), self.limiter.rate_limited, self.requests, outcome, self.aborted
         )
 
     async def _produce(self) -> None:

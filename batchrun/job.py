@@ -425,7 +425,9 @@ class _Problem(NamedTuple):
 
 def _job_error(exc: ValidationError, text: str, path: Path) -> JobError:
     """Turn pydantic's first complaint into one line a person can act on."""
-    problems = [_problem(err) for err in exc.errors()]
+    errors = exc.errors()
+    missing = {_walk(err["loc"])[0] for err in errors if err["type"] == "missing"}
+    problems = [_problem(err, missing) for err in errors]
     # A misspelt required key is also reported missing: count it once, as the typo, and
     # report unknown keys first since they usually explain what else went wrong.
     meant = {p.meant for p in problems if p.meant}
@@ -450,7 +452,9 @@ def _inside(inner: tuple[Key, ...], outer: tuple[Key, ...]) -> bool:
     return len(inner) > len(outer) and inner[: len(outer)] == outer
 
 
-def _problem(err: ErrorDetails) -> _Problem:
+def _problem(err: ErrorDetails, missing: set[tuple[Key, ...]]) -> _Problem:
+    """One complaint in words; an unknown key is matched first with a required key that is
+    `missing` (`modle` means the missing `model`, not `mode`)."""
     loc = err["loc"]
     if err["type"] in ("extra_forbidden", "invalid_key"):
         scope, model = _walk(loc[:-1])
@@ -460,7 +464,8 @@ def _problem(err: ErrorDetails) -> _Problem:
         if err["type"] == "invalid_key":
             return _Problem(keys, f"key {key!r}{where} is not a string", err["type"])
         allowed = [k for k in model.model_fields if k != "job_path"] if model else []
-        close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+        close = difflib.get_close_matches(str(key), allowed, n=3, cutoff=0.6)
+        close = [c for c in close if (*scope, c) in missing] or close
         hint = f"; did you mean '{close[0]}'?" if close else f"; expected one of: {', '.join(allowed)}"
         meant = (*scope, close[0]) if close else None
         return _Problem(keys, f"unknown key '{key}'{where}{hint}", err["type"], meant)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import signal
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from openai import BadRequestError, NotFoundError, OpenAI
 
 from batchrun.simulator import RunningSimulator, SimulatorConfig, serve_in_thread
 from tests.conftest import TEST_KEY, article_rows, checkpoint_path, invoke, read_output, write_job
+from tests.test_faults import StderrLines, child
 
 
 def chat_line(custom_id: str, user: str, model: str = "grok-4.3") -> dict[str, Any]:
@@ -184,3 +186,184 @@ def test_batch_submits_waits_and_collects_every_row(tmp_path: Path, batch_sim: R
     assert sql(job, "SELECT state, lines FROM batches") == [("collected", 12)]
     assert sql(job, "SELECT driver, outcome FROM runs") == [("batch", "finished")]
     assert invoke(str(job), "--batch").output.count("submitted") == 0  # nothing left to do
+
+
+def test_no_wait_leaves_the_batch_running_and_a_rerun_reattaches_and_collects(tmp_path: Path) -> None:
+    rows = article_rows(10)
+    with serve_in_thread(SimulatorConfig(api_key=TEST_KEY, batch_s=0.2)) as sim:
+        job = batch_job(tmp_path, sim, rows)
+
+        submitted = invoke(str(job), "--batch", "--no-wait")
+        assert submitted.exit_code == 1, submitted.output
+        assert "1 batch(es) of 10 rows still at the provider" in submitted.output
+        assert read_output(job)["status"].to_list() == ["pending"] * 10
+        status = invoke("status", str(job)).output
+        assert "batch batch_sim00000001: validating, 0 of 10 rows done (as last seen)" in status
+        assert f"to collect them: batchrun {job} --batch" in status
+
+        online = invoke(str(job))
+        assert online.exit_code == 2
+        assert online.output == (
+            "Error: 1 provider batch(es) of this job (10 rows) are still live at the provider; collect "
+            "them first, or cancel them; pass --batch to collect them\n"
+        )
+
+        collected = invoke(str(job), "--batch")
+        assert collected.exit_code == 0, collected.output
+        assert "reattached to 1 batch(es) of 10 rows submitted earlier" in collected.output
+        assert read_output(job)["status"].to_list() == ["ok"] * 10
+        assert sim.stats.uploads == 1 and sim.stats.batch_lines == 10 and sim.stats.requests == 0
+        assert "batch " not in invoke("status", str(job)).output
+
+
+def test_one_checkpoint_serves_online_and_batch_rows(tmp_path: Path, batch_sim: RunningSimulator) -> None:
+    rows = article_rows(12)
+    job = batch_job(tmp_path, batch_sim, rows)
+
+    assert invoke(str(job), "--limit", "5").exit_code == 0  # rows 0-4 online
+    assert batch_sim.stats.requests == 5
+    assert invoke(str(job), "--batch").exit_code == 0  # the other 7 in a batch
+    assert batch_sim.stats.batch_lines == 7
+    online_again = invoke(str(job))  # every row done, however it was answered
+    assert online_again.exit_code == 0 and batch_sim.stats.requests == 5
+
+    out = read_output(job).sort("id")
+    assert out["status"].to_list() == ["ok"] * 12
+    by_mode = sql(job, "SELECT b.state, COUNT(*) FROM batch_rows r JOIN batches b USING (submission)")
+    assert by_mode == [("collected", 7)]
+    # An answer is the same whichever way its request went.
+    assert out["content"][5] == "Story 5 Lead sentence of story 5. A second sentence follows."
+    assert out["prompt_tokens"][0] == out["prompt_tokens"][5]
+
+
+def test_failed_and_expired_lines_go_back_to_pending_and_are_resubmitted_alone(
+    tmp_path: Path, batch_sim: RunningSimulator
+) -> None:
+    rows = article_rows(8)
+    rows[1]["text"] += " [[fail:500x1]]"
+    rows[2]["text"] += " [[fail:400]]"
+    rows[3]["text"] += " [[batch:expirex1]]"
+    rows[4]["text"] += " [[fail:resetx1]]"
+    job = batch_job(tmp_path, batch_sim, rows)
+
+    first = invoke(str(job), "--batch")
+    assert first.exit_code == 1, first.output
+    assert "rows back to pending (batch_expired: 1, http_500: 1, server_error: 1)" in first.output
+    out = read_output(job).sort("id")
+    assert out["status"].to_list() == ["ok", "pending", "failed", "pending", "pending", "ok", "ok", "ok"]
+    assert out["error_kind"][2] == "http_400"
+
+    second = invoke(str(job), "--batch")
+    assert second.exit_code == 1  # the 400 stays failed
+    assert batch_sim.stats.uploads == 2 and batch_sim.stats.batch_lines == 7 + 3
+    assert sql(job, "SELECT lines FROM batches ORDER BY submission") == [(8,), (3,)]
+    out = read_output(job).sort("id")
+    assert out["status"].to_list() == ["ok", "ok", "failed", "ok", "ok", "ok", "ok", "ok"]
+    assert out["attempts"].to_list() == [1, 2, 1, 1, 2, 1, 1, 1]  # an expiry is not the row's attempt
+
+
+def test_cancel_puts_unanswered_rows_back_to_pending(tmp_path: Path) -> None:
+    with serve_in_thread(SimulatorConfig(api_key=TEST_KEY, batch_s=600)) as sim:
+        job = batch_job(tmp_path, sim, article_rows(6))
+        assert invoke(str(job), "--batch", "--no-wait").exit_code == 1
+
+        cancelled = invoke("cancel", str(job))
+
+        assert cancelled.exit_code == 1, cancelled.output
+        assert "cancelling 1 batch(es)" in cancelled.output
+        said = "batch batch_sim00000001 cancelled: 6 rows back to pending (batch_cancelled: 6)"
+        assert said in cancelled.output
+        assert read_output(job)["status"].to_list() == ["pending"] * 6
+        assert sql(job, "SELECT state, status FROM batches") == [("collected", "cancelled")]
+        assert "no live batches to cancel" in invoke("cancel", str(job)).output
+        assert invoke(str(job)).exit_code == 0  # online again: nothing is live
+        assert sim.stats.requests == 6
+
+
+def test_an_endpoint_without_a_batch_api_stops_before_anything_is_sent(tmp_path: Path) -> None:
+    with serve_in_thread(SimulatorConfig(api_key=TEST_KEY, batch_api="none")) as sim:
+        job = batch_job(tmp_path, sim, article_rows(3))
+
+        result = invoke(str(job), "--batch")
+
+        assert result.exit_code == 2
+        assert result.output == (
+            f"Error: {sim.base_url} has no Batch API (GET /batches answered 404); nothing was sent: run "
+            "the job without batch mode\n"
+        )
+        assert sim.stats.requests == 0 and sim.stats.uploads == 0
+        assert not (job.parent / "out" / "result.parquet").exists()
+
+
+def test_ctrl_c_while_waiting_leaves_the_batch_running_and_says_how_to_collect(tmp_path: Path) -> None:
+    with serve_in_thread(SimulatorConfig(api_key=TEST_KEY, batch_s=600)) as sim:
+        job = batch_job(tmp_path, sim, article_rows(4))
+        with child(str(job), "--batch") as proc:
+            stderr = StderrLines(proc)
+            stderr.wait_for("submitted batch batch_sim00000001: 4 rows")
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=30) == 130
+            said = stderr.rest()
+        assert "1 batch(es) of 4 rows still at the provider: run the job again in batch mode" in said
+        assert f"interrupted: rerun `batchrun {job}` to resume" in said
+        assert sql(job, "SELECT state, batch_id FROM batches") == [("submitted", "batch_sim00000001")]
+        assert sim.stats.uploads == 1
+
+
+def batch_states(job: Path) -> list[tuple[Any, ...]]:
+    try:
+        return sql(job, "SELECT state, status FROM batches")
+    except sqlite3.OperationalError:  # no checkpoint, or no table yet
+        return []
+
+
+@pytest.mark.parametrize(
+    ("step", "seen"),
+    [
+        ("upload", ("uploading", None)),
+        ("create", ("uploaded", None)),
+        ("wait", ("submitted", "validating")),
+        ("collect", ("submitted", "completed")),
+    ],
+)
+def test_kill_9_at_each_remote_step_then_a_rerun_collects_from_one_batch(
+    tmp_path: Path, step: str, seen: tuple[str, str | None]
+) -> None:
+    """Each Batch API answer comes 0.4 s after the simulator acted on it: the process is killed
+    while it waits for one, its step recorded as begun and not as done."""
+    config = SimulatorConfig(api_key=TEST_KEY, batch_delay_ms=400, batch_s=0.5 if step == "wait" else 0)
+    with serve_in_thread(config) as sim, OpenAI(base_url=sim.base_url, api_key=TEST_KEY) as sdk:
+        job = batch_job(tmp_path, sim, article_rows(6))
+        with child(str(job), "--batch") as proc:
+            deadline = time.monotonic() + 30
+            # an upload is killed once the simulator has the file, before the answer says its id
+            while batch_states(job) != [seen] or (step == "upload" and not sim.stats.uploads):
+                assert time.monotonic() < deadline and proc.poll() is None, batch_states(job)
+            proc.kill()
+            assert proc.wait(timeout=10) == -9
+
+        rerun = invoke(str(job), "--batch")
+
+        assert rerun.exit_code == 0, rerun.output
+        assert read_output(job)["status"].to_list() == ["ok"] * 6
+        assert len(sdk.batches.list().data) == 1  # the rerun never made a second batch
+        assert sim.stats.uploads == (2 if step == "upload" else 1)  # a file uploaded unrecorded, then again
+        assert sim.stats.batch_lines == 6
+
+
+def test_a_batch_that_fails_validation_is_reported_with_the_providers_messages(
+    tmp_path: Path, batch_sim: RunningSimulator
+) -> None:
+    rows = article_rows(3)
+    rows[2]["text"] += " [[batch:invalid]]"
+    job = batch_job(tmp_path, batch_sim, rows)
+
+    result = invoke(str(job), "--batch")
+
+    assert result.exit_code == 1
+    assert (
+        "warning: batch batch_sim00000001 failed: line 3: Simulated validation failure ([[batch:invalid]]).; "
+        "its 3 rows are pending" in result.output
+    )
+    assert read_output(job)["status"].to_list() == ["pending"] * 3
+    assert sql(job, "SELECT DISTINCT error_kind FROM batch_rows") == [("batch_failed",)]

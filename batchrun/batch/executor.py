@@ -36,7 +36,7 @@ from batchrun.errors import BatchrunError, RequestFailed, RetryableError
 from batchrun.executors import Execution, api_key
 from batchrun.ledger import NOT_RUN, Returned, SentRow, custom_id
 from batchrun.plan import SIMULATED_KEY, Planned
-from batchrun.results import Attempt, RowResult, RowStatus, RowTally
+from batchrun.results import Attempt, RowResult, RowTally
 from batchrun.retry import Sleep
 
 if TYPE_CHECKING:
@@ -448,7 +448,6 @@ class BatchExecutor:
             )
 
     def _stats(self, error: BatchrunError | None) -> RunStats:
-        tally = self._tally
         outcome: Outcome = (
             "aborted"
             if error is not None
@@ -458,16 +457,4 @@ class BatchExecutor:
             if self._budget_stopped
             else "finished"
         )
-        return RunStats(
-            ok=tally.by_status[RowStatus.OK],
-            failed=tally.by_status[RowStatus.FAILED],
-            skipped=tally.by_status[RowStatus.SKIPPED],
-            tokens=tally.known_tokens,
-            rows_without_usage=tally.without_usage,
-            cost_usd=tally.cost_usd,
-            retries={},
-            rate_limited=0,
-            requests=self._sent,
-            outcome=outcome,
-            error=error,
-        )
+        return RunStats.of(self._tally, {}, 0, self._sent, outcome, error)

@@ -86,6 +86,7 @@ class SimulatorConfig:
     extra_models: tuple[str, ...] = ()
     batch_api: Literal["openai", "none"] = "openai"  # the Batch API it offers (none: 404s)
     batch_s: float = 0.0  # how long a batch takes from its creation to its end
+    batch_delay_ms: float = 0.0  # each Batch API answer's delay (done at once, answered after it)
 
     @property
     def offered(self) -> tuple[str, ...]:
@@ -403,7 +404,9 @@ class _Simulator:
         """Route a request: an answer now, or a coroutine for one that waits (latency, [[sleep]])."""
         route = self._routes.get(request.path)
         if route is None and self._batches is not None and request.path.startswith(BATCH_PATHS):
-            return self._unauthorized(request) or self._batches.handle(request)
+            answer = self._unauthorized(request) or self._batches.handle(request)
+            delay_s = self.config.batch_delay_ms / 1000
+            return _answer_after(delay_s, answer) if delay_s else answer
         if route is None:
             return self._error(404, f"Unknown request URL: {request.method} {request.path}.")
         method, handler = route
@@ -555,6 +558,11 @@ class _Simulator:
         if fault == "badjson":
             answer = answer[: len(answer) // 2]
         return Response(200, answer, headers)
+
+
+async def _answer_after(delay_s: float, answer: Outcome) -> Outcome:
+    await asyncio.sleep(delay_s)
+    return answer
 
 
 def _markers(last_user: str) -> tuple[bool, tuple[str | None, str | None], int]:
