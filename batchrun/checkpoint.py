@@ -296,27 +296,29 @@ class Checkpoint:
     def _transaction(self) -> contextlib.AbstractContextManager[None]:
         return transaction(self._db, self.path)
 
-    def reprice(self, pricing: str, cost: Callable[..., float | None]) -> int:
+    def reprice(self, pricing: str, cost: Callable[..., float | None], *, batch: bool = False) -> int:
         """Recompute answered rows' cost if `pricing` (a description of the rates) changed since
         they were recorded, so one table never mixes two prices; returns the rows repriced.
+        The rows answered in provider batches have rates of their own (`batch`).
 
         `cost` takes prompt, completion, total and cached tokens.
         """
-        found = self._db.execute("SELECT value FROM meta WHERE key = 'pricing'").fetchone()
+        key = "batch_pricing" if batch else "pricing"
+        found = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         if found is not None and found[0] == pricing:
             return 0
         usage = self._db.execute(
             "SELECT rowid, prompt_tokens, completion_tokens, total_tokens, cached_tokens FROM results"
-            " WHERE status = 'ok'"
+            f" WHERE status = 'ok' AND batch_id IS {'NOT ' if batch else ''}NULL"
         )
         repriced = 0
         with self._transaction():
-            for batch in iter(lambda: usage.fetchmany(10_000), []):
+            for chunk in iter(lambda: usage.fetchmany(10_000), []):
                 self._db.executemany(
-                    "UPDATE results SET cost_usd = ? WHERE rowid = ?", ((cost(*u[1:]), u[0]) for u in batch)
+                    "UPDATE results SET cost_usd = ? WHERE rowid = ?", ((cost(*u[1:]), u[0]) for u in chunk)
                 )
-                repriced += len(batch)
-            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('pricing', ?)", (pricing,))
+                repriced += len(chunk)
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, pricing))
         return repriced
 
     def accepted_format(self, base_url: str, fallbacks: Sequence[object]) -> int:

@@ -15,7 +15,7 @@ import contextlib
 import time
 from collections import Counter
 from collections.abc import AsyncIterable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 
 import orjson
@@ -203,11 +203,12 @@ def answered_row(
     settings: CoreSettings,
     tries: Sequence[Attempt],
     latency_ms: float,
+    batch_id: str | None = None,
 ) -> RowResult:
     """A row's record from one answer got outside the core (a provider batch's line), by the
     core's rules: output.fields read and checked (an answer without them fails the row, as after
     the last re-ask), tokens and cost as _row_result counts them. `sent`: the row, its id, request
-    key and occurrence; `tries`: every request sent for it."""
+    key and occurrence; `tries`: every request sent for it; `batch_id`: the batch that answered."""
     fields = None
     if answer is not None and error is None and settings.fields:
         try:
@@ -216,9 +217,10 @@ def answered_row(
             error = exc
     request = _Request(*sent, body={}, chars=0, tries=list(tries))
     answers = [] if answer is None else [answer]
-    return _row_result(
+    result = _row_result(
         request, answers, len(tries), latency_ms, settings.price, settings.model, fields, error
     )
+    return replace(result, batch_id=batch_id)
 
 
 def _tool_calls_json(calls: list[dict[str, str]]) -> str:

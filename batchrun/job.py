@@ -56,6 +56,7 @@ KNOWN_PARAMS = (
 # Keys batchrun sets itself; a job may not override them through params.
 RESERVED_PARAMS = {"model": "model", "messages": "prompt"}  # and the job key that sets each
 
+BATCH_DISCOUNT = 0.5  # what a provider batch takes off, where the price table has no batch rate
 PYTHON_JOB = Path("<python>")  # the job_path of a job built in Python, which has no file
 TableFormat = Literal["csv", "parquet", "jsonl"]
 TABLE_SUFFIXES: dict[str, TableFormat] = {
@@ -251,19 +252,22 @@ class RateLimitSpec(_Strict):
 
 
 class PricingSpec(_Strict):
-    """The job's own rates (USD per million tokens), or a discount off the list price."""
+    """The job's own rates (USD per million tokens), or a discount off the list price; and what
+    a provider batch takes off where the price table has no batch rate."""
 
     input_per_million: float | None = Field(default=None, ge=0)
     output_per_million: float | None = Field(default=None, ge=0)
     cached_input_per_million: float | None = Field(default=None, ge=0)  # default: the input rate
     discount: float | None = Field(default=None, ge=0, lt=1)  # 0.3: 30% below list
+    batch_discount: float = Field(default=BATCH_DISCOUNT, ge=0, lt=1)  # batch mode: 0.5, half price
 
     @model_validator(mode="after")
     def _rates_or_discount(self) -> PricingSpec:
         rates = (self.input_per_million, self.output_per_million, self.cached_input_per_million)
         if self.discount is not None and any(r is not None for r in rates):
             raise ValueError("give either rates or a discount off the list price, not both")
-        if self.discount is None and (self.input_per_million is None or self.output_per_million is None):
+        only_batch = self.model_fields_set == {"batch_discount"}
+        if self.discount is None and not only_batch and None in rates[:2]:
             raise ValueError("give input_per_million and output_per_million, or a discount")
         return self
 

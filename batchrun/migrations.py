@@ -108,6 +108,7 @@ MIGRATIONS = (
     Migration("results_by_row", _results_by_row),
     added_column("system_fingerprint"),
     Migration("provider_batches", _provider_batches),
+    added_column("batch_id"),
 )
 SCHEMA_VERSION = len(MIGRATIONS)  # PRAGMA user_version of a checkpoint with every step applied
 

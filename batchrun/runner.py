@@ -22,7 +22,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from batchrun.batch import BatchOptions
 from batchrun.checkpoint import Checkpoint, Fingerprint, Mode, open_checkpoint, without_input_hash
 from batchrun.core import RunStats, Stop
-from batchrun.cost import ASSUMED_MAX_OUTPUT_TOKENS, Price, job_price, output_tokens_cap, request_cost
+from batchrun.cost import (
+    ASSUMED_MAX_OUTPUT_TOKENS,
+    Price,
+    batch_price,
+    job_price,
+    output_tokens_cap,
+    request_cost,
+)
 from batchrun.distributed import RayOptions
 from batchrun.errors import CheckpointError, JobChanged, JobError
 from batchrun.estimate import estimate_job
@@ -230,8 +237,10 @@ async def open_run(checked: Checked, options: RunOptions) -> Opened:
     try:
         checkpoint = opened.checkpoint
         checkpoint.begin_run(checked.kind.name)
-        price = checked.price
+        price, at_batch_rate = checked.price, batch_price(spec)
         opened.repriced = checkpoint.reprice(repr(price), functools.partial(request_cost, price))
+        batch_cost = functools.partial(request_cost, at_batch_rate)
+        opened.repriced += checkpoint.reprice(repr(at_batch_rate), batch_cost, batch=True)
         opened.in_scope = min(options.limit or job.source.row_count, job.source.row_count)
         counted = opened.counted = _in_background(checkpoint.done_before(opened.in_scope, spec.dedupe))
         needed = checked.max_cost_usd is not None or options.rows is not None or checked.kind.needs_counts

@@ -90,6 +90,8 @@ MEANING = {
     "pricing.output_per_million": "USD per million completion tokens (reasoning included).",
     "pricing.cached_input_per_million": "USD per million cached prompt tokens; default: the input rate.",
     "pricing.discount": "A fraction off every list rate (`0.3`: 30% off); instead of the rates.",
+    "pricing.batch_discount": "In batch mode, the fraction off where the price table has no batch "
+    "rate for the model (and off the job's own rates).",
     "budget": "A spending limit.",
     "budget.max_cost_usd": "The whole job's spending at most, earlier runs included (exit 3 when reached).",
     "checkpoint": "Where the checkpoint lives; default: `OUTPUT.checkpoint.sqlite` beside a local "

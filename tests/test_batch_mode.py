@@ -13,8 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from openai import BadRequestError, NotFoundError, OpenAI
 
+from batchrun.cost import batch_price, job_price
+from batchrun.job import JobSpec, job_from_mapping, load_job
+from batchrun.plan import prepare
 from batchrun.simulator import RunningSimulator, SimulatorConfig, serve_in_thread
 from tests.conftest import TEST_KEY, article_rows, checkpoint_path, invoke, read_output, write_job
 from tests.test_faults import StderrLines, child
@@ -162,7 +166,11 @@ def test_simulator_without_a_batch_api_answers_404() -> None:
 
 def batch_job(tmp_path: Path, sim: RunningSimulator, rows: list[dict[str, Any]], **overrides: Any) -> Path:
     """A job over `rows` against `sim`, looking at its batches every 20 ms."""
-    return write_job(tmp_path, rows, sim.base_url, batch={"poll_s": 0.02}, **overrides)
+    return write_job(tmp_path, rows, sim.base_url, **{"batch": {"poll_s": 0.02}, **overrides})
+
+
+def first_request(job: Path) -> dict[str, Any]:
+    return prepare(load_job(job), write=False).first_request()
 
 
 def sql(job: Path, query: str) -> list[tuple[Any, ...]]:
@@ -367,3 +375,90 @@ def test_a_batch_that_fails_validation_is_reported_with_the_providers_messages(
     )
     assert read_output(job)["status"].to_list() == ["pending"] * 3
     assert sql(job, "SELECT DISTINCT error_kind FROM batch_rows") == [("batch_failed",)]
+
+
+def test_batch_rows_cost_the_batch_rate_and_keep_it_when_prices_change(
+    tmp_path: Path, batch_sim: RunningSimulator
+) -> None:
+    rows = [{**row, "text": "Same length text. Twice."} for row in article_rows(8)]
+    rows = [{**row, "title": "Story"} for row in rows]  # every request of the same size
+    job = batch_job(tmp_path, batch_sim, rows, pricing={"input_per_million": 1.0, "output_per_million": 2.0})
+    assert invoke(str(job), "--limit", "4").exit_code == 0
+    assert invoke(str(job), "--batch").exit_code == 0
+
+    out = read_output(job).sort("id")
+    online, batch = out["cost_usd"][0], out["cost_usd"][7]
+    assert batch == pytest.approx(online * 0.5)  # pricing.batch_discount's default
+    assert out["batch_id"].to_list() == [None] * 4 + ["batch_sim00000001"] * 4
+
+    edited = yaml.safe_load(job.read_text())
+    edited["pricing"] = {"input_per_million": 3.0, "output_per_million": 6.0, "batch_discount": 0.2}
+    job.write_text(yaml.safe_dump(edited))
+    repriced = invoke(str(job))
+    assert "repriced 8 rows" in repriced.output
+    out = read_output(job).sort("id")
+    assert out["cost_usd"][0] == pytest.approx(online * 3)
+    assert out["cost_usd"][7] == pytest.approx(online * 3 * 0.8)
+
+
+def test_the_batch_rate_is_the_price_tables_where_it_has_one() -> None:
+    def spec(model: str, **pricing: Any) -> JobSpec:
+        keys: dict[str, Any] = {"input": {"path": "in.csv"}, "output": {"path": "out.csv"}, "model": model}
+        return job_from_mapping(
+            {**keys, "prompt": {"user": "{x}"}, **({"pricing": pricing} if pricing else {})}, Path()
+        )
+
+    listed = batch_price(spec("grok-4.3"))
+    assert listed is not None and listed.source.startswith("list batch price, genai-prices")
+    online = job_price(spec("grok-4.3"))
+    assert online is not None and listed.tiers[0][1].input < online.tiers[0][1].input
+    discounted = batch_price(spec("grok-4.3", discount=0.3))
+    assert discounted is not None and discounted.tiers[0][1].input == pytest.approx(
+        listed.tiers[0][1].input * 0.7
+    )
+
+    unlisted = batch_price(spec("grok-3", batch_discount=0.4))  # no batch rate in the table
+    grok3 = job_price(spec("grok-3"))
+    assert unlisted is not None and grok3 is not None
+    assert unlisted.tiers[0][1].output == pytest.approx(grok3.tiers[0][1].output * 0.6)
+    assert unlisted.source.endswith("less 40% (batch)")
+
+
+def test_the_budget_reserves_each_batch_at_its_worst_and_stops_submitting_at_the_cap(
+    tmp_path: Path, batch_sim: RunningSimulator
+) -> None:
+    rows = article_rows(10)
+    job = batch_job(tmp_path, batch_sim, rows, pricing={"input_per_million": 1.0, "output_per_million": 2.0})
+    body_bytes = len(json.dumps(first_request(job), separators=(",", ":")))
+    worst = (body_bytes * 1.0 + 40 * 2.0) / 1e6 * 0.5  # a line's ceiling at the batch rate
+    cap = worst * 3.5  # room for three lines' worst cases
+
+    stopped = invoke(str(job), "--batch", "--max-cost", f"{cap:.8f}")
+
+    assert stopped.exit_code == 3, stopped.output
+    assert "submitting no more" in stopped.output
+    assert sql(job, "SELECT lines FROM batches") == [(3,)]
+    out = read_output(job)
+    assert out["status"].value_counts().sort("status").rows() == [("ok", 3), ("pending", 7)]
+    assert out["cost_usd"].sum() <= cap  # paid: well under the worst cases reserved
+    resumed = invoke(str(job), "--batch", "--max-cost", "1")
+    assert resumed.exit_code == 0 and batch_sim.stats.batch_lines == 10
+
+
+def test_rows_are_split_into_batches_by_lines_and_by_bytes(
+    tmp_path: Path, batch_sim: RunningSimulator
+) -> None:
+    rows = article_rows(10)
+    rows[9]["text"] += " Long." * 400  # alone past a 2 kB file
+    by_lines = batch_job(tmp_path, batch_sim, rows, batch={"poll_s": 0.02, "max_lines": 4, "max_mb": 0.002})
+
+    result = invoke(str(by_lines), "--batch")
+
+    assert result.exit_code == 1, result.output
+    sizes = sql(by_lines, "SELECT lines, bytes FROM batches ORDER BY submission")
+    assert [lines for lines, _ in sizes] == [4, 4, 1]  # the 9th row: its 2 kB file was full
+    assert all(size <= 2000 for _, size in sizes)
+    out = read_output(by_lines).sort("id")
+    assert out["status"].to_list() == ["ok"] * 9 + ["failed"]
+    assert out["error_kind"][9] == "request_too_large"
+    assert batch_sim.stats.uploads == 3

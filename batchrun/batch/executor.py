@@ -31,8 +31,8 @@ from batchrun.answers import BatchLine, BatchState, Bounds, Redactor, read_batch
 from batchrun.batch.openai import LINE_URL, OpenAIBatchApi
 from batchrun.budget import BudgetGuard
 from batchrun.core import CoreSettings, Outcome, RunStats, answered_row, skipped
-from batchrun.cost import ASSUMED_MAX_OUTPUT_TOKENS, output_tokens_cap, prompt_tokens_ceiling
-from batchrun.errors import BatchrunError, RequestFailed, RetryableError
+from batchrun.cost import ASSUMED_MAX_OUTPUT_TOKENS, batch_price, output_tokens_cap, prompt_tokens_ceiling
+from batchrun.errors import BatchrunError, PermanentError, RequestFailed, RetryableError
 from batchrun.executors import Execution, api_key
 from batchrun.ledger import NOT_RUN, Returned, SentRow, custom_id
 from batchrun.plan import SIMULATED_KEY, Planned
@@ -91,7 +91,7 @@ class BatchExecutor:
         self._batch = spec.batch
         self._retry = spec.retry
         self._sleep = sleep
-        price = execution.price
+        price = batch_price(spec)  # a batch line's: the batch rate
         self._settings = CoreSettings.of(job, 1, execution.grace_s, execution.base_url, price)
         key = SIMULATED_KEY if execution.simulated else api_key(spec.endpoint)
         max_line = int(spec.endpoint.max_response_mb * 2**20)
@@ -106,6 +106,7 @@ class BatchExecutor:
         )
         self._bounds = Bounds(Redactor(key), output_tokens_cap(job.params))
         self._output_cap = output_tokens_cap(job.params) or ASSUMED_MAX_OUTPUT_TOKENS
+        self._max_bytes = int(spec.batch.max_mb * 1_000_000)
         self._budget: BudgetGuard | None = None
         if execution.max_cost_usd is not None:
             reserved = self._ledger.reserved_usd()
@@ -242,26 +243,55 @@ class BatchExecutor:
                 )
                 + b"\n"
             )
+            if len(line) > self._max_bytes:
+                self._record([self._too_large(planned, len(line))])
+                continue
             worst = self._worst_usd(body)
             if self._budget is not None and not self._budget.reserve(worst):
                 self._stop_for_budget()
                 return False
-            model = str(body["model"])
-            file = files.get(model)
-            if file is not None and (
-                len(file.rows) >= self._batch.max_lines or file.size + len(line) > self._batch.max_mb * 2**20
-            ):
-                await self._submit(files.pop(model))
-                file = None
-            if file is None:
-                # closed once submitted, or when submitting ends (_submit_all)
-                handle = tempfile.NamedTemporaryFile(prefix="batchrun-", suffix=".jsonl")  # noqa: SIM115
-                file = files[model] = _File(model, handle)
-            file.handle.write(line)
-            file.size += len(line)
-            file.reserved_usd += worst
-            file.rows.append((planned.request_key, planned.occurrence, planned.row, planned.id, worst))
+            await self._add_line(files, str(body["model"]), line, (*self._ledger_row(planned), worst))
         return True
+
+    @staticmethod
+    def _ledger_row(planned: Planned) -> tuple[bytes, int, int, str]:
+        return planned.request_key, planned.occurrence, planned.row, planned.id
+
+    async def _add_line(
+        self, files: dict[str, _File], model: str, line: bytes, row: tuple[bytes, int, int, str, float]
+    ) -> None:
+        """A line into the file of its model (one model per batch), which is submitted first if
+        the line would take it past batch.max_lines or batch.max_mb."""
+        file = files.get(model)
+        if file is not None and (
+            len(file.rows) >= self._batch.max_lines or file.size + len(line) > self._max_bytes
+        ):
+            await self._submit(files.pop(model))
+            file = None
+        if file is None:
+            # closed once submitted, or when submitting ends (_submit_all)
+            handle = tempfile.NamedTemporaryFile(prefix="batchrun-", suffix=".jsonl")  # noqa: SIM115
+            file = files[model] = _File(model, handle)
+        file.handle.write(line)
+        file.size += len(line)
+        file.reserved_usd += row[-1]
+        file.rows.append(row)
+
+    def _too_large(self, planned: Planned, size: int) -> RowResult:
+        """The record of a row whose request alone is past batch.max_mb: no batch can take it."""
+        error = PermanentError(
+            "request_too_large",
+            f"the request is {size / 1e6:.1f} MB, more than a batch file takes "
+            f"(batch.max_mb: {self._batch.max_mb:g})",
+        )
+        return answered_row(
+            (planned.row, planned.id, planned.request_key, planned.occurrence),
+            None,
+            error,
+            self._settings,
+            (),
+            0.0,
+        )
 
     def _line_body(self, planned: Planned) -> dict[str, Any]:
         """The request as a batch line sends it: never streamed; the response_format this
@@ -359,7 +389,7 @@ class BatchExecutor:
         for file_id in filter(None, (state.output_file_id, state.error_file_id)):
             async with self._api.lines(file_id) as lines:
                 for raw in lines:
-                    if (found := self._read_line(raw, rows, live.created, back)) is None:
+                    if (found := self._read_line(raw, rows, live, back)) is None:
                         continue
                     row, outcome = found
                     if isinstance(outcome, Returned):
@@ -385,7 +415,7 @@ class BatchExecutor:
             await self._api.delete(file_id)
 
     def _read_line(
-        self, raw: bytes | None, rows: dict[str, SentRow], sent: float, back: float
+        self, raw: bytes | None, rows: dict[str, SentRow], live: _Live, back: float
     ) -> tuple[SentRow, RowResult | Returned] | None:
         """One result line's row, and its record or why it goes back; None: no row of ours
         (a line too long to read, or unreadable: its row stays missing from the batch)."""
@@ -397,9 +427,10 @@ class BatchExecutor:
             return None
         if (row := rows.pop(line.custom_id, None)) is None:
             return None
-        return row, self._line_outcome(row, line, sent, back)
+        return row, self._line_outcome(row, line, live, back)
 
-    def _line_outcome(self, row: SentRow, line: BatchLine, sent: float, back: float) -> RowResult | Returned:
+    def _line_outcome(self, row: SentRow, line: BatchLine, live: _Live, back: float) -> RowResult | Returned:
+        sent = live.created
         failure = line.failure
         answer = line.answer
         tokens = (answer.prompt_tokens, answer.completion_tokens) if answer else (None, None)
@@ -412,7 +443,8 @@ class BatchExecutor:
         ):
             return Returned(row.request_key, row.occurrence, failure.kind, str(failure))
         sent_row = (row.row, row.id, row.request_key, row.occurrence)
-        return answered_row(sent_row, answer, failure, self._settings, tries, (back - sent) * 1000)
+        latency_ms = (back - sent) * 1000
+        return answered_row(sent_row, answer, failure, self._settings, tries, latency_ms, live.batch_id)
 
     def _record(self, results: list[RowResult]) -> None:
         if not results:
