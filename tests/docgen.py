@@ -98,7 +98,7 @@ MEANING = {
     "output, `.batchrun/` beside the job file for a URL output.",
     "dedupe": "Send identical requests once; every row with one gets its answer (`reused_from`).",
     "mode": "`online` sends each row as a chat request; `batch` sends the rows through the provider's "
-    "Batch API, as `--batch` does.",
+    "Batch API, as `--batch` does (see [batch mode](batch-mode.md)).",
     "batch": "How batch mode makes its batches and looks after them.",
     "batch.poll_s": "The longest wait between looks at the live batches (the first look comes after 1 s, "
     "then the wait doubles).",
