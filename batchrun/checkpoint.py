@@ -285,6 +285,10 @@ class Checkpoint:
         """The provider batches still live (submitted, or being submitted when a run stopped)."""
         return ledger.live_batches(self._db)
 
+    def pending_reasons(self) -> dict[str, int]:
+        """Why rows given back by provider batches are pending, by error kind (ledger.py)."""
+        return ledger.pending_reasons(self._db)
+
     def ledger(self) -> ledger.Ledger:
         """The writer's record of provider batches, in this checkpoint's transactions."""
         return ledger.Ledger(self._db, self._transaction, self._run)

@@ -453,7 +453,12 @@ def status(job_file: Path, output: str | None) -> None:
     echo(f"ok: {status.ok}\nfailed: {status.failed}" + (f" ({failures})" if failures else ""))
     for line in errors_lines(status.top_errors, status.failed):
         echo(line)
-    echo(f"skipped: {status.skipped}\npending: {status.pending}\nof: {status.total}")
+    reasons = ", ".join(f"{kind}: {n}" for kind, n in status.pending_reasons.items())
+    echo(
+        f"skipped: {status.skipped}\npending: {status.pending}"
+        + (f" (back from batches: {reasons})" if reasons else "")
+    )
+    echo(f"of: {status.total}")
     echo(tokens_line(status.prompt_tokens, status.completion_tokens, status.rows_without_usage))
     if status.spent_usd is not None:
         echo(cost_line(status.spent_usd, status.prompt_tokens is None, status.rows_without_usage))

@@ -230,6 +230,19 @@ class Ledger:
         )
 
 
+def pending_reasons(db: sqlite3.Connection) -> dict[str, int]:
+    """Why the rows that a batch gave back (and that have no answer since) are pending: the
+    error kinds of their last batch, with how many rows each."""
+    query = (
+        "SELECT r.error_kind, COUNT(*) FROM batch_rows r WHERE r.error_kind IS NOT NULL"
+        " AND r.submission = (SELECT MAX(o.submission) FROM batch_rows o"
+        " WHERE o.request_key = r.request_key AND o.occurrence = r.occurrence)"
+        " AND NOT EXISTS (SELECT 1 FROM results s WHERE s.request_key = r.request_key"
+        " AND s.occurrence = r.occurrence) GROUP BY 1 ORDER BY 2 DESC, 1"
+    )
+    return dict(db.execute(query).fetchall())
+
+
 def live_batches(db: sqlite3.Connection) -> list[Submission]:
     """The live submissions, for a reader (`batchrun status`); none before the step that made them."""
     if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'batches'").fetchone() is None:

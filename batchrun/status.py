@@ -28,6 +28,7 @@ class Status:
     top_errors: list[tuple[str, int]] = field(default_factory=list)  # commonest messages of failed rows
     started: bool = False  # False: no checkpoint yet
     live_batches: list[Submission] = field(default_factory=list)  # provider batches still live
+    pending_reasons: dict[str, int] = field(default_factory=dict)  # rows batches gave back, by kind
 
     @property
     def pending(self) -> int:
@@ -61,6 +62,7 @@ def job_status(job: PreparedJob) -> Status:
             top_errors=checkpoint.top_errors(),
             started=True,
             live_batches=checkpoint.live_batches(),
+            pending_reasons=checkpoint.pending_reasons(),
         )
     finally:
         checkpoint.close()

@@ -260,6 +260,8 @@ def test_failed_and_expired_lines_go_back_to_pending_and_are_resubmitted_alone(
     out = read_output(job).sort("id")
     assert out["status"].to_list() == ["ok", "pending", "failed", "pending", "pending", "ok", "ok", "ok"]
     assert out["error_kind"][2] == "http_400"
+    status = invoke("status", str(job)).output
+    assert "pending: 3 (back from batches: batch_expired: 1, http_500: 1, server_error: 1)" in status
 
     second = invoke(str(job), "--batch")
     assert second.exit_code == 1  # the 400 stays failed

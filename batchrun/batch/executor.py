@@ -161,22 +161,32 @@ class BatchExecutor:
                     sub.submission, "the run stopped while its file was uploaded; no batch was made"
                 )
                 continue
-            if sub.batch_id is None:
-                state = await self._api.find(sub.file_id)
-                if state is None and self._options.cancel:
-                    self._abandon(sub.submission, "cancelled before its batch was made")
-                    await self._api.delete(sub.file_id)
-                    continue
-                state = state or await self._create(sub.submission, sub.file_id)
-                batch_id = state.id
-            else:
-                batch_id = sub.batch_id
+            batch_id = sub.batch_id or await self._batch_of(sub.submission, sub.file_id)
+            if batch_id is None:
+                continue
             self._live[sub.submission] = _Live(
                 sub.submission, batch_id, sub.lines, sub.created, sub.reserved_usd, sub.status or "validating"
             )
         if self._live:
             rows = sum(b.lines for b in self._live.values())
             self._events.say(f"reattached to {len(self._live)} batch(es) of {rows:,} rows submitted earlier")
+
+    async def _batch_of(self, submission: int, file_id: str) -> str | None:
+        """The batch of a file uploaded by a run that stopped before it heard of its batch: the
+        one the provider made of it, else one made now (unless cancelling); None if none can be."""
+        state = await self._api.find(file_id)
+        if state is not None:
+            self._ledger.submitted(submission, state.id, state.status)
+            return state.id
+        if self._options.cancel:
+            self._abandon(submission, "cancelled before its batch was made")
+            await self._api.delete(file_id)
+            return None
+        try:
+            return (await self._create(submission, file_id)).id
+        except RequestFailed as exc:  # the file is gone, or refused
+            self._abandon(submission, f"the provider refused the batch: {exc}", "batch_rejected")
+            return None
 
     def _abandon(self, submission: int, reason: str, kind: str = "batch_not_run") -> None:
         self._ledger.abandon(submission, kind, reason)
@@ -188,8 +198,8 @@ class BatchExecutor:
 
     async def _cancel_all(self) -> None:
         for live in self._live.values():
-            state = await self._api.cancel(live.batch_id)
-            self._seen(live, state)
+            if (state := await self._api.cancel(live.batch_id)) is not None:
+                self._seen(live, state)  # a batch the provider no longer knows: _wait gives it up
         if self._live:
             self._events.say(
                 f"cancelling {len(self._live)} batch(es); their unanswered rows go back to pending"

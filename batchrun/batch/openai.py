@@ -138,15 +138,16 @@ class OpenAIBatchApi:
         response = await self._call("GET", f"/batches/{batch_id}", passing=(404,))
         return None if response.status_code == 404 else read_batch(response.content, self._redact)
 
-    async def cancel(self, batch_id: str) -> BatchState:
-        """Ask to cancel; a batch that already ended (or is cancelling) is left as it is."""
+    async def cancel(self, batch_id: str) -> BatchState | None:
+        """Ask to cancel; a batch that already ended (or is cancelling) is left as it is. None if
+        the provider no longer knows it."""
         try:
-            response = await self._call("POST", f"/batches/{batch_id}/cancel")
+            response = await self._call("POST", f"/batches/{batch_id}/cancel", passing=(404,))
         except RequestFailed as exc:
-            if exc.status not in (400, 409) or (state := await self.get(batch_id)) is None:
+            if exc.status not in (400, 409):
                 raise
-            return state
-        return read_batch(response.content, self._redact)
+            return await self.get(batch_id)
+        return None if response.status_code == 404 else read_batch(response.content, self._redact)
 
     @contextlib.asynccontextmanager
     async def lines(self, file_id: str) -> AsyncIterator[Iterator[bytes | None]]:
