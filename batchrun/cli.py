@@ -103,6 +103,7 @@ def main() -> None:
     \b
     batchrun jobs/summarize.yaml              run a job (same as `batchrun run ...`)
     batchrun jobs/summarize.yaml --simulate   run it offline against the built-in simulator
+    batchrun jobs/summarize.yaml --batch      through the provider's Batch API, at its lower rate
     batchrun validate jobs/summarize.yaml     check the job and show the first request
     batchrun status jobs/summarize.yaml       rows done / failed / pending so far
     batchrun models --job jobs/summarize.yaml the models the job's endpoint offers
@@ -110,6 +111,7 @@ def main() -> None:
     batchrun cost out/summaries.parquet       rows, tokens and cost per model and status
     batchrun report jobs/summarize.yaml       the run report as a page to look at (HTML)
     batchrun prune jobs/summarize.yaml        drop the answers no row of the job uses
+    batchrun cancel jobs/summarize.yaml       cancel the job's live provider batches
     """
 
 
