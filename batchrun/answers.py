@@ -527,3 +527,136 @@ def _duration(value: str | None) -> float | None:
     if not parts or "".join(n + u for n, u in parts) != value.strip():
         return None
     return _seconds(sum(float(number) * _UNIT_S[unit or None] for number, unit in parts))
+
+
+BATCH_ENDED = frozenset({"completed", "expired", "cancelled", "failed"})  # a batch's last statuses
+BATCH_LINE_ERRORS = 20  # a failed batch's error messages kept
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BatchState:
+    """A provider batch (OpenAI's batch object) as read at the boundary."""
+
+    id: str
+    status: str
+    completed: int | None  # request_counts
+    failed: int | None
+    output_file_id: str | None
+    error_file_id: str | None
+    input_file_id: str | None
+    errors: tuple[str, ...] = ()  # why it failed validation: the provider's messages
+
+    @property
+    def ended(self) -> bool:
+        return self.status in BATCH_ENDED
+
+
+def _json_object(raw: bytes, what: str) -> dict[str, Any]:
+    try:
+        return _object(orjson.loads(raw), what)
+    except orjson.JSONDecodeError:
+        raise invalid(f"{what} is not JSON") from None
+
+
+def read_file_id(raw: bytes, redact: Redactor) -> str:
+    """The id of an uploaded file (OpenAI's file object)."""
+    file_id = _short(_json_object(raw, "the file object").get("id"), "the file's id", Bounds(redact, None))
+    if not file_id:
+        raise invalid("the file object has no id")
+    return file_id
+
+
+def read_batch(raw: bytes, redact: Redactor) -> BatchState:
+    """A batch object: its id, status, counts, files and errors, each checked and bounded."""
+    return _batch_state(_json_object(raw, "the batch object"), Bounds(redact, None))
+
+
+def read_batch_list(raw: bytes, redact: Redactor) -> list[BatchState]:
+    """A list of batch objects (`GET /batches`); entries that are not batches are passed over."""
+    entries = _json_object(raw, "the batch list").get("data")
+    if not isinstance(entries, list):
+        raise invalid("the batch list has no data list")
+    bounds = Bounds(redact, None)
+    found = []
+    for entry in entries:
+        try:
+            found.append(_batch_state(_object(entry, "a batch"), bounds))
+        except RetryableError:
+            continue
+    return found
+
+
+def _batch_state(data: dict[str, Any], bounds: Bounds) -> BatchState:
+    batch_id, status = (
+        _short(data.get("id"), "the batch's id", bounds),
+        _short(data.get("status"), "status", bounds),
+    )
+    if not batch_id or not status:
+        raise invalid("the batch object has no id or status")
+    counts = data.get("request_counts")
+    counts = counts if isinstance(counts, dict) else {}
+    listed = (data.get("errors") or {}).get("data") if isinstance(data.get("errors"), dict) else None
+    messages = []
+    for error in (listed if isinstance(listed, list) else [])[:BATCH_LINE_ERRORS]:
+        if isinstance(error, dict):
+            fields = error_fields({"error": error}, bounds.redact)
+            line = error.get("line")
+            where = f"line {line}: " if isinstance(line, int) and not isinstance(line, bool) else ""
+            messages.append(where + (fields.message or fields.code or "invalid"))
+    return BatchState(
+        id=batch_id,
+        status=status,
+        completed=_optional_count(counts.get("completed")),
+        failed=_optional_count(counts.get("failed")),
+        output_file_id=_short(data.get("output_file_id"), "output_file_id", bounds),
+        error_file_id=_short(data.get("error_file_id"), "error_file_id", bounds),
+        input_file_id=_short(data.get("input_file_id"), "input_file_id", bounds),
+        errors=tuple(messages),
+    )
+
+
+def _optional_count(value: object) -> int | None:
+    try:
+        return _count(value, "a count")
+    except _BadUsage:
+        return None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BatchLine:
+    """One line of a batch's output or error file: the request it answers (custom_id), and its
+    answer or its failure."""
+
+    custom_id: str
+    answer: ChatResult | None
+    failure: RequestFailed | None
+    status: int | None  # the line's HTTP status; None: no response (expired, cancelled, dropped)
+
+
+def read_batch_line(raw: bytes, bounds: Bounds) -> BatchLine:
+    """A result line, `{custom_id, response: {status_code, body}, error}`: its answer through
+    read_completion, or its failure classified as a chat answer's would be (an answer that would
+    stop an online job, 401 or 404, fails only its line). RetryableError if it names no request."""
+    data = _json_object(raw, "a batch result line")
+    custom_id = _short(data.get("custom_id"), "custom_id", bounds)
+    if not custom_id:
+        raise invalid("a batch result line has no custom_id")
+    response = data.get("response")
+    if not isinstance(response, dict):
+        error = data.get("error")
+        fields = error_fields({"error": error}, bounds.redact) if error else _NO_ERROR
+        message = fields.message or "the batch gave no response for this request"
+        return BatchLine(custom_id, None, RetryableError(fields.code or "batch_error", message), None)
+    status = response.get("status_code")
+    if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status < 600:
+        return BatchLine(custom_id, None, invalid(f"the line's status_code is {_kind(status)}"), None)
+    body = orjson.dumps(response.get("body"))
+    if status != 200:
+        failure = classify_status(status, {}, body, bounds.redact)
+        if isinstance(failure, JobAborted):
+            failure = PermanentError(f"http_{status}", failure.what(), status)
+        return BatchLine(custom_id, None, failure, status)
+    try:
+        return BatchLine(custom_id, read_completion(body, bounds), None, status)
+    except RetryableError as exc:
+        return BatchLine(custom_id, None, exc, status)

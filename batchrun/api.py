@@ -34,7 +34,7 @@ from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar
 
 import polars as pl
 
@@ -59,6 +59,7 @@ from batchrun.tables import Given, ReturnType, beside, checked_return_type, give
 if TYPE_CHECKING:
     import httpx2
 
+    from batchrun.batch import BatchOptions
     from batchrun.distributed import RayOptions
 
 T = TypeVar("T")
@@ -171,6 +172,8 @@ class Job:
         checkpoint: PathLike | None = None,
         dedupe: bool | None = None,
         images: Mapping[str, Any] | None = None,
+        mode: Literal["online", "batch"] | None = None,
+        batches: Mapping[str, Any] | None = None,
         folder: PathLike = ".",
     ) -> Job:
         """A job from job-file keys given as arguments, checked as a job file is; a job key left out (None)
@@ -192,13 +195,15 @@ class Job:
             rate_limit: Your key's limits. Keys: requests_per_minute, tokens_per_minute.
             stall_warning_s: Warn when no row has finished for this long. Default: `300`.
             pricing: Your prices, instead of the model's list price (from the `genai-prices` package). Keys:
-                input_per_million, output_per_million, cached_input_per_million, discount.
+                input_per_million, output_per_million, cached_input_per_million, discount, batch_discount.
             budget: A spending limit. Keys: max_cost_usd.
             checkpoint: Where the checkpoint lives (default: beside `output`, else in a temporary folder).
             dedupe: Send identical requests once. Default: `false`.
             images: How the images of `prompt.images` are read and sent. Files, bytes and object-store images
                 go inline as `data:` URLs (PNG, JPEG, WebP or GIF, told by their bytes). Keys: detail,
                 max_side, fetch, max_mb.
+            mode: `online` sends each row as a chat request. Default: `online`.
+            batches: How batch mode makes its batches and looks after them. Keys: poll_s, max_lines, max_mb.
             folder: What relative paths (input, output, checkpoint) are relative to.
         """
         # [[[end]]]
@@ -256,6 +261,7 @@ class Job:
         rows: frozenset[int] | None = None,
         yes: bool = False,
         ray: RayOptions | bool | str | None = None,
+        batch: BatchOptions | bool = False,
         http_client: httpx2.AsyncClient | None = None,
         workers: int | None = None,
         check_model: bool = True,
@@ -279,6 +285,8 @@ class Job:
             rows: Only these rows (0-based), e.g. a random pilot.
             yes: Send finished rows again when the job changed since its last run (else `JobChanged`).
             ray: Run on Ray: `True` (a local Ray), `"HOST:PORT"`, or `RayOptions`.
+            batch: Send the rows through the provider's Batch API (`--batch`): `True`, or
+                `BatchOptions(wait=False)`.
             http_client: Your own `httpx2.AsyncClient` (for `run`: one not yet used on another event loop).
             workers: With `ray`: worker actors, sharing the job's concurrency.
             check_model: `False` skips the `GET /models` check, as `endpoint.check_model: false`.
@@ -506,6 +514,8 @@ def run(
     checkpoint: PathLike | None = None,
     dedupe: bool | None = None,
     images: Mapping[str, Any] | None = None,
+    mode: Literal["online", "batch"] | None = None,
+    batches: Mapping[str, Any] | None = None,
     folder: PathLike = ".",
     simulate: bool = False,
     simulate_latency_ms: float = 0.0,
@@ -518,6 +528,7 @@ def run(
     rows: frozenset[int] | None = None,
     yes: bool = False,
     ray: RayOptions | bool | str | None = None,
+    batch: BatchOptions | bool = False,
     http_client: httpx2.AsyncClient | None = None,
     workers: int | None = None,
     check_model: bool = True,
@@ -541,13 +552,15 @@ def run(
         rate_limit: Your key's limits. Keys: requests_per_minute, tokens_per_minute.
         stall_warning_s: Warn when no row has finished for this long. Default: `300`.
         pricing: Your prices, instead of the model's list price (from the `genai-prices` package). Keys:
-            input_per_million, output_per_million, cached_input_per_million, discount.
+            input_per_million, output_per_million, cached_input_per_million, discount, batch_discount.
         budget: A spending limit. Keys: max_cost_usd.
         checkpoint: Where the checkpoint lives (default: beside `output`, else in a temporary folder).
         dedupe: Send identical requests once. Default: `false`.
         images: How the images of `prompt.images` are read and sent. Files, bytes and object-store images go
             inline as `data:` URLs (PNG, JPEG, WebP or GIF, told by their bytes). Keys: detail, max_side,
             fetch, max_mb.
+        mode: `online` sends each row as a chat request. Default: `online`.
+        batches: How batch mode makes its batches and looks after them. Keys: poll_s, max_lines, max_mb.
         folder: What relative paths (input, output, checkpoint) are relative to.
         simulate: Send to the built-in simulator instead of the endpoint (`--simulate`).
         simulate_latency_ms: With `simulate`: each answer's delay.
@@ -560,6 +573,8 @@ def run(
         rows: Only these rows (0-based), e.g. a random pilot.
         yes: Send finished rows again when the job changed since its last run (else `JobChanged`).
         ray: Run on Ray: `True` (a local Ray), `"HOST:PORT"`, or `RayOptions`.
+        batch: Send the rows through the provider's Batch API (`--batch`): `True`, or
+            `BatchOptions(wait=False)`.
         http_client: Your own `httpx2.AsyncClient` (for `run`: one not yet used on another event loop).
         workers: With `ray`: worker actors, sharing the job's concurrency.
         check_model: `False` skips the `GET /models` check, as `endpoint.check_model: false`.

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from batchrun import history, migrations
+from batchrun import history, ledger, migrations
 from batchrun.errors import CheckpointError, Remedy
 from batchrun.migrations import ROWS_TABLE, SCHEMA_VERSION
 from batchrun.results import ANSWER_COLUMNS, NAMES, OUTPUT_RESULT_COLUMNS, USAGE_REPORTED, RowResult, RowTally
@@ -268,9 +268,30 @@ class Checkpoint:
             self._db.executemany(history.INSERT_ATTEMPTS, history.attempt_rows(self._run, results))
 
     def begin_run(self, driver: str) -> None:
-        """Record that a run starts (history.py); the attempts recorded from now on are its."""
+        """Record that a run starts (history.py); the attempts recorded from now on are its. A
+        run that does not collect batches is refused while the provider holds live ones: it
+        would send their rows again."""
+        if driver != "batch" and (live := self.live_batches()):
+            rows = sum(s.lines for s in live)
+            raise CheckpointError(
+                f"{len(live)} provider batch(es) of this job ({rows:,} rows) are still live at the "
+                "provider; collect them first, or cancel them",
+                remedy=Remedy("batch", True, "to collect them"),
+            )
         with self._transaction():
             self._run = history.begin_run(self._db, driver)
+
+    def live_batches(self) -> list[ledger.Submission]:
+        """The provider batches still live (submitted, or being submitted when a run stopped)."""
+        return ledger.live_batches(self._db)
+
+    def pending_reasons(self) -> dict[str, int]:
+        """Why rows given back by provider batches are pending, by error kind (ledger.py)."""
+        return ledger.pending_reasons(self._db)
+
+    def ledger(self) -> ledger.Ledger:
+        """The writer's record of provider batches, in this checkpoint's transactions."""
+        return ledger.Ledger(self._db, self._transaction, self._run)
 
     def end_run(self, outcome: str, requests: int, workers: int) -> None:
         with self._transaction():
@@ -279,27 +300,29 @@ class Checkpoint:
     def _transaction(self) -> contextlib.AbstractContextManager[None]:
         return transaction(self._db, self.path)
 
-    def reprice(self, pricing: str, cost: Callable[..., float | None]) -> int:
+    def reprice(self, pricing: str, cost: Callable[..., float | None], *, batch: bool = False) -> int:
         """Recompute answered rows' cost if `pricing` (a description of the rates) changed since
         they were recorded, so one table never mixes two prices; returns the rows repriced.
+        The rows answered in provider batches have rates of their own (`batch`).
 
         `cost` takes prompt, completion, total and cached tokens.
         """
-        found = self._db.execute("SELECT value FROM meta WHERE key = 'pricing'").fetchone()
+        key = "batch_pricing" if batch else "pricing"
+        found = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         if found is not None and found[0] == pricing:
             return 0
         usage = self._db.execute(
             "SELECT rowid, prompt_tokens, completion_tokens, total_tokens, cached_tokens FROM results"
-            " WHERE status = 'ok'"
+            f" WHERE status = 'ok' AND batch_id IS {'NOT ' if batch else ''}NULL"
         )
         repriced = 0
         with self._transaction():
-            for batch in iter(lambda: usage.fetchmany(10_000), []):
+            for chunk in iter(lambda: usage.fetchmany(10_000), []):
                 self._db.executemany(
-                    "UPDATE results SET cost_usd = ? WHERE rowid = ?", ((cost(*u[1:]), u[0]) for u in batch)
+                    "UPDATE results SET cost_usd = ? WHERE rowid = ?", ((cost(*u[1:]), u[0]) for u in chunk)
                 )
-                repriced += len(batch)
-            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('pricing', ?)", (pricing,))
+                repriced += len(chunk)
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, pricing))
         return repriced
 
     def accepted_format(self, base_url: str, fallbacks: Sequence[object]) -> int:

@@ -21,6 +21,7 @@ from batchrun.terminal import printable
 # Commands import what they use when they run, so that `--help` and `--version` need none of
 # polars, aiohttp, pydantic or genai-prices (tests/test_startup.py).
 if TYPE_CHECKING:
+    from batchrun.batch import BatchOptions
     from batchrun.distributed import RayOptions
     from batchrun.estimate import Pilot
     from batchrun.job import JobSpec
@@ -101,6 +102,7 @@ def main() -> None:
     \b
     batchrun jobs/summarize.yaml              run a job (same as `batchrun run ...`)
     batchrun jobs/summarize.yaml --simulate   run it offline against the built-in simulator
+    batchrun jobs/summarize.yaml --batch      through the provider's Batch API, at its lower rate
     batchrun validate jobs/summarize.yaml     check the job and show the first request
     batchrun status jobs/summarize.yaml       rows done / failed / pending so far
     batchrun models --job jobs/summarize.yaml the models the job's endpoint offers
@@ -108,6 +110,7 @@ def main() -> None:
     batchrun cost out/summaries.parquet       rows, tokens and cost per model and status
     batchrun report jobs/summarize.yaml       the run report as a page to look at (HTML)
     batchrun prune jobs/summarize.yaml        drop the answers no row of the job uses
+    batchrun cancel jobs/summarize.yaml       cancel the job's live provider batches
     """
 
 
@@ -155,6 +158,17 @@ def main() -> None:
     type=click.IntRange(min=1),
     help="With --ray: worker actors, sharing the job's concurrency (default: one per CPU of the cluster).",
 )
+@click.option(
+    "--batch",
+    is_flag=True,
+    help="Send the rows through the provider's Batch API (as `mode: batch` does): cheaper, answers "
+    "within 24 h.",
+)
+@click.option(
+    "--no-wait",
+    is_flag=True,
+    help="In batch mode: submit the batches and exit; a later run collects their answers.",
+)
 @friendly_errors
 def run(
     job_file: Path,
@@ -171,6 +185,8 @@ def run(
     no_check_model: bool,
     ray_address: str | None,
     workers: int | None,
+    batch: bool,
+    no_wait: bool,
 ) -> None:
     """Run JOB, resuming from its checkpoint if it was interrupted.
 
@@ -190,6 +206,7 @@ def run(
       batchrun jobs/summarize.yaml --retry-failed     # resend only failed rows
       batchrun jobs/summarize.yaml --max-cost 5       # spend at most $5 on the job
       batchrun jobs/summarize.yaml --ray --workers 2  # on a local Ray, two workers
+      batchrun jobs/summarize.yaml --batch --no-wait  # submit batches; rerun to collect
     """
     ray = ray_options(ray_address, workers)
     from batchrun.runner import RunOptions
@@ -197,6 +214,10 @@ def run(
     spec = load_spec(job_file, no_check_model)
     if simulate_latency_ms is not None and not simulate:
         raise click.UsageError("--simulate-latency-ms goes with --simulate")
+    if no_wait and not (batch or spec.mode == "batch"):
+        raise click.UsageError("--no-wait goes with --batch (or the job's `mode: batch`)")
+    if no_wait and simulate:
+        raise click.UsageError("--no-wait cannot go with --simulate: the simulator ends with this run")
     options = RunOptions(
         simulate=simulate,
         simulate_latency_ms=simulate_latency_ms or 0.0,
@@ -209,6 +230,7 @@ def run(
         max_cost_usd=max_cost,
         yes=yes,
         ray=ray,
+        batch=batch_options(batch, no_wait),
     )
     if ray is not None:
         from batchrun.distributed.cluster import connect
@@ -242,6 +264,15 @@ def ray_options(address: str | None, workers: int | None) -> RayOptions | None:
     from batchrun.distributed import RayOptions
 
     return RayOptions(address or None, workers)
+
+
+def batch_options(batch: bool, no_wait: bool) -> BatchOptions | bool:
+    """--batch and --no-wait; False: as the job's `mode` says."""
+    if not (batch or no_wait):
+        return False
+    from batchrun.batch import BatchOptions
+
+    return BatchOptions(wait=not no_wait)
 
 
 def run_in_process(spec: JobSpec, options: RunOptions) -> RunResult:
@@ -367,8 +398,35 @@ def status(job_file: Path, output: str | None) -> None:
     """Show rows done / failed / pending and tokens so far, from JOB's checkpoint."""
     from batchrun.api import Job
 
-    for line in Job.from_yaml(job_file, output=output).status().figures():
+    status = Job.from_yaml(job_file, output=output).status()
+    for line in status.figures():
         echo(line)
+    if status.live_batches:
+        echo(f"to collect them: batchrun {job_file} --batch; to cancel them: batchrun cancel {job_file}")
+
+
+@main.command(name="cancel")
+@job_argument
+@output_option
+@friendly_errors
+def cancel_command(job_file: Path, output: str | None) -> None:
+    """Cancel JOB's live provider batches; collect what they answered, the rest goes back to pending.
+
+    Waits for the provider to end each batch (Ctrl-C leaves them cancelling: a later run in batch
+    mode collects them), then writes the output as `run` does. Rows answered before the cancel
+    are kept, and paid for; a rerun sends the others again.
+
+    \b
+    Example:
+      batchrun cancel jobs/summarize.yaml
+    """
+    from batchrun.batch import BatchOptions
+    from batchrun.runner import RunOptions
+
+    options = RunOptions(output=output, batch=BatchOptions(cancel=True), yes=True)
+    result = run_in_process(load_spec(job_file, no_check_model=True), options)
+    echo(summary(result, job_file), err=True)
+    sys.exit(result.exit_code)
 
 
 @main.command(name="estimate")
@@ -580,6 +638,20 @@ def models(job_file: Path | None, simulate: bool) -> None:
     help="--rpm over the last 1 s before each request (sliding), or per whole 1 s slice (fixed).",
 )
 @click.option("--seed", default=0, show_default=True, type=int, help="Seeds latencies and 5xx choices.")
+@click.option(
+    "--batch-s",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="How long a batch of the Batch API takes, from its creation to its end.",
+)
+@click.option(
+    "--batch-api",
+    type=click.Choice(["openai", "none"]),
+    default="openai",
+    show_default=True,
+    help="The Batch API offered (/v1/files and /v1/batches); none answers them 404.",
+)
 @friendly_errors
 def simulate(
     host: str,
@@ -590,12 +662,15 @@ def simulate(
     rpm: int | None,
     window: Literal["sliding", "fixed"],
     seed: int,
+    batch_s: float,
+    batch_api: Literal["openai", "none"],
 ) -> None:
     """Serve a simulated OpenAI-compatible endpoint until Ctrl-C.
 
     Deterministic answers (the lead sentences of the last user message, cut to max_tokens),
-    token usage, latency, injected 5xx and 429s with Retry-After. GET /simulator/stats counts
-    answers by status; POST /simulator/reset starts the counts afresh. Point a job at it with
+    token usage, latency, injected 5xx and 429s with Retry-After, and a Batch API (files and
+    batches, OpenAI's shape) whose batches take --batch-s. GET /simulator/stats counts answers by
+    status; POST /simulator/reset starts the counts afresh. Point a job at it with
     `endpoint: {base_url: http://127.0.0.1:8787/v1}`.
     """
     from batchrun.loop import run_async
@@ -608,6 +683,8 @@ def simulate(
         rpm=rpm,
         window=window,
         seed=seed,
+        batch_api=batch_api,
+        batch_s=batch_s,
     )
     ready = functools.partial(click.echo, err=True)
     try:

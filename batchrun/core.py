@@ -15,7 +15,7 @@ import contextlib
 import time
 from collections import Counter
 from collections.abc import AsyncIterable, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 
 import orjson
@@ -76,6 +76,31 @@ class RunStats:
     outcome: Outcome
     error: BatchrunError | None = None  # why the job stopped, when aborted
 
+    @classmethod
+    def of(
+        cls,
+        tally: RowTally,
+        retries: dict[str, int],
+        rate_limited: int,
+        requests: int,
+        outcome: Outcome,
+        error: BatchrunError | None,
+    ) -> RunStats:
+        """A run's figures from its finished rows (`tally`) and what it sent."""
+        return cls(
+            ok=tally.by_status[RowStatus.OK],
+            failed=tally.by_status[RowStatus.FAILED],
+            skipped=tally.by_status[RowStatus.SKIPPED],
+            tokens=tally.known_tokens,
+            rows_without_usage=tally.without_usage,
+            cost_usd=tally.cost_usd,
+            retries=retries,
+            rate_limited=rate_limited,
+            requests=requests,
+            outcome=outcome,
+            error=error,
+        )
+
 
 class Stop:
     """A request to stop a run, made from outside it: a signal handler, another thread, a
@@ -124,7 +149,8 @@ def _set_format(body: dict[str, Any], response_format: dict[str, Any] | None) ->
         body["response_format"] = response_format
 
 
-def _skipped(planned: Planned) -> RowResult:
+def skipped(planned: Planned) -> RowResult:
+    """The record of a row not sent: a prompt column is empty (input.on_null: skip)."""
     reason = f"empty column(s) {', '.join(planned.empty)}; not sent (input.on_null: skip)"
     return RowResult(
         row=planned.row,
@@ -187,6 +213,33 @@ def _row_result(
         occurrence=request.occurrence,
         tries=tuple(request.tries),
     )
+
+
+def answered_row(
+    sent: tuple[int, str, bytes, int],
+    answer: ChatResult | None,
+    error: RequestFailed | None,
+    settings: CoreSettings,
+    tries: Sequence[Attempt],
+    latency_ms: float,
+    batch_id: str | None = None,
+) -> RowResult:
+    """A row's record from one answer got outside the core (a provider batch's line), by the
+    core's rules: output.fields read and checked (an answer without them fails the row, as after
+    the last re-ask), tokens and cost as _row_result counts them. `sent`: the row, its id, request
+    key and occurrence; `tries`: every request sent for it; `batch_id`: the batch that answered."""
+    fields = None
+    if answer is not None and error is None and settings.fields:
+        try:
+            fields = read_fields(settings.fields, answer, settings.tools, settings.output_cap)
+        except InvalidOutput as exc:
+            error = exc
+    request = _Request(*sent, body={}, chars=0, tries=list(tries))
+    answers = [] if answer is None else [answer]
+    result = _row_result(
+        request, answers, len(tries), latency_ms, settings.price, settings.model, fields, error
+    )
+    return replace(result, batch_id=batch_id)
 
 
 def _tool_calls_json(calls: list[dict[str, str]]) -> str:
@@ -407,18 +460,8 @@ class Core:
             if self.budget_stopped
             else "finished"
         )
-        return RunStats(
-            ok=self._tally.by_status[RowStatus.OK],
-            failed=self._tally.by_status[RowStatus.FAILED],
-            skipped=self._tally.by_status[RowStatus.SKIPPED],
-            tokens=self._tally.known_tokens,
-            rows_without_usage=self._tally.without_usage,
-            cost_usd=self._tally.cost_usd,
-            retries=dict(self.retries),
-            rate_limited=self.limiter.rate_limited,
-            requests=self.requests,
-            outcome=outcome,
-            error=self.aborted,
+        return RunStats.of(
+            self._tally, dict(self.retries), self.limiter.rate_limited, self.requests, outcome, self.aborted
         )
 
     async def _produce(self) -> None:
@@ -437,7 +480,7 @@ class Core:
         async for planned in self.planned:
             body = planned.body
             if body is None:
-                self._results.put_nowait(_skipped(planned))
+                self._results.put_nowait(skipped(planned))
                 continue
             request = _Request(
                 planned.row,

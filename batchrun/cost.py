@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from batchrun.job import JobSpec
+from batchrun.job import BATCH_DISCOUNT, JobSpec
 
 if TYPE_CHECKING:  # genai-prices is imported when a price is first looked up: it takes 0.2 s
     from genai_prices.data_snapshot import DataSnapshot
@@ -27,6 +27,7 @@ PER_MILLION = 1_000_000
 # Without params.max_tokens nothing bounds an answer; the budget and the estimate's worst case
 # assume this many output tokens per request, and say so.
 ASSUMED_MAX_OUTPUT_TOKENS = 8192
+BATCH_CONTEXT = {"processing": "batch"}  # genai-prices' price variant of a provider batch
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,12 @@ class Price:
             + cached * rates.cached_input
             + output_tokens * rates.output
         ) / PER_MILLION
+
+    def less(self, fraction: float, why: str = "") -> Price:
+        """These rates less `fraction` of them (0.3: 30% off)."""
+        factor = 1 - fraction
+        tiers = tuple((start, rates.scaled(factor)) for start, rates in self.tiers)
+        return Price(tiers, f"{self.source} less {fraction:.0%}{why}")
 
     def describe(self) -> str:
         """The base rates and where they come from, in one line."""
@@ -146,21 +153,38 @@ def job_price(spec: JobSpec) -> Price | None:
     listed = list_price(spec.model)
     if listed is None or pricing is None or not pricing.discount:
         return listed
-    factor = 1 - pricing.discount
-    return Price(
-        tuple((start, rates.scaled(factor)) for start, rates in listed.tiers),
-        f"{listed.source} less {pricing.discount:.0%}",
-    )
+    return listed.less(pricing.discount)
+
+
+def batch_price(spec: JobSpec) -> Price | None:
+    """What a request sent in a provider batch costs: the bundled table's batch rate for the
+    model where it has one (less the job's discount), else the job's price less
+    pricing.batch_discount (the job's own rates are taken as its online rates)."""
+    pricing = spec.pricing
+    own_rates = pricing is not None and pricing.input_per_million is not None
+    listed = None if own_rates else list_price(spec.model, batch=True)
+    if listed is not None:
+        return listed.less(pricing.discount) if pricing is not None and pricing.discount else listed
+    price = job_price(spec)
+    discount = pricing.batch_discount if pricing is not None else BATCH_DISCOUNT
+    return None if price is None else price.less(discount, " (batch)")
 
 
 @functools.cache
-def list_price(model: str) -> Price | None:
-    """The list price in force today for `model`, from the bundled table; None if unlisted."""
+def list_price(model: str, batch: bool = False) -> Price | None:
+    """The list price in force today for `model`, from the bundled table; None if unlisted.
+    `batch`: its rate in a provider batch, None where the table has no such rate."""
     try:
         _, info = _bundled_table().find_provider_model(model, None, None, None)
     except LookupError:
         return None
-    prices = info.get_prices(datetime.now(UTC))
+    now = datetime.now(UTC)
+    if batch and not any(
+        variant.when == BATCH_CONTEXT and (variant.constraint is None or variant.constraint.active(now))
+        for variant in info.price_variants or ()
+    ):
+        return None
+    prices = info.get_prices(now, BATCH_CONTEXT if batch else None)
     inputs, outputs = prices.input_mtok, prices.output_mtok
     if inputs is None or outputs is None:  # not priced per token (images, audio...)
         return None
@@ -171,7 +195,8 @@ def list_price(model: str) -> Price | None:
     tiers = tuple(
         (start, Rates(_at(inputs, start), _at(cached, start), _at(outputs, start))) for start in (0, *starts)
     )
-    return Price(tiers, f"list price, genai-prices {version('genai-prices')}")
+    kind = "list batch price" if batch else "list price"
+    return Price(tiers, f"{kind}, genai-prices {version('genai-prices')}")
 
 
 def _at(price: Decimal | TieredPrices, start: int) -> float:

@@ -30,6 +30,8 @@ from batchrun.results import RowResult
 if TYPE_CHECKING:
     import httpx2
 
+    from batchrun.checkpoint import Checkpoint
+
 
 @dataclass(frozen=True)
 class Execution:
@@ -51,6 +53,7 @@ class Execution:
     format_step: int  # the response_format the endpoint last took (Checkpoint.accepted_format)
     accept_format: Callable[[dict[str, Any] | None], None]
     http_client: httpx2.AsyncClient | None = None
+    checkpoint: Checkpoint | None = None  # for an executor that keeps its own record (batch mode)
 
 
 class Executor(Protocol):

@@ -57,6 +57,7 @@ KNOWN_PARAMS = (
 # Keys batchrun sets itself; a job may not override them through params.
 RESERVED_PARAMS = {"model": "model", "messages": "prompt"}  # and the job key that sets each
 
+BATCH_DISCOUNT = 0.5  # what a provider batch takes off, where the price table has no batch rate
 PYTHON_JOB = Path("<python>")  # the job_path of a job built in Python, which has no file
 TableFormat = Literal["csv", "parquet", "jsonl"]
 TABLE_SUFFIXES: dict[str, TableFormat] = {
@@ -263,21 +264,32 @@ class RateLimitSpec(_Strict):
 
 
 class PricingSpec(_Strict):
-    """The job's own rates (USD per million tokens), or a discount off the list price."""
+    """The job's own rates (USD per million tokens), or a discount off the list price; and what
+    a provider batch takes off where the price table has no batch rate."""
 
     input_per_million: float | None = Field(default=None, ge=0)
     output_per_million: float | None = Field(default=None, ge=0)
     cached_input_per_million: float | None = Field(default=None, ge=0)  # default: the input rate
     discount: float | None = Field(default=None, ge=0, lt=1)  # 0.3: 30% below list
+    batch_discount: float = Field(default=BATCH_DISCOUNT, ge=0, lt=1)  # batch mode: 0.5, half price
 
     @model_validator(mode="after")
     def _rates_or_discount(self) -> PricingSpec:
         rates = (self.input_per_million, self.output_per_million, self.cached_input_per_million)
         if self.discount is not None and any(r is not None for r in rates):
             raise ValueError("give either rates or a discount off the list price, not both")
-        if self.discount is None and (self.input_per_million is None or self.output_per_million is None):
+        only_batch = self.model_fields_set == {"batch_discount"}
+        if self.discount is None and not only_batch and None in rates[:2]:
             raise ValueError("give input_per_million and output_per_million, or a discount")
         return self
+
+
+class BatchSpec(_Strict):
+    """Batch mode (mode: batch): how batches are made and looked after."""
+
+    poll_s: float = Field(default=60.0, gt=0)  # the longest wait between looks at live batches
+    max_lines: int = Field(default=50_000, ge=1)  # lines per batch file (OpenAI's limit)
+    max_mb: float = Field(default=200.0, gt=0)  # a batch file's size (OpenAI's limit)
 
 
 class BudgetSpec(_Strict):
@@ -302,6 +314,8 @@ class JobSpec(_Strict):
     checkpoint: Path | None = None  # default: beside a local output; for a URL output, see plan.py
     dedupe: bool = False  # identical requests sent once; every row with one gets its answer
     images: ImagesSpec | None = None  # how prompt.images are read and sent
+    mode: Literal["online", "batch"] = "online"  # batch: through the provider's Batch API
+    batches: BatchSpec = BatchSpec()  # how batch mode makes and watches its batches
     job_path: Path = Path("job.yaml")  # set by load_job, not read from the file
     # Set by the Python API for a table in memory (its relative image paths are the caller's);
     # None: relative image paths are read from the folder that holds the input.
@@ -470,7 +484,9 @@ class _Problem(NamedTuple):
 
 def _job_error(exc: ValidationError, text: str, path: Path) -> JobError:
     """Turn pydantic's first complaint into one line a person can act on."""
-    problems = [_problem(err) for err in exc.errors()]
+    errors = exc.errors()
+    missing = {_walk(err["loc"])[0] for err in errors if err["type"] == "missing"}
+    problems = [_problem(err, missing) for err in errors]
     # A misspelt required key is also reported missing: count it once, as the typo, and
     # report unknown keys first since they usually explain what else went wrong.
     meant = {p.meant for p in problems if p.meant}
@@ -495,7 +511,9 @@ def _inside(inner: tuple[Key, ...], outer: tuple[Key, ...]) -> bool:
     return len(inner) > len(outer) and inner[: len(outer)] == outer
 
 
-def _problem(err: ErrorDetails) -> _Problem:
+def _problem(err: ErrorDetails, missing: set[tuple[Key, ...]]) -> _Problem:
+    """One complaint in words; an unknown key is matched first with a required key that is
+    `missing` (`modle` means the missing `model`, not `mode`)."""
     loc = err["loc"]
     if err["type"] in ("extra_forbidden", "invalid_key"):
         scope, model = _walk(loc[:-1])
@@ -505,7 +523,8 @@ def _problem(err: ErrorDetails) -> _Problem:
         if err["type"] == "invalid_key":
             return _Problem(keys, f"key {key!r}{where} is not a string", err["type"])
         allowed = [k for k in model.model_fields if k not in HIDDEN_KEYS] if model else []
-        close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+        close = difflib.get_close_matches(str(key), allowed, n=3, cutoff=0.6)
+        close = [c for c in close if (*scope, c) in missing] or close
         hint = f"; did you mean '{close[0]}'?" if close else f"; expected one of: {', '.join(allowed)}"
         meant = (*scope, close[0]) if close else None
         return _Problem(keys, f"unknown key '{key}'{where}{hint}", err["type"], meant)

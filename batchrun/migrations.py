@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
-from batchrun import history
+from batchrun import history, ledger
 from batchrun.results import RESULT_KEY, STORED
 
 # Fills `rows` with the input's rows keyed as the job the checkpoint records made them, or raises
@@ -87,6 +87,11 @@ def _results_by_row(db: sqlite3.Connection, _: KeyRows) -> None:
     db.execute("CREATE INDEX results_by_row ON results (row, request_key, occurrence)")
 
 
+def _provider_batches(db: sqlite3.Connection, _: KeyRows) -> None:
+    """The record of provider batches: each submission and its rows (batch/ledger.py)."""
+    ledger.create_tables(db)
+
+
 def added_column(name: str) -> Migration:
     """The step that adds the result column `name`, as results.RowResult declares it."""
 
@@ -102,6 +107,8 @@ MIGRATIONS = (
     Migration("runs_and_attempts", _runs_and_attempts),
     Migration("results_by_row", _results_by_row),
     added_column("system_fingerprint"),
+    Migration("provider_batches", _provider_batches),
+    added_column("batch_id"),
 )
 SCHEMA_VERSION = len(MIGRATIONS)  # PRAGMA user_version of a checkpoint with every step applied
 

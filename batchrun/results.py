@@ -111,6 +111,7 @@ class RowResult:
     model: Annotated[str | None, _text("the model as the server reports it; the job's when none did")] = None
     response_id: Annotated[OptionalStr, _text("the server's id of the answer")] = None
     system_fingerprint: Annotated[str | None, _text("the server's build that answered, when it says")] = None
+    batch_id: Annotated[OptionalStr, _text("the provider batch that answered it; null: sent online")] = None
     tries: tuple[Attempt, ...] = ()  # every request sent for the row, for the `attempts` table (not a column)
 
     @property

@@ -19,9 +19,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from batchrun.batch import BatchOptions
 from batchrun.checkpoint import Checkpoint, Fingerprint, Mode, open_checkpoint, without_input_hash
 from batchrun.core import RunStats, Stop
-from batchrun.cost import ASSUMED_MAX_OUTPUT_TOKENS, Price, job_price, output_tokens_cap, request_cost
+from batchrun.cost import (
+    ASSUMED_MAX_OUTPUT_TOKENS,
+    Price,
+    batch_price,
+    job_price,
+    output_tokens_cap,
+    request_cost,
+)
 from batchrun.distributed import RayOptions
 from batchrun.errors import CheckpointError, JobChanged, JobError
 from batchrun.estimate import estimate_job
@@ -71,6 +79,9 @@ class RunOptions:
     checkpoint: Path | None = None  # where the checkpoint lives; default: beside the output
     yes: bool = False  # send finished rows again when the job changed (else JobChanged)
     ray: RayOptions | None = None  # run on Ray (batchrun/distributed/): where, how many workers
+    # Through the provider's Batch API (batchrun/batch/); True: BatchOptions(). The job's
+    # `mode: batch` does the same.
+    batch: BatchOptions | bool = False
     # The caller's own client (auth, proxies, mTLS, a MockTransport), used on the run's loop.
     http_client: httpx2.AsyncClient | None = None
 
@@ -126,7 +137,7 @@ async def preflight(spec: JobSpec, options: RunOptions) -> Checked:
     corrected base_url would have to --fresh; the endpoint check runs in a thread (its own event
     loop: this coroutine may be on a notebook's). Not for --simulate, which serves the job's model."""
     job = await asyncio.to_thread(prepare, spec, options.output, checkpoint=options.checkpoint)
-    kind = options.ray or LOCAL
+    kind = executor_kind(spec, options)
     kind.check(options.http_client)
     price = job_price(spec)
     max_cost = options.max_cost_usd or (spec.budget.max_cost_usd if spec.budget else None)
@@ -148,6 +159,17 @@ async def preflight(spec: JobSpec, options: RunOptions) -> Checked:
     if not (options.fresh or options.yes or options.retry_failed):
         await asyncio.to_thread(refuse_resend, job, fingerprint, options)
     return Checked(job, kind, price, max_cost, fingerprint, model_note)
+
+
+def executor_kind(spec: JobSpec, options: RunOptions) -> ExecutorKind:
+    """How the rows are sent: on Ray, through the Batch API (`batch`, or the job's `mode: batch`),
+    or from this process."""
+    batch = options.batch
+    if batch is True or (batch is False and spec.mode == "batch"):
+        batch = BatchOptions()
+    if batch and options.ray is not None:
+        raise JobError("batch mode sends the rows as provider batches: it does not run on Ray")
+    return options.ray or batch or LOCAL
 
 
 @dataclass
@@ -190,6 +212,7 @@ class Opened:
             format_step=self.checkpoint.accepted_format(url, checked.job.format_fallbacks),
             accept_format=functools.partial(self.checkpoint.accept_format, url),
             http_client=options.http_client,
+            checkpoint=self.checkpoint,
         )
 
     def close(self) -> None:
@@ -219,8 +242,10 @@ async def open_run(checked: Checked, options: RunOptions) -> Opened:
     try:
         checkpoint = opened.checkpoint
         checkpoint.begin_run(checked.kind.name)
-        price = checked.price
+        price, at_batch_rate = checked.price, batch_price(spec)
         opened.repriced = checkpoint.reprice(repr(price), functools.partial(request_cost, price))
+        batch_cost = functools.partial(request_cost, at_batch_rate)
+        opened.repriced += checkpoint.reprice(repr(at_batch_rate), batch_cost, batch=True)
         opened.in_scope = min(options.limit or job.source.row_count, job.source.row_count)
         counted = opened.counted = _in_background(checkpoint.done_before(opened.in_scope, spec.dedupe))
         needed = checked.max_cost_usd is not None or options.rows is not None or checked.kind.needs_counts

@@ -9,6 +9,7 @@ from pathlib import Path
 from batchrun.checkpoint import Fingerprint
 from batchrun.cost import job_price
 from batchrun.display import Shown, cost_line, errors_lines, tokens_line
+from batchrun.ledger import Submission
 from batchrun.plan import SIMULATED_ENDPOINT, PreparedJob, read_checkpoint
 
 
@@ -30,6 +31,8 @@ class Status(Shown):
     top_errors: list[tuple[str, int]] = field(default_factory=list)  # commonest messages of failed rows
     started: bool = False  # False: no checkpoint yet
     checkpoint_path: Path | None = None
+    live_batches: list[Submission] = field(default_factory=list)  # provider batches still live
+    pending_reasons: dict[str, int] = field(default_factory=dict)  # rows batches gave back, by kind
 
     @property
     def pending(self) -> int:
@@ -42,10 +45,18 @@ class Status(Shown):
         failures = ", ".join(f"{k}: {n}" for k, n in self.failures_by_kind.items())
         lines = [f"ok: {self.ok}", f"failed: {self.failed}" + (f" ({failures})" if failures else "")]
         lines += errors_lines(self.top_errors, self.failed)
-        lines += [f"skipped: {self.skipped}", f"pending: {self.pending}", f"of: {self.total}"]
+        reasons = ", ".join(f"{kind}: {n}" for kind, n in self.pending_reasons.items())
+        pending = f"pending: {self.pending}" + (f" (back from batches: {reasons})" if reasons else "")
+        lines += [f"skipped: {self.skipped}", pending, f"of: {self.total}"]
         lines.append(tokens_line(self.prompt_tokens, self.completion_tokens, self.rows_without_usage))
         if self.spent_usd is not None:
             lines.append(cost_line(self.spent_usd, self.prompt_tokens is None, self.rows_without_usage))
+        for batch in self.live_batches:
+            counts = f", {batch.done or 0:,} of {batch.lines:,} rows done" + (
+                f", {batch.failed:,} failed" if batch.failed else ""
+            )
+            name = batch.batch_id or "(being submitted)"
+            lines.append(f"batch {name}: {batch.status or batch.state}{counts} (as last seen)")
         return lines
 
     def title(self) -> str:
@@ -79,6 +90,8 @@ def job_status(job: PreparedJob) -> Status:
             top_errors=checkpoint.top_errors(),
             started=True,
             checkpoint_path=job.checkpoint_path,
+            live_batches=checkpoint.live_batches(),
+            pending_reasons=checkpoint.pending_reasons(),
         )
     finally:
         checkpoint.close()

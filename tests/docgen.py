@@ -11,6 +11,7 @@ A key in the schema without a line in `MEANING`, or a line for a key the schema 
 
 from __future__ import annotations
 
+import json
 import types
 import typing
 from collections.abc import Iterator
@@ -94,6 +95,8 @@ MEANING = {
     "pricing.output_per_million": "USD per million completion tokens (reasoning included).",
     "pricing.cached_input_per_million": "USD per million cached prompt tokens; default: the input rate.",
     "pricing.discount": "A fraction off every list rate (`0.3`: 30% off); instead of the rates.",
+    "pricing.batch_discount": "In batch mode, the fraction off where the price table has no batch "
+    "rate for the model (and off the job's own rates).",
     "budget": "A spending limit.",
     "budget.max_cost_usd": "The whole job's spending at most, earlier runs included (exit 3 when reached).",
     "checkpoint": "Where the checkpoint lives; default: `OUTPUT.checkpoint.sqlite` beside a local "
@@ -108,6 +111,13 @@ MEANING = {
     "images.fetch": "Download `http(s)://` images and send them inline, instead of their URL.",
     "images.max_mb": "An image larger than this, as sent (after `max_side`), fails its row unsent; "
     "a URL sent as it is is not measured.",
+    "mode": "`online` sends each row as a chat request; `batch` sends the rows through the provider's "
+    "Batch API, as `--batch` does (see [batch mode](batch-mode.md)).",
+    "batches": "How batch mode makes its batches and looks after them.",
+    "batches.poll_s": "The longest wait between looks at the live batches (the first look comes after 1 s, "
+    "then the wait doubles).",
+    "batches.max_lines": "Rows per batch at most; more rows make more batches.",
+    "batches.max_mb": "A batch file's size at most, in MB.",
 }
 
 HIDDEN = {"job_path", "image_folder"}  # set by batchrun, refused in a job file
@@ -307,8 +317,13 @@ OPTION_MEANING = {
     "yes": "Send finished rows again when the job changed since its last run (else `JobChanged`).",
     "ray": 'Run on Ray: `True` (a local Ray), `"HOST:PORT"`, or `RayOptions`.',
     "http_client": "Your own `httpx2.AsyncClient` (for `run`: one not yet used on another event loop).",
+    "batch": "Send the rows through the provider's Batch API (`--batch`): `True`, or "
+    "`BatchOptions(wait=False)`.",
 }
-OPTION_TYPES = {"ray": "RayOptions | bool | str | None"}  # wider than RunOptions': api.py makes one
+OPTION_TYPES = {
+    "ray": "RayOptions | bool | str | None",
+    "batch": "BatchOptions | bool",
+}  # wider than RunOptions': api.py makes one
 # Job keys that the Python API takes in more forms than a job file, and what they mean there.
 KEY_FORMS = {
     "output": (
@@ -353,6 +368,8 @@ def _python_type(annotation: Any) -> str:
     annotation, _ = _unwrap(annotation)
     if _model(annotation) is not None:
         return "Mapping[str, Any] | None"
+    if typing.get_origin(annotation) is Literal:
+        return f"Literal[{', '.join(json.dumps(a) for a in typing.get_args(annotation))}] | None"
     names = {str: "str", int: "int", float: "float", bool: "bool"}
     return f"{names[annotation]} | None"
 

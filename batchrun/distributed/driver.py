@@ -26,7 +26,7 @@ from batchrun.errors import BatchrunError
 from batchrun.events import Events
 from batchrun.executors import Execution
 from batchrun.plan import IndexedPlan, KeyedPlan, Planned, PreparedJob
-from batchrun.results import RowResult, RowStatus, RowTally
+from batchrun.results import RowResult, RowTally
 
 if TYPE_CHECKING:
     from batchrun.distributed import RayOptions
@@ -188,18 +188,13 @@ async def _collect(run: ClusterRun, inbox: asyncio.Queue[tuple[int, str, Any]], 
         outcome = "interrupted"
     if error is not None:
         outcome = "aborted"
-    return RunStats(
-        ok=tally.by_status[RowStatus.OK],
-        failed=tally.by_status[RowStatus.FAILED],
-        skipped=tally.by_status[RowStatus.SKIPPED],
-        tokens=tally.known_tokens,
-        rows_without_usage=tally.without_usage,
-        cost_usd=tally.cost_usd,
-        retries=dict(retries),
-        rate_limited=totals["rate_limited"],
-        requests=totals["requests"],
-        outcome=outcome,  # type: ignore[arg-type]
-        error=error,
+    return RunStats.of(
+        tally,
+        dict(retries),
+        totals["rate_limited"],
+        totals["requests"],
+        outcome,  # type: ignore[arg-type]
+        error,
     )
 
 

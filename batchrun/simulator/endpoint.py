@@ -15,6 +15,9 @@ last user message, so a test can aim one fault at one input row:
   call does not fit the requested schema;
 * ``[[sleep:MS]]`` - wait MS milliseconds before answering.
 
+The Batch API (files and batches, OpenAI's shape) answers each line as this endpoint answers its
+body; see simulator/batches.py for its timing and its own markers.
+
 Usage markers shape the reported token counts, for cost tests:
 
 * ``[[cached:N]]`` - report N of the prompt tokens as cached (``prompt_tokens_details``);
@@ -31,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import itertools
@@ -45,6 +49,8 @@ from typing import Any, Literal
 
 import orjson
 
+from batchrun.simulator.batches import PATHS as BATCH_PATHS
+from batchrun.simulator.batches import OpenAIBatches
 from batchrun.simulator.httpserver import HttpServer, Outcome, Request, Response
 
 TOKEN_RE = re.compile(r"\w+|[^\w\s]")
@@ -81,6 +87,9 @@ class SimulatorConfig:
     # The rpm window's clock: tests whose subject is the window inject one they move by hand.
     clock: Callable[[], float] = time.monotonic
     keep_bodies: bool = False  # keep each chat request's body in stats.bodies, for tests
+    batch_api: Literal["openai", "none"] = "openai"  # the Batch API it offers (none: 404s)
+    batch_s: float = 0.0  # how long a batch takes from its creation to its end
+    batch_delay_ms: float = 0.0  # each Batch API answer's delay (done at once, answered after it)
 
     @property
     def offered(self) -> tuple[str, ...]:
@@ -99,6 +108,9 @@ class SimulatorStats:
     first_arrival_at: float | None = None  # arrivals is in order of answer, not of arrival
     bodies: list[bytes] = field(default_factory=list)  # with SimulatorConfig.keep_bodies, in arrival order
     last_answer_at: float = 0.0
+    batch_requests: int = 0  # to the Batch API (files and batches)
+    uploads: int = 0  # files uploaded
+    batch_lines: int = 0  # batch lines answered (each also counted in ok_by_user_message when ok)
 
     def summary(self) -> dict[str, Any]:
         """The counts as JSON (GET /simulator/stats), for a client in another process."""
@@ -332,6 +344,9 @@ class _Simulator:
             "/simulator/stats": ("GET", self.stats_summary),
             "/simulator/reset": ("POST", self.reset_stats),
         }
+        self._batches = None
+        if config.batch_api == "openai":
+            self._batches = OpenAIBatches(config.batch_s, self.reply, self._error, stats)
 
     def _error(
         self,
@@ -392,6 +407,10 @@ class _Simulator:
     def handle(self, request: Request) -> Outcome | Coroutine[Any, Any, Outcome]:
         """Route a request: an answer now, or a coroutine for one that waits (latency, [[sleep]])."""
         route = self._routes.get(request.path)
+        if route is None and self._batches is not None and request.path.startswith(BATCH_PATHS):
+            answer = self._unauthorized(request) or self._batches.handle(request)
+            delay_s = self.config.batch_delay_ms / 1000
+            return _answer_after(delay_s, answer) if delay_s else answer
         if route is None:
             return self._error(404, f"Unknown request URL: {request.method} {request.path}.")
         method, handler = route
@@ -460,16 +479,23 @@ class _Simulator:
             message = f"Rate limit reached: {self.config.rpm} requests per minute."
             return self._error(429, message, code="rate_limit_exceeded", headers=headers)
 
-        fault, times, sleep_ms = None, None, 0
-        has_markers = "[[" in chat.last_user  # most rows have none: skip the regexes
-        for m in _MARKER_RE.finditer(chat.last_user) if has_markers else ():
-            if m[3] is not None:
-                sleep_ms += int(m[3])
-            elif fault is None:
-                fault, times = m[1], m[2]
+        has_markers, fault, sleep_ms = _markers(chat.last_user)
         delay_s = next(self._latencies) + sleep_ms / 1000
-        answer = functools.partial(self._answer, request.body, chat, has_markers, (fault, times), headers)
+        answer = functools.partial(self._answer, request.body, chat, has_markers, fault, headers)
         return _Later(delay_s, answer) if delay_s > 0 else answer()
+
+    def reply(self, body: bytes) -> Outcome:
+        """The answer to `body` now, as `chat` gives it, with no key check, latency, rate limit or
+        stream: a batch line's (simulator/batches.py)."""
+        try:
+            chat = dataclasses.replace(_parse(body), stream=False)
+        except _BadRequest as exc:
+            return self._error(400, str(exc), param=exc.param)
+        if chat.model not in self._offered:
+            message = f"The model `{chat.model}` does not exist or you do not have access to it."
+            return self._error(404, message, param="model", code="model_not_found")
+        has_markers, fault, _ = _markers(chat.last_user)
+        return self._answer(body, chat, has_markers, fault, {})
 
     def _answer(
         self,
@@ -539,6 +565,24 @@ class _Simulator:
         if fault == "badjson":
             answer = answer[: len(answer) // 2]
         return Response(200, answer, headers)
+
+
+async def _answer_after(delay_s: float, answer: Outcome) -> Outcome:
+    await asyncio.sleep(delay_s)
+    return answer
+
+
+def _markers(last_user: str) -> tuple[bool, tuple[str | None, str | None], int]:
+    """Whether the message has markers, the first fault it asks for (and how many times), and
+    the milliseconds its sleeps add up to."""
+    fault, times, sleep_ms = None, None, 0
+    has_markers = "[[" in last_user  # most rows have none: skip the regexes
+    for m in _MARKER_RE.finditer(last_user) if has_markers else ():
+        if m[3] is not None:
+            sleep_ms += int(m[3])
+        elif fault is None:
+            fault, times = m[1], m[2]
+    return has_markers, (fault, times), sleep_ms
 
 
 def _stream(

@@ -1,0 +1,466 @@
+"""Provider batch mode: the simulator's Batch API (checked with the openai SDK, whose models are
+OpenAI's shapes), and jobs run through it end to end against the simulator on loopback."""
+
+from __future__ import annotations
+
+import io
+import json
+import signal
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from openai import BadRequestError, NotFoundError, OpenAI
+
+from batchrun.cost import batch_price, job_price
+from batchrun.job import JobSpec, job_from_mapping, load_job
+from batchrun.plan import prepare
+from batchrun.simulator import RunningSimulator, SimulatorConfig, serve_in_thread
+from tests.conftest import TEST_KEY, article_rows, checkpoint_path, invoke, read_output, write_job
+from tests.test_faults import StderrLines, child
+
+
+def chat_line(custom_id: str, user: str, model: str = "grok-4.3") -> dict[str, Any]:
+    body = {"model": model, "messages": [{"role": "user", "content": user}], "max_tokens": 40}
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body}
+
+
+def jsonl(lines: list[dict[str, Any]]) -> io.BytesIO:
+    return io.BytesIO("".join(json.dumps(line) + "\n" for line in lines).encode())
+
+
+@pytest.fixture
+def batch_sim() -> Iterator[RunningSimulator]:
+    with serve_in_thread(SimulatorConfig(api_key=TEST_KEY)) as sim:
+        yield sim
+
+
+@pytest.fixture
+def sdk(batch_sim: RunningSimulator) -> Iterator[OpenAI]:
+    with OpenAI(base_url=batch_sim.base_url, api_key=TEST_KEY, max_retries=0) as client:
+        yield client
+
+
+def until(sdk: OpenAI, batch_id: str, *statuses: str) -> Any:
+    """Poll a batch until its status is one of `statuses` (the simulator's time is short)."""
+    deadline = time.monotonic() + 10
+    while (batch := sdk.batches.retrieve(batch_id)).status not in statuses:
+        assert time.monotonic() < deadline, f"batch stayed {batch.status}"
+    return batch
+
+
+def submit(sdk: OpenAI, lines: list[dict[str, Any]]) -> Any:
+    uploaded = sdk.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
+    return sdk.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+
+
+def result_lines(sdk: OpenAI, file_id: str | None) -> dict[str, dict[str, Any]]:
+    if file_id is None:
+        return {}
+    text = sdk.files.content(file_id).text
+    return {line["custom_id"]: line for line in map(json.loads, text.splitlines())}
+
+
+def test_simulator_batch_answers_each_line_as_the_chat_endpoint_does(
+    sdk: OpenAI, batch_sim: RunningSimulator
+) -> None:
+    lines = [
+        chat_line("a", "First sentence. Second one. Third."),
+        chat_line("b", "Fails once. [[fail:500x1]]"),
+        chat_line("c", "Bad request. [[fail:400]]"),
+    ]
+    created = submit(sdk, lines)
+    assert created.status == "validating"
+    done = until(sdk, created.id, "completed")
+
+    assert done.request_counts is not None
+    assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (3, 1, 2)
+    output, errors = result_lines(sdk, done.output_file_id), result_lines(sdk, done.error_file_id)
+    online = sdk.chat.completions.create(**lines[0]["body"])
+    answer = output["a"]["response"]
+    assert answer["status_code"] == 200
+    assert answer["body"]["choices"][0]["message"]["content"] == online.choices[0].message.content
+    assert answer["body"]["usage"]["prompt_tokens"] == online.usage.prompt_tokens
+    assert {k: v["response"]["status_code"] for k, v in errors.items()} == {"b": 500, "c": 400}
+    assert errors["c"]["response"]["body"]["error"]["message"] == "Simulated HTTP 400 error."
+    assert batch_sim.stats.batch_lines == 3 and batch_sim.stats.uploads == 1
+
+    again = until(sdk, submit(sdk, [lines[1]]).id, "completed")  # [[fail:500x1]] is spent
+    assert result_lines(sdk, again.output_file_id)["b"]["response"]["status_code"] == 200
+    for file_id in (done.input_file_id, done.output_file_id):
+        assert file_id is not None and sdk.files.delete(file_id).deleted
+    with pytest.raises(NotFoundError):
+        sdk.files.content(done.input_file_id)
+
+
+def test_simulator_batch_takes_its_time_and_passes_through_every_status() -> None:
+    with (
+        serve_in_thread(SimulatorConfig(batch_s=0.3)) as sim,
+        OpenAI(base_url=sim.base_url, api_key="k") as sdk,
+    ):
+        created = submit(sdk, [chat_line(str(i), f"Row {i}.") for i in range(30)])
+        seen = [created.status]
+        while seen[-1] != "completed":
+            batch = sdk.batches.retrieve(created.id)
+            assert batch.request_counts is not None
+            if batch.status != seen[-1]:
+                seen.append(batch.status)
+            assert batch.request_counts.completed <= 30
+        assert seen == ["validating", "in_progress", "finalizing", "completed"]
+        assert [b.id for b in sdk.batches.list().data] == [created.id]
+
+
+def test_simulator_batch_cancel_keeps_what_was_answered() -> None:
+    with (
+        serve_in_thread(SimulatorConfig(batch_s=60)) as sim,
+        OpenAI(base_url=sim.base_url, api_key="k") as slow,
+    ):
+        created = submit(slow, [chat_line(str(i), f"Row {i}.") for i in range(5)])
+        assert slow.batches.cancel(created.id).status == "cancelling"
+        cancelled = until(slow, created.id, "cancelled")
+        assert cancelled.output_file_id is None and cancelled.request_counts is not None
+        assert cancelled.request_counts.completed == 0
+        with pytest.raises(Exception, match="409"):
+            slow.batches.cancel(created.id)
+
+
+def test_simulator_batch_expiry_and_validation_failure(sdk: OpenAI) -> None:
+    expiring = [chat_line("a", "Answered."), chat_line("b", "Too late. [[batch:expirex1]]")]
+    expired = until(sdk, submit(sdk, expiring).id, "expired")
+    errors = result_lines(sdk, expired.error_file_id)
+    assert errors["b"]["error"]["code"] == "batch_expired" and errors["b"]["response"] is None
+    assert set(result_lines(sdk, expired.output_file_id)) == {"a"}
+    assert until(sdk, submit(sdk, expiring[1:]).id, "completed", "expired").status == "completed"
+
+    mixed = [chat_line("a", "One."), chat_line("b", "Two.", model="grok-3"), chat_line("a", "Dup.")]
+    failed = until(sdk, submit(sdk, mixed).id, "failed")
+    assert failed.errors is not None and failed.errors.data is not None
+    assert [(e.code, e.line) for e in failed.errors.data] == [
+        ("invalid_custom_id", 3),
+        ("mismatched_model", None),
+    ]
+    with pytest.raises(BadRequestError, match="completion_window"):
+        window: Any = "1h"
+        sdk.batches.create(
+            input_file_id=failed.input_file_id, endpoint="/v1/chat/completions", completion_window=window
+        )
+
+
+def test_simulator_without_a_batch_api_answers_404() -> None:
+    with (
+        serve_in_thread(SimulatorConfig(batch_api="none")) as sim,
+        OpenAI(base_url=sim.base_url, api_key="k") as sdk,
+        pytest.raises(NotFoundError),
+    ):
+        sdk.batches.list()
+
+
+# Jobs in batch mode, end to end.
+
+
+def batch_job(tmp_path: Path, sim: RunningSimulator, rows: list[dict[str, Any]], **overrides: Any) -> Path:
+    """A job over `rows` against `sim`, looking at its batches every 20 ms."""
+    return write_job(tmp_path, rows, sim.base_url, **{"batches": {"poll_s": 0.02}, **overrides})
+
+
+def first_request(job: Path) -> dict[str, Any]:
+    return prepare(load_job(job), write=False).first_request()
+
+
+def sql(job: Path, query: str) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(checkpoint_path(job)) as db:
+        return db.execute(query).fetchall()
+
+
+def test_batch_submits_waits_and_collects_every_row(tmp_path: Path, batch_sim: RunningSimulator) -> None:
+    rows = article_rows(12)
+    job = batch_job(tmp_path, batch_sim, rows)
+
+    result = invoke(str(job), "--batch")
+
+    assert result.exit_code == 0, result.output
+    assert "submitted batch batch_sim" in result.output
+    out = read_output(job).sort("id")
+    assert out["status"].to_list() == ["ok"] * 12
+    assert out["content"][0] == "Story 0 Lead sentence of story 0. A second sentence follows."
+    assert batch_sim.stats.requests == 0  # no chat request: every row went in the batch
+    assert batch_sim.stats.batch_lines == 12 and batch_sim.stats.uploads == 1
+    assert sql(job, "SELECT state, lines FROM batches") == [("collected", 12)]
+    assert sql(job, "SELECT driver, outcome FROM runs") == [("batch", "finished")]
+    assert invoke(str(job), "--batch").output.count("submitted") == 0  # nothing left to do
+
+
+def test_no_wait_leaves_the_batch_running_and_a_rerun_reattaches_and_collects(tmp_path: Path) -> None:
+    rows = article_rows(10)
+    with serve_in_thread(SimulatorConfig(api_key=TEST_KEY, batch_s=0.2)) as sim:
+        job = batch_job(tmp_path, sim, rows)
+
+        submitted = invoke(str(job), "--batch", "--no-wait")
+        assert submitted.exit_code == 1, submitted.output
+        assert "1 batch(es) of 10 rows still at the provider" in submitted.output
+        assert read_output(job)["status"].to_list() == ["pending"] * 10
+        status = invoke("status", str(job)).output
+        assert "batch batch_sim00000001: validating, 0 of 10 rows done (as last seen)" in status
+        assert f"to collect them: batchrun {job} --batch" in status
+
+        online = invoke(str(job))
+        assert online.exit_code == 2
+        assert online.output == (
+            "Error: 1 provider batch(es) of this job (10 rows) are still live at the provider; collect "
+            "them first, or cancel them; pass --batch to collect them\n"
+        )
+
+        collected = invoke(str(job), "--batch")
+        assert collected.exit_code == 0, collected.output
+        assert "reattached to 1 batch(es) of 10 rows submitted earlier" in collected.output
+        assert read_output(job)["status"].to_list() == ["ok"] * 10
+        assert sim.stats.uploads == 1 and sim.stats.batch_lines == 10 and sim.stats.requests == 0
+        assert "batch " not in invoke("status", str(job)).output
+
+
+def test_one_checkpoint_serves_online_and_batch_rows(tmp_path: Path, batch_sim: RunningSimulator) -> None:
+    rows = article_rows(12)
+    job = batch_job(tmp_path, batch_sim, rows)
+
+    assert invoke(str(job), "--limit", "5").exit_code == 0  # rows 0-4 online
+    assert batch_sim.stats.requests == 5
+    assert invoke(str(job), "--batch").exit_code == 0  # the other 7 in a batch
+    assert batch_sim.stats.batch_lines == 7
+    online_again = invoke(str(job))  # every row done, however it was answered
+    assert online_again.exit_code == 0 and batch_sim.stats.requests == 5
+
+    out = read_output(job).sort("id")
+    assert out["status"].to_list() == ["ok"] * 12
+    by_mode = sql(job, "SELECT b.state, COUNT(*) FROM batch_rows r JOIN batches b USING (submission)")
+    assert by_mode == [("collected", 7)]
+    # An answer is the same whichever way its request went.
+    assert out["content"][5] == "Story 5 Lead sentence of story 5. A second sentence follows."
+    assert out["prompt_tokens"][0] == out["prompt_tokens"][5]
+
+
+def test_failed_and_expired_lines_go_back_to_pending_and_are_resubmitted_alone(
+    tmp_path: Path, batch_sim: RunningSimulator
+) -> None:
+    rows = article_rows(8)
+    rows[1]["text"] += " [[fail:500x1]]"
+    rows[2]["text"] += " [[fail:400]]"
+    rows[3]["text"] += " [[batch:expirex1]]"
+    rows[4]["text"] += " [[fail:resetx1]]"
+    job = batch_job(tmp_path, batch_sim, rows)
+
+    first = invoke(str(job), "--batch")
+    assert first.exit_code == 1, first.output
+    assert "rows back to pending (batch_expired: 1, http_500: 1, server_error: 1)" in first.output
+    out = read_output(job).sort("id")
+    assert out["status"].to_list() == ["ok", "pending", "failed", "pending", "pending", "ok", "ok", "ok"]
+    assert out["error_kind"][2] == "http_400"
+    status = invoke("status", str(job)).output
+    assert "pending: 3 (back from batches: batch_expired: 1, http_500: 1, server_error: 1)" in status
+
+    second = invoke(str(job), "--batch")
+    assert second.exit_code == 1  # the 400 stays failed
+    assert batch_sim.stats.uploads == 2 and batch_sim.stats.batch_lines == 7 + 3
+    assert sql(job, "SELECT lines FROM batches ORDER BY submission") == [(8,), (3,)]
+    out = read_output(job).sort("id")
+    assert out["status"].to_list() == ["ok", "ok", "failed", "ok", "ok", "ok", "ok", "ok"]
+    assert out["attempts"].to_list() == [1, 2, 1, 1, 2, 1, 1, 1]  # an expiry is not the row's attempt
+
+
+def test_cancel_puts_unanswered_rows_back_to_pending(tmp_path: Path) -> None:
+    with serve_in_thread(SimulatorConfig(api_key=TEST_KEY, batch_s=600)) as sim:
+        job = batch_job(tmp_path, sim, article_rows(6))
+        assert invoke(str(job), "--batch", "--no-wait").exit_code == 1
+
+        cancelled = invoke("cancel", str(job))
+
+        assert cancelled.exit_code == 1, cancelled.output
+        assert "cancelling 1 batch(es)" in cancelled.output
+        said = "batch batch_sim00000001 cancelled: 6 rows back to pending (batch_cancelled: 6)"
+        assert said in cancelled.output
+        assert read_output(job)["status"].to_list() == ["pending"] * 6
+        assert sql(job, "SELECT state, status FROM batches") == [("collected", "cancelled")]
+        assert "no live batches to cancel" in invoke("cancel", str(job)).output
+        assert invoke(str(job)).exit_code == 0  # online again: nothing is live
+        assert sim.stats.requests == 6
+
+
+def test_an_endpoint_without_a_batch_api_stops_before_anything_is_sent(tmp_path: Path) -> None:
+    with serve_in_thread(SimulatorConfig(api_key=TEST_KEY, batch_api="none")) as sim:
+        job = batch_job(tmp_path, sim, article_rows(3))
+
+        result = invoke(str(job), "--batch")
+
+        assert result.exit_code == 2
+        assert result.output == (
+            f"Error: {sim.base_url} has no Batch API (GET /batches answered 404); nothing was sent: run "
+            "the job without batch mode\n"
+        )
+        assert sim.stats.requests == 0 and sim.stats.uploads == 0
+        assert not (job.parent / "out" / "result.parquet").exists()
+
+
+def test_ctrl_c_while_waiting_leaves_the_batch_running_and_says_how_to_collect(tmp_path: Path) -> None:
+    with serve_in_thread(SimulatorConfig(api_key=TEST_KEY, batch_s=600)) as sim:
+        job = batch_job(tmp_path, sim, article_rows(4))
+        with child(str(job), "--batch") as proc:
+            stderr = StderrLines(proc)
+            stderr.wait_for("submitted batch batch_sim00000001: 4 rows")
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=30) == 130
+            said = stderr.rest()
+        assert "1 batch(es) of 4 rows still at the provider: run the job again in batch mode" in said
+        assert f"interrupted: rerun `batchrun {job}` to resume" in said
+        assert sql(job, "SELECT state, batch_id FROM batches") == [("submitted", "batch_sim00000001")]
+        assert sim.stats.uploads == 1
+
+
+def batch_states(job: Path) -> list[tuple[Any, ...]]:
+    try:
+        return sql(job, "SELECT state, status FROM batches")
+    except sqlite3.OperationalError:  # no checkpoint, or no table yet
+        return []
+
+
+@pytest.mark.parametrize(
+    ("step", "seen"),
+    [
+        ("upload", ("uploading", None)),
+        ("create", ("uploaded", None)),
+        ("wait", ("submitted", "validating")),
+        ("collect", ("submitted", "completed")),
+    ],
+)
+def test_kill_9_at_each_remote_step_then_a_rerun_collects_from_one_batch(
+    tmp_path: Path, step: str, seen: tuple[str, str | None]
+) -> None:
+    """Each Batch API answer comes 0.4 s after the simulator acted on it: the process is killed
+    while it waits for one, its step recorded as begun and not as done."""
+    config = SimulatorConfig(api_key=TEST_KEY, batch_delay_ms=400, batch_s=0.5 if step == "wait" else 0)
+    with serve_in_thread(config) as sim, OpenAI(base_url=sim.base_url, api_key=TEST_KEY) as sdk:
+        job = batch_job(tmp_path, sim, article_rows(6))
+        with child(str(job), "--batch") as proc:
+            deadline = time.monotonic() + 30
+            # an upload is killed once the simulator has the file, before the answer says its id
+            while batch_states(job) != [seen] or (step == "upload" and not sim.stats.uploads):
+                assert time.monotonic() < deadline and proc.poll() is None, batch_states(job)
+            proc.kill()
+            assert proc.wait(timeout=10) == -9
+
+        rerun = invoke(str(job), "--batch")
+
+        assert rerun.exit_code == 0, rerun.output
+        assert read_output(job)["status"].to_list() == ["ok"] * 6
+        assert len(sdk.batches.list().data) == 1  # the rerun never made a second batch
+        assert sim.stats.uploads == (2 if step == "upload" else 1)  # a file uploaded unrecorded, then again
+        assert sim.stats.batch_lines == 6
+
+
+def test_a_batch_that_fails_validation_is_reported_with_the_providers_messages(
+    tmp_path: Path, batch_sim: RunningSimulator
+) -> None:
+    rows = article_rows(3)
+    rows[2]["text"] += " [[batch:invalid]]"
+    job = batch_job(tmp_path, batch_sim, rows)
+
+    result = invoke(str(job), "--batch")
+
+    assert result.exit_code == 1
+    assert (
+        "warning: batch batch_sim00000001 failed: line 3: Simulated validation failure ([[batch:invalid]]).; "
+        "its 3 rows are pending" in result.output
+    )
+    assert read_output(job)["status"].to_list() == ["pending"] * 3
+    assert sql(job, "SELECT DISTINCT error_kind FROM batch_rows") == [("batch_failed",)]
+
+
+def test_batch_rows_cost_the_batch_rate_and_keep_it_when_prices_change(
+    tmp_path: Path, batch_sim: RunningSimulator
+) -> None:
+    rows = [{**row, "text": "Same length text. Twice."} for row in article_rows(8)]
+    rows = [{**row, "title": "Story"} for row in rows]  # every request of the same size
+    job = batch_job(tmp_path, batch_sim, rows, pricing={"input_per_million": 1.0, "output_per_million": 2.0})
+    assert invoke(str(job), "--limit", "4").exit_code == 0
+    assert invoke(str(job), "--batch").exit_code == 0
+
+    out = read_output(job).sort("id")
+    online, batch = out["cost_usd"][0], out["cost_usd"][7]
+    assert batch == pytest.approx(online * 0.5)  # pricing.batch_discount's default
+    assert out["batch_id"].to_list() == [None] * 4 + ["batch_sim00000001"] * 4
+
+    edited = yaml.safe_load(job.read_text())
+    edited["pricing"] = {"input_per_million": 3.0, "output_per_million": 6.0, "batch_discount": 0.2}
+    job.write_text(yaml.safe_dump(edited))
+    repriced = invoke(str(job))
+    assert "repriced 8 rows" in repriced.output
+    out = read_output(job).sort("id")
+    assert out["cost_usd"][0] == pytest.approx(online * 3)
+    assert out["cost_usd"][7] == pytest.approx(online * 3 * 0.8)
+
+
+def test_the_batch_rate_is_the_price_tables_where_it_has_one() -> None:
+    def spec(model: str, **pricing: Any) -> JobSpec:
+        keys: dict[str, Any] = {"input": {"path": "in.csv"}, "output": {"path": "out.csv"}, "model": model}
+        return job_from_mapping(
+            {**keys, "prompt": {"user": "{x}"}, **({"pricing": pricing} if pricing else {})}, Path()
+        )
+
+    listed = batch_price(spec("grok-4.3"))
+    assert listed is not None and listed.source.startswith("list batch price, genai-prices")
+    online = job_price(spec("grok-4.3"))
+    assert online is not None and listed.tiers[0][1].input < online.tiers[0][1].input
+    discounted = batch_price(spec("grok-4.3", discount=0.3))
+    assert discounted is not None and discounted.tiers[0][1].input == pytest.approx(
+        listed.tiers[0][1].input * 0.7
+    )
+
+    unlisted = batch_price(spec("grok-3", batch_discount=0.4))  # no batch rate in the table
+    grok3 = job_price(spec("grok-3"))
+    assert unlisted is not None and grok3 is not None
+    assert unlisted.tiers[0][1].output == pytest.approx(grok3.tiers[0][1].output * 0.6)
+    assert unlisted.source.endswith("less 40% (batch)")
+
+
+def test_the_budget_reserves_each_batch_at_its_worst_and_stops_submitting_at_the_cap(
+    tmp_path: Path, batch_sim: RunningSimulator
+) -> None:
+    rows = article_rows(10)
+    job = batch_job(tmp_path, batch_sim, rows, pricing={"input_per_million": 1.0, "output_per_million": 2.0})
+    body_bytes = len(json.dumps(first_request(job), separators=(",", ":")))
+    worst = (body_bytes * 1.0 + 40 * 2.0) / 1e6 * 0.5  # a line's ceiling at the batch rate
+    cap = worst * 3.5  # room for three lines' worst cases
+
+    stopped = invoke(str(job), "--batch", "--max-cost", f"{cap:.8f}")
+
+    assert stopped.exit_code == 3, stopped.output
+    assert "submitting no more" in stopped.output
+    assert sql(job, "SELECT lines FROM batches") == [(3,)]
+    out = read_output(job)
+    assert out["status"].value_counts().sort("status").rows() == [("ok", 3), ("pending", 7)]
+    assert out["cost_usd"].sum() <= cap  # paid: well under the worst cases reserved
+    resumed = invoke(str(job), "--batch", "--max-cost", "1")
+    assert resumed.exit_code == 0 and batch_sim.stats.batch_lines == 10
+
+
+def test_rows_are_split_into_batches_by_lines_and_by_bytes(
+    tmp_path: Path, batch_sim: RunningSimulator
+) -> None:
+    rows = article_rows(10)
+    rows[9]["text"] += " Long." * 400  # alone past a 2 kB file
+    by_lines = batch_job(tmp_path, batch_sim, rows, batches={"poll_s": 0.02, "max_lines": 4, "max_mb": 0.002})
+
+    result = invoke(str(by_lines), "--batch")
+
+    assert result.exit_code == 1, result.output
+    sizes = sql(by_lines, "SELECT lines, bytes FROM batches ORDER BY submission")
+    assert [lines for lines, _ in sizes] == [4, 4, 1]  # the 9th row: its 2 kB file was full
+    assert all(size <= 2000 for _, size in sizes)
+    out = read_output(by_lines).sort("id")
+    assert out["status"].to_list() == ["ok"] * 9 + ["failed"]
+    assert out["error_kind"][9] == "request_too_large"
+    assert batch_sim.stats.uploads == 3
