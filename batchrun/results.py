@@ -47,9 +47,6 @@ def _column(sql: str, meaning: str, in_output: bool = True) -> Column:
 
 
 _blob, _int, _real, _text = (functools.partial(_column, sql) for sql in ("BLOB", _INT, _REAL, _TEXT))
-OptionalStr: typing.TypeAlias = str | None
-OptionalInt: typing.TypeAlias = int | None
-OptionalFloat: typing.TypeAlias = float | None
 
 
 # A row with any of these got an answer, and so was billed (ok, or failed on an answer).
@@ -90,28 +87,26 @@ class RowResult:
     occurrence: Annotated[int, _int("identical requests before this one in the input", False)] = 0
     row: Annotated[int, _int("0-based position in the input of the row that was sent", False)]
     id: Annotated[str, _text("the row's id as sent; the output takes `id` from the input", False)]
-    fields: Annotated[str | None, _text("JSON of the output.fields; typed columns in the output", False)] = (
-        None
-    )
-    content: Annotated[OptionalStr, _text("the answer's text (of the last answer kept)")] = None
+    fields: Annotated[str | None, _text("JSON of output.fields; typed columns in the output", False)] = None
+    content: Annotated[str | None, _text("the answer's text (of the last answer kept)")] = None
     tool_calls: Annotated[str | None, _text("JSON list of {id, name, arguments} the answer called")] = None
     finish_reason: Annotated[str | None, _text("why the answer ended: stop, length, tool_calls ...")] = None
     prompt_tokens: Annotated[int | None, _int("prompt tokens billed, over every answer of the row")] = None
-    completion_tokens: Annotated[OptionalInt, _int("completion tokens billed, over every answer")] = None
-    total_tokens: Annotated[OptionalInt, _int("total tokens billed, over every answer")] = None
-    cached_tokens: Annotated[OptionalInt, _int("prompt tokens billed at the cached-input rate")] = None
-    reasoning_tokens: Annotated[OptionalInt, _int("completion tokens spent on reasoning")] = None
-    cost_usd: Annotated[OptionalFloat, _real("what the row's answers cost; null without a price")] = None
+    completion_tokens: Annotated[int | None, _int("completion tokens billed, over every answer")] = None
+    total_tokens: Annotated[int | None, _int("total tokens billed, over every answer")] = None
+    cached_tokens: Annotated[int | None, _int("prompt tokens billed at the cached-input rate")] = None
+    reasoning_tokens: Annotated[int | None, _int("completion tokens spent on reasoning")] = None
+    cost_usd: Annotated[float | None, _real("what the row's answers cost; null without a price")] = None
     status: Annotated[str, _text("ok, failed or skipped; pending in the output: none yet")]
     error_kind: Annotated[str | None, _text("why a row failed, as a code: http_400, timeout ...")] = None
-    error: Annotated[OptionalStr, _text("why a row failed or was skipped, in words")] = None
+    error: Annotated[str | None, _text("why a row failed or was skipped, in words")] = None
     attempts: Annotated[int, _int("requests sent for the row")] = 0
-    latency_ms: Annotated[OptionalFloat, _real("time the last attempt took")] = None
-    ttft_ms: Annotated[OptionalFloat, _real("time to the first token (streamed requests only)")] = None
+    latency_ms: Annotated[float | None, _real("time the last attempt took")] = None
+    ttft_ms: Annotated[float | None, _real("time to the first token (streamed requests only)")] = None
     model: Annotated[str | None, _text("the model as the server reports it; the job's when none did")] = None
-    response_id: Annotated[OptionalStr, _text("the server's id of the answer")] = None
+    response_id: Annotated[str | None, _text("the server's id of the answer")] = None
     system_fingerprint: Annotated[str | None, _text("the server's build that answered, when it says")] = None
-    batch_id: Annotated[OptionalStr, _text("the provider batch that answered it; null: sent online")] = None
+    batch_id: Annotated[str | None, _text("the provider batch that answered it; null: sent online")] = None
     tries: tuple[Attempt, ...] = ()  # every request sent for the row, for the `attempts` table (not a column)
 
     @property
