@@ -127,6 +127,27 @@ def test_paths_relative_to_the_input_and_absolute_go_inline_with_their_type(
     assert len(got["Describe absolute."]) == 2
 
 
+def test_batch_mode_sends_the_images_inline_and_fails_the_rows_whose_images_cannot_be(
+    tmp_path: Path, sim: RunningSimulator
+) -> None:
+    photos = tmp_path / "data" / "photos"
+    photos.mkdir(parents=True)
+    (photos / "ok.png").write_bytes(image())
+    rows = [
+        {"id": 1, "title": "fine", "photo": "photos/ok.png"},
+        {"id": 2, "title": "gone", "photo": "photos/x.png"},
+    ]
+    job = job_file(tmp_path, rows, sim.base_url, batches={"poll_s": 0.02})
+
+    run_ok(job, "--batch", exit_code=1)
+
+    out = output(job)
+    assert out["status"].to_list() == ["ok", "failed"]
+    assert out["error"][1] == "input_error: photos/x.png: no such file"
+    assert out["batch_id"][0] is not None and out["batch_id"][1] is None  # only the first went in a batch
+    assert received(sim)["Describe fine."][1]["image_url"]["url"] == data_url(image(), "image/png")
+
+
 def test_an_http_url_is_sent_as_it_is_and_a_list_makes_parts_in_order(
     tmp_path: Path, sim: RunningSimulator
 ) -> None:

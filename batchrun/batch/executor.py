@@ -32,8 +32,9 @@ from batchrun.batch.openai import LINE_URL, OpenAIBatchApi
 from batchrun.budget import BudgetGuard
 from batchrun.core import CoreSettings, Outcome, RunStats, answered_row, skipped
 from batchrun.cost import ASSUMED_MAX_OUTPUT_TOKENS, batch_price, output_tokens_cap, prompt_tokens_ceiling
-from batchrun.errors import BatchrunError, PermanentError, RequestFailed, RetryableError
+from batchrun.errors import BatchrunError, PermanentError, RequestFailed, RetryableError, RowInputError
 from batchrun.executors import Execution, api_key
+from batchrun.images import ImageSender
 from batchrun.ledger import NOT_RUN, Returned, SentRow, custom_id
 from batchrun.plan import SIMULATED_KEY, Planned
 from batchrun.results import Attempt, RowResult, RowTally
@@ -42,6 +43,7 @@ from batchrun.retry import Sleep
 if TYPE_CHECKING:
     from batchrun.batch import BatchOptions
 
+INLINE_THREADS = 8  # images read and encoded at once while lines are written
 FIRST_POLL_S = 1.0  # the first wait between looks; it doubles up to batches.poll_s
 STOP_CHECK_S = 0.1  # how soon a wait notices a stop request
 CHUNK_ROWS = 512  # rows of the plan looked up in the ledger at a time
@@ -113,6 +115,8 @@ class BatchExecutor:
             self._budget = BudgetGuard(execution.max_cost_usd, execution.spent_usd, reserved)
         self._live: dict[int, _Live] = {}
         self._tally = RowTally()
+        images = job.prompts.images  # read and inlined as each line is written, as online when sent
+        self._inline = ImageSender(images, INLINE_THREADS) if images else None
         self._sent = 0  # lines submitted by this run
         self._budget_stopped = False
         self._phase = "starting"
@@ -242,6 +246,12 @@ class BatchExecutor:
             if (planned.request_key, planned.occurrence) in live:
                 continue  # in a batch still at the provider
             body = self._line_body(planned)
+            if self._inline is not None:
+                try:
+                    body = await self._inline(body)
+                except RowInputError as exc:  # the row fails unsent, as online
+                    self._record([self._unsent(planned, exc)])
+                    continue
             line = (
                 orjson.dumps(
                     {
@@ -294,6 +304,10 @@ class BatchExecutor:
             f"the request is {size / 1e6:.1f} MB, more than a batch file takes "
             f"(batches.max_mb: {self._batch.max_mb:g})",
         )
+        return self._unsent(planned, error)
+
+    def _unsent(self, planned: Planned, error: RequestFailed) -> RowResult:
+        """The record of a row that failed before it could go into a file."""
         return answered_row(
             (planned.row, planned.id, planned.request_key, planned.occurrence),
             None,

@@ -86,7 +86,7 @@ class SimulatorConfig:
     extra_models: tuple[str, ...] = ()
     # The rpm window's clock: tests whose subject is the window inject one they move by hand.
     clock: Callable[[], float] = time.monotonic
-    keep_bodies: bool = False  # keep each chat request's body in stats.bodies, for tests
+    keep_bodies: bool = False  # keep each chat request's (and batch line's) body in stats.bodies, for tests
     batch_api: Literal["openai", "none"] = "openai"  # the Batch API it offers (none: 404s)
     batch_s: float = 0.0  # how long a batch takes from its creation to its end
     batch_delay_ms: float = 0.0  # each Batch API answer's delay (done at once, answered after it)
@@ -487,6 +487,8 @@ class _Simulator:
     def reply(self, body: bytes) -> Outcome:
         """The answer to `body` now, as `chat` gives it, with no key check, latency, rate limit or
         stream: a batch line's (simulator/batches.py)."""
+        if self.config.keep_bodies:
+            self.stats.bodies.append(body)
         try:
             chat = dataclasses.replace(_parse(body), stream=False)
         except _BadRequest as exc:
