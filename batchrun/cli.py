@@ -647,10 +647,11 @@ def models(job_file: Path | None, simulate: bool) -> None:
 )
 @click.option(
     "--batch-api",
-    type=click.Choice(["openai", "none"]),
+    type=click.Choice(["openai", "xai", "none"]),
     default="openai",
     show_default=True,
-    help="The Batch API offered (/v1/files and /v1/batches); none answers them 404.",
+    help="The Batch API offered: OpenAI's (/v1/files and /v1/batches), xAI's (/v1/batches added to "
+    "in parts); none answers them 404.",
 )
 @friendly_errors
 def simulate(
@@ -663,13 +664,13 @@ def simulate(
     window: Literal["sliding", "fixed"],
     seed: int,
     batch_s: float,
-    batch_api: Literal["openai", "none"],
+    batch_api: Literal["openai", "xai", "none"],
 ) -> None:
     """Serve a simulated OpenAI-compatible endpoint until Ctrl-C.
 
     Deterministic answers (the lead sentences of the last user message, cut to max_tokens),
     token usage, latency, injected 5xx and 429s with Retry-After, and a Batch API (files and
-    batches, OpenAI's shape) whose batches take --batch-s. GET /simulator/stats counts answers by
+    batches in OpenAI's shape, or xAI's) whose batches take --batch-s. GET /simulator/stats counts answers by
     status; POST /simulator/reset starts the counts afresh. Point a job at it with
     `endpoint: {base_url: http://127.0.0.1:8787/v1}`.
     """
