@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import polars as pl
 import pytest
 import yaml
 from openai import BadRequestError, NotFoundError, OpenAI
@@ -686,3 +687,32 @@ def test_a_batch_api_other_than_the_jobs_stops_before_anything_is_sent(
             f"shape; nothing was sent: set endpoint.batch_api to {offered} or auto\n"
         )
         assert sim.stats.batch_requests == 1 and sim.stats.requests == 0
+
+
+def test_the_report_shows_online_and_batch_rows_side_by_side(tmp_path: Path) -> None:
+    with serve_in_thread(SimulatorConfig(api_key=TEST_KEY, batch_s=0.3)) as sim:
+        job = batch_job(tmp_path, sim, article_rows(12))
+        assert invoke(str(job), "--limit", "5").exit_code == 0  # rows 0-4 online
+        assert invoke(str(job), "--batch").exit_code == 0  # the other 7 in a batch of 0.3 s
+
+    report = json.loads((job.parent / "out" / "result.parquet.report.json").read_text())
+    online, batch = report["by_mode"]["online"], report["by_mode"]["batch"]
+    assert (online["ok"], online["failed"], batch["ok"], batch["failed"]) == (5, 0, 7, 0)
+    out = read_output(job)
+    assert online["cost_usd"] == pytest.approx(
+        out.filter(pl.col("batch_id").is_null())["cost_usd"].sum(), abs=1e-6
+    )
+    assert batch["cost_usd"] == pytest.approx(
+        out.filter(pl.col("batch_id").is_not_null())["cost_usd"].sum(), abs=1e-6
+    )
+    assert batch["submit_to_answer_s"]["p50"] >= 0.3  # from the submission to the collection
+    # the job's latency is the online rows' alone: no batch's turnaround in it
+    assert report["latency_ms"] == online["latency_ms"]
+    assert report["latency_ms"]["p99"] < 300
+
+    assert invoke("report", str(job)).exit_code == 0
+    html = (job.parent / "out" / "result.parquet.report.html").read_text()
+    shown = dict(re.findall(r'<td id="([\w-]+)"[^>]*>([^<]*)</td>', html))
+    assert (shown["online-ok"], shown["batch-ok"], shown["batch-failed"]) == ("5", "7", "0")
+    assert shown["batch-p50"] == f"{batch['submit_to_answer_s']['p50']:,.1f} s"
+    assert "Of each row sent online" in html
