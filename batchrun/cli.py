@@ -279,7 +279,8 @@ def run_in_process(spec: JobSpec, options: RunOptions) -> RunResult:
     """Run a job as this process's one task: progress on stderr, and the process's signals.
 
     The first SIGINT or SIGTERM stops sending and lets in-flight rows finish within the grace
-    period (the output is written, exit 130); a second exits at once (the checkpoint is consistent).
+    period (the output is written, exit 130), or in batch mode leaves the batches running at the
+    provider; a second exits at once (the checkpoint is consistent).
     """
     import asyncio
     import signal
@@ -301,10 +302,17 @@ def run_in_process(spec: JobSpec, options: RunOptions) -> RunResult:
                 flush=True,
             )
             os._exit(ExitCode.INTERRUPTED)
-        progress.say(
-            f"batchrun: {sig.name} received: finishing in-flight requests "
-            f"(up to {options.grace_s:g} s; press Ctrl-C again to stop at once)"
-        )
+        if options.batch or spec.mode == "batch":  # nothing is in flight: the batches run on their own
+            progress.say(
+                f"batchrun: {sig.name} received: submitting no more batches; those submitted keep "
+                "running at the provider, and a rerun in batch mode collects them (press Ctrl-C "
+                "again to stop at once)"
+            )
+        else:
+            progress.say(
+                f"batchrun: {sig.name} received: finishing in-flight requests "
+                f"(up to {options.grace_s:g} s; press Ctrl-C again to stop at once)"
+            )
         stop.request()
 
     async def main(base_url: str | None) -> RunResult:

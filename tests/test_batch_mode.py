@@ -357,6 +357,11 @@ def test_ctrl_c_while_waiting_leaves_the_batch_running_and_says_how_to_collect(t
             proc.send_signal(signal.SIGINT)
             assert proc.wait(timeout=30) == 130
             said = stderr.rest()
+        assert (
+            "batchrun: SIGINT received: submitting no more batches; those submitted keep running at the "
+            "provider, and a rerun in batch mode collects them (press Ctrl-C again to stop at once)" in said
+        )
+        assert "in-flight" not in said
         assert "1 batch(es) of 4 rows still at the provider: run the job again in batch mode" in said
         assert f"interrupted: rerun `batchrun {job}` to resume" in said
         assert sql(job, "SELECT state, batch_id FROM batches") == [("submitted", "batch_sim00000001")]
