@@ -348,8 +348,8 @@ def test_checkpoint_write_failure_stops_the_job(tmp_path: Path) -> None:
     rows = article_rows(2000)
     # Tests run as root, so chmod cannot make the checkpoint unwritable; a file size limit can:
     # the WAL passes 288 KiB after the input's index (~150 KiB for 2000 rows, #13), the schema's
-    # migration steps (each a transaction of its own) and a few dozen rows. Three runs, since the stray traceback this
-    # catches comes from garbage collection and does not show every time.
+    # migration steps (each a transaction of its own) and a few dozen rows. Three runs, since the
+    # stray traceback this catches comes from garbage collection and does not show every time.
     for run in range(3):
         output = tmp_path / f"run{run}" / "result.parquet"
         with (
