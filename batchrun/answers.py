@@ -15,7 +15,9 @@ answer can lower spending or lift a budget.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
 import email.utils
 import math
 import re
@@ -545,6 +547,8 @@ class BatchState:
     error_file_id: str | None
     input_file_id: str | None
     errors: tuple[str, ...] = ()  # why it failed validation: the provider's messages
+    total: int | None = None  # the requests in it
+    name: str | None = None  # xAI's batches have one
 
     @property
     def ended(self) -> bool:
@@ -612,6 +616,7 @@ def _batch_state(data: dict[str, Any], bounds: Bounds) -> BatchState:
         error_file_id=_short(data.get("error_file_id"), "error_file_id", bounds),
         input_file_id=_short(data.get("input_file_id"), "input_file_id", bounds),
         errors=tuple(messages),
+        total=_optional_count(counts.get("total")),
     )
 
 
@@ -652,11 +657,179 @@ def read_batch_line(raw: bytes, bounds: Bounds) -> BatchLine:
         return BatchLine(custom_id, None, invalid(f"the line's status_code is {_kind(status)}"), None)
     body = orjson.dumps(response.get("body"))
     if status != 200:
-        failure = classify_status(status, {}, body, bounds.redact)
-        if isinstance(failure, JobAborted):
-            failure = PermanentError(f"http_{status}", failure.what(), status)
-        return BatchLine(custom_id, None, failure, status)
+        return BatchLine(custom_id, None, _line_failure(status, body, bounds), status)
     try:
         return BatchLine(custom_id, read_completion(body, bounds), None, status)
     except RetryableError as exc:
         return BatchLine(custom_id, None, exc, status)
+
+
+def read_file_list(raw: bytes, redact: Redactor) -> dict[str, str]:
+    """A list of files (`GET /files`): their ids by file name; entries without both are passed over."""
+    entries = _json_object(raw, "the file list").get("data")
+    if not isinstance(entries, list):
+        raise invalid("the file list has no data list")
+    bounds = Bounds(redact, None)
+    found: dict[str, str] = {}
+    for entry in entries:
+        if isinstance(entry, dict):
+            file_id = _short(entry.get("id"), "a file's id", bounds)
+            name = _short(entry.get("filename"), "a file's name", bounds)
+            if file_id and name:
+                found[name] = file_id
+    return found
+
+
+def read_batch_api(raw: bytes) -> str | None:
+    """Which Batch API answered `GET /batches`: `openai` (a `data` list), `xai` (a `batches` list)."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    if isinstance(data.get("data"), list):
+        return "openai"
+    return "xai" if isinstance(data.get("batches"), list) else None
+
+
+# xAI's batch results carry gRPC status codes; each as the HTTP status that says the same.
+GRPC_STATUS = {1: 499, 2: 500, 3: 400, 4: 504, 5: 404, 6: 409, 7: 403, 8: 429, 9: 400, 10: 409, 11: 400,
+               12: 501, 13: 500, 14: 503, 15: 500, 16: 401}  # fmt: skip
+
+
+def read_xai_batch(raw: bytes, redact: Redactor, now: float) -> BatchState:
+    """xAI's batch object (`batch_id`, `state` counts, `expire_time`, `cancel_time`,
+    `cancel_by_xai_message`), its status in OpenAI's words, which xAI does not give: `failed` if
+    xAI cancelled it (its message), `validating` while it holds no request, `cancelling` /
+    `cancelled` once cancelled, `expired` past its expiry with requests pending, else
+    `in_progress` until none is pending, then `completed`."""
+    return _xai_state(_json_object(raw, "the batch object"), Bounds(redact, None), now)
+
+
+def read_xai_batch_list(raw: bytes, redact: Redactor, now: float) -> tuple[list[BatchState], str | None]:
+    """A page of xAI's batch list (`batches`, `pagination_token`); entries not batches passed over."""
+    data = _json_object(raw, "the batch list")
+    entries = data.get("batches")
+    if not isinstance(entries, list):
+        raise invalid("the batch list has no batches list")
+    bounds = Bounds(redact, None)
+    found = []
+    for entry in entries:
+        with contextlib.suppress(RetryableError):
+            found.append(_xai_state(_object(entry, "a batch"), bounds, now))
+    return found, _short(data.get("pagination_token"), "pagination_token", bounds) or None
+
+
+def _xai_state(data: dict[str, Any], bounds: Bounds, now: float) -> BatchState:
+    batch_id = _short(data.get("batch_id"), "the batch's id", bounds)
+    if not batch_id:
+        raise invalid("the batch object has no batch_id")
+    state = data.get("state")
+    counts = {
+        name: _optional_count(state.get(f"num_{name}")) or 0 if isinstance(state, dict) else 0
+        for name in ("requests", "pending", "success", "error", "cancelled")
+    }
+    rejected = read_text(data.get("cancel_by_xai_message"), "cancel_by_xai_message")
+    cancelled = data.get("cancel_time") is not None
+    expires = _timestamp(data.get("expire_time"))
+    if rejected:
+        status = "failed"
+    elif counts["pending"]:
+        expired = expires is not None and expires <= now
+        status = "cancelling" if cancelled else "expired" if expired else "in_progress"
+    elif counts["cancelled"] or cancelled:
+        status = "cancelled"
+    else:
+        status = "completed" if counts["requests"] else "validating"
+    return BatchState(
+        id=batch_id,
+        status=status,
+        completed=counts["success"],
+        failed=counts["error"],
+        output_file_id=None,
+        error_file_id=None,
+        input_file_id=None,
+        errors=(bounds.redact(rejected)[:ERROR_MESSAGE_CHARS],) if rejected else (),
+        total=counts["requests"],
+        name=_short(data.get("name"), "name", bounds),
+    )
+
+
+def _timestamp(value: object) -> float | None:
+    """An RFC 3339 time (`2025-01-02T03:04:05.678Z`) in seconds since the epoch; None if not one."""
+    if not isinstance(value, str) or len(value) > 64:
+        return None
+    try:
+        when = datetime.datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return when.timestamp() if when.tzinfo is not None else None
+
+
+def read_xai_results(raw: bytes, bounds: Bounds) -> tuple[list[BatchLine | None], str | None]:
+    """A page of an xAI batch's results (`results`, or `succeeded` and `failed`; and the next
+    page's `pagination_token`): each a BatchLine, or None for an entry that names no request."""
+    data = _json_object(raw, "a page of batch results")
+    entries = [
+        entry
+        for key in ("results", "succeeded", "failed")
+        if isinstance(data.get(key), list)
+        for entry in data[key]
+    ]
+    lines: list[BatchLine | None] = []
+    for entry in entries:
+        try:
+            lines.append(_xai_result(_object(entry, "a batch result"), bounds))
+        except RetryableError:
+            lines.append(None)
+    return lines, _short(data.get("pagination_token"), "pagination_token", bounds) or None
+
+
+def _xai_result(data: dict[str, Any], bounds: Bounds) -> BatchLine:
+    """One result, `{batch_request_id, batch_result: {response: {chat_get_completion}} | {error}}`
+    (an `error` or `error_message` beside `batch_result` is read too)."""
+    custom_id = _short(data.get("batch_request_id"), "batch_request_id", bounds)
+    if not custom_id:
+        raise invalid("a batch result has no batch_request_id")
+    result = data.get("batch_result")
+    result = result if isinstance(result, dict) else {}
+    response = result.get("response")
+    if isinstance(response, dict) and "chat_get_completion" in response:
+        completion = response["chat_get_completion"]
+        if not isinstance(completion, dict):
+            return BatchLine(custom_id, None, invalid(f"the result's answer is {_kind(completion)}"), 200)
+        try:
+            return BatchLine(custom_id, read_completion(orjson.dumps(completion), bounds), None, 200)
+        except RetryableError as exc:
+            return BatchLine(custom_id, None, exc, 200)
+    error = next(
+        (
+            e
+            for e in (
+                result.get("error"),
+                result.get("error_message"),
+                data.get("error"),
+                data.get("error_message"),
+            )
+            if e
+        ),
+        None,
+    )
+    fields = error_fields({"error": error}, bounds.redact) if error else _NO_ERROR
+    message = fields.message or "the batch gave no answer for this request"
+    code = error.get("code") if isinstance(error, dict) else None
+    status = GRPC_STATUS.get(code) if isinstance(code, int) and not isinstance(code, bool) else None
+    if status is None:
+        return BatchLine(custom_id, None, RetryableError("batch_error", message), None)
+    body = orjson.dumps({"error": {"message": message}})
+    return BatchLine(custom_id, None, _line_failure(status, body, bounds), status)
+
+
+def _line_failure(status: int, body: bytes, bounds: Bounds) -> RequestFailed:
+    """A batch line's failure, classified as a chat answer's would be; an answer that would stop
+    an online job (401, 404) fails only its line."""
+    failure = classify_status(status, {}, body, bounds.redact)
+    if isinstance(failure, JobAborted):
+        return PermanentError(f"http_{status}", failure.what(), status)
+    return failure

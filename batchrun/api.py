@@ -188,7 +188,7 @@ class Job:
             prompt: The user template alone (`"Summarize: {text}"`), or `{system, user}` or `{messages}`.
             params: Merged into each request body. Keys: temperature, max_tokens, top_p, stop, tools.
             endpoint: The OpenAI-compatible server. Keys: base_url, api_key_env, timeout_s,
-                allow_insecure_http, check_model, max_response_mb.
+                allow_insecure_http, check_model, max_response_mb, batch_api.
             concurrency: Requests in flight at most (on Ray: across the whole cluster). Default: `16`.
             retry: How failed requests are tried again. Keys: max_attempts, max_parse_attempts,
                 initial_backoff_s, max_backoff_s, max_outage_s.
@@ -203,7 +203,8 @@ class Job:
                 go inline as `data:` URLs (PNG, JPEG, WebP or GIF, told by their bytes). Keys: detail,
                 max_side, fetch, max_mb.
             mode: `online` sends each row as a chat request. Default: `online`.
-            batches: How batch mode makes its batches and looks after them. Keys: poll_s, max_lines, max_mb.
+            batches: How batch mode makes its batches and looks after them. Keys: poll_s, max_lines, max_mb,
+                add_mb.
             folder: What relative paths (input, output, checkpoint) are relative to.
         """
         # [[[end]]]
@@ -545,7 +546,7 @@ def run(
         prompt: The user template alone (`"Summarize: {text}"`), or `{system, user}` or `{messages}`.
         params: Merged into each request body. Keys: temperature, max_tokens, top_p, stop, tools.
         endpoint: The OpenAI-compatible server. Keys: base_url, api_key_env, timeout_s, allow_insecure_http,
-            check_model, max_response_mb.
+            check_model, max_response_mb, batch_api.
         concurrency: Requests in flight at most (on Ray: across the whole cluster). Default: `16`.
         retry: How failed requests are tried again. Keys: max_attempts, max_parse_attempts, initial_backoff_s,
             max_backoff_s, max_outage_s.
@@ -560,7 +561,8 @@ def run(
             inline as `data:` URLs (PNG, JPEG, WebP or GIF, told by their bytes). Keys: detail, max_side,
             fetch, max_mb.
         mode: `online` sends each row as a chat request. Default: `online`.
-        batches: How batch mode makes its batches and looks after them. Keys: poll_s, max_lines, max_mb.
+        batches: How batch mode makes its batches and looks after them. Keys: poll_s, max_lines, max_mb,
+            add_mb.
         folder: What relative paths (input, output, checkpoint) are relative to.
         simulate: Send to the built-in simulator instead of the endpoint (`--simulate`).
         simulate_latency_ms: With `simulate`: each answer's delay.

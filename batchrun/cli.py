@@ -279,7 +279,8 @@ def run_in_process(spec: JobSpec, options: RunOptions) -> RunResult:
     """Run a job as this process's one task: progress on stderr, and the process's signals.
 
     The first SIGINT or SIGTERM stops sending and lets in-flight rows finish within the grace
-    period (the output is written, exit 130); a second exits at once (the checkpoint is consistent).
+    period (the output is written, exit 130), or in batch mode leaves the batches running at the
+    provider; a second exits at once (the checkpoint is consistent).
     """
     import asyncio
     import signal
@@ -301,10 +302,17 @@ def run_in_process(spec: JobSpec, options: RunOptions) -> RunResult:
                 flush=True,
             )
             os._exit(ExitCode.INTERRUPTED)
-        progress.say(
-            f"batchrun: {sig.name} received: finishing in-flight requests "
-            f"(up to {options.grace_s:g} s; press Ctrl-C again to stop at once)"
-        )
+        if options.batch or spec.mode == "batch":  # nothing is in flight: the batches run on their own
+            progress.say(
+                f"batchrun: {sig.name} received: submitting no more batches; those submitted keep "
+                "running at the provider, and a rerun in batch mode collects them (press Ctrl-C "
+                "again to stop at once)"
+            )
+        else:
+            progress.say(
+                f"batchrun: {sig.name} received: finishing in-flight requests "
+                f"(up to {options.grace_s:g} s; press Ctrl-C again to stop at once)"
+            )
         stop.request()
 
     async def main(base_url: str | None) -> RunResult:
@@ -647,10 +655,11 @@ def models(job_file: Path | None, simulate: bool) -> None:
 )
 @click.option(
     "--batch-api",
-    type=click.Choice(["openai", "none"]),
+    type=click.Choice(["openai", "xai", "none"]),
     default="openai",
     show_default=True,
-    help="The Batch API offered (/v1/files and /v1/batches); none answers them 404.",
+    help="The Batch API offered: OpenAI's (/v1/files and /v1/batches), xAI's (/v1/batches added to "
+    "in parts); none answers them 404.",
 )
 @friendly_errors
 def simulate(
@@ -663,13 +672,13 @@ def simulate(
     window: Literal["sliding", "fixed"],
     seed: int,
     batch_s: float,
-    batch_api: Literal["openai", "none"],
+    batch_api: Literal["openai", "xai", "none"],
 ) -> None:
     """Serve a simulated OpenAI-compatible endpoint until Ctrl-C.
 
     Deterministic answers (the lead sentences of the last user message, cut to max_tokens),
     token usage, latency, injected 5xx and 429s with Retry-After, and a Batch API (files and
-    batches, OpenAI's shape) whose batches take --batch-s. GET /simulator/stats counts answers by
+    batches in OpenAI's shape, or xAI's) whose batches take --batch-s. GET /simulator/stats counts answers by
     status; POST /simulator/reset starts the counts afresh. Point a job at it with
     `endpoint: {base_url: http://127.0.0.1:8787/v1}`.
     """

@@ -18,7 +18,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from batchrun.checkpoint import Checkpoint, Fingerprint, without_input_hash
-from batchrun.cost import ASSUMED_MAX_OUTPUT_TOKENS, Price, billed_output_tokens, job_price, output_tokens_cap
+from batchrun.cost import (
+    ASSUMED_MAX_OUTPUT_TOKENS,
+    Price,
+    batch_price,
+    billed_output_tokens,
+    job_price,
+    output_tokens_cap,
+)
 from batchrun.display import Shown
 from batchrun.plan import SIMULATED_ENDPOINT, PreparedJob, read_checkpoint
 from batchrun.prompts import text_length
@@ -72,6 +79,8 @@ class Estimate(Shown):
     again_rows: int = 0  # of the rows to do, those the last run finished (the job changed since)
     again: Scenario | None = None  # what sending them again is expected to cost
     again_worst: Scenario | None = None
+    batch_price: Price | None = None  # a row's in batch mode (batch-mode.md)
+    batch: tuple[Scenario, ...] = ()  # low, expected, high and worst case at the batch price
 
     def resend(self) -> str:
         """What the job's change would send again, for the question and the error that ask."""
@@ -120,6 +129,7 @@ class Estimate(Shown):
             f"cost of the rows to do: low ${self.low.cost_usd:.4f}, expected ${self.expected.cost_usd:.4f}, "
             f"high ${self.high.cost_usd:.4f}{rng}; worst case ${self.worst.cost_usd:.4f}"
         )
+        lines += self._batch_figures()
         if self.done and self.spent_usd is not None and self.expected.cost_usd is not None:
             lines.append(
                 f"whole job: ${self.spent_usd + self.expected.cost_usd:.4f} expected "
@@ -130,6 +140,18 @@ class Estimate(Shown):
         if self.again_rows:
             lines.append(f"the job changed since its last run: {self.resend()}")
         return lines
+
+    def _batch_figures(self) -> list[str]:
+        """The price and cost of the rows to do if sent in batch mode."""
+        if self.batch_price is None or len(self.batch) != 4:
+            return []
+        low, expected, high, worst = (s.cost_usd or 0.0 for s in self.batch)
+        rng = " (90% range)" if self.observed else ""
+        return [
+            f"batch price: {self.batch_price.describe()}",
+            f"cost in batch mode: low ${low:.4f}, expected ${expected:.4f}, high ${high:.4f}{rng}; "
+            f"worst case ${worst:.4f}",
+        ]
 
     def save(self, job: PreparedJob, fingerprint: dict[str, Any]) -> None:
         """Leave the whole-job figures beside the output, for the run report to compare with."""
@@ -254,6 +276,7 @@ def estimate_job(
         cap=output_tokens_cap(job.params),
         price=price,
         spent=None if price is None else spent,
+        batch=None if price is None else batch_price(job.spec),
     )
 
 
@@ -273,6 +296,7 @@ def _project(
     cap: int | None,
     price: Price | None,
     spent: float | None,
+    batch: Price | None = None,
 ) -> Estimate:
     to_do, chars = len(to_do_chars), sum(to_do_chars)
     out_cap = cap or ASSUMED_MAX_OUTPUT_TOKENS
@@ -299,6 +323,15 @@ def _project(
     worst = _scenario(to_do_chars, ratios[1], float(out_cap), 0.0, price)
     again = _scenario(again_chars, ratios[1], outputs[1], cached_share, price) if again_chars else None
     again_worst = _scenario(again_chars, ratios[1], float(out_cap), 0.0, price) if again_chars else None
+    at_batch: tuple[Scenario, ...] = ()
+    if batch is not None:
+        at_batch = (
+            *(
+                _scenario(to_do_chars, r, o, cached_share, batch)
+                for r, o in zip(ratios, outputs, strict=True)
+            ),
+            _scenario(to_do_chars, ratios[1], float(out_cap), 0.0, batch),
+        )
     return Estimate(
         total_rows=total_rows,
         to_do=to_do,
@@ -319,6 +352,8 @@ def _project(
         again_rows=len(again_chars),
         again=again,
         again_worst=again_worst,
+        batch_price=batch,
+        batch=at_batch,
     )
 
 

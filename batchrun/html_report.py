@@ -31,7 +31,7 @@ import polars as pl
 
 from batchrun.job import TableFormat
 from batchrun.output import ANSWERED, sink_frames, write_atomically
-from batchrun.report import PERCENTILES, cost_report, typed_output
+from batchrun.report import ONLINE, PERCENTILES, by_mode, cost_report, typed_output
 from batchrun.sources import input_format, scan_table
 
 if TYPE_CHECKING:
@@ -116,8 +116,12 @@ def _without_answers(table: pl.LazyFrame, format: TableFormat, path: Path) -> pl
 
 def render(sources: Sources) -> str:
     table = sources.table
+    if "batch_id" not in table.collect_schema().names():  # an output from before batch mode
+        table = table.with_columns(pl.lit(None, pl.String).alias("batch_id"))
     answered = table.filter(ANSWERED)
-    sent = table.filter(pl.col("status").is_in(["ok", "failed"]))  # as the JSON report's latency
+    # as the JSON report's latency: online rows only, a batch row's being its batch's turnaround
+    sent = table.filter(pl.col("status").is_in(["ok", "failed"]) & ONLINE)
+    modes = by_mode(table)
     saved = _read_json(sources.json_report)
     costs = cost_report(table, ())
     by_status = costs.filter(pl.col("model") != "total").group_by("status").agg(pl.col("rows").sum())
@@ -137,8 +141,9 @@ def render(sources: Sources) -> str:
             "Latency",
             _distribution(sent, "latency_ms", "latency (ms)", latency)
             + (_distribution(sent, "ttft_ms", "time to first token (ms)", ttft) if ttft else ""),
-            "Of each sent row's last request; the lines mark p50, p90 and p99.",
+            "Of each row sent online, its last request; the lines mark p50, p90 and p99.",
         ),
+        *([_modes_table(modes)] if modes["batch"]["ok"] or modes["batch"]["failed"] else []),
         _section(
             "Tokens per row",
             _distribution(answered, "prompt_tokens", "prompt tokens", {})
@@ -436,6 +441,39 @@ def _summary(
         f'<tr><th>{name}</th><td id="{key}" class=num>{value}</td></tr>' for name, key, value in figures
     )
     return f'<h1>batchrun run report</h1><p class="outcome">{line}</p><table class="summary">{cells}</table>'
+
+
+def _modes_table(modes: dict[str, dict[str, Any]]) -> str:
+    """Online and batch rows side by side (report.by_mode)."""
+    online, batch = modes["online"], modes["batch"]
+    lines = [
+        ("rows ok", "ok", _count(online["ok"]), _count(batch["ok"])),
+        ("rows failed", "failed", _count(online["failed"]), _count(batch["failed"])),
+        ("cost", "cost", _usd(online["cost_usd"]), _usd(batch["cost_usd"])),
+        *(
+            (
+                f"p{p} from sending to the answer",
+                f"p{p}",
+                _time(online["latency_ms"][f"p{p}"], "ms"),
+                _time(batch["submit_to_answer_s"][f"p{p}"], "s"),
+            )
+            for p in PERCENTILES
+        ),
+    ]
+    body = "".join(
+        f'<tr><th>{name}</th><td id="online-{key}" class=num>{a}</td>'
+        f'<td id="batch-{key}" class=num>{b}</td></tr>'
+        for name, key, a, b in lines
+    )
+    caption = (
+        "Rows sent as chat requests and in provider batches; a batch row waits from its batch's "
+        "submission to its collection."
+    )
+    return _section("Online and batch", f"<table>{_header_row('', 'online', 'batch')}{body}</table>", caption)
+
+
+def _time(value: float | None, unit: str) -> str:
+    return "-" if value is None else f"{value:,.1f} {unit}"
 
 
 def _cost_table(groups: pl.DataFrame) -> str:

@@ -214,6 +214,8 @@ class EndpointSpec(_Strict):
     check_model: bool = True  # false: skip GET /models, for gateways that serve models they do not list
     # An answer longer than this fails its row (response_too_large), read no further: memory stays bounded.
     max_response_mb: float = Field(default=32.0, gt=0)
+    # Batch mode's protocol: OpenAI's (files), xAI's (batches added to), or whichever the endpoint answers in.
+    batch_api: Literal["openai", "xai", "auto"] = "auto"
 
     @field_validator("base_url")
     @classmethod
@@ -290,6 +292,7 @@ class BatchSpec(_Strict):
     poll_s: float = Field(default=60.0, gt=0)  # the longest wait between looks at live batches
     max_lines: int = Field(default=50_000, ge=1)  # lines per batch file (OpenAI's limit)
     max_mb: float = Field(default=200.0, gt=0)  # a batch file's size (OpenAI's limit)
+    add_mb: float = Field(default=25.0, gt=0)  # what one call adds to a batch (xAI's limit)
 
 
 class BudgetSpec(_Strict):

@@ -1,29 +1,34 @@
 """The checkpoint's record of provider batches: each submission and its rows, written before and
 after every remote step, so that a process that dies at any instant leaves enough to reattach.
 
-`batches`: one line per submission (a file of rows sent as one provider batch). Its `state` is
-where the remote steps got: `uploading` (recorded before the upload: the file may or may not
-exist), `uploaded` (the input file's id is known; the batch may or may not exist), `submitted`
-(the batch's id is known), then `collected` (its answers are in `results`) or `abandoned` (no
-batch was made, or it vanished). The first three are live: their rows are never submitted again.
-`batch_rows`: the rows of each submission; a row the batch gave back unanswered (a failed line,
-expiry, cancellation) keeps why, and goes back to the rows to do.
+`batches`: one line per submission (rows sent as one provider batch), with the `name` it has at
+the provider (its file's, or its batch's). Its `state` is where the remote steps got. OpenAI's
+protocol: `uploading` (recorded before the upload: the file may or may not exist), `uploaded` (the
+input file's id is known; the batch may or may not exist). xAI's: `creating` (the batch may or may
+not exist), `created` (its id is known; `added` of its parts are in it), `adding` (part `added`
+is being added: it may or may not be in). Both: `submitted` (every row that is in the batch is
+known), then `collected` (its answers are in `results`) or `abandoned` (no batch was made, or it
+vanished). All but the last two are live: their rows are never submitted again.
+`batch_rows`: the rows of each submission (and, in xAI's protocol, the `part` that adds each);
+a row the batch gave back unanswered (a failed line, expiry, cancellation) keeps why, and goes back
+to the rows to do.
 
-Both tables are made by the migration step `provider_batches`; the writer (Checkpoint.ledger)
-shares the checkpoint's connection and transactions, so a batch's answers and its state land in
-one transaction.
+Both tables are made by the migration step `provider_batches` (and given their parts and names by
+`batch_parts`); the writer (Checkpoint.ledger) shares the checkpoint's connection and
+transactions, so a batch's answers and its state land in one transaction.
 """
 
 from __future__ import annotations
 
 import contextlib
+import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-LIVE = ("uploading", "uploaded", "submitted")
-_LIVE_SQL = "state IN ('uploading', 'uploaded', 'submitted')"
+LIVE = ("uploading", "uploaded", "creating", "created", "adding", "submitted")
+_LIVE_SQL = f"state IN ({', '.join(repr(state) for state in LIVE)})"
 # Ways a row comes back unanswered that are not its own failure (not counted as its attempt).
 NOT_RUN = frozenset({"batch_expired", "batch_cancelled", "batch_not_run", "batch_failed", "batch_rejected"})
 
@@ -50,6 +55,14 @@ def create_tables(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX IF NOT EXISTS batch_rows_by_request ON batch_rows (request_key, occurrence)")
 
 
+def add_parts(db: sqlite3.Connection) -> None:
+    """A submission's name at the provider and the parts added so far; a row's part (the
+    migration step `batch_parts`)."""
+    db.execute("ALTER TABLE batches ADD COLUMN name TEXT")
+    db.execute("ALTER TABLE batches ADD COLUMN added INTEGER")
+    db.execute("ALTER TABLE batch_rows ADD COLUMN part INTEGER")
+
+
 @dataclass(frozen=True)
 class Submission:
     """A submission as recorded."""
@@ -67,6 +80,8 @@ class Submission:
     done: int | None
     failed: int | None
     created: float
+    name: str | None  # at the provider: its file's or its batch's
+    added: int | None  # parts added (xAI's protocol)
 
 
 @dataclass(frozen=True)
@@ -98,8 +113,10 @@ def custom_id(request_key: bytes, occurrence: int) -> str:
 
 _SUBMISSION = (
     "submission, api, base_url, model, lines, reserved_usd, file_id, batch_id, state, status, done,"
-    " failed, created"
+    " failed, created, name, added"
 )
+# A row of a submission as begun: request_key, occurrence, row, id, worst_usd, part (None: no parts)
+LedgerRow = tuple[bytes, int, int, str, float, int | None]
 
 
 class Ledger:
@@ -139,36 +156,76 @@ class Ledger:
 
     def begin(
         self,
-        api: str,
+        api: tuple[str, str],
         base_url: str,
         model: str,
-        rows: Iterable[tuple[bytes, int, int, str, float]],
-        lines: int,
+        rows: Iterable[LedgerRow],
         size: int,
         reserved_usd: float,
-    ) -> int:
-        """Record a submission before its file is uploaded: state `uploading`, with its rows
-        (request_key, occurrence, row, id, worst_usd)."""
+    ) -> tuple[int, str]:
+        """Record a submission before its first remote step: `api` is the protocol's name and
+        the state it records first (`uploading`, `creating`). Its number, and the name it is to
+        have at the provider (unique: a rerun finds by it what a killed run left there)."""
+        name, state = api
+        rows = list(rows)
         with self.transaction():
             cursor = self._db.execute(
                 "INSERT INTO batches (run, api, base_url, model, lines, bytes, reserved_usd, state, created)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, 'uploading', ?)",
-                (self._run, api, base_url, model, lines, size, reserved_usd, time.time()),
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (self._run, name, base_url, model, len(rows), size, reserved_usd, state, time.time()),
             )
             submission = cursor.lastrowid
             assert submission is not None
+            remote_name = f"batchrun-{secrets.token_hex(6)}-{submission}"
+            self._db.execute(
+                "UPDATE batches SET name = ?, added = ? WHERE submission = ?",
+                (remote_name, None if rows and rows[0][-1] is None else 0, submission),
+            )
             self._db.executemany(
-                "INSERT INTO batch_rows (submission, request_key, occurrence, row, id, worst_usd)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO batch_rows (submission, request_key, occurrence, row, id, worst_usd, part)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 ((submission, *row) for row in rows),
             )
-        return submission
+        return submission, remote_name
 
     def uploaded(self, submission: int, file_id: str) -> None:
         self._set(submission, state="uploaded", file_id=file_id)
 
     def submitted(self, submission: int, batch_id: str, status: str) -> None:
         self._set(submission, state="submitted", batch_id=batch_id, status=status, checked=time.time())
+
+    def created(self, submission: int, batch_id: str) -> None:
+        self._set(submission, state="created", batch_id=batch_id)
+
+    def adding(self, submission: int) -> None:
+        """Before a part is added: it may be in the batch from now on."""
+        self._set(submission, state="adding")
+
+    def added(self, submission: int, parts: int) -> None:
+        """After a part is added: the first `parts` are in the batch."""
+        self._set(submission, state="created", added=parts)
+
+    def parts(self, submission: int) -> list[int]:
+        """The rows of each part of a submission, in order."""
+        query = "SELECT part, COUNT(*) FROM batch_rows WHERE submission = ? GROUP BY part ORDER BY part"
+        return [count for _, count in self._db.execute(query, (submission,))]
+
+    def drop_parts(self, submission: int, first: int) -> int:
+        """Take parts `first` on out of a submission: they were never sent, and their rows go back
+        to the rows to do as if never submitted. How many rows that was."""
+        with self.transaction():
+            dropped = self._db.execute(
+                "DELETE FROM batch_rows WHERE submission = ? AND part >= ?", (submission, first)
+            ).rowcount
+            self._db.execute(
+                "UPDATE batches SET lines = lines - ?, added = ? WHERE submission = ?",
+                (dropped, first, submission),
+            )
+        return dropped
+
+    def is_live(self, submission: int) -> bool:
+        query = f"SELECT 1 FROM batches WHERE submission = ? AND {_LIVE_SQL}"
+        return self._db.execute(query, (submission,)).fetchone() is not None
 
     def seen(self, submission: int, status: str, done: int | None, failed: int | None) -> None:
         self._set(submission, status=status, done=done, failed=failed, checked=time.time())

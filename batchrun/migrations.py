@@ -92,6 +92,11 @@ def _provider_batches(db: sqlite3.Connection, _: KeyRows) -> None:
     ledger.create_tables(db)
 
 
+def _batch_parts(db: sqlite3.Connection, _: KeyRows) -> None:
+    """Provider batches added to in parts (xAI's protocol), and named at the provider."""
+    ledger.add_parts(db)
+
+
 def added_column(name: str) -> Migration:
     """The step that adds the result column `name`, as results.RowResult declares it."""
 
@@ -109,6 +114,7 @@ MIGRATIONS = (
     added_column("system_fingerprint"),
     Migration("provider_batches", _provider_batches),
     added_column("batch_id"),
+    Migration("batch_parts", _batch_parts),
 )
 SCHEMA_VERSION = len(MIGRATIONS)  # PRAGMA user_version of a checkpoint with every step applied
 

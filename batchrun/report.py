@@ -2,7 +2,8 @@
 
 The run report (`OUTPUT.report.json`) is for machines: rows by outcome, retries and 429s,
 achieved throughput, latency percentiles, tokens and cost against the estimate made before the
-run. The cost report sums rows, tokens and cost per model and status, grouped by any column.
+run, and online and batch rows side by side. The cost report sums rows, tokens and cost per
+model and status, grouped by any column.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
     from batchrun.plan import PreparedJob
 
 PERCENTILES = (50, 90, 99)
+SENT = pl.col("status").is_in(["ok", "failed"])  # rows a request was sent for, and answered or failed
+ONLINE = pl.col("batch_id").is_null()  # sent as a chat request; else in a provider batch
 
 
 def fingerprint_digest(fingerprint: dict[str, Any]) -> str:
@@ -143,9 +146,8 @@ def write_run_report(
     minutes = max(result.wall_s, 1e-9) / 60
     actual = None if result.prompt_tokens is None else result.cost_usd  # None: no usage, or unpriced
     # Read back from the output as written, one column at a time: never the whole table.
-    answered = scan_table(job.output_path, job.spec.output.format).filter(
-        pl.col("status").is_in(["ok", "failed"])
-    )
+    table = scan_table(job.output_path, job.spec.output.format)
+    answered = table.filter(SENT & ONLINE)  # a batch row's latency is its batch's turnaround
     latency = answered.select(pl.col("latency_ms").cast(pl.Float64).drop_nulls()).collect()["latency_ms"]
     outcome = result.outcome
     report: dict[str, Any] = {
@@ -175,6 +177,7 @@ def write_run_report(
             "tokens_per_min": None if result.run_tokens is None else round(result.run_tokens / minutes, 1),
         },
         "latency_ms": {f"p{p}": _percentile(latency, p) for p in PERCENTILES},
+        "by_mode": by_mode(typed_output(table)),
         "tokens": {
             **{c.removesuffix("_tokens"): usage[c] for c in USAGE_COLUMNS},
             "rows_without_usage": result.rows_without_usage,
@@ -190,6 +193,43 @@ def write_run_report(
     if estimate is not None and actual is not None and estimate["expected"]:
         report["cost_usd"]["actual_vs_expected_pct"] = round(100 * (actual / estimate["expected"] - 1), 1)
     write_json(job.report_path, report)
+
+
+def by_mode(table: pl.LazyFrame) -> dict[str, dict[str, Any]]:
+    """Online and batch rows side by side, of the rows sent: ok and failed, their cost (None if
+    one is unpriced), and the time from sending to the answer: an online request's latency (ms),
+    a batch row's batch, from its submission to its collection (s)."""
+    if "batch_id" not in table.collect_schema().names():  # an output from before batch mode
+        table = table.with_columns(pl.lit(None, pl.String).alias("batch_id"))
+    latency = pl.col("latency_ms").cast(pl.Float64)
+    found = (
+        table.filter(SENT)
+        .group_by(ONLINE.alias("online"))
+        .agg(
+            (pl.col("status") == "ok").sum().alias("ok"),
+            (pl.col("status") == "failed").sum().alias("failed"),
+            pl.when(pl.col("cost_usd").null_count() == 0).then(pl.col("cost_usd").sum()).alias("cost_usd"),
+            *(latency.quantile(p / 100, "linear").alias(f"p{p}") for p in PERCENTILES),
+        )
+        .collect(engine="streaming")
+    )
+    modes: dict[str, dict[str, Any]] = {}
+    for name, online, unit, scale in (
+        ("online", True, "latency_ms", 1),
+        ("batch", False, "submit_to_answer_s", 1000),
+    ):
+        row = next((r for r in found.iter_rows(named=True) if r["online"] == online), None)
+        cost = 0.0 if row is None else row["cost_usd"]
+        modes[name] = {
+            "ok": 0 if row is None else row["ok"],
+            "failed": 0 if row is None else row["failed"],
+            "cost_usd": None if cost is None else round(cost, 6),
+            unit: {
+                f"p{p}": None if row is None or row[f"p{p}"] is None else round(row[f"p{p}"] / scale, 1)
+                for p in PERCENTILES
+            },
+        }
+    return modes
 
 
 def _percentile(values: pl.Series, p: int) -> float | None:

@@ -78,6 +78,9 @@ MEANING = {
     "endpoint.check_model": "`false` skips the `GET /models` check, for a gateway that serves models "
     "its list does not name.",
     "endpoint.max_response_mb": "A longer answer fails its row (`response_too_large`), read no further.",
+    "endpoint.batch_api": "The Batch API batch mode speaks: `openai` (files of requests), `xai` "
+    "(batches added to), or `auto`, whichever the endpoint answers `GET /batches` in (see "
+    "[batch mode](batch-mode.md)).",
     "concurrency": "Requests in flight at most (on Ray: across the whole cluster).",
     "retry": "How failed requests are tried again.",
     "retry.max_attempts": "Requests per row at most.",
@@ -118,6 +121,8 @@ MEANING = {
     "then the wait doubles).",
     "batches.max_lines": "Rows per batch at most; more rows make more batches.",
     "batches.max_mb": "A batch file's size at most, in MB.",
+    "batches.add_mb": "What one call adds to a batch at most, in MB (xAI's protocol: a batch is added "
+    "to in parts).",
 }
 
 HIDDEN = {"job_path", "image_folder"}  # set by batchrun, refused in a job file

@@ -374,6 +374,11 @@ def test_estimate_before_any_row_is_uncalibrated(tmp_path: Path, simulator: Runn
     low = chars / 4 * 1000 / 1e6
     assert lines[4].startswith(f"cost of the rows to do: low ${low:.4f},")
     assert lines[4].endswith(f"worst case ${worst:.4f}")
+    assert lines[5].startswith("batch price: $500.00 in,") and lines[5].endswith("less 50% (batch))")
+    assert lines[6] == (  # the same rows in batch mode: pricing.batch_discount's half
+        f"cost in batch mode: low ${low / 2:.4f}, expected ${(chars / 4 + 800) * 500 / 1e6:.4f}, "
+        f"high ${worst / 2:.4f}; worst case ${worst / 2:.4f}"
+    )
     assert simulator.stats.requests == 0
     assert not (job.parent / "out" / "result.parquet.checkpoint.sqlite").exists()
 

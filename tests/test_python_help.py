@@ -93,6 +93,7 @@ def test_a_result_shows_rounded_figures_the_checkpoint_and_how_to_resume(tmp_pat
     ]
     estimate = job.estimate()
     assert repr(estimate).splitlines()[:2] == ["Estimate", "rows: 6 to do of 6"]
+    assert any(line.startswith("cost in batch mode: low $") for line in repr(estimate).splitlines())
     assert "<th" in estimate._repr_html_()
 
     part = job.run(simulate=True, quiet=True, rows=frozenset({0, 1}))

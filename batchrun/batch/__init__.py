@@ -2,7 +2,10 @@
 `batch=True`): every row still to do goes into JSONL files submitted as batches, which are polled
 and collected into the same checkpoint as rows sent online.
 
-    openai.py    the OpenAI-style protocol: files and batches, over HTTP
+    protocol.py  the one interface of a Batch API the executor drives, and the choice of one
+    http.py      the HTTP under both, and the probe of which one an endpoint speaks
+    openai.py    OpenAI's protocol: files uploaded and made batches
+    xai.py       xAI's protocol: named batches, added to in parts
     executor.py  the executor: submit, wait with progress, collect; reattach; cancel
 
 The checkpoint's record of each submission and its rows (before and after every remote step, so

@@ -11,8 +11,10 @@ batch that failed validation) always go back, and do not count as attempts. A li
 good (400) fails its row, as online.
 
 Every remote step is recorded before and after it (ledger.py): a run finds the live batches the
-last one left, reattaches to them (finding or making the batch of a file uploaded just before a
-crash), and never submits their rows again.
+last one left, has each protocol finish or abandon what a crash interrupted (batch/openai.py,
+batch/xai.py), reattaches to them, and never submits their rows again. Which protocol a run speaks
+is endpoint.batch_api's, or with `auto` the one the endpoint answers in (batch/protocol.py); a
+batch left by a run that spoke the other one is looked after in its own.
 """
 
 from __future__ import annotations
@@ -25,17 +27,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-import orjson
-
-from batchrun.answers import BatchLine, BatchState, Bounds, Redactor, read_batch_line
-from batchrun.batch.openai import LINE_URL, OpenAIBatchApi
+from batchrun.answers import BatchLine, BatchState, Bounds, Redactor
+from batchrun.batch.http import BatchHttp
+from batchrun.batch.protocol import BatchProtocol, batch_protocol
 from batchrun.budget import BudgetGuard
 from batchrun.core import CoreSettings, Outcome, RunStats, answered_row, skipped
 from batchrun.cost import ASSUMED_MAX_OUTPUT_TOKENS, batch_price, output_tokens_cap, prompt_tokens_ceiling
 from batchrun.errors import BatchrunError, PermanentError, RequestFailed, RetryableError, RowInputError
 from batchrun.executors import Execution, api_key
 from batchrun.images import ImageSender
-from batchrun.ledger import NOT_RUN, Returned, SentRow, custom_id
+from batchrun.ledger import NOT_RUN, LedgerRow, Returned, SentRow, Submission, custom_id
 from batchrun.plan import SIMULATED_KEY, Planned
 from batchrun.results import Attempt, RowResult, RowTally
 from batchrun.retry import Sleep
@@ -48,6 +49,7 @@ FIRST_POLL_S = 1.0  # the first wait between looks; it doubles up to batches.pol
 STOP_CHECK_S = 0.1  # how soon a wait notices a stop request
 CHUNK_ROWS = 512  # rows of the plan looked up in the ledger at a time
 RECORD_ROWS = 1000  # collected rows recorded per transaction
+PART_OVERHEAD = 32  # bytes of an add call's body beyond its lines (xAI's protocol)
 # Why a row a batch did not answer goes back, by how the batch ended.
 UNANSWERED = {
     "completed": ("batch_missing", "the batch ended without a line for this request"),
@@ -62,6 +64,7 @@ class _Live:
     """A live batch as this run knows it."""
 
     submission: int
+    api: BatchProtocol
     batch_id: str
     lines: int
     created: float
@@ -77,9 +80,11 @@ class _File:
 
     model: str
     handle: IO[bytes]
-    rows: list[tuple[bytes, int, int, str, float]] = field(default_factory=list)
+    rows: list[LedgerRow] = field(default_factory=list)
     size: int = 0
     reserved_usd: float = 0.0
+    parts: list[int] = field(default_factory=list)  # lines per add call (one part: the whole file)
+    part_size: int = 0  # bytes of the last part
 
 
 class BatchExecutor:
@@ -96,12 +101,10 @@ class BatchExecutor:
         price = batch_price(spec)  # a batch line's: the batch rate
         self._settings = CoreSettings.of(job, 1, execution.grace_s, execution.base_url, price)
         key = SIMULATED_KEY if execution.simulated else api_key(spec.endpoint)
-        max_line = int(spec.endpoint.max_response_mb * 2**20)
-        self._api = OpenAIBatchApi(
+        self._http = BatchHttp(
             execution.base_url,
             key,
             spec.endpoint.timeout_s,
-            max_line,
             spec.retry,
             http_client=execution.http_client,
             sleep=sleep,
@@ -109,6 +112,8 @@ class BatchExecutor:
         self._bounds = Bounds(Redactor(key), output_tokens_cap(job.params))
         self._output_cap = output_tokens_cap(job.params) or ASSUMED_MAX_OUTPUT_TOKENS
         self._max_bytes = int(spec.batches.max_mb * 1_000_000)
+        self._protocols: dict[str, BatchProtocol] = {}
+        self._api_name = ""  # the protocol this run submits in: endpoint.batch_api's, or the probe's
         self._budget: BudgetGuard | None = None
         if execution.max_cost_usd is not None:
             reserved = self._ledger.reserved_usd()
@@ -137,8 +142,9 @@ class BatchExecutor:
     async def run(self) -> RunStats:
         """Reattach to the live batches, submit the rows still to do (or cancel), and wait for
         every batch to end (unless told not to wait), collecting each as it ends."""
-        async with self._api:
-            await self._api.check()  # an endpoint without a Batch API: nothing was sent
+        async with self._http:
+            # an endpoint without a Batch API stops the run here: nothing was sent
+            self._api_name = await self._http.probe(self._execution.job.spec.endpoint.batch_api)
             error: BatchrunError | None = None
             try:
                 await self._reattach()
@@ -156,53 +162,43 @@ class BatchExecutor:
     def _stopping(self) -> bool:
         return self._execution.stop.requests > 0
 
+    def _protocol(self, name: str | None = None) -> BatchProtocol:
+        """The protocol `name` (this run's by default), made once."""
+        name = name or self._api_name
+        if name not in self._protocols:
+            spec = self._execution.job.spec
+            max_line = int(spec.endpoint.max_response_mb * 2**20)
+            add_bytes = int(spec.batches.add_mb * 1_000_000)
+            self._protocols[name] = batch_protocol(name, self._http, self._bounds, max_line, add_bytes)
+        return self._protocols[name]
+
     async def _reattach(self) -> None:
-        """Take up the live batches an earlier run left: a file uploaded without its batch gets
-        the batch it has (or is given one), and a file whose upload never finished is given up."""
+        """Take up the live batches an earlier run left, each in its own protocol, which first
+        brings the ones a crash left half submitted to `submitted` (or gives them up)."""
         for sub in self._ledger.live():
-            if sub.state == "uploading" or sub.file_id is None:
-                self._abandon(
-                    sub.submission, "the run stopped while its file was uploaded; no batch was made"
-                )
-                continue
-            batch_id = sub.batch_id or await self._batch_of(sub.submission, sub.file_id)
-            if batch_id is None:
-                continue
-            self._live[sub.submission] = _Live(
-                sub.submission, batch_id, sub.lines, sub.created, sub.reserved_usd, sub.status or "validating"
-            )
+            if sub.state != "submitted":
+                await self._protocol(sub.api).resume(self._ledger, sub, self._options.cancel)
+        for sub in self._ledger.live():
+            self._add_live(sub)
         if self._live:
             rows = sum(b.lines for b in self._live.values())
             self._events.say(f"reattached to {len(self._live)} batch(es) of {rows:,} rows submitted earlier")
 
-    async def _batch_of(self, submission: int, file_id: str) -> str | None:
-        """The batch of a file uploaded by a run that stopped before it heard of its batch: the
-        one the provider made of it, else one made now (unless cancelling); None if none can be."""
-        state = await self._api.find(file_id)
-        if state is not None:
-            self._ledger.submitted(submission, state.id, state.status)
-            return state.id
-        if self._options.cancel:
-            self._abandon(submission, "cancelled before its batch was made")
-            await self._api.delete(file_id)
-            return None
-        try:
-            return (await self._create(submission, file_id)).id
-        except RequestFailed as exc:  # the file is gone, or refused
-            self._abandon(submission, f"the provider refused the batch: {exc}", "batch_rejected")
-            return None
-
-    def _abandon(self, submission: int, reason: str, kind: str = "batch_not_run") -> None:
-        self._ledger.abandon(submission, kind, reason)
-
-    async def _create(self, submission: int, file_id: str) -> BatchState:
-        state = await self._api.create(file_id, {"batchrun_submission": str(submission)})
-        self._ledger.submitted(submission, state.id, state.status)
-        return state
+    def _add_live(self, sub: Submission) -> None:
+        assert sub.batch_id is not None, "a submitted batch has its id"
+        self._live[sub.submission] = _Live(
+            sub.submission,
+            self._protocol(sub.api),
+            sub.batch_id,
+            sub.lines,
+            sub.created,
+            sub.reserved_usd,
+            sub.status or "validating",
+        )
 
     async def _cancel_all(self) -> None:
         for live in self._live.values():
-            if (state := await self._api.cancel(live.batch_id)) is not None:
+            if (state := await live.api.cancel(live.batch_id)) is not None:
                 self._seen(live, state)  # a batch the provider no longer knows: _wait gives it up
         if self._live:
             self._events.say(
@@ -252,18 +248,8 @@ class BatchExecutor:
                 except RowInputError as exc:  # the row fails unsent, as online
                     self._record([self._unsent(planned, exc)])
                     continue
-            line = (
-                orjson.dumps(
-                    {
-                        "custom_id": custom_id(planned.request_key, planned.occurrence),
-                        "method": "POST",
-                        "url": LINE_URL,
-                        "body": body,
-                    }
-                )
-                + b"\n"
-            )
-            if len(line) > self._max_bytes:
+            line = self._protocol().line(custom_id(planned.request_key, planned.occurrence), body)
+            if len(line) > self._max_line_bytes():
                 self._record([self._too_large(planned, len(line))])
                 continue
             worst = self._worst_usd(body)
@@ -273,6 +259,11 @@ class BatchExecutor:
             await self._add_line(files, str(body["model"]), line, (*self._ledger_row(planned), worst))
         return True
 
+    def _max_line_bytes(self) -> int:
+        """The longest line a batch can take: one that fits a file, and an add call."""
+        part_bytes = self._protocol().part_bytes
+        return self._max_bytes if part_bytes is None else min(self._max_bytes, part_bytes - PART_OVERHEAD)
+
     @staticmethod
     def _ledger_row(planned: Planned) -> tuple[bytes, int, int, str]:
         return planned.request_key, planned.occurrence, planned.row, planned.id
@@ -281,7 +272,8 @@ class BatchExecutor:
         self, files: dict[str, _File], model: str, line: bytes, row: tuple[bytes, int, int, str, float]
     ) -> None:
         """A line into the file of its model (one model per batch), which is submitted first if
-        the line would take it past batches.max_lines or batches.max_mb."""
+        the line would take it past batches.max_lines or batches.max_mb; and into the file's
+        last part, or a new one if it would take that past the protocol's part_bytes."""
         file = files.get(model)
         if file is not None and (
             len(file.rows) >= self._batch.max_lines or file.size + len(line) > self._max_bytes
@@ -295,7 +287,15 @@ class BatchExecutor:
         file.handle.write(line)
         file.size += len(line)
         file.reserved_usd += row[-1]
-        file.rows.append(row)
+        part_bytes = self._protocol().part_bytes
+        if not file.parts or (
+            part_bytes is not None and file.part_size + len(line) + PART_OVERHEAD > part_bytes
+        ):
+            file.parts.append(0)
+            file.part_size = 0
+        file.parts[-1] += 1
+        file.part_size += len(line)
+        file.rows.append((*row, None if part_bytes is None else len(file.parts) - 1))
 
     def _too_large(self, planned: Planned, size: int) -> RowResult:
         """The record of a row whose request alone is past batches.max_mb: no batch can take it."""
@@ -346,32 +346,42 @@ class BatchExecutor:
         )
 
     async def _submit(self, file: _File) -> None:
-        """Upload a file and make a batch of it, each step recorded before and after."""
+        """Send a file as a batch, in this run's protocol, each remote step recorded before and after."""
         file.handle.flush()
-        path = Path(file.handle.name)
-        base_url = self._execution.base_url
+        api = self._protocol()
         lines = len(file.rows)
-        submission = self._ledger.begin(
-            self._api.name, base_url, file.model, file.rows, lines, file.size, file.reserved_usd
+        submission, name = self._ledger.begin(
+            (api.name, api.first_state),
+            self._execution.base_url,
+            file.model,
+            file.rows,
+            file.size,
+            file.reserved_usd,
         )
-        self._phase = f"uploading {lines:,} rows"
+        self._phase = f"submitting {lines:,} rows"
         self._events.status_changed()
         try:
-            file_id = await self._api.upload(path, f"batchrun-{submission}.jsonl")
-            self._ledger.uploaded(submission, file_id)
-            state = await self._create(submission, file_id)
+            state = await api.submit(self._ledger, submission, name, Path(file.handle.name), file.parts)
         except RequestFailed as exc:
-            self._abandon(submission, f"the provider refused the batch: {exc}", "batch_rejected")
-            if self._budget is not None:
+            if self._budget is not None and not self._ledger.is_live(submission):
                 self._budget.settle(file.reserved_usd, 0.0)
             raise BatchrunError(f"the provider refused a batch of {lines:,} rows: {exc}") from None
         finally:
             file.handle.close()
-        self._sent += lines
-        self._live[submission] = _Live(
-            submission, state.id, lines, time.time(), file.reserved_usd, state.status
-        )
-        self._events.say(f"submitted batch {state.id}: {lines:,} rows ({file.size / 2**20:.1f} MB)")
+        if state is None:
+            if self._budget is not None:
+                self._budget.settle(file.reserved_usd, 0.0)
+            self._events.say(f"warning: no row reached a batch; these {lines:,} rows are pending", "warning")
+            return
+        (sub,) = [s for s in self._ledger.live() if s.submission == submission]
+        self._sent += sub.lines
+        self._add_live(sub)
+        self._events.say(f"submitted batch {state.id}: {sub.lines:,} rows ({file.size / 2**20:.1f} MB)")
+        if sub.lines < lines:
+            self._events.say(
+                f"warning: {lines - sub.lines:,} rows did not reach batch {state.id}; they are pending",
+                "warning",
+            )
 
     async def _wait(self) -> None:
         """Look at the live batches until each has ended (collecting it), or a stop request."""
@@ -379,9 +389,10 @@ class BatchExecutor:
         interval = min(FIRST_POLL_S, self._batch.poll_s)
         while self._live and not self._stopping():
             for live in list(self._live.values()):
-                state = await self._api.get(live.batch_id)
+                state = await live.api.get(live.batch_id)
                 if state is None:
-                    self._abandon(live.submission, f"the provider no longer knows batch {live.batch_id}")
+                    reason = f"the provider no longer knows batch {live.batch_id}"
+                    self._ledger.abandon(live.submission, "batch_not_run", reason)
                     del self._live[live.submission]
                     continue
                 self._seen(live, state)
@@ -410,20 +421,18 @@ class BatchExecutor:
         results: list[RowResult] = []
         returned: list[Returned] = []
         spent = 0.0  # for the budget: a cost unknown (no usage) counts as its worst case
-        for file_id in filter(None, (state.output_file_id, state.error_file_id)):
-            async with self._api.lines(file_id) as lines:
-                for raw in lines:
-                    if (found := self._read_line(raw, rows, live, back)) is None:
-                        continue
-                    row, outcome = found
-                    if isinstance(outcome, Returned):
-                        returned.append(outcome)
-                        continue
-                    results.append(outcome)
-                    spent += row.worst_usd if outcome.cost_usd is None else outcome.cost_usd
-                    if len(results) >= RECORD_ROWS:
-                        self._record(results)
-                        results = []
+        async for line in live.api.results(state):
+            if line is None or (row := rows.pop(line.custom_id, None)) is None:
+                continue  # unreadable, or no row of ours: its row stays missing from the batch
+            outcome = self._line_outcome(row, line, live, back)
+            if isinstance(outcome, Returned):
+                returned.append(outcome)
+                continue
+            results.append(outcome)
+            spent += row.worst_usd if outcome.cost_usd is None else outcome.cost_usd
+            if len(results) >= RECORD_ROWS:
+                self._record(results)
+                results = []
         kind, reason = UNANSWERED.get(state.status, UNANSWERED["completed"])
         if state.errors:
             reason += ": " + "; ".join(state.errors)
@@ -435,23 +444,7 @@ class BatchExecutor:
             self._budget.settle(live.reserved_usd, spent)
         del self._live[live.submission]
         self._say_ended(live, state, returned)
-        for file_id in filter(None, (state.input_file_id, state.output_file_id, state.error_file_id)):
-            await self._api.delete(file_id)
-
-    def _read_line(
-        self, raw: bytes | None, rows: dict[str, SentRow], live: _Live, back: float
-    ) -> tuple[SentRow, RowResult | Returned] | None:
-        """One result line's row, and its record or why it goes back; None: no row of ours
-        (a line too long to read, or unreadable: its row stays missing from the batch)."""
-        if raw is None:
-            return None
-        try:
-            line = read_batch_line(raw, self._bounds)
-        except RequestFailed:
-            return None
-        if (row := rows.pop(line.custom_id, None)) is None:
-            return None
-        return row, self._line_outcome(row, line, live, back)
+        await live.api.finish(state)
 
     def _line_outcome(self, row: SentRow, line: BatchLine, live: _Live, back: float) -> RowResult | Returned:
         sent = live.created

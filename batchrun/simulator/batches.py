@@ -1,6 +1,6 @@
 """The simulator's Batch API in OpenAI's shape, in memory on the simulator's loop.
 
-`POST /v1/files` (multipart: `file`, `purpose=batch`), `GET /v1/files/{id}`,
+`POST /v1/files` (multipart: `file`, `purpose=batch`), `GET /v1/files` (`purpose`), `GET /v1/files/{id}`,
 `GET /v1/files/{id}/content`, `DELETE /v1/files/{id}`; `POST /v1/batches` (`input_file_id`,
 `endpoint`, `completion_window: 24h`), `GET /v1/batches` (newest first), `GET /v1/batches/{id}`,
 `POST /v1/batches/{id}/cancel`.
@@ -30,6 +30,7 @@ import email.policy
 import itertools
 import re
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -56,6 +57,7 @@ class BatchStats(Protocol):
     batch_requests: int
     uploads: int
     batch_lines: int
+    batch_adds: int
 
 
 @dataclass
@@ -125,6 +127,20 @@ class _Batch:
         }
 
 
+class ExpireMarkers:
+    """Whether a line carries an expire marker still in force, counted per exact line."""
+
+    def __init__(self) -> None:
+        self._seen: dict[bytes, int] = {}
+
+    def __call__(self, raw: bytes) -> bool:
+        for marker in _BATCH_MARKER_RE.finditer(raw):
+            if marker[1] == b"expire":
+                seen = self._seen[raw] = self._seen.get(raw, 0) + 1
+                return marker[2] is None or seen <= int(marker[2])
+        return False
+
+
 def _ids(prefix: str) -> Callable[[], str]:
     counter = itertools.count(1)
     return lambda: f"{prefix}{next(counter):08x}"
@@ -142,7 +158,7 @@ class OpenAIBatches:
         self._stats = stats
         self._files: dict[str, _File] = {}
         self._batches: dict[str, _Batch] = {}
-        self._expired: dict[bytes, int] = {}  # an expire marker's count, per exact line
+        self._expires = ExpireMarkers()
         self._file_id, self._batch_id, self._line_id = _ids("file-sim"), _ids("batch_sim"), _ids("")
 
     def handle(self, request: Request) -> Response:
@@ -152,6 +168,7 @@ class OpenAIBatches:
         key = (request.method, kind, len(rest), rest[1] if len(rest) == 2 else None)
         routes: dict[tuple[str, str, int, str | None], Callable[..., Response]] = {
             ("POST", "files", 0, None): self._upload,
+            ("GET", "files", 0, None): self._file_list,
             ("GET", "files", 1, None): self._file,
             ("GET", "files", 2, "content"): self._content,
             ("DELETE", "files", 1, None): self._delete,
@@ -182,6 +199,11 @@ class OpenAIBatches:
         self._files[file.id] = file
         self._stats.uploads += 1
         return self._json(file.json())
+
+    def _file_list(self, request: Request) -> Response:
+        purpose = dict(urllib.parse.parse_qsl(request.query)).get("purpose")
+        data = [f.json() for f in reversed(self._files.values()) if purpose in (None, f.purpose)]
+        return self._json({"object": "list", "data": data, "has_more": False})
 
     def _no_file(self, file_id: str) -> Response:
         return self._error(404, f"No such File object: {file_id}", param="id")
@@ -266,14 +288,6 @@ class OpenAIBatches:
         if not lines and not invalid:
             problem("empty_file", "The file holds no lines.")
         return lines, invalid
-
-    def _expires(self, raw: bytes) -> bool:
-        """Whether this line carries an expire marker still in force (counted per exact line)."""
-        for marker in _BATCH_MARKER_RE.finditer(raw):
-            if marker[1] == b"expire":
-                seen = self._expired[raw] = self._expired.get(raw, 0) + 1
-                return marker[2] is None or seen <= int(marker[2])
-        return False
 
     def _list(self, request: Request) -> Response:
         for batch in self._batches.values():

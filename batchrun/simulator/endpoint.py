@@ -15,8 +15,8 @@ last user message, so a test can aim one fault at one input row:
   call does not fit the requested schema;
 * ``[[sleep:MS]]`` - wait MS milliseconds before answering.
 
-The Batch API (files and batches, OpenAI's shape) answers each line as this endpoint answers its
-body; see simulator/batches.py for its timing and its own markers.
+The Batch API (files and batches, OpenAI's shape; or xAI's) answers each line as this endpoint
+answers its body; see simulator/batches.py and simulator/xai_batches.py for their timing and markers.
 
 Usage markers shape the reported token counts, for cost tests:
 
@@ -52,6 +52,7 @@ import orjson
 from batchrun.simulator.batches import PATHS as BATCH_PATHS
 from batchrun.simulator.batches import OpenAIBatches
 from batchrun.simulator.httpserver import HttpServer, Outcome, Request, Response
+from batchrun.simulator.xai_batches import XaiBatches
 
 TOKEN_RE = re.compile(r"\w+|[^\w\s]")
 _SENTENCE_END_RE = re.compile(r"[.!?]+[\"'\u201d\u2019)\]]*(?=\s|$)")
@@ -87,7 +88,7 @@ class SimulatorConfig:
     # The rpm window's clock: tests whose subject is the window inject one they move by hand.
     clock: Callable[[], float] = time.monotonic
     keep_bodies: bool = False  # keep each chat request's (and batch line's) body in stats.bodies, for tests
-    batch_api: Literal["openai", "none"] = "openai"  # the Batch API it offers (none: 404s)
+    batch_api: Literal["openai", "xai", "none"] = "openai"  # the Batch API it offers (none: 404s)
     batch_s: float = 0.0  # how long a batch takes from its creation to its end
     batch_delay_ms: float = 0.0  # each Batch API answer's delay (done at once, answered after it)
 
@@ -111,6 +112,7 @@ class SimulatorStats:
     batch_requests: int = 0  # to the Batch API (files and batches)
     uploads: int = 0  # files uploaded
     batch_lines: int = 0  # batch lines answered (each also counted in ok_by_user_message when ok)
+    batch_adds: int = 0  # calls that added requests to a batch (xAI's Batch API)
 
     def summary(self) -> dict[str, Any]:
         """The counts as JSON (GET /simulator/stats), for a client in another process."""
@@ -344,9 +346,11 @@ class _Simulator:
             "/simulator/stats": ("GET", self.stats_summary),
             "/simulator/reset": ("POST", self.reset_stats),
         }
-        self._batches = None
+        self._batches: OpenAIBatches | XaiBatches | None = None
         if config.batch_api == "openai":
             self._batches = OpenAIBatches(config.batch_s, self.reply, self._error, stats)
+        elif config.batch_api == "xai":
+            self._batches = XaiBatches(config.batch_s, self.reply, stats)
 
     def _error(
         self,

@@ -28,6 +28,7 @@ class Request:
     path: str  # without the query string
     headers: dict[str, str]  # names in lower case
     body: bytes
+    query: str = ""  # after the `?`, as sent
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,12 +131,12 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         method = self._parser.get_method().decode("latin-1")
-        path = self._url.partition(b"?")[0].decode("latin-1")
+        path, _, query = (part.decode("latin-1") for part in self._url.partition(b"?"))
         if self._parser.should_upgrade():  # e.g. curl --http2; llhttp stops reading at its headers
             refusal = f"Upgrade: {self._headers.get('upgrade', '')} is not supported; send plain HTTP/1.1"
             self._queue.append((_bad_request(refusal), False))
         else:
-            request = Request(method, path, self._headers, b"".join(self._body))
+            request = Request(method, path, self._headers, b"".join(self._body), query)
             self._queue.append((request, self._parser.should_keep_alive()))
         if self._waiting is None:
             self._answer_queued()
