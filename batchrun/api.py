@@ -192,7 +192,7 @@ class Job:
             rate_limit: Your key's limits. Keys: requests_per_minute, tokens_per_minute.
             stall_warning_s: Warn when no row has finished for this long. Default: `300`.
             pricing: Your prices, instead of the model's list price (from the `genai-prices` package). Keys:
-                input_per_million, output_per_million, cached_input_per_million, discount.
+                input_per_million, output_per_million, cached_input_per_million, discount, per_image.
             budget: A spending limit. Keys: max_cost_usd.
             checkpoint: Where the checkpoint lives (default: beside `output`, else in a temporary folder).
             dedupe: Send identical requests once. Default: `false`.
@@ -541,7 +541,7 @@ def run(
         rate_limit: Your key's limits. Keys: requests_per_minute, tokens_per_minute.
         stall_warning_s: Warn when no row has finished for this long. Default: `300`.
         pricing: Your prices, instead of the model's list price (from the `genai-prices` package). Keys:
-            input_per_million, output_per_million, cached_input_per_million, discount.
+            input_per_million, output_per_million, cached_input_per_million, discount, per_image.
         budget: A spending limit. Keys: max_cost_usd.
         checkpoint: Where the checkpoint lives (default: beside `output`, else in a temporary folder).
         dedupe: Send identical requests once. Default: `false`.

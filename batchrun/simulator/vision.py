@@ -46,11 +46,16 @@ def image_tokens(width: int, height: int, detail: str | None) -> int:
     """The prompt tokens of one image of this size, by the tile rule."""
     if detail == "low":
         return BASE_TOKENS
-    scale = min(1.0, FIT / max(width, height))
-    width, height = round(width * scale), round(height * scale)
-    scale = min(1.0, SHORT / min(width, height))
-    width, height = round(width * scale), round(height * scale)
+    width, height = _scaled(width, height, FIT / max(width, height))
+    width, height = _scaled(width, height, SHORT / min(width, height))
     return BASE_TOKENS + TILE_TOKENS * math.ceil(width / TILE) * math.ceil(height / TILE)
+
+
+def _scaled(width: int, height: int, scale: float) -> tuple[int, int]:
+    """Scaled down by `scale`, never up; a side of one pixel stays one."""
+    if scale >= 1:
+        return width, height
+    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 def dimensions(data: bytes) -> tuple[int, int] | None:
