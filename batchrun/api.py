@@ -397,7 +397,7 @@ class Job:
                     "yet: run it first"
                 )
             job_file = str(self.spec.job_path)
-            sources = Sources(table, job.checkpoint_path, job.report_path, job_file, tuple(by), format)
+            sources = Sources(table, job.checkpoint_path, job.report_path, job_file, tuple(by), format, job)
             html_path = page_path(job.report_path)
             write_page(sources, html_path)
         return html_path
