@@ -113,6 +113,7 @@ class Estimate(Shown):
     images: int = 0  # in the rows to do
     image_tokens: float | None = None  # per image, measured on the finished rows
     image_usd: float | None = None  # per image (pricing.per_image), while images are not measured
+    ratio_measured: bool = True  # False: chars_per_token is the default (rows to measure it lacked)
     again_rows: int = 0  # of the rows to do, those the last run finished (the job changed since)
     again: Scenario | None = None  # what sending them again is expected to cost
     again_worst: Scenario | None = None
@@ -146,13 +147,15 @@ class Estimate(Shown):
         else:
             basis = "uncalibrated default; a pilot of sample rows measures it"
             output_basis = "assumed: half of max_tokens, until rows are measured"
-        images = ""
+        images, default = "", ""
+        if self.observed and not self.ratio_measured:  # text and images in one proportion
+            default = "the default "
         if self.images and self.image_tokens is not None:
             images = f" and {self.images:,} images at {self.image_tokens:,.0f} tokens each"
         lines = [
             f"rows: {self.to_do:,} to do of {self.total_rows:,}{done}",
             f"prompt tokens: {self.expected.prompt_tokens:,} estimated ({self.prompt_chars:,} characters "
-            f"at {self.chars_per_token:.2f} per token{images}, {basis})",
+            f"at {default}{self.chars_per_token:.2f} per token{images}, {basis})",
             f"output tokens: {self.expected.output_tokens:,} expected ({output_basis}); "
             f"{self.worst.output_tokens:,} worst case ({cap})",
         ]
@@ -350,7 +353,7 @@ def _project(
     n = len(observed.prompt_tokens)
     cached_share = 0.0
     if n:
-        chars_per_token, image_tokens, relative_sd = _fit(observed)
+        chars_per_token, image_tokens, relative_sd, ratio_measured = _fit(observed)
         model = PromptModel(chars_per_token, image_tokens, image_usd)
         cached_share = observed.cached_tokens / sum(observed.prompt_tokens)
         out_mean = statistics.fmean(observed.output_tokens)
@@ -358,15 +361,17 @@ def _project(
         # 90% range of a sum over `to_do` rows, per row: the average's own uncertainty
         # (it rests on n rows) plus the rows' spread around it.
         spread = Z_90 * math.sqrt(1 / n + 1 / max(len(to_do), 1))
-        # Prompt tokens at these multiples of the fit's, low first; at most 10 per character.
+        # Prompt tokens at these multiples of the fit's, low first; high at most 10 per character
+        # (never below the fit, where the rows measured more).
         scales = (
             1 / (1 + relative_sd * spread),
             1.0,
-            1 / max(1 - relative_sd * spread, 0.1 / chars_per_token),
+            1 / max(1 - relative_sd * spread, min(1.0, 0.1 / chars_per_token)),
         )
         outputs = (max(out_mean - out_sd * spread, 0.0), out_mean, min(out_mean + out_sd * spread, out_cap))
     else:
         model = PromptModel(DEFAULT_CHARS_PER_TOKEN, None, image_usd)
+        ratio_measured = False
         scales = (1.0, 1.0, 1.0)
         outputs = (0.0, out_cap * UNMEASURED_OUTPUT_SHARE, float(out_cap))
     low, expected, high = (
@@ -397,15 +402,17 @@ def _project(
         images=sum(to_do.images),
         image_tokens=model.image_tokens,
         image_usd=model.image_usd,
+        ratio_measured=ratio_measured,
         again_rows=len(again),
         again=again_scenario,
         again_worst=again_worst,
     )
 
 
-def _fit(observed: Observed) -> tuple[float, float | None, float]:
+def _fit(observed: Observed) -> tuple[float, float | None, float, bool]:
     """Characters per token and tokens per image (None: no finished row had an image) fitted to
-    the finished rows' prompt tokens, and the spread of the rows around the fit, relative to it.
+    the finished rows' prompt tokens, the spread of the rows around the fit, relative to it, and
+    whether the characters per token were measured (or are the default).
 
     Least squares weighted by 1 / characters, which without images is the ratio of the sums.
     Rows whose characters and images stand in one proportion cannot tell the two apart: their
@@ -413,7 +420,7 @@ def _fit(observed: Observed) -> tuple[float, float | None, float]:
     """
     chars, images, tokens = observed.prompts.chars, observed.prompts.images, observed.prompt_tokens
     sum_c, sum_k, sum_t = sum(chars), sum(images), sum(tokens)
-    per_char, per_image = sum_t / max(sum_c, 1), None
+    per_char, per_image, measured = sum_t / max(sum_c, 1), None, True
     if sum_k:
         kk = sum(k * k / max(c, 1) for c, k in zip(chars, images, strict=True))
         kt = sum(k * t / max(c, 1) for c, k, t in zip(chars, images, tokens, strict=True))
@@ -421,13 +428,13 @@ def _fit(observed: Observed) -> tuple[float, float | None, float]:
         if det > 1e-9 * sum_c * kk:
             per_char, per_image = (sum_t * kk - sum_k * kt) / det, (sum_c * kt - sum_k * sum_t) / det
         if per_image is None or per_char <= 0:
-            per_char = 1 / DEFAULT_CHARS_PER_TOKEN
+            per_char, measured = 1 / DEFAULT_CHARS_PER_TOKEN, False
             per_image = max(0.0, (sum_t - per_char * sum_c) / sum_k)
         elif per_image < 0:
             per_char, per_image = sum_t / max(sum_c, 1), 0.0
     fitted = (c * per_char + k * (per_image or 0.0) for c, k in zip(chars, images, strict=True))
     relative = [f / t for f, t in zip(fitted, tokens, strict=True)]
-    return 1 / per_char, per_image, statistics.stdev(relative) if len(relative) > 1 else 0.0
+    return 1 / per_char, per_image, statistics.stdev(relative) if len(relative) > 1 else 0.0, measured
 
 
 def _scenario(
