@@ -5,11 +5,11 @@ the output table (rows by status, tokens, cost, latency, failures: polars, group
 its streaming engine, over a copy without the answers' text), the checkpoint's record of runs
 and attempts (throughput, retries and 429s over time, binned in SQL; history.py) and the JSON
 run report beside it (the estimate made before the run, the Ray workers' figures), when there
-is one. A handful of answered rows is shown as the job produced them: the row's input (the text
-of its last user message, its images as small thumbnails), its answer and its cost. Every chart is an Altair
-(Vega-Lite) spec drawn from at most a few hundred binned points, rendered to inline SVG by
-vl-convert: no script, font or image is fetched when the page is opened. Both are imported only
-when a page is drawn.
+is one. A handful of answered rows is shown as the job produced them: each one's input (the
+text of its last user message, its images as small inline thumbnails), answer and cost. Every
+chart is an Altair (Vega-Lite) spec drawn from at most a few hundred binned points, rendered to
+inline SVG by vl-convert: no script, font or image is fetched when the page is opened. Both are
+imported only when a page is drawn.
 """
 
 from __future__ import annotations
@@ -313,8 +313,8 @@ def _inputs(job: PreparedJob, rows: list[int]) -> dict[int, tuple[str, tuple[str
                 if isinstance(image, ImageRef) and settings is not None:
                     small = thumbnail(image, settings, THUMBNAIL_SIDE, THUMBNAIL_BYTES)
                     images.append(small or image.name)
-                elif isinstance(image, dict):
-                    images.append(str(image.get("url")))  # a URL: named, never fetched by the page
+                elif isinstance(image, dict):  # a URL sent as it is: named, never fetched by the page
+                    images.append(_cut(str(image.get("url")), 80))
             shown[row[ROW]] = (_cut(text, SHOWN_CHARS), tuple(images))
     return shown
 
@@ -528,11 +528,16 @@ def _rows_section(rows: tuple[ShownRow, ...]) -> str:
     return _section("Rows", f'<table class="rows">{head}{body}</table>', caption)
 
 
+_THUMBNAIL = re.compile(r"data:image/(?:jpeg|png|gif|webp);base64,[A-Za-z0-9+/]+=*")
+
+
 def _input_cell(row: ShownRow) -> str:
+    """A row's thumbnails (data URLs made by images.thumbnail), the names of the images not
+    shown, and its text."""
     images = "".join(
-        f'<img class=thumb src="{_e(image)}" alt="image {i}">'
-        if image.startswith("data:image/")
-        else f"<span class=image>[{_e(_cut(image, 80))}]</span>"
+        f'<img class=thumb src="{image}" alt="image {i}">'
+        if _THUMBNAIL.fullmatch(image)
+        else f"<span class=image>[{_e(image)}]</span>"
         for i, image in enumerate(row.images, 1)
     )
     return images + _e(row.text or "")
