@@ -195,7 +195,8 @@ class Job:
             rate_limit: Your key's limits. Keys: requests_per_minute, tokens_per_minute.
             stall_warning_s: Warn when no row has finished for this long. Default: `300`.
             pricing: Your prices, instead of the model's list price (from the `genai-prices` package). Keys:
-                input_per_million, output_per_million, cached_input_per_million, discount, batch_discount.
+                input_per_million, output_per_million, cached_input_per_million, discount, batch_discount,
+                per_image.
             budget: A spending limit. Keys: max_cost_usd.
             checkpoint: Where the checkpoint lives (default: beside `output`, else in a temporary folder).
             dedupe: Send identical requests once. Default: `false`.
@@ -406,7 +407,7 @@ class Job:
                     "yet: run it first"
                 )
             job_file = str(self.spec.job_path)
-            sources = Sources(table, job.checkpoint_path, job.report_path, job_file, tuple(by), format)
+            sources = Sources(table, job.checkpoint_path, job.report_path, job_file, tuple(by), format, job)
             html_path = page_path(job.report_path)
             write_page(sources, html_path)
         return html_path
@@ -553,7 +554,8 @@ def run(
         rate_limit: Your key's limits. Keys: requests_per_minute, tokens_per_minute.
         stall_warning_s: Warn when no row has finished for this long. Default: `300`.
         pricing: Your prices, instead of the model's list price (from the `genai-prices` package). Keys:
-            input_per_million, output_per_million, cached_input_per_million, discount, batch_discount.
+            input_per_million, output_per_million, cached_input_per_million, discount, batch_discount,
+            per_image.
         budget: A spending limit. Keys: max_cost_usd.
         checkpoint: Where the checkpoint lives (default: beside `output`, else in a temporary folder).
         dedupe: Send identical requests once. Default: `false`.

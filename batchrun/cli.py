@@ -478,7 +478,8 @@ def estimate_command(
         """Ask (unless --yes), then send the pilot with progress and the process's signals."""
         cost = ""
         if pilot.expected_usd is not None and pilot.worst_usd is not None:
-            cost = f" (about ${pilot.expected_usd:.4f}, at most ${pilot.worst_usd:.4f})"
+            images = ", images not included" if pilot.images_unpriced else ""
+            cost = f" (about ${pilot.expected_usd:.4f}, at most ${pilot.worst_usd:.4f}{images})"
         where = "the simulator" if simulate else job.spec.endpoint.base_url
         if not (yes or _confirm(f"send a pilot of {len(pilot.rows)} random rows{cost} to {where}?")):
             return None

@@ -27,6 +27,7 @@ from batchrun.budget import BudgetGuard
 from batchrun.cost import (
     ASSUMED_MAX_OUTPUT_TOKENS,
     Price,
+    image_tokens_ceiling,
     output_tokens_cap,
     prompt_tokens_ceiling,
     request_cost,
@@ -309,6 +310,7 @@ class CoreSettings:
     grace_s: float = 10.0  # after a stop request, how long in-flight requests may finish
     base_url: str = ""  # for messages
     price: Price | None = None
+    image_tokens: int = 0  # the prompt tokens a request's worst case counts per image
 
     @classmethod
     def of(
@@ -328,6 +330,7 @@ class CoreSettings:
             grace_s=grace_s,
             base_url=base_url,
             price=price,
+            image_tokens=image_tokens_ceiling(spec.images.max_side if spec.images else None),
         )
 
 
@@ -523,7 +526,7 @@ class Core:
         price = settings.price
         assert price is not None  # run_job refuses a budget without a price
         output = settings.output_tokens or ASSUMED_MAX_OUTPUT_TOKENS
-        prompt = prompt_tokens_ceiling(request.body)
+        prompt = prompt_tokens_ceiling(request.body, settings.image_tokens)
         if not settings.fields:
             return price.cost(prompt, 0, output)
         growth = output + reask_growth()  # each re-ask quotes the answer before it and says why

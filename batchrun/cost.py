@@ -9,6 +9,7 @@ same package version. A job can replace them with its own rates or take a discou
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from batchrun.job import BATCH_DISCOUNT, JobSpec
+from batchrun.prompts import image_count
 
 if TYPE_CHECKING:  # genai-prices is imported when a price is first looked up: it takes 0.2 s
     from genai_prices.data_snapshot import DataSnapshot
@@ -28,6 +30,14 @@ PER_MILLION = 1_000_000
 # assume this many output tokens per request, and say so.
 ASSUMED_MAX_OUTPUT_TOKENS = 8192
 BATCH_CONTEXT = {"processing": "batch"}  # genai-prices' price variant of a provider batch
+# The budget's worst case for one image: OpenAI's tile rule (85 tokens, and 170 per 512 x 512
+# tile) over a square of the longest side an image can be sent with, not scaled down as the rule
+# scales it: images.max_side, or 2048, the side the rule fits every image into. 2,805 tokens,
+# where the rule itself bills at most 1,445.
+IMAGE_BASE_TOKENS = 85
+IMAGE_TILE_TOKENS = 170
+IMAGE_TILE = 512
+IMAGE_SIDE = 2048
 
 
 @dataclass(frozen=True)
@@ -118,14 +128,30 @@ def request_cost(
     return price.cost(prompt_tokens, cached_tokens or 0, output)
 
 
-def prompt_tokens_ceiling(body: dict[str, Any]) -> int:
-    """More prompt tokens than a request can be billed for: the bytes of its body as JSON.
+def prompt_tokens_ceiling(body: dict[str, Any], image_tokens: int = 0) -> int:
+    """More prompt tokens than a request can be billed for: the bytes of its body as JSON, and
+    `image_tokens` for each of its images (`image_tokens_ceiling`).
 
     A token covers at least one byte of text in byte-level BPE tokenizers, and the JSON (role
     names, quotes, braces) outweighs the few framing tokens each message adds; tools and
-    response_format schemas, billed as prompt too, are in the body.
+    response_format schemas, billed as prompt too, are in the body. An image is in the body
+    unread (a reference, or a URL), so its bytes say nothing of its tokens.
     """
-    return len(orjson.dumps(body))
+    images = image_count(body["messages"]) if image_tokens else 0
+    return len(orjson.dumps(body)) + images * image_tokens
+
+
+def image_tokens_ceiling(max_side: int | None) -> int:
+    """The prompt tokens the budget counts for one image: see IMAGE_BASE_TOKENS."""
+    side = min(max_side or IMAGE_SIDE, IMAGE_SIDE)
+    return IMAGE_BASE_TOKENS + IMAGE_TILE_TOKENS * math.ceil(side / IMAGE_TILE) ** 2
+
+
+def image_price(spec: JobSpec) -> float | None:
+    """USD per image for estimates made before any row is answered: the job's pricing.per_image.
+    The bundled price table has no per-image price for chat models (it prices image tokens, for
+    image models), so there is no list price to fall back to."""
+    return spec.pricing.per_image if spec.pricing is not None else None
 
 
 def output_tokens_cap(params: dict[str, Any]) -> int | None:

@@ -5,10 +5,11 @@ the output table (rows by status, tokens, cost, latency, failures: polars, group
 its streaming engine, over a copy without the answers' text), the checkpoint's record of runs
 and attempts (throughput, retries and 429s over time, binned in SQL; history.py) and the JSON
 run report beside it (the estimate made before the run, the Ray workers' figures), when there
-is one. Every chart is an Altair
-(Vega-Lite) spec drawn from at most a few hundred binned points, rendered to inline SVG by
-vl-convert: no script, font or image is fetched when the page is opened. Both are imported only
-when a page is drawn.
+is one. A handful of answered rows is shown as the job produced them: each one's input (the
+text of its last user message, its images as small inline thumbnails), answer and cost. Every
+chart is an Altair (Vega-Lite) spec drawn from at most a few hundred binned points, rendered to
+inline SVG by vl-convert: no script, font or image is fetched when the page is opened. Both are
+imported only when a page is drawn.
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ if TYPE_CHECKING:
 BINS = 60  # bars per histogram, points per throughput line
 RUNS_DRAWN = 8  # the last runs get a throughput segment each
 EXAMPLES = 3  # failed rows shown per kind
+ROWS_SHOWN = 5  # answered rows shown with their input, answer and cost
+THUMBNAIL_SIDE = 64  # pixels, a thumbnail's longer side
+THUMBNAIL_BYTES = 16_000  # without Pillow, an image is shown whole if it is this small, else named
+SHOWN_CHARS = 300  # of a row's input text or answer
 TOP_VALUES = 15  # values of a --by column in its cost chart
 WIDTH = 640
 PAGE_SWITCH = "BATCHRUN_REPORT_PAGE"  # "0": runs draw no page (it costs ~1.5 s; `batchrun report` draws it)
@@ -61,6 +66,19 @@ class Sources:
     job_file: str | None  # for the command that resends failed rows
     by: tuple[str, ...] = ()
     format: TableFormat = "parquet"  # the table's: Parquet is read by slices, others in one pass
+    job: PreparedJob | None = None  # to show the rows' input; without it, their answers alone
+    rows: tuple[ShownRow, ...] = ()  # the answered rows shown (ROWS_SHOWN), taken by write_page
+
+
+@dataclass(frozen=True)
+class ShownRow:
+    """An answered row as the page shows it."""
+
+    id: str
+    text: str | None  # its input: the last user message's text (None: the job is not known)
+    images: tuple[str, ...]  # thumbnails as data URLs, or the names of images not shown
+    answer: str
+    cost_usd: float | None
 
 
 def page_path(report_json: Path) -> Path:
@@ -80,6 +98,7 @@ def write_page_or_warn(job: PreparedJob, events: Events) -> None:
             job.report_path,
             str(job.spec.job_path),
             format=input_format(job.output_path, job.spec.output.format),
+            job=job,
         )
         write_page(sources, path)
     except Exception as exc:  # anything at all: the run's output and exit code stand
@@ -90,8 +109,9 @@ def write_page_or_warn(job: PreparedJob, events: Events) -> None:
 def write_page(sources: Sources, path: Path) -> int:
     """Draw the page and write it atomically; its size in bytes."""
     with tempfile.TemporaryDirectory(prefix="batchrun-page-") as folder:
+        rows = _shown_rows(sources.table, sources.job)
         table = _without_answers(sources.table, sources.format, Path(folder) / "table.parquet")
-        data = render(dataclasses.replace(sources, table=table)).encode()
+        data = render(dataclasses.replace(sources, table=table, rows=rows)).encode()
     write_atomically(path, lambda tmp: tmp.write_bytes(data))
     return len(data)
 
@@ -132,6 +152,7 @@ def render(sources: Sources) -> str:
     ttft = _percentiles(sent, "ttft_ms")
     sections = [
         _summary(rows, total, saved, runs),
+        _rows_section(sources.rows),
         _section(
             "Throughput",
             _throughput_chart(throughput) if throughput.height else _note(NO_RECORD),
@@ -251,6 +272,56 @@ def _histogram(answered: pl.LazyFrame, column: str) -> pl.DataFrame:
         ((pl.col("bin") + 1) * width + low).alias("end"),
         pl.col("len").alias("rows"),
     ).sort("start")
+
+
+def _shown_rows(table: pl.LazyFrame, job: PreparedJob | None) -> tuple[ShownRow, ...]:
+    """The first ROWS_SHOWN answered rows: their answer and cost from the table (read until
+    they are found), their input rendered again from the job's input, where the job is known."""
+    present = set(table.collect_schema().names())
+    answer = pl.coalesce(*(pl.col(c).cast(pl.String) for c in ANSWER_TEXT if c in present), pl.lit(""))
+    cost = pl.col("cost_usd").cast(pl.Float64) if "cost_usd" in present else pl.lit(None, pl.Float64)
+    found = (
+        table.with_row_index("row")
+        .filter(pl.col("status") == "ok")
+        .head(ROWS_SHOWN)
+        .select("row", pl.col("id").cast(pl.String), answer.alias("answer"), cost.alias("cost"))
+        .collect(engine="streaming")
+    )
+    inputs = _inputs(job, found["row"].to_list()) if job is not None else {}
+    shown = []
+    for row, row_id, answer, cost in found.iter_rows():
+        text, images = inputs.get(row, (None, ()))
+        shown.append(ShownRow(row_id, text, images, _cut(answer, SHOWN_CHARS), cost))
+    return tuple(shown)
+
+
+def _inputs(job: PreparedJob, rows: list[int]) -> dict[int, tuple[str, tuple[str, ...]]]:
+    """The rows' input as shown: the text of each one's last user message and its images."""
+    from batchrun.images import ImageRef, thumbnail
+    from batchrun.sources import ROW
+
+    settings = job.prompts.images
+    shown: dict[int, tuple[str, tuple[str, ...]]] = {}
+    for batch in job.source.rows_at(job.row_columns, iter([rows])) if rows else ():
+        for row in batch:
+            body = job.rendered(row)
+            if body is None:
+                continue
+            messages: list[dict[str, Any]] = body["messages"]
+            user: dict[str, Any] = next((m for m in reversed(messages) if m.get("role") == "user"), {})
+            content = user.get("content")
+            parts = content if isinstance(content, list) else [{"type": "text", "text": content or ""}]
+            text = " ".join(p["text"] for p in parts if p.get("type") == "text")
+            images = []
+            for part in parts:
+                image = part.get("image_url")
+                if isinstance(image, ImageRef) and settings is not None:
+                    small = thumbnail(image, settings, THUMBNAIL_SIDE, THUMBNAIL_BYTES)
+                    images.append(small or image.name)
+                elif isinstance(image, dict):  # a URL sent as it is: named, never fetched by the page
+                    images.append(_cut(str(image.get("url")), 80))
+            shown[row[ROW]] = (_cut(text, SHOWN_CHARS), tuple(images))
+    return shown
 
 
 # --- drawing ----------------------------------------------------------------------------------
@@ -476,6 +547,40 @@ def _time(value: float | None, unit: str) -> str:
     return "-" if value is None else f"{value:,.1f} {unit}"
 
 
+def _rows_section(rows: tuple[ShownRow, ...]) -> str:
+    if not rows:
+        return _section("Rows", _note("No row was answered."), "")
+    with_input = any(r.text is not None for r in rows)
+    head = _header_row("id", *(["input"] if with_input else []), "answer", "cost")
+    body = "".join(
+        f"<tr><td>{_e(r.id)}</td>"
+        + (f"<td>{_input_cell(r)}</td>" if with_input else "")
+        + f"<td>{_e(r.answer)}</td><td class=num>{_usd(r.cost_usd)}</td></tr>"
+        for r in rows
+    )
+    caption = f"The first {len(rows)} answered rows" + (
+        ": the text of each one's last user message and its images, its answer and its cost."
+        if with_input
+        else ", their answers and cost (the input is shown when the page is drawn from the job)."
+    )
+    return _section("Rows", f'<table class="rows">{head}{body}</table>', caption)
+
+
+_THUMBNAIL = re.compile(r"data:image/(?:jpeg|png|gif|webp);base64,[A-Za-z0-9+/]+=*")
+
+
+def _input_cell(row: ShownRow) -> str:
+    """A row's thumbnails (data URLs made by images.thumbnail), the names of the images not
+    shown, and its text."""
+    images = "".join(
+        f'<img class=thumb src="{image}" alt="image {i}">'
+        if _THUMBNAIL.fullmatch(image)
+        else f"<span class=image>[{_e(image)}]</span>"
+        for i, image in enumerate(row.images, 1)
+    )
+    return images + _e(row.text or "")
+
+
 def _cost_table(groups: pl.DataFrame) -> str:
     head = _header_row("model", "status", "rows", "prompt", "completion", "cost")
     body = "".join(
@@ -556,6 +661,9 @@ table {{ border-collapse: collapse; margin: .5em 0; }}
 th, td {{ padding: 2px 10px 2px 0; text-align: left; vertical-align: top; }}
 td.num {{ text-align: right; font-variant-numeric: tabular-nums; }} .caption, .note {{ color: #666; }}
 figure.chart {{ margin: .5em 0; }} code {{ background: #f4f4f4; padding: 1px 4px; }}
+table.rows td {{ max-width: 330px; overflow-wrap: anywhere; }} table.rows td.num {{ white-space: nowrap; }}
+.image {{ color: #666; }}
+img.thumb {{ max-width: 64px; max-height: 64px; float: left; margin: 0 8px 4px 0; }}
 </style></head>
 <body>
 {body}

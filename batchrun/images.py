@@ -418,18 +418,14 @@ _opening = threading.Lock()  # warnings filters are process-wide: one image is o
 
 def _resized(data: bytes, max_side: int) -> bytes:
     """The image with its longer side at most `max_side`, in its own format; as it was if it fits."""
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     try:
-        with _opening, warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+        image = _opened(data)
         if max(image.size) <= max_side:
             return data
         format = image.format or "PNG"
-        # Saving drops the EXIF orientation a camera left: turn the pixels as it says first.
-        turned = ImageOps.exif_transpose(image)
-        turned.thumbnail((max_side, max_side))
+        turned = _turned(image, max_side)
         out = io.BytesIO()
         turned.save(out, format=format, **({"quality": 90} if format in ("JPEG", "WEBP") else {}))
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
@@ -437,3 +433,49 @@ def _resized(data: bytes, max_side: int) -> bytes:
     except Exception as exc:  # a broken file makes Pillow raise most kinds (OSError, struct.error...)
         raise ImageProblem(f"cannot be decoded to resize ({type(exc).__name__}: {exc})") from None
     return out.getvalue()
+
+
+def _opened(data: bytes) -> Any:
+    """The image, opened lazily by Pillow; a decompression bomb raises."""
+    from PIL import Image
+
+    with _opening, warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return Image.open(io.BytesIO(data))
+
+
+def _turned(image: Any, side: int) -> Any:
+    """The image turned upright, its longer side at most `side`: saving drops the EXIF
+    orientation a camera left, so the pixels are turned as it says first."""
+    from PIL import ImageOps
+
+    turned = ImageOps.exif_transpose(image)
+    turned.thumbnail((side, side))
+    return turned
+
+
+def thumbnail(ref: ImageRef, settings: ImageSettings, side: int, max_bytes: int) -> str | None:
+    """A small data URL of a row's image, for a page: a JPEG of at most `side` pixels (with
+    Pillow), or without Pillow the image as it is if it has at most `max_bytes`; None for an
+    image that cannot be read, or is too large to show without Pillow."""
+    try:
+        data = _read(ref.source, settings.read_cap, settings)
+    except ImageProblem:
+        return None
+    if sniff(data[:16]) is None:
+        return None
+    import importlib.util
+
+    if importlib.util.find_spec("PIL") is None:
+        return (
+            f"data:{sniff(data[:16])};base64,{base64.b64encode(data).decode()}"
+            if len(data) <= max_bytes
+            else None
+        )
+    try:
+        small = _turned(_opened(data), side).convert("RGB")
+        out = io.BytesIO()
+        small.save(out, format="JPEG", quality=70)
+    except Exception:  # a broken or outsized image is not shown; the row's own record says why
+        return None
+    return f"data:image/jpeg;base64,{base64.b64encode(out.getvalue()).decode()}"

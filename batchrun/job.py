@@ -267,21 +267,24 @@ class RateLimitSpec(_Strict):
 
 class PricingSpec(_Strict):
     """The job's own rates (USD per million tokens), or a discount off the list price; and what
-    a provider batch takes off where the price table has no batch rate."""
+    a provider batch takes off where the price table has no batch rate, and what an image is
+    expected to cost, for estimates made before any row is answered."""
 
     input_per_million: float | None = Field(default=None, ge=0)
     output_per_million: float | None = Field(default=None, ge=0)
     cached_input_per_million: float | None = Field(default=None, ge=0)  # default: the input rate
     discount: float | None = Field(default=None, ge=0, lt=1)  # 0.3: 30% below list
     batch_discount: float = Field(default=BATCH_DISCOUNT, ge=0, lt=1)  # batch mode: 0.5, half price
+    # USD per image as the provider publishes it; answers bill images as prompt tokens all the same
+    per_image: float | None = Field(default=None, ge=0)
 
     @model_validator(mode="after")
     def _rates_or_discount(self) -> PricingSpec:
         rates = (self.input_per_million, self.output_per_million, self.cached_input_per_million)
         if self.discount is not None and any(r is not None for r in rates):
             raise ValueError("give either rates or a discount off the list price, not both")
-        only_batch = self.model_fields_set == {"batch_discount"}
-        if self.discount is None and not only_batch and None in rates[:2]:
+        extras_only = bool(self.model_fields_set) and self.model_fields_set <= {"batch_discount", "per_image"}
+        if self.discount is None and not extras_only and None in rates[:2]:
             raise ValueError("give input_per_million and output_per_million, or a discount")
         return self
 

@@ -121,6 +121,17 @@ def text_length(messages: list[dict[str, Any]]) -> int:
     return length
 
 
+def image_count(messages: list[dict[str, Any]]) -> int:
+    """The image parts of the messages: what the budget and cost estimates count images by."""
+    return sum(
+        1
+        for message in messages
+        if isinstance(content := message.get("content"), list)
+        for part in content
+        if isinstance(part, dict) and part.get("type") == "image_url"
+    )
+
+
 def conversation(value: Any) -> list[dict[str, Any]]:
     """A row's messages: a JSON text or a list of {role, content, ...}; ValueError says what is wrong."""
     if isinstance(value, str):

@@ -1,14 +1,20 @@
-"""Generate sample_data/articles.{csv,parquet}: 300 short, fictional news articles.
+"""Generate sample_data/articles.{csv,parquet}: 300 short, fictional news articles; and
+sample_data/products.csv with a picture of each product in sample_data/products/.
 
 The articles are composed from templates and word pools with a seeded RNG, so the files are
 identical on every run, yet varied and realistic enough (3-6 sentences, 60-140 words, seven
-topics) to exercise prompts, token counts and costs. Run: ``python sample_data/make_sample_data.py``.
+topics) to exercise prompts, token counts and costs. The pictures are flat drawings (a few
+shapes on a plain background) of several sizes, rasterized and written as PNG by the standard
+library alone, a few KB each. Run: ``python sample_data/make_sample_data.py``.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import re
+import struct
+import zlib
 from pathlib import Path
 
 import polars as pl
@@ -347,12 +353,127 @@ def make_articles(n: int = N_ARTICLES, seed: int = SEED) -> pl.DataFrame:
     )
 
 
+# --- product pictures ---------------------------------------------------------------------------
+
+Color = tuple[int, int, int]
+# A shape in a picture: ("rect" | "ellipse" | "triangle", x0, y0, x1, y1, color), in fractions of
+# the picture's width and height; a triangle points up, its apex above the middle of its base.
+Shape = tuple[str, float, float, float, float, Color]
+
+BACKGROUND: Color = (244, 242, 238)
+SHADOW: Color = (214, 211, 205)
+COLORS: dict[str, Color] = {
+    "red": (196, 48, 43), "blue": (43, 92, 176), "green": (58, 140, 76), "yellow": (232, 186, 46),
+    "black": (40, 40, 44), "white": (252, 252, 250), "orange": (226, 120, 40), "teal": (38, 150, 150),
+}  # fmt: skip
+DRAWINGS: dict[str, list[tuple[str, float, float, float, float, str | None]]] = {
+    # None: the product's color; a name: that color
+    "mug": [("rect", 0.30, 0.25, 0.62, 0.80, None), ("ellipse", 0.55, 0.38, 0.75, 0.65, None),
+            ("ellipse", 0.60, 0.44, 0.69, 0.59, "bg")],
+    "bottle": [("rect", 0.44, 0.12, 0.56, 0.32, None), ("rect", 0.36, 0.30, 0.64, 0.85, None),
+               ("rect", 0.36, 0.48, 0.64, 0.62, "white")],
+    "lamp": [("triangle", 0.30, 0.15, 0.70, 0.45, None), ("rect", 0.485, 0.45, 0.515, 0.78, "black"),
+             ("rect", 0.38, 0.78, 0.62, 0.84, "black")],
+    "ball": [("ellipse", 0.28, 0.22, 0.72, 0.80, None), ("rect", 0.28, 0.49, 0.72, 0.53, "white")],
+    "box": [("rect", 0.25, 0.30, 0.75, 0.82, None), ("rect", 0.25, 0.30, 0.75, 0.40, "black"),
+            ("rect", 0.47, 0.40, 0.53, 0.82, "yellow")],
+    "backpack": [("rect", 0.32, 0.22, 0.68, 0.84, None), ("ellipse", 0.32, 0.12, 0.68, 0.34, None),
+                 ("rect", 0.38, 0.55, 0.62, 0.76, "black")],
+}  # fmt: skip
+PRODUCTS: list[tuple[str, str, str, tuple[int, int]]] = [
+    # (name, drawing, color, size in pixels): the sizes span one to four 512 x 512 tiles
+    ("Stoneware mug", "mug", "blue", (320, 240)), ("Travel mug", "mug", "black", (640, 480)),
+    ("Espresso cup", "mug", "white", (256, 256)), ("Breakfast mug", "mug", "yellow", (800, 600)),
+    ("Glass water bottle", "bottle", "teal", (240, 320)), ("Steel flask", "bottle", "black", (480, 640)),
+    ("Olive oil bottle", "bottle", "green", (300, 400)), ("Sports bottle", "bottle", "orange", (600, 800)),
+    ("Desk lamp", "lamp", "red", (400, 400)), ("Reading lamp", "lamp", "green", (640, 640)),
+    ("Bedside lamp", "lamp", "white", (512, 384)), ("Floor lamp", "lamp", "black", (600, 800)),
+    ("Football", "ball", "white", (320, 320)), ("Beach ball", "ball", "yellow", (500, 500)),
+    ("Basketball", "ball", "orange", (640, 480)), ("Bowling ball", "ball", "blue", (800, 600)),
+    ("Gift box", "box", "red", (400, 300)), ("Storage box", "box", "teal", (640, 480)),
+    ("Shoe box", "box", "orange", (512, 512)), ("Moving box", "box", "yellow", (800, 600)),
+    ("School backpack", "backpack", "blue", (300, 400)), ("Hiking backpack", "backpack", "green", (480, 640)),
+    ("City backpack", "backpack", "black", (384, 512)), ("Kids' backpack", "backpack", "red", (600, 800)),
+]  # fmt: skip
+
+
+def _spans(shape: Shape, y: float, width: int, height: int) -> tuple[int, int] | None:
+    """The pixels [start, end) of row `y` (a fraction) that `shape` covers, if any."""
+    kind, x0, y0, x1, y1, _ = shape
+    if not y0 <= y < y1:
+        return None
+    if kind == "rect":
+        left, right = x0, x1
+    elif kind == "ellipse":
+        cx, cy, rx, ry = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
+        half = rx * math.sqrt(max(0.0, 1 - ((y - cy) / ry) ** 2))
+        left, right = cx - half, cx + half
+    else:  # triangle, apex up
+        half = (x1 - x0) / 2 * (y - y0) / (y1 - y0)
+        left, right = (x0 + x1) / 2 - half, (x0 + x1) / 2 + half
+    start, end = round(left * width), round(right * width)
+    return (start, end) if end > start else None
+
+
+def draw(shapes: list[Shape], width: int, height: int) -> bytes:
+    """The picture as PNG scanlines (filter byte 0, then RGB): the background, a shadow under
+    the product, then each shape over the ones before it."""
+    shadow: Shape = ("ellipse", 0.22, 0.83, 0.78, 0.93, SHADOW)
+    lines = []
+    for row in range(height):
+        y = (row + 0.5) / height
+        line = bytearray(bytes(BACKGROUND) * width)
+        for shape in (shadow, *shapes):
+            span = _spans(shape, y, width, height)
+            if span is not None:
+                start, end = span
+                line[start * 3 : end * 3] = bytes(shape[5]) * (end - start)
+        lines.append(b"\0" + bytes(line))
+    return b"".join(lines)
+
+
+def png(width: int, height: int, scanlines: bytes) -> bytes:
+    """A PNG file of 8-bit RGB scanlines."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(scanlines, 9))
+        + chunk(b"IEND", b"")
+    )
+
+
+def make_products(folder: Path) -> pl.DataFrame:
+    """Draw each product into `folder`; the table of them, its `photo` relative to OUT_DIR."""
+    folder.mkdir(exist_ok=True)
+    rows = []
+    for i, (name, drawing, color, (width, height)) in enumerate(PRODUCTS, 1):
+        shapes: list[Shape] = [
+            (kind, x0, y0, x1, y1, BACKGROUND if c == "bg" else COLORS[c or color])
+            for kind, x0, y0, x1, y1, c in DRAWINGS[drawing]
+        ]
+        file = folder / f"{i:02d}-{drawing}-{color}.png"
+        file.write_bytes(png(width, height, draw(shapes, width, height)))
+        rows.append((i, name, drawing, f"{folder.name}/{file.name}"))
+    return pl.DataFrame(
+        rows, schema={"id": pl.Int64, "name": pl.String, "kind": pl.String, "photo": pl.String}, orient="row"
+    )
+
+
 def main() -> None:
     articles = make_articles()
     articles.write_csv(OUT_DIR / "articles.csv")
     articles.write_parquet(OUT_DIR / "articles.parquet")
     words = articles["text"].str.split(" ").list.len()
     print(f"wrote {articles.height} articles ({words.min()}-{words.max()} words) to {OUT_DIR}")
+    products = make_products(OUT_DIR / "products")
+    products.write_csv(OUT_DIR / "products.csv")
+    size = sum(f.stat().st_size for f in (OUT_DIR / "products").iterdir())
+    print(f"wrote {products.height} products and their pictures ({size / 1000:.0f} KB) to {OUT_DIR}")
 
 
 if __name__ == "__main__":

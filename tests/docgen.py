@@ -100,6 +100,9 @@ MEANING = {
     "pricing.discount": "A fraction off every list rate (`0.3`: 30% off); instead of the rates.",
     "pricing.batch_discount": "In batch mode, the fraction off where the price table has no batch "
     "rate for the model (and off the job's own rates).",
+    "pricing.per_image": "USD one image of `prompt.images` costs, as the provider publishes it: "
+    "`estimate` counts it for each image before rows are answered (after, images are measured as "
+    "the prompt tokens they are billed as). With it alone, tokens keep the list price.",
     "budget": "A spending limit.",
     "budget.max_cost_usd": "The whole job's spending at most, earlier runs included (exit 3 when reached).",
     "checkpoint": "Where the checkpoint lives; default: `OUTPUT.checkpoint.sqlite` beside a local "

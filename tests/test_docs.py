@@ -393,8 +393,10 @@ OUTPUT_COLUMNS = {c.name for c in COLUMNS if c.in_output} | {"id"}
 
 
 def sample_columns() -> set[str]:
-    """Columns a page may name besides the output's: the sample input's and the sample jobs' fields."""
-    names = set((ROOT / "sample_data/articles.csv").read_text().splitlines()[0].split(","))
+    """Columns a page may name besides the output's: the sample inputs' and the sample jobs' fields."""
+    names = set()
+    for table in (ROOT / "sample_data").glob("*.csv"):
+        names |= set(table.read_text().splitlines()[0].split(","))
     for job in (ROOT / "jobs").glob("*.yaml"):
         names |= set(yaml.safe_load(job.read_text())["output"].get("fields", {}))
     return names

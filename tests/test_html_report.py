@@ -1,17 +1,25 @@
 """The run report as a page (#15): the record of runs and attempts in the checkpoint, the page
-written after every run that sent a request, `batchrun report`, and the page in a real browser."""
+written after every run that sent a request, `batchrun report`, and the page in a real browser;
+the answered rows it shows with their input, images as inline thumbnails (#23)."""
 
 from __future__ import annotations
 
+import base64
+import io
 import os
 import re
 import shutil
 import sqlite3
 import subprocess
+import sys
+from html import unescape
 from pathlib import Path
 from typing import Any
 
+import polars as pl
 import pytest
+import yaml
+from PIL import Image
 
 from batchrun.html_report import PAGE_SWITCH
 from batchrun.migrations import SCHEMA_VERSION
@@ -21,6 +29,7 @@ from tests.stub_server import Reply, Request, completion, serve_stub
 from tests.test_startup import HEAVY, imported
 
 FIXTURE_V2 = Path(__file__).parent / "fixtures" / "checkpoint_v2"
+REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium")
 CHARTS = 6  # throughput, latency, prompt and completion tokens, cost, failures
 
@@ -106,10 +115,86 @@ def test_the_page_of_a_run_with_failures_retries_and_a_resume(
     assert "run 1, " in html and "run 2, " in html  # each run its own throughput segment
     assert "http_400" in html and "1001" in html and "1004" in html  # failures with example rows
     assert f"batchrun {job} --retry-failed" in html
-    # Nothing outside itself: no script, stylesheet, image or font to fetch.
-    assert not re.search(r"<script|<link|<img|<iframe|@import|url\(", html, re.IGNORECASE)
-    assert not re.search(r"""(src|href)\s*=\s*["'](?!#)""", html, re.IGNORECASE)
+    assert_self_contained(html)
     assert len(html) < 200_000
+    rows = shown_rows(html)
+    assert [r[0] for r in rows] == ["1000", "1002", "1003", "1005", "1006"]  # the first 5 answered
+    out = read_output(job).filter(pl.col("id").is_in([1000, 1002]))
+    assert rows[0][1] == "Story 0 Lead sentence of story 0. A second sentence follows. A third is dropped."
+    assert [r[2] for r in rows[:2]] == out["content"].to_list()
+    assert [r[3] for r in rows[:2]] == [f"${c:,.6f}" for c in out["cost_usd"]]
+
+
+def assert_self_contained(html: str) -> None:
+    """Nothing outside the page: no script, stylesheet, image or font to fetch; an image is
+    inline (a data URL)."""
+    assert not re.search(r"<script|<link|<iframe|@import|url\(", html, re.IGNORECASE)
+    assert not re.search(r"""<img(?![^>]*\bsrc="data:image/)""", html, re.IGNORECASE)
+    assert not re.search(r"""(src|href)\s*=\s*["'](?!#|data:image/(jpeg|png|gif|webp);base64,)""", html, re.I)
+
+
+def shown_rows(html: str) -> list[list[str]]:
+    """The Rows section's cells, a row each (id, [input,] answer, cost), as text."""
+    section = re.search(r"<h2>Rows</h2>.*?</table>", html, re.DOTALL)
+    assert section is not None
+    cells = [
+        re.findall(r"<td[^>]*>(.*?)</td>", row, re.DOTALL)
+        for row in re.findall(r"<tr>(.*?)</tr>", section.group(0), re.DOTALL)[1:]
+    ]
+    return [[unescape(re.sub(r"<[^>]+>", "", cell)) for cell in row] for row in cells]
+
+
+def test_the_page_shows_an_image_jobs_rows_with_thumbnails(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    """The sample job of product pictures: each row shown with a small inline thumbnail."""
+    shutil.copytree(REPO / "sample_data", tmp_path / "sample_data")
+    (tmp_path / "jobs").mkdir()
+    spec = yaml.safe_load((REPO / "jobs" / "describe_images.yaml").read_text())
+    spec["endpoint"] = {"base_url": simulator.base_url, "api_key_env": "BATCHRUN_TEST_KEY"}
+    job = tmp_path / "jobs" / "describe_images.yaml"
+    job.write_text(yaml.safe_dump(spec))
+
+    assert invoke("run", str(job), "-q").exit_code == 0
+    html = (tmp_path / "out" / "descriptions.parquet.report.html").read_text()
+
+    assert_self_contained(html)
+    thumbnails = re.findall(r'<img class=thumb src="data:image/jpeg;base64,([^"]+)"', html)
+    assert len(thumbnails) == 5
+    for data in thumbnails:
+        picture = Image.open(io.BytesIO(base64.b64decode(data)))
+        assert max(picture.size) == 64 and len(data) < 4000
+    rows = shown_rows(html)
+    assert [r[0] for r in rows] == ["1", "2", "3", "4", "5"]
+    assert rows[0][1] == "Describe this mug for the catalogue. It is sold as: Stoneware mug."
+
+    from_output = invoke("report", str(tmp_path / "out" / "descriptions.parquet"))
+    assert from_output.exit_code == 0, from_output.output
+    html = (tmp_path / "out" / "descriptions.parquet.report.html").read_text()
+    assert "<img" not in html and len(shown_rows(html)[0]) == 3  # no job: id, answer and cost
+
+
+def test_without_pillow_a_small_image_is_shown_whole_and_a_large_one_named(
+    tmp_path: Path, simulator: RunningSimulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "photos").mkdir()
+    small = io.BytesIO()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(small, format="PNG")
+    (tmp_path / "photos" / "small.png").write_bytes(small.getvalue())
+    (tmp_path / "photos" / "large.png").write_bytes(small.getvalue() + bytes(20_000))
+    names = ["small", "large"]
+    rows = [{**r, "photo": f"photos/{name}.png"} for r, name in zip(article_rows(2), names, strict=True)]
+    prompt = {"user": "{title}", "images": ["photo"]}
+    job = write_job(tmp_path, rows, simulator.base_url, prompt=prompt)
+    monkeypatch.setitem(sys.modules, "PIL", None)  # as if not installed
+
+    assert invoke("run", str(job), "-q").exit_code == 0
+
+    html = page(job).read_text()
+    assert_self_contained(html)
+    inline = base64.b64encode(small.getvalue()).decode()
+    assert html.count(f'<img class=thumb src="data:image/png;base64,{inline}"') == 1
+    assert shown_rows(html)[1][1] == "[photos/large.png]Story 1"
 
 
 def test_a_stopped_run_writes_its_page_too(tmp_path: Path, simulator: RunningSimulator) -> None:

@@ -24,6 +24,7 @@ from PIL import Image
 import batchrun
 from batchrun.images import sniff
 from batchrun.simulator import RunningSimulator, SimulatorConfig, serve_in_thread
+from batchrun.simulator.vision import dimensions
 from tests.conftest import BUCKET, TEST_KEY, TEST_KEY_ENV, invoke
 from tests.stub_server import Reply, Request, serve_stub
 
@@ -497,6 +498,8 @@ def test_any_bytes_in_a_binary_column_are_sent_as_a_data_url_or_fail_their_row(
             sent = base64.b64decode(url.removeprefix(f"data:{mime};base64,"), validate=True)
             assert sniff(sent) == mime
             assert sent == photo or (max_side and max(Image.open(io.BytesIO(sent)).size) <= max_side)
+        elif out["error_kind"][i] == "invalid_image_format":  # sent, and refused as a real endpoint would
+            assert sniff(photo) is not None and dimensions(photo) is None
         else:
             assert out["error_kind"][i] == "input_error"
             assert out["error"][i].startswith(f"input_error: column 'photo' ({len(photo):,} bytes): ")

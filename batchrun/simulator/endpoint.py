@@ -23,6 +23,9 @@ Usage markers shape the reported token counts, for cost tests:
 * ``[[cached:N]]`` - report N of the prompt tokens as cached (``prompt_tokens_details``);
 * ``[[prompt_tokens:N]]`` - report a prompt of N tokens (a 200k-token prompt without sending one).
 
+Images (``image_url`` parts) count as prompt tokens by OpenAI's tile rule, and malformed parts
+get the 400 a real endpoint gives: see simulator/vision.py.
+
 With ``tools`` (and ``tool_choice`` not "none") the answer is a call of the first tool (or the one
 ``tool_choice`` names) with arguments made up to fit its JSON schema; with a ``json_schema``
 ``response_format`` the content is such a JSON object. Made-up values derive from the message
@@ -52,6 +55,7 @@ import orjson
 from batchrun.simulator.batches import PATHS as BATCH_PATHS
 from batchrun.simulator.batches import OpenAIBatches
 from batchrun.simulator.httpserver import HttpServer, Outcome, Request, Response
+from batchrun.simulator.vision import BadPart, content_image_tokens
 from batchrun.simulator.xai_batches import XaiBatches
 
 TOKEN_RE = re.compile(r"\w+|[^\w\s]")
@@ -159,12 +163,14 @@ class _Chat:
     include_usage: bool
     tool: dict[str, Any] | None  # the function to call instead of answering in text
     schema: dict[str, Any] | None  # response_format's JSON schema for the content
+    image_tokens: int = 0  # the prompt tokens of its images (vision.py)
 
 
 class _BadRequest(Exception):
-    def __init__(self, message: str, param: str | None) -> None:
+    def __init__(self, message: str, param: str | None, code: str | None = None) -> None:
         super().__init__(message)
         self.param = param
+        self.code = code
 
 
 def latencies(mean_ms: float, sigma: float, seed: int) -> Iterator[float]:
@@ -211,10 +217,16 @@ def _parse(body: bytes) -> _Chat:
         raise _BadRequest("messages must be a non-empty list", "messages")
     texts: list[str] = []
     last_user = ""
+    image_tokens = 0
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise _BadRequest("each message must be an object with a role", f"messages[{i}]")
         texts.append(_content_text(message.get("content"), f"messages[{i}].content"))
+        if isinstance(parts := message.get("content"), list):
+            try:
+                image_tokens += content_image_tokens(parts, f"messages[{i}]", message["role"])
+            except BadPart as exc:
+                raise _BadRequest(str(exc), exc.param, exc.code) from None
         if message["role"] == "user":
             last_user = texts[-1]
     max_tokens = data.get("max_completion_tokens", data.get("max_tokens"))
@@ -241,6 +253,7 @@ def _parse(body: bytes) -> _Chat:
         include_usage=include_usage,
         tool=_chosen_tool(data.get("tools"), data.get("tool_choice")),
         schema=schema,
+        image_tokens=image_tokens,
     )
 
 
@@ -474,7 +487,7 @@ class _Simulator:
         try:
             chat = _parse(request.body)
         except _BadRequest as exc:
-            return self._error(400, str(exc), param=exc.param)
+            return self._error(400, str(exc), param=exc.param, code=exc.code)
         if chat.model not in self._offered:
             message = f"The model `{chat.model}` does not exist or you do not have access to it."
             return self._error(404, message, param="model", code="model_not_found")
@@ -541,7 +554,7 @@ class _Simulator:
                 if fault == "badoutput":
                     content = "I would rather answer in prose."
             completion_tokens = count_tokens(call["function"]["arguments"] if call else content or "")
-        prompt_tokens = sum(count_tokens(t) + 4 for t in chat.texts)
+        prompt_tokens = sum(count_tokens(t) + 4 for t in chat.texts) + chat.image_tokens
         marked = {name: int(n) for name, n in _USAGE_MARKER_RE.findall(chat.last_user)} if has_markers else {}
         prompt_tokens = marked.get("prompt_tokens", prompt_tokens)
         usage: dict[str, Any] = {
