@@ -194,10 +194,11 @@ class Estimate(Shown):
             return []
         low, expected, high, worst = (s.cost_usd or 0.0 for s in self.batch)
         rng = " (90% range)" if self.observed else ""
+        unpriced = "; images not included" if self.images_unpriced else ""
         return [
             f"batch price: {self.batch_price.describe()}",
             f"cost in batch mode: low ${low:.4f}, expected ${expected:.4f}, high ${high:.4f}{rng}; "
-            f"worst case ${worst:.4f}",
+            f"worst case ${worst:.4f}{unpriced}",
         ]
 
     @property

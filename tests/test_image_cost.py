@@ -213,7 +213,7 @@ def test_an_estimate_is_ordered_low_expected_high_worst(
     for chars, images in to_do:
         rows.add(chars, images)
 
-    estimate = _project(len(to_do), 0, 0, 0, rows, Rows(), seen, 60, price, 0.0, per_image)
+    estimate = _project(len(to_do), 0, 0, 0, rows, Rows(), seen, 60, price, 0.0, image_usd=per_image)
 
     costs = [s.cost_usd for s in (estimate.low, estimate.expected, estimate.high, estimate.worst)]
     assert all(c is not None for c in costs)
