@@ -19,6 +19,7 @@ import pytest
 from nbclient import NotebookClient
 
 from tests.conftest import article_rows
+from tests.test_api import rows_in
 from tests.test_docs import ROOT, Block, blocks, masked, matches
 
 PAGE = ROOT / "docs" / "python-api.md"
@@ -31,16 +32,6 @@ WIDGET = "application/vnd.jupyter.widget-view+json"
 @pytest.fixture(autouse=True)
 def platform_dirs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("JUPYTER_PLATFORM_DIRS", "1")  # else jupyter_core warns that paths move
-
-
-def rows_in(checkpoint: Path) -> int:
-    if not checkpoint.exists():
-        return 0
-    try:
-        with sqlite3.connect(checkpoint, timeout=5) as db:
-            return int(db.execute("SELECT COUNT(*) FROM results").fetchone()[0])
-    except sqlite3.OperationalError:
-        return 0
 
 
 class Session:
