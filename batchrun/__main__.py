@@ -1,3 +1,3 @@
-from batchrun.cli import main
+from batchrun.cli import program
 
-main(prog_name="batchrun")  # not "python -m batchrun" in --version and usage lines
+program()

@@ -23,7 +23,9 @@ Scenarios (issue #4; S4 issue #12):
   S4  S2's latencies with 512 in flight and 20,000 rows: the client's CPU per row decides throughput;
       the bound is computed as S2's
 Rows/s counts rows answered (not lost) over the client process's whole life (start-up included);
-CPU is its user + sys time; peak RSS is its own VmHWM, polled while it runs (see `watch`);
+CPU is its user + sys time; "wall - active" is the client's wall time less the server's first
+arrival to last answer: start-up, reading, writing and reporting, what a short job pays whatever
+its rows; peak RSS is its own VmHWM, polled while it runs (see `watch`);
 "% of limit" and "vs zero-overhead" use the server's view (first arrival to last answer), where
 start-up does not count. Before the runs, the simulator's own capacity is measured with
 loadgen.py to show it is not the bottleneck.
@@ -399,10 +401,10 @@ def print_table(scenario: str, results: list[tuple[Outcome, str]]) -> None:
     sdk, chunked = peers["openai SDK + semaphore"], peers["httpx chunked gather"]
     for o, note in results:
         if o.failure:
-            cells = [scenario, o.client, f"FAILED ({o.failure}): no figures", *[""] * 6]
+            cells = [scenario, o.client, f"FAILED ({o.failure}): no figures", *[""] * 7]
         else:
             cells = [scenario, o.client, f"{o.rows_per_s:,.0f}", f"{o.cpu_s * 1000 / o.rows:.2f}"]
-            cells += [f"{o.rss_mb:.0f}", f"{o.rate_limited:,}", f"{o.lost:,}"]
+            cells += [f"{o.wall_s - o.span_s:.2f}", f"{o.rss_mb:.0f}", f"{o.rate_limited:,}", f"{o.lost:,}"]
             cells += ["-" if p.failure else f"{o.rows_per_s / p.rows_per_s:.2f}x" for p in (sdk, chunked)]
             cells += [note]
         print("| " + " | ".join(cells) + " |", flush=True)
@@ -417,7 +419,8 @@ def main() -> None:
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores; client on core 0, simulator on core 1")
     print(f"each client {args.rounds} times, the order rotated each round; figures: its median run by rows/s")
     header = (
-        "| scenario | client | rows/s | CPU ms/row | peak RSS MB | 429s | rows lost | vs SDK | vs chunked | |"
+        "| scenario | client | rows/s | CPU ms/row | wall - active s | peak RSS MB | 429s | rows lost "
+        "| vs SDK | vs chunked | |"
     )
     with tempfile.TemporaryDirectory() as tmp:
         tables = []
@@ -427,7 +430,7 @@ def main() -> None:
             print(f"{name}: {rows:,} rows, {s.concurrency} in flight", flush=True)
             tables.append((name, run_scenario(s, rows, Path(tmp), args.rounds)))
         print(header)
-        print("|" + "---|" * 10)
+        print("|" + "---|" * 11)
         for name, results in tables:
             print_table(name, results)
 
