@@ -8,16 +8,21 @@ same package version. A job can replace them with its own rates or take a discou
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import math
+import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from importlib.metadata import version
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from batchrun.errors import BatchrunError
 from batchrun.job import BATCH_DISCOUNT, JobSpec
 from batchrun.prompts import image_count
 
@@ -199,7 +204,69 @@ def batch_price(spec: JobSpec) -> Price | None:
 @functools.cache
 def list_price(model: str, batch: bool = False) -> Price | None:
     """The list price in force today for `model`, from the bundled table; None if unlisted.
-    `batch`: its rate in a provider batch, None where the table has no such rate."""
+    `batch`: its rate in a provider batch, None where the table has no such rate.
+
+    The table is a 1.6 MB Python module: loading it takes ~0.1 s of CPU and ~17 MB, most of a
+    short run's price. So what it says of a model is kept in the user's cache folder for the
+    day (UTC) and the package version it was read with (`_PriceCache`)."""
+    cache = _PriceCache()
+    key = f"{model} {'batch' if batch else 'online'}"
+    if (tiers := cache.get(key)) is not None:
+        return _from_tiers(tiers, batch)
+    price = _table_price(model, batch)
+    cache.put(key, [] if price is None else [[start, *dataclasses.astuple(r)] for start, r in price.tiers])
+    return price
+
+
+def _from_tiers(tiers: list[list[float]], batch: bool) -> Price | None:
+    if not tiers:
+        return None
+    return Price(tuple((int(start), Rates(*rates)) for start, *rates in tiers), _list_source(batch))
+
+
+def _list_source(batch: bool) -> str:
+    return f"{'list batch price' if batch else 'list price'}, genai-prices {version('genai-prices')}"
+
+
+class _PriceCache:
+    """`list_price`'s answers for today, in `$XDG_CACHE_HOME/batchrun/list-prices.json`
+    (`~/.cache/...` without it): a file any batchrun of the same genai-prices version may read
+    and replace whole (atomically), and that a reader may find missing, stale, unreadable or
+    not JSON, when it is read from the table again."""
+
+    def __init__(self) -> None:
+        root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        self._path = Path(root) / "batchrun" / "list-prices.json"
+        self._stamp = [version("genai-prices"), datetime.now(UTC).date().isoformat()]
+        self._prices: dict[str, Any] = {}
+        with contextlib.suppress(OSError, ValueError):
+            held = orjson.loads(self._path.read_bytes())
+            if (
+                isinstance(held, dict)
+                and held.get("stamp") == self._stamp
+                and isinstance(held.get("prices"), dict)
+            ):
+                self._prices = held["prices"]
+
+    def get(self, key: str) -> list[list[float]] | None:
+        """The tiers kept for `key` ([] for a model the table does not price), or None."""
+        tiers = self._prices.get(key)
+        valid = isinstance(tiers, list) and all(
+            isinstance(t, list) and len(t) == 4 and all(isinstance(x, int | float) for x in t) for t in tiers
+        )
+        return tiers if valid else None
+
+    def put(self, key: str, tiers: list[list[float]]) -> None:
+        from batchrun.output import write_atomically
+
+        self._prices[key] = tiers
+        content = orjson.dumps({"stamp": self._stamp, "prices": self._prices})
+        with contextlib.suppress(BatchrunError):  # a home that cannot be written: read again next time
+            write_atomically(self._path, lambda temp: temp.write_bytes(content))
+
+
+def _table_price(model: str, batch: bool) -> Price | None:
+    """`list_price` read from the table itself."""
     try:
         _, info = _bundled_table().find_provider_model(model, None, None, None)
     except LookupError:
@@ -221,8 +288,7 @@ def list_price(model: str, batch: bool = False) -> Price | None:
     tiers = tuple(
         (start, Rates(_at(inputs, start), _at(cached, start), _at(outputs, start))) for start in (0, *starts)
     )
-    kind = "list batch price" if batch else "list price"
-    return Price(tiers, f"{kind}, genai-prices {version('genai-prices')}")
+    return Price(tiers, _list_source(batch))
 
 
 def _at(price: Decimal | TieredPrices, start: int) -> float:

@@ -32,13 +32,20 @@ TEST_KEY = "sk-test-0123456789abcdef"
 OUTSIDE_NETWORK = {"HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "SSL_CERT_FILE", "SSL_CERT_DIR"}
 
 
+@pytest.fixture(scope="session")
+def cache_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tests' own cache folder (list prices): the developer's is neither read nor written."""
+    return tmp_path_factory.mktemp("cache")
+
+
 @pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+def clean_env(monkeypatch: pytest.MonkeyPatch, cache_home: Path) -> None:
     """Settings from the developer's shell must not leak into a test."""
     for name in list(os.environ):
         if name.startswith(("BATCHRUN_", "RELAYDANCE_", "OPENAI_")) or name.upper() in OUTSIDE_NETWORK:
             monkeypatch.delenv(name)
     monkeypatch.setenv(TEST_KEY_ENV, TEST_KEY)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache_home))
     monkeypatch.setenv(PAGE_SWITCH, "0")  # ~1.5 s a run; tests/test_html_report.py draws it
 
 

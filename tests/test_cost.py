@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +23,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 from genai_prices import data_snapshot
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from batchrun.budget import BudgetGuard
 from batchrun.cli import main
@@ -85,8 +91,9 @@ def test_request_cost_by_hand_and_as_genai_prices_computes_it(
     assert price.cost(prompt, cached or 0, 4) == pytest.approx(float(reference), rel=1e-12)
 
 
-def test_only_the_bundled_price_table_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_only_the_bundled_price_table_is_used(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """An updated snapshot (what genai-prices' network updater installs) changes nothing."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing kept: the table is read
     monkeypatch.setattr(data_snapshot, "_custom_snapshot", data_snapshot.DataSnapshot([], True))
     list_price.cache_clear()
     try:
@@ -94,6 +101,85 @@ def test_only_the_bundled_price_table_is_used(monkeypatch: pytest.MonkeyPatch) -
     finally:
         list_price.cache_clear()
     assert price is not None and price.rates(1000).input == 1.25
+
+
+PRICE_IN_A_PROCESS = """
+import sys
+from batchrun.cost import list_price
+print(repr(list_price("grok-4.3")), repr(list_price("no-such-model")), "genai_prices.data" in sys.modules)
+"""
+
+
+def test_a_list_price_is_read_from_the_table_once_a_day(tmp_path: Path) -> None:
+    """The first process reads the table and keeps what it said; the next (same day, same
+    genai-prices) gets the same prices, an unpriced model too, without loading the table."""
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", PRICE_IN_A_PROCESS], env=env, capture_output=True, text=True, check=True
+        )
+        for _ in range(2)
+    ]
+    first, second = (run.stdout.split() for run in runs)
+    assert first[-1] == "True" and second[-1] == "False"
+    assert first[:-1] == second[:-1] and "1.25" in runs[0].stdout and "None" in runs[0].stdout
+    kept = json.loads((tmp_path / "batchrun" / "list-prices.json").read_text())
+    assert kept["stamp"][0] == version("genai-prices") and set(kept["prices"]) == {
+        "grok-4.3 online",
+        "no-such-model online",
+    }
+
+
+KEPT = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=16), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    held=st.binary(max_size=64)
+    | KEPT.map(json.dumps).map(str.encode)
+    | st.builds(
+        lambda prices, today: json.dumps(
+            {"stamp": [version("genai-prices"), today], "prices": {"grok-4.3 online": prices}}
+        ).encode(),
+        KEPT,
+        st.sampled_from(["2001-01-01", "9999-12-31"]),
+    )
+)
+def test_whatever_the_price_cache_holds_the_table_decides(tmp_path: Path, held: bytes) -> None:
+    """A cache file someone else wrote (another version, another day, or not ours at all) is
+    read again from the table, and replaced by a good one."""
+    cache = tmp_path / "batchrun" / "list-prices.json"
+    cache.parent.mkdir(exist_ok=True)
+    cache.write_bytes(held)
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path)  # clean_env restores it after the test
+    list_price.cache_clear()
+    try:
+        price = list_price("grok-4.3")
+    finally:
+        list_price.cache_clear()
+    assert price is not None and price.rates(1000) == Rates(1.25, 0.20, 2.50)
+    assert json.loads(cache.read_bytes())["prices"]["grok-4.3 online"] == [
+        [0, 1.25, 0.2, 2.5],
+        [199_999, 2.5, 0.4, 5.0],
+    ]
+
+
+def test_a_cache_folder_that_cannot_be_written_changes_no_price(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))
+    list_price.cache_clear()
+    try:
+        price = list_price("grok-4.3")
+    finally:
+        list_price.cache_clear()
+    assert price is not None and price.rates(1000) == Rates(1.25, 0.20, 2.50)
 
 
 def test_discount_override_and_unknown_model(tmp_path: Path) -> None:
