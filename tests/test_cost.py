@@ -91,15 +91,20 @@ def test_request_cost_by_hand_and_as_genai_prices_computes_it(
     assert price.cost(prompt, cached or 0, 4) == pytest.approx(float(reference), rel=1e-12)
 
 
+def uncached_list_price(model: str) -> Price | None:
+    """list_price as a new process would find it (its in-process memo cleared, before and after)."""
+    list_price.cache_clear()
+    try:
+        return list_price(model)
+    finally:
+        list_price.cache_clear()
+
+
 def test_only_the_bundled_price_table_is_used(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """An updated snapshot (what genai-prices' network updater installs) changes nothing."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing kept: the table is read
     monkeypatch.setattr(data_snapshot, "_custom_snapshot", data_snapshot.DataSnapshot([], True))
-    list_price.cache_clear()
-    try:
-        price = list_price("grok-4.3")
-    finally:
-        list_price.cache_clear()
+    price = uncached_list_price("grok-4.3")
     assert price is not None and price.rates(1000).input == 1.25
 
 
@@ -156,11 +161,7 @@ def test_whatever_the_price_cache_holds_the_table_decides(tmp_path: Path, held: 
     cache.parent.mkdir(exist_ok=True)
     cache.write_bytes(held)
     os.environ["XDG_CACHE_HOME"] = str(tmp_path)  # clean_env restores it after the test
-    list_price.cache_clear()
-    try:
-        price = list_price("grok-4.3")
-    finally:
-        list_price.cache_clear()
+    price = uncached_list_price("grok-4.3")
     assert price is not None and price.rates(1000) == Rates(1.25, 0.20, 2.50)
     assert json.loads(cache.read_bytes())["prices"]["grok-4.3 online"] == [
         [0, 1.25, 0.2, 2.5],
@@ -174,11 +175,7 @@ def test_a_cache_folder_that_cannot_be_written_changes_no_price(
     blocked = tmp_path / "a-file"
     blocked.write_text("not a folder")
     monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))
-    list_price.cache_clear()
-    try:
-        price = list_price("grok-4.3")
-    finally:
-        list_price.cache_clear()
+    price = uncached_list_price("grok-4.3")
     assert price is not None and price.rates(1000) == Rates(1.25, 0.20, 2.50)
 
 
