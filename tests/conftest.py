@@ -39,7 +39,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
         if name.startswith(("BATCHRUN_", "RELAYDANCE_", "OPENAI_")) or name.upper() in OUTSIDE_NETWORK:
             monkeypatch.delenv(name)
     monkeypatch.setenv(TEST_KEY_ENV, TEST_KEY)
-    monkeypatch.setenv(PAGE_SWITCH, "0")  # ~1.5 s a run; tests/test_html_report.py draws it
+    monkeypatch.setenv(PAGE_SWITCH, "0")  # tests/test_html_report.py draws the page
 
 
 @pytest.fixture(scope="module")
