@@ -7,9 +7,8 @@ and attempts (throughput, retries and 429s over time, binned in SQL; history.py)
 run report beside it (the estimate made before the run, the Ray workers' figures), when there
 is one. A handful of answered rows is shown as the job produced them: each one's input (the
 text of its last user message, its images as small inline thumbnails), answer and cost. Every
-chart is an Altair (Vega-Lite) spec drawn from at most a few hundred binned points, rendered to
-inline SVG by vl-convert: no script, font or image is fetched when the page is opened. Both are
-imported only when a page is drawn.
+chart is inline SVG drawn by charts.py from at most a few hundred binned points: no script,
+font or image is fetched when the page is opened.
 """
 
 from __future__ import annotations
@@ -30,14 +29,13 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
+from batchrun import charts
 from batchrun.job import TableFormat
 from batchrun.output import ANSWERED, sink_frames, write_atomically
 from batchrun.report import ONLINE, PERCENTILES, by_mode, cost_report, typed_output
 from batchrun.sources import input_format, scan_table
 
 if TYPE_CHECKING:
-    import altair as alt
-
     from batchrun.events import Events
     from batchrun.plan import PreparedJob
 
@@ -49,8 +47,8 @@ THUMBNAIL_SIDE = 64  # pixels, a thumbnail's longer side
 THUMBNAIL_BYTES = 16_000  # without Pillow, an image is shown whole if it is this small, else named
 SHOWN_CHARS = 300  # of a row's input text or answer
 TOP_VALUES = 15  # values of a --by column in its cost chart
-WIDTH = 640
-PAGE_SWITCH = "BATCHRUN_REPORT_PAGE"  # "0": runs draw no page (it costs ~1.5 s; `batchrun report` draws it)
+STATUS_COLORS = {"ok": charts.COLORS[0], "failed": charts.COLORS[2]}  # in the cost chart
+PAGE_SWITCH = "BATCHRUN_REPORT_PAGE"  # "0": runs draw no page (`batchrun report` draws it)
 ANSWER_TEXT = ("content", "tool_calls")  # the output's widest columns; the page needs their nulls only
 PAGE_SLICE_ROWS = 65_536  # rows of the output decoded at a time for the page
 NO_RECORD = "No record of attempts: no checkpoint beside the output, or one made before batchrun 0.3."
@@ -327,84 +325,46 @@ def _inputs(job: PreparedJob, rows: list[int]) -> dict[int, tuple[str, tuple[str
 # --- drawing ----------------------------------------------------------------------------------
 
 
-def _svg(chart: alt.TopLevelMixin) -> str:
-    import vl_convert
-
-    svg: str = vl_convert.vegalite_to_svg(chart.to_dict())
+def _figure(svg: str) -> str:
     return f'<figure class="chart">{svg}</figure>'
 
 
 def _throughput_chart(points: pl.DataFrame) -> str:
-    import altair as alt
-
-    line = (
-        alt.Chart(points, width=WIDTH, height=110)
-        .mark_line(interpolate="step")
-        .encode(
-            x=alt.X("t_s:Q", title="seconds into the run"),
-            y=alt.Y("per_s:Q", title="per second"),
-            color=alt.Color("series:N", title=None, sort=["rows finished", "retries", "429s"]),
+    """A panel a run, the last first (as _history lists them), its series as _history names them."""
+    panels = [
+        (
+            str(run),
+            [
+                charts.Series(str(name), line["t_s"].to_list(), line["per_s"].to_list())
+                for (name,), line in part.group_by("series", maintain_order=True)
+            ],
         )
-    )
-    return _svg(
-        line.facet(
-            row=alt.Row(
-                "run:N",
-                title=None,
-                sort="descending",
-                header=alt.Header(labelAngle=0, labelOrient="top", labelAnchor="start", labelFontSize=12),
-            )
-        )
-        .resolve_scale(x="independent", y="independent")
-        .configure_legend(orient="top")
-    )
+        for (run,), part in points.group_by("run", maintain_order=True)
+    ]
+    return _figure(charts.step_lines(panels, "seconds into the run", "per second"))
 
 
 def _distribution(answered: pl.LazyFrame, column: str, title: str, marks: dict[int, float]) -> str:
-    import altair as alt
-
     bins = _histogram(answered, column)
     if not bins.height:
         return _note(f"No {title}: no answered row has one.")
-    bars = (
-        alt.Chart(bins, width=WIDTH, height=140)
-        .mark_bar(color="#4c78a8")
-        .encode(
-            x=alt.X("start:Q", title=title, bin="binned"),
-            x2="end:Q",
-            y=alt.Y("rows:Q", title="rows"),
-        )
-    )
-    if not marks:
-        return _svg(bars)
-    lines = pl.DataFrame({"at": list(marks.values()), "label": [f"p{p} {v:,.0f}" for p, v in marks.items()]})
-    rules = alt.Chart(lines).mark_rule(color="#e45756", strokeDash=[4, 3]).encode(x="at:Q")
-    labels = (
-        alt.Chart(lines)
-        .mark_text(align="left", dx=3, dy=-4, color="#e45756", baseline="top")
-        .encode(x="at:Q", y=alt.value(0), text="label:N")
-    )
-    return _svg(alt.layer(bars, rules, labels))
+    shown = [(v, f"p{p} {v:,.0f}") for p, v in marks.items()]
+    return _figure(charts.histogram(bins.rows(), title, shown))
 
 
 def _cost(costs: pl.DataFrame, table: pl.LazyFrame, by: tuple[str, ...]) -> str:
-    import altair as alt
-
     groups = costs.filter(pl.col("model") != "total")
     priced = groups.filter(pl.col("cost_usd").is_not_null() & (pl.col("cost_usd") > 0))
     parts = []
     if priced.height:
-        bars = (
-            alt.Chart(priced, width=WIDTH, height=alt.Step(22))
-            .mark_bar()
-            .encode(
-                x=alt.X("sum(cost_usd):Q", title="cost (USD)"),
-                y=alt.Y("model:N", title=None),
-                color=alt.Color("status:N", title="status"),
-                tooltip=["model", "status", "rows", "cost_usd"],
-            )
-        )
-        parts.append(_svg(bars))
+        models = priced["model"].unique(maintain_order=True).to_list()
+        stacks = []
+        for (status,), part in priced.group_by("status", maintain_order=True):
+            cost = dict(part.group_by("model").agg(pl.col("cost_usd").sum()).iter_rows())
+            stacks.append((str(status), [cost.get(m) for m in models]))
+        colors = [STATUS_COLORS.get(status, charts.COLORS[3]) for status, _ in stacks]
+        labels = [str(m) for m in models]
+        parts.append(_figure(charts.bars(labels, stacks, "cost (USD)", colors=colors, legend=True)))
     else:
         parts.append(_note("No cost: the model has no price, or no answer reported usage."))
     parts.append(_cost_table(groups))
@@ -414,8 +374,6 @@ def _cost(costs: pl.DataFrame, table: pl.LazyFrame, by: tuple[str, ...]) -> str:
 
 
 def _cost_by(table: pl.LazyFrame, column: str) -> str:
-    import altair as alt
-
     top = (
         cost_report(table, (column,))
         .filter(pl.col(column) != "total")
@@ -424,26 +382,12 @@ def _cost_by(table: pl.LazyFrame, column: str) -> str:
         .sort("cost_usd", descending=True, nulls_last=True)
         .head(TOP_VALUES)
     )
-    bars = (
-        alt.Chart(top, width=WIDTH, height=alt.Step(18), title=f"cost by {column} (top {TOP_VALUES})")
-        .mark_bar(color="#72b7b2")
-        .encode(
-            x=alt.X("cost_usd:Q", title="cost (USD)"),
-            y=alt.Y(field=_vega_field(column), type="nominal", sort="-x", title=None),
-        )
-    )
-    return _svg(bars)
-
-
-def _vega_field(column: str) -> str:
-    """A column's name as a Vega-Lite field: unescaped, a dot or bracket in it reads as nesting
-    (a column `a.b` would be charted as field b of a, which no row has)."""
-    return re.sub(r"([\\.\[\]])", r"\\\1", column)
+    title = f"cost by {column} (top {TOP_VALUES})"
+    values = [("cost", top["cost_usd"].to_list())]
+    return _figure(charts.bars(top[column].to_list(), values, "cost (USD)", title, [charts.COLORS[3]]))
 
 
 def _failures(table: pl.LazyFrame, job_file: str | None) -> str:
-    import altair as alt
-
     failed = table.filter(pl.col("status") == "failed")
     kinds = (
         failed.group_by(pl.col("error_kind").fill_null("unknown"))
@@ -457,10 +401,8 @@ def _failures(table: pl.LazyFrame, job_file: str | None) -> str:
     )
     if not kinds.height:
         return _section("Failures", _note("No row failed."), "")
-    chart = (
-        alt.Chart(kinds.select("error_kind", "rows"), width=WIDTH, height=alt.Step(22))
-        .mark_bar(color="#e45756")
-        .encode(x=alt.X("rows:Q", title="rows"), y=alt.Y("error_kind:N", sort="-x", title=None))
+    chart = charts.bars(
+        kinds["error_kind"].to_list(), [("rows", kinds["rows"].to_list())], "rows", colors=["#e45756"]
     )
     examples = "".join(
         f"<tr><td>{_e(kind)}</td><td class=num>{rows:,}</td><td>{_e(row_id)}</td>"
@@ -470,7 +412,7 @@ def _failures(table: pl.LazyFrame, job_file: str | None) -> str:
     )
     resend = f"batchrun {job_file} --retry-failed" if job_file else "batchrun JOB --retry-failed"
     body = (
-        _svg(chart)
+        _figure(chart)
         + "<table>"
         + _header_row("kind", "rows", "example id", "error")
         + examples

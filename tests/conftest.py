@@ -46,7 +46,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, cache_home: Path) -> None:
             monkeypatch.delenv(name)
     monkeypatch.setenv(TEST_KEY_ENV, TEST_KEY)
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache_home))
-    monkeypatch.setenv(PAGE_SWITCH, "0")  # ~1.5 s a run; tests/test_html_report.py draws it
+    monkeypatch.setenv(PAGE_SWITCH, "0")  # tests/test_html_report.py draws the page
 
 
 @pytest.fixture(scope="module")

@@ -190,7 +190,7 @@ def model_lists(draw: st.DrawFn) -> Reply:
     return Reply(200, {"data": [{"id": "grok-4.3"}, {"id": draw(json_values)}]}, draw(headers))
 
 
-@pytest.mark.timeout(max(120, EXAMPLES * 3))
+@pytest.mark.timeout(max(600, EXAMPLES * 20))  # a hang guard: 25 s idle, several times that loaded
 @settings(
     max_examples=EXAMPLES,
     derandomize=EXAMPLES <= 25,

@@ -18,8 +18,8 @@ before it: `<!-- not run: the reason -->`, which neither GitHub nor MkDocs shows
 Shown output is compared after masking what differs from run to run or machine to machine:
 the folder the page ran in (shown as /path/to/batchrun), durations (`0.2 s`), the page's size
 (`86 KiB`), the version of genai-prices. A line `...` stands for any lines. Runs draw no report
-page (BATCHRUN_REPORT_PAGE=0, as in every test: ~1.5 s each; tests/test_html_report.py draws
-it), so the `report:` line's `, ....report.html` is dropped from both sides.
+page (BATCHRUN_REPORT_PAGE=0, as in every test; tests/test_html_report.py draws it), so the
+`report:` line's `, ....report.html` is dropped from both sides.
 
 Why a test of its own rather than Sybil or pytest-examples: the shell sessions are the most of
 the examples, and they need a bash of their own per block (`cd`, `export`, `echo $?`), output
