@@ -311,7 +311,6 @@ def run_in_process(spec: JobSpec, options: RunOptions) -> RunResult:
     from batchrun.loop import run_async
     from batchrun.progress import Progress
     from batchrun.runner import run_job
-    from batchrun.simulator import SimulatorConfig, serve_in_thread
 
     settle()
     progress = Progress(options.quiet)
@@ -354,6 +353,8 @@ def run_in_process(spec: JobSpec, options: RunOptions) -> RunResult:
     with contextlib.ExitStack() as stack:
         base_url = None
         if options.simulate:
+            from batchrun.simulator import SimulatorConfig, serve_in_thread
+
             config = SimulatorConfig(latency_ms=options.simulate_latency_ms, extra_models=(spec.model,))
             base_url = stack.enter_context(serve_in_thread(config)).base_url
         try:
