@@ -92,6 +92,10 @@ class Usage:
     reasoning_tokens: int | None = None
     usage_problem: str | None = None
 
+    def as_fields(self) -> dict[str, Any]:
+        """ChatResult's fields it fills (`dataclasses.asdict` deep-copies, ~10x the CPU)."""
+        return {name: getattr(self, name) for name in self.__slots__}
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Bounds:
@@ -277,7 +281,7 @@ def read_completion(raw: bytes, bounds: Bounds, budget: RateLimitHeaders | None 
         system_fingerprint=_short(data.get("system_fingerprint"), "system_fingerprint", bounds),
         tool_calls=_tool_calls(message.get("tool_calls"), bounds),
         budget=budget,
-        **dataclasses.asdict(read_usage(data.get("usage"), bounds)),
+        **read_usage(data.get("usage"), bounds).as_fields(),
     )
 
 
@@ -373,7 +377,7 @@ class StreamAssembler:
             ttft_ms=ttft_ms,
             budget=budget,
             tool_calls=[{**call, "arguments": redact(call["arguments"])} for call in calls] or None,
-            **dataclasses.asdict(read_usage(self.usage, self._bounds)),
+            **read_usage(self.usage, self._bounds).as_fields(),
         )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import json
 import socket
 import ssl
@@ -442,3 +443,32 @@ def test_a_row_cut_mid_stream_every_time_fails_in_words(tmp_path: Path) -> None:
     assert out["status"].to_list() == ["ok", "failed", "ok", "ok"]
     assert out["error_kind"][1] == "connection"
     assert out["error"][1] == "connection: closed before the answer ended"
+
+
+def test_an_answer_read_whole_is_decoded_when_compressed_and_the_request_framed() -> None:
+    """Our pool skips httpx's decoding pass over a body that is not content-encoded; a gzip one is
+    still decoded. The request carries its length and host, which aiohttp adds (not httpx)."""
+    plain = completion("Plain.", prompt_tokens=4, completion_tokens=1, total_tokens=5)
+    packed = gzip.compress(json.dumps(completion("Packed.")).encode())
+
+    def chat(request: Request) -> Reply:
+        if user_prompt(request) == "gzip":
+            return Reply(200, packed, {"content-encoding": "gzip"})
+        return Reply(200, plain)
+
+    async def ask(base_url: str) -> list[str | None]:
+        async with ChatClient(base_url, TEST_KEY, 5, max_connections=1, max_response_mb=1) as client:
+            answers = [
+                await client.complete({"model": "m", "messages": [{"role": "user", "content": text}]})
+                for text in ("gzip", "plain")
+            ]
+        return [answer.content for answer in answers]
+
+    with serve_stub(chat) as stub:
+        assert asyncio.run(ask(stub.base_url)) == ["Packed.", "Plain."]
+
+    sent = stub.chat_requests()[0]
+    assert sent.headers["content-length"] == str(len(sent.body))
+    assert sent.headers["host"] == f"127.0.0.1:{stub.port}"
+    assert sent.headers["authorization"] == f"Bearer {TEST_KEY}"
+    assert sent.json()["messages"][0]["content"] == "gzip"
