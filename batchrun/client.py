@@ -23,6 +23,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
+import os
 import re
 import socket
 import ssl
@@ -230,6 +232,14 @@ def too_large(max_bytes: int, status: int) -> PermanentError:
     )
 
 
+@functools.cache
+def tls_context(cert_file: str | None, cert_dir: str | None) -> ssl.SSLContext:
+    """httpx2's verifying context (certifi's CAs, or those SSL_CERT_FILE or SSL_CERT_DIR name),
+    made once per process for each setting of the two: loading the CAs takes ~0.05 s and ~20 MB,
+    which every run in a notebook and every `GET /models` would otherwise pay again."""
+    return httpx2.create_ssl_context(trust_env=True)
+
+
 class AiohttpPool(httpx2.AsyncBaseTransport):
     """aiohttp's connection pool under httpx2's API (an httpx2 transport), for batchrun's own
     requests to one endpoint; proxies and CA certificates are taken from the environment.
@@ -245,7 +255,12 @@ class AiohttpPool(httpx2.AsyncBaseTransport):
         self._max_bytes = max_bytes
         self._max_connections = max_connections
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s)
-        self._tls = httpx2.create_ssl_context(trust_env=True)
+        # Plain http (a local vLLM, the simulator) loads no CAs; aiohttp's default context (made
+        # at its import) would still verify an https URL, should one come up through a proxy.
+        https = self._base_url.scheme == "https"
+        self._tls = (
+            tls_context(os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR")) if https else True
+        )
         self._session: aiohttp.ClientSession | None = None
         self._urls: dict[str, URL] = {}
 

@@ -16,7 +16,7 @@ import httpx2
 import pytest
 import trustme
 
-from batchrun.client import ChatClient
+from batchrun.client import ChatClient, tls_context
 from batchrun.errors import EndpointDown
 from batchrun.simulator import RunningSimulator
 from tests.conftest import TEST_KEY, article_rows, invoke, read_output, write_job
@@ -134,6 +134,26 @@ def test_ssl_cert_file_names_the_ca_to_trust(tmp_path: Path, monkeypatch: pytest
     ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
     monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
     assert asyncio.run(complete_over_tls(ca)) == "Over TLS."
+
+
+def test_the_cas_are_loaded_once_for_https_and_not_for_plain_http(
+    simulator: RunningSimulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+    tls_context.cache_clear()
+
+    async def over_http() -> str | None:
+        async with ChatClient(simulator.base_url, TEST_KEY, 5, 1, max_response_mb=32) as client:
+            return (
+                await client.complete({"model": "grok-4.3", "messages": [{"role": "user", "content": "Hi."}]})
+            ).content
+
+    assert asyncio.run(over_http())
+    assert tls_context.cache_info().currsize == 0
+    assert [asyncio.run(complete_over_tls(ca)) for _ in range(2)] == ["Over TLS."] * 2
+    assert (tls_context.cache_info().misses, tls_context.cache_info().hits) == (1, 1)
 
 
 def test_a_client_the_user_passes_is_used_and_left_open() -> None:
