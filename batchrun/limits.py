@@ -8,10 +8,10 @@ One `Limiter` per run, shared by all workers; each attempt is `acquire` → send
   reserved when a slot is taken (estimated prompt + max_tokens) and the difference is given
   back when the usage comes in; they are paced at a second's budget less the largest request,
   as unequal requests spaced evenly at the full budget put one too many into some seconds.
-  The configured rate is the user's belief;
-  a 429 is the server's fact: pacing slows by PACED_EASE (once per round trip) and creeps back
-  towards the configured rate on successes, never above it. Against a sliding-window limit,
-  pacing at exactly the limit is refused whenever jitter brings two requests 1 s apart closer.
+  The configured rate is the user's belief; a 429 is the server's fact: pacing slows by
+  PACED_EASE (once per round trip) and creeps back on successes, never above the configured
+  rate and, once refused, not above 1/PACED_FLOOR of it: against a sliding-window limit, pacing
+  at exactly the limit is refused whenever jitter brings two requests 1 s apart closer.
 * A hold (always): when the server says its budget is spent (a 429 with Retry-After, or
   `x-ratelimit-remaining-*` no larger than what we already sent since) every worker waits until
   it resets, not only the one that was told.
@@ -47,6 +47,10 @@ PACED_EASE = 1.03  # a 429 while paced: intervals this much longer
 # costs about (PACED_EASE - 1) / PACED_CREEP = 3 request slots in all, while 429s that recur within a
 # hundred or so requests keep the pace eased. (1.05 and 1/200 cost S3 over 3% of the limit.)
 PACED_CREEP = 1 / 100
+# Once refused at the full rate, the pace creeps back only to this slowdown: pacing at exactly a
+# per-second limit is refused whenever the machine delays one request and not the one a second
+# later, and each refusal costs a retry and an ease; 1% of the limit is a cheaper margin.
+PACED_FLOOR = 1.01
 # Paced slots are claimed at most this long before they come, not by every waiter at once: a slot
 # given far ahead cannot take back the tokens that answers give back meanwhile, and the slots
 # given after those give-backs land among it (64 waiters reserving 250 tokens each held slots
@@ -103,15 +107,14 @@ class Limiter:
         self._clock = clock
         self._sleep = sleep
         self.slowdown = 1.0  # paced intervals are this many times the configured (or learnt) ones
+        self._floor = 1.0  # the slowdown successes creep back to: PACED_FLOOR after a 429
         self._configured_s = (
             60 / requests_per_minute if requests_per_minute else 0.0,
             60 / tokens_per_minute if tokens_per_minute else 0.0,
         )
         self._request_s, self._token_s = self._configured_s  # the intervals paced at, 0: none
-        self._first_sent_at: float | None = None
-        self._claimed = self._tokens_claimed = (
-            0  # requests and tokens given a turn (a slot), sent or about to be
-        )
+        # The slots (and their tokens) given in about the last second, sent or about to be.
+        self._recent: collections.deque[tuple[float, int]] = collections.deque()
         self._largest_tokens = 0  # the most tokens one request used, for the token pace's headroom
         self._request_tat = self._token_tat = 0.0  # theoretical arrival times (GCRA)
         self._hold_until = 0.0
@@ -166,8 +169,6 @@ class Limiter:
             self._free()
             raise
         permit = Permit(self._clock(), self._sent, self._tokens_sent, tokens, chars)
-        if self._first_sent_at is None:
-            self._first_sent_at = permit.sent_at
         self._unanswered.add(self._sent)
         self._sent += 1
         self._tokens_sent += tokens
@@ -199,9 +200,8 @@ class Limiter:
             if (spent_until := self._allowance_spent(tokens, now)) is not None:
                 self.hold(spent_until)
                 continue
-            self._claimed += 1
-            self._tokens_claimed += tokens
             if not self.paced:
+                self._note(now, tokens)
                 return None, tokens
             slot = max(now, self._request_tat, self._token_tat)
             if slot - now > PACE_HORIZON_S:  # look again soon: give-backs may bring the slot nearer
@@ -209,7 +209,14 @@ class Limiter:
                 continue
             self._request_tat = slot + self._request_s * self.slowdown
             self._token_tat = slot + tokens * self._per_token_s()
+            self._note(slot, tokens)
             return slot, tokens
+
+    def _note(self, slot: float, tokens: int) -> None:
+        """Keep the last second's slots, which a pace learnt later must count."""
+        self._recent.append((slot, tokens))
+        while self._recent[0][0] <= slot - 1.0:
+            self._recent.popleft()
 
     def release(
         self,
@@ -244,12 +251,13 @@ class Limiter:
             if permit.sent_at >= self._last_cut:  # one cut per round trip: its 429s are one event
                 self._last_cut = self._clock()
                 if self.paced:
+                    self._floor = PACED_FLOOR
                     self.slowdown *= PACED_EASE
                 else:
                     self.limit = max(1.0, self.limit / 2)
             return
-        if ok and self.paced and self.slowdown > 1.0:
-            self.slowdown = 1.0 + (self.slowdown - 1.0) * (1 - PACED_CREEP)
+        if ok and self.paced and self.slowdown > self._floor:
+            self.slowdown = self._floor + (self.slowdown - self._floor) * (1 - PACED_CREEP)
         if ok and self.adaptive and self.limit < self.concurrency and self.in_flight + 1 >= self.allowed:
             # Grow only while the limit was fully used: a limit grown while the server's budget
             # was the brake would be spent in one burst after the next hold.
@@ -283,18 +291,21 @@ class Limiter:
 
     def _learn_pace(self, headers: RateLimitHeaders) -> None:
         """Pace at limit/60 a second what the headers say is counted by the minute (see the module
-        docstring), as if paced so from the first request: those already sent (or given their
-        slot) count."""
+        docstring). A new pace counts the slots of the last second as if they had been paced so:
+        the burst sent before the first answer is still in the server's last second."""
         configured_request_s, configured_token_s = self._configured_s
-        start = self._first_sent_at if self._first_sent_at is not None else self._clock()
+        now = self._clock()
+        recent = [(slot, tokens) for slot, tokens in self._recent if slot > now - 1.0]
+        since = recent[0][0] if recent else now
         requests = _per_minute(headers.limit_requests, headers.remaining_requests, headers.reset_requests_s)
         if requests is not None and (interval := max(configured_request_s, 60 / requests)) != self._request_s:
             self._request_s = interval
-            self._request_tat = max(self._request_tat, start + self._claimed * interval * self.slowdown)
+            self._request_tat = max(self._request_tat, since + len(recent) * interval * self.slowdown)
         tokens = _per_minute(headers.limit_tokens, headers.remaining_tokens, headers.reset_tokens_s)
         if tokens is not None and (interval := max(configured_token_s, 60 / tokens)) != self._token_s:
             self._token_s = interval
-            self._token_tat = max(self._token_tat, start + self._tokens_claimed * self._per_token_s())
+            spent = sum(tokens for _, tokens in recent)
+            self._token_tat = max(self._token_tat, since + spent * self._per_token_s())
 
     def _per_token_s(self) -> float:
         """The token pace's interval per token. Requests of unequal size paced evenly at exactly

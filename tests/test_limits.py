@@ -21,7 +21,7 @@ import pytest
 
 from batchrun.answers import server_budget
 from batchrun.events import RunStarted
-from batchrun.limits import PACED_CREEP, PACED_EASE, Limiter, RateLimitHeaders
+from batchrun.limits import PACED_CREEP, PACED_EASE, PACED_FLOOR, Limiter, RateLimitHeaders
 from batchrun.progress import Progress
 from batchrun.results import RowResult
 from batchrun.simulator import SimulatorConfig, serve_in_thread
@@ -286,6 +286,25 @@ def test_sliding_window_limit_paced_and_adaptive_runs_lose_nothing(
     assert sim.stats.by_status[429] <= 0.10 * sim.stats.requests + learning, sim.stats.by_status
 
 
+def test_a_pace_learnt_late_counts_only_the_last_second() -> None:
+    """1,000 requests sent at once, unpaced, then a second later headers that say 6,000 a minute:
+    paced as if from the first request, the next would wait 9 s; only the server's last second
+    counts (the request that brought the headers)."""
+    clock = FakeClock()
+    limiter = Limiter(4, clock=clock, sleep=clock.sleep)
+    minute = {"x-ratelimit-limit-requests": "6000", "x-ratelimit-remaining-requests": "5000"}
+
+    async def scenario() -> float:
+        for _ in range(1000):
+            limiter.release(await limiter.acquire(0), ok=True)
+        clock.now += 1
+        said = server_budget({**minute, "x-ratelimit-reset-requests": "10s"})
+        limiter.release(await limiter.acquire(0), ok=True, headers=said)
+        return (await limiter.acquire(0)).sent_at
+
+    assert asyncio.run(scenario()) == pytest.approx(1000.0 + 1 + 0.01)
+
+
 @pytest.mark.parametrize(
     ("limits", "rate_limit"),
     [
@@ -474,11 +493,14 @@ def test_a_429_while_paced_eases_the_pace_which_creeps_back_to_the_configured_ra
     assert gaps[:5] == [0.01] * 5
     assert gaps[5:7] == [round(0.01 * PACED_EASE, 9), round(0.01 * PACED_EASE**2, 9)]  # slower at once
     assert all(g >= 0.01 for g in gaps)  # never faster than configured
+    # Back towards the configured rate, but once refused, only to PACED_FLOOR (a margin for jitter).
     assert gaps[-1] == pytest.approx(
-        0.01 * (1 + (PACED_EASE**3 - 1) * (1 - PACED_CREEP) ** 998)
+        0.01 * (PACED_FLOOR + (PACED_EASE**3 - PACED_FLOOR) * (1 - PACED_CREEP) ** 998)
     )  # set a send early
-    assert limiter.slowdown == pytest.approx(1 + (PACED_EASE**3 - 1) * (1 - PACED_CREEP) ** 1000)
-    assert 1.0 < limiter.slowdown < 1.0001  # nearly back to the configured rate, never above it
+    assert limiter.slowdown == pytest.approx(
+        PACED_FLOOR + (PACED_EASE**3 - PACED_FLOOR) * (1 - PACED_CREEP) ** 1000
+    )
+    assert PACED_FLOOR < limiter.slowdown < PACED_FLOOR + 0.0001
     assert limiter.rate_limited == 4
 
 
