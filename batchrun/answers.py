@@ -503,7 +503,7 @@ _UNIT_S = {"ms": 0.001, "h": 3600.0, "m": 60.0, "s": 1.0, None: 1.0}
 
 
 def server_budget(headers: Mapping[str, str]) -> RateLimitHeaders | None:
-    """The `x-ratelimit-remaining-*` / `-reset-*` headers (OpenAI's and xAI's names), if any."""
+    """The `x-ratelimit-remaining-*` / `-reset-*` / `-limit-*` headers (OpenAI's and xAI's names), if any."""
     requests = _header_count(_header(headers, "x-ratelimit-remaining-requests"))
     tokens = _header_count(_header(headers, "x-ratelimit-remaining-tokens"))
     if requests is None and tokens is None:
@@ -513,6 +513,8 @@ def server_budget(headers: Mapping[str, str]) -> RateLimitHeaders | None:
         reset_requests_s=_duration(_header(headers, "x-ratelimit-reset-requests")),
         remaining_tokens=tokens,
         reset_tokens_s=_duration(_header(headers, "x-ratelimit-reset-tokens")),
+        limit_requests=_header_count(_header(headers, "x-ratelimit-limit-requests")),
+        limit_tokens=_header_count(_header(headers, "x-ratelimit-limit-tokens")),
     )
 
 

@@ -664,11 +664,23 @@ def models(job_file: Path | None, simulate: bool) -> None:
 )
 @click.option("--rpm", type=click.IntRange(min=1), help="Requests per minute before 429s (rpm/60 a second).")
 @click.option(
+    "--tpm",
+    type=click.IntRange(min=1),
+    help="Tokens per minute before 429s (tpm/60 a second; prompt + completion).",
+)
+@click.option(
     "--window",
     type=click.Choice(["sliding", "fixed"]),
     default="sliding",
     show_default=True,
-    help="--rpm over the last 1 s before each request (sliding), or per whole 1 s slice (fixed).",
+    help="--rpm and --tpm over the last 1 s before each request (sliding), or per whole 1 s slice (fixed).",
+)
+@click.option(
+    "--headers",
+    type=click.Choice(["window", "per-minute"]),
+    default="window",
+    show_default=True,
+    help="What x-ratelimit-* headers count: that 1 s, or the minute as OpenAI's do (1 s still enforced).",
 )
 @click.option("--seed", default=0, show_default=True, type=int, help="Seeds latencies and 5xx choices.")
 @click.option(
@@ -694,7 +706,9 @@ def simulate(
     latency_sigma: float,
     error_rate: float,
     rpm: int | None,
+    tpm: int | None,
     window: Literal["sliding", "fixed"],
+    headers: Literal["window", "per-minute"],
     seed: int,
     batch_s: float,
     batch_api: Literal["openai", "xai", "none"],
@@ -702,10 +716,10 @@ def simulate(
     """Serve a simulated OpenAI-compatible endpoint until Ctrl-C.
 
     Deterministic answers (the lead sentences of the last user message, cut to max_tokens),
-    token usage, latency, injected 5xx and 429s with Retry-After, and a Batch API (files and
-    batches in OpenAI's shape, or xAI's) whose batches take --batch-s. GET /simulator/stats counts answers by
-    status; POST /simulator/reset starts the counts afresh. Point a job at it with
-    `endpoint: {base_url: http://127.0.0.1:8787/v1}`.
+    token usage, latency, injected 5xx, rate limits (429s with Retry-After, x-ratelimit-* headers),
+    and a Batch API (files and batches in OpenAI's shape, or xAI's) whose batches take --batch-s.
+    GET /simulator/stats counts answers by status; POST /simulator/reset starts the counts afresh.
+    Point a job at it with `endpoint: {base_url: http://127.0.0.1:8787/v1}`.
     """
     from batchrun.loop import run_async
     from batchrun.simulator import SimulatorConfig, serve_forever
@@ -716,7 +730,9 @@ def simulate(
         latency_sigma=latency_sigma,
         error_rate=error_rate,
         rpm=rpm,
+        tpm=tpm,
         window=window,
+        headers=headers,
         seed=seed,
         batch_api=batch_api,
         batch_s=batch_s,

@@ -21,10 +21,11 @@ import pytest
 
 from batchrun.answers import server_budget
 from batchrun.events import RunStarted
-from batchrun.limits import PACED_CREEP, PACED_EASE, Limiter, RateLimitHeaders
+from batchrun.limits import PACED_CREEP, PACED_EASE, PACED_FLOOR, Limiter, RateLimitHeaders
 from batchrun.progress import Progress
 from batchrun.results import RowResult
 from batchrun.simulator import SimulatorConfig, serve_in_thread
+from batchrun.simulator.ratelimits import RateLimits
 from tests.conftest import TEST_KEY, article_rows, invoke, read_output, run_batchrun, write_job
 
 
@@ -61,8 +62,11 @@ def test_paced_run_is_paced_and_stays_within_the_limit(tmp_path: Path) -> None:
 
 class Timeline:
     """Time shared by many tasks that passes only when they all wait: `sleep` parks a task until
-    the clock reaches its wake-up; `run` moves the clock to the earliest one once every task is
-    parked. Concurrent pacing asserted exactly, whatever else the machine is doing."""
+    the clock reaches its wake-up; `run` moves the clock to the earliest one once no task can go
+    on (each is parked, or waits on one that is: a lock, a queue). Concurrent pacing asserted
+    exactly, whatever else the machine is doing."""
+
+    SETTLED = 5  # event loop rounds with no task parking or ending: every one that can go on has
 
     def __init__(self) -> None:
         self.now = 1000.0
@@ -79,17 +83,18 @@ class Timeline:
 
     async def run(self, *work: Coroutine[Any, Any, None]) -> None:
         tasks = [asyncio.ensure_future(w) for w in work]
-        while alive := sum(not t.done() for t in tasks):
-            for _ in range(10_000):  # let every woken task run until it parks again or ends
-                if len(self._parked) >= alive or all(t.done() for t in tasks):
-                    break
+        while not all(t.done() for t in tasks):
+            state, quiet = None, 0
+            while quiet < self.SETTLED:  # let every woken task run until it parks, waits or ends
                 await asyncio.sleep(0)
-                alive = sum(not t.done() for t in tasks)
-            else:
-                raise AssertionError("a task waits on something other than the clock")
-            if self._parked and len(self._parked) >= alive:
-                self.now, _, woken = heapq.heappop(self._parked)
-                woken.set_result(None)
+                now_state = (len(self._parked), sum(t.done() for t in tasks))
+                quiet = quiet + 1 if now_state == state else 0
+                state = now_state
+            if all(t.done() for t in tasks):
+                break
+            assert self._parked, "every task waits on something other than the clock"
+            self.now, _, woken = heapq.heappop(self._parked)
+            woken.set_result(None)
         await asyncio.gather(*tasks)
 
 
@@ -112,6 +117,154 @@ def test_paced_workers_go_out_one_interval_apart_however_many_wait_at_once() -> 
     assert most_in_any_window(sent, 0.1 - 1e-6) == 4  # (less float error)
 
 
+def serve_per_minute(
+    limiter: Limiter, clock: Timeline, server: RateLimits, requests: int, tokens: int = 100
+) -> list[float]:
+    """`requests` sent by 32 workers through `limiter` to `server` (OpenAI's per-minute headers
+    over a 1 s sliding window) on the shared clock, each answered 50 ms later with what the
+    server said; when each went out. Every request's prompt counts `tokens`."""
+    sent: list[float] = []
+
+    async def worker() -> None:
+        while len(sent) < requests:
+            permit = await limiter.acquire(3 * tokens)  # 3 characters a token, as first estimated
+            sent.append(permit.sent_at)
+            verdict = server.admit(clock(), tokens)
+            await clock.sleep(0.05)
+            budget, wait = server_budget(verdict.headers), verdict.headers.get("retry-after-ms")
+            refused = verdict.refused is not None
+            answer = {"prompt_tokens": tokens, "total_tokens": tokens} if not refused else {}
+            retry_after_s = int(wait) / 1000 if wait else None
+            limiter.release(
+                permit,
+                ok=not refused,
+                headers=budget,
+                rate_limited=refused,
+                retry_after_s=retry_after_s,
+                **answer,
+            )
+
+    asyncio.run(clock.run(*(worker() for _ in range(32))))
+    return sent
+
+
+@pytest.mark.parametrize(
+    ("limits", "rate_limit"),
+    [
+        ({"rpm": 4800}, {}),  # adaptive: the pace learnt from the headers
+        ({"rpm": 4800}, {"requests_per_minute": 9600}),  # the server's limit is the lower
+        ({"tpm": 480_000}, {}),  # 8,000 tokens a second: 80 requests of 100 tokens
+    ],
+)
+def test_per_minute_headers_pace_requests_evenly_at_a_sixtieth_a_second(
+    limits: dict[str, int], rate_limit: dict[str, int]
+) -> None:
+    """Per-minute remaining never runs short, so holds never come; unpaced, 32 workers with 50 ms
+    round trips would send 640 a second and most would be refused. The first answers' headers say
+    4,800 a minute: from then on requests go out 12.5 ms apart (the first 32, sent before any
+    answer, counted as if paced too), and no second holds more than 80 (tokens: one request's
+    worth of a second's budget is kept as headroom, so 80/79 of that). 12.5 ms: exact in binary,
+    so no float error puts 81 in a second on this exact clock."""
+    clock = Timeline()
+    limiter = Limiter(32, max_tokens=0, clock=clock, sleep=clock.sleep, **rate_limit)
+    server = RateLimits(limits.get("rpm"), limits.get("tpm"), "sliding", "per-minute")
+    sent = serve_per_minute(limiter, clock, server, 400)
+
+    assert limiter.rate_limited == 0
+    assert limiter.paced and limiter.limit == 32
+    gaps = [b - a for a, b in itertools.pairwise(sorted(sent)[32:])]
+    interval = 0.0125 if "rpm" in limits else 0.0125 * 80 / 79
+    assert gaps == [pytest.approx(interval)] * len(gaps)
+    assert most_in_any_window(sent, 1.0) <= 80
+
+
+@pytest.mark.parametrize(
+    ("said", "paced"),
+    [
+        (
+            {
+                "x-ratelimit-limit-requests": "6000",
+                "x-ratelimit-remaining-requests": "5999",
+                "x-ratelimit-reset-requests": "10ms",
+            },
+            True,
+        ),
+        (
+            {
+                "x-ratelimit-limit-requests": "6000",
+                "x-ratelimit-remaining-requests": "5990",
+                "x-ratelimit-reset-requests": "80ms",
+            },
+            True,
+        ),
+        # The same names counting a second (the simulator's default), or a day (Groq's requests):
+        (
+            {
+                "x-ratelimit-limit-requests": "6000",
+                "x-ratelimit-remaining-requests": "37",
+                "x-ratelimit-reset-requests": "0.5s",
+            },
+            False,
+        ),
+        (
+            {
+                "x-ratelimit-limit-requests": "14400",
+                "x-ratelimit-remaining-requests": "14399",
+                "x-ratelimit-reset-requests": "6s",
+            },
+            False,
+        ),
+        (
+            {"x-ratelimit-remaining-requests": "5999", "x-ratelimit-reset-requests": "10ms"},
+            False,
+        ),  # no limit said
+        (
+            {
+                "x-ratelimit-limit-tokens": "150000",
+                "x-ratelimit-remaining-tokens": "149000",
+                "x-ratelimit-reset-tokens": "400ms",
+            },
+            True,
+        ),
+        (
+            {
+                "x-ratelimit-limit-tokens": "150000",
+                "x-ratelimit-remaining-tokens": "149984",
+                "x-ratelimit-reset-tokens": "6m0s",
+            },
+            False,
+        ),
+    ],
+)
+def test_only_headers_that_count_a_minute_teach_a_pace(said: dict[str, str], paced: bool) -> None:
+    """A budget counted by the minute refills at about limit/60 a second: (limit - remaining) / reset."""
+
+    async def scenario() -> None:
+        limiter = Limiter(8)
+        limiter.release(await limiter.acquire(0), ok=True, headers=server_budget(said))
+        assert limiter.paced is paced
+
+    asyncio.run(scenario())
+
+
+def test_a_429_eases_a_learnt_pace_instead_of_halving_the_in_flight_limit() -> None:
+    clock = FakeClock()
+    limiter = Limiter(8, max_hold_s=0, clock=clock, sleep=clock.sleep)
+    minute = {
+        "x-ratelimit-limit-requests": "6000",
+        "x-ratelimit-remaining-requests": "5999",
+        "x-ratelimit-reset-requests": "10ms",
+    }
+
+    async def scenario() -> None:
+        limiter.release(await limiter.acquire(0), ok=True, headers=server_budget(minute))
+        clock.now += 1
+        limiter.release(await limiter.acquire(0), ok=False, rate_limited=True)
+
+    asyncio.run(scenario())
+    assert (limiter.limit, limiter.slowdown) == (8, PACED_EASE)
+
+
 @pytest.mark.parametrize(("rate_limit", "learning"), [({"requests_per_minute": 6000}, 0), (None, 32)])
 def test_sliding_window_limit_paced_and_adaptive_runs_lose_nothing(
     tmp_path: Path, rate_limit: dict[str, int] | None, learning: int
@@ -131,6 +284,54 @@ def test_sliding_window_limit_paced_and_adaptive_runs_lose_nothing(
     assert result.returncode == 0, result.stderr
     assert read_output(job)["status"].to_list() == ["ok"] * 250
     assert sim.stats.by_status[429] <= 0.10 * sim.stats.requests + learning, sim.stats.by_status
+
+
+def test_a_pace_learnt_late_counts_only_the_last_second() -> None:
+    """1,000 requests sent at once, unpaced, then a second later headers that say 6,000 a minute:
+    paced as if from the first request, the next would wait 9 s; only the server's last second
+    counts (the request that brought the headers)."""
+    clock = FakeClock()
+    limiter = Limiter(4, clock=clock, sleep=clock.sleep)
+    minute = {"x-ratelimit-limit-requests": "6000", "x-ratelimit-remaining-requests": "5000"}
+
+    async def scenario() -> float:
+        for _ in range(1000):
+            limiter.release(await limiter.acquire(0), ok=True)
+        clock.now += 1
+        said = server_budget({**minute, "x-ratelimit-reset-requests": "10s"})
+        limiter.release(await limiter.acquire(0), ok=True, headers=said)
+        return (await limiter.acquire(0)).sent_at
+
+    assert asyncio.run(scenario()) == pytest.approx(1000.0 + 1 + 0.01)
+
+
+@pytest.mark.parametrize(
+    ("limits", "rate_limit"),
+    [
+        ({"rpm": 6000}, None),
+        ({"rpm": 6000}, {"requests_per_minute": 6000}),
+        ({"tpm": 240_000}, None),  # 4,000 tokens a second: about 95 of these rows
+        ({"tpm": 240_000}, {"tokens_per_minute": 240_000}),
+    ],
+)
+def test_against_per_minute_headers_runs_keep_within_the_second(
+    tmp_path: Path, limits: dict[str, int], rate_limit: dict[str, int] | None
+) -> None:
+    """OpenAI's way: headers that count the minute (never short of budget), the limit enforced
+    per second. Paced by a configured or a learnt rate, every row is answered with a handful of
+    429s at most (where a loaded machine's late sends crowd a second); unpaced, 32 in flight at
+    20 ms would have 300 rows refused by the dozen (the adaptive limiter drew 14% before it
+    learnt the pace from these headers)."""
+    config = SimulatorConfig(api_key=TEST_KEY, latency_ms=20, headers="per-minute", **limits)
+    with serve_in_thread(config) as sim:
+        extra = {"rate_limit": rate_limit} if rate_limit else {}
+        retry = {"max_attempts": 8, "initial_backoff_s": 0.01, "max_backoff_s": 2}
+        job = write_job(tmp_path, article_rows(300), sim.base_url, concurrency=32, retry=retry, **extra)
+        result = run_batchrun(str(job), "-q")  # in its own process, as a real client
+
+    assert result.returncode == 0, result.stderr
+    assert read_output(job)["status"].to_list() == ["ok"] * 300
+    assert sim.stats.by_status[429] <= 6, sim.stats.by_status
 
 
 def test_a_429_with_retry_after_holds_every_worker(tmp_path: Path) -> None:
@@ -292,11 +493,14 @@ def test_a_429_while_paced_eases_the_pace_which_creeps_back_to_the_configured_ra
     assert gaps[:5] == [0.01] * 5
     assert gaps[5:7] == [round(0.01 * PACED_EASE, 9), round(0.01 * PACED_EASE**2, 9)]  # slower at once
     assert all(g >= 0.01 for g in gaps)  # never faster than configured
+    # Back towards the configured rate, but once refused, only to PACED_FLOOR (a margin for jitter).
     assert gaps[-1] == pytest.approx(
-        0.01 * (1 + (PACED_EASE**3 - 1) * (1 - PACED_CREEP) ** 998)
+        0.01 * (PACED_FLOOR + (PACED_EASE**3 - PACED_FLOOR) * (1 - PACED_CREEP) ** 998)
     )  # set a send early
-    assert limiter.slowdown == pytest.approx(1 + (PACED_EASE**3 - 1) * (1 - PACED_CREEP) ** 1000)
-    assert 1.0 < limiter.slowdown < 1.0001  # nearly back to the configured rate, never above it
+    assert limiter.slowdown == pytest.approx(
+        PACED_FLOOR + (PACED_EASE**3 - PACED_FLOOR) * (1 - PACED_CREEP) ** 1000
+    )
+    assert PACED_FLOOR < limiter.slowdown < PACED_FLOOR + 0.0001
     assert limiter.rate_limited == 4
 
 

@@ -18,8 +18,10 @@ import httpx
 import pytest
 from openai import OpenAI
 
+from batchrun.answers import server_budget
 from batchrun.simulator import RunningSimulator, SimulatorConfig, latencies, serve_forever, serve_in_thread
 from batchrun.simulator.endpoint import SYSTEM_FINGERPRINT
+from batchrun.simulator.ratelimits import go_duration
 from tests.conftest import article_rows, invoke, read_output, write_job
 
 ARTICLE = "The cat sat on the mat. It purred loudly! Then it left the room."
@@ -452,6 +454,63 @@ def test_a_sliding_window_counts_the_last_second_before_each_request(
     if window == "sliding":  # admitted again when the second group leaves the log, 0.55 s on
         assert late[-1].headers["retry-after-ms"] == "550"
         assert late[-2].headers["x-ratelimit-remaining-requests"] == "0"
+
+
+def test_per_minute_headers_count_the_minute_while_the_second_is_enforced() -> None:
+    """OpenAI's headers: what is left of 600 a minute, refilled at 10 a second, and the time until
+    it is full again; the 429 comes from the 1 s slice all the same, with plenty said to be left."""
+    clock = ManualClock()
+    config = SimulatorConfig(rpm=600, headers="per-minute", clock=clock)  # 10 a second
+    with serve_in_thread(config) as sim, httpx.Client(base_url=sim.base_url) as http:
+        first = [post(http, chat_body(ARTICLE)) for _ in range(11)]
+        clock.now += 0.5
+        half = post(http, chat_body(ARTICLE))
+        clock.now += 0.5
+        later = post(http, chat_body(ARTICLE))
+
+    assert [r.status_code for r in first] == [200] * 10 + [429]
+    assert [r.headers["x-ratelimit-remaining-requests"] for r in first[8:]] == ["591", "590", "590"]
+    assert first[9].headers["x-ratelimit-reset-requests"] == "1s"  # 10 used, refilled at 10 a second
+    assert first[9].headers["x-ratelimit-limit-requests"] == "600"
+    assert first[10].headers["retry-after-ms"] == "1000"  # the second, not the minute
+    assert half.status_code == 429  # the minute has 595 left; the sliding second has none
+    assert half.headers["x-ratelimit-remaining-requests"] == "595"
+    assert half.headers["x-ratelimit-reset-requests"] == "500ms"
+    assert later.status_code == 200
+    assert later.headers["x-ratelimit-remaining-requests"] == "599"
+    assert later.headers["x-ratelimit-reset-requests"] == "100ms"
+
+
+@pytest.mark.parametrize("headers", ["window", "per-minute"])
+def test_tpm_counts_each_answers_tokens_in_the_second(headers: Literal["window", "per-minute"]) -> None:
+    """A second's budget of 2.5 answers' tokens admits two; the third is refused for tokens."""
+    with serve_in_thread() as sim, httpx.Client(base_url=sim.base_url) as http:
+        tokens = post(http, chat_body(ARTICLE)).json()["usage"]["total_tokens"]
+    per_s = 2 * tokens + tokens // 2
+    clock = ManualClock()
+    config = SimulatorConfig(tpm=60 * per_s, headers=headers, clock=clock)
+    with serve_in_thread(config) as sim, httpx.Client(base_url=sim.base_url) as http:
+        answers = [post(http, chat_body(ARTICLE)) for _ in range(3)]
+        clock.now += 1.0
+        after = post(http, chat_body(ARTICLE))
+
+    assert [r.status_code for r in answers] == [200, 200, 429]
+    assert "tokens per minute" in answers[2].json()["error"]["message"]
+    assert "x-ratelimit-remaining-requests" not in answers[2].headers  # no rpm set
+    remaining = answers[1].headers["x-ratelimit-remaining-tokens"]
+    assert int(remaining) == (60 * per_s - 2 * tokens if headers == "per-minute" else per_s - 2 * tokens)
+    assert answers[2].headers["x-ratelimit-limit-tokens"] == str(60 * per_s)
+    assert after.status_code == 200
+    assert sim.stats.tokens == 3 * tokens
+
+
+@pytest.mark.parametrize(
+    ("seconds", "said"), [(0.0, "0ms"), (0.0121, "13ms"), (8.64, "8.64s"), (360.0, "6m0s"), (61.5, "1m1.5s")]
+)
+def test_per_minute_resets_are_written_as_openai_writes_them(seconds: float, said: str) -> None:
+    assert go_duration(seconds) == said
+    budget = server_budget({"x-ratelimit-remaining-requests": "1", "x-ratelimit-reset-requests": said})
+    assert budget is not None and budget.reset_requests_s == pytest.approx(seconds, abs=0.001)
 
 
 def run_statuses(config: SimulatorConfig, n: int) -> list[int]:

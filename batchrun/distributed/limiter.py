@@ -242,7 +242,8 @@ class ClusterLimiter(Limiter):
         self._returned_tokens = 0
         self._successes = 0
 
-    async def _wait_turn(self, tokens: int) -> None:
+    async def _wait_turn(self, chars: int) -> int:
+        tokens = self.estimate_tokens(chars)
         while True:
             now = self._clock()
             if now - self._polled >= POLL_S and self._polling is None:
@@ -261,7 +262,7 @@ class ClusterLimiter(Limiter):
                 continue  # a hold began while we slept: this slot is void
             self._charge(tokens - charged)
             self._sent, self._tokens_sent = since, tokens_since
-            return
+            return tokens
 
     def _charge(self, extra: int) -> None:
         """This request's tokens beyond (or short of) what its slot was leased at: settled with

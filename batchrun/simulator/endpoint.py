@@ -2,8 +2,8 @@
 
 Answers are deterministic (the lead sentences of the last user message), so a run against the
 simulator is reproducible and costs nothing. Faults are injected either by configuration
-(latency, seeded lognormal latency, random 5xx, a requests-per-minute limit with
-x-ratelimit-* headers, an API key) or by markers written into the
+(latency, seeded lognormal latency, random 5xx, requests- and tokens-per-minute limits with
+x-ratelimit-* headers (see simulator/ratelimits.py), an API key) or by markers written into the
 last user message, so a test can aim one fault at one input row:
 
 * ``[[fail:CODE]]`` / ``[[fail:CODExN]]`` - answer HTTP CODE (always / the first N times this
@@ -55,6 +55,7 @@ import orjson
 from batchrun.simulator.batches import PATHS as BATCH_PATHS
 from batchrun.simulator.batches import OpenAIBatches
 from batchrun.simulator.httpserver import HttpServer, Outcome, Request, Response
+from batchrun.simulator.ratelimits import HeaderMode, RateLimits, Window
 from batchrun.simulator.vision import BadPart, content_image_tokens
 from batchrun.simulator.xai_batches import XaiBatches
 
@@ -79,17 +80,22 @@ class SimulatorConfig:
     latency_sigma: float = 0.0  # > 0: delays drawn from a lognormal with this sigma (see latencies)
     error_rate: float = 0.0
     rpm: int | None = None
-    # How rpm is enforced, rpm/60 requests per 1 s: "sliding" counts the last second before each
-    # request (a log, as many gateways do); "fixed" counts whole 1 s slices (as xAI does). Sliding
-    # is the default because it is the stricter: a client within it is within any fixed slice too.
-    window: Literal["sliding", "fixed"] = "sliding"
+    # Tokens per minute: each request counts the tokens its usage reports (prompt + completion).
+    tpm: int | None = None
+    # How rpm and tpm are enforced, a 60th of each per 1 s: "sliding" counts the last second before
+    # each request (a log, as many gateways do); "fixed" counts whole 1 s slices (as xAI does).
+    # Sliding is the default because it is the stricter: a client within it is within any fixed
+    # slice too.
+    window: Window = "sliding"
+    # What x-ratelimit-* headers count: that 1 s ("window"), or the minute, as OpenAI's do.
+    headers: HeaderMode = "window"
     retry_after_s: float = 1.0
     seed: int = 0
     api_key: str | None = None
     models: tuple[str, ...] = ("grok-4.3", "grok-4.3-mini", "grok-3")
     # Offered besides `models`: a job's own model, so any job can be tried with --simulate.
     extra_models: tuple[str, ...] = ()
-    # The rpm window's clock: tests whose subject is the window inject one they move by hand.
+    # The rate limits' clock: tests whose subject is the window inject one they move by hand.
     clock: Callable[[], float] = time.monotonic
     keep_bodies: bool = False  # keep each chat request's (and batch line's) body in stats.bodies, for tests
     batch_api: Literal["openai", "xai", "none"] = "openai"  # the Batch API it offers (none: 404s)
@@ -117,12 +123,14 @@ class SimulatorStats:
     uploads: int = 0  # files uploaded
     batch_lines: int = 0  # batch lines answered (each also counted in ok_by_user_message when ok)
     batch_adds: int = 0  # calls that added requests to a batch (xAI's Batch API)
+    tokens: int = 0  # in the usage of chat answers
 
     def summary(self) -> dict[str, Any]:
         """The counts as JSON (GET /simulator/stats), for a client in another process."""
         return {
             "requests": self.requests,
             "by_status": {str(k): v for k, v in sorted(self.by_status.items())},
+            "tokens": self.tokens,
             # From the first request's arrival to the last answer: the client's time at the server.
             "span_s": self.last_answer_at - (self.first_arrival_at or self.last_answer_at),
             # time.monotonic() is the system's CLOCK_MONOTONIC on Linux, one clock for every
@@ -339,10 +347,7 @@ class _Simulator:
         self._latencies = latencies(config.latency_ms, config.latency_sigma, config.seed)
         self._attempts: dict[str, int] = {}
         self._auth = None if config.api_key is None else f"Bearer {config.api_key}"
-        self._per_window = max(1, config.rpm // 60) if config.rpm else 0  # allowed per 1 s
-        self._window_start = -math.inf  # fixed: the current slice and the requests it admitted
-        self._window_used = 0
-        self._log: collections.deque[float] = collections.deque()  # sliding: admitted in the last 1 s
+        self._limits = RateLimits(config.rpm, config.tpm, config.window, config.headers)
         self._retry_headers = {
             "Retry-After": str(math.ceil(config.retry_after_s)),
             "retry-after-ms": str(round(config.retry_after_s * 1000)),
@@ -387,40 +392,6 @@ class _Simulator:
         given = request.headers.get("authorization", "").removeprefix("Bearer ")
         return self._error(401, f"Incorrect API key provided: {given}.", code="invalid_api_key")
 
-    def _rate_limit(self) -> tuple[bool, dict[str, str]]:
-        """Count this request against the 1-second window; (allowed, x-ratelimit headers).
-
-        The reset (and a refusal's Retry-After) is when the next request could be admitted: the
-        end of a fixed slice, or when the oldest request in a sliding log leaves it.
-        """
-        if not self._per_window:
-            return True, {}
-        now = self.config.clock()
-        if self.config.window == "sliding":
-            while self._log and self._log[0] <= now - 1.0:
-                self._log.popleft()
-            allowed = len(self._log) < self._per_window
-            if allowed:
-                self._log.append(now)
-            used = len(self._log)
-            reset_s = self._log[0] + 1.0 - now  # the log holds at least this request or a full window
-        else:
-            if now - self._window_start >= 1.0:
-                self._window_start, self._window_used = now, 0
-            allowed = self._window_used < self._per_window
-            self._window_used += allowed
-            used = self._window_used
-            reset_s = self._window_start + 1.0 - now
-        headers = {
-            "x-ratelimit-limit-requests": str(self.config.rpm),
-            "x-ratelimit-remaining-requests": str(self._per_window - used),
-            "x-ratelimit-reset-requests": f"{reset_s:.3f}s",
-        }
-        if not allowed:
-            headers["Retry-After"] = str(math.ceil(reset_s))
-            headers["retry-after-ms"] = str(math.ceil(reset_s * 1000))
-        return allowed, headers
-
     def handle(self, request: Request) -> Outcome | Coroutine[Any, Any, Outcome]:
         """Route a request: an answer now, or a coroutine for one that waits (latency, [[sleep]])."""
         route = self._routes.get(request.path)
@@ -450,8 +421,8 @@ class _Simulator:
         self.stats.bodies.clear()
         self.stats.first_arrival_at = None
         self.stats.last_answer_at = 0.0
-        self._window_start, self._window_used = -math.inf, 0
-        self._log.clear()
+        self.stats.tokens = 0
+        self._limits.clear()
         self._latencies = latencies(self.config.latency_ms, self.config.latency_sigma, self.config.seed)
         return Response(200, orjson.dumps(self.stats.summary()))
 
@@ -491,12 +462,17 @@ class _Simulator:
         if chat.model not in self._offered:
             message = f"The model `{chat.model}` does not exist or you do not have access to it."
             return self._error(404, message, param="model", code="model_not_found")
-        allowed, headers = self._rate_limit()
-        if not allowed:
-            message = f"Rate limit reached: {self.config.rpm} requests per minute."
-            return self._error(429, message, code="rate_limit_exceeded", headers=headers)
-
         has_markers, fault, sleep_ms = _markers(chat.last_user)
+        headers: dict[str, str] = {}
+        if self.config.rpm or self.config.tpm:
+            tokens = _total_tokens(chat, has_markers) if self._limits.counts_tokens else 0
+            verdict = self._limits.admit(self.config.clock(), tokens)
+            headers = verdict.headers
+            if verdict.refused is not None:
+                limit = self.config.rpm if verdict.refused == "requests" else self.config.tpm
+                message = f"Rate limit reached: {limit} {verdict.refused} per minute."
+                return self._error(429, message, code="rate_limit_exceeded", headers=headers)
+
         delay_s = next(self._latencies) + sleep_ms / 1000
         answer = functools.partial(self._answer, request.body, chat, has_markers, fault, headers)
         return _Later(delay_s, answer) if delay_s > 0 else answer()
@@ -538,30 +514,15 @@ class _Simulator:
         if fault is not None and fault not in ("badjson", "badoutput", "truncate"):
             return self._error(int(fault), f"Simulated HTTP {fault} error.", headers=headers)
 
-        content: str | None
-        content, finish, completion_tokens = _reply(chat.last_user, chat.max_tokens, tuple(chat.stop))
-        call: dict[str, Any] | None = None
-        if chat.tool is not None or chat.schema is not None:
-            plain = " ".join(_MARKER_RE.sub(" ", chat.last_user).split())
-            if chat.tool is not None:
-                made = made_up(chat.tool.get("parameters") or {"type": "object"}, plain)
-                arguments = orjson.dumps({"unexpected": True} if fault == "badoutput" else made).decode()
-                function = {"name": chat.tool["name"], "arguments": arguments}
-                call = {"id": f"call_{digest}", "type": "function", "function": function}
-                content, finish = None, "tool_calls"
-            else:
-                content = orjson.dumps(made_up(chat.schema, plain)).decode()
-                if fault == "badoutput":
-                    content = "I would rather answer in prose."
-            completion_tokens = count_tokens(call["function"]["arguments"] if call else content or "")
-        prompt_tokens = sum(count_tokens(t) + 4 for t in chat.texts) + chat.image_tokens
-        marked = {name: int(n) for name, n in _USAGE_MARKER_RE.findall(chat.last_user)} if has_markers else {}
-        prompt_tokens = marked.get("prompt_tokens", prompt_tokens)
+        content, call, finish, completion_tokens = _compose(chat, fault, digest)
+        prompt_tokens, marked = _prompt_tokens(chat, has_markers)
         usage: dict[str, Any] = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
         }
+        if fault is None:
+            self.stats.tokens += prompt_tokens + completion_tokens
         if "cached" in marked:
             usage["prompt_tokens_details"] = {"cached_tokens": min(marked["cached"], prompt_tokens)}
         head = {
@@ -584,6 +545,41 @@ class _Simulator:
         if fault == "badjson":
             answer = answer[: len(answer) // 2]
         return Response(200, answer, headers)
+
+
+def _compose(
+    chat: _Chat, fault: str | None, digest: str
+) -> tuple[str | None, dict[str, Any] | None, str, int]:
+    """The answer's content or tool call, its finish reason and its completion tokens."""
+    content: str | None
+    content, finish, completion_tokens = _reply(chat.last_user, chat.max_tokens, tuple(chat.stop))
+    call: dict[str, Any] | None = None
+    if chat.tool is not None or chat.schema is not None:
+        plain = " ".join(_MARKER_RE.sub(" ", chat.last_user).split())
+        if chat.tool is not None:
+            made = made_up(chat.tool.get("parameters") or {"type": "object"}, plain)
+            arguments = orjson.dumps({"unexpected": True} if fault == "badoutput" else made).decode()
+            function = {"name": chat.tool["name"], "arguments": arguments}
+            call = {"id": f"call_{digest}", "type": "function", "function": function}
+            content, finish = None, "tool_calls"
+        else:
+            content = orjson.dumps(made_up(chat.schema, plain)).decode()
+            if fault == "badoutput":
+                content = "I would rather answer in prose."
+        completion_tokens = count_tokens(call["function"]["arguments"] if call else content or "")
+    return content, call, finish, completion_tokens
+
+
+def _prompt_tokens(chat: _Chat, has_markers: bool) -> tuple[int, dict[str, int]]:
+    """The prompt's tokens (texts, images, or as a marker says) and the usage markers given."""
+    marked = {name: int(n) for name, n in _USAGE_MARKER_RE.findall(chat.last_user)} if has_markers else {}
+    counted = sum(count_tokens(t) + 4 for t in chat.texts) + chat.image_tokens
+    return marked.get("prompt_tokens", counted), marked
+
+
+def _total_tokens(chat: _Chat, has_markers: bool) -> int:
+    """The total tokens the answer to `chat` will report (with no fault): what tpm counts."""
+    return _prompt_tokens(chat, has_markers)[0] + _compose(chat, None, "")[3]
 
 
 async def _answer_after(delay_s: float, answer: Outcome) -> Outcome:

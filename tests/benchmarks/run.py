@@ -1,6 +1,6 @@
 """Throughput, CPU and rate-limit behaviour of the whole CLI against peers, same server, same run.
 
-    python tests/benchmarks/run.py [--quick] [--scenarios S1,S2,S3] [--rounds 3]
+    python tests/benchmarks/run.py [--quick] [--scenarios S1,S2,S3,S3m,S3t] [--rounds 3]
 
 The simulator runs in its own process pinned to core 1 and every client on core 0 (`taskset`).
 Clients, each a separate process writing the same Parquet output, each with a pool of C
@@ -20,6 +20,11 @@ Scenarios (issue #4; S4 issue #12):
   S3  a limit of 6,000 requests/min enforced over a sliding 1 s window (at most 100 requests in
       the second before each one, as many gateways count), 50 ms latency, 3,000 rows, 64 in
       flight; batchrun both with `rate_limit` set to exactly the limit and without (adaptive)
+  S3m S3 with OpenAI's per-minute headers (`--headers per-minute`: remaining of the minute, which
+      never runs short; the 1 s window still enforced): batchrun paced and adaptive only, with
+      targets: adaptive >= 92% of the limit with < 1% 429s, paced >= 97% with < 0.5%
+  S3t S3m by tokens: 1,000,000 tokens/min (16,667 a second over a sliding 1 s window, about 98
+      of these requests of ~170 tokens each), no request limit; "% of limit" counts tokens
   S4  S2's latencies with 512 in flight and 20,000 rows: the client's CPU per row decides throughput;
       the bound is computed as S2's
 Rows/s counts rows answered (not lost) over the client process's whole life (start-up included);
@@ -79,6 +84,17 @@ class Scenario:
     sigma: float = 0.0
     rpm: int | None = None
     window: str = "sliding"
+    tpm: int | None = None
+    headers: str = "window"
+
+    @property
+    def limited(self) -> bool:
+        return bool(self.rpm or self.tpm)
+
+    @property
+    def per_minute(self) -> bool:
+        """S3m and S3t: batchrun's clients only, measured against the targets."""
+        return self.headers == "per-minute"
 
 
 SCENARIOS = {
@@ -86,7 +102,10 @@ SCENARIOS = {
     "S2": Scenario("S2", 5_000, 128, latency_ms=200, sigma=1.0),
     "S3": Scenario("S3", 3_000, 64, latency_ms=50, rpm=6000),
     "S4": Scenario("S4", 20_000, 512, latency_ms=200, sigma=1.0),
+    "S3m": Scenario("S3m", 3_000, 64, latency_ms=50, rpm=6000, headers="per-minute"),
+    "S3t": Scenario("S3t", 3_000, 64, latency_ms=50, tpm=1_000_000, headers="per-minute"),
 }
+TARGETS = {"batchrun (adaptive)": (0.92, 0.01), "batchrun (rate_limit set)": (0.97, 0.005)}  # S3m, S3t
 
 
 @dataclass(frozen=True)
@@ -98,6 +117,7 @@ class Outcome:
     rss_mb: float
     requests: int
     rate_limited: int
+    tokens: int  # in the usage the server answered
     lost: int
     span_s: float
     server_busy: float  # share of its core the simulator used while this client ran
@@ -121,7 +141,9 @@ def make_input(rows: int, folder: Path) -> Path:
     return path
 
 
-def write_job(folder: Path, input_path: Path, base_url: str, concurrency: int, rpm: int | None) -> Path:
+def write_job(
+    folder: Path, input_path: Path, base_url: str, concurrency: int, rate_limit: dict[str, int] | None
+) -> Path:
     job: dict[str, Any] = {
         "input": {"path": str(input_path), "id_column": "id"},
         "output": {"path": str(folder / "batchrun.parquet")},
@@ -131,8 +153,8 @@ def write_job(folder: Path, input_path: Path, base_url: str, concurrency: int, r
         "endpoint": {"base_url": base_url, "api_key_env": KEY_ENV},
         "concurrency": concurrency,
     }
-    if rpm:
-        job["rate_limit"] = {"requests_per_minute": rpm}
+    if rate_limit:
+        job["rate_limit"] = rate_limit
     path = folder / "job.yaml"
     path.write_text(yaml.safe_dump(job))
     return path
@@ -141,7 +163,9 @@ def write_job(folder: Path, input_path: Path, base_url: str, concurrency: int, r
 def start_simulator(s: Scenario) -> tuple[subprocess.Popen[str], str]:
     cmd = [sys.executable, "-m", "batchrun", "simulate", "--port", "0", "--seed", str(SEED)]
     cmd += ["--latency-ms", str(s.latency_ms), "--latency-sigma", str(s.sigma)]
-    cmd += ["--rpm", str(s.rpm), "--window", s.window] if s.rpm else []
+    cmd += ["--rpm", str(s.rpm)] if s.rpm else []
+    cmd += ["--tpm", str(s.tpm)] if s.tpm else []
+    cmd += ["--window", s.window, "--headers", s.headers] if s.limited else []
     proc = subprocess.Popen(pinned(1, cmd), stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
     return proc, proc.stderr.readline().rsplit(" ", 1)[-1].strip()
@@ -279,6 +303,7 @@ def timed(
         rss_mb=run.rss_mb,
         requests=stats["requests"],
         rate_limited=stats["by_status"].get("429", 0),
+        tokens=stats["tokens"],
         lost=rows - ok,
         span_s=stats["span_s"],
         server_busy=server_busy,
@@ -308,9 +333,9 @@ def clients(s: Scenario, input_path: Path, base_url: str) -> list[tuple[str, Cal
     """Each client's name, and its command for a run writing into a folder of its own (whose
     output is `output_of(name, folder)`)."""
 
-    def batchrun(rpm: int | None) -> Callable[[Path], list[str]]:
+    def batchrun(rate_limit: dict[str, int] | None) -> Callable[[Path], list[str]]:
         def command(folder: Path) -> list[str]:
-            job = write_job(folder, input_path, base_url, s.concurrency, rpm)
+            job = write_job(folder, input_path, base_url, s.concurrency, rate_limit)
             return [sys.executable, "-m", "batchrun", "run", str(job), "-q", "--fresh"]
 
         return command
@@ -322,9 +347,12 @@ def clients(s: Scenario, input_path: Path, base_url: str) -> list[tuple[str, Cal
 
         return command
 
-    named = [("batchrun (adaptive)" if s.rpm else "batchrun", batchrun(None))]
-    if s.rpm:
-        named.insert(0, ("batchrun (rate_limit set)", batchrun(s.rpm)))
+    named = [("batchrun (adaptive)" if s.limited else "batchrun", batchrun(None))]
+    if s.limited:
+        limit = {"requests_per_minute": s.rpm} if s.rpm else {"tokens_per_minute": s.tpm or 0}
+        named.insert(0, ("batchrun (rate_limit set)", batchrun(limit)))
+    if s.per_minute:
+        return named
     named += [
         ("openai SDK + semaphore", peer("peer_openai.py")),
         ("httpx chunked gather", peer("peer_httpx.py")),
@@ -387,9 +415,15 @@ def note(s: Scenario, rows: int, o: Outcome) -> str:
     if s.name in ("S2", "S4"):
         bound = zero_overhead_rows_per_s(s, rows)
         return f"{rows / o.span_s / bound:.2f} of zero-overhead ({bound:.0f} rows/s)"
-    if s.rpm:
-        limit = s.rpm / 60
-        return f"{(rows - o.lost) / o.span_s / limit:.1%} of limit, {o.rate_limited / o.requests:.2%} 429s"
+    if s.limited:
+        used = o.tokens / (s.tpm / 60) if s.tpm else (rows - o.lost) / (s.rpm or 0) * 60
+        share, refused = used / o.span_s, o.rate_limited / o.requests
+        said = f"{share:.1%} of limit, {refused:.2%} 429s"
+        if s.per_minute and o.client in TARGETS:
+            least, most = TARGETS[o.client]
+            met = "pass" if share >= least and refused < most else "fail"
+            said += f"; target >= {least:.0%} & < {most:.1%} 429s: {met}"
+        return said
     if s.name == "S1":
         return f"simulator core {o.server_busy:.0%} busy"
     return ""
@@ -398,14 +432,14 @@ def note(s: Scenario, rows: int, o: Outcome) -> str:
 def print_table(scenario: str, results: list[tuple[Outcome, str]]) -> None:
     """One line per client: its median run's figures, or that it failed (and why) and no figure."""
     peers = {o.client: o for o, _ in results}
-    sdk, chunked = peers["openai SDK + semaphore"], peers["httpx chunked gather"]
+    against = [peers.get("openai SDK + semaphore"), peers.get("httpx chunked gather")]
     for o, note in results:
         if o.failure:
             cells = [scenario, o.client, f"FAILED ({o.failure}): no figures", *[""] * 7]
         else:
             cells = [scenario, o.client, f"{o.rows_per_s:,.0f}", f"{o.cpu_s * 1000 / o.rows:.2f}"]
             cells += [f"{o.wall_s - o.span_s:.2f}", f"{o.rss_mb:.0f}", f"{o.rate_limited:,}", f"{o.lost:,}"]
-            cells += ["-" if p.failure else f"{o.rows_per_s / p.rows_per_s:.2f}x" for p in (sdk, chunked)]
+            cells += [f"{o.rows_per_s / p.rows_per_s:.2f}x" if p and not p.failure else "-" for p in against]
             cells += [note]
         print("| " + " | ".join(cells) + " |", flush=True)
 
