@@ -2,6 +2,9 @@
 
     python tests/benchmarks/fixed_cost.py [--runs 5]
 
+Its runs import the batchrun of the Python that runs this script (never the checkout's folder),
+so another checkout's venv measures that checkout: `../other/.venv/bin/python fixed_cost.py`.
+
   sample job  `batchrun jobs/summarize.yaml --simulate` as the README runs it (300 rows, the
               built-in simulator in the same process, a fresh copy of jobs/ and sample_data/ each
               run): wall and peak RSS (the process's own VmHWM), median of --runs; the peer is
@@ -118,11 +121,8 @@ def median_watched(runs: list[tuple[Watched, str | None]]) -> tuple[float, float
 def notebook_calls(kind: str, folder: Path, calls: int) -> list[float] | str:
     folder.mkdir()
     source = str(REPO / "sample_data" / "articles.parquet")
-    done = subprocess.run(
-        [sys.executable, "-c", NOTEBOOK, kind, str(folder), str(calls), source],
-        capture_output=True,
-        text=True,
-    )
+    command = [sys.executable, "-c", NOTEBOOK, kind, str(folder), str(calls), source]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=folder)  # as sample_job's
     if done.returncode != 0:
         return f"exit {done.returncode}: {done.stderr.strip().splitlines()[-1:]}"
     return list(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -146,7 +146,9 @@ def main() -> None:
                 for kind, runs in (("batchrun", ours), ("peer", peers))[:: 1 if n % 2 == 0 else -1]:
                     folder = root / f"{kind}-{n}"
                     command, output = sample_job(folder) if kind == "batchrun" else peer_run(folder, base_url)
-                    watched = watch(command, stderr=[])
+                    watched = watch(
+                        command, stderr=[], cwd=folder
+                    )  # not the repo: -m batchrun imports from cwd
                     runs.append((watched, failure(watched, (0,), output, SAMPLE_ROWS)))
         finally:
             simulator.terminate()

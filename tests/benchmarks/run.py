@@ -215,6 +215,7 @@ def watch(
     max_rss_mb: float = math.inf,
     tick: Callable[[int, float], None] | None = None,
     stderr: list[str] | None = None,
+    cwd: Path | None = None,
 ) -> Watched:
     """Run `cmd` (with KEY_ENV set) until it exits, polling it every 20 ms: its peak RSS by its
     own VmHWM (not wait4's ru_maxrss, which on Linux keeps the high-water mark of the memory the
@@ -223,7 +224,7 @@ def watch(
     into `stderr` when given."""
     started, started_wall = time.monotonic(), time.time()
     pipe = subprocess.PIPE if stderr is not None else None
-    proc = subprocess.Popen(cmd, env={**os.environ, KEY_ENV: "bench"}, stderr=pipe, text=True)
+    proc = subprocess.Popen(cmd, env={**os.environ, KEY_ENV: "bench"}, stderr=pipe, text=True, cwd=cwd)
     reader = None
     if stderr is not None:
         reader = threading.Thread(target=lambda: stderr.extend(proc.stderr or ()), daemon=True)
