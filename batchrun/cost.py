@@ -252,7 +252,7 @@ class _PriceCache:
         """The tiers kept for `key` ([] for a model the table does not price), or None."""
         tiers = self._prices.get(key)
         valid = isinstance(tiers, list) and all(
-            isinstance(t, list) and len(t) == 4 and all(isinstance(x, int | float) for x in t) for t in tiers
+            isinstance(t, list) and len(t) == 4 and all(type(x) in (int, float) for x in t) for t in tiers
         )
         return tiers if valid else None
 

@@ -51,11 +51,11 @@ from batchrun.structured import format_fallbacks
 SIMULATED_ENDPOINT = "simulator"  # what the fingerprint and the keys name --simulate's endpoint by
 # The key sent to the simulator: no text a user writes, since answers are masked for the key.
 SIMULATED_KEY = "sim-4c1f9e07b2d8"
+# Input rows read, rendered and keyed at a time: their request bodies are held until sent (8,192
+# rows of 2 KB prompts held ~20 MB). A resume's to-do pages are still taken BATCH_ROWS at a time.
+RENDER_BATCH_ROWS = 2048
 # A key-pass batch of a job with images: every image of a batch is read (streamed) before its
 # first row is sent, and a binary column's images are held with their batch.
-# Rows rendered and keyed at a time: their request bodies are held until sent, ~20 MB for 8,192
-# rows of 2 KB prompts; the input is still read, and the to-do pages still taken, BATCH_ROWS at a time.
-RENDER_BATCH_ROWS = 2048
 IMAGE_BATCH_ROWS = 256
 IMAGE_CHECK_ROWS = 10  # the first rows whose images `validate` reads, as their run would
 

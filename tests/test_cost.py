@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -167,6 +168,20 @@ def test_whatever_the_price_cache_holds_the_table_decides(tmp_path: Path, held: 
         [0, 1.25, 0.2, 2.5],
         [199_999, 2.5, 0.4, 5.0],
     ]
+
+
+@pytest.mark.parametrize("kept", [[[True, 1, 2, 3]], [[0, 1, 2]], "1.25", [[0, "1.25", 0.2, 2.5]]])
+def test_todays_cache_entry_that_is_no_tier_list_is_read_again(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, kept: object
+) -> None:
+    today = datetime.now(UTC).date().isoformat()
+    cache = tmp_path / "batchrun" / "list-prices.json"
+    cache.parent.mkdir()
+    stamp = [version("genai-prices"), today]
+    cache.write_text(json.dumps({"stamp": stamp, "prices": {"grok-4.3 online": kept}}))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    price = uncached_list_price("grok-4.3")
+    assert price is not None and price.rates(1000) == Rates(1.25, 0.20, 2.50)
 
 
 def test_a_cache_folder_that_cannot_be_written_changes_no_price(
