@@ -432,8 +432,8 @@ def draw(shapes: list[Shape], width: int, height: int) -> bytes:
     return b"".join(lines)
 
 
-def png(width: int, height: int, scanlines: bytes) -> bytes:
-    """A PNG file of 8-bit RGB scanlines."""
+def png(width: int, height: int, scanlines: bytes, level: int = 9) -> bytes:
+    """A PNG file of 8-bit RGB scanlines (each led by its filter byte), zlib at `level`."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
@@ -442,7 +442,7 @@ def png(width: int, height: int, scanlines: bytes) -> bytes:
     return (
         b"\x89PNG\r\n\x1a\n"
         + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(scanlines, 9))
+        + chunk(b"IDAT", zlib.compress(scanlines, level))
         + chunk(b"IEND", b"")
     )
 

@@ -24,12 +24,10 @@ import argparse
 import contextlib
 import os
 import random
-import struct
 import subprocess
 import sys
 import tempfile
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +35,10 @@ import polars as pl
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from run import KEY_ENV, SEED, cpu_s, pinned, server, watch
+from run import KEY_ENV, REPO, SEED, cpu_s, pinned, server, watch
+
+sys.path.insert(0, str(REPO / "sample_data"))
+from make_sample_data import png as sample_png
 
 SIDE = 580  # 580 x 580 x 3 bytes of noise: ~1 MB as a PNG, 2 x 2 tiles
 CONCURRENCY = 64
@@ -62,19 +63,9 @@ class Result:
 def png(side: int, pixels: bytes) -> bytes:
     """An 8-bit RGB PNG of `pixels` (side x side), stored with little compression: noise does
     not compress, and zlib's level 1 keeps generating a few hundred of them quick."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
     row = side * 3
     lines = b"".join(b"\0" + pixels[i * row : (i + 1) * row] for i in range(side))
-    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(lines, 1))
-        + chunk(b"IEND", b"")
-    )
+    return sample_png(side, side, lines, level=1)
 
 
 def make_input(folder: Path, rows: int, images: int) -> Path:
