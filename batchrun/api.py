@@ -42,9 +42,17 @@ from batchrun.core import Stop
 from batchrun.errors import BatchrunError, RequestFailed
 from batchrun.estimate import Estimate, Pilot, estimate_job, plan_pilot
 from batchrun.executors import api_key
-from batchrun.job import EndpointSpec, JobSpec, RetrySpec, TableFormat, job_from_mapping, load_job
+from batchrun.job import (
+    EndpointSpec,
+    JobSpec,
+    RetrySpec,
+    TableFormat,
+    job_from_mapping,
+    load_job,
+    without_model_check,
+)
 from batchrun.loop import run_async
-from batchrun.models import check_model, list_models, without_model_check
+from batchrun.models import check_model, list_models
 from batchrun.plan import CHECKPOINT_SUFFIX, REPORT_SUFFIX, SIMULATED_KEY, PreparedJob, prepare
 from batchrun.plan import beside as next_to
 from batchrun.progress import Progress

@@ -612,3 +612,8 @@ def _line_of(text: str, keys: tuple[Key, ...]) -> int | None:
         else:
             break
     return line
+
+
+def without_model_check(spec: JobSpec) -> JobSpec:
+    """The job with endpoint.check_model off (`check_model=False`, the CLI's --no-check-model)."""
+    return spec.model_copy(update={"endpoint": spec.endpoint.model_copy(update={"check_model": False})})

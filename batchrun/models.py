@@ -98,8 +98,3 @@ def check_model(spec: JobSpec, base_url: str, api_key: str) -> str | None:
     error = JobError(f"model '{spec.model}' not offered by {base_url} ({hint})", spec.job_path, line)
     error.remedy = SKIP
     raise error
-
-
-def without_model_check(spec: JobSpec) -> JobSpec:
-    """The job with endpoint.check_model off (`check_model=False`, the CLI's --no-check-model)."""
-    return spec.model_copy(update={"endpoint": spec.endpoint.model_copy(update={"check_model": False})})

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import collections
+import os
 import random
+import signal
+import sqlite3
+import subprocess
 import time
 from pathlib import Path
 
@@ -17,6 +21,7 @@ from tests.conftest import (
     answered_not_kept,
     article_rows,
     batchrun_process,
+    checkpoint_path,
     invoke,
     read_output,
     run_batchrun,
@@ -282,6 +287,54 @@ def test_simulate_runs_the_sample_job(tmp_path: Path) -> None:
     assert set(out["status"]) == {"ok"}
     assert out["total_tokens"].min() > 0
     assert f"rows: {articles.height} ok, 0 failed of {articles.height}" in result.stderr
+
+
+def simulator_child(run: subprocess.Popen[str]) -> int:
+    """The pid of the simulator a `--simulate` run started: its one child process."""
+    deadline = time.monotonic() + 30
+    while not (children := Path(f"/proc/{run.pid}/task/{run.pid}/children").read_text().split()):
+        assert run.poll() is None and time.monotonic() < deadline, "the run started no simulator"
+        time.sleep(0.01)
+    assert len(children) == 1, children
+    return int(children[0])
+
+
+def test_ctrl_c_at_a_terminal_leaves_the_simulator_answering_the_rows_in_flight(tmp_path: Path) -> None:
+    """Ctrl-C reaches every process of the terminal's foreground group, the simulator of a
+    `--simulate` run among them: the run then finishes its in-flight rows against it."""
+    job = write_job(tmp_path, article_rows(300), "https://unused.invalid/v1", concurrency=8)
+    run = batchrun_process(str(job), "--simulate", "--simulate-latency-ms", "200", start_new_session=True)
+    simulator_child(run)
+    wait_for_rows(job, at_least=16)
+    os.killpg(run.pid, signal.SIGINT)  # the whole group, as a terminal's Ctrl-C
+    _, stderr = run.communicate(timeout=30)
+
+    assert run.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    out = read_output(job)
+    assert set(out["status"]) == {"ok", "pending"}
+    # the 8 rows in flight at the signal were answered: with the simulator gone they fail or stay pending
+    with sqlite3.connect(checkpoint_path(job)) as db:
+        assert db.execute(
+            "SELECT COUNT(*) FROM attempts WHERE status IS NULL OR status != 200"
+        ).fetchone() == (0,)
+
+
+def test_a_killed_simulated_run_leaves_no_simulator_behind(tmp_path: Path) -> None:
+    job = write_job(tmp_path, article_rows(300), "https://unused.invalid/v1", concurrency=4)
+    run = batchrun_process(str(job), "--simulate", "--simulate-latency-ms", "200")
+    simulator = simulator_child(run)
+    wait_for_rows(job, at_least=4)
+    run.kill()
+    run.communicate(timeout=10)
+
+    deadline = time.monotonic() + 10
+    while (
+        Path(f"/proc/{simulator}").exists()
+        and "Z" not in Path(f"/proc/{simulator}/stat").read_text().split()[2]
+    ):
+        assert time.monotonic() < deadline, "the simulator outlived its run"
+        time.sleep(0.01)
 
 
 def test_params_reach_the_request_body(tmp_path: Path, simulator: RunningSimulator) -> None:
