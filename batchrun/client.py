@@ -7,15 +7,18 @@ Which httpx: `httpx2` (Pydantic's maintained continuation, same API; the openai 
 genai-prices already depend on it) rather than `httpx` (0.28.1, no release since Dec 2024).
 Measured here, 64 connections, one core, CPU per request: aiohttp alone 0.10-0.12 ms; httpx2
 over aiohttp's pool 0.27-0.30; httpx over it 0.31-0.34; httpx2's own pool 1.0 (so never the
-default). `httpx-aiohttp` (by a former httpx maintainer; the openai SDK vendors the same module
-for its `aiohttp` extra) supplies the exception mapping and the event-stream wrapper.
+default).
 
-Under our own pool the transport is `AiohttpPool`, not httpx-aiohttp's `AiohttpTransport`, which
-per request builds a timeout, consults the environment for proxies and netrc in a worker thread
-(aiohttp's `trust_env`), filters cookies and wraps the body in a stream: together ~0.2 ms CPU per
-row (docs/benchmarks.md). `AiohttpPool` reads the proxy variables (HTTP_PROXY, HTTPS_PROXY, NO_PROXY)
-once, for the one endpoint it serves; httpx2 builds the TLS context (SSL_CERT_FILE, SSL_CERT_DIR,
-else the system's store).
+The transport is `AiohttpPool`, not httpx-aiohttp's `AiohttpTransport`, which per request
+builds a timeout, consults the environment for proxies and netrc in a worker thread (aiohttp's
+`trust_env`), filters cookies and wraps the body in a stream: together ~0.2 ms CPU per row
+(docs/benchmarks.md). Its exception mapping and event-stream wrapper, all we used of that
+package, are here too (`AIOHTTP_ERRORS`, `AiohttpStream`): importing them ran the package's
+`__init__`, which imports httpx 0.28 beside httpx2, ~20 ms of every run's start.
+
+`AiohttpPool` reads the proxy variables (HTTP_PROXY, HTTPS_PROXY, NO_PROXY) once, for the one
+endpoint it serves; httpx2 builds the TLS context (SSL_CERT_FILE, SSL_CERT_DIR, else the
+system's store).
 """
 
 from __future__ import annotations
@@ -29,14 +32,13 @@ import re
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import aiohttp
 import httpx2
 import orjson
 from aiohttp.helpers import get_env_proxy_for_url
-from httpx_aiohttp.httpx2.transport import AiohttpResponseStream, map_aiohttp_exceptions
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -247,7 +249,7 @@ class AiohttpPool(httpx2.AsyncBaseTransport):
     What is fixed for the pool is decided once, not per request: the proxy for `base_url` from
     the environment, the connect timeout, no cookies. An answer is read whole inside the
     transport (one `Response` holding its body), except an event stream, which stays a stream.
-    Failures are httpx2's exceptions caused by aiohttp's, as from httpx-aiohttp's transport.
+    Failures are httpx2's exceptions caused by aiohttp's (`AIOHTTP_ERRORS`).
     """
 
     def __init__(self, base_url: str, max_connections: int, connect_timeout_s: float, max_bytes: int):
@@ -289,7 +291,7 @@ class AiohttpPool(httpx2.AsyncBaseTransport):
         try:
             return await self._exchange(request)
         except Exception:
-            with map_aiohttp_exceptions():  # entered on failure only: ~2 µs a row otherwise
+            with httpx_errors():  # entered on failure only: ~2 µs a row otherwise
                 raise
 
     async def _exchange(self, request: httpx2.Request) -> httpx2.Response:
@@ -302,7 +304,7 @@ class AiohttpPool(httpx2.AsyncBaseTransport):
             allow_redirects=False,
         )
         if response.content_type == "text/event-stream":
-            stream = CappedStream(AiohttpResponseStream(response), self._max_bytes, response.status)
+            stream = CappedStream(AiohttpStream(response), self._max_bytes, response.status)
             return httpx2.Response(
                 response.status, headers=response.raw_headers, stream=stream, request=request
             )
@@ -329,6 +331,51 @@ class AiohttpPool(httpx2.AsyncBaseTransport):
     async def aclose(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+
+# aiohttp's failures as httpx2's, the most specific that applies (as httpx-aiohttp maps them)
+AIOHTTP_ERRORS: dict[type[Exception], type[httpx2.HTTPError]] = {
+    aiohttp.ServerTimeoutError: httpx2.TimeoutException,
+    aiohttp.SocketTimeoutError: httpx2.ReadTimeout,
+    aiohttp.ClientConnectionError: httpx2.ConnectTimeout,
+    aiohttp.ClientConnectorError: httpx2.ConnectError,
+    aiohttp.ClientPayloadError: httpx2.ReadError,
+    aiohttp.ClientProxyConnectionError: httpx2.ProxyError,
+    aiohttp.ClientHttpProxyError: httpx2.ProxyError,
+    aiohttp.NonHttpUrlClientError: httpx2.UnsupportedProtocol,
+    aiohttp.InvalidUrlClientError: httpx2.UnsupportedProtocol,
+}
+
+
+@contextlib.contextmanager
+def httpx_errors() -> Iterator[None]:
+    """Raise an aiohttp failure as httpx2's exception for it, caused by it; others unchanged."""
+    try:
+        yield
+    except Exception as exc:
+        mapped: type[httpx2.HTTPError] | None = None
+        for aiohttp_error, httpx_error in AIOHTTP_ERRORS.items():
+            if isinstance(exc, aiohttp_error) and (mapped is None or issubclass(httpx_error, mapped)):
+                mapped = httpx_error
+        if mapped is None:
+            raise
+        raise mapped(str(exc)) from exc
+
+
+class AiohttpStream(httpx2.AsyncByteStream):
+    """An aiohttp response's body as httpx2's stream, read as it arrives (an event stream)."""
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        with httpx_errors():
+            async for chunk in self._response.content.iter_chunked(16 * 1024):
+                yield chunk
+
+    async def aclose(self) -> None:
+        with httpx_errors():
+            self._response.release()
 
 
 def whole_response(

@@ -225,7 +225,13 @@ def _from_tiers(tiers: list[list[float]], batch: bool) -> Price | None:
 
 
 def _list_source(batch: bool) -> str:
-    return f"{'list batch price' if batch else 'list price'}, genai-prices {version('genai-prices')}"
+    return f"{'list batch price' if batch else 'list price'}, genai-prices {_table_version()}"
+
+
+@functools.cache
+def _table_version() -> str:
+    """genai-prices' version: read from the installed packages' metadata, ~1 ms each time."""
+    return version("genai-prices")
 
 
 class _PriceCache:
@@ -237,7 +243,7 @@ class _PriceCache:
     def __init__(self) -> None:
         root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         self._path = Path(root) / "batchrun" / "list-prices.json"
-        self._stamp = [version("genai-prices"), datetime.now(UTC).date().isoformat()]
+        self._stamp = [_table_version(), datetime.now(UTC).date().isoformat()]
         self._prices: dict[str, Any] = {}
         with contextlib.suppress(OSError, ValueError):
             held = orjson.loads(self._path.read_bytes())

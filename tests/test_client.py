@@ -20,12 +20,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import httpx2
 import polars as pl
 import pytest
 import trustme
 
 from batchrun.answers import Redactor, classify_status, retry_after, server_budget
-from batchrun.client import ChatClient
+from batchrun.client import AiohttpPool, ChatClient
 from batchrun.errors import EndpointDown, PermanentError, RequestFailed, RetryableError
 from batchrun.limits import RateLimitHeaders
 from batchrun.simulator import SimulatorConfig, serve_in_thread
@@ -366,6 +368,36 @@ def test_a_refused_connection_says_so() -> None:
     error = complete(f"http://127.0.0.1:{free_port()}/v1")
 
     assert (str(error), error.config_problem) == ("connection: refused", False)
+
+
+@pytest.mark.parametrize(
+    ("reply", "raised", "cause"),
+    [
+        (None, httpx2.ConnectTimeout, aiohttp.ClientConnectorError),  # refused: as httpx-aiohttp maps it
+        (Reply(raw=CUT_CHUNKED), httpx2.ReadError, aiohttp.ClientPayloadError),
+    ],
+)
+def test_our_pool_fails_with_httpxs_exceptions_caused_by_aiohttps(
+    reply: Reply | None, raised: type[httpx2.HTTPError], cause: type[aiohttp.ClientError]
+) -> None:
+    """What a user of the httpx API sees from our pool: httpx2's exception, aiohttp's its cause."""
+
+    async def stream(base_url: str) -> None:
+        pool = AiohttpPool(base_url, max_connections=1, connect_timeout_s=5, max_bytes=1 << 20)
+        async with httpx2.AsyncClient(transport=pool) as client:
+            async with client.stream("POST", f"{base_url}/chat/completions", content=b"{}") as response:
+                async for _ in response.aiter_bytes():
+                    pass
+
+    with contextlib.ExitStack() as stack:
+        base_url = f"http://127.0.0.1:{free_port()}/v1"
+        if reply is not None:
+            base_url = stack.enter_context(serve_stub(lambda request: reply)).base_url
+        with pytest.raises(httpx2.HTTPError) as caught:
+            asyncio.run(stream(base_url))
+
+    assert type(caught.value) is raised
+    assert isinstance(caught.value.__cause__, cause)
 
 
 def test_a_reset_connection_says_so() -> None:
