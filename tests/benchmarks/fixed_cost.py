@@ -6,9 +6,11 @@ Its runs import the batchrun of the Python that runs this script (never the chec
 so another checkout's venv measures that checkout: `../other/.venv/bin/python fixed_cost.py`.
 
   sample job  `batchrun jobs/summarize.yaml --simulate` as the README runs it (300 rows, the
-              built-in simulator in the same process, a fresh copy of jobs/ and sample_data/ each
+              built-in simulator in a child process, a fresh copy of jobs/ and sample_data/ each
               run): wall and peak RSS (the process's own VmHWM), median of --runs; the peer is
               peer_openai.py sending the same 300 rows to `batchrun simulate` and writing Parquet.
+  imports     a Python that imports the libraries batchrun runs with (STACK) and exits, median
+              of --runs: the floor under any run of batchrun on this machine, measured beside it.
   notebook    `batchrun.run` on 20 rows called inside a running event loop (as in a notebook
               cell), after one warm-up call in the same process: median of --runs calls; the peer
               sends the same 20 rows through AsyncOpenAI in the same process, to the same simulator.
@@ -34,6 +36,7 @@ from run import REPO, Watched, failure, watch
 HERE = Path(__file__).parent
 SAMPLE_ROWS = 300
 NOTEBOOK_ROWS = 20
+STACK = "polars, aiohttp, httpx2, pydantic, tenacity, click, yaml, tqdm, uvloop, orjson, sqlite3"
 
 # Run by a fresh interpreter: times `calls` calls of one kind after one warm-up call, and prints
 # their wall seconds as JSON. The simulator runs in a thread of this process, for both kinds.
@@ -141,6 +144,7 @@ def main() -> None:
         base_url = simulator.stderr.readline().rsplit(" ", 1)[-1].strip()
         ours: list[tuple[Watched, str | None]] = []
         peers: list[tuple[Watched, str | None]] = []
+        imports: list[float] = []
         try:
             for n in range(args.runs):  # alternated: neither always runs on a machine the other warmed
                 for kind, runs in (("batchrun", ours), ("peer", peers))[:: 1 if n % 2 == 0 else -1]:
@@ -150,6 +154,9 @@ def main() -> None:
                         command, stderr=[], cwd=folder
                     )  # not the repo: -m batchrun imports from cwd
                     runs.append((watched, failure(watched, (0,), output, SAMPLE_ROWS)))
+                imported = watch([sys.executable, "-c", f"import {STACK}"], cwd=root)
+                assert imported.exit_code == 0, f"cannot import {STACK}"
+                imports.append(imported.wall_s)
         finally:
             simulator.terminate()
             simulator.wait()
@@ -171,6 +178,8 @@ def main() -> None:
             f"| sample job: peak RSS MB | {a[1]:.0f} | {b[1]:.0f} | {a[1] / b[1]:.2f}x | <= 160: "
             f"{'pass' if a[1] <= 160 else 'FAIL'} |"
         )
+        floor = statistics.median(imports)
+        print(f"| importing batchrun's libraries, nothing else: wall s | {floor:.2f} | | | |")
     if isinstance(ours_calls, str) or isinstance(peer_calls, str):
         print(
             f"| notebook call (20 rows) | {ours_calls if isinstance(ours_calls, str) else ''} | "
