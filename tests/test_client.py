@@ -384,10 +384,12 @@ def test_our_pool_fails_with_httpxs_exceptions_caused_by_aiohttps(
 
     async def stream(base_url: str) -> None:
         pool = AiohttpPool(base_url, max_connections=1, connect_timeout_s=5, max_bytes=1 << 20)
-        async with httpx2.AsyncClient(transport=pool) as client:
-            async with client.stream("POST", f"{base_url}/chat/completions", content=b"{}") as response:
-                async for _ in response.aiter_bytes():
-                    pass
+        async with (
+            httpx2.AsyncClient(transport=pool) as client,
+            client.stream("POST", f"{base_url}/chat/completions", content=b"{}") as response,
+        ):
+            async for _ in response.aiter_bytes():
+                pass
 
     with contextlib.ExitStack() as stack:
         base_url = f"http://127.0.0.1:{free_port()}/v1"
