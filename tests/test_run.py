@@ -300,8 +300,8 @@ def simulator_child(run: subprocess.Popen[str]) -> int:
 
 
 def test_ctrl_c_at_a_terminal_leaves_the_simulator_answering_the_rows_in_flight(tmp_path: Path) -> None:
-    """Ctrl-C reaches every process of the terminal's foreground group, the simulator of a
-    `--simulate` run among them: the run then finishes its in-flight rows against it."""
+    """Ctrl-C reaches every process of the terminal's foreground group; the simulator of a
+    `--simulate` run is kept out of it, so the run finishes its in-flight rows against it."""
     job = write_job(tmp_path, article_rows(300), "https://unused.invalid/v1", concurrency=8)
     run = batchrun_process(str(job), "--simulate", "--simulate-latency-ms", "200", start_new_session=True)
     simulator_child(run)
