@@ -292,11 +292,21 @@ def test_simulate_runs_the_sample_job(tmp_path: Path) -> None:
 def simulator_child(run: subprocess.Popen[str]) -> int:
     """The pid of the simulator a `--simulate` run started: its one child process."""
     deadline = time.monotonic() + 30
-    while not (children := Path(f"/proc/{run.pid}/task/{run.pid}/children").read_text().split()):
+    children = Path(f"/proc/{run.pid}/task/{run.pid}/children")
+    while not (pids := children.read_text().split()):
         assert run.poll() is None and time.monotonic() < deadline, "the run started no simulator"
         time.sleep(0.01)
-    assert len(children) == 1, children
-    return int(children[0])
+    assert len(pids) == 1, pids
+    return int(pids[0])
+
+
+def running(pid: int) -> bool:
+    """Whether `pid` is a process that has not exited (a zombie has)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # the state, after the command's name
 
 
 def test_ctrl_c_at_a_terminal_leaves_the_simulator_answering_the_rows_in_flight(tmp_path: Path) -> None:
@@ -329,10 +339,7 @@ def test_a_killed_simulated_run_leaves_no_simulator_behind(tmp_path: Path) -> No
     run.communicate(timeout=10)
 
     deadline = time.monotonic() + 10
-    while (
-        Path(f"/proc/{simulator}").exists()
-        and "Z" not in Path(f"/proc/{simulator}/stat").read_text().split()[2]
-    ):
+    while running(simulator):
         assert time.monotonic() < deadline, "the simulator outlived its run"
         time.sleep(0.01)
 
