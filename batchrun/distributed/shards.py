@@ -63,14 +63,18 @@ def read_rows(job: PreparedJob, shard: RowsToRead, keys: RequestKeys) -> list[Pl
     id_column = job.source.id_column
     columns = list(dict.fromkeys([*prompt_columns, *filter(None, [id_column])]))
     first, last = shard.rows[0], shard.rows[-1]
-    query = job.source.lazy().select(ROW, *columns).slice(first, last - first + 1)
+
+    def query() -> pl.LazyFrame:
+        return job.source.lazy().select(ROW, *columns).slice(first, last - first + 1)
+
     try:
         try:
-            frame = query.collect()
+            frame = query().collect()
         except (pl.exceptions.PolarsError, OSError):
             # An object overwritten while it was read can come half old, half new (the footer of
-            # one version, pages of the other): read whole again, the keys below tell a change.
-            frame = query.collect()
+            # one version, pages of the other): read it again, through a new scan, since a scan
+            # keeps the footer it read first; the keys below then tell the change.
+            frame = query().collect()
     except (pl.exceptions.PolarsError, OSError) as exc:
         raise InputError(
             f"a worker cannot read rows {first + 1}-{last + 1} of {job.source.path}: {cloud_reason(exc)}"
