@@ -6,11 +6,14 @@ Tests that need Ray share one local instance (conftest.ray_session: two CPUs, fi
 from __future__ import annotations
 
 import asyncio
+import http.server
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -651,6 +654,89 @@ def test_workers_read_their_rows_from_object_storage_and_a_death_loses_none(
     assert out["id"].sort().to_list() == [r["id"] for r in rows]
     assert out.filter(pl.col("status") == "ok").height == len(rows)
     assert len(paid) == len(rows)
+
+
+class TornObject(http.server.ThreadingHTTPServer):
+    """An S3-compatible endpoint serving one object at any path, in the byte ranges polars reads
+    Parquet with (a suffix range for the footer, then the pages' ranges). After `overwrite(new)`
+    it answers one more request from the old bytes and every later one from `new`: a reader that
+    fetched the footer before an object store published an overwrite, and the pages after."""
+
+    def __init__(self, content: bytes) -> None:
+        super().__init__(("127.0.0.1", 0), _ByteRanges)
+        self.versions = [content]
+
+    def overwrite(self, new: bytes) -> None:
+        self.versions.append(new)
+
+    def next_content(self) -> bytes:
+        return self.versions.pop(0) if len(self.versions) > 1 else self.versions[0]
+
+
+class _ByteRanges(http.server.BaseHTTPRequestHandler):
+    server: TornObject
+
+    def do_GET(self) -> None:
+        content = self.server.next_content()
+        start, end = 0, len(content) - 1
+        if found := re.fullmatch(r"bytes=(\d*)-(\d*)", self.headers.get("Range", "")):
+            first, last = found.groups()
+            if first:
+                start, end = int(first), min(int(last or end), end)
+            else:
+                start = max(0, len(content) - int(last))
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{end}/{len(content)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(end - start + 1))
+        self.end_headers()
+        self.wfile.write(content[start : end + 1])
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_a_shard_read_across_an_overwrite_is_read_again_and_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker whose read met an object overwritten mid-read (the old footer, the new pages)
+    reads it again through a new scan, which finds the new rows: their keys are not the driver's,
+    so the run stops saying the input changed, not that the rows cannot be read. No Ray needed."""
+    import io
+
+    import polars as pl
+
+    from batchrun.distributed.shards import RowsToRead, read_rows
+    from batchrun.errors import InputError
+    from batchrun.job import load_job
+    from batchrun.plan import prepare
+    from batchrun.sources import ROW
+    from tests.conftest import s3_env
+
+    rows = article_rows(40)
+    old, new = io.BytesIO(), io.BytesIO()
+    pl.DataFrame(rows).write_parquet(old)
+    pl.DataFrame([{**r, "title": r["title"] + " (v2)"} for r in rows]).write_parquet(new)
+    with TornObject(old.getvalue()) as store:
+        threading.Thread(target=store.serve_forever, daemon=True).start()
+        try:
+            s3_env(monkeypatch, f"http://127.0.0.1:{store.server_address[1]}")
+            url = "s3://bucket-one/in.parquet"
+            job = prepare(
+                load_job(write_job(tmp_path, rows, "http://127.0.0.1:9/v1", input={"path": url})), None
+            )
+            keys = job.keys(False)
+            read = job.source.lazy().select(ROW, *job.prompts.columns).collect()  # as the driver keyed them
+            driver_keys = b"".join(job.keyed_body(row, keys)[1] for row in read.iter_rows(named=True))
+
+            store.overwrite(new.getvalue())
+            with pytest.raises(InputError) as caught:
+                read_rows(job, RowsToRead(list(range(len(rows))), driver_keys, [0] * len(rows)), keys)
+        finally:
+            store.shutdown()
+
+    assert "is not what the driver read: the input changed during the run" in str(caught.value)
 
 
 def test_an_input_overwritten_during_the_run_stops_it(
