@@ -59,8 +59,9 @@ from batchrun.limits import RateLimitHeaders
 
 CONNECT_TIMEOUT_S = 10.0  # a server that does not accept a connection this soon is down, not slow
 TransportFailure = TimeoutError | httpx2.HTTPError | aiohttp.ClientError
-TRANSPORT_FAILURES = (TimeoutError, httpx2.HTTPError, aiohttp.ClientError)  # try/except, not a context
-# manager: entering one costs ~2 µs a request
+# The same, for `except` (a union cannot be caught): caught by try/except, not by a context
+# manager, whose entry cost ~2 µs a request.
+TRANSPORT_FAILURES = (TimeoutError, httpx2.HTTPError, aiohttp.ClientError)
 
 
 class ChatClient:

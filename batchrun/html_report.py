@@ -402,7 +402,10 @@ def _failures(table: pl.LazyFrame, job_file: str | None) -> str:
     if not kinds.height:
         return _section("Failures", _note("No row failed."), "")
     chart = charts.bars(
-        kinds["error_kind"].to_list(), [("rows", kinds["rows"].to_list())], "rows", colors=["#e45756"]
+        kinds["error_kind"].to_list(),
+        [("rows", kinds["rows"].to_list())],
+        "rows",
+        colors=[STATUS_COLORS["failed"]],
     )
     examples = "".join(
         f"<tr><td>{_e(kind)}</td><td class=num>{rows:,}</td><td>{_e(row_id)}</td>"

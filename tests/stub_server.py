@@ -55,6 +55,8 @@ class StubServer:
     handler: Handler
     port: int = 0
     requests: list[Request] = field(default_factory=list)
+    # connections being served: those a client keeps alive (a pool) are closed when the stub stops
+    connections: set[asyncio.Task[None]] = field(default_factory=set)
 
     @property
     def base_url(self) -> str:
@@ -64,6 +66,9 @@ class StubServer:
         return [r for r in self.requests if r.path.endswith("/chat/completions")]
 
     async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.connections.add(task)
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -85,6 +90,7 @@ class StubServer:
             pass
         finally:
             writer.close()
+            self.connections.discard(task)
 
 
 @contextlib.contextmanager
@@ -103,6 +109,10 @@ def serve_stub(handler: Handler, port: int = 0) -> Iterator[StubServer]:
         ready.set()
         async with server:
             await stop
+            still_open = list(stub.connections)
+            for connection in still_open:
+                connection.cancel()
+            await asyncio.gather(*still_open, return_exceptions=True)
 
     thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
     thread.start()

@@ -6,14 +6,12 @@ Tests that need Ray share one local instance (conftest.ray_session: two CPUs, fi
 from __future__ import annotations
 
 import asyncio
-import http.server
 import json
 import os
 import re
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ from batchrun.distributed.cluster import check_address, check_versions, host_and
 from batchrun.distributed.limiter import ClusterBudget, ClusterLimiter, ClusterLimits
 from batchrun.errors import BatchrunError
 from tests.conftest import article_rows, run_batchrun, write_job
+from tests.stub_server import Reply, Request, serve_stub
 
 # How long a wait for Ray's processes may take before it is a hang: a Ray worker starts in a few
 # seconds on an idle machine and in a minute or more on a loaded one (seen: a clean-clone CI run
@@ -656,45 +655,27 @@ def test_workers_read_their_rows_from_object_storage_and_a_death_loses_none(
     assert len(paid) == len(rows)
 
 
-class TornObject(http.server.ThreadingHTTPServer):
-    """An S3-compatible endpoint serving one object at any path, in the byte ranges polars reads
+class TornObject:
+    """A stub_server handler serving one object at any path, in the byte ranges polars reads
     Parquet with (a suffix range for the footer, then the pages' ranges). After `overwrite(new)`
     it answers one more request from the old bytes and every later one from `new`: a reader that
     fetched the footer before an object store published an overwrite, and the pages after."""
 
     def __init__(self, content: bytes) -> None:
-        super().__init__(("127.0.0.1", 0), _ByteRanges)
         self.versions = [content]
 
     def overwrite(self, new: bytes) -> None:
         self.versions.append(new)
 
-    def next_content(self) -> bytes:
-        return self.versions.pop(0) if len(self.versions) > 1 else self.versions[0]
-
-
-class _ByteRanges(http.server.BaseHTTPRequestHandler):
-    server: TornObject
-
-    def do_GET(self) -> None:
-        content = self.server.next_content()
-        start, end = 0, len(content) - 1
-        if found := re.fullmatch(r"bytes=(\d*)-(\d*)", self.headers.get("Range", "")):
-            first, last = found.groups()
-            if first:
-                start, end = int(first), min(int(last or end), end)
-            else:
-                start = max(0, len(content) - int(last))
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{end}/{len(content)}")
-        else:
-            self.send_response(200)
-        self.send_header("Content-Length", str(end - start + 1))
-        self.end_headers()
-        self.wfile.write(content[start : end + 1])
-
-    def log_message(self, *args: Any) -> None:
-        pass
+    def __call__(self, request: Request) -> Reply:
+        content = self.versions.pop(0) if len(self.versions) > 1 else self.versions[0]
+        found = re.fullmatch(r"bytes=(\d*)-(\d*)", request.headers.get("range", ""))
+        if found is None:
+            return Reply(200, content)
+        first, last = found.groups()
+        end = len(content) - 1
+        start, end = (int(first), min(int(last or end), end)) if first else (max(0, end + 1 - int(last)), end)
+        return Reply(206, content[start : end + 1], {"content-range": f"bytes {start}-{end}/{len(content)}"})
 
 
 def test_a_shard_read_across_an_overwrite_is_read_again_and_refused(
@@ -718,23 +699,18 @@ def test_a_shard_read_across_an_overwrite_is_read_again_and_refused(
     old, new = io.BytesIO(), io.BytesIO()
     pl.DataFrame(rows).write_parquet(old)
     pl.DataFrame([{**r, "title": r["title"] + " (v2)"} for r in rows]).write_parquet(new)
-    with TornObject(old.getvalue()) as store:
-        threading.Thread(target=store.serve_forever, daemon=True).start()
-        try:
-            s3_env(monkeypatch, f"http://127.0.0.1:{store.server_address[1]}")
-            url = "s3://bucket-one/in.parquet"
-            job = prepare(
-                load_job(write_job(tmp_path, rows, "http://127.0.0.1:9/v1", input={"path": url})), None
-            )
-            keys = job.keys(False)
-            read = job.source.lazy().select(ROW, *job.prompts.columns).collect()  # as the driver keyed them
-            driver_keys = b"".join(job.keyed_body(row, keys)[1] for row in read.iter_rows(named=True))
+    store = TornObject(old.getvalue())
+    with serve_stub(store) as stub:
+        s3_env(monkeypatch, f"http://127.0.0.1:{stub.port}")
+        url = "s3://bucket-one/in.parquet"
+        job = prepare(load_job(write_job(tmp_path, rows, "http://127.0.0.1:9/v1", input={"path": url})), None)
+        keys = job.keys(False)
+        read = job.source.lazy().select(ROW, *job.prompts.columns).collect()  # as the driver keyed them
+        driver_keys = b"".join(job.keyed_body(row, keys)[1] for row in read.iter_rows(named=True))
 
-            store.overwrite(new.getvalue())
-            with pytest.raises(InputError) as caught:
-                read_rows(job, RowsToRead(list(range(len(rows))), driver_keys, [0] * len(rows)), keys)
-        finally:
-            store.shutdown()
+        store.overwrite(new.getvalue())
+        with pytest.raises(InputError) as caught:
+            read_rows(job, RowsToRead(list(range(len(rows))), driver_keys, [0] * len(rows)), keys)
 
     assert "is not what the driver read: the input changed during the run" in str(caught.value)
 
